@@ -1,0 +1,32 @@
+"""dr-hf: Dataset Reinforcement (Faghri et al., ICCV 2023) for the Hugging Face ecosystem."""
+
+__version__ = "0.1.0"
+
+from .augment import AugmentPipeline, Output, make_pipeline, PRESETS  # noqa: E402
+from .format import (  # noqa: E402
+    DR_INDEX,
+    DR_PARAMS,
+    DR_TOPK_INDICES,
+    DR_TOPK_LOGPROBS,
+    ReinforceConfig,
+    reinforcement_features,
+)
+from .teacher import Teacher, TeacherEnsemble, load_teacher, register_teacher  # noqa: E402
+
+__all__ = [
+    "__version__",
+    "AugmentPipeline",
+    "Output",
+    "make_pipeline",
+    "PRESETS",
+    "DR_INDEX",
+    "DR_PARAMS",
+    "DR_TOPK_INDICES",
+    "DR_TOPK_LOGPROBS",
+    "ReinforceConfig",
+    "reinforcement_features",
+    "Teacher",
+    "TeacherEnsemble",
+    "load_teacher",
+    "register_teacher",
+]

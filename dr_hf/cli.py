@@ -1,0 +1,154 @@
+"""The ``dr-hf`` command line: ``reinforce``, ``verify``, ``demo``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shlex
+import sys
+from typing import List, Optional
+
+from .augment import PRESETS
+
+
+def load_source(path: str, split: str, name: Optional[str] = None, revision: Optional[str] = None, limit: Optional[int] = None):
+    """Anything ``datasets.load_dataset`` accepts (Hub id, local folder, ``imagefolder``), optionally its first ``limit`` rows."""
+    import datasets
+
+    kwargs = {"split": split}
+    if revision:
+        kwargs["revision"] = revision
+    if os.path.isdir(path) and not os.path.isfile(os.path.join(path, "README.md")) and not os.path.isdir(os.path.join(path, "data")):
+        ds = datasets.load_dataset("imagefolder", data_dir=path, **kwargs)
+    else:
+        ds = datasets.load_dataset(path, name, **kwargs)
+    if limit is not None:
+        if limit < 1:
+            raise ValueError(f"--limit must be >= 1, got {limit}")
+        ds = ds.select(range(min(limit, len(ds))))
+    return ds
+
+
+def cmd_reinforce(args) -> int:
+    from .format import ReinforceConfig
+    from .augment import make_pipeline
+    from .reinforce import reinforce
+    from .teacher import TeacherEnsemble
+
+    pipeline = make_pipeline(args.augment)
+    if args.group_size and pipeline.mix:
+        pipeline.mix.group_size = args.group_size
+    teachers = TeacherEnsemble.from_specs(args.teacher, device=args.device, dtype=args.dtype)
+    ds = load_source(args.dataset, args.split, args.name, args.revision, args.limit)
+    config = ReinforceConfig(
+        augment=args.augment,
+        augmentations=pipeline.config(),
+        teachers=list(args.teacher),
+        num_samples=args.num_samples,
+        topk=args.topk,
+        seed=args.seed,
+        num_classes=teachers.num_classes,
+        image_column=args.image_column,
+        label_column=args.label_column or None,
+        source={"path": args.dataset, "name": args.name, "split": args.split, "revision": args.revision,
+                "limit": args.limit, "num_rows": len(ds)},
+        teacher_batch_size=args.teacher_batch_size,
+        rows_per_shard=args.rows_per_shard,
+    )
+    command = "dr-hf " + " ".join(shlex.quote(a) for a in sys.argv[1:]) if sys.argv[1:2] == ["reinforce"] else None
+    result = reinforce(ds, config, teachers, args.output, split=args.split, batch_size=args.batch_size,
+                       show_progress=not args.quiet, command=command)
+    s = result.stats
+    print(f"wrote {result.output_dir}: {s['rows']} rows x {s['num_samples']} samples, top-{s['topk']} "
+          f"({result.shards_written} shard(s) written, {result.shards_skipped} already complete)")
+    print(f"storage: {s['bytes_per_sample']} bytes per augmentation sample "
+          f"(params {s['bytes_per_sample_params']}, top-K {s['bytes_per_sample_topk']})")
+    if "teacher_top1_agreement" in s:
+        print(f"teacher top-1 agreement with labels: {s['teacher_top1_agreement']:.1%} of {s['agreement_samples']} unmixed samples")
+    if "images_per_second" in s:
+        print(f"throughput: {s['images_per_second']} images/s, {s['samples_per_second']} samples/s")
+    return 0
+
+
+def cmd_verify(args) -> int:
+    from .verify import verify
+
+    report = verify(args.path, teachers=args.teacher, rows=args.rows, split=args.split, seed=args.seed,
+                    atol=args.atol, rtol=args.rtol, device=args.device)
+    print(f"schema: {report.rows} rows checked" + ("" if not report.problems else f", {len(report.problems)} problem(s)"))
+    if report.replayed_rows:
+        print(f"replayed {report.replayed_rows} row(s): largest |log-prob difference| = {report.max_abs_diff:.3g}, "
+              f"parameter mismatches = {report.params_mismatches}, samples whose top-K order changed = {report.topk_index_mismatches}")
+    if report.agreement is not None:
+        print(f"teacher top-1 agreement with labels: {report.agreement:.1%}")
+    for problem in report.problems:
+        print(f"FAIL: {problem}")
+    print("OK" if report.ok else "FAILED")
+    return 0 if report.ok else 1
+
+
+def cmd_demo(args) -> int:
+    from .demo import run_demo
+
+    run_demo(args.output, teacher=args.teacher)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="dr-hf", description="Dataset Reinforcement for Hugging Face datasets")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    r = sub.add_parser("reinforce", help="add augmentation-parameter and sparse teacher-output columns to an image dataset")
+    r.add_argument("dataset", help="anything datasets.load_dataset accepts: Hub id, local folder, image folder")
+    r.add_argument("--output", required=True, help="output folder (Hub layout: README.md + data/*.parquet)")
+    r.add_argument("--teacher", action="append", required=True,
+                   help="teacher spec; repeat for an ensemble (efficientnet-lite0, timm:NAME[@FILE], hf:REPO_OR_DIR)")
+    r.add_argument("--augment", default="rrc+flip", choices=sorted(PRESETS), help="augmentation preset")
+    r.add_argument("--num-samples", type=int, default=400, help="augmentations per image (N; paper: 400)")
+    r.add_argument("--topk", type=int, default=10, help="teacher classes kept per sample (K; paper: 10)")
+    r.add_argument("--seed", type=int, default=0)
+    r.add_argument("--batch-size", type=int, default=32, help="images per map batch (does not change the output)")
+    r.add_argument("--teacher-batch-size", type=int, default=256, help="samples per teacher forward")
+    r.add_argument("--rows-per-shard", type=int, default=2048, help="rows per parquet shard (the unit of resume)")
+    r.add_argument("--group-size", type=int, default=0, help="rows per MixUp/CutMix partner group (default 8)")
+    r.add_argument("--split", default="train")
+    r.add_argument("--name", default=None, help="dataset config name")
+    r.add_argument("--revision", default=None)
+    r.add_argument("--image-column", default="image")
+    r.add_argument("--label-column", default="label", help="'' for unlabelled data")
+    r.add_argument("--limit", type=int, default=None, help="only the first M rows (for trials)")
+    r.add_argument("--device", default=None, help="default: cuda if available, else cpu")
+    r.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"], help="teacher autocast dtype (default: bf16 on CUDA)")
+    r.add_argument("--quiet", action="store_true")
+    r.set_defaults(func=cmd_reinforce)
+
+    v = sub.add_parser("verify", help="check a reinforced dataset; with --teacher, replay rows and re-run the teacher")
+    v.add_argument("path")
+    v.add_argument("--teacher", action="append", default=[])
+    v.add_argument("--rows", type=int, default=8)
+    v.add_argument("--split", default="train")
+    v.add_argument("--seed", type=int, default=0)
+    v.add_argument("--atol", type=float, default=1e-3)
+    v.add_argument("--rtol", type=float, default=2e-3)
+    v.add_argument("--device", default=None)
+    v.set_defaults(func=cmd_verify)
+
+    d = sub.add_parser("demo", help="reinforce an embedded set of photos end to end, load it back and verify it")
+    d.add_argument("--output", default="out/demo-plus")
+    d.add_argument("--teacher", default="efficientnet-lite0")
+    d.set_defaults(func=cmd_demo)
+    return parser
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (ValueError, FileNotFoundError, ImportError, RuntimeError) as exc:
+        print(f"dr-hf {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,151 @@
+"""The reinforced-dataset format: column names, typed ``Features``, and the configuration that travels with the data.
+
+Columns added to every row (all original columns are kept):
+
+* ``dr_index`` (int64): the row's index in the source split; the join key, and what seeds derive from.
+* ``dr_params`` (struct): the N samples' augmentation parameters, one fixed-width field per quantity,
+  each of shape (N, ...): see :func:`params_features` and ``docs/format.md``.
+* ``dr_topk_indices`` (N x K uint16, uint32 for >= 65536 classes): the teacher's top-K class ids per sample.
+* ``dr_topk_logprobs`` (N x K float16): their log-probabilities, sorted descending, so ``1 - sum(exp)`` is
+  the probability mass outside the top K.
+
+The configuration (:class:`ReinforceConfig`: augmentations with all their constants, teachers, N, K, seed,
+dr-hf version) is stored in every parquet file's schema metadata (key ``dr_hf``) and in the dataset card's
+YAML (``reinforcement:``). Replaying needs only the columns: the ``dr_params`` fields say which transforms ran.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Mapping, Optional
+
+from datasets import Features, List as ListFeature, Value
+
+from .augment import AugmentPipeline
+
+DR_INDEX = "dr_index"
+DR_PARAMS = "dr_params"
+DR_TOPK_INDICES = "dr_topk_indices"
+DR_TOPK_LOGPROBS = "dr_topk_logprobs"
+DR_COLUMNS = (DR_INDEX, DR_PARAMS, DR_TOPK_INDICES, DR_TOPK_LOGPROBS)
+FORMAT_VERSION = 1
+METADATA_KEY = b"dr_hf"
+
+
+def index_dtype(num_classes: int) -> str:
+    return "uint16" if num_classes < 65536 else "uint32"
+
+
+def params_features(pipeline: AugmentPipeline, num_samples: int) -> Dict[str, Any]:
+    """The ``dr_params`` struct: each field a fixed-length list of N per-sample values (or fixed-width vectors)."""
+    out: Dict[str, Any] = {}
+    for name, (shape, dtype) in pipeline.param_fields().items():
+        inner: Any = Value(dtype)
+        for dim in reversed(shape):
+            inner = ListFeature(inner, length=dim)
+        out[name] = ListFeature(inner, length=num_samples)
+    return out
+
+
+def reinforcement_features(pipeline: AugmentPipeline, num_samples: int, topk: int, num_classes: int) -> Features:
+    """The typed ``Features`` of the four reinforcement columns."""
+    return Features(
+        {
+            DR_INDEX: Value("int64"),
+            DR_PARAMS: params_features(pipeline, num_samples),
+            DR_TOPK_INDICES: ListFeature(ListFeature(Value(index_dtype(num_classes)), length=topk), length=num_samples),
+            DR_TOPK_LOGPROBS: ListFeature(ListFeature(Value("float16"), length=topk), length=num_samples),
+        }
+    )
+
+
+@dataclass
+class ReinforceConfig:
+    """Everything that defines a reinforcement; together with a row it determines that row's reinforcement."""
+
+    augment: str
+    augmentations: List[Dict[str, Any]]
+    teachers: List[str]
+    num_samples: int
+    topk: int
+    seed: int
+    num_classes: int
+    image_column: str = "image"
+    label_column: Optional[str] = "label"
+    source: Dict[str, Any] = field(default_factory=dict)
+    teacher_batch_size: int = 256
+    rows_per_shard: int = 2048
+    format_version: int = FORMAT_VERSION
+    dr_hf_version: str = ""
+
+    def __post_init__(self):
+        if not self.dr_hf_version:
+            from . import __version__
+
+            self.dr_hf_version = __version__
+        if self.num_samples < 1 or self.num_samples > 65535:
+            raise ValueError(f"--num-samples must be in [1, 65535], got {self.num_samples}")
+        if self.topk < 1:
+            raise ValueError(f"--topk must be >= 1, got {self.topk}")
+        if self.num_classes and self.topk > self.num_classes:
+            raise ValueError(f"--topk {self.topk} exceeds the teacher's {self.num_classes} classes")
+
+    def pipeline(self) -> AugmentPipeline:
+        return AugmentPipeline.from_config(self.augmentations)
+
+    def to_dict(self) -> Dict[str, Any]:
+        """Plain JSON types only (tuples become lists), so YAML and JSON round trips are exact."""
+        return json.loads(json.dumps(dataclasses.asdict(self)))
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), sort_keys=True)
+
+    def identity(self) -> Dict[str, Any]:
+        """The part that must match for two runs to write the same data (resume, verify)."""
+        d = self.to_dict()
+        d.pop("dr_hf_version")
+        d.get("source", {}).pop("command", None)
+        return d
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> "ReinforceConfig":
+        version = int(data.get("format_version", 0))
+        if version > FORMAT_VERSION:
+            raise ValueError(
+                f"this reinforced dataset uses format version {version}, written by dr-hf {data.get('dr_hf_version', '?')}; "
+                f"this dr-hf ({_version()}) reads up to version {FORMAT_VERSION}: upgrade dr-hf"
+            )
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in names})
+
+
+def _version() -> str:
+    from . import __version__
+
+    return __version__
+
+
+def missing_columns(column_names) -> List[str]:
+    return [c for c in DR_COLUMNS if c not in column_names]
+
+
+def require_reinforced(column_names, what: str = "the dataset") -> None:
+    """Raise a clear error if ``column_names`` lacks any reinforcement column."""
+    missing = missing_columns(column_names)
+    if missing:
+        raise ValueError(
+            f"{what} is not a reinforced dataset: column(s) {missing} missing (has {sorted(column_names)}). "
+            "Create one with `dr-hf reinforce`."
+        )
+
+
+def config_from_parquet(path_or_file) -> Optional[ReinforceConfig]:
+    """The configuration stored in a reinforced parquet file's schema metadata (``None`` if absent)."""
+    import pyarrow.parquet as pq
+
+    meta = pq.read_schema(path_or_file).metadata or {}
+    if METADATA_KEY not in meta:
+        return None
+    return ReinforceConfig.from_dict(json.loads(meta[METADATA_KEY]))

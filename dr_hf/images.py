@@ -1,0 +1,66 @@
+"""Decode any image a dataset may hold into an RGB uint8 CHW tensor, with errors that name the row."""
+
+from __future__ import annotations
+
+import io
+from typing import Any, Optional
+
+import numpy as np
+import PIL.Image
+import torch
+
+
+class BadImageError(ValueError):
+    """An image that cannot be decoded; the message names the row and the column."""
+
+
+def to_rgb(image: PIL.Image.Image) -> PIL.Image.Image:
+    """RGB view of a PIL image: CMYK/YCbCr/palette/grayscale converted, alpha composited on white, 16-bit scaled."""
+    if image.mode == "RGB":
+        return image
+    if image.mode in ("I;16", "I;16B", "I;16L", "I"):
+        array = np.asarray(image, dtype=np.int64)
+        peak = 65535 if image.mode.startswith("I;16") or array.max(initial=0) > 255 else 255
+        gray = np.clip(array * 255 // peak, 0, 255).astype(np.uint8)
+        return PIL.Image.fromarray(gray, mode="L").convert("RGB")
+    if image.mode == "F":
+        array = np.nan_to_num(np.asarray(image, dtype=np.float32))
+        return PIL.Image.fromarray(np.clip(array, 0, 255).astype(np.uint8), mode="L").convert("RGB")
+    if image.mode == "P" and "transparency" in image.info:
+        image = image.convert("RGBA")
+    if image.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+        rgba = image.convert("RGBA")
+        background = PIL.Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return PIL.Image.alpha_composite(background, rgba).convert("RGB")
+    return image.convert("RGB")
+
+
+def decode(value: Any, row: Optional[int] = None, column: str = "image") -> torch.Tensor:
+    """A dataset's image cell (PIL image, ``{"bytes", "path"}`` dict, raw bytes) as an RGB uint8 CHW tensor."""
+    where = f"row {row}, column {column!r}" if row is not None else f"column {column!r}"
+    try:
+        if isinstance(value, PIL.Image.Image):
+            image = value
+        elif isinstance(value, dict):
+            if value.get("bytes"):
+                image = PIL.Image.open(io.BytesIO(value["bytes"]))
+            elif value.get("path"):
+                image = PIL.Image.open(value["path"])
+            else:
+                raise BadImageError(f"{where}: the image is empty (no bytes and no path)")
+        elif isinstance(value, (bytes, bytearray)):
+            if not value:
+                raise BadImageError(f"{where}: the image is empty (0 bytes)")
+            image = PIL.Image.open(io.BytesIO(value))
+        elif value is None:
+            raise BadImageError(f"{where}: the image is missing (None)")
+        else:
+            raise BadImageError(f"{where}: expected an image, got {type(value).__name__}")
+        image.load()
+        rgb = to_rgb(image)
+    except BadImageError:
+        raise
+    except (OSError, ValueError, SyntaxError, PIL.Image.DecompressionBombError) as exc:
+        raise BadImageError(f"{where}: cannot decode the image ({type(exc).__name__}: {exc})") from exc
+    array = np.asarray(rgb, dtype=np.uint8)
+    return torch.from_numpy(array.copy()).permute(2, 0, 1).contiguous()

@@ -1,0 +1,337 @@
+"""The reinforcement job: a batched ``Dataset.map`` function, and the driver that writes Hub-layout parquet shards.
+
+Determinism: the parameters of sample j of row i are a pure function of (seed, i, j) and the image; the
+teacher runs on fixed batches formed per mixing group and sample range, never across map batches, so the
+output does not depend on ``--batch-size``, on processing order, or on the number of processes.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import time
+from dataclasses import dataclass
+from typing import Any, Callable, Dict, List, Optional, Sequence
+
+import numpy as np
+import torch
+
+from .augment import AugmentPipeline, Context, params_at
+from .format import (
+    DR_INDEX,
+    DR_PARAMS,
+    DR_TOPK_INDICES,
+    DR_TOPK_LOGPROBS,
+    METADATA_KEY,
+    ReinforceConfig,
+    config_from_parquet,
+    index_dtype,
+    reinforcement_features,
+)
+from .images import decode
+from .teacher import TeacherEnsemble
+
+logger = logging.getLogger(__name__)
+
+
+class Reinforcer:
+    """``Dataset.map(reinforcer, batched=True, with_indices=True)``: adds the four reinforcement columns.
+
+    A batch must hold whole mixing groups (``batch_size`` a multiple of the group size, as :func:`reinforce`
+    arranges); ``index_offset`` is added to the map's indices to give source-split row indices.
+    """
+
+    def __init__(
+        self,
+        config: ReinforceConfig,
+        teachers: TeacherEnsemble,
+        num_rows: int,
+        index_offset: int = 0,
+        progress: Optional[Callable[[int], None]] = None,
+    ):
+        self.config = config
+        self.pipeline: AugmentPipeline = config.pipeline()
+        self.teachers = teachers
+        self.num_rows = num_rows
+        self.index_offset = index_offset
+        self.progress = progress
+        self.fields = self.pipeline.param_fields()
+        if teachers.num_classes != config.num_classes:
+            raise ValueError(f"the teachers have {teachers.num_classes} classes, the config says {config.num_classes}")
+
+    # -- one row -----------------------------------------------------------------------------------
+    def _row_params(self, index: int, image: torch.Tensor) -> List[Dict[str, Any]]:
+        g = self.pipeline.group_size
+        start = (index // g) * g
+        ctx = Context(height=image.shape[-2], width=image.shape[-1], position=index - start,
+                      group_rows=min(g, self.num_rows - start))
+        return [self.pipeline.make_params(self.config.seed, index, j, ctx) for j in range(self.config.num_samples)]
+
+    def _check_label(self, label: Any, index: int) -> None:
+        if label is None:
+            return
+        if not isinstance(label, (int, np.integer)) or label < -1 or label >= self.config.num_classes:
+            raise ValueError(
+                f"row {index}, column {self.config.label_column!r}: label {label!r} is outside the teacher's "
+                f"{self.config.num_classes} classes (use -1 for unlabelled rows)"
+            )
+
+    # -- one mixing group --------------------------------------------------------------------------
+    def _group_log_probs(self, images: Sequence[torch.Tensor], params: Sequence[List[Dict[str, Any]]]) -> torch.Tensor:
+        """(rows, N, C) log-probs; teacher batches cover a fixed range of sample indices of this group."""
+        rows, n = len(images), self.config.num_samples
+        per_chunk = max(1, self.config.teacher_batch_size // rows)
+        outputs = self.teachers.outputs()
+        chunks = []
+        for j0 in range(0, n, per_chunk):
+            js = range(j0, min(n, j0 + per_chunk))
+            inputs = {}
+            for o, out in enumerate(outputs):
+                base = [[self.pipeline.render(images[r], params[r][j], out) for j in js] for r in range(rows)]
+                mixed = []
+                for r in range(rows):
+                    for k, j in enumerate(js):
+                        p = params[r][j]
+                        partner = r + int(p["mix_partner"]) if "mix_partner" in p else r
+                        mixed.append(self.pipeline.render_mixed(base[r][k], base[partner][k] if partner != r else None, p))
+                inputs[o] = torch.stack(mixed)
+            logp = self.teachers.log_probs(inputs)
+            if not torch.isfinite(logp).all():
+                raise FloatingPointError("the teacher produced NaN/inf outputs for sample indices "
+                                         f"{js.start}..{js.stop - 1} of this group")
+            chunks.append(logp.view(rows, len(js), -1))
+        return torch.cat(chunks, dim=1)
+
+    def compute(self, batch: Dict[str, List[Any]], indices: List[int]):
+        """Per row: the N samples' parameters and the (N, C) teacher log-probabilities."""
+        cfg = self.config
+        g = self.pipeline.group_size
+        indices = [i + self.index_offset for i in indices]
+        labels = batch.get(cfg.label_column) if cfg.label_column else None
+        images = [decode(v, row=i, column=cfg.image_column) for v, i in zip(batch[cfg.image_column], indices)]
+        if labels is not None:
+            for label, i in zip(labels, indices):
+                self._check_label(label, i)
+        params = [self._row_params(i, im) for i, im in zip(indices, images)]
+
+        logps: List[torch.Tensor] = []
+        start = 0
+        while start < len(indices):
+            group = indices[start] // g
+            stop = start
+            while stop < len(indices) and indices[stop] // g == group:
+                stop += 1
+            expected = min(g, self.num_rows - group * g) - (indices[start] - group * g)
+            if stop - start != expected and g > 1:
+                raise RuntimeError(f"map batch splits mixing group {group} (rows {indices[start]}..): "
+                                   "use a batch size that is a multiple of the group size")
+            logps.extend(self._group_log_probs(images[start:stop], params[start:stop]).unbind(0))
+            start = stop
+        return indices, params, logps
+
+    def __call__(self, batch: Dict[str, List[Any]], indices: List[int]) -> Dict[str, Any]:
+        cfg = self.config
+        indices, params, logps = self.compute(batch, indices)
+        top = [torch.topk(lp, cfg.topk, dim=-1) for lp in logps]
+        idx_dtype = np.dtype(index_dtype(cfg.num_classes))
+        out_params = {name: [np.stack([np.asarray(p[name]) for p in row]) for row in params] for name in self.fields}
+        if self.progress:
+            self.progress(len(indices))
+        return {
+            DR_INDEX: np.asarray(indices, dtype=np.int64),
+            DR_PARAMS: [{name: out_params[name][r] for name in self.fields} for r in range(len(indices))],
+            DR_TOPK_INDICES: [t.indices.numpy().astype(idx_dtype) for t in top],
+            DR_TOPK_LOGPROBS: [t.values.numpy().astype(np.float16) for t in top],
+        }
+
+
+# ----------------------------------------------------------------------------------------------------
+# Writing
+
+
+def shard_name(split: str, shard: int, num_shards: int) -> str:
+    return f"{split}-{shard:05d}-of-{num_shards:05d}.parquet"
+
+
+def write_parquet(dataset, path: str, config: ReinforceConfig) -> None:
+    """Write ``dataset`` to ``path`` atomically (tmp file + rename), zstd, with the config in the schema metadata."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from datasets import config as ds_config
+    from datasets.features.features import require_storage_embed
+    from datasets.table import embed_table_storage
+
+    table = dataset.with_format("arrow")[:]
+    if any(require_storage_embed(f) for f in dataset.features.values()):
+        table = embed_table_storage(table)
+    schema = dataset.features.arrow_schema
+    schema = schema.with_metadata({**(schema.metadata or {}), METADATA_KEY: config.to_json().encode()})
+    table = table.cast(schema)
+    has_images = any(type(f).__name__ in ("Image", "Video") for f in dataset.features.values())
+    row_group = ds_config.PARQUET_ROW_GROUP_SIZE_FOR_IMAGE_DATASETS if has_images else 10_000
+    tmp = path + ".tmp"
+    # The reinforcement columns are small and written once: compress them hard (zstd 19, byte-stream-split
+    # floats and boxes, no dictionaries); other columns (often JPEG bytes) get a fast zstd level.
+    leaves = list(_leaf_paths(table.schema))
+    dr_leaves = [p for p in leaves if p.startswith("dr_")]
+    pq.write_table(
+        table,
+        tmp,
+        row_group_size=row_group,
+        compression="zstd",
+        compression_level={p: 19 if p.startswith("dr_") else 3 for p in leaves},
+        use_byte_stream_split=[p for p in dr_leaves if p.startswith((DR_TOPK_LOGPROBS, f"{DR_PARAMS}.crop", f"{DR_PARAMS}.erase", f"{DR_PARAMS}.mix_box"))],
+        use_dictionary=[p for p in leaves if not p.startswith("dr_")],
+    )
+    with open(tmp, "rb") as f:
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _leaf_paths(schema):
+    """Parquet leaf column paths ("a.list.element", "s.field") of an arrow schema."""
+    import pyarrow as pa
+
+    def walk(name, typ):
+        if pa.types.is_struct(typ):
+            for i in range(typ.num_fields):
+                yield from walk(f"{name}.{typ.field(i).name}", typ.field(i).type)
+        elif pa.types.is_list(typ) or pa.types.is_large_list(typ) or pa.types.is_fixed_size_list(typ):
+            yield from walk(f"{name}.list.element", typ.value_type)
+        else:
+            yield name
+
+    for f in schema:
+        yield from walk(f.name, f.type)
+
+
+@dataclass
+class ReinforceResult:
+    output_dir: str
+    num_rows: int
+    shards_written: int
+    shards_skipped: int
+    seconds: float
+    stats: Dict[str, Any]
+
+
+def reinforce(
+    dataset,
+    config: ReinforceConfig,
+    teachers: TeacherEnsemble,
+    output_dir: str,
+    split: str = "train",
+    batch_size: int = 32,
+    show_progress: bool = True,
+    command: Optional[str] = None,
+) -> ReinforceResult:
+    """Reinforce a map-style ``datasets.Dataset`` into ``output_dir`` (Hub layout: ``README.md`` + ``data/*.parquet``).
+
+    Shards are written atomically; rerunning skips complete shards, so an interrupted job resumes. A rerun
+    with a different configuration into the same folder is refused.
+    """
+    import datasets
+    from datasets import Image
+
+    from .card import write_card
+    from .stats import summarize
+
+    check_columns(dataset, config, teachers)
+    g = config.pipeline().group_size
+    batch_size = max(g, int(math.ceil(batch_size / g)) * g)
+    rows_per_shard = max(g, int(math.ceil(config.rows_per_shard / g)) * g)
+    n = len(dataset)
+    num_shards = max(1, math.ceil(n / rows_per_shard))
+    data_dir = os.path.join(output_dir, "data")
+    os.makedirs(data_dir, exist_ok=True)
+    check_output_dir(data_dir, config, split, num_shards)
+
+    decoded = dataset
+    if isinstance(dataset.features.get(config.image_column), Image):
+        decoded = dataset.cast_column(config.image_column, Image(decode=False))
+    features = datasets.Features({**dataset.features, **reinforcement_features(config.pipeline(), config.num_samples, config.topk, config.num_classes)})
+    map_features = datasets.Features({**decoded.features, **reinforcement_features(config.pipeline(), config.num_samples, config.topk, config.num_classes)})
+
+    bar = None
+    if show_progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=n, unit="img", desc="reinforce")
+    t0 = time.time()
+    written = skipped = 0
+    was_enabled = datasets.utils.logging.is_progress_bar_enabled()
+    datasets.disable_progress_bars()
+    try:
+        for s in range(num_shards):
+            path = os.path.join(data_dir, shard_name(split, s, num_shards))
+            start, stop = s * rows_per_shard, min(n, (s + 1) * rows_per_shard)
+            if os.path.exists(path):
+                skipped += 1
+                if bar:
+                    bar.update(stop - start)
+                continue
+            part = decoded.select(range(start, stop))
+            job = Reinforcer(config, teachers, num_rows=n, index_offset=start, progress=bar.update if bar else None)
+            out = part.map(job, batched=True, batch_size=batch_size, with_indices=True, features=map_features,
+                           keep_in_memory=True, load_from_cache_file=False, new_fingerprint=f"dr-{s}-{time.time_ns()}")
+            if out.features[config.image_column] != features[config.image_column]:
+                out = out.cast_column(config.image_column, features[config.image_column])
+            write_parquet(out, path, config)
+            written += 1
+    finally:
+        if was_enabled:
+            datasets.enable_progress_bars()
+        if bar:
+            bar.close()
+    seconds = time.time() - t0
+    stats = summarize(output_dir, split=split)
+    if written:
+        stats["images_per_second"] = round(n * written / max(num_shards, 1) / seconds, 2)
+        stats["samples_per_second"] = round(stats["images_per_second"] * config.num_samples, 2)
+    write_card(output_dir, config, stats, features=features, split=split, command=command)
+    return ReinforceResult(output_dir, n, written, skipped, seconds, stats)
+
+
+def check_columns(dataset, config: ReinforceConfig, teachers: TeacherEnsemble) -> None:
+    """Fail early, naming the option, if the dataset lacks a column or its label space differs from the teacher's."""
+    from datasets import ClassLabel
+
+    cols = list(dataset.column_names)
+    if config.image_column not in cols:
+        raise ValueError(f"--image-column {config.image_column!r} is not a column of the dataset (columns: {cols})")
+    clash = [c for c in cols if c.startswith("dr_")]
+    if clash:
+        raise ValueError(f"the dataset already has reinforcement column(s) {clash}; reinforce the source dataset instead")
+    if config.label_column:
+        if config.label_column not in cols:
+            raise ValueError(f"--label-column {config.label_column!r} is not a column of the dataset (columns: {cols}); "
+                             "pass --label-column '' for unlabelled data")
+        feature = dataset.features[config.label_column]
+        if isinstance(feature, ClassLabel) and feature.num_classes != teachers.num_classes:
+            raise ValueError(
+                f"label space mismatch: column {config.label_column!r} has {feature.num_classes} classes, "
+                f"the teacher(s) {teachers.specs} predict {teachers.num_classes}"
+            )
+
+
+def check_output_dir(data_dir: str, config: ReinforceConfig, split: str, num_shards: int) -> None:
+    """Refuse to mix two different jobs' shards in one folder; remove half-written shards (they are redone)."""
+    for name in sorted(os.listdir(data_dir)):
+        path = os.path.join(data_dir, name)
+        if name.endswith(".tmp"):
+            os.remove(path)
+            continue
+        if not name.endswith(".parquet"):
+            continue
+        try:
+            existing = config_from_parquet(path)
+        except Exception as exc:
+            raise ValueError(f"{path} is not readable as a reinforced shard ({exc}); use an empty --output") from exc
+        same_layout = not name.startswith(f"{split}-") or name.endswith(f"-of-{num_shards:05d}.parquet")
+        if existing is None or existing.identity() != config.identity() or not same_layout:
+            raise ValueError(
+                f"{os.path.dirname(data_dir)} already holds data of a different job ({name}); "
+                "rerun with the same settings to resume, or choose another --output"
+            )

@@ -1,0 +1,81 @@
+"""Figures about a reinforced folder, read from its parquet files: storage per sample and teacher agreement."""
+
+from __future__ import annotations
+
+import glob
+import os
+from typing import Any, Dict, List
+
+import numpy as np
+
+from .format import DR_PARAMS, DR_TOPK_INDICES, config_from_parquet
+
+
+def shard_paths(output_dir: str, split: str = "train") -> List[str]:
+    return sorted(glob.glob(os.path.join(output_dir, "data", f"{split}-*.parquet")))
+
+
+def reinforcement_bytes(paths: List[str]) -> Dict[str, int]:
+    """Compressed bytes of the ``dr_*`` columns (and of the whole files), from the parquet footers."""
+    import pyarrow.parquet as pq
+
+    out = {"dr_columns": 0, "dr_params": 0, "dr_topk": 0, "files": 0}
+    for path in paths:
+        out["files"] += os.path.getsize(path)
+        meta = pq.ParquetFile(path).metadata
+        for g in range(meta.num_row_groups):
+            rg = meta.row_group(g)
+            for c in range(rg.num_columns):
+                col = rg.column(c)
+                top = col.path_in_schema.split(".")[0]
+                if top.startswith("dr_"):
+                    out["dr_columns"] += col.total_compressed_size
+                    kind = "dr_params" if top == DR_PARAMS else "dr_topk" if top.startswith("dr_topk") else None
+                    if kind:
+                        out[kind] += col.total_compressed_size
+    return out
+
+
+def summarize(output_dir: str, split: str = "train") -> Dict[str, Any]:
+    """Rows, N, K, bytes per augmentation sample, and top-1 agreement with labels on the unmixed samples."""
+    import pyarrow.parquet as pq
+
+    paths = shard_paths(output_dir, split)
+    if not paths:
+        raise FileNotFoundError(f"no {split} shards in {output_dir}/data")
+    config = config_from_parquet(paths[0])
+    n = config.num_samples
+    rows = sum(pq.ParquetFile(p).metadata.num_rows for p in paths)
+    sizes = reinforcement_bytes(paths)
+    stats: Dict[str, Any] = {
+        "rows": rows,
+        "num_samples": n,
+        "topk": config.topk,
+        "samples": rows * n,
+        "bytes_per_sample": round(sizes["dr_columns"] / max(rows * n, 1), 2),
+        "bytes_per_sample_params": round(sizes["dr_params"] / max(rows * n, 1), 2),
+        "bytes_per_sample_topk": round(sizes["dr_topk"] / max(rows * n, 1), 2),
+        "reinforcement_bytes": sizes["dr_columns"],
+        "total_bytes": sizes["files"],
+    }
+    label = config.label_column
+    hits = total = 0
+    for path in paths:
+        names = pq.read_schema(path).names
+        columns = [DR_TOPK_INDICES] + ([label] if label and label in names else [])
+        table = pq.read_table(path, columns=columns + [DR_PARAMS])
+        if not label or label not in names:
+            break
+        top1 = np.array([[s[0] for s in row] for row in table.column(DR_TOPK_INDICES).to_pylist()], dtype=np.int64)
+        labels = np.array(table.column(label).to_pylist(), dtype=np.int64)[:, None]
+        unmixed = np.ones_like(top1, dtype=bool)
+        params = table.column(DR_PARAMS).combine_chunks()
+        if "mix_partner" in [params.type.field(i).name for i in range(params.type.num_fields)]:
+            unmixed = np.array(params.field("mix_partner").to_pylist()) == 0
+        valid = unmixed & (labels >= 0)
+        hits += int(((top1 == labels) & valid).sum())
+        total += int(valid.sum())
+    if total:
+        stats["teacher_top1_agreement"] = round(hits / total, 4)
+        stats["agreement_samples"] = total
+    return stats

