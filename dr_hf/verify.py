@@ -10,6 +10,7 @@ import numpy as np
 import pyarrow as pa
 
 from .format import (
+    DR_COLUMNS,
     DR_INDEX,
     DR_PARAMS,
     DR_TOPK_INDICES,
@@ -71,8 +72,6 @@ def check_columns(table: pa.Table, config: ReinforceConfig) -> List[str]:
     report(lp > 1e-3, DR_TOPK_LOGPROBS, "log-probability > 0")
     report(np.diff(lp, axis=-1) > 0, DR_TOPK_LOGPROBS, "not sorted descending")
     report(np.exp(lp).sum(-1) > 1.0 + 1e-2, DR_TOPK_LOGPROBS, "probabilities summing to more than 1")
-    if len(set(dr_index.tolist())) != rows:
-        problems.append(f"{DR_INDEX}: duplicate row indices")
     fields = config.pipeline().param_fields()
     params = table.column(DR_PARAMS).combine_chunks()
     present = {params.type.field(i).name for i in range(params.type.num_fields)}
@@ -96,62 +95,90 @@ class VerifyReport:
         return not self.problems
 
 
+def _rows(paths: Sequence[str], wanted: Sequence[int]):
+    """The full rows (all columns) whose ``dr_index`` is in ``wanted``, as a ``datasets.Dataset`` in that order."""
+    import datasets
+    import pyarrow.parquet as pq
+
+    wanted_set = set(wanted)
+    parts = []
+    for path in paths:
+        idx = pq.read_table(path, columns=[DR_INDEX]).column(0).to_numpy()
+        hits = [r for r, i in enumerate(idx) if int(i) in wanted_set]
+        if hits:
+            parts.append(pq.read_table(path).take(hits))
+    table = pa.concat_tables(parts)
+    order = {int(i): r for r, i in enumerate(table.column(DR_INDEX).to_numpy())}
+    return datasets.Dataset(table.take([order[i] for i in wanted]))
+
+
 def verify(path: str, teachers: Sequence[str] = (), rows: int = 8, split: str = "train", seed: int = 0,
            atol: float = 1e-3, rtol: float = 2e-3, device: Optional[str] = None) -> VerifyReport:
-    """Check the schema and values; with ``teachers``, replay ``rows`` random rows and compare the teacher outputs."""
+    """Check the schema and values of a local reinforced folder; with ``teachers``, replay ``rows`` random rows
+    (re-sampling their parameters and re-running the teacher) and compare with what is stored.
+
+    The parquet files are read directly (never through a cache), one batch at a time.
+    """
     import datasets
+    import pyarrow.parquet as pq
     import torch
 
     from .reinforce import Reinforcer
-    from .stats import summarize
+    from .stats import shard_paths, summarize
     from .teacher import TeacherEnsemble
 
-    ds = datasets.load_dataset(path, split=split)
-    require_reinforced(ds.column_names, path)
+    if not os.path.isdir(path):
+        raise ValueError(f"verify reads a local folder; {path!r} is not one (download a Hub repo first)")
+    paths = shard_paths(path, split)
+    if not paths:
+        raise FileNotFoundError(f"no {split} shards in {path}/data")
+    require_reinforced(pq.read_schema(paths[0]).names, path)
     config = load_config(path, split)
-    report = VerifyReport(rows=len(ds))
-    report.problems += check_columns(ds.with_format("arrow")[:], config)
-    if os.path.isdir(path):
-        report.agreement = summarize(path, split).get("teacher_top1_agreement")
+    report = VerifyReport(rows=0)
+    seen: Dict[int, int] = {}
+    for shard in paths:
+        for batch in pq.ParquetFile(shard).iter_batches(batch_size=1024, columns=list(DR_COLUMNS)):
+            table = pa.Table.from_batches([batch])
+            report.rows += table.num_rows
+            report.problems += check_columns(table, config)
+            for i in table.column(DR_INDEX).to_numpy():
+                seen[int(i)] = seen.get(int(i), 0) + 1
+    dupes = [i for i, c in seen.items() if c > 1]
+    if dupes:
+        report.problems.append(f"{DR_INDEX}: {len(dupes)} duplicate row index(es), first {min(dupes)}")
+    report.agreement = summarize(path, split).get("teacher_top1_agreement")
     if not teachers or report.problems:
         return report
 
     ensemble = TeacherEnsemble.from_specs(list(teachers), device=device)
     replay_config = ReinforceConfig.from_dict({**config.to_dict(), "teachers": list(teachers)})
-    pipeline = config.pipeline()
-    g = pipeline.group_size
-    order = {int(i): r for r, i in enumerate(ds[DR_INDEX])}
-    num_rows = config.source.get("num_rows", max(order) + 1)
-    picked = np.random.default_rng(seed).choice(sorted(order), size=min(rows, len(order)), replace=False)
-    groups = sorted({int(i) // g for i in picked})
-    decoded = ds
-    if isinstance(ds.features.get(config.image_column), datasets.Image):
-        decoded = ds.cast_column(config.image_column, datasets.Image(decode=False))
+    g = config.pipeline().group_size
+    num_rows = config.source.get("num_rows") or max(seen) + 1
+    picked = {int(i) for i in np.random.default_rng(seed).choice(sorted(seen), size=min(rows, len(seen)), replace=False)}
     job = Reinforcer(replay_config, ensemble, num_rows=num_rows)
     worst = 0.0
-    for group in groups:
-        members = [i for i in range(group * g, min((group + 1) * g, num_rows)) if i in order]
-        batch = decoded.select([order[i] for i in members])[:]
-        indices, params, logps = job.compute(batch, members)
-        for i, p, lp in zip(indices, params, logps):
-            if i not in set(int(x) for x in picked):
+    for group in sorted({i // g for i in picked}):
+        members = [i for i in range(group * g, min((group + 1) * g, num_rows)) if i in seen]
+        ds = _rows(paths, members)
+        if isinstance(ds.features.get(config.image_column), datasets.Image):
+            ds = ds.cast_column(config.image_column, datasets.Image(decode=False))
+        batch = ds[:]
+        _, params, logps = job.compute(batch, members)
+        for r, (i, p, lp) in enumerate(zip(members, params, logps)):
+            if i not in picked:
                 continue
-            stored = ds[order[i]]
             report.replayed_rows += 1
             for j, pj in enumerate(p):
-                for name, value in pj.items():
-                    if not np.array_equal(np.asarray(value), np.asarray(stored[DR_PARAMS][name][j])):
-                        report.params_mismatches += 1
-                        break
-            s_idx = torch.tensor(np.asarray(stored[DR_TOPK_INDICES], dtype=np.int64))
-            s_lp = torch.tensor(np.asarray(stored[DR_TOPK_LOGPROBS], dtype=np.float32))
-            recomputed = torch.gather(lp, 1, s_idx)
-            diff = (recomputed - s_lp).abs()
+                if any(not np.array_equal(np.asarray(v), np.asarray(batch[DR_PARAMS][r][name][j])) for name, v in pj.items()):
+                    report.params_mismatches += 1
+            s_idx = torch.tensor(np.asarray(batch[DR_TOPK_INDICES][r], dtype=np.int64))
+            s_lp = torch.tensor(np.asarray(batch[DR_TOPK_LOGPROBS][r], dtype=np.float32))
+            diff = (torch.gather(lp, 1, s_idx) - s_lp).abs()
             worst = max(worst, float(diff.max()))
             report.topk_index_mismatches += int((torch.topk(lp, config.topk, dim=-1).indices != s_idx).any(dim=-1).sum())
-            bad = diff > atol + rtol * s_lp.abs()
+            bad = (diff > atol + rtol * s_lp.abs()).any(dim=-1)
             if bad.any():
-                j = int(bad.any(dim=-1).nonzero()[0])
+                j = int(bad.nonzero()[0])
                 report.problems.append(f"row {i}, sample {j}: recomputed log-probs differ by up to {float(diff[j].max()):.4g}")
     report.max_abs_diff = worst
     if report.params_mismatches:

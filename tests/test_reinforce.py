@@ -1,0 +1,203 @@
+import glob
+import os
+
+import datasets
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from dr_hf import DR_INDEX, DR_PARAMS, DR_TOPK_INDICES, DR_TOPK_LOGPROBS, ReinforceConfig, TeacherEnsemble, make_pipeline
+from dr_hf.augment import Context, params_at
+from dr_hf.format import config_from_parquet
+from dr_hf.images import decode
+from dr_hf.reinforce import reinforce
+from dr_hf.stats import reinforcement_bytes, shard_paths, summarize
+
+from conftest import make_image_dataset
+
+DR = [DR_INDEX, DR_PARAMS, DR_TOPK_INDICES, DR_TOPK_LOGPROBS]
+
+
+def make_config(teachers, augment="rrc+flip", n=4, k=3, seed=0, rows_per_shard=2048, **kw):
+    pipe = make_pipeline(augment)
+    return ReinforceConfig(augment=augment, augmentations=pipe.config(), teachers=teachers.specs, num_samples=n, topk=k,
+                           seed=seed, num_classes=teachers.num_classes, rows_per_shard=rows_per_shard, **kw)
+
+
+@pytest.fixture(scope="module")
+def teachers(tiny_teacher_spec):
+    return TeacherEnsemble.from_specs([tiny_teacher_spec])
+
+
+def run(ds, out, teachers, batch_size=8, **kw):
+    config = make_config(teachers, **kw)
+    return reinforce(ds, config, teachers, str(out), batch_size=batch_size, show_progress=False)
+
+
+def dr_table(out):
+    return pq.read_table(shard_paths(str(out))[0] if len(shard_paths(str(out))) == 1 else os.path.join(out, "data"),
+                         columns=DR)
+
+
+def test_output_schema_keeps_columns_and_loads_map_style_and_streaming(tmp_path, image_dataset, teachers):
+    result = run(image_dataset, tmp_path, teachers, augment="rrc+flip+ra+re+mix", n=4, k=3)
+    ds = datasets.load_dataset(str(tmp_path), split="train")
+    assert ds.column_names == ["image", "label", "note"] + DR
+    assert ds.features["label"] == image_dataset.features["label"]
+    assert ds.features[DR_TOPK_INDICES].feature.feature.dtype == "uint16"
+    assert ds.features[DR_TOPK_LOGPROBS].feature.feature.dtype == "float16"
+    assert ds["note"] == image_dataset["note"] and ds[DR_INDEX] == list(range(len(image_dataset)))
+    row = ds.with_format("numpy")[5]
+    assert row[DR_TOPK_INDICES].shape == (4, 3) and row[DR_TOPK_LOGPROBS].shape == (4, 3)
+    assert row[DR_PARAMS]["crop"].shape == (4, 4) and row[DR_PARAMS]["ra_op"].shape == (4, 2)
+    lp = np.asarray(ds.with_format("numpy")[DR_TOPK_LOGPROBS], dtype=np.float32)
+    assert (np.diff(lp, axis=-1) <= 0).all() and (lp <= 0).all() and (np.exp(lp).sum(-1) <= 1.001).all()
+    streamed = list(datasets.load_dataset(str(tmp_path), split="train", streaming=True))
+    assert len(streamed) == len(ds)
+    for a, b in zip(streamed, ds):
+        assert a[DR_INDEX] == b[DR_INDEX] and a[DR_TOPK_INDICES] == b[DR_TOPK_INDICES]
+        assert a[DR_TOPK_LOGPROBS] == b[DR_TOPK_LOGPROBS] and a[DR_PARAMS] == b[DR_PARAMS]
+    # the config travels in every file's metadata and in the card's YAML
+    config = config_from_parquet(shard_paths(str(tmp_path))[0])
+    assert config.augment == "rrc+flip+ra+re+mix" and config.num_samples == 4 and config.teachers == teachers.specs
+    from huggingface_hub import DatasetCard
+
+    card = DatasetCard.load(str(tmp_path / "README.md"))
+    assert card.data.reinforcement["augmentations"] == config.augmentations
+    assert "dataset-reinforcement" in card.data.tags
+    assert result.stats["rows"] == len(image_dataset)
+
+
+def test_stored_logprobs_equal_teacher_on_replayed_params(tmp_path, image_dataset, teachers):
+    """Replay: rendering the stored parameters and running the teacher reproduces the stored outputs."""
+    run(image_dataset, tmp_path, teachers, augment="rrc+flip+ra+re+mix", n=3, k=4)
+    ds = datasets.load_dataset(str(tmp_path), split="train").with_format("numpy")
+    pipe = make_pipeline("rrc+flip+ra+re+mix")
+    out = teachers.outputs()[0]
+    rows = [0, 1, 2, 3, 4, 5, 6, 7]
+    images = [decode(image_dataset[i]["image"]) for i in rows]
+    stored = [ds[i] for i in rows]
+    for j in range(3):
+        base = [pipe.render(images[r], params_at(stored[r][DR_PARAMS], j), out) for r in range(8)]
+        for r in range(8):
+            p = params_at(stored[r][DR_PARAMS], j)
+            partner = r + int(p["mix_partner"])
+            x = pipe.render_mixed(base[r], base[partner] if partner != r else None, p)
+            lp = teachers.log_probs({0: x[None]})[0]
+            top = torch.topk(lp, 4)
+            assert top.indices.tolist() == stored[r][DR_TOPK_INDICES][j].tolist()
+            assert np.allclose(top.values.numpy(), stored[r][DR_TOPK_LOGPROBS][j].astype(np.float32), atol=2e-3, rtol=2e-3)
+        # and the stored parameters are exactly a fresh sampling of (seed, row, sample)
+        for r in range(8):
+            h, w = images[r].shape[-2:]
+            fresh = pipe.make_params(0, rows[r], j, Context(h, w, position=r, group_rows=8))
+            for name, value in params_at(stored[r][DR_PARAMS], j).items():
+                assert np.array_equal(np.asarray(fresh[name]), value), name
+
+
+def test_batch_size_and_rerun_do_not_change_data(tmp_path, image_dataset, teachers):
+    run(image_dataset, tmp_path / "a", teachers, batch_size=8, augment="rrc+flip+mix")
+    run(image_dataset, tmp_path / "b", teachers, batch_size=24, augment="rrc+flip+mix")
+    run(image_dataset, tmp_path / "c", teachers, batch_size=3, augment="rrc+flip+mix")  # rounded up to the group size
+    a, b, c = (dr_table(tmp_path / x) for x in "abc")
+    assert a.equals(b) and a.equals(c)
+
+
+def test_world_order_independence_via_shards(tmp_path, image_dataset, teachers):
+    """Shards are processed independently: a sharded layout holds exactly the single-shard rows."""
+    run(image_dataset, tmp_path / "one", teachers)
+    run(image_dataset, tmp_path / "many", teachers, rows_per_shard=8)
+    assert len(shard_paths(str(tmp_path / "many"))) == 3
+    one = datasets.load_dataset(str(tmp_path / "one"), split="train").select_columns(DR)
+    many = datasets.load_dataset(str(tmp_path / "many"), split="train").select_columns(DR)
+    assert one.data.table.equals(many.data.table)
+
+
+def test_resume_skips_complete_shards_and_refuses_other_settings(tmp_path, image_dataset, teachers):
+    run(image_dataset, tmp_path, teachers, rows_per_shard=8)
+    paths = shard_paths(str(tmp_path))
+    before = {p: open(p, "rb").read() for p in paths}
+    os.remove(paths[1])
+    with open(paths[2] + ".tmp", "wb") as f:
+        f.write(b"half a shard")
+    result = run(image_dataset, tmp_path, teachers, rows_per_shard=8)
+    assert (result.shards_written, result.shards_skipped) == (1, 2)
+    assert not glob.glob(str(tmp_path / "data" / "*.tmp"))
+    after = {p: open(p, "rb").read() for p in shard_paths(str(tmp_path))}
+    assert pq.read_table(paths[1]).equals(pq.read_table(__import__("io").BytesIO(before[paths[1]])))
+    assert after[paths[0]] == before[paths[0]]
+    with pytest.raises(ValueError, match="different job"):
+        run(image_dataset, tmp_path, teachers, rows_per_shard=8, seed=1)
+    with pytest.raises(ValueError, match="different job"):
+        run(image_dataset, tmp_path, teachers, rows_per_shard=16)
+
+
+def test_odd_images_are_handled(tmp_path, teachers):
+    """Grayscale, CMYK, RGBA, palette, 16-bit and 1x1 images all reinforce; the result matches their RGB view."""
+    import io
+
+    import PIL.Image
+
+    rng = np.random.default_rng(0)
+    arr = rng.integers(0, 256, (20, 30, 3), dtype=np.uint8)
+    cells = []
+    for mode, fmt in [("L", "PNG"), ("CMYK", "JPEG"), ("RGBA", "PNG"), ("P", "PNG"), ("I;16", "PNG"), ("RGB", "PNG")]:
+        im = PIL.Image.fromarray(arr)
+        im = PIL.Image.fromarray((np.asarray(im.convert("L")).astype(np.uint16) * 257)) if mode == "I;16" else im.convert(mode)
+        buf = io.BytesIO()
+        im.save(buf, format=fmt)
+        cells.append({"bytes": buf.getvalue(), "path": None})
+    tiny = io.BytesIO()
+    PIL.Image.fromarray(arr[:1, :1]).save(tiny, format="PNG")
+    cells.append({"bytes": tiny.getvalue(), "path": None})
+    ds = datasets.Dataset.from_dict({"image": cells, "label": [0] * len(cells)},
+                                    features=datasets.Features({"image": datasets.Image(), "label": datasets.Value("int64")}))
+    run(ds, tmp_path, teachers)
+    out = datasets.load_dataset(str(tmp_path), split="train")
+    assert len(out) == len(cells)
+    gray16 = decode(cells[4])
+    assert gray16.dtype == torch.uint8 and gray16.shape == (3, 20, 30)
+    assert torch.equal(gray16[0], decode(cells[0])[0])  # 16-bit scaled to the same 8-bit gray
+    assert decode(cells[6]).shape == (3, 1, 1)
+
+
+def test_bad_inputs_give_clear_errors(tmp_path, image_dataset, teachers):
+    broken = image_dataset.cast_column("image", datasets.Image(decode=False)).map(
+        lambda x, i: {"image": {"bytes": x["image"]["bytes"][:50] if i == 5 else x["image"]["bytes"], "path": None}},
+        with_indices=True).cast_column("image", datasets.Image())
+    with pytest.raises(ValueError, match=r"row 5, column 'image'"):
+        run(broken, tmp_path / "broken", teachers)
+    with pytest.raises(ValueError, match="--image-column 'image' is not a column"):
+        run(image_dataset.rename_column("image", "img"), tmp_path / "col", teachers)
+    with pytest.raises(ValueError, match="--label-column 'label'"):
+        run(image_dataset.remove_columns("label"), tmp_path / "nolabel", teachers)
+    eleven = image_dataset.cast_column("label", datasets.ClassLabel(names=[f"k{i}" for i in range(11)]))
+    with pytest.raises(ValueError, match="label space mismatch: column 'label' has 11 classes"):
+        run(eleven, tmp_path / "mismatch", teachers)
+    far = image_dataset.cast_column("label", datasets.Value("int64")).map(lambda x, i: {"label": 12 if i == 7 else x["label"]}, with_indices=True)
+    with pytest.raises(ValueError, match=r"row 7, column 'label': label 12 is outside"):
+        run(far, tmp_path / "far", teachers)
+    with pytest.raises(ValueError, match="--topk 11 exceeds"):
+        make_config(teachers, k=11)
+    with pytest.raises(ValueError, match="--num-samples"):
+        make_config(teachers, n=0)
+
+
+def test_unlabelled_data(tmp_path, image_dataset, teachers):
+    config = make_config(teachers, label_column=None)
+    result = reinforce(image_dataset.remove_columns("label"), config, teachers, str(tmp_path), show_progress=False)
+    assert "teacher_top1_agreement" not in result.stats and result.stats["rows"] == len(image_dataset)
+
+
+def test_bytes_per_sample_is_measured_from_the_parquet_footer(tmp_path, image_dataset, teachers):
+    result = run(image_dataset, tmp_path, teachers, n=16, k=10)
+    paths = shard_paths(str(tmp_path))
+    meta = pq.ParquetFile(paths[0]).metadata
+    total = sum(meta.row_group(g).column(c).total_compressed_size
+                for g in range(meta.num_row_groups) for c in range(meta.row_group(g).num_columns)
+                if meta.row_group(g).column(c).path_in_schema.startswith("dr_"))
+    assert total == reinforcement_bytes(paths)["dr_columns"]
+    assert result.stats["bytes_per_sample"] == round(total / (len(image_dataset) * 16), 2)
+    # raw uint16 + float16 top-10 alone would be 40 bytes; compression keeps the whole reinforcement below that
+    assert result.stats["bytes_per_sample"] < 40

