@@ -29,4 +29,16 @@ __all__ = [
     "TeacherEnsemble",
     "load_teacher",
     "register_teacher",
+    "ReinforcedTrainer",
+    "ReinforcedTrainingArguments",
+    "ReinforcedCollator",
 ]
+
+
+def __getattr__(name):
+    # The trainer pulls in transformers' Trainer: import it on first use only.
+    if name in ("ReinforcedTrainer", "ReinforcedTrainingArguments", "ReinforcedCollator"):
+        from . import collator, trainer
+
+        return getattr(trainer, name, None) or getattr(collator, name)
+    raise AttributeError(f"module 'dr_hf' has no attribute {name!r}")

@@ -334,6 +334,7 @@ class AugmentPipeline:
     """The paper's pipeline: crop+resize, flip, RandAugment (uint8) -> normalise -> erasing -> mixing."""
 
     transforms: List[ReplayableTransform] = field(default_factory=list)
+    crop_pct: float = 0.875  # the center crop used when there is no RandomResizedCrop (evaluation view)
 
     # -- description -------------------------------------------------------------------------------
     def get(self, name: str) -> Optional[ReplayableTransform]:
@@ -405,7 +406,7 @@ class AugmentPipeline:
         x = image
         crop = self.get("random_resized_crop")
         if crop is None:
-            x = CenterCrop().apply(x, {}, out)
+            x = CenterCrop(self.crop_pct).apply(x, {}, out)
         for t in self.transforms:
             if t.name in ("random_resized_crop", "horizontal_flip", "randaugment"):
                 x = t.apply(x, params, out)

@@ -79,24 +79,25 @@ class Reinforcer:
             )
 
     # -- one mixing group --------------------------------------------------------------------------
+    def render_group(self, images: Sequence[torch.Tensor], params: Sequence[List[Dict[str, Any]]], js: Sequence[int], out) -> torch.Tensor:
+        """The teacher inputs for samples ``js`` of a group's rows at ``out``: (rows * len(js), 3, H, W), row-major."""
+        base = [[self.pipeline.render(images[r], params[r][j], out) for j in js] for r in range(len(images))]
+        mixed = []
+        for r in range(len(images)):
+            for k, j in enumerate(js):
+                p = params[r][j]
+                partner = r + int(p["mix_partner"]) if "mix_partner" in p else r
+                mixed.append(self.pipeline.render_mixed(base[r][k], base[partner][k] if partner != r else None, p))
+        return torch.stack(mixed)
+
     def _group_log_probs(self, images: Sequence[torch.Tensor], params: Sequence[List[Dict[str, Any]]]) -> torch.Tensor:
         """(rows, N, C) log-probs; teacher batches cover a fixed range of sample indices of this group."""
         rows, n = len(images), self.config.num_samples
         per_chunk = max(1, self.config.teacher_batch_size // rows)
-        outputs = self.teachers.outputs()
         chunks = []
         for j0 in range(0, n, per_chunk):
             js = range(j0, min(n, j0 + per_chunk))
-            inputs = {}
-            for o, out in enumerate(outputs):
-                base = [[self.pipeline.render(images[r], params[r][j], out) for j in js] for r in range(rows)]
-                mixed = []
-                for r in range(rows):
-                    for k, j in enumerate(js):
-                        p = params[r][j]
-                        partner = r + int(p["mix_partner"]) if "mix_partner" in p else r
-                        mixed.append(self.pipeline.render_mixed(base[r][k], base[partner][k] if partner != r else None, p))
-                inputs[o] = torch.stack(mixed)
+            inputs = {o: self.render_group(images, params, js, out) for o, out in enumerate(self.teachers.outputs())}
             logp = self.teachers.log_probs(inputs)
             if not torch.isfinite(logp).all():
                 raise FloatingPointError("the teacher produced NaN/inf outputs for sample indices "

@@ -1,0 +1,239 @@
+import math
+
+import datasets
+import numpy as np
+import pytest
+import torch
+
+from dr_hf import ReinforceConfig, ReinforcedCollator, ReinforcedTrainer, ReinforcedTrainingArguments, TeacherEnsemble, make_pipeline
+from dr_hf.augment import params_at
+from dr_hf.images import decode
+from dr_hf.loss import dense_teacher_log_probs, distillation_loss, one_hot_target
+from dr_hf.reinforce import Reinforcer, reinforce
+
+from conftest import make_image_dataset
+
+
+@pytest.fixture(scope="module")
+def sharp_teacher_dir(tmp_path_factory):
+    """A random 10-class timm teacher with a scaled-up head: confident, so distillation has something to learn."""
+    import timm
+    from timm.models import save_for_hf
+
+    torch.manual_seed(1)
+    model = timm.create_model("resnet10t", num_classes=10, pretrained_cfg_overlay=dict(
+        input_size=(3, 32, 32), interpolation="bilinear", mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25)))
+    with torch.no_grad():
+        model.fc.weight.mul_(40.0)
+    path = tmp_path_factory.mktemp("sharp")
+    save_for_hf(model, str(path))
+    return f"timm:local-dir:{path}"
+
+
+@pytest.fixture(scope="module")
+def reinforced(tmp_path_factory, sharp_teacher_dir):
+    """Two reinforced folders of the same 32 images: easy (rrc+flip) and hard (with mixing)."""
+    ens = TeacherEnsemble.from_specs([sharp_teacher_dir])
+    ds = make_image_dataset(32, seed=3)
+    out = {}
+    for preset in ("rrc+flip", "rrc+flip+ra+re+mix"):
+        folder = tmp_path_factory.mktemp(preset.replace("+", "_"))
+        pipe = make_pipeline(preset)
+        config = ReinforceConfig(augment=preset, augmentations=pipe.config(), teachers=ens.specs, num_samples=4, topk=5,
+                                 seed=0, num_classes=10)
+        reinforce(ds, config, ens, str(folder), show_progress=False)
+        out[preset] = folder
+    return ds, ens, out
+
+
+def args(tmp_path, **kw):
+    base = dict(max_steps=12, per_device_train_batch_size=8, learning_rate=3e-3, report_to=[], logging_steps=1,
+                save_strategy="no", use_cpu=True, seed=0, image_size=32, dataloader_num_workers=0)
+    base.update(kw)
+    return ReinforcedTrainingArguments(str(tmp_path / "run"), **base)
+
+
+def losses(trainer):
+    return [h["loss"] for h in trainer.state.log_history if "loss" in h]
+
+
+def falls(values):
+    k = max(2, len(values) // 4)
+    return np.mean(values[-k:]) < 0.8 * np.mean(values[:k])
+
+
+def held_loss(trainer, batch):
+    """KD loss of the model on one fixed batch (eval mode): a noise-free view of what training achieved."""
+    model = trainer.model.eval()
+    with torch.no_grad():
+        logits = trainer._forward(model, batch["pixel_values"])
+        return distillation_loss(logits, trainer.target_log_probs(batch)).item()
+
+
+def tiny_vit():
+    from transformers import ViTConfig, ViTForImageClassification
+
+    torch.manual_seed(0)
+    return ViTForImageClassification(ViTConfig(image_size=32, patch_size=8, hidden_size=48, num_hidden_layers=2,
+                                               num_attention_heads=2, intermediate_size=96, num_labels=10))
+
+
+def tiny_timm():
+    import timm
+
+    torch.manual_seed(0)
+    return timm.create_model("resnet10t", num_classes=10)
+
+
+# -- the loss ---------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("outside", ["uniform", "renormalize"])
+@pytest.mark.parametrize("temperature", [1.0, 2.5])
+def test_loss_equals_dense_reference(outside, temperature):
+    torch.manual_seed(0)
+    b, c, k = 5, 12, 4
+    full = torch.log_softmax(torch.randn(b, c) * 2, -1)
+    lp, idx = torch.topk(full, k)
+    lp = lp.half().float()  # as stored
+    student = torch.randn(b, c)
+    got = distillation_loss(student, dense_teacher_log_probs(idx, lp, c, outside), temperature)
+    # reference, element by element
+    total = 0.0
+    for r in range(b):
+        q = np.zeros(c)
+        top = np.exp(lp[r].numpy().astype(np.float64))
+        if outside == "renormalize":
+            q[idx[r].numpy()] = top / top.sum()
+        else:
+            q[:] = (1 - top.sum()) / (c - k)
+            q[idx[r].numpy()] = top
+        with np.errstate(divide="ignore"):
+            qt = np.where(q > 0, q ** (1 / temperature), 0.0)
+        qt /= qt.sum()
+        s = student[r].numpy().astype(np.float64) / temperature
+        log_p = s - np.log(np.exp(s).sum())
+        total += sum(qt[i] * (math.log(qt[i]) - log_p[i]) for i in range(c) if qt[i] > 0)
+    assert got.item() == pytest.approx(total / b * temperature ** 2, rel=1e-4, abs=1e-6)
+
+
+def test_one_hot_target_is_cross_entropy():
+    student = torch.randn(4, 7)
+    labels = torch.tensor([0, 6, 3, 3])
+    ids, lp = one_hot_target(labels, 5, 7)
+    assert all(len(set(r.tolist())) == 5 for r in ids)
+    kd = distillation_loss(student, dense_teacher_log_probs(ids, lp, 7, "uniform"))
+    assert kd.item() == pytest.approx(torch.nn.functional.cross_entropy(student, labels).item(), rel=1e-5)
+
+
+# -- the collator -----------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("preset", ["rrc+flip", "rrc+flip+ra+re+mix"])
+def test_collator_tensor_equals_teacher_input_at_reinforce_time(reinforced, preset):
+    ds, ens, folders = reinforced
+    data = datasets.load_dataset(str(folders[preset]), split="train")
+    out = ens.outputs()[0]
+    collator = ReinforcedCollator(out, augment=None)
+    group = data[0:8]  # one mixing group, as the trainer feeds it
+    torch.manual_seed(5)
+    batch = collator([group])
+    config = ReinforceConfig(augment=preset, augmentations=make_pipeline(preset).config(), teachers=ens.specs,
+                             num_samples=4, topk=5, seed=0, num_classes=10)
+    job = Reinforcer(config, ens, num_rows=len(ds))
+    images = [decode(ds[i]["image"]) for i in range(8)]
+    params = [[params_at(group["dr_params"][r], j) for j in range(4)] for r in range(8)]
+    j = int(batch["sample_index"][0])
+    assert (batch["sample_index"] == j).all()  # one sample index per group
+    expected = job.render_group(images, params, [j], out)
+    assert torch.equal(batch["pixel_values"], expected)
+    assert torch.equal(batch["teacher_indices"], torch.tensor(np.asarray(group["dr_topk_indices"])[:, j].astype(np.int64)))
+    # and the teacher on that tensor reproduces the stored log-probs
+    stored = torch.tensor(np.asarray(group["dr_topk_logprobs"], dtype=np.float32)[:, j])
+    live = torch.gather(ens.log_probs({0: batch["pixel_values"]}), 1, batch["teacher_indices"])
+    assert torch.allclose(live, stored, atol=2e-2, rtol=2e-3)
+
+
+def test_collator_picks_fresh_samples_and_original_images():
+    ds = make_image_dataset(8)
+    out_spec = __import__("dr_hf").Output(size=(16, 16))
+    collator = ReinforcedCollator(out_spec, augment="rrc+flip")
+    a, b = collator([ds[0], ds[1]]), collator([ds[0], ds[1]])
+    assert a["pixel_values"].shape == (2, 3, 16, 16) and not torch.equal(a["pixel_values"], b["pixel_values"])
+    ev = ReinforcedCollator(out_spec, train=False, augment=None)
+    assert torch.equal(ev([ds[0]])["pixel_values"], ev([ds[0]])["pixel_values"])
+    assert ev([ds[0]])["labels"].tolist() == [ds[0]["label"]]
+
+
+# -- training ---------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("streaming", [False, True])
+@pytest.mark.parametrize("make_model", [tiny_timm, tiny_vit], ids=["timm", "transformers"])
+def test_trainer_trains_and_loss_falls(tmp_path, reinforced, streaming, make_model):
+    _, _, folders = reinforced
+    train = datasets.load_dataset(str(folders["rrc+flip"]), split="train", streaming=streaming)
+    trainer = ReinforcedTrainer(model=make_model(), args=args(tmp_path, max_steps=16), train_dataset=train)
+    trainer.train()
+    values = losses(trainer)
+    assert len(values) == 16 and all(np.isfinite(values)) and falls(values), values
+
+
+@pytest.mark.parametrize("streaming", [False, True])
+def test_trainer_replays_mixing_groups(tmp_path, reinforced, streaming):
+    _, _, folders = reinforced
+    train = datasets.load_dataset(str(folders["rrc+flip+ra+re+mix"]), split="train", streaming=streaming)
+    trainer = ReinforcedTrainer(model=tiny_timm(), args=args(tmp_path, max_steps=16, per_device_train_batch_size=1,
+                                                              ce_weight=0.3, shuffle_buffer_size=16), train_dataset=train)
+    torch.manual_seed(0)
+    batch = trainer.train_collator([datasets.load_dataset(str(folders["rrc+flip+ra+re+mix"]), split="train")[8:16]])
+    assert batch["pixel_values"].shape[0] == 8 and "mix_lam" in batch  # one group of 8 rows per example
+    assert next(iter(trainer.get_train_dataloader()))["pixel_values"].shape[0] == 8
+    before = held_loss(trainer, batch)
+    trainer.train()
+    values = losses(trainer)
+    assert len(values) == 16 and all(np.isfinite(values))
+    assert held_loss(trainer, batch) < 0.8 * before
+
+
+def test_evaluation_with_compute_metrics_on_a_plain_dataset(tmp_path, reinforced):
+    ds, _, folders = reinforced
+
+    def accuracy(pred):
+        return {"accuracy": float((pred.predictions.argmax(-1) == pred.label_ids).mean())}
+
+    trainer = ReinforcedTrainer(model=tiny_timm(), args=args(tmp_path, max_steps=2), compute_metrics=accuracy,
+                                train_dataset=datasets.load_dataset(str(folders["rrc+flip"]), split="train"),
+                                eval_dataset=ds.select(range(16)))
+    metrics = trainer.evaluate()
+    assert 0.0 <= metrics["eval_accuracy"] <= 1.0 and np.isfinite(metrics["eval_loss"])
+
+
+def test_plain_and_online_kd_use_the_same_trainer(tmp_path, reinforced, sharp_teacher_dir):
+    ds, ens, _ = reinforced
+    plain = ReinforcedTrainer(model=tiny_timm(), args=args(tmp_path, max_steps=3), train_dataset=ds)
+    plain.train()
+    online = ReinforcedTrainer(model=tiny_timm(), args=args(tmp_path, max_steps=3, online_teachers=[sharp_teacher_dir]),
+                               train_dataset=ds)
+    batch = next(iter(online.get_train_dataloader()))
+    target = online.target_log_probs(batch)
+    assert torch.allclose(target, ens.log_probs({0: batch["teacher_pixel_values_0"]}), atol=1e-5)
+    online.train()
+    assert all(np.isfinite(losses(online)))
+
+
+def test_clear_errors(tmp_path, reinforced):
+    ds, _, folders = reinforced
+    with pytest.raises(ValueError, match="not a reinforced dataset"):
+        ReinforcedTrainer(model=tiny_timm(), args=args(tmp_path, augment=None), train_dataset=ds)
+    import timm
+
+    with pytest.raises(ValueError, match="student predicts 7 classes, column 'label' has 10"):
+        ReinforcedTrainer(model=timm.create_model("resnet10t", num_classes=7), args=args(tmp_path),
+                          train_dataset=datasets.load_dataset(str(folders["rrc+flip"]), split="train"))
+    unlabelled = datasets.load_dataset(str(folders["rrc+flip"]), split="train").cast_column("label", datasets.Value("int64"))
+    trainer = ReinforcedTrainer(model=timm.create_model("resnet10t", num_classes=7), args=args(tmp_path, max_steps=1),
+                                train_dataset=unlabelled)
+    with pytest.raises(ValueError, match="the student's 7 classes"):
+        trainer.train()
+    with pytest.raises(ValueError, match="newer dr-hf"):
+        bad = datasets.load_dataset(str(folders["rrc+flip"]), split="train")
+        bad = bad.map(lambda r: {"dr_params": {**r["dr_params"], "warp": [0, 0, 0, 0]}})
+        ReinforcedTrainer(model=tiny_timm(), args=args(tmp_path), train_dataset=bad)
