@@ -45,18 +45,23 @@ def params_features(pipeline: AugmentPipeline, num_samples: int) -> Dict[str, An
         inner: Any = Value(dtype)
         for dim in reversed(shape):
             inner = ListFeature(inner, length=dim)
-        out[name] = ListFeature(inner, length=num_samples)
+        out[name] = ListFeature(inner)  # N: see reinforcement_features
     return out
 
 
 def reinforcement_features(pipeline: AugmentPipeline, num_samples: int, topk: int, num_classes: int) -> Features:
-    """The typed ``Features`` of the four reinforcement columns."""
+    """The typed ``Features`` of the four reinforcement columns.
+
+    The per-sample width is fixed (``List(..., length=K)``); the outer N dimension is a plain list (every row holds
+    exactly N, which ``dr-hf verify`` checks) because pyarrow's ``take`` mishandles sliced fixed-size lists of
+    fixed-size lists, and ``IterableDataset.shuffle`` relies on it (tests/test_format.py keeps this honest).
+    """
     return Features(
         {
             DR_INDEX: Value("int64"),
             DR_PARAMS: params_features(pipeline, num_samples),
-            DR_TOPK_INDICES: ListFeature(ListFeature(Value(index_dtype(num_classes)), length=topk), length=num_samples),
-            DR_TOPK_LOGPROBS: ListFeature(ListFeature(Value("float16"), length=topk), length=num_samples),
+            DR_TOPK_INDICES: ListFeature(ListFeature(Value(index_dtype(num_classes)), length=topk)),
+            DR_TOPK_LOGPROBS: ListFeature(ListFeature(Value("float16"), length=topk)),
         }
     )
 

@@ -115,12 +115,16 @@ class ReinforcedTrainer(Trainer):
         fields = _dr_param_fields(train_dataset)
         if train_dataset is not None:
             self._check_train_dataset(train_dataset, fields, args)
-            if fields is not None:
-                pipeline = AugmentPipeline.from_fields(fields)  # refuses fields of a newer format
-                if pipeline.mix is not None:
-                    train_dataset = self._group(train_dataset, pipeline.group_size, args)
+            pipeline = AugmentPipeline.from_fields(fields) if fields is not None else None  # refuses newer formats
+            if pipeline is not None and pipeline.mix is not None:
+                train_dataset = self._group(train_dataset, pipeline.group_size, args)
             elif isinstance(train_dataset, datasets.IterableDataset):
                 train_dataset = train_dataset.shuffle(seed=args.seed, buffer_size=args.shuffle_buffer_size)
+            if isinstance(train_dataset, datasets.IterableDataset) and args.world_size > 1:
+                # Each process reads its own part rather than the main process dispatching every batch: accelerate
+                # then shards a datasets.IterableDataset by its files (n_shards >= processes), else keeps every
+                # world_size-th batch of the shared stream.
+                args.accelerator_config.dispatch_batches = False
         teacher_outputs = self.teachers.outputs() if self.teachers else []
         common = dict(output=self.student_output, image_column=args.image_column, label_column=args.label_column,
                       teacher_outputs=teacher_outputs)

@@ -58,6 +58,13 @@ def test_output_schema_keeps_columns_and_loads_map_style_and_streaming(tmp_path,
     for a, b in zip(streamed, ds):
         assert a[DR_INDEX] == b[DR_INDEX] and a[DR_TOPK_INDICES] == b[DR_TOPK_INDICES]
         assert a[DR_TOPK_LOGPROBS] == b[DR_TOPK_LOGPROBS] and a[DR_PARAMS] == b[DR_PARAMS]
+    # a shuffled stream (buffer shuffle takes rows out of sliced tables) still yields the exact rows
+    by_index = {r[DR_INDEX]: r for r in ds}
+    shuffled = list(datasets.load_dataset(str(tmp_path), split="train", streaming=True).shuffle(seed=0, buffer_size=5))
+    assert sorted(r[DR_INDEX] for r in shuffled) == list(range(len(ds)))
+    for r in shuffled:
+        ref = by_index[r[DR_INDEX]]
+        assert r[DR_TOPK_INDICES] == ref[DR_TOPK_INDICES] and r[DR_PARAMS] == ref[DR_PARAMS] and r["note"] == ref["note"]
     # the config travels in every file's metadata and in the card's YAML
     config = config_from_parquet(shard_paths(str(tmp_path))[0])
     assert config.augment == "rrc+flip+ra+re+mix" and config.num_samples == 4 and config.teachers == teachers.specs

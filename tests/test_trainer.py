@@ -237,3 +237,23 @@ def test_clear_errors(tmp_path, reinforced):
         bad = datasets.load_dataset(str(folders["rrc+flip"]), split="train")
         bad = bad.map(lambda r: {"dr_params": {**r["dr_params"], "warp": [0, 0, 0, 0]}})
         ReinforcedTrainer(model=tiny_timm(), args=args(tmp_path), train_dataset=bad)
+
+
+def test_streaming_ddp_processes_get_distinct_rows(tmp_path, reinforced):
+    """Two CPU processes (torchrun, gloo): each streams its own rows, none repeats within the epoch."""
+    import json
+    import subprocess
+    import sys
+
+    _, _, folders = reinforced
+    steps = 8  # 2 processes x 8 steps x 2 rows = the 32 rows, once
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                           str(__import__("pathlib").Path(__file__).with_name("ddp_stream_worker.py")),
+                           str(folders["rrc+flip"]), str(tmp_path), str(steps)],
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ranks = [json.load(open(tmp_path / f"rank{r}.json")) for r in range(2)]
+    assert all(len(r) == steps * 2 for r in ranks)
+    assert all(len(set(r)) == len(r) for r in ranks)  # no repeats within one process's epoch
+    assert not set(ranks[0]) & set(ranks[1])  # distinct data per process
+    assert set(ranks[0]) | set(ranks[1]) == set(range(32))

@@ -1,0 +1,31 @@
+"""Run under `torchrun --nproc_per_node 2`: record which rows each process trains on in one epoch."""
+import json
+import os
+import sys
+
+import datasets
+import timm
+import torch
+
+from dr_hf import ReinforcedTrainer, ReinforcedTrainingArguments
+
+folder, out_dir, steps = sys.argv[1], sys.argv[2], int(sys.argv[3])
+seen = []
+train = datasets.load_dataset(folder, split="train", streaming=True)
+args = ReinforcedTrainingArguments(os.path.join(out_dir, "run"), max_steps=steps, per_device_train_batch_size=2,
+                                   report_to=[], save_strategy="no", use_cpu=True, image_size=32, seed=0,
+                                   logging_strategy="no", shuffle_buffer_size=4)
+trainer = ReinforcedTrainer(model=timm.create_model("resnet10t", num_classes=10), args=args, train_dataset=train)
+collate = trainer.data_collator
+
+
+def recording(examples):
+    for e in examples:
+        seen.extend(e["dr_index"] if isinstance(e["dr_index"], list) else [e["dr_index"]])
+    return collate(examples)
+
+
+trainer.data_collator = recording
+trainer.train()
+with open(os.path.join(out_dir, f"rank{trainer.args.process_index}.json"), "w") as f:
+    json.dump(seen, f)
