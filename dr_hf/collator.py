@@ -69,15 +69,19 @@ class ReinforcedCollator:
     def __call__(self, examples: List[Dict[str, Any]]) -> Dict[str, torch.Tensor]:
         views: List[List[torch.Tensor]] = []
         labels, partners, lams, idx, lps, picked = [], [], [], [], [], []
+
+        def add_unmixed(view: List[torch.Tensor], label: int) -> None:
+            views.append(view)
+            labels.append(label)
+            partners.append(-1)
+            lams.append(1.0)
+
         for example in examples:
             rows = _rows(example)
             if missing_columns(rows[0]) and not self.train:
                 for row in rows:
                     image = decode(row[self.image_column], column=self.image_column)
-                    views.append(self._views(image, lambda im, out: self.center.render(im, {}, out)))
-                    labels.append(self._label(row))
-                    partners.append(-1)
-                    lams.append(1.0)
+                    add_unmixed(self._views(image, lambda im, out: self.center.render(im, {}, out)), self._label(row))
                 continue
             if missing_columns(rows[0]):
                 if self._fresh is None:
@@ -87,10 +91,7 @@ class ReinforcedCollator:
                     image = decode(row[self.image_column], column=self.image_column)
                     seed = int(torch.randint(0, 2**62, ()).item())
                     p = self._fresh.make_params(seed, 0, 0, Context(image.shape[-2], image.shape[-1]))
-                    views.append(self._views(image, lambda im, out: self._fresh.render(im, p, out)))
-                    labels.append(self._label(row))
-                    partners.append(-1)
-                    lams.append(1.0)
+                    add_unmixed(self._views(image, lambda im, out: self._fresh.render(im, p, out)), self._label(row))
                 continue
             # reinforced: one sample index for the whole group
             n = len(rows[0][DR_TOPK_INDICES])
@@ -108,10 +109,7 @@ class ReinforcedCollator:
                 p, pipe, image = group_params[k]
                 label = self._label(row)
                 if self.reinforced_prob < 1.0 and float(torch.rand(())) >= self.reinforced_prob:
-                    views.append(self._views(image, lambda im, out: self.center.render(im, {}, out)))
-                    labels.append(label)
-                    partners.append(-1)
-                    lams.append(1.0)
+                    add_unmixed(self._views(image, lambda im, out: self.center.render(im, {}, out)), label)
                     idx.append(None)
                     lps.append(None)
                     continue
