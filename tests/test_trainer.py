@@ -257,3 +257,16 @@ def test_streaming_ddp_processes_get_distinct_rows(tmp_path, reinforced):
     assert all(len(set(r)) == len(r) for r in ranks)  # no repeats within one process's epoch
     assert not set(ranks[0]) & set(ranks[1])  # distinct data per process
     assert set(ranks[0]) | set(ranks[1]) == set(range(32))
+
+
+def test_decoding_and_replay_run_in_dataloader_workers(tmp_path, reinforced):
+    _, _, folders = reinforced
+    train = datasets.load_dataset(str(folders["rrc+flip"]), split="train")
+    trainer = ReinforcedTrainer(model=tiny_timm(), args=args(tmp_path, max_steps=4, dataloader_num_workers=2),
+                                train_dataset=train)
+    loader = trainer.get_train_dataloader()
+    assert loader.num_workers == 2
+    batch = next(iter(loader))
+    assert batch["pixel_values"].shape == (8, 3, 32, 32) and (batch["sample_index"] >= 0).all()
+    trainer.train()
+    assert all(np.isfinite(losses(trainer)))
