@@ -240,7 +240,8 @@ def reinforce(
     from .stats import summarize
 
     check_columns(dataset, config, teachers)
-    g = config.pipeline().group_size
+    pipeline = config.pipeline()
+    g = pipeline.group_size
     batch_size = max(g, int(math.ceil(batch_size / g)) * g)
     rows_per_shard = max(g, int(math.ceil(config.rows_per_shard / g)) * g)
     n = len(dataset)
@@ -252,8 +253,9 @@ def reinforce(
     decoded = dataset
     if isinstance(dataset.features.get(config.image_column), Image):
         decoded = dataset.cast_column(config.image_column, Image(decode=False))
-    features = datasets.Features({**dataset.features, **reinforcement_features(config.pipeline(), config.num_samples, config.topk, config.num_classes)})
-    map_features = datasets.Features({**decoded.features, **reinforcement_features(config.pipeline(), config.num_samples, config.topk, config.num_classes)})
+    added = reinforcement_features(pipeline, config.num_samples, config.topk, config.num_classes)
+    features = datasets.Features({**dataset.features, **added})
+    map_features = datasets.Features({**decoded.features, **added})
 
     bar = None
     if show_progress:
