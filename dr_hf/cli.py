@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import shlex
 import sys
@@ -12,11 +13,12 @@ from typing import List, Optional
 from .augment import PRESETS
 
 
-def load_source(path: str, split: str, name: Optional[str] = None, revision: Optional[str] = None, limit: Optional[int] = None):
+def load_source(path: str, split: str, name: Optional[str] = None, revision: Optional[str] = None, limit: Optional[int] = None,
+                streaming: bool = False):
     """Anything ``datasets.load_dataset`` accepts (Hub id, local folder, ``imagefolder``), optionally its first ``limit`` rows."""
     import datasets
 
-    kwargs = {"split": split}
+    kwargs = {"split": split, "streaming": streaming}
     if revision:
         kwargs["revision"] = revision
     if os.path.isdir(path) and not os.path.isfile(os.path.join(path, "README.md")) and not os.path.isdir(os.path.join(path, "data")):
@@ -26,7 +28,7 @@ def load_source(path: str, split: str, name: Optional[str] = None, revision: Opt
     if limit is not None:
         if limit < 1:
             raise ValueError(f"--limit must be >= 1, got {limit}")
-        ds = ds.select(range(min(limit, len(ds))))
+        ds = ds.take(limit) if streaming else ds.select(range(min(limit, len(ds))))
     return ds
 
 
@@ -36,11 +38,25 @@ def cmd_reinforce(args) -> int:
     from .reinforce import reinforce
     from .teacher import TeacherEnsemble
 
+    from .processes import current_processes, finish
+    from .reinforce import stream_length
+
+    procs = current_processes(args.device)
+    if not args.quiet:
+        logging.basicConfig(format=f"%(asctime)s [{procs}] %(message)s", level=logging.WARNING)
+        logging.getLogger("dr_hf").setLevel(logging.INFO)
     pipeline = make_pipeline(args.augment)
     if args.group_size and pipeline.mix:
         pipeline.mix.group_size = args.group_size
-    teachers = TeacherEnsemble.from_specs(args.teacher, device=args.device, dtype=args.dtype)
-    ds = load_source(args.dataset, args.split, args.name, args.revision, args.limit)
+    teachers = TeacherEnsemble.from_specs(args.teacher, device=procs.device, dtype=args.dtype)
+    ds = load_source(args.dataset, args.split, args.name, args.revision, None if args.streaming else args.limit,
+                     streaming=args.streaming)
+    if args.streaming:
+        num_rows = args.num_rows or stream_length(ds, args.split, args.label_column or args.image_column)
+        if args.limit:
+            ds, num_rows = ds.take(args.limit), min(args.limit, num_rows)
+    else:
+        num_rows = len(ds)
     config = ReinforceConfig(
         augment=args.augment,
         augmentations=pipeline.config(),
@@ -52,13 +68,20 @@ def cmd_reinforce(args) -> int:
         image_column=args.image_column,
         label_column=args.label_column or None,
         source={"path": args.dataset, "name": args.name, "split": args.split, "revision": args.revision,
-                "limit": args.limit, "num_rows": len(ds)},
+                "limit": args.limit, "num_rows": num_rows},
         teacher_batch_size=args.teacher_batch_size,
         rows_per_shard=args.rows_per_shard,
+        keep_source=not args.no_images,
     )
     command = "dr-hf " + " ".join(shlex.quote(a) for a in sys.argv[1:]) if sys.argv[1:2] == ["reinforce"] else None
-    result = reinforce(ds, config, teachers, args.output, split=args.split, batch_size=args.batch_size,
-                       show_progress=not args.quiet, command=command)
+    try:
+        result = reinforce(ds, config, teachers, args.output, split=args.split, batch_size=args.batch_size,
+                           show_progress=not args.quiet, command=command, num_rows=num_rows, processes=procs,
+                           render_threads=args.render_threads)
+    finally:
+        finish()
+    if not procs.is_main:
+        return 0
     s = result.stats
     print(f"wrote {result.output_dir}: {s['rows']} rows x {s['num_samples']} samples, top-{s['topk']} "
           f"({result.shards_written} shard(s) written, {result.shards_skipped} already complete)")
@@ -118,6 +141,12 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--image-column", default="image")
     r.add_argument("--label-column", default="label", help="'' for unlabelled data")
     r.add_argument("--limit", type=int, default=None, help="only the first M rows (for trials)")
+    r.add_argument("--streaming", action="store_true", help="stream the source (sets that do not fit on disk); dr_index = position in the stream")
+    r.add_argument("--num-rows", type=int, default=None, help="the stream's length, when its metadata lacks it (else it is counted)")
+    r.add_argument("--no-images", action="store_true",
+                   help="write only the dr_* columns (with each row's image fingerprint): a reinforcement-only dataset "
+                        "for sources that may not be redistributed; join it back with dr_hf.join_source")
+    r.add_argument("--render-threads", type=int, default=1, help="threads rendering teacher inputs ahead of the teacher (0: none)")
     r.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     r.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"], help="teacher autocast dtype (default: bf16 on CUDA)")
     r.add_argument("--quiet", action="store_true")

@@ -3,6 +3,8 @@
 Columns added to every row (all original columns are kept):
 
 * ``dr_index`` (int64): the row's index in the source split; the join key, and what seeds derive from.
+* ``dr_fingerprint`` (string): BLAKE2b-128 of the row's encoded image bytes; joins a reinforcement-only
+  dataset (``--no-images``) back to a user's copy of the source, and refuses rows that differ.
 * ``dr_params`` (struct): the N samples' augmentation parameters, one fixed-width field per quantity,
   each of shape (N, ...): see :func:`params_features` and ``docs/format.md``.
 * ``dr_topk_indices`` (N x K uint16, uint32 for >= 65536 classes): the teacher's top-K class ids per sample.
@@ -26,6 +28,7 @@ from datasets import Features, List as ListFeature, Value
 from .augment import AugmentPipeline
 
 DR_INDEX = "dr_index"
+DR_FINGERPRINT = "dr_fingerprint"
 DR_PARAMS = "dr_params"
 DR_TOPK_INDICES = "dr_topk_indices"
 DR_TOPK_LOGPROBS = "dr_topk_logprobs"
@@ -59,6 +62,7 @@ def reinforcement_features(pipeline: AugmentPipeline, num_samples: int, topk: in
     return Features(
         {
             DR_INDEX: Value("int64"),
+            DR_FINGERPRINT: Value("string"),
             DR_PARAMS: params_features(pipeline, num_samples),
             DR_TOPK_INDICES: ListFeature(ListFeature(Value(index_dtype(num_classes)), length=topk)),
             DR_TOPK_LOGPROBS: ListFeature(ListFeature(Value("float16"), length=topk)),
@@ -82,6 +86,7 @@ class ReinforceConfig:
     source: Dict[str, Any] = field(default_factory=dict)
     teacher_batch_size: int = 256
     rows_per_shard: int = 2048
+    keep_source: bool = True  # False (``--no-images``): only the dr_* columns are written
     format_version: int = FORMAT_VERSION
     dr_hf_version: str = ""
 

@@ -64,3 +64,29 @@ def decode(value: Any, row: Optional[int] = None, column: str = "image") -> torc
         raise BadImageError(f"{where}: cannot decode the image ({type(exc).__name__}: {exc})") from exc
     array = np.asarray(rgb, dtype=np.uint8)
     return torch.from_numpy(array.copy()).permute(2, 0, 1).contiguous()
+
+
+def image_bytes(value: Any, row: Optional[int] = None, column: str = "image") -> bytes:
+    """The encoded bytes of an image cell (what the source dataset stores), for fingerprints."""
+    if isinstance(value, (bytes, bytearray)):
+        return bytes(value)
+    if isinstance(value, dict):
+        if value.get("bytes"):
+            return bytes(value["bytes"])
+        if value.get("path"):
+            with open(value["path"], "rb") as f:
+                return f.read()
+    if isinstance(value, PIL.Image.Image):
+        buf = io.BytesIO()
+        value.save(buf, format="PNG")
+        return buf.getvalue()
+    where = f"row {row}, column {column!r}" if row is not None else f"column {column!r}"
+    raise BadImageError(f"{where}: no image bytes to fingerprint ({type(value).__name__})")
+
+
+def fingerprint(value: Any, row: Optional[int] = None, column: str = "image") -> str:
+    """A 128-bit BLAKE2b digest (32 hex chars) of an image cell's encoded bytes: the key that joins a
+    reinforcement-only dataset back to a user's own copy of its source."""
+    import hashlib
+
+    return hashlib.blake2b(image_bytes(value, row, column), digest_size=16).hexdigest()

@@ -7,19 +7,21 @@ output does not depend on ``--batch-size``, on processing order, or on the numbe
 
 from __future__ import annotations
 
-import json
+import itertools
 import logging
 import math
 import os
 import time
+from collections import deque
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, List, Optional, Sequence
+from typing import Any, Callable, Deque, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
 
 from .augment import AugmentPipeline, Context, params_at
 from .format import (
+    DR_FINGERPRINT,
     DR_INDEX,
     DR_PARAMS,
     DR_TOPK_INDICES,
@@ -30,17 +32,20 @@ from .format import (
     index_dtype,
     reinforcement_features,
 )
-from .images import decode
+from .images import decode, fingerprint
+from .processes import Processes, current_processes
 from .teacher import TeacherEnsemble
 
 logger = logging.getLogger(__name__)
 
 
 class Reinforcer:
-    """``Dataset.map(reinforcer, batched=True, with_indices=True)``: adds the four reinforcement columns.
+    """``Dataset.map(reinforcer, batched=True, with_indices=True)``: adds the reinforcement columns.
 
     A batch must hold whole mixing groups (``batch_size`` a multiple of the group size, as :func:`reinforce`
     arranges); ``index_offset`` is added to the map's indices to give source-split row indices.
+    ``render_threads`` threads decode-free render the next teacher batches while the teacher runs the current
+    one (0: render inline); rendering is a pure function of the stored parameters, so this changes no output.
     """
 
     def __init__(
@@ -50,6 +55,7 @@ class Reinforcer:
         num_rows: int,
         index_offset: int = 0,
         progress: Optional[Callable[[int], None]] = None,
+        render_threads: int = 1,
     ):
         self.config = config
         self.pipeline: AugmentPipeline = config.pipeline()
@@ -57,6 +63,7 @@ class Reinforcer:
         self.num_rows = num_rows
         self.index_offset = index_offset
         self.progress = progress
+        self.render_threads = render_threads
         self.fields = self.pipeline.param_fields()
         if teachers.num_classes != config.num_classes:
             raise ValueError(f"the teachers have {teachers.num_classes} classes, the config says {config.num_classes}")
@@ -90,35 +97,19 @@ class Reinforcer:
                 mixed.append(self.pipeline.render_mixed(base[r][k], base[partner][k] if partner != r else None, p))
         return torch.stack(mixed)
 
-    def _group_log_probs(self, images: Sequence[torch.Tensor], params: Sequence[List[Dict[str, Any]]]) -> torch.Tensor:
-        """(rows, N, C) log-probs; teacher batches cover a fixed range of sample indices of this group."""
-        rows, n = len(images), self.config.num_samples
-        per_chunk = max(1, self.config.teacher_batch_size // rows)
-        chunks = []
-        for j0 in range(0, n, per_chunk):
-            js = range(j0, min(n, j0 + per_chunk))
-            inputs = {o: self.render_group(images, params, js, out) for o, out in enumerate(self.teachers.outputs())}
-            logp = self.teachers.log_probs(inputs)
-            if not torch.isfinite(logp).all():
-                raise FloatingPointError("the teacher produced NaN/inf outputs for sample indices "
-                                         f"{js.start}..{js.stop - 1} of this group")
-            chunks.append(logp.view(rows, len(js), -1))
-        return torch.cat(chunks, dim=1)
+    def _teacher_batches(self, groups: Sequence[Tuple[int, int]]) -> List[Tuple[int, int, range]]:
+        """(group start, group stop, sample indices) per teacher batch: fixed per group, whatever the map batch."""
+        n = self.config.num_samples
+        items = []
+        for a, b in groups:
+            per_chunk = max(1, self.config.teacher_batch_size // (b - a))
+            items.extend((a, b, range(j0, min(n, j0 + per_chunk))) for j0 in range(0, n, per_chunk))
+        return items
 
-    def compute(self, batch: Dict[str, List[Any]], indices: List[int]):
-        """Per row: the N samples' parameters and the (N, C) teacher log-probabilities."""
-        cfg = self.config
+    def _groups(self, indices: Sequence[int]) -> List[Tuple[int, int]]:
+        """Split a batch's positions into whole mixing groups."""
         g = self.pipeline.group_size
-        indices = [i + self.index_offset for i in indices]
-        labels = batch.get(cfg.label_column) if cfg.label_column else None
-        images = [decode(v, row=i, column=cfg.image_column) for v, i in zip(batch[cfg.image_column], indices)]
-        if labels is not None:
-            for label, i in zip(labels, indices):
-                self._check_label(label, i)
-        params = [self._row_params(i, im) for i, im in zip(indices, images)]
-
-        logps: List[torch.Tensor] = []
-        start = 0
+        groups, start = [], 0
         while start < len(indices):
             group = indices[start] // g
             stop = start
@@ -128,9 +119,35 @@ class Reinforcer:
             if stop - start != expected and g > 1:
                 raise RuntimeError(f"map batch splits mixing group {group} (rows {indices[start]}..): "
                                    "use a batch size that is a multiple of the group size")
-            logps.extend(self._group_log_probs(images[start:stop], params[start:stop]).unbind(0))
+            groups.append((start, stop))
             start = stop
-        return indices, params, logps
+        return groups
+
+    def compute(self, batch: Dict[str, List[Any]], indices: List[int]):
+        """Per row: the N samples' parameters and the (N, C) teacher log-probabilities."""
+        cfg = self.config
+        indices = [i + self.index_offset for i in indices]
+        labels = batch.get(cfg.label_column) if cfg.label_column else None
+        images = [decode(v, row=i, column=cfg.image_column) for v, i in zip(batch[cfg.image_column], indices)]
+        if labels is not None:
+            for label, i in zip(labels, indices):
+                self._check_label(label, i)
+        params = [self._row_params(i, im) for i, im in zip(indices, images)]
+        outputs = self.teachers.outputs()
+
+        def render(item):
+            a, b, js = item
+            return {o: self.render_group(images[a:b], params[a:b], js, out) for o, out in enumerate(outputs)}
+
+        per_row: List[List[torch.Tensor]] = [[] for _ in indices]
+        for (a, b, js), inputs in prefetched(self._teacher_batches(self._groups(indices)), render, self.render_threads):
+            logp = self.teachers.log_probs(inputs)
+            if not torch.isfinite(logp).all():
+                raise FloatingPointError(f"the teacher produced NaN/inf outputs for rows {indices[a]}..{indices[b - 1]}, "
+                                         f"sample indices {js.start}..{js.stop - 1}")
+            for r, chunk in zip(range(a, b), logp.view(b - a, len(js), -1)):
+                per_row[r].append(chunk)
+        return indices, params, [torch.cat(chunks) for chunks in per_row]
 
     def __call__(self, batch: Dict[str, List[Any]], indices: List[int]) -> Dict[str, Any]:
         cfg = self.config
@@ -142,10 +159,35 @@ class Reinforcer:
             self.progress(len(indices))
         return {
             DR_INDEX: np.asarray(indices, dtype=np.int64),
+            DR_FINGERPRINT: [fingerprint(v, row=i, column=cfg.image_column) for v, i in zip(batch[cfg.image_column], indices)],
             DR_PARAMS: [{name: out_params[name][r] for name in self.fields} for r in range(len(indices))],
             DR_TOPK_INDICES: [t.indices.numpy().astype(idx_dtype) for t in top],
             DR_TOPK_LOGPROBS: [t.values.numpy().astype(np.float16) for t in top],
         }
+
+
+def prefetched(items: Sequence[Any], fn: Callable[[Any], Any], threads: int) -> Iterator[Tuple[Any, Any]]:
+    """``(item, fn(item))`` in order, computing up to ``threads + 1`` items ahead on a thread pool (0: inline)."""
+    if threads <= 0:
+        for item in items:
+            yield item, fn(item)
+        return
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(threads, thread_name_prefix="dr-render") as pool:
+        pending: Deque = deque()
+        it = iter(items)
+        for item in itertools.islice(it, threads + 1):
+            pending.append((item, pool.submit(fn, item)))
+        while pending:
+            item, future = pending.popleft()
+            nxt = next(it, _END)
+            if nxt is not _END:
+                pending.append((nxt, pool.submit(fn, nxt)))
+            yield item, future.result()
+
+
+_END = object()
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -216,6 +258,8 @@ class ReinforceResult:
     shards_skipped: int
     seconds: float
     stats: Dict[str, Any]
+    rank: int = 0
+    world: int = 1
 
 
 def reinforce(
@@ -227,11 +271,18 @@ def reinforce(
     batch_size: int = 32,
     show_progress: bool = True,
     command: Optional[str] = None,
+    num_rows: Optional[int] = None,
+    processes: Optional[Processes] = None,
+    render_threads: int = 1,
 ) -> ReinforceResult:
-    """Reinforce a map-style ``datasets.Dataset`` into ``output_dir`` (Hub layout: ``README.md`` + ``data/*.parquet``).
+    """Reinforce a ``datasets.Dataset`` or a streamed ``IterableDataset`` into ``output_dir``
+    (Hub layout: ``README.md`` + ``data/{split}-XXXXX-of-YYYYY.parquet``).
 
-    Shards are written atomically; rerunning skips complete shards, so an interrupted job resumes. A rerun
-    with a different configuration into the same folder is refused.
+    The unit of work is a shard of ``config.rows_per_shard`` rows, written atomically (tmp file + rename).
+    Under ``accelerate launch``/``torchrun`` each process takes a contiguous range of shards and the main process
+    writes the card once every shard exists; the output is the same for any number of processes. Rerunning
+    skips complete shards, so an interrupted job resumes; a rerun with other settings into the folder is refused.
+    ``num_rows`` gives a stream's length when its metadata lacks it (otherwise the stream is counted first).
     """
     import datasets
     from datasets import Image
@@ -239,62 +290,146 @@ def reinforce(
     from .card import write_card
     from .stats import summarize
 
+    procs = processes or current_processes()
+    streaming = isinstance(dataset, datasets.IterableDataset)
+    if streaming and dataset.features is None:
+        dataset = dataset._resolve_features()
     check_columns(dataset, config, teachers)
     pipeline = config.pipeline()
     g = pipeline.group_size
     batch_size = max(g, int(math.ceil(batch_size / g)) * g)
     rows_per_shard = max(g, int(math.ceil(config.rows_per_shard / g)) * g)
-    n = len(dataset)
-    num_shards = max(1, math.ceil(n / rows_per_shard))
-    data_dir = os.path.join(output_dir, "data")
-    os.makedirs(data_dir, exist_ok=True)
-    check_output_dir(data_dir, config, split, num_shards)
 
     decoded = dataset
     if isinstance(dataset.features.get(config.image_column), Image):
         decoded = dataset.cast_column(config.image_column, Image(decode=False))
+    n = len(dataset) if not streaming else (num_rows or stream_length(decoded, split, config.label_column or config.image_column))
+    if n < 1:
+        raise ValueError("the dataset is empty: nothing to reinforce")
+    num_shards = max(1, math.ceil(n / rows_per_shard))
+    data_dir = os.path.join(output_dir, "data")
+    os.makedirs(data_dir, exist_ok=True)
+    mine = procs.shards(num_shards)
+    paths = [os.path.join(data_dir, shard_name(split, s, num_shards)) for s in range(num_shards)]
+    check_output_dir(data_dir, config, split, num_shards, remove_tmp=[paths[s] + ".tmp" for s in mine])
+    existing = {s for s in range(num_shards) if os.path.exists(paths[s])}
+    todo = [s for s in mine if s not in existing]
+
     added = reinforcement_features(pipeline, config.num_samples, config.topk, config.num_classes)
-    features = datasets.Features({**dataset.features, **added})
+    features = datasets.Features({**dataset.features, **added}) if config.keep_source else added
     map_features = datasets.Features({**decoded.features, **added})
 
     bar = None
-    if show_progress:
+    if show_progress and procs.is_main:
         from tqdm.auto import tqdm
 
-        bar = tqdm(total=n, unit="img", desc="reinforce")
+        bar = tqdm(total=sum(_shard_rows(s, rows_per_shard, n) for s in mine), unit="img", desc="reinforce",
+                   initial=sum(_shard_rows(s, rows_per_shard, n) for s in mine if s in existing))
     t0 = time.time()
-    written = skipped = 0
+    done_rows = 0
     was_enabled = datasets.utils.logging.is_progress_bar_enabled()
     datasets.disable_progress_bars()
     try:
-        for s in range(num_shards):
-            path = os.path.join(data_dir, shard_name(split, s, num_shards))
-            start, stop = s * rows_per_shard, min(n, (s + 1) * rows_per_shard)
-            if os.path.exists(path):
-                skipped += 1
-                if bar:
-                    bar.update(stop - start)
-                continue
-            part = decoded.select(range(start, stop))
-            job = Reinforcer(config, teachers, num_rows=n, index_offset=start, progress=bar.update if bar else None)
+        for s, part in pending_shards(decoded, todo, rows_per_shard, n, streaming):
+            t_shard = time.time()
+            job = Reinforcer(config, teachers, num_rows=n, index_offset=s * rows_per_shard,
+                             progress=bar.update if bar else None, render_threads=render_threads)
             out = part.map(job, batched=True, batch_size=batch_size, with_indices=True, features=map_features,
                            keep_in_memory=True, load_from_cache_file=False, new_fingerprint=f"dr-{s}-{time.time_ns()}")
-            if out.features[config.image_column] != features[config.image_column]:
+            if not config.keep_source:
+                out = out.select_columns(list(added))
+            elif out.features[config.image_column] != features[config.image_column]:
                 out = out.cast_column(config.image_column, features[config.image_column])
-            write_parquet(out, path, config)
-            written += 1
+            write_parquet(out, paths[s], config)
+            dt = time.time() - t_shard
+            done_rows += len(out)
+            logger.info("%s: shard %d/%d, %d images in %.1fs: %.2f images/s, %.1f samples/s", procs, s + 1, num_shards,
+                        len(out), dt, len(out) / dt, len(out) * config.num_samples / dt)
     finally:
         if was_enabled:
             datasets.enable_progress_bars()
         if bar:
             bar.close()
     seconds = time.time() - t0
+    if todo:
+        logger.info("%s: %d images in %.1fs: %.2f images/s, %.1f samples/s", procs, done_rows, seconds,
+                    done_rows / seconds, done_rows * config.num_samples / seconds)
+    if not procs.is_main:
+        return ReinforceResult(output_dir, n, len(todo), len(mine) - len(todo), seconds, {}, procs.rank, procs.world)
+
+    wait_for_shards(paths, procs)
+    seconds = time.time() - t0
     stats = summarize(output_dir, split=split)
-    if written:
-        stats["images_per_second"] = round(n * written / max(num_shards, 1) / seconds, 2)
-        stats["samples_per_second"] = round(stats["images_per_second"] * config.num_samples, 2)
+    new_rows = n - sum(_shard_rows(s, rows_per_shard, n) for s in existing)
+    if new_rows:
+        stats["images_per_second"] = round(new_rows / seconds, 2)
+        stats["samples_per_second"] = round(new_rows * config.num_samples / seconds, 2)
+        stats["processes"] = procs.world
+        logger.info("all %d process(es): %d images in %.1fs: %.2f images/s, %.1f samples/s", procs.world, new_rows,
+                    seconds, stats["images_per_second"], stats["samples_per_second"])
     write_card(output_dir, config, stats, features=features, split=split, command=command)
-    return ReinforceResult(output_dir, n, written, skipped, seconds, stats)
+    return ReinforceResult(output_dir, n, len(todo), len(mine) - len(todo), seconds, stats, procs.rank, procs.world)
+
+
+def _shard_rows(s: int, rows_per_shard: int, n: int) -> int:
+    return max(0, min(n, (s + 1) * rows_per_shard) - s * rows_per_shard)
+
+
+def pending_shards(decoded, todo: Sequence[int], rows_per_shard: int, n: int, streaming: bool):
+    """``(shard, Dataset of its rows)`` for the shards in ``todo``; a stream is read once, in order, and only the
+    rows of wanted shards are kept (one shard of rows in memory at a time)."""
+    import datasets
+
+    if not streaming:
+        for s in todo:
+            yield s, decoded.select(range(s * rows_per_shard, s * rows_per_shard + _shard_rows(s, rows_per_shard, n)))
+        return
+    if not todo:
+        return
+    wanted, last = set(todo), max(todo)
+    pos = min(todo) * rows_per_shard
+    it = iter(decoded.skip(pos) if pos else decoded)
+    rows: List[Dict[str, Any]] = []
+    for row in it:
+        s = pos // rows_per_shard
+        if s in wanted:
+            rows.append(row)
+        pos += 1
+        if pos == n or pos % rows_per_shard == 0:
+            if s in wanted:
+                yield s, datasets.Dataset.from_list(rows, features=decoded.features)
+                rows = []
+            if s >= last:
+                break
+    if pos < min(n, (last + 1) * rows_per_shard):
+        raise ValueError(f"the stream ended after {pos} rows, but {n} were expected (pass the right --num-rows)")
+    if pos == n and next(it, None) is not None:
+        raise ValueError(f"the stream holds more than the {n} rows expected (pass the right --num-rows)")
+
+
+def stream_length(stream, split: str, column: str) -> int:
+    """A stream's row count from its metadata, else by reading one column of it once."""
+    from datasets import Image
+
+    info = getattr(stream, "info", None)
+    splits = getattr(info, "splits", None) or {}
+    if split in splits and splits[split].num_examples:
+        return int(splits[split].num_examples)
+    logger.info("counting the rows of the stream (pass --num-rows to skip this pass)")
+    stream = stream.select_columns([column])
+    if stream.features is not None and isinstance(stream.features.get(column), Image):
+        stream = stream.cast_column(column, Image(decode=False))
+    return sum(1 for _ in stream)
+
+
+def wait_for_shards(paths: Sequence[str], procs: Processes, poll: float = 2.0) -> None:
+    """On the main process: block until the other processes have written their shards."""
+    missing = [p for p in paths if not os.path.exists(p)]
+    if missing:
+        logger.info("%s: waiting for %d shard(s) from the other processes", procs, len(missing))
+    while missing:
+        time.sleep(poll)
+        missing = [p for p in missing if not os.path.exists(p)]
 
 
 def check_columns(dataset, config: ReinforceConfig, teachers: TeacherEnsemble) -> None:
@@ -319,12 +454,15 @@ def check_columns(dataset, config: ReinforceConfig, teachers: TeacherEnsemble) -
             )
 
 
-def check_output_dir(data_dir: str, config: ReinforceConfig, split: str, num_shards: int) -> None:
-    """Refuse to mix two different jobs' shards in one folder; remove half-written shards (they are redone)."""
+def check_output_dir(data_dir: str, config: ReinforceConfig, split: str, num_shards: int,
+                     remove_tmp: Optional[Sequence[str]] = None) -> None:
+    """Refuse to mix two different jobs' shards in one folder; remove this process's half-written shards
+    (``remove_tmp``; all of them when ``None``): they are redone."""
     for name in sorted(os.listdir(data_dir)):
         path = os.path.join(data_dir, name)
         if name.endswith(".tmp"):
-            os.remove(path)
+            if remove_tmp is None or path in remove_tmp:
+                os.remove(path)
             continue
         if not name.endswith(".parquet"):
             continue

@@ -12,7 +12,7 @@ from conftest import SHARED, needs_shared
 
 from dr_hf.stats import shard_paths
 
-DR = ["dr_index", "dr_params", "dr_topk_indices", "dr_topk_logprobs"]
+DR = ["dr_index", "dr_fingerprint", "dr_params", "dr_topk_indices", "dr_topk_logprobs"]
 
 
 def dr_hf(*args, check=True):

@@ -9,14 +9,14 @@ import torch
 
 from dr_hf import DR_INDEX, DR_PARAMS, DR_TOPK_INDICES, DR_TOPK_LOGPROBS, ReinforceConfig, TeacherEnsemble, make_pipeline
 from dr_hf.augment import Context, params_at
-from dr_hf.format import config_from_parquet
+from dr_hf.format import DR_FINGERPRINT, config_from_parquet
 from dr_hf.images import decode
 from dr_hf.reinforce import reinforce
 from dr_hf.stats import reinforcement_bytes, shard_paths, summarize
 
 from conftest import make_image_dataset
 
-DR = [DR_INDEX, DR_PARAMS, DR_TOPK_INDICES, DR_TOPK_LOGPROBS]
+DR = [DR_INDEX, DR_FINGERPRINT, DR_PARAMS, DR_TOPK_INDICES, DR_TOPK_LOGPROBS]
 
 
 def make_config(teachers, augment="rrc+flip", n=4, k=3, seed=0, rows_per_shard=2048, **kw):

@@ -1,0 +1,61 @@
+"""Which process this is: one plain process, or one of many under ``accelerate launch`` / ``torchrun``."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+
+@dataclass
+class Processes:
+    """This process's rank among ``world`` processes, and the device its teacher runs on."""
+
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+    device: Optional[str] = None
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def shards(self, num_shards: int) -> range:
+        """A contiguous share of ``range(num_shards)``: rank r gets shards [r*S/W, (r+1)*S/W)."""
+        return range(self.rank * num_shards // self.world, (self.rank + 1) * num_shards // self.world)
+
+    def __str__(self) -> str:
+        return f"process {self.rank}/{self.world}"
+
+
+def launched() -> bool:
+    """True under ``accelerate launch``, ``torchrun`` or ``mpirun`` with more than one process."""
+    size = max(int(os.environ.get(k, "1") or 1) for k in ("WORLD_SIZE", "PMI_SIZE", "OMPI_COMM_WORLD_SIZE"))
+    return size > 1
+
+
+def current_processes(device: Optional[str] = None) -> Processes:
+    """The process layout, from accelerate's ``PartialState`` when launched with several processes.
+
+    ``device`` forces the teacher's device; by default each process takes its own GPU (``cuda:LOCAL_RANK``)
+    or the CPU when there is none. On a CPU-only machine, ``accelerate launch --multi_gpu --num_processes N``
+    or ``torchrun --nproc_per_node N`` starts N CPU processes (accelerate's ``--cpu`` flag starts just one).
+    """
+    if not launched():
+        return Processes(device=device)
+    from accelerate import PartialState
+
+    cpu = (device or "").startswith("cpu") or not torch.cuda.is_available()
+    state = PartialState(cpu=cpu)
+    dev = device if device and not device.startswith("cuda") else str(state.device)
+    if dev.startswith("cpu"):
+        dev = "cpu"
+    return Processes(rank=state.process_index, world=state.num_processes, local_rank=state.local_process_index, device=dev)
+
+
+def finish() -> None:
+    """Tear down the process group, if one was started (avoids torch's exit-time warning)."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()

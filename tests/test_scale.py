@@ -1,0 +1,148 @@
+"""Reinforcing at scale: several processes, a real crash and resume, streamed sources (issue 3)."""
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import datasets
+import pyarrow.parquet as pq
+import pytest
+
+from dr_hf import TeacherEnsemble
+from dr_hf.format import DR_COLUMNS, DR_FINGERPRINT
+from dr_hf.processes import Processes
+from dr_hf.reinforce import reinforce
+from dr_hf.stats import shard_paths
+
+from conftest import make_image_dataset
+from test_reinforce import make_config
+
+DR = [DR_COLUMNS[0], DR_FINGERPRINT, *DR_COLUMNS[1:]]
+
+
+@pytest.fixture(scope="module")
+def teachers(tiny_teacher_spec):
+    return TeacherEnsemble.from_specs([tiny_teacher_spec])
+
+
+@pytest.fixture(scope="module")
+def source_dir(tmp_path_factory):
+    """48 rows in a Hub-layout folder: 6 shards of 8 rows."""
+    path = tmp_path_factory.mktemp("source48")
+    (path / "data").mkdir()
+    make_image_dataset(48, seed=3).to_parquet(str(path / "data" / "train-00000-of-00001.parquet"))
+    return path
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def reinforce_args(source, out, teacher, *extra, quiet=True):
+    return ["reinforce", str(source), "--output", str(out), "--teacher", teacher, "--augment", "rrc+flip+ra+re+mix",
+            "--num-samples", "6", "--topk", "3", "--seed", "7", "--rows-per-shard", "8", *extra] + (["--quiet"] if quiet else [])
+
+
+def run_cli(args, launcher=(), env=None, **kw):
+    env = {**os.environ, "HF_DATASETS_DISABLE_PROGRESS_BARS": "1", "OMP_NUM_THREADS": "1", **(env or {})}
+    return subprocess.run([sys.executable, *launcher, "-m", "dr_hf", *args], capture_output=True, text=True, env=env, **kw)
+
+
+def table(out, columns=None):
+    return pq.read_table(os.path.join(out, "data"), columns=columns)
+
+
+def test_two_accelerate_processes_write_what_one_process_writes(tmp_path, source_dir, tiny_teacher_spec):
+    one = run_cli(reinforce_args(source_dir, tmp_path / "one", tiny_teacher_spec))
+    assert one.returncode == 0, one.stderr
+    # accelerate's `--cpu` flag starts one process; `--multi_gpu` is its torchrun launcher, which on a machine
+    # without GPUs starts CPU processes (dr-hf then asks accelerate for MULTI_CPU with the gloo backend).
+    launcher = ["-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+                "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(free_port())]
+    two = run_cli(reinforce_args(source_dir, tmp_path / "two", tiny_teacher_spec, "--device", "cpu", quiet=False), launcher=launcher,
+                  env={"CUDA_VISIBLE_DEVICES": ""}, timeout=600)
+    assert two.returncode == 0, two.stderr[-3000:]
+    # both processes took part, each its own contiguous shards, and each logged its throughput
+    assert "[process 0/2]" in two.stderr and "[process 1/2]" in two.stderr, two.stderr[-3000:]
+    assert "shard 1/6" in two.stderr and "shard 6/6" in two.stderr and "images/s" in two.stderr
+    first = [line for line in two.stderr.splitlines() if "shard 1/6" in line]
+    last = [line for line in two.stderr.splitlines() if "shard 6/6" in line]
+    assert "[process 0/2]" in first[0] and "[process 1/2]" in last[0]
+    assert "all 2 process(es)" in two.stderr
+    assert [os.path.basename(p) for p in shard_paths(str(tmp_path / "one"))] == \
+           [os.path.basename(p) for p in shard_paths(str(tmp_path / "two"))]
+    a, b = table(tmp_path / "one"), table(tmp_path / "two")
+    assert a.num_rows == b.num_rows == 48
+    assert a.equals(b)  # every column, every value, in source order
+    assert a.column("dr_index").to_pylist() == list(range(48))
+    for folder in ("one", "two"):
+        assert (tmp_path / folder / "README.md").is_file()
+
+
+def test_kill_9_then_rerun_equals_an_uninterrupted_run(tmp_path, source_dir, tiny_teacher_spec):
+    ref = run_cli(reinforce_args(source_dir, tmp_path / "ref", tiny_teacher_spec))
+    assert ref.returncode == 0, ref.stderr
+    out = tmp_path / "killed"
+    env = {**os.environ, "HF_DATASETS_DISABLE_PROGRESS_BARS": "1", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "dr_hf", *reinforce_args(source_dir, out, tiny_teacher_spec)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None and len(shard_paths(str(out))) < 2:
+        time.sleep(0.005)
+    proc.send_signal(signal.SIGKILL)  # a real kill: no exception handler, no cleanup
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL, "the job finished before it could be killed"
+    complete = len(shard_paths(str(out)))
+    assert 2 <= complete < 6, complete
+    assert not (out / "README.md").exists()  # the card is written last
+    rerun = run_cli(reinforce_args(source_dir, out, tiny_teacher_spec, quiet=False))
+    assert rerun.returncode == 0, rerun.stderr
+    assert f"{6 - complete} shard(s) written, {complete} already complete" in rerun.stdout
+    a, b = table(tmp_path / "ref"), table(out)
+    assert a.num_rows == b.num_rows == 48
+    assert a.equals(b)
+    assert not [n for n in os.listdir(out / "data") if n.endswith(".tmp")]
+
+
+def test_streamed_source_equals_map_style_also_split_across_processes(tmp_path, source_dir, teachers):
+    config = make_config(teachers, augment="rrc+flip+mix", n=3, k=2, rows_per_shard=8)
+    mapped = datasets.load_dataset(str(source_dir), split="train")
+    reinforce(mapped, config, teachers, str(tmp_path / "map"), show_progress=False)
+    stream = datasets.load_dataset(str(source_dir), split="train", streaming=True)
+    reinforce(stream, config, teachers, str(tmp_path / "stream"), show_progress=False)
+    assert table(tmp_path / "map").equals(table(tmp_path / "stream"))
+    # three "processes" in turn, each its own contiguous share of a stream; the main one goes last and writes the card
+    for rank in (2, 1, 0):
+        result = reinforce(datasets.load_dataset(str(source_dir), split="train", streaming=True), config, teachers,
+                           str(tmp_path / "ranks"), show_progress=False, processes=Processes(rank=rank, world=3))
+        assert result.shards_written == 2
+    assert table(tmp_path / "map").equals(table(tmp_path / "ranks"))
+    # a stream whose length is given wrongly is refused, not truncated or padded
+    with pytest.raises(ValueError, match="the stream ended after 48 rows, but 50 were expected"):
+        reinforce(datasets.load_dataset(str(source_dir), split="train", streaming=True), config, teachers,
+                  str(tmp_path / "short"), show_progress=False, num_rows=50)
+    with pytest.raises(ValueError, match="more than the 40 rows expected"):
+        reinforce(datasets.load_dataset(str(source_dir), split="train", streaming=True), config, teachers,
+                  str(tmp_path / "long"), show_progress=False, num_rows=40)
+
+
+def test_streaming_cli_with_limit(tmp_path, source_dir, tiny_teacher_spec):
+    a = run_cli(reinforce_args(source_dir, tmp_path / "a", tiny_teacher_spec, "--limit", "20"))
+    b = run_cli(reinforce_args(source_dir, tmp_path / "b", tiny_teacher_spec, "--limit", "20", "--streaming"))
+    assert a.returncode == 0 and b.returncode == 0, a.stderr + b.stderr
+    assert table(tmp_path / "a", DR).equals(table(tmp_path / "b", DR))
+    assert table(tmp_path / "a").num_rows == 20
+
+
+def test_render_threads_change_nothing(tmp_path, teachers):
+    ds = make_image_dataset(16, seed=5)
+    config = make_config(teachers, augment="rrc+flip+ra+re+mix", n=5, k=3, teacher_batch_size=8)
+    for threads in (0, 1, 3):
+        reinforce(ds, config, teachers, str(tmp_path / str(threads)), show_progress=False, render_threads=threads)
+    t0 = table(tmp_path / "0")
+    assert t0.equals(table(tmp_path / "1")) and t0.equals(table(tmp_path / "3"))
