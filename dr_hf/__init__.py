@@ -11,6 +11,7 @@ from .format import (  # noqa: E402
     ReinforceConfig,
     reinforcement_features,
 )
+from .source import join_source, load_reinforced  # noqa: E402
 from .teacher import Teacher, TeacherEnsemble, load_teacher, register_teacher  # noqa: E402
 
 __all__ = [
@@ -29,6 +30,8 @@ __all__ = [
     "TeacherEnsemble",
     "load_teacher",
     "register_teacher",
+    "join_source",
+    "load_reinforced",
     "ReinforcedTrainer",
     "ReinforcedTrainingArguments",
     "ReinforcedCollator",

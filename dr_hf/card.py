@@ -46,7 +46,7 @@ def card_data(config: ReinforceConfig, stats: Dict[str, Any], features, split: s
 
 
 def write_card(output_dir: str, config: ReinforceConfig, stats: Dict[str, Any], features, split: str = "train",
-               command: Optional[str] = None, repo_id: Optional[str] = None) -> DatasetCard:
+               command: Optional[str] = None, repo_id: Optional[str] = None, preview: Optional[str] = None) -> DatasetCard:
     """Render ``cards/reinforced_dataset.md`` into ``output_dir/README.md``."""
     data = card_data(config, stats, features, split)
     pipeline = config.pipeline()
@@ -74,6 +74,8 @@ def write_card(output_dir: str, config: ReinforceConfig, stats: Dict[str, Any], 
         index_dtype=index_dtype(config.num_classes),
         command=command or config.source.get("command", "dr-hf reinforce ..."),
         repo_id=repo_id or "org/name-plus",
+        preview=preview,
+        keep_source=config.keep_source,
     )
     card.save(os.path.join(output_dir, "README.md"))
     return card

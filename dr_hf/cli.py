@@ -13,25 +13,6 @@ from typing import List, Optional
 from .augment import PRESETS
 
 
-def load_source(path: str, split: str, name: Optional[str] = None, revision: Optional[str] = None, limit: Optional[int] = None,
-                streaming: bool = False):
-    """Anything ``datasets.load_dataset`` accepts (Hub id, local folder, ``imagefolder``), optionally its first ``limit`` rows."""
-    import datasets
-
-    kwargs = {"split": split, "streaming": streaming}
-    if revision:
-        kwargs["revision"] = revision
-    if os.path.isdir(path) and not os.path.isfile(os.path.join(path, "README.md")) and not os.path.isdir(os.path.join(path, "data")):
-        ds = datasets.load_dataset("imagefolder", data_dir=path, **kwargs)
-    else:
-        ds = datasets.load_dataset(path, name, **kwargs)
-    if limit is not None:
-        if limit < 1:
-            raise ValueError(f"--limit must be >= 1, got {limit}")
-        ds = ds.take(limit) if streaming else ds.select(range(min(limit, len(ds))))
-    return ds
-
-
 def cmd_reinforce(args) -> int:
     from .format import ReinforceConfig
     from .augment import make_pipeline
@@ -40,6 +21,7 @@ def cmd_reinforce(args) -> int:
 
     from .processes import current_processes, finish
     from .reinforce import stream_length
+    from .source import load_source
 
     procs = current_processes(args.device)
     if not args.quiet:
@@ -111,6 +93,29 @@ def cmd_verify(args) -> int:
     return 0 if report.ok else 1
 
 
+def cmd_push(args) -> int:
+    from .hub import push
+
+    if not args.quiet:
+        logging.basicConfig(format="%(message)s", level=logging.WARNING)
+        logging.getLogger("dr_hf").setLevel(logging.INFO)
+    result = push(args.folder, args.repo_id, private=True if args.private else None, revision=args.revision,
+                  token=args.token, files_per_commit=args.files_per_commit)
+    print(f"pushed {args.folder} to {result.url} ({result.revision}): {len(result.uploaded)} file(s) in "
+          f"{result.commits} commit(s), {len(result.skipped)} already there")
+    print(f'load it with: datasets.load_dataset("{args.repo_id}", split="train")  (or streaming=True)')
+    return 0
+
+
+def cmd_preview(args) -> int:
+    from .preview import render_preview
+
+    path = render_preview(args.folder, out=args.out, rows=args.rows, samples=args.samples, split=args.split,
+                          source=args.source, seed=args.seed)
+    print(f"wrote {path}")
+    return 0
+
+
 def cmd_demo(args) -> int:
     from .demo import run_demo
 
@@ -146,7 +151,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--no-images", action="store_true",
                    help="write only the dr_* columns (with each row's image fingerprint): a reinforcement-only dataset "
                         "for sources that may not be redistributed; join it back with dr_hf.join_source")
-    r.add_argument("--render-threads", type=int, default=1, help="threads rendering teacher inputs ahead of the teacher (0: none)")
+    r.add_argument("--render-threads", type=int, default=None,
+                   help="threads rendering teacher inputs ahead of the teacher (default: 1 on a GPU, 0 on the CPU, where they would compete for cores)")
     r.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     r.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"], help="teacher autocast dtype (default: bf16 on CUDA)")
     r.add_argument("--quiet", action="store_true")
@@ -163,6 +169,26 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--device", default=None)
     v.set_defaults(func=cmd_verify)
 
+    p = sub.add_parser("push", help="upload a reinforced folder to a Hub dataset repo (resumable, one commit per batch of files)")
+    p.add_argument("folder")
+    p.add_argument("repo_id", help="org/name, e.g. org/imagenet-plus")
+    p.add_argument("--private", action="store_true", help="create the repo private")
+    p.add_argument("--revision", default=None, help="branch to push to (created if missing; default main)")
+    p.add_argument("--token", default=None, help="Hub token (default: HF_TOKEN or `hf auth login`); never printed")
+    p.add_argument("--files-per-commit", type=int, default=50)
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(func=cmd_push)
+
+    pv = sub.add_parser("preview", help="render a grid of replayed samples with the teacher's top classes (PNG)")
+    pv.add_argument("folder")
+    pv.add_argument("--out", default=None, help="default: FOLDER/preview.png")
+    pv.add_argument("--rows", type=int, default=4)
+    pv.add_argument("--samples", type=int, default=4)
+    pv.add_argument("--split", default="train")
+    pv.add_argument("--source", default=None, help="the source dataset, for a reinforcement-only (--no-images) folder")
+    pv.add_argument("--seed", type=int, default=0, help="picks which rows and samples are shown")
+    pv.set_defaults(func=cmd_preview)
+
     d = sub.add_parser("demo", help="reinforce an embedded set of photos end to end, load it back and verify it")
     d.add_argument("--output", default="out/demo-plus")
     d.add_argument("--teacher", default="efficientnet-lite0")
@@ -174,7 +200,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (ValueError, FileNotFoundError, ImportError, RuntimeError) as exc:
+    except (ValueError, OSError, ImportError, RuntimeError) as exc:
         print(f"dr-hf {args.command}: error: {exc}", file=sys.stderr)
         return 2
 

@@ -273,7 +273,7 @@ def reinforce(
     command: Optional[str] = None,
     num_rows: Optional[int] = None,
     processes: Optional[Processes] = None,
-    render_threads: int = 1,
+    render_threads: Optional[int] = None,
 ) -> ReinforceResult:
     """Reinforce a ``datasets.Dataset`` or a streamed ``IterableDataset`` into ``output_dir``
     (Hub layout: ``README.md`` + ``data/{split}-XXXXX-of-YYYYY.parquet``).
@@ -283,6 +283,7 @@ def reinforce(
     writes the card once every shard exists; the output is the same for any number of processes. Rerunning
     skips complete shards, so an interrupted job resumes; a rerun with other settings into the folder is refused.
     ``num_rows`` gives a stream's length when its metadata lacks it (otherwise the stream is counted first).
+    ``render_threads`` (default: 1 when the teacher runs on a GPU, else 0) render teacher inputs ahead of the teacher.
     """
     import datasets
     from datasets import Image
@@ -291,6 +292,8 @@ def reinforce(
     from .stats import summarize
 
     procs = processes or current_processes()
+    if render_threads is None:
+        render_threads = 1 if str(teachers.device).startswith("cuda") else 0
     streaming = isinstance(dataset, datasets.IterableDataset)
     if streaming and dataset.features is None:
         dataset = dataset._resolve_features()
@@ -367,7 +370,15 @@ def reinforce(
         stats["processes"] = procs.world
         logger.info("all %d process(es): %d images in %.1fs: %.2f images/s, %.1f samples/s", procs.world, new_rows,
                     seconds, stats["images_per_second"], stats["samples_per_second"])
-    write_card(output_dir, config, stats, features=features, split=split, command=command)
+    preview = None
+    if config.keep_source:
+        from .preview import render_preview
+
+        try:
+            preview = os.path.basename(render_preview(output_dir, split=split))
+        except Exception as exc:  # the preview decorates the card; say so and go on without it
+            logger.warning("no preview image for the card: %s: %s", type(exc).__name__, exc)
+    write_card(output_dir, config, stats, features=features, split=split, command=command, preview=preview)
     return ReinforceResult(output_dir, n, len(todo), len(mine) - len(todo), seconds, stats, procs.rank, procs.world)
 
 

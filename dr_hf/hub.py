@@ -1,0 +1,126 @@
+"""``dr-hf push``: a reinforced folder to a Hub dataset repo, in commits of a batch of files each, resumable.
+
+Only the public ``huggingface_hub`` API is used (``create_repo``, ``create_branch``, ``list_repo_tree``,
+``upload_folder``), so the same code runs against the Hub and against a local stand-in (``HF_ENDPOINT``).
+A rerun after an interruption skips every file the repo already holds with the same content (LFS sha256 or git
+blob sha1), and within a batch ``upload_folder`` skips LFS objects the server already has; with ``hf_xet``
+installed it also batches and resumes on its own. Shards go first and the card last, so a repo only advertises
+a dataset once all of it is there. The token is passed through, never printed or written.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import hashlib
+import logging
+import os
+from dataclasses import dataclass
+from typing import Dict, List, Optional
+
+logger = logging.getLogger(__name__)
+
+UPLOAD_PATTERNS = ("data/*.parquet", "README.md", "preview.png")
+
+
+@dataclass
+class PushResult:
+    repo_id: str
+    revision: str
+    uploaded: List[str]
+    skipped: List[str]
+    commits: int
+    url: str
+
+
+def local_files(folder: str) -> List[str]:
+    """The files of a reinforced folder that belong on the Hub (shards, card, preview), repo-relative, sorted."""
+    out = []
+    for root, _, names in os.walk(folder):
+        for name in names:
+            rel = os.path.relpath(os.path.join(root, name), folder).replace(os.sep, "/")
+            if any(fnmatch.fnmatch(rel, p) for p in UPLOAD_PATTERNS):
+                out.append(rel)
+    return sorted(out)
+
+
+def _sha256(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _git_sha1(path: str) -> str:
+    h = hashlib.sha1(b"blob %d\0" % os.path.getsize(path))
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def remote_files(api, repo_id: str, revision: str) -> Dict[str, Dict[str, Optional[str]]]:
+    """``path -> {"sha256", "sha1"}`` of what the repo holds at ``revision``."""
+    out: Dict[str, Dict[str, Optional[str]]] = {}
+    for entry in api.list_repo_tree(repo_id, repo_type="dataset", revision=revision, recursive=True):
+        if getattr(entry, "lfs", None) is not None or hasattr(entry, "blob_id"):
+            lfs = getattr(entry, "lfs", None)
+            out[entry.path] = {"sha256": lfs.sha256 if lfs else None, "sha1": getattr(entry, "blob_id", None)}
+    return out
+
+
+def push(
+    folder: str,
+    repo_id: str,
+    private: Optional[bool] = None,
+    revision: Optional[str] = None,
+    token: Optional[str] = None,
+    files_per_commit: int = 50,
+    commit_message: str = "Upload reinforced dataset with dr-hf",
+) -> PushResult:
+    """Upload ``folder`` (written by ``dr-hf reinforce``) to the dataset repo ``repo_id``."""
+    from huggingface_hub import HfApi
+
+    from .stats import shard_paths
+
+    if "/" not in repo_id:
+        raise ValueError(f"repo id {repo_id!r}: use the form org/name, e.g. org/imagenet-plus")
+    if not os.path.isfile(os.path.join(folder, "README.md")) or not os.path.isdir(os.path.join(folder, "data")):
+        raise FileNotFoundError(f"{folder} is not a reinforced folder (README.md and data/ expected): run `dr-hf reinforce` first")
+    if not shard_paths(folder, "*"):
+        raise FileNotFoundError(f"{folder}/data holds no parquet shards")
+    if any(n.endswith(".tmp") for n in os.listdir(os.path.join(folder, "data"))):
+        raise ValueError(f"{folder}/data holds half-written shards (*.tmp): rerun `dr-hf reinforce` to finish it first")
+    if files_per_commit < 1:
+        raise ValueError(f"--files-per-commit must be >= 1, got {files_per_commit}")
+
+    api = HfApi(token=token)
+    url = str(api.create_repo(repo_id, repo_type="dataset", private=private, exist_ok=True))
+    branch = revision or "main"
+    if revision:
+        api.create_branch(repo_id, repo_type="dataset", branch=revision, exist_ok=True)
+    remote = remote_files(api, repo_id, branch)
+
+    todo, skipped = [], []
+    for rel in local_files(folder):
+        path = os.path.join(folder, rel)
+        have = remote.get(rel)
+        same = have is not None and (
+            (have["sha256"] is not None and have["sha256"] == _sha256(path))
+            or (have["sha256"] is None and have["sha1"] == _git_sha1(path))
+        )
+        (skipped if same else todo).append(rel)
+    if skipped:
+        logger.info("%d file(s) already on %s@%s with the same content: skipped", len(skipped), repo_id, branch)
+
+    data = [f for f in todo if f.startswith("data/")]
+    last = [f for f in todo if not f.startswith("data/")]  # the card (and its preview) once every shard is there
+    batches = [data[i:i + files_per_commit] for i in range(0, len(data), files_per_commit)]
+    if last:
+        batches.append(last)
+    for k, batch in enumerate(batches):
+        message = commit_message if len(batches) == 1 else f"{commit_message} (part {k + 1}/{len(batches)})"
+        logger.info("commit %d/%d: %d file(s)", k + 1, len(batches), len(batch))
+        api.upload_folder(repo_id=repo_id, repo_type="dataset", folder_path=folder, revision=branch,
+                          allow_patterns=batch, commit_message=message)
+    return PushResult(repo_id, branch, todo, skipped, len(batches), url)

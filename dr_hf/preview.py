@@ -1,0 +1,113 @@
+"""``dr-hf preview``: a PNG grid of replayed samples captioned with the teacher's top classes, for the card."""
+
+from __future__ import annotations
+
+import os
+from typing import List, Optional
+
+import numpy as np
+import torch
+
+from .augment import Output, params_at
+from .format import DR_INDEX, DR_PARAMS, DR_TOPK_INDICES, DR_TOPK_LOGPROBS, config_from_parquet
+from .images import decode
+
+TILE = 176
+CAPTION_LINES = 4
+LINE = 12
+
+
+def class_names(features, label_column: Optional[str], num_classes: int) -> List[str]:
+    """Names from the label column's ``ClassLabel``; ``class N`` where there is none."""
+    from datasets import ClassLabel
+
+    feature = features.get(label_column) if label_column and features is not None else None
+    if isinstance(feature, ClassLabel) and feature.num_classes == num_classes:
+        return list(feature.names)
+    return [f"class {i}" for i in range(num_classes)]
+
+
+def _caption(draw, font, x, y, lines):
+    for k, text in enumerate(lines[:CAPTION_LINES]):
+        draw.text((x + 3, y + 2 + k * LINE), text[:30], fill=(20, 20, 20), font=font)
+
+
+def render_preview(folder: str, out: Optional[str] = None, rows: int = 4, samples: int = 4, split: str = "train",
+                   source: Optional[str] = None, seed: int = 0) -> str:
+    """Replay ``samples`` stored samples of ``rows`` rows of the first shard (mixed samples first, so MixUp/CutMix
+    show when the preset has them) and write a captioned grid; returns its path."""
+    import PIL.Image
+    import PIL.ImageDraw
+    import PIL.ImageFont
+    import pyarrow.parquet as pq
+    from datasets import Features
+
+    from .stats import shard_paths
+
+    paths = shard_paths(folder, split)
+    if not paths:
+        raise FileNotFoundError(f"no {split} shards in {folder}/data")
+    config = config_from_parquet(paths[0])
+    if config is None:
+        raise ValueError(f"{paths[0]} is not a reinforced shard (no dr_hf metadata)")
+    table = pq.read_table(paths[0])
+    features = Features.from_arrow_schema(table.schema)
+    cells = None
+    if config.image_column not in table.column_names:
+        if source is None:
+            raise ValueError(f"{folder} holds no images (a reinforcement-only dataset): pass --source with the base dataset")
+        import datasets
+
+        from .source import join_source, load_source
+
+        base = load_source(source, config.source.get("split") or split, config.source.get("name"))
+        joined = join_source(datasets.Dataset(table), base, image_column=config.image_column)
+        cells = joined.cast_column(config.image_column, datasets.Image(decode=False))
+    names = class_names(features, config.label_column, config.num_classes)
+    pipeline = config.pipeline()
+    display = Output(size=(TILE, TILE), mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0), interpolation="bilinear")
+    g = pipeline.group_size
+    n_rows = table.num_rows
+    rng = np.random.default_rng(seed)
+    chosen = sorted(rng.choice(n_rows, size=min(rows, n_rows), replace=False).tolist())
+    data = table.select([c for c in (DR_INDEX, DR_PARAMS, DR_TOPK_INDICES, DR_TOPK_LOGPROBS)]).to_pylist()
+
+    def image(r):
+        cell = cells[r][config.image_column] if cells is not None else table.column(config.image_column)[r].as_py()
+        return decode(cell, row=data[r][DR_INDEX], column=config.image_column)
+
+    cache = {}
+
+    def base(r, j):
+        if (r, j) not in cache:
+            if r not in cache:
+                cache[r] = image(r)
+            cache[(r, j)] = pipeline.render(cache[r], params_at(data[r][DR_PARAMS], j), display)
+        return cache[(r, j)]
+
+    font = PIL.ImageFont.load_default()
+    cell_h = TILE + CAPTION_LINES * LINE + 6
+    grid = PIL.Image.new("RGB", (samples * TILE + (samples - 1) * 4, len(chosen) * cell_h), (255, 255, 255))
+    draw = PIL.ImageDraw.Draw(grid)
+    for gi, r in enumerate(chosen):
+        params = data[r][DR_PARAMS]
+        n = len(data[r][DR_TOPK_INDICES])
+        mixed = [j for j in range(n) if "mix_partner" in params and pipeline.mix.is_mixed(params_at(params, j))]
+        order = mixed[: max(1, samples // 2)] + [j for j in range(n) if j not in mixed]
+        for col, j in enumerate(order[:samples]):
+            p = params_at(params, j)
+            partner = r + int(p["mix_partner"]) if "mix_partner" in p else r
+            x = pipeline.render_mixed(base(r, j), base(partner, j) if partner != r else None, p)
+            tile = (x.clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0).numpy()
+            x0, y0 = col * (TILE + 4), gi * cell_h
+            grid.paste(PIL.Image.fromarray(np.ascontiguousarray(tile)), (x0, y0))
+            probs = np.exp(np.asarray(data[r][DR_TOPK_LOGPROBS][j], dtype=np.float32))
+            top = data[r][DR_TOPK_INDICES][j]
+            head = f"row {data[r][DR_INDEX]} #{j}"
+            if partner != r:
+                head += f" mix {float(p['mix_lam']) / 65535:.2f}" if "mix_lam" in p else " mixed"
+            _caption(draw, font, x0, y0 + TILE, [head] + [f"{probs[k]:.0%} {names[int(top[k])]}" for k in range(min(3, len(top)))])
+    out = out or os.path.join(folder, "preview.png")
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+    grid.save(out)
+    return out

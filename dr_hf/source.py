@@ -1,0 +1,147 @@
+"""Sources and joins: load a source dataset; load a reinforced one; join a reinforcement-only dataset
+(``dr-hf reinforce --no-images``) back to the user's own copy of its source, checking every row's fingerprint."""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Dict, Iterator, Optional
+
+from .format import DR_FINGERPRINT, DR_INDEX, ReinforceConfig, config_from_parquet, require_reinforced
+from .images import fingerprint
+
+
+class FingerprintMismatch(ValueError):
+    """A source row differs from the one that was reinforced."""
+
+
+def load_source(path: str, split: str, name: Optional[str] = None, revision: Optional[str] = None,
+                limit: Optional[int] = None, streaming: bool = False):
+    """Anything ``datasets.load_dataset`` accepts (Hub id, local folder, a plain image folder), optionally its first
+    ``limit`` rows."""
+    import datasets
+
+    kwargs: Dict[str, Any] = {"split": split, "streaming": streaming}
+    if revision:
+        kwargs["revision"] = revision
+    if os.path.isdir(path) and not os.path.isfile(os.path.join(path, "README.md")) and not os.path.isdir(os.path.join(path, "data")):
+        ds = datasets.load_dataset("imagefolder", data_dir=path, **kwargs)
+    else:
+        ds = datasets.load_dataset(path, name, **kwargs)
+    if limit is not None:
+        if limit < 1:
+            raise ValueError(f"--limit must be >= 1, got {limit}")
+        ds = ds.take(limit) if streaming else ds.select(range(min(limit, len(ds))))
+    return ds
+
+
+def reinforcement_config(path: str, split: str = "train", revision: Optional[str] = None) -> ReinforceConfig:
+    """The configuration of a reinforced dataset: a local folder's parquet metadata, or a Hub repo's card."""
+    from .stats import shard_paths
+
+    if os.path.isdir(path):
+        shards = shard_paths(path, split)
+        if not shards:
+            raise FileNotFoundError(f"no {split} shards in {path}/data")
+        config = config_from_parquet(shards[0])
+        if config is None:
+            raise ValueError(f"{shards[0]} carries no dr-hf configuration: not a reinforced dataset")
+        return config
+    from huggingface_hub import DatasetCard
+
+    card = DatasetCard.load(path, repo_type="dataset", revision=revision) if revision else DatasetCard.load(path, repo_type="dataset")
+    data = card.data.to_dict().get("reinforcement")
+    if not data:
+        raise ValueError(f"the card of {path} has no `reinforcement:` block: not a dr-hf dataset")
+    return ReinforceConfig.from_dict(data)
+
+
+def _mismatch(position: int, index: int, have: str, want: str) -> FingerprintMismatch:
+    return FingerprintMismatch(
+        f"row {position} (dr_index {index}), column {DR_FINGERPRINT!r}: the source image's fingerprint {have} differs "
+        f"from the reinforced one {want}; your copy of the source is not the one that was reinforced"
+    )
+
+
+def join_source(reinforced, source, image_column: str = "image", batch_size: int = 1000):
+    """Put the source's columns next to a reinforcement-only dataset's ``dr_*`` columns, row by ``dr_index``.
+
+    Map-style (``Dataset`` + ``Dataset``): every row's fingerprint is checked up front (one read of the image
+    bytes). Streaming (``IterableDataset`` + ``IterableDataset``, same order): each row is checked as it is read.
+    A row whose image differs from the reinforced one raises :class:`FingerprintMismatch` naming it.
+    """
+    import datasets
+
+    require_reinforced(reinforced.column_names or [], "the reinforced dataset")
+    if DR_FINGERPRINT not in (reinforced.column_names or []):
+        raise ValueError(f"the reinforced dataset has no {DR_FINGERPRINT!r} column to check the join against")
+    if image_column not in (source.column_names or []):
+        raise ValueError(f"the source has no image column {image_column!r} (columns: {source.column_names})")
+    clash = [c for c in source.column_names if c in reinforced.column_names]
+    if clash:
+        raise ValueError(f"the source and the reinforced dataset both have column(s) {clash}")
+    if isinstance(reinforced, datasets.IterableDataset) != isinstance(source, datasets.IterableDataset):
+        raise ValueError("join a streamed reinforced dataset with a streamed source, and a map-style one with a map-style source")
+    if isinstance(reinforced, datasets.IterableDataset):
+        return _join_streams(reinforced, source, image_column)
+
+    indices = reinforced[DR_INDEX]
+    if indices and (min(indices) < 0 or max(indices) >= len(source)):
+        bad = next(i for i, k in enumerate(indices) if k < 0 or k >= len(source))
+        raise ValueError(f"row {bad}, column {DR_INDEX!r}: index {indices[bad]} is outside the source's {len(source)} rows")
+    base = source.select(indices)
+    raw = base.select_columns([image_column]).cast_column(image_column, datasets.Image(decode=False))
+    stored = reinforced[DR_FINGERPRINT]
+    pos = 0
+    for batch in raw.iter(batch_size=batch_size):
+        for cell in batch[image_column]:
+            have = fingerprint(cell, row=indices[pos], column=image_column)
+            if have != stored[pos]:
+                raise _mismatch(pos, indices[pos], have, stored[pos])
+            pos += 1
+    return datasets.concatenate_datasets([base.flatten_indices(), reinforced], axis=1)
+
+
+def _join_streams(reinforced, source, image_column: str):
+    import datasets
+
+    raw_source = source.cast_column(image_column, datasets.Image(decode=False)) \
+        if isinstance(source.features.get(image_column), datasets.Image) else source
+    features = datasets.Features({**source.features, **reinforced.features})
+
+    def rows() -> Iterator[Dict[str, Any]]:
+        src = iter(raw_source)
+        at = -1
+        row: Dict[str, Any] = {}
+        for position, r in enumerate(reinforced):
+            index = r[DR_INDEX]
+            if index <= at:
+                raise ValueError(f"row {position}, column {DR_INDEX!r}: index {index} is out of order (a stream joins in source order)")
+            while at < index:
+                row = next(src, None)
+                if row is None:
+                    raise ValueError(f"row {position}, column {DR_INDEX!r}: index {index} is beyond the end of the source stream")
+                at += 1
+            have = fingerprint(row[image_column], row=index, column=image_column)
+            if have != r[DR_FINGERPRINT]:
+                raise _mismatch(position, index, have, r[DR_FINGERPRINT])
+            yield {**row, **r}
+
+    return datasets.IterableDataset.from_generator(rows, features=features)
+
+
+def load_reinforced(path: str, split: str = "train", source: Optional[str] = None, streaming: bool = False,
+                    revision: Optional[str] = None, **kwargs):
+    """``load_dataset`` for a reinforced dataset (Hub id or folder); a reinforcement-only one is joined to its source
+    (``source``: your copy of the base dataset; default: the one it was made from), every row checked."""
+    import datasets
+
+    ds = datasets.load_dataset(path, split=split, streaming=streaming, revision=revision, **kwargs)
+    config = reinforcement_config(path, split=split, revision=revision)
+    if config.image_column in (ds.column_names or []):
+        return ds
+    src = source or config.source.get("path")
+    if not src:
+        raise ValueError(f"{path} is reinforcement-only and names no source: pass source=")
+    base = load_source(src, config.source.get("split") or split, config.source.get("name"),
+                       config.source.get("revision") if source is None else None, streaming=streaming)
+    return join_source(ds, base, image_column=config.image_column)

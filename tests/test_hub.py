@@ -1,0 +1,225 @@
+"""The Hub path (issue 5): card, preview, `dr-hf push`, `load_dataset("org/...")` map-style and streaming, reinforcement-only
+repos joined to their source, an interrupted push resumed; all against the local stand-in in tests/hub_standin.py."""
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import datasets
+import numpy as np
+import PIL.Image
+import pyarrow.parquet as pq
+import pytest
+
+from dr_hf import TeacherEnsemble
+from dr_hf.reinforce import reinforce
+from dr_hf.source import FingerprintMismatch, join_source
+
+from conftest import jpeg_bytes, make_image_dataset
+from hub_standin import HubStandIn
+from test_reinforce import make_config
+
+TOKEN = "hf_standin_SECRET_token_0123456789"
+
+
+@pytest.fixture(scope="module")
+def hub():
+    server = HubStandIn()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def teachers(tiny_teacher_spec):
+    return TeacherEnsemble.from_specs([tiny_teacher_spec])
+
+
+@pytest.fixture(scope="module")
+def source_dir(tmp_path_factory):
+    path = tmp_path_factory.mktemp("src")
+    (path / "data").mkdir()
+    make_image_dataset(24, seed=11).to_parquet(str(path / "data" / "train-00000-of-00001.parquet"))
+    return path
+
+
+@pytest.fixture(scope="module")
+def plus(tmp_path_factory, teachers, source_dir):
+    out = tmp_path_factory.mktemp("plus")
+    config = make_config(teachers, augment="rrc+flip+ra+re+mix", n=4, k=3, rows_per_shard=8,
+                         source={"path": str(source_dir), "split": "train"})
+    reinforce(datasets.load_dataset(str(source_dir), split="train"), config, teachers, str(out), show_progress=False,
+              command="dr-hf reinforce src --output plus")
+    return out
+
+
+@pytest.fixture(scope="module")
+def reinforcement_only(tmp_path_factory, teachers, source_dir):
+    out = tmp_path_factory.mktemp("ronly")
+    config = make_config(teachers, augment="rrc+flip+ra+re+mix", n=4, k=3, rows_per_shard=8, keep_source=False,
+                         source={"path": str(source_dir), "split": "train"})
+    reinforce(datasets.load_dataset(str(source_dir), split="train"), config, teachers, str(out), show_progress=False)
+    return out
+
+
+def cli(hub, home, *args):
+    env = {**os.environ, **hub.env(str(home)), "HF_DATASETS_DISABLE_PROGRESS_BARS": "1"}
+    return subprocess.run([sys.executable, "-m", "dr_hf", *map(str, args)], capture_output=True, text=True, env=env)
+
+
+def fresh_python(hub, home, code):
+    """Run ``code`` in a new interpreter with an empty HF_HOME pointed at the stand-in; returns its JSON answer."""
+    env = {**os.environ, **hub.env(str(home)), "HF_DATASETS_DISABLE_PROGRESS_BARS": "1"}
+    env.pop("HF_TOKEN", None)
+    proc = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True, env=env,
+                          cwd=os.path.dirname(__file__))
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def test_card_and_preview(plus):
+    from huggingface_hub import DatasetCard
+
+    card = DatasetCard.load(str(plus / "README.md"))
+    data = card.data.to_dict()
+    assert data["reinforcement"]["num_samples"] == 4 and data["reinforcement"]["augment"] == "rrc+flip+ra+re+mix"
+    assert {"dataset-reinforcement", "knowledge-distillation"} <= set(data["tags"])
+    assert data["configs"][0]["data_files"][0]["path"] == "data/train-*.parquet"
+    assert data["task_categories"] == ["image-classification"]
+    assert [f["name"] for f in data["dataset_info"]["features"]][-5:] == \
+        ["dr_index", "dr_fingerprint", "dr_params", "dr_topk_indices", "dr_topk_logprobs"]
+    text = card.text
+    for section in ("## Reinforcement", "## Columns", "## How it was made", "## Train with it", "## Citation"):
+        assert section in text
+    assert "](preview.png)" in text and "dr-hf reinforce src --output plus" in text and "faghri2023reinforce" in text
+    assert "streaming=True" in text and "ReinforcedTrainer" in text
+    image = PIL.Image.open(plus / "preview.png")
+    assert image.size[0] >= 4 * 176 and image.size[1] >= 4 * 176
+    # the tiles are the replayed samples, not blank: real variation across the grid
+    assert np.asarray(image.convert("L"), dtype=np.float32)[:176, :176].std() > 5
+
+
+def test_preview_cli_captions_classes(tmp_path, plus):
+    out = tmp_path / "grid.png"
+    proc = subprocess.run([sys.executable, "-m", "dr_hf", "preview", str(plus), "--out", str(out), "--rows", "2",
+                           "--samples", "3"], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    im = PIL.Image.open(out)
+    assert im.size == (3 * 176 + 2 * 4, 2 * (176 + 4 * 12 + 6))
+
+
+def test_push_then_load_in_a_fresh_process_map_style_and_streaming(tmp_path, hub, plus):
+    push = cli(hub, tmp_path / "home-push", "push", plus, "org/imagenet-plus", "--token", TOKEN, "--files-per-commit", 2)
+    assert push.returncode == 0, push.stderr
+    assert TOKEN not in push.stdout + push.stderr  # passed through, never printed
+    assert TOKEN in hub.state.tokens_seen
+    assert "5 file(s) in 3 commit(s)" in push.stdout  # 3 shards in 2 commits, then the card and preview
+    repo = hub.state.repos[("dataset", "org/imagenet-plus")]
+    assert repo.log[-1].endswith("(part 3/3)")
+    assert sorted(repo.commits[repo.branches["main"]]) == sorted(
+        ["README.md", "preview.png"] + [f"data/{n}" for n in os.listdir(plus / "data")])
+    for path in plus.rglob("*"):
+        if path.is_file():
+            assert TOKEN.encode() not in path.read_bytes()
+    answer = fresh_python(hub, tmp_path / "home-load", f"""
+        import json
+        import datasets
+        from huggingface_hub import DatasetCard, HfApi
+        local = datasets.load_dataset({str(plus)!r}, split="train")
+        hub = datasets.load_dataset("org/imagenet-plus", split="train")
+        streamed = list(datasets.load_dataset("org/imagenet-plus", split="train", streaming=True))
+        same_map = hub.to_list() == local.to_list()
+        same_stream = [dict(r) for r in streamed] == [dict(r) for r in local]
+        card = DatasetCard.load("org/imagenet-plus", repo_type="dataset")
+        card.validate(repo_type="dataset")
+        files = HfApi().list_repo_files("org/imagenet-plus", repo_type="dataset")
+        print(json.dumps({{"rows": len(hub), "streamed": len(streamed), "same_map": same_map, "same_stream": same_stream,
+                          "columns": hub.column_names, "label": str(hub.features["label"]),
+                          "reinforcement": card.data.to_dict()["reinforcement"]["topk"], "files": files}}))
+    """)
+    assert answer["rows"] == answer["streamed"] == 24
+    assert answer["same_map"] and answer["same_stream"]
+    assert answer["columns"][:3] == ["image", "label", "note"] and "ClassLabel" in answer["label"]
+    assert answer["reinforcement"] == 3 and "preview.png" in answer["files"]
+    again = cli(hub, tmp_path / "home-push", "push", plus, "org/imagenet-plus", "--token", TOKEN)
+    assert again.returncode == 0 and "0 file(s) in 0 commit(s), 5 already there" in again.stdout
+
+
+def test_interrupted_push_resumes(tmp_path, hub, plus):
+    hub.state.fail_lfs_put_after = len(hub.state.lfs_puts)  # the next LFS upload fails
+    repo_id = "org/imagenet-plus-resume"
+    first = cli(hub, tmp_path / "h", "push", plus, repo_id, "--files-per-commit", 1)
+    assert first.returncode == 2 and "dr-hf push: error:" in first.stderr and "uploading" in first.stderr
+    hub.state.fail_lfs_put_after = len(hub.state.lfs_puts) + 2  # two more, then fail again
+    second = cli(hub, tmp_path / "h", "push", plus, repo_id, "--files-per-commit", 1)
+    assert second.returncode == 2
+    repo = hub.state.repos[("dataset", repo_id)]
+    committed = set(repo.commits[repo.branches["main"]])
+    assert len(committed) == 2 and "README.md" not in committed  # the card comes last, only once all shards are there
+    hub.state.fail_lfs_put_after = None
+    puts_before = len(hub.state.lfs_puts)
+    third = cli(hub, tmp_path / "h", "push", plus, repo_id, "--files-per-commit", 1)
+    assert third.returncode == 0, third.stderr
+    assert "2 already there" in third.stdout
+    assert len(hub.state.lfs_puts) - puts_before == 2  # the last shard and the preview: nothing uploaded twice
+    assert len(hub.state.lfs_puts) == len(set(hub.state.lfs_puts))
+    answer = fresh_python(hub, tmp_path / "home-load", f"""
+        import json, datasets
+        print(json.dumps({{"same": datasets.load_dataset({repo_id!r}, split="train").to_list()
+                                    == datasets.load_dataset({str(plus)!r}, split="train").to_list()}}))
+    """)
+    assert answer["same"]
+
+
+def test_reinforcement_only_repo_joins_its_source_and_refuses_a_tampered_row(tmp_path, hub, plus, reinforcement_only,
+                                                                            source_dir):
+    table = pq.read_table(str(reinforcement_only / "data"))
+    assert table.column_names == ["dr_index", "dr_fingerprint", "dr_params", "dr_topk_indices", "dr_topk_logprobs"]
+    push = cli(hub, tmp_path / "h", "push", reinforcement_only, "org/imagenet-plus-ronly")
+    assert push.returncode == 0, push.stderr
+    assert "Reinforcement-only" in (reinforcement_only / "README.md").read_text()
+    # a copy of the source whose row 5 differs (re-encoded), in the user's hands
+    tampered = tmp_path / "tampered"
+    (tampered / "data").mkdir(parents=True)
+    src = datasets.load_dataset(str(source_dir), split="train").cast_column("image", datasets.Image(decode=False))
+    other = jpeg_bytes(np.zeros((40, 40, 3), dtype=np.uint8))
+    src.map(lambda x, i: {"image": {"bytes": other if i == 5 else x["image"]["bytes"], "path": None}}, with_indices=True) \
+       .cast_column("image", datasets.Image()).to_parquet(str(tampered / "data" / "train-00000-of-00001.parquet"))
+    answer = fresh_python(hub, tmp_path / "home-load", f"""
+        import json, datasets
+        from dr_hf import load_reinforced
+        from dr_hf.source import FingerprintMismatch
+        full = datasets.load_dataset({str(plus)!r}, split="train")
+        joined = load_reinforced("org/imagenet-plus-ronly", source={str(source_dir)!r})
+        streamed = list(load_reinforced("org/imagenet-plus-ronly", source={str(source_dir)!r}, streaming=True))
+        errors = []
+        for streaming in (False, True):
+            try:
+                ds = load_reinforced("org/imagenet-plus-ronly", source={str(tampered)!r}, streaming=streaming)
+                list(ds) if streaming else None
+                errors.append(None)
+            except FingerprintMismatch as exc:
+                errors.append(str(exc))
+        print(json.dumps({{"map": joined.to_list() == full.to_list(), "stream": [dict(r) for r in streamed] == [dict(r) for r in full],
+                          "columns": joined.column_names, "errors": errors}}))
+    """)
+    assert answer["map"] and answer["stream"]
+    assert answer["columns"][:3] == ["image", "label", "note"]
+    for error in answer["errors"]:
+        assert error and "row 5 (dr_index 5)" in error and "dr_fingerprint" in error
+
+
+def test_join_refuses_mismatched_inputs(reinforcement_only, source_dir):
+    ronly = datasets.load_dataset(str(reinforcement_only), split="train")
+    src = datasets.load_dataset(str(source_dir), split="train")
+    joined = join_source(ronly, src)
+    assert len(joined) == 24 and joined["dr_index"] == list(range(24))
+    with pytest.raises(ValueError, match="index 20 is outside the source's 20 rows"):
+        join_source(ronly, src.select(range(20)))
+    with pytest.raises(FingerprintMismatch, match=r"row 0 \(dr_index 0\)"):
+        join_source(ronly, src.select(list(range(1, 24)) + [0]))
+    with pytest.raises(ValueError, match="not a reinforced dataset"):
+        join_source(src, src)
+    with pytest.raises(ValueError, match="no image column 'image'"):
+        join_source(ronly, src.rename_column("image", "img"))
