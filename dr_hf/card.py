@@ -2,14 +2,44 @@
 
 from __future__ import annotations
 
+import html
 import json
 import os
+import re
 from importlib import resources
 from typing import Any, Dict, Optional
 
 from huggingface_hub import DatasetCard, DatasetCardData
 
 from .format import ReinforceConfig, index_dtype
+
+
+def md_code(text: Any) -> str:
+    """``text`` as one inline Markdown code span, whatever it holds (backticks, HTML, newlines, table pipes)."""
+    text = " ".join(str(text).splitlines()).replace("|", "\\|")
+    run = max((len(m) for m in re.findall(r"`+", text)), default=0)
+    fence = "`" * (run + 1)
+    pad = " " if text.startswith("`") or text.endswith("`") else ""
+    return f"{fence}{pad}{text}{pad}{fence}"
+
+
+def md_text(text: Any) -> str:
+    """``text`` as plain Markdown text: HTML and Markdown syntax escaped, one line."""
+    text = html.escape(" ".join(str(text).splitlines()), quote=True)
+    return re.sub(r"([\\`*_\[\]{}#!|<>~])", r"\\\1", text)
+
+
+def md_block(text: Any, lang: str = "") -> str:
+    """``text`` as a fenced code block whose fence no line of the text can close."""
+    text = str(text)
+    run = max((len(m) for m in re.findall(r"`+", text)), default=0)
+    fence = "`" * max(3, run + 1)
+    return f"{fence}{lang}\n{text}\n{fence}"
+
+
+def py_str(text: Any) -> str:
+    """``text`` as a Python string literal (for the code snippets)."""
+    return json.dumps(str(text))
 
 
 def template_path() -> str:
@@ -52,28 +82,34 @@ def write_card(output_dir: str, config: ReinforceConfig, stats: Dict[str, Any], 
     pipeline = config.pipeline()
     fields = pipeline.param_fields()
     agreement = stats.get("teacher_top1_agreement")
+    source = config.source.get("path", "?")
+    split_name = config.source.get("split") or split
+    repo = repo_id or "org/name-plus"
+    # Everything a user or a source controls goes through an escaper: code spans, code blocks, string literals.
     card = DatasetCard.from_template(
         data,
         template_path=template_path(),
-        pretty_name=data.pretty_name,
-        source_name=config.source.get("path", "?"),
-        source_split=config.source.get("split"),
-        source_revision=config.source.get("revision"),
-        teachers_text=", ".join(f"`{t}`" for t in config.teachers),
+        pretty_name=md_text(data.pretty_name),
+        source_code=md_code(source),
+        source_py=py_str(source),
+        source_split=md_code(config.source["split"]) if config.source.get("split") else None,
+        split_py=py_str(split_name),
+        source_revision=md_code(config.source["revision"]) if config.source.get("revision") else None,
+        teachers_text=", ".join(md_code(t) for t in config.teachers),
         agreement_text=f"{agreement:.1%} of {stats['agreement_samples']} samples" if agreement is not None else "n/a (no labels)",
         num_samples=config.num_samples,
         topk=config.topk,
         num_classes=config.num_classes,
         seed=config.seed,
-        augment=config.augment,
-        augmentations_json=json.dumps(config.augmentations, indent=2),
+        augment=md_code(config.augment),
+        augmentations_json=md_block(json.dumps(config.augmentations, indent=2), "json"),
         dr_hf_version=config.dr_hf_version,
         format_version=config.format_version,
         stats=stats,
         params_text=", ".join(f"`{k}` ({'x'.join(map(str, shape)) or 'scalar'} {dtype})" for k, (shape, dtype) in fields.items()),
         index_dtype=index_dtype(config.num_classes),
-        command=command or config.source.get("command", "dr-hf reinforce ..."),
-        repo_id=repo_id or "org/name-plus",
+        command=md_block(command or config.source.get("command", "dr-hf reinforce ..."), "bash"),
+        repo_py=py_str(repo),
         preview=preview,
         keep_source=config.keep_source,
     )

@@ -27,7 +27,7 @@ def cmd_reinforce(args) -> int:
     if not args.quiet:
         logging.basicConfig(format=f"%(asctime)s [{procs}] %(message)s", level=logging.WARNING)
         logging.getLogger("dr_hf").setLevel(logging.INFO)
-    pipeline = make_pipeline(args.augment)
+    pipeline = make_pipeline(args.augment, crop_scale=args.crop_scale)
     if args.group_size and pipeline.mix:
         pipeline.mix.group_size = args.group_size
     teachers = TeacherEnsemble.from_specs(args.teacher, device=procs.device, dtype=args.dtype)
@@ -59,7 +59,7 @@ def cmd_reinforce(args) -> int:
     try:
         result = reinforce(ds, config, teachers, args.output, split=args.split, batch_size=args.batch_size,
                            show_progress=not args.quiet, command=command, num_rows=num_rows, processes=procs,
-                           render_threads=args.render_threads)
+                           render_threads=args.render_threads, on_bad_row=args.on_bad_row)
     finally:
         finish()
     if not procs.is_main:
@@ -69,6 +69,8 @@ def cmd_reinforce(args) -> int:
           f"({result.shards_written} shard(s) written, {result.shards_skipped} already complete)")
     print(f"storage: {s['bytes_per_sample']} bytes per augmentation sample "
           f"(params {s['bytes_per_sample_params']}, top-K {s['bytes_per_sample_topk']})")
+    if s.get("skipped_rows"):
+        print(f"skipped {s['skipped_rows']} bad row(s) of {s['source_rows']}: listed with the reasons in {args.output}/errors/")
     if "teacher_top1_agreement" in s:
         print(f"teacher top-1 agreement with labels: {s['teacher_top1_agreement']:.1%} of {s['agreement_samples']} unmixed samples")
     if "images_per_second" in s:
@@ -133,6 +135,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--teacher", action="append", required=True,
                    help="teacher spec; repeat for an ensemble (efficientnet-lite0, timm:NAME[@FILE], hf:REPO_OR_DIR)")
     r.add_argument("--augment", default="rrc+flip", choices=sorted(PRESETS), help="augmentation preset")
+    r.add_argument("--crop-scale", type=float, default=None,
+                   help="RandomResizedCrop's smallest area fraction (default 0.08; ~0.35 for 32x32 images)")
     r.add_argument("--num-samples", type=int, default=400, help="augmentations per image (N; paper: 400)")
     r.add_argument("--topk", type=int, default=10, help="teacher classes kept per sample (K; paper: 10)")
     r.add_argument("--seed", type=int, default=0)
@@ -151,6 +155,9 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--no-images", action="store_true",
                    help="write only the dr_* columns (with each row's image fingerprint): a reinforcement-only dataset "
                         "for sources that may not be redistributed; join it back with dr_hf.join_source")
+    r.add_argument("--on-bad-row", default="fail", choices=["fail", "skip"],
+                   help="an undecodable image or out-of-range label: stop naming it (fail), or leave the row out and list it "
+                        "in OUTPUT/errors/*.jsonl and the card (skip)")
     r.add_argument("--render-threads", type=int, default=None,
                    help="threads rendering teacher inputs ahead of the teacher (default: 1 on a GPU, 0 on the CPU, where they would compete for cores)")
     r.add_argument("--device", default=None, help="default: cuda if available, else cpu")
@@ -200,7 +207,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (ValueError, OSError, ImportError, RuntimeError) as exc:
+    except (ValueError, OSError, ImportError, RuntimeError, ArithmeticError) as exc:
         print(f"dr-hf {args.command}: error: {exc}", file=sys.stderr)
         return 2
 

@@ -37,7 +37,8 @@ class ReinforcedCollator:
 
     def __init__(self, output: Output, image_column: str = "image", label_column: Optional[str] = "label",
                  train: bool = True, augment: Optional[str] = "rrc+flip", reinforced_prob: float = 1.0,
-                 teacher_outputs: Sequence[Output] = (), crop_pct: float = 0.875):
+                 teacher_outputs: Sequence[Output] = (), crop_pct: float = 0.875, crop_scale: Optional[float] = None,
+                 num_classes: Optional[int] = None):
         self.output = output
         self.image_column = image_column
         self.label_column = label_column
@@ -45,9 +46,10 @@ class ReinforcedCollator:
         self.augment = augment
         self.reinforced_prob = reinforced_prob
         self.teacher_outputs = list(teacher_outputs)
+        self.num_classes = num_classes
         self.center = AugmentPipeline([], crop_pct=crop_pct)
         self._replay: Dict[tuple, AugmentPipeline] = {}
-        self._fresh = make_pipeline(augment) if augment else None
+        self._fresh = make_pipeline(augment, crop_scale=crop_scale) if augment else None
         if self._fresh is not None and self._fresh.mix is not None:
             raise ValueError(f"augment={augment!r}: fresh sampling (plain training / online KD) supports presets without "
                              "MixUp/CutMix; reinforced datasets replay their stored mixing")
@@ -57,6 +59,27 @@ class ReinforcedCollator:
         if key not in self._replay:
             self._replay[key] = AugmentPipeline.from_fields(key)
         return self._replay[key]
+
+    def _check_target(self, index: int, j: int, n: int, row, idx: np.ndarray, lp: np.ndarray, seen) -> None:
+        """Refuse tampered or corrupt teacher targets, naming the row and column, before they reach the loss."""
+        where = f"row {index}, sample {j}"
+        if len(row[DR_TOPK_LOGPROBS]) != n:
+            raise ValueError(f"{where}, column {DR_TOPK_LOGPROBS!r}: {len(row[DR_TOPK_LOGPROBS])} samples, "
+                             f"but {DR_TOPK_INDICES!r} has {n}")
+        for name, values in row[DR_PARAMS].items():
+            if len(values) != n:
+                raise ValueError(f"{where}, column {DR_PARAMS!r}: field {name!r} holds {len(values)} samples, "
+                                 f"{DR_TOPK_INDICES!r} {n}")
+        k = next(len(i) for i in seen if i is not None)
+        if idx.ndim != 1 or lp.shape != idx.shape or len(idx) != k:
+            raise ValueError(f"{where}, columns {DR_TOPK_INDICES!r}/{DR_TOPK_LOGPROBS!r}: shapes {idx.shape}/{lp.shape}, "
+                             f"expected ({k},) each")
+        if (idx < 0).any() or (self.num_classes is not None and (idx >= self.num_classes).any()):
+            raise ValueError(f"{where}, column {DR_TOPK_INDICES!r}: class id(s) {idx.tolist()} outside "
+                             f"[0, {self.num_classes if self.num_classes is not None else '?'})")
+        if not np.isfinite(lp).all() or (lp > 1e-3).any():
+            raise ValueError(f"{where}, column {DR_TOPK_LOGPROBS!r}: {lp.tolist()} are not log-probabilities "
+                             "(finite, <= 0)")
 
     def _label(self, row: Dict[str, Any]) -> int:
         if not self.label_column or self.label_column not in row or row[self.label_column] is None:
@@ -133,6 +156,7 @@ class ReinforcedCollator:
                 lams.append(lam)
                 idx.append(np.asarray(row[DR_TOPK_INDICES][j], dtype=np.int64))
                 lps.append(np.asarray(row[DR_TOPK_LOGPROBS][j], dtype=np.float32))
+                self._check_target(int(row[DR_INDEX]), j, n, row, idx[-1], lps[-1], idx)
         labels_t = torch.tensor(labels, dtype=torch.long)
         batch: Dict[str, torch.Tensor] = {"pixel_values": torch.stack([v[0] for v in views]), "labels": labels_t}
         for o in range(len(self.teacher_outputs)):

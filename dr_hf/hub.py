@@ -19,7 +19,7 @@ from typing import Dict, List, Optional
 
 logger = logging.getLogger(__name__)
 
-UPLOAD_PATTERNS = ("data/*.parquet", "README.md", "preview.png")
+UPLOAD_PATTERNS = ("data/*.parquet", "errors/*.jsonl", "README.md", "preview.png")
 
 
 @dataclass
@@ -113,8 +113,8 @@ def push(
     if skipped:
         logger.info("%d file(s) already on %s@%s with the same content: skipped", len(skipped), repo_id, branch)
 
-    data = [f for f in todo if f.startswith("data/")]
-    last = [f for f in todo if not f.startswith("data/")]  # the card (and its preview) once every shard is there
+    data = [f for f in todo if f.startswith(("data/", "errors/"))]
+    last = [f for f in todo if not f.startswith(("data/", "errors/"))]  # the card (and its preview) once every shard is there
     batches = [data[i:i + files_per_commit] for i in range(0, len(data), files_per_commit)]
     if last:
         batches.append(last)

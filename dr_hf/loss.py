@@ -18,11 +18,11 @@ def dense_teacher_log_probs(indices: torch.Tensor, log_probs: torch.Tensor, num_
     if int(indices.max()) >= num_classes:
         raise ValueError(f"teacher class id {int(indices.max())} >= the student's {num_classes} classes")
     log_probs = log_probs.float()
-    probs = log_probs.exp()
     dense = torch.zeros(indices.shape[0], num_classes, dtype=torch.float32, device=indices.device)
-    if outside_topk == "renormalize":
-        probs = probs / probs.sum(-1, keepdim=True).clamp_min(1e-12)
+    if outside_topk == "renormalize":  # in log space: top-K mass that underflows exp() still renormalises to 1
+        probs = (log_probs - torch.logsumexp(log_probs, -1, keepdim=True)).exp()
     else:
+        probs = log_probs.exp()
         rest = (1.0 - probs.sum(-1, keepdim=True)).clamp_min(0.0)
         others = (num_classes - torch.isfinite(log_probs).sum(-1, keepdim=True)).clamp_min(1)
         dense += rest / others

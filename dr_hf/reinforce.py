@@ -32,7 +32,7 @@ from .format import (
     index_dtype,
     reinforcement_features,
 )
-from .images import decode, fingerprint
+from .images import BadImageError, decode, fingerprint
 from .processes import Processes, current_processes
 from .teacher import TeacherEnsemble
 
@@ -56,7 +56,12 @@ class Reinforcer:
         index_offset: int = 0,
         progress: Optional[Callable[[int], None]] = None,
         render_threads: int = 1,
+        on_bad_row: str = "fail",
     ):
+        if on_bad_row not in BAD_ROW_POLICIES:
+            raise ValueError(f"--on-bad-row must be one of {BAD_ROW_POLICIES}, got {on_bad_row!r}")
+        self.on_bad_row = on_bad_row
+        self.bad_rows: List[Dict[str, Any]] = []  # with on_bad_row="skip": what was skipped, and why
         self.config = config
         self.pipeline: AugmentPipeline = config.pipeline()
         self.teachers = teachers
@@ -80,7 +85,7 @@ class Reinforcer:
         if label is None:
             return
         if not isinstance(label, (int, np.integer)) or label < -1 or label >= self.config.num_classes:
-            raise ValueError(
+            raise BadRowError(
                 f"row {index}, column {self.config.label_column!r}: label {label!r} is outside the teacher's "
                 f"{self.config.num_classes} classes (use -1 for unlabelled rows)"
             )
@@ -123,15 +128,49 @@ class Reinforcer:
             start = stop
         return groups
 
-    def compute(self, batch: Dict[str, List[Any]], indices: List[int]):
-        """Per row: the N samples' parameters and the (N, C) teacher log-probabilities."""
+    def _load_rows(self, batch: Dict[str, List[Any]], indices: List[int]):
+        """Decoded images and checked labels; bad rows raise (``fail``) or are recorded and left out (``skip``),
+        with the rest of their mixing group, whose samples may be mixed with them."""
         cfg = self.config
-        indices = [i + self.index_offset for i in indices]
         labels = batch.get(cfg.label_column) if cfg.label_column else None
-        images = [decode(v, row=i, column=cfg.image_column) for v, i in zip(batch[cfg.image_column], indices)]
-        if labels is not None:
-            for label, i in zip(labels, indices):
-                self._check_label(label, i)
+        images: List[Optional[torch.Tensor]] = []
+        bad: Dict[int, Dict[str, Any]] = {}
+        for pos, (value, i) in enumerate(zip(batch[cfg.image_column], indices)):
+            try:
+                if labels is not None:
+                    self._check_label(labels[pos], i)
+                images.append(decode(value, row=i, column=cfg.image_column))
+            except (BadImageError, BadRowError) as exc:
+                if self.on_bad_row == "fail":
+                    raise
+                images.append(None)
+                column = cfg.label_column if isinstance(exc, BadRowError) else cfg.image_column
+                bad[pos] = {DR_INDEX: i, "column": column, "error": str(exc)}
+        g = self.pipeline.group_size
+        if bad and g > 1:
+            for pos, i in enumerate(indices):
+                if pos not in bad:
+                    culprit = next((b[DR_INDEX] for b in bad.values() if b[DR_INDEX] // g == i // g), None)
+                    if culprit is not None:
+                        bad[pos] = {DR_INDEX: i, "column": None,
+                                    "error": f"row {i}: skipped with its MixUp/CutMix group, which holds bad row {culprit}"}
+        self.bad_rows.extend(bad[pos] for pos in sorted(bad))
+        return images, set(bad)
+
+    def compute(self, batch: Dict[str, List[Any]], indices: List[int]):
+        """Per row: the N samples' parameters and the (N, C) teacher log-probabilities (``None`` for skipped rows)."""
+        indices = [i + self.index_offset for i in indices]
+        all_images, bad = self._load_rows(batch, indices)
+        keep = [pos for pos in range(len(indices)) if pos not in bad]
+        kept_indices, images = [indices[p] for p in keep], [all_images[p] for p in keep]
+        kept_params, kept_logps = self._compute_rows(kept_indices, images)
+        params: List[Optional[List[Dict[str, Any]]]] = [None] * len(indices)
+        logps: List[Optional[torch.Tensor]] = [None] * len(indices)
+        for p, pr, lp in zip(keep, kept_params, kept_logps):
+            params[p], logps[p] = pr, lp
+        return indices, params, logps
+
+    def _compute_rows(self, indices: List[int], images: List[torch.Tensor]):
         params = [self._row_params(i, im) for i, im in zip(indices, images)]
         outputs = self.teachers.outputs()
 
@@ -147,23 +186,41 @@ class Reinforcer:
                                          f"sample indices {js.start}..{js.stop - 1}")
             for r, chunk in zip(range(a, b), logp.view(b - a, len(js), -1)):
                 per_row[r].append(chunk)
-        return indices, params, [torch.cat(chunks) for chunks in per_row]
+        return params, [torch.cat(chunks) for chunks in per_row]
 
     def __call__(self, batch: Dict[str, List[Any]], indices: List[int]) -> Dict[str, Any]:
+        """The reinforcement columns; skipped rows get placeholders and ``_dr_skip`` = True (the driver drops them)."""
         cfg = self.config
         indices, params, logps = self.compute(batch, indices)
-        top = [torch.topk(lp, cfg.topk, dim=-1) for lp in logps]
+        n, k = cfg.num_samples, cfg.topk
         idx_dtype = np.dtype(index_dtype(cfg.num_classes))
-        out_params = {name: [np.stack([np.asarray(p[name]) for p in row]) for row in params] for name in self.fields}
+        out: Dict[str, Any] = {DR_INDEX: np.asarray(indices, dtype=np.int64), DR_FINGERPRINT: [], DR_PARAMS: [],
+                               DR_TOPK_INDICES: [], DR_TOPK_LOGPROBS: [], SKIP_COLUMN: []}
+        for value, i, row, lp in zip(batch[cfg.image_column], indices, params, logps):
+            skip = row is None
+            out[SKIP_COLUMN].append(skip)
+            if skip:
+                out[DR_FINGERPRINT].append("")
+                out[DR_PARAMS].append({name: np.zeros((n, *shape), dtype) for name, (shape, dtype) in self.fields.items()})
+                out[DR_TOPK_INDICES].append(np.zeros((n, k), idx_dtype))
+                out[DR_TOPK_LOGPROBS].append(np.zeros((n, k), np.float16))
+                continue
+            top = torch.topk(lp, k, dim=-1)
+            out[DR_FINGERPRINT].append(fingerprint(value, row=i, column=cfg.image_column))
+            out[DR_PARAMS].append({name: np.stack([np.asarray(p[name]) for p in row]) for name in self.fields})
+            out[DR_TOPK_INDICES].append(top.indices.numpy().astype(idx_dtype))
+            out[DR_TOPK_LOGPROBS].append(top.values.numpy().astype(np.float16))
         if self.progress:
             self.progress(len(indices))
-        return {
-            DR_INDEX: np.asarray(indices, dtype=np.int64),
-            DR_FINGERPRINT: [fingerprint(v, row=i, column=cfg.image_column) for v, i in zip(batch[cfg.image_column], indices)],
-            DR_PARAMS: [{name: out_params[name][r] for name in self.fields} for r in range(len(indices))],
-            DR_TOPK_INDICES: [t.indices.numpy().astype(idx_dtype) for t in top],
-            DR_TOPK_LOGPROBS: [t.values.numpy().astype(np.float16) for t in top],
-        }
+        return out
+
+
+BAD_ROW_POLICIES = ("fail", "skip")
+SKIP_COLUMN = "_dr_skip"
+
+
+class BadRowError(ValueError):
+    """A row that cannot be reinforced (its label is outside the teacher's classes); the message names it."""
 
 
 def prefetched(items: Sequence[Any], fn: Callable[[Any], Any], threads: int) -> Iterator[Tuple[Any, Any]]:
@@ -274,6 +331,7 @@ def reinforce(
     num_rows: Optional[int] = None,
     processes: Optional[Processes] = None,
     render_threads: Optional[int] = None,
+    on_bad_row: str = "fail",
 ) -> ReinforceResult:
     """Reinforce a ``datasets.Dataset`` or a streamed ``IterableDataset`` into ``output_dir``
     (Hub layout: ``README.md`` + ``data/{split}-XXXXX-of-YYYYY.parquet``).
@@ -284,6 +342,9 @@ def reinforce(
     skips complete shards, so an interrupted job resumes; a rerun with other settings into the folder is refused.
     ``num_rows`` gives a stream's length when its metadata lacks it (otherwise the stream is counted first).
     ``render_threads`` (default: 1 when the teacher runs on a GPU, else 0) render teacher inputs ahead of the teacher.
+    ``on_bad_row``: ``"fail"`` (default) stops at the first undecodable image or out-of-range label, naming the row and
+    column; ``"skip"`` leaves such rows out (with their MixUp/CutMix group) and lists each one, with the reason, in
+    ``errors/<shard>.jsonl``; the card counts them. Nothing is dropped silently.
     """
     import datasets
     from datasets import Image
@@ -320,7 +381,9 @@ def reinforce(
 
     added = reinforcement_features(pipeline, config.num_samples, config.topk, config.num_classes)
     features = datasets.Features({**dataset.features, **added}) if config.keep_source else added
-    map_features = datasets.Features({**decoded.features, **added})
+    map_features = datasets.Features({**decoded.features, **added, SKIP_COLUMN: datasets.Value("bool")})
+    if on_bad_row not in BAD_ROW_POLICIES:
+        raise ValueError(f"--on-bad-row must be one of {BAD_ROW_POLICIES}, got {on_bad_row!r}")
 
     bar = None
     if show_progress and procs.is_main:
@@ -336,9 +399,15 @@ def reinforce(
         for s, part in pending_shards(decoded, todo, rows_per_shard, n, streaming):
             t_shard = time.time()
             job = Reinforcer(config, teachers, num_rows=n, index_offset=s * rows_per_shard,
-                             progress=bar.update if bar else None, render_threads=render_threads)
+                             progress=bar.update if bar else None, render_threads=render_threads, on_bad_row=on_bad_row)
             out = part.map(job, batched=True, batch_size=batch_size, with_indices=True, features=map_features,
                            keep_in_memory=True, load_from_cache_file=False, new_fingerprint=f"dr-{s}-{time.time_ns()}")
+            if job.bad_rows:
+                out = out.filter(lambda skip: not skip, input_columns=SKIP_COLUMN, keep_in_memory=True)
+                logger.warning("%s: shard %d/%d: %d row(s) skipped (listed in %s)", procs, s + 1, num_shards,
+                               len(job.bad_rows), error_report_path(output_dir, paths[s]))
+            out = out.remove_columns(SKIP_COLUMN)
+            write_error_report(output_dir, paths[s], job.bad_rows)
             if not config.keep_source:
                 out = out.select_columns(list(added))
             elif out.features[config.image_column] != features[config.image_column]:
@@ -364,6 +433,7 @@ def reinforce(
     seconds = time.time() - t0
     stats = summarize(output_dir, split=split)
     new_rows = n - sum(_shard_rows(s, rows_per_shard, n) for s in existing)
+    stats["source_rows"] = n
     if new_rows:
         stats["images_per_second"] = round(new_rows / seconds, 2)
         stats["samples_per_second"] = round(new_rows * config.num_samples / seconds, 2)
@@ -380,6 +450,29 @@ def reinforce(
             logger.warning("no preview image for the card: %s: %s", type(exc).__name__, exc)
     write_card(output_dir, config, stats, features=features, split=split, command=command, preview=preview)
     return ReinforceResult(output_dir, n, len(todo), len(mine) - len(todo), seconds, stats, procs.rank, procs.world)
+
+
+def error_report_path(output_dir: str, shard_path: str) -> str:
+    return os.path.join(output_dir, "errors", os.path.basename(shard_path).replace(".parquet", ".jsonl"))
+
+
+def write_error_report(output_dir: str, shard_path: str, bad_rows: Sequence[Dict[str, Any]]) -> None:
+    """The skipped rows of one shard, one JSON object per line, written (atomically) before the shard itself;
+    a shard without skipped rows has none (a stale one from an interrupted attempt is removed)."""
+    import json
+
+    path = error_report_path(output_dir, shard_path)
+    if not bad_rows:
+        if os.path.exists(path):
+            os.remove(path)
+        return
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path + ".tmp", "w") as f:
+        for row in bad_rows:
+            f.write(json.dumps(row) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(path + ".tmp", path)
 
 
 def _shard_rows(s: int, rows_per_shard: int, n: int) -> int:

@@ -78,4 +78,6 @@ def summarize(output_dir: str, split: str = "train") -> Dict[str, Any]:
     if total:
         stats["teacher_top1_agreement"] = round(hits / total, 4)
         stats["agreement_samples"] = total
+    reports = sorted(glob.glob(os.path.join(output_dir, "errors", f"{split}-*.jsonl")))
+    stats["skipped_rows"] = sum(sum(1 for line in open(p) if line.strip()) for p in reports)
     return stats

@@ -28,6 +28,7 @@ class ReinforcedTrainingArguments(TrainingArguments):
     ce_weight: float = field(default=0.0, metadata={"help": "weight of cross-entropy on the labels (1 - weight on KD)"})
     reinforced_prob: float = field(default=1.0, metadata={"help": "probability of a reinforced sample (else original image, one-hot label)"})
     augment: Optional[str] = field(default="rrc+flip", metadata={"help": "preset sampled afresh for plain datasets (ERM / online KD)"})
+    crop_scale: Optional[float] = field(default=None, metadata={"help": "RandomResizedCrop's smallest area for `augment` (default 0.08)"})
     online_teachers: Optional[List[str]] = field(default=None, metadata={"help": "teacher specs for online KD on a plain dataset"})
     image_size: Optional[int] = field(default=None, metadata={"help": "student input size (default: from the model)"})
     image_mean: Optional[List[float]] = field(default=None)
@@ -127,9 +128,10 @@ class ReinforcedTrainer(Trainer):
                 args.accelerator_config.dispatch_batches = False
         teacher_outputs = self.teachers.outputs() if self.teachers else []
         common = dict(output=self.student_output, image_column=args.image_column, label_column=args.label_column,
-                      teacher_outputs=teacher_outputs)
+                      teacher_outputs=teacher_outputs, num_classes=self.num_classes)
         self.train_collator = data_collator or ReinforcedCollator(train=True, augment=args.augment,
-                                                                   reinforced_prob=args.reinforced_prob, **common)
+                                                                   reinforced_prob=args.reinforced_prob,
+                                                                   crop_scale=args.crop_scale, **common)
         self.eval_collator = ReinforcedCollator(train=False, augment=None, **{**common, "teacher_outputs": []})
         super().__init__(model=model, args=args, train_dataset=train_dataset, eval_dataset=eval_dataset,
                          data_collator=self.train_collator, **kwargs)

@@ -64,7 +64,7 @@ def tiny_timm_dir(tmp_path_factory):
                               pretrained_cfg_overlay=dict(input_size=(3, 32, 32), interpolation="bilinear",
                                                           mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25)))
     path = tmp_path_factory.mktemp("tiny_timm")
-    save_for_hf(model, str(path))
+    save_for_hf(model, str(path), safe_serialization=True)
     return path
 
 

@@ -1,0 +1,217 @@
+"""Bad and odd inputs (issue 7): each is handled correctly or refused with an error naming the row and column;
+with ``on_bad_row="skip"`` bad rows are listed, never silently dropped. docs/robustness.md lists the behaviours."""
+
+import io
+import json
+import os
+
+import datasets
+import numpy as np
+import PIL.Image
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from dr_hf import TeacherEnsemble
+from dr_hf.collator import ReinforcedCollator
+from dr_hf.augment import Output
+from dr_hf.format import DR_INDEX, DR_TOPK_INDICES, DR_TOPK_LOGPROBS, METADATA_KEY, config_from_parquet
+from dr_hf.images import BadImageError, decode
+from dr_hf.reinforce import reinforce
+from dr_hf.stats import shard_paths
+from dr_hf.verify import verify
+
+from conftest import jpeg_bytes, make_image_dataset
+from test_reinforce import make_config
+
+BAD = {5: "truncated", 12: "zero-byte", 17: "label"}
+BAD_MIX = {3: "label", 5: "truncated", 21: "zero-byte"}  # groups 0 and 2 of 8 rows; group 1 is clean
+
+
+@pytest.fixture(scope="module")
+def teachers(tiny_teacher_spec):
+    return TeacherEnsemble.from_specs([tiny_teacher_spec])
+
+
+def corrupt(ds, bad=BAD):
+    """``ds`` with row 5 truncated, row 12 zero bytes, row 17 labelled outside the 10 classes."""
+    raw = ds.cast_column("image", datasets.Image(decode=False)).cast_column("label", datasets.Value("int64"))
+
+    def change(x, i):
+        image = x["image"]["bytes"]
+        if bad.get(i) == "truncated":
+            image = image[:60]
+        elif bad.get(i) == "zero-byte":
+            image = b""
+        return {"image": {"bytes": image, "path": None}, "label": 10 if bad.get(i) == "label" else x["label"]}
+
+    return raw.map(change, with_indices=True).cast_column("image", datasets.Image())
+
+
+def rows_by_index(folder):
+    table = pq.read_table(os.path.join(folder, "data"))
+    return {r[DR_INDEX]: r for r in table.to_pylist()}
+
+
+@pytest.mark.parametrize("augment", ["rrc+flip", "rrc+flip+ra+re+mix"])
+def test_skip_policy_lists_every_bad_row_and_keeps_the_rest_exact(tmp_path, teachers, augment):
+    clean = make_image_dataset(24, seed=21)
+    bad = BAD if augment == "rrc+flip" else BAD_MIX
+    config = make_config(teachers, augment=augment, n=3, k=2, rows_per_shard=8)
+    reinforce(clean.cast_column("label", datasets.Value("int64")), config, teachers, str(tmp_path / "clean"), show_progress=False)
+    with pytest.raises(ValueError, match=r"row (3|5), column '(image|label)'"):
+        reinforce(corrupt(clean, bad), config, teachers, str(tmp_path / "fail"), show_progress=False)
+    result = reinforce(corrupt(clean, bad), config, teachers, str(tmp_path / "skip"), show_progress=False, on_bad_row="skip")
+    reports = sorted((tmp_path / "skip" / "errors").glob("*.jsonl"))
+    listed = [json.loads(line) for p in reports for line in p.read_text().splitlines()]
+    kept = rows_by_index(tmp_path / "skip")
+    listed_idx = [r[DR_INDEX] for r in listed]
+    # no row lost: every source row is either in the output or in the error report, never both
+    assert sorted(listed_idx + list(kept)) == list(range(24)) and not set(listed_idx) & set(kept)
+    by = {r[DR_INDEX]: r for r in listed}
+    kinds = {"truncated": ("image", "cannot decode"), "zero-byte": ("image", "empty"), "label": ("label", "label 10 is outside")}
+    for index, kind in bad.items():
+        column, text = kinds[kind]
+        assert by[index]["column"] == column and text in by[index]["error"] and f"row {index}" in by[index]["error"]
+    if augment == "rrc+flip":
+        assert sorted(listed_idx) == [5, 12, 17]
+    else:  # the MixUp/CutMix groups of the bad rows go with them (their samples may mix with a bad row), listed
+        assert sorted(listed_idx) == list(range(0, 8)) + list(range(16, 24))
+        assert sorted(kept) == list(range(8, 16))
+        assert "its MixUp/CutMix group, which holds bad row 3" in by[6]["error"]
+    # the rows that were kept are exactly those of a clean run: rows do not depend on their neighbours' fate
+    reference = rows_by_index(tmp_path / "clean")
+    for index, row in kept.items():
+        assert row == reference[index]
+    assert result.stats["skipped_rows"] == len(listed) and result.stats["source_rows"] == 24
+    card = (tmp_path / "skip" / "README.md").read_text()
+    assert f"{len(listed)} of 24 source rows skipped as bad input" in card
+
+
+def test_odd_and_hostile_images(monkeypatch):
+    rng = np.random.default_rng(0)
+    arr = rng.integers(0, 256, (30, 20, 3), dtype=np.uint8)
+    with pytest.raises(BadImageError, match=r"row 3, column 'img': the image is empty"):
+        decode(b"", row=3, column="img")
+    with pytest.raises(BadImageError, match=r"row 4, column 'img': cannot decode"):
+        decode(b"GIF89a not really", row=4, column="img")
+    png_as_jpeg = io.BytesIO()
+    PIL.Image.fromarray(arr).save(png_as_jpeg, format="PNG")  # a PNG in a file called .jpg: decoded by content
+    assert decode({"bytes": png_as_jpeg.getvalue(), "path": "x.jpg"}).shape == (3, 30, 20)
+    # a decompression bomb: more pixels than PIL's limit is refused, not decoded into memory
+    monkeypatch.setattr(PIL.Image, "MAX_IMAGE_PIXELS", 100)
+    with pytest.raises(BadImageError, match=r"row 9, column 'image'.*DecompressionBomb"):
+        decode(jpeg_bytes(np.zeros((64, 64, 3), dtype=np.uint8)), row=9)
+
+
+def test_nan_teacher_is_refused_naming_rows(tmp_path, tiny_timm_dir):
+    import timm
+    from safetensors.torch import load_file, save_file
+
+    nan_dir = tmp_path / "nan_teacher"
+    nan_dir.mkdir()
+    for name in os.listdir(tiny_timm_dir):
+        (nan_dir / name).write_bytes((tiny_timm_dir / name).read_bytes())
+    weights = load_file(str(nan_dir / "model.safetensors"))
+    weights["fc.weight"] = torch.full_like(weights["fc.weight"], float("nan"))
+    save_file(weights, str(nan_dir / "model.safetensors"))
+    teachers = TeacherEnsemble.from_specs([f"timm:local-dir:{nan_dir}"])
+    with pytest.raises(FloatingPointError, match=r"NaN/inf outputs for rows 0\.\.0, sample indices 0\.\.1"):
+        reinforce(make_image_dataset(4), make_config(teachers, n=2, k=2), teachers, str(tmp_path / "out"), show_progress=False)
+
+
+def test_output_folder_of_another_kind_is_refused(tmp_path, teachers):
+    (tmp_path / "data").mkdir()
+    make_image_dataset(4).to_parquet(str(tmp_path / "data" / "train-00000-of-00001.parquet"))  # a plain dataset
+    with pytest.raises(ValueError, match="already holds data of a different job"):
+        reinforce(make_image_dataset(8), make_config(teachers), teachers, str(tmp_path), show_progress=False)
+    (tmp_path / "data" / "train-00000-of-00001.parquet").write_bytes(b"PAR1 garbage")
+    with pytest.raises(ValueError, match="not readable as a reinforced shard"):
+        reinforce(make_image_dataset(8), make_config(teachers), teachers, str(tmp_path), show_progress=False)
+
+
+def _rewrite(path, table, meta=None):
+    schema = table.schema
+    if meta is not None:
+        schema = schema.with_metadata({**(schema.metadata or {}), METADATA_KEY: json.dumps(meta).encode()})
+    pq.write_table(table.cast(schema), path)
+
+
+@pytest.fixture()
+def reinforced(tmp_path, teachers):
+    out = tmp_path / "plus"
+    reinforce(make_image_dataset(8), make_config(teachers, n=3, k=2), teachers, str(out), show_progress=False)
+    return out
+
+
+def test_newer_format_is_refused(reinforced):
+    path = shard_paths(str(reinforced))[0]
+    table = pq.read_table(path)
+    meta = json.loads(table.schema.metadata[METADATA_KEY])
+    _rewrite(path, table, {**meta, "format_version": 99, "dr_hf_version": "9.0"})
+    with pytest.raises(ValueError, match="format version 99, written by dr-hf 9.0.*upgrade dr-hf"):
+        config_from_parquet(path)
+    with pytest.raises(ValueError, match="upgrade dr-hf"):
+        verify(str(reinforced), rows=2)
+
+
+@pytest.mark.parametrize("tamper, message", [
+    ("index", r"dr_topk_indices: class id >= 10 in 1 row\(s\), first at row 3"),
+    ("positive", r"dr_topk_logprobs: log-probability > 0 in 1 row\(s\), first at row 3"),
+    ("nan", r"dr_topk_logprobs: NaN/inf in 1 row\(s\), first at row 3"),
+    ("shape", r"expected 8 x 3 x 2 entries"),
+])
+def test_tampered_columns_are_caught_by_verify_and_the_collator(reinforced, tamper, message):
+    path = shard_paths(str(reinforced))[0]
+    table = pq.read_table(path)
+    rows = table.to_pylist()
+    row = rows[3]
+    if tamper == "index":
+        row[DR_TOPK_INDICES][1][0] = 12
+    elif tamper == "positive":
+        row[DR_TOPK_LOGPROBS][1][0] = 0.5
+    elif tamper == "nan":
+        row[DR_TOPK_LOGPROBS][1][0] = float("nan")
+    elif tamper == "shape":
+        row[DR_TOPK_INDICES] = row[DR_TOPK_INDICES][:2]
+        row[DR_TOPK_LOGPROBS] = row[DR_TOPK_LOGPROBS][:2]
+    _rewrite(path, pa.Table.from_pylist(rows, schema=table.schema))
+    report = verify(str(reinforced), rows=8)
+    assert not report.ok and any(__import__("re").search(message, p) for p in report.problems), report.problems
+    # the collator refuses the same row when training reaches it, naming it
+    example = datasets.load_dataset(str(reinforced), split="train")[3]
+    collator = ReinforcedCollator(Output((16, 16)), num_classes=10)
+    torch.manual_seed(0)
+    for _ in range(20):  # whichever sample it picks, sample 1 is the tampered one; try until it is picked
+        try:
+            batch = collator([example])
+        except ValueError as exc:
+            assert "row 3, sample" in str(exc) and "column" in str(exc)
+            break
+        assert int(batch["sample_index"][0]) != 1 or tamper == "shape"
+    else:
+        pytest.fail("the collator never refused the tampered row")
+
+
+def test_trainer_and_join_refuse_a_non_reinforced_dataset(tmp_path):
+    from dr_hf.source import join_source
+    from dr_hf.format import require_reinforced
+
+    plain = make_image_dataset(4)
+    with pytest.raises(ValueError, match=r"not a reinforced dataset: column\(s\) \['dr_index'"):
+        require_reinforced(plain.column_names)
+    with pytest.raises(ValueError, match="not a reinforced dataset"):
+        join_source(plain, plain)
+
+
+def test_push_refuses_what_is_not_a_finished_reinforced_folder(tmp_path, reinforced):
+    from dr_hf.hub import push
+
+    with pytest.raises(FileNotFoundError, match="not a reinforced folder"):
+        push(str(tmp_path / "nothing"), "org/x")
+    with pytest.raises(ValueError, match="use the form org/name"):
+        push(str(reinforced), "x")
+    (reinforced / "data" / "train-00001-of-00002.parquet.tmp").write_bytes(b"half")
+    with pytest.raises(ValueError, match=r"half-written shards \(\*\.tmp\)"):
+        push(str(reinforced), "org/x")
