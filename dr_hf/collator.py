@@ -76,7 +76,8 @@ class ReinforcedCollator:
                              f"expected ({k},) each")
         if (idx < 0).any() or (self.num_classes is not None and (idx >= self.num_classes).any()):
             raise ValueError(f"{where}, column {DR_TOPK_INDICES!r}: class id(s) {idx.tolist()} outside "
-                             f"[0, {self.num_classes if self.num_classes is not None else '?'})")
+                             f"[0, {self.num_classes}), the student's {self.num_classes} classes" if self.num_classes
+                             else f"{where}, column {DR_TOPK_INDICES!r}: negative class id(s) {idx.tolist()}")
         if not np.isfinite(lp).all() or (lp > 1e-3).any():
             raise ValueError(f"{where}, column {DR_TOPK_LOGPROBS!r}: {lp.tolist()} are not log-probabilities "
                              "(finite, <= 0)")

@@ -7,6 +7,7 @@ import os
 from typing import Any, Dict, List
 
 import numpy as np
+import pyarrow.compute as pc
 
 from .format import DR_PARAMS, DR_TOPK_INDICES, config_from_parquet
 
@@ -66,12 +67,19 @@ def summarize(output_dir: str, split: str = "train") -> Dict[str, Any]:
         table = pq.read_table(path, columns=columns + [DR_PARAMS])
         if not label or label not in names:
             break
-        top1 = np.array([[s[0] for s in row] for row in table.column(DR_TOPK_INDICES).to_pylist()], dtype=np.int64)
-        labels = np.array(table.column(label).to_pylist(), dtype=np.int64)[:, None]
+        # vectorised over the flattened samples (ragged N tolerated: stats must not choke on a damaged file)
+        col = table.column(DR_TOPK_INDICES).combine_chunks()
+        counts = pc.list_value_length(col).to_numpy(zero_copy_only=False).astype(np.int64)
+        samples = col.flatten()
+        top1 = samples.flatten().to_numpy(zero_copy_only=False)[:: config.topk].astype(np.int64)
+        labels = pc.fill_null(table.column(label).combine_chunks(), -1).to_numpy(zero_copy_only=False).astype(np.int64)
+        labels = np.repeat(labels, counts)
         unmixed = np.ones_like(top1, dtype=bool)
         params = table.column(DR_PARAMS).combine_chunks()
         if "mix_partner" in [params.type.field(i).name for i in range(params.type.num_fields)]:
-            unmixed = np.array(params.field("mix_partner").to_pylist()) == 0
+            unmixed = params.field("mix_partner").flatten().to_numpy(zero_copy_only=False) == 0
+        if not (len(top1) == len(labels) == len(unmixed)):
+            continue
         valid = unmixed & (labels >= 0)
         hits += int(((top1 == labels) & valid).sum())
         total += int(valid.sum())

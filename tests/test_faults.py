@@ -45,13 +45,16 @@ def test_kill_9_at_a_random_moment_then_rerun(tmp_path, source_dir, tiny_teacher
     env = {**os.environ, "HF_DATASETS_DISABLE_PROGRESS_BARS": "1", "OMP_NUM_THREADS": "1"}
     proc = subprocess.Popen([sys.executable, "-m", "dr_hf", *reinforce_args(source_dir, out, tiny_teacher_spec)],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
-    # wait for the job to start writing, then kill it at a random later moment
+    # wait until a random number of shards (0-3) is complete, then kill at a random moment of the next one
+    wait_for = rng.randint(0, 3)
     deadline = time.time() + 300
-    while time.time() < deadline and proc.poll() is None and not (out / "data").is_dir():
-        time.sleep(0.01)
-    time.sleep(rng.uniform(0.0, 1.5))
+    while time.time() < deadline and proc.poll() is None and not (
+            (out / "data").is_dir() and len(shard_paths(str(out))) >= wait_for):
+        time.sleep(0.005)
+    time.sleep(rng.uniform(0.0, 0.3))
     proc.send_signal(signal.SIGKILL)
     proc.wait()
+    assert proc.returncode == -signal.SIGKILL, "the job ended before the kill"
     before = len(shard_paths(str(out)))
     rerun = run_cli(reinforce_args(source_dir, out, tiny_teacher_spec))
     assert rerun.returncode == 0, rerun.stderr
