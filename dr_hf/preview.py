@@ -9,7 +9,7 @@ import numpy as np
 import torch
 
 from .augment import Output, params_at
-from .format import DR_INDEX, DR_PARAMS, DR_TOPK_INDICES, DR_TOPK_LOGPROBS, config_from_parquet
+from .format import DR_INDEX, DR_PARAMS, DR_TOPK_INDICES, DR_TOPK_LOGPROBS
 from .images import decode
 
 TILE = 176
@@ -18,12 +18,20 @@ LINE = 12
 
 
 def class_names(features, label_column: Optional[str], num_classes: int) -> List[str]:
-    """Names from the label column's ``ClassLabel``; ``class N`` where there is none."""
+    """Names from the label column's ``ClassLabel``; for 1000 classes without one, ImageNet-1k's (timm's table);
+    else ``class N``."""
     from datasets import ClassLabel
 
     feature = features.get(label_column) if label_column and features is not None else None
     if isinstance(feature, ClassLabel) and feature.num_classes == num_classes:
         return list(feature.names)
+    if num_classes == 1000:
+        try:
+            from timm.data import ImageNetInfo
+
+            return [d.split(",")[0] for d in ImageNetInfo().label_descriptions()]
+        except Exception:  # names are a nicety for captions
+            pass
     return [f"class {i}" for i in range(num_classes)]
 
 
@@ -44,13 +52,10 @@ def render_preview(folder: str, out: Optional[str] = None, rows: int = 4, sample
 
     from .stats import shard_paths
 
-    paths = shard_paths(folder, split)
-    if not paths:
-        raise FileNotFoundError(f"no {split} shards in {folder}/data")
-    config = config_from_parquet(paths[0])
-    if config is None:
-        raise ValueError(f"{paths[0]} is not a reinforced shard (no dr_hf metadata)")
-    table = pq.read_table(paths[0])
+    from .source import reinforcement_config
+
+    config = reinforcement_config(folder, split)
+    table = pq.read_table(shard_paths(folder, split)[0])
     features = Features.from_arrow_schema(table.schema)
     cells = None
     if config.image_column not in table.column_names:
@@ -66,7 +71,6 @@ def render_preview(folder: str, out: Optional[str] = None, rows: int = 4, sample
     names = class_names(features, config.label_column, config.num_classes)
     pipeline = config.pipeline()
     display = Output(size=(TILE, TILE), mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0), interpolation="bilinear")
-    g = pipeline.group_size
     n_rows = table.num_rows
     rng = np.random.default_rng(seed)
     chosen = sorted(rng.choice(n_rows, size=min(rows, n_rows), replace=False).tolist())
@@ -87,13 +91,15 @@ def render_preview(folder: str, out: Optional[str] = None, rows: int = 4, sample
 
     font = PIL.ImageFont.load_default()
     cell_h = TILE + CAPTION_LINES * LINE + 6
+    samples = max(1, min(samples, min(len(r[DR_TOPK_INDICES]) for r in data)))  # no more columns than stored samples
     grid = PIL.Image.new("RGB", (samples * TILE + (samples - 1) * 4, len(chosen) * cell_h), (255, 255, 255))
     draw = PIL.ImageDraw.Draw(grid)
     for gi, r in enumerate(chosen):
         params = data[r][DR_PARAMS]
         n = len(data[r][DR_TOPK_INDICES])
         mixed = [j for j in range(n) if "mix_partner" in params and pipeline.mix.is_mixed(params_at(params, j))]
-        order = mixed[: max(1, samples // 2)] + [j for j in range(n) if j not in mixed]
+        half = max(1, samples // 2)
+        order = mixed[:half] + [j for j in range(n) if j not in mixed] + mixed[half:]
         for col, j in enumerate(order[:samples]):
             p = params_at(params, j)
             partner = r + int(p["mix_partner"]) if "mix_partner" in p else r
@@ -105,7 +111,8 @@ def render_preview(folder: str, out: Optional[str] = None, rows: int = 4, sample
             top = data[r][DR_TOPK_INDICES][j]
             head = f"row {data[r][DR_INDEX]} #{j}"
             if partner != r:
-                head += f" mix {float(p['mix_lam']) / 65535:.2f}" if "mix_lam" in p else " mixed"
+                kind = "cutmix" if p["mix_box"][2] and p["mix_box"][3] else "mixup"
+                head += f" {kind} {pipeline.mix.weight(p, TILE, TILE):.0%}"
             _caption(draw, font, x0, y0 + TILE, [head] + [f"{probs[k]:.0%} {names[int(top[k])]}" for k in range(min(3, len(top)))])
     out = out or os.path.join(folder, "preview.png")
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)

@@ -19,7 +19,7 @@ from typing import Any, Callable, Deque, Dict, Iterator, List, Optional, Sequenc
 import numpy as np
 import torch
 
-from .augment import AugmentPipeline, Context, params_at
+from .augment import AugmentPipeline, Context
 from .format import (
     DR_FINGERPRINT,
     DR_INDEX,
@@ -257,7 +257,6 @@ def shard_name(split: str, shard: int, num_shards: int) -> str:
 
 def write_parquet(dataset, path: str, config: ReinforceConfig) -> None:
     """Write ``dataset`` to ``path`` atomically (tmp file + rename), zstd, with the config in the schema metadata."""
-    import pyarrow as pa
     import pyarrow.parquet as pq
     from datasets import config as ds_config
     from datasets.features.features import require_storage_embed

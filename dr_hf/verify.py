@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence
 
 import numpy as np
 import pyarrow as pa
@@ -16,31 +16,15 @@ from .format import (
     DR_TOPK_INDICES,
     DR_TOPK_LOGPROBS,
     ReinforceConfig,
-    config_from_parquet,
     require_reinforced,
 )
 
 
 def load_config(path: str, split: str = "train") -> ReinforceConfig:
     """The reinforcement config of a local folder (parquet metadata) or a Hub repo (card YAML)."""
-    from .stats import shard_paths
+    from .source import reinforcement_config
 
-    if os.path.isdir(path):
-        shards = shard_paths(path, split)
-        config = config_from_parquet(shards[0]) if shards else None
-        if config is not None:
-            return config
-        readme = os.path.join(path, "README.md")
-    else:
-        readme = path
-    from huggingface_hub import DatasetCard
-
-    data = DatasetCard.load(readme).data.to_dict()
-    if "reinforcement" not in data:
-        raise ValueError(f"{path} has no reinforcement config (neither in its parquet metadata nor in its card)")
-    block = dict(data["reinforcement"])
-    block.pop("stats", None)
-    return ReinforceConfig.from_dict(block)
+    return reinforcement_config(path, split)
 
 
 def _nested(column: pa.ChunkedArray, depth: int) -> np.ndarray:

@@ -137,7 +137,7 @@ def main():
         f"{torch.get_num_threads()} intra-op threads, no GPU); real images from `imagenet-sample`, teacher `{args.teacher}`, "
         f"preset `{args.augment}`.",
         "",
-        f"## Peak memory does not grow with the dataset",
+        "## Peak memory does not grow with the dataset",
         "",
         f"`dr-hf reinforce imagenet-sample --limit M --num-samples {args.rss_num_samples} --rows-per-shard {args.rows_per_shard}`, "
         "each in its own process. Peak RSS from `wait4` counts the pages of the memory-mapped source parquet that "

@@ -74,6 +74,21 @@ def tiny_teacher_spec(tiny_timm_dir):
 
 
 @pytest.fixture(scope="session")
+def teachers(tiny_teacher_spec):
+    """The tiny teacher, loaded once."""
+    from dr_hf import TeacherEnsemble
+
+    return TeacherEnsemble.from_specs([tiny_teacher_spec])
+
+
+def source_folder(path, n, seed):
+    """``make_image_dataset(n, seed)`` saved as a Hub-layout folder that load_dataset reads (one shard)."""
+    (path / "data").mkdir(parents=True, exist_ok=True)
+    make_image_dataset(n, seed=seed).to_parquet(str(path / "data" / "train-00000-of-00001.parquet"))
+    return path
+
+
+@pytest.fixture(scope="session")
 def tiny_hf_dir(tmp_path_factory):
     """A random 10-class transformers ViT (from a config) with its image processor, saved locally."""
     from transformers import ViTConfig, ViTForImageClassification, ViTImageProcessor

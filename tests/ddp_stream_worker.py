@@ -5,7 +5,6 @@ import sys
 
 import datasets
 import timm
-import torch
 
 from dr_hf import ReinforcedTrainer, ReinforcedTrainingArguments
 
@@ -29,3 +28,6 @@ trainer.data_collator = recording
 trainer.train()
 with open(os.path.join(out_dir, f"rank{trainer.args.process_index}.json"), "w") as f:
     json.dump(seen, f)
+from dr_hf.processes import finish  # noqa: E402
+
+finish()  # tear the process group down before exit (gloo threads otherwise abort at interpreter exit)

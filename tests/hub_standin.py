@@ -69,6 +69,10 @@ def _new_sha() -> str:
     return hashlib.sha1(os.urandom(20)).hexdigest()
 
 
+API = r"^/api/(?P<t>models|datasets|spaces)/(?P<id>[^/]+/[^/]+)"  # /api/{type}s/{org}/{name}
+REPO = r"^/(?:(?P<t>datasets|spaces)/)?(?P<id>[^/]+/[^/]+)"  # /{type}s/{org}/{name}, models without a prefix
+
+
 class Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
     server_version = "hub-standin/1"
@@ -145,17 +149,14 @@ class Handler(BaseHTTPRequestHandler):
     # -- routing ---------------------------------------------------------------------------------
     ROUTES = [
         ("POST", r"^/api/repos/create$", "create_repo"),
-        ("GET", r"^/api/(?P<t>models|datasets|spaces)/(?P<id>[^/]+/[^/]+)(?:/revision/(?P<rev>.+))?$", "repo_info"),
-        ("POST", r"^/api/(?P<t>models|datasets|spaces)/(?P<id>[^/]+/[^/]+)/preupload/(?P<rev>.+)$", "preupload"),
-        ("POST", r"^/api/(?P<t>models|datasets|spaces)/(?P<id>[^/]+/[^/]+)/commit/(?P<rev>.+)$", "commit"),
-        ("POST", r"^/api/(?P<t>models|datasets|spaces)/(?P<id>[^/]+/[^/]+)/branch/(?P<rev>.+)$", "create_branch"),
-        ("GET", r"^/api/(?P<t>models|datasets|spaces)/(?P<id>[^/]+/[^/]+)/tree/(?P<rev>[^/]+)(?:/(?P<dir>.*))?$", "tree"),
-        ("POST", r"^/api/(?P<t>models|datasets|spaces)/(?P<id>[^/]+/[^/]+)/paths-info/(?P<rev>.+)$", "paths_info"),
+        ("GET", API + r"(?:/revision/(?P<rev>.+))?$", "repo_info"),
+        *[("POST", API + rf"/{verb}/(?P<rev>.+)$", name) for verb, name in
+          (("preupload", "preupload"), ("commit", "commit"), ("branch", "create_branch"), ("paths-info", "paths_info"))],
+        ("GET", API + r"/tree/(?P<rev>[^/]+)(?:/(?P<dir>.*))?$", "tree"),
         ("POST", r"^/api/validate-yaml$", "validate_yaml"),
-        ("POST", r"^/(?:(?P<t>datasets|spaces)/)?(?P<id>[^/]+/[^/]+)\.git/info/lfs/objects/batch$", "lfs_batch"),
+        ("POST", REPO + r"\.git/info/lfs/objects/batch$", "lfs_batch"),
         ("PUT", r"^/lfs-upload/(?P<t>models|datasets|spaces)/(?P<id>[^/]+/[^/]+)/(?P<oid>[0-9a-f]{64})$", "lfs_put"),
-        ("GET", r"^/(?:(?P<t>datasets|spaces)/)?(?P<id>[^/]+/[^/]+)/resolve/(?P<rev>[^/]+)/(?P<path>.+)$", "resolve"),
-        ("HEAD", r"^/(?:(?P<t>datasets|spaces)/)?(?P<id>[^/]+/[^/]+)/resolve/(?P<rev>[^/]+)/(?P<path>.+)$", "resolve"),
+        *[(method, REPO + r"/resolve/(?P<rev>[^/]+)/(?P<path>.+)$", "resolve") for method in ("GET", "HEAD")],
     ]
 
     def _route(self):

@@ -12,21 +12,17 @@ import time
 import pyarrow.parquet as pq
 import pytest
 
-from dr_hf import TeacherEnsemble
 from dr_hf.reinforce import reinforce
 from dr_hf.stats import shard_paths
 
-from conftest import make_image_dataset
+from conftest import make_image_dataset, source_folder
 from test_reinforce import make_config
 from test_scale import reinforce_args, run_cli, table
 
 
 @pytest.fixture(scope="module")
 def source_dir(tmp_path_factory):
-    path = tmp_path_factory.mktemp("source40")
-    (path / "data").mkdir()
-    make_image_dataset(40, seed=8).to_parquet(str(path / "data" / "train-00000-of-00001.parquet"))
-    return path
+    return source_folder(tmp_path_factory.mktemp("source40"), 40, seed=8)
 
 
 @pytest.fixture(scope="module")
@@ -66,8 +62,7 @@ def test_kill_9_at_a_random_moment_then_rerun(tmp_path, source_dir, tiny_teacher
     print(f"seed {seed}: killed with {before} of 5 shards complete")
 
 
-def test_full_disk_while_writing_a_shard_leaves_no_visible_half_shard(tmp_path, monkeypatch, tiny_teacher_spec):
-    teachers = TeacherEnsemble.from_specs([tiny_teacher_spec])
+def test_full_disk_while_writing_a_shard_leaves_no_visible_half_shard(tmp_path, monkeypatch, teachers):
     ds = make_image_dataset(24, seed=4)
     config = make_config(teachers, n=3, k=2, rows_per_shard=8)
     reinforce(ds, config, teachers, str(tmp_path / "ref"), show_progress=False)

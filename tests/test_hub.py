@@ -13,11 +13,10 @@ import PIL.Image
 import pyarrow.parquet as pq
 import pytest
 
-from dr_hf import TeacherEnsemble
 from dr_hf.reinforce import reinforce
 from dr_hf.source import FingerprintMismatch, join_source
 
-from conftest import jpeg_bytes, make_image_dataset
+from conftest import jpeg_bytes, source_folder
 from hub_standin import HubStandIn
 from test_reinforce import make_config
 
@@ -32,16 +31,8 @@ def hub():
 
 
 @pytest.fixture(scope="module")
-def teachers(tiny_teacher_spec):
-    return TeacherEnsemble.from_specs([tiny_teacher_spec])
-
-
-@pytest.fixture(scope="module")
 def source_dir(tmp_path_factory):
-    path = tmp_path_factory.mktemp("src")
-    (path / "data").mkdir()
-    make_image_dataset(24, seed=11).to_parquet(str(path / "data" / "train-00000-of-00001.parquet"))
-    return path
+    return source_folder(tmp_path_factory.mktemp("src"), 24, seed=11)
 
 
 @pytest.fixture(scope="module")

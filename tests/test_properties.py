@@ -97,5 +97,5 @@ def test_loss_is_finite_and_non_negative(t, temperature, outside):
     loss = distillation_loss(logits, dense, temperature)
     assert torch.isfinite(loss) and float(loss) >= -1e-4
     # the loss is minimised by the teacher itself: a student equal to the teacher loses (about) nothing
-    assert float(distillation_loss(torch.where(torch.isfinite(dense), dense, torch.full_like(dense, -80.0)), dense,
-                                   temperature)) < 1e-2
+    same = torch.where(torch.isfinite(dense), dense, torch.full_like(dense, -1e4))
+    assert float(distillation_loss(same, dense, temperature)) < 1e-3

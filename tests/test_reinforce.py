@@ -7,14 +7,13 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from dr_hf import DR_INDEX, DR_PARAMS, DR_TOPK_INDICES, DR_TOPK_LOGPROBS, ReinforceConfig, TeacherEnsemble, make_pipeline
+from dr_hf import DR_INDEX, DR_PARAMS, DR_TOPK_INDICES, DR_TOPK_LOGPROBS, ReinforceConfig, make_pipeline
 from dr_hf.augment import Context, params_at
 from dr_hf.format import DR_FINGERPRINT, config_from_parquet
 from dr_hf.images import decode
 from dr_hf.reinforce import reinforce
-from dr_hf.stats import reinforcement_bytes, shard_paths, summarize
+from dr_hf.stats import reinforcement_bytes, shard_paths
 
-from conftest import make_image_dataset
 
 DR = [DR_INDEX, DR_FINGERPRINT, DR_PARAMS, DR_TOPK_INDICES, DR_TOPK_LOGPROBS]
 
@@ -23,11 +22,6 @@ def make_config(teachers, augment="rrc+flip", n=4, k=3, seed=0, rows_per_shard=2
     pipe = make_pipeline(augment)
     return ReinforceConfig(augment=augment, augmentations=pipe.config(), teachers=teachers.specs, num_samples=n, topk=k,
                            seed=seed, num_classes=teachers.num_classes, rows_per_shard=rows_per_shard, **kw)
-
-
-@pytest.fixture(scope="module")
-def teachers(tiny_teacher_spec):
-    return TeacherEnsemble.from_specs([tiny_teacher_spec])
 
 
 def run(ds, out, teachers, batch_size=8, **kw):

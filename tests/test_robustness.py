@@ -29,11 +29,6 @@ BAD = {5: "truncated", 12: "zero-byte", 17: "label"}
 BAD_MIX = {3: "label", 5: "truncated", 21: "zero-byte"}  # groups 0 and 2 of 8 rows; group 1 is clean
 
 
-@pytest.fixture(scope="module")
-def teachers(tiny_teacher_spec):
-    return TeacherEnsemble.from_specs([tiny_teacher_spec])
-
-
 def corrupt(ds, bad=BAD):
     """``ds`` with row 5 truncated, row 12 zero bytes, row 17 labelled outside the 10 classes."""
     raw = ds.cast_column("image", datasets.Image(decode=False)).cast_column("label", datasets.Value("int64"))
@@ -106,7 +101,6 @@ def test_odd_and_hostile_images(monkeypatch):
 
 
 def test_nan_teacher_is_refused_naming_rows(tmp_path, tiny_timm_dir):
-    import timm
     from safetensors.torch import load_file, save_file
 
     nan_dir = tmp_path / "nan_teacher"

@@ -11,30 +11,21 @@ import datasets
 import pyarrow.parquet as pq
 import pytest
 
-from dr_hf import TeacherEnsemble
 from dr_hf.format import DR_COLUMNS, DR_FINGERPRINT
 from dr_hf.processes import Processes
 from dr_hf.reinforce import reinforce
 from dr_hf.stats import shard_paths
 
-from conftest import make_image_dataset
+from conftest import make_image_dataset, source_folder
 from test_reinforce import make_config
 
 DR = [DR_COLUMNS[0], DR_FINGERPRINT, *DR_COLUMNS[1:]]
 
 
 @pytest.fixture(scope="module")
-def teachers(tiny_teacher_spec):
-    return TeacherEnsemble.from_specs([tiny_teacher_spec])
-
-
-@pytest.fixture(scope="module")
 def source_dir(tmp_path_factory):
     """48 rows in a Hub-layout folder: 6 shards of 8 rows."""
-    path = tmp_path_factory.mktemp("source48")
-    (path / "data").mkdir()
-    make_image_dataset(48, seed=3).to_parquet(str(path / "data" / "train-00000-of-00001.parquet"))
-    return path
+    return source_folder(tmp_path_factory.mktemp("source48"), 48, seed=3)
 
 
 def free_port():

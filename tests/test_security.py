@@ -3,7 +3,6 @@ remote code stays off; tokens are never printed or written; the card escapes use
 
 import ast
 import json
-import os
 import pathlib
 import pickle
 import re
@@ -11,7 +10,6 @@ import re
 import datasets
 import pyarrow.parquet as pq
 import pytest
-import torch
 
 from dr_hf import TeacherEnsemble, load_teacher
 from dr_hf.format import METADATA_KEY, ReinforceConfig, config_from_parquet
@@ -113,7 +111,6 @@ def test_the_card_escapes_user_provided_text(tmp_path, tiny_teacher_spec):
     config = make_config(teachers, n=2, k=2, source={"path": hostile, "split": "train"})
     reinforce(make_image_dataset(8), config, teachers, str(tmp_path), show_progress=False,
               command=f"dr-hf reinforce '{hostile}' --output x")
-    text = (tmp_path / "README.md").read_text()
     card = DatasetCard.load(str(tmp_path / "README.md"))
     assert card.data.to_dict()["reinforcement"]["source"]["path"] == hostile  # the YAML holds it exactly
     body = card.text
