@@ -15,6 +15,8 @@ import sys
 import tempfile
 import time
 
+from results_md import write_markdown  # noqa: E402  (scripts/)
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DATASET = os.path.join(ROOT, "..", "shared", "datasets", "imagenet-sample")
 
@@ -167,10 +169,7 @@ def main():
         "Goal: job / bare >= 0.9. On a CPU-only machine the render thread and the teacher share the same cores, so the "
         "overlap buys little; on a GPU the teacher runs on the device while the thread renders the next batch.",
     ]
-    os.makedirs(os.path.dirname(args.out), exist_ok=True)
-    with open(args.out, "w") as f:
-        f.write("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    write_markdown(args.out, lines)
 
 
 if __name__ == "__main__":

@@ -27,6 +27,8 @@ from transformers import ResNetConfig, ResNetForImageClassification, Trainer, Tr
 from dr_hf import ReinforcedTrainer, ReinforcedTrainingArguments
 from dr_hf.images import decode
 
+from results_md import write_markdown  # noqa: E402  (scripts/)
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -123,10 +125,7 @@ def main():
         f"- ReinforcedTrainer / plain Trainer: **{r / p:.2f}** (goal >= 0.95)",
         f"- ReinforcedTrainer / online KD: **{r / o:.1f}x** (goal >= 3x)",
     ]
-    os.makedirs(os.path.dirname(args.out), exist_ok=True)
-    with open(args.out, "w") as f:
-        f.write("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    write_markdown(args.out, lines)
 
 
 if __name__ == "__main__":

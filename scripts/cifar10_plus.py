@@ -26,6 +26,8 @@ import time
 import numpy as np
 import torch
 
+from results_md import write_markdown  # noqa: E402  (scripts/)
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CIFAR_MEAN, CIFAR_STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
 
@@ -277,10 +279,7 @@ def write_report(args, teachers, ensemble_acc, reinforced, rows, seconds):
                         + (f", {100 * (acc - kd):+.2f} vs online KD (goal >= -0.5)" if kd is not None else "")
                         + f", wall time {sec / erm_s:.2f}x ERM (goal <= 1.1x)")
     lines += ["## Against the goals", "", *goal, ""]
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    with open(args.out, "w") as f:
-        f.write("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    write_markdown(args.out, lines)
 
 
 if __name__ == "__main__":

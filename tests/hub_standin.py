@@ -123,6 +123,11 @@ class Handler(BaseHTTPRequestHandler):
         self._error(404, "RevisionNotFound", f"Invalid rev id: {rev}")
         return None
 
+    def _repo_at(self, repo_type: str, repo_id: str, rev: str):
+        """(repo, commit sha) of a repo at a revision; (repo or None, None) after sending a 404."""
+        repo = self._repo(repo_type, repo_id)
+        return (repo, None) if repo is None else (repo, self._commit(repo, rev))
+
     def _entries(self, tree: Dict[str, Entry], prefix: str, recursive: bool) -> List[dict]:
         prefix = prefix.strip("/")
         out, dirs = [], set()
@@ -199,10 +204,7 @@ class Handler(BaseHTTPRequestHandler):
         return f"{host}/{'' if repo_type == 'model' else repo_type + 's/'}{repo_id}"
 
     def do_repo_info(self, t, id, rev=None):
-        repo = self._repo(t, id)
-        if repo is None:
-            return
-        sha = self._commit(repo, rev or "main")
+        repo, sha = self._repo_at(t, id, rev or "main")
         if sha is None:
             return
         tree = repo.commits[sha]
@@ -336,10 +338,7 @@ class Handler(BaseHTTPRequestHandler):
         self._json({"commitUrl": f"{self._url(t, id)}/commit/{sha}", "commitOid": sha, "success": True})
 
     def do_tree(self, t, id, rev, dir=None):
-        repo = self._repo(t, id)
-        if repo is None:
-            return
-        sha = self._commit(repo, rev)
+        repo, sha = self._repo_at(t, id, rev)
         if sha is None:
             return
         tree = repo.commits[sha]
@@ -351,10 +350,7 @@ class Handler(BaseHTTPRequestHandler):
 
     def do_paths_info(self, t, id, rev):
         raw = self._body()
-        repo = self._repo(t, id)
-        if repo is None:
-            return
-        sha = self._commit(repo, rev)
+        repo, sha = self._repo_at(t, id, rev)
         if sha is None:
             return
         ctype = self.headers.get("Content-Type", "")
@@ -374,10 +370,7 @@ class Handler(BaseHTTPRequestHandler):
 
     def do_resolve(self, id, rev, path, t=None):
         t = t or "model"
-        repo = self._repo(t, id)
-        if repo is None:
-            return
-        sha = self._commit(repo, rev)
+        repo, sha = self._repo_at(t, id, rev)
         if sha is None:
             return
         path = urllib.parse.unquote(path)
