@@ -44,8 +44,9 @@ class Reinforcer:
 
     A batch must hold whole mixing groups (``batch_size`` a multiple of the group size, as :func:`reinforce`
     arranges); ``index_offset`` is added to the map's indices to give source-split row indices.
-    ``render_threads`` threads decode-free render the next teacher batches while the teacher runs the current
-    one (0: render inline); rendering is a pure function of the stored parameters, so this changes no output.
+    ``render_threads`` threads render the next teacher batches while the teacher runs the current one (0: render
+    inline; default: 1 when the teacher runs on a GPU, else 0, as on the CPU they would only compete for the same
+    cores); rendering is a pure function of the stored parameters, so this changes no output.
     """
 
     def __init__(
@@ -55,7 +56,7 @@ class Reinforcer:
         num_rows: int,
         index_offset: int = 0,
         progress: Optional[Callable[[int], None]] = None,
-        render_threads: int = 1,
+        render_threads: Optional[int] = None,
         on_bad_row: str = "fail",
     ):
         if on_bad_row not in BAD_ROW_POLICIES:
@@ -68,7 +69,7 @@ class Reinforcer:
         self.num_rows = num_rows
         self.index_offset = index_offset
         self.progress = progress
-        self.render_threads = render_threads
+        self.render_threads = (1 if str(teachers.device).startswith("cuda") else 0) if render_threads is None else render_threads
         self.fields = self.pipeline.param_fields()
         if teachers.num_classes != config.num_classes:
             raise ValueError(f"the teachers have {teachers.num_classes} classes, the config says {config.num_classes}")
@@ -340,7 +341,7 @@ def reinforce(
     writes the card once every shard exists; the output is the same for any number of processes. Rerunning
     skips complete shards, so an interrupted job resumes; a rerun with other settings into the folder is refused.
     ``num_rows`` gives a stream's length when its metadata lacks it (otherwise the stream is counted first).
-    ``render_threads`` (default: 1 when the teacher runs on a GPU, else 0) render teacher inputs ahead of the teacher.
+    ``render_threads``: see :class:`Reinforcer`.
     ``on_bad_row``: ``"fail"`` (default) stops at the first undecodable image or out-of-range label, naming the row and
     column; ``"skip"`` leaves such rows out (with their MixUp/CutMix group) and lists each one, with the reason, in
     ``errors/<shard>.jsonl``; the card counts them. Nothing is dropped silently.
@@ -351,9 +352,9 @@ def reinforce(
     from .card import write_card
     from .stats import summarize
 
+    if on_bad_row not in BAD_ROW_POLICIES:
+        raise ValueError(f"--on-bad-row must be one of {BAD_ROW_POLICIES}, got {on_bad_row!r}")
     procs = processes or current_processes()
-    if render_threads is None:
-        render_threads = 1 if str(teachers.device).startswith("cuda") else 0
     streaming = isinstance(dataset, datasets.IterableDataset)
     if streaming and dataset.features is None:
         dataset = dataset._resolve_features()
@@ -381,8 +382,6 @@ def reinforce(
     added = reinforcement_features(pipeline, config.num_samples, config.topk, config.num_classes)
     features = datasets.Features({**dataset.features, **added}) if config.keep_source else added
     map_features = datasets.Features({**decoded.features, **added, SKIP_COLUMN: datasets.Value("bool")})
-    if on_bad_row not in BAD_ROW_POLICIES:
-        raise ValueError(f"--on-bad-row must be one of {BAD_ROW_POLICIES}, got {on_bad_row!r}")
 
     bar = None
     if show_progress and procs.is_main:
