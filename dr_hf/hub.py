@@ -43,30 +43,27 @@ def local_files(folder: str) -> List[str]:
     return sorted(out)
 
 
-def _sha256(path: str) -> str:
-    h = hashlib.sha256()
+def _file_digest(path: str, h) -> str:
+    """``h`` (a hashlib object) fed the file's bytes, in chunks."""
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
     return h.hexdigest()
 
 
-def _git_sha1(path: str) -> str:
-    h = hashlib.sha1(b"blob %d\0" % os.path.getsize(path))
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
+def same_content(path: str, remote) -> bool:
+    """Whether a local file equals a repo file: LFS files by sha256, regular ones by git blob sha1."""
+    if remote.lfs is not None:
+        return remote.lfs.sha256 == _file_digest(path, hashlib.sha256())
+    return remote.blob_id == _file_digest(path, hashlib.sha1(b"blob %d\0" % os.path.getsize(path)))
 
 
-def remote_files(api, repo_id: str, revision: str) -> Dict[str, Dict[str, Optional[str]]]:
-    """``path -> {"sha256", "sha1"}`` of what the repo holds at ``revision``."""
-    out: Dict[str, Dict[str, Optional[str]]] = {}
-    for entry in api.list_repo_tree(repo_id, repo_type="dataset", revision=revision, recursive=True):
-        if getattr(entry, "lfs", None) is not None or hasattr(entry, "blob_id"):
-            lfs = getattr(entry, "lfs", None)
-            out[entry.path] = {"sha256": lfs.sha256 if lfs else None, "sha1": getattr(entry, "blob_id", None)}
-    return out
+def remote_files(api, repo_id: str, revision: str) -> Dict[str, object]:
+    """``path -> RepoFile`` of what the repo holds at ``revision``."""
+    from huggingface_hub import RepoFile
+
+    tree = api.list_repo_tree(repo_id, repo_type="dataset", revision=revision, recursive=True)
+    return {entry.path: entry for entry in tree if isinstance(entry, RepoFile)}
 
 
 def push(
@@ -103,12 +100,7 @@ def push(
 
     todo, skipped = [], []
     for rel in local_files(folder):
-        path = os.path.join(folder, rel)
-        have = remote.get(rel)
-        same = have is not None and (
-            (have["sha256"] is not None and have["sha256"] == _sha256(path))
-            or (have["sha256"] is None and have["sha1"] == _git_sha1(path))
-        )
+        same = rel in remote and same_content(os.path.join(folder, rel), remote[rel])
         (skipped if same else todo).append(rel)
     if skipped:
         logger.info("%d file(s) already on %s@%s with the same content: skipped", len(skipped), repo_id, branch)
