@@ -12,14 +12,12 @@ from .augment import PRESETS
 
 
 def cmd_reinforce(args) -> int:
-    from .format import ReinforceConfig
     from .augment import make_pipeline
-    from .reinforce import reinforce
-    from .teacher import TeacherEnsemble
-
+    from .format import ReinforceConfig
     from .processes import current_processes, finish
-    from .reinforce import stream_length
+    from .reinforce import reinforce, stream_length
     from .source import load_source
+    from .teacher import TeacherEnsemble
 
     procs = current_processes(args.device)
     if not args.quiet:

@@ -50,9 +50,8 @@ def render_preview(folder: str, out: Optional[str] = None, rows: int = 4, sample
     import pyarrow.parquet as pq
     from datasets import Features
 
-    from .stats import shard_paths
-
     from .source import reinforcement_config
+    from .stats import shard_paths
 
     config = reinforcement_config(folder, split)
     table = pq.read_table(shard_paths(folder, split)[0])

@@ -37,6 +37,11 @@ def reinforcement_bytes(paths: List[str]) -> Dict[str, int]:
     return out
 
 
+def _count_lines(path: str) -> int:
+    with open(path) as f:
+        return sum(1 for line in f if line.strip())
+
+
 def summarize(output_dir: str, split: str = "train") -> Dict[str, Any]:
     """Rows, N, K, bytes per augmentation sample, and top-1 agreement with labels on the unmixed samples."""
     import pyarrow.parquet as pq
@@ -87,5 +92,5 @@ def summarize(output_dir: str, split: str = "train") -> Dict[str, Any]:
         stats["teacher_top1_agreement"] = round(hits / total, 4)
         stats["agreement_samples"] = total
     reports = sorted(glob.glob(os.path.join(output_dir, "errors", f"{split}-*.jsonl")))
-    stats["skipped_rows"] = sum(sum(1 for line in open(p) if line.strip()) for p in reports)
+    stats["skipped_rows"] = sum(_count_lines(p) for p in reports)
     return stats
