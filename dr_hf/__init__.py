@@ -2,7 +2,7 @@
 
 __version__ = "0.1.0"
 
-from .augment import AugmentPipeline, Output, make_pipeline, PRESETS  # noqa: E402
+from .augment import AugmentPipeline, InputSpec, make_pipeline, PRESETS  # noqa: E402
 from .format import (  # noqa: E402
     DR_INDEX,
     DR_PARAMS,
@@ -17,7 +17,7 @@ from .teacher import Teacher, TeacherEnsemble, load_teacher, register_teacher  #
 __all__ = [
     "__version__",
     "AugmentPipeline",
-    "Output",
+    "InputSpec",
     "make_pipeline",
     "PRESETS",
     "DR_INDEX",

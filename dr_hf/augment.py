@@ -6,7 +6,7 @@ teacher's input from the stored values; training replays the stored values throu
 a replay is identical by construction.
 
 Parameters are quantised *before* they are applied (boxes to 1/4096 of the image side, MixUp weights
-to 1/65535, RandAugment magnitudes to tenths), so what is stored is exactly what was rendered. Boxes are relative to the image
+to 1/65535; RandAugment stores torchvision's op ids and magnitude bins), so what is stored is exactly what was rendered. Boxes are relative to the image
 size, so a replay also works on a re-encoded or resized copy of the dataset, and at any output size.
 
 The stored layout (one struct column ``dr_params``, each field a fixed-width array per sample) is
@@ -24,6 +24,8 @@ import numpy as np
 import torch
 from torchvision.transforms.v2 import InterpolationMode
 from torchvision.transforms.v2 import functional as F
+
+from .inputs import InputSpec
 
 Q_BOX = 4096  # box coordinates (relative to the image side) are stored as round(x * Q_BOX) in uint16
 Q16 = 65535  # MixUp weights are stored as round(lam * Q16) in uint16
@@ -48,14 +50,19 @@ def box_to_pixels(box: Sequence[int], height: int, width: int) -> Tuple[int, int
     return top, left, h, w
 
 
-def sample_box(rng: np.random.Generator, height: int, width: int, scale, log_ratio) -> Optional[Tuple[float, ...]]:
-    """One try of torchvision's RandomResizedCrop box sampling, as relative (top, left, h, w)."""
+def sample_box(rng: np.random.Generator, height: int, width: int, scale, log_ratio,
+               strict: bool = False) -> Optional[Tuple[float, ...]]:
+    """One try of torchvision's RandomResizedCrop box sampling (``strict``: RandomErasing's, which wants the box
+    strictly smaller than the image), as relative (top, left, h, w)."""
     area = height * width
     target = area * rng.uniform(scale[0], scale[1])
     ratio = math.exp(rng.uniform(log_ratio[0], log_ratio[1]))
     w = int(round(math.sqrt(target * ratio)))
     h = int(round(math.sqrt(target / ratio)))
-    if 0 < w <= width and 0 < h <= height:
+    if strict:  # RandomErasing's aspect is height / width
+        h, w = w, h
+    fits = (w < width and h < height) if strict else (w <= width and h <= height)
+    if 0 < w and 0 < h and fits:
         top = int(rng.integers(0, height - h + 1))
         left = int(rng.integers(0, width - w + 1))
         return top / height, left / width, h / height, w / width
@@ -63,32 +70,34 @@ def sample_box(rng: np.random.Generator, height: int, width: int, scale, log_rat
 
 
 @dataclass
-class Output:
-    """What a render produces: size (h, w), interpolation and normalisation (from a teacher or a student)."""
-
-    size: Tuple[int, int]
-    mean: Tuple[float, float, float] = (0.485, 0.456, 0.406)
-    std: Tuple[float, float, float] = (0.229, 0.224, 0.225)
-    interpolation: str = "bicubic"
-
-
-@dataclass
 class Context:
-    """What sampling may look at: the source image size and the row's place in its mixing group."""
+    """What sampling may look at: the source image size, the row's place in its mixing group, and N."""
 
     height: int
     width: int
     position: int = 0  # row position inside its mixing group
     group_rows: int = 1  # rows in the group (the last group of a split may be partial)
+    num_samples: int = 1  # samples stored per row (a mixing partner's sample index is drawn from them)
+
+
+# The stage a transform works in, in pipeline order: on the uint8 source/output image ("geometry", "colour"),
+# on the float image in [0, 1] before normalisation ("float"), or mixing two rendered samples ("mixing").
+STAGES = ("geometry", "colour", "float", "mixing")
 
 
 class ReplayableTransform:
-    """Base class. ``fields`` maps each stored field to (per-sample shape, dtype)."""
+    """Base class. ``fields`` maps each stored field to (per-sample shape, dtype); ``stage`` is one of
+    :data:`STAGES`; ``resizes`` is True for the transform that produces the output size (a crop)."""
 
     name: str = ""
+    stage: str = "geometry"
+    resizes: bool = False
     fields: Dict[str, Tuple[Tuple[int, ...], str]] = {}
 
     def make_params(self, rng: np.random.Generator, ctx: Context) -> Dict[str, Any]:
+        raise NotImplementedError
+
+    def apply(self, image: torch.Tensor, params: Dict[str, Any], out: InputSpec) -> torch.Tensor:
         raise NotImplementedError
 
     def empty_params(self) -> Dict[str, Any]:
@@ -100,11 +109,13 @@ class ReplayableTransform:
 
 @dataclass
 class RandomResizedCrop(ReplayableTransform):
-    """Crop a random box (area ``scale``, aspect ``ratio``) and resize it to the output size."""
+    """Crop a random box (area ``scale``, aspect ``ratio``; torchvision's sampling, with its central fallback)
+    and resize it to the output size."""
 
     scale: Tuple[float, float] = (0.08, 1.0)
     ratio: Tuple[float, float] = (3 / 4, 4 / 3)
     name = "random_resized_crop"
+    resizes = True
     fields = {"crop": ((4,), "uint16")}
 
     def make_params(self, rng, ctx):
@@ -126,25 +137,63 @@ class RandomResizedCrop(ReplayableTransform):
             box = ((ctx.height - h) // 2 / ctx.height, (ctx.width - w) // 2 / ctx.width, h / ctx.height, w / ctx.width)
         return {"crop": np.array([quantize(v) for v in box], dtype=np.uint16)}
 
-    def apply(self, image: torch.Tensor, params, out: Output) -> torch.Tensor:
+    def apply(self, image, params, out):
         top, left, h, w = box_to_pixels(params["crop"], image.shape[-2], image.shape[-1])
         return F.resized_crop(image, top, left, h, w, list(out.size), interpolation=INTERPOLATIONS[out.interpolation], antialias=True)
 
 
 @dataclass
-class CenterCrop(ReplayableTransform):
-    """Deterministic evaluation view: the central ``crop_pct`` of the shorter side, resized (no parameters)."""
+class ResizeRandomCrop(ReplayableTransform):
+    """ml-dr's CIFAR-100+/Flowers-102+/Food-101+ crop: resize the shorter side to the output size, pad by
+    ``padding`` pixels (at ``reference_size``, scaled with the output) and crop a random output-sized window.
 
-    crop_pct: float = 0.875
+    The window's top-left is stored relative to the resized image's extent on each axis (int16, 1/4096ths; negative
+    inside the padding), so it replays at any output size; at ``reference_size`` it is exact."""
+
+    padding: int = 16
+    reference_size: int = 224
+    name = "resize_random_crop"
+    resizes = True
+    fields = {"pad_crop": ((2,), "int16")}
+
+    @staticmethod
+    def _extent(height: int, width: int, side: int) -> Tuple[int, int]:
+        scale = side / min(height, width)
+        return max(side, int(round(height * scale))), max(side, int(round(width * scale)))
+
+    def make_params(self, rng, ctx):
+        s = self.reference_size
+        extent = self._extent(ctx.height, ctx.width, s)
+        offsets = [int(rng.integers(0, e + 2 * self.padding - s + 1)) - self.padding for e in extent]
+        return {"pad_crop": np.array([round(o * Q_BOX / e) for o, e in zip(offsets, extent)], dtype=np.int16)}
+
+    def apply(self, image, params, out):
+        side = min(out.size)
+        eh, ew = self._extent(image.shape[-2], image.shape[-1], side)
+        x = F.resize(image, [eh, ew], interpolation=INTERPOLATIONS[out.interpolation], antialias=True)
+        pad = int(round(self.padding * side / self.reference_size))
+        x = F.pad(x, [pad, pad, pad, pad], fill=0)
+        oh, ow = out.size
+        top = min(max(int(round(int(params["pad_crop"][0]) * eh / Q_BOX)) + pad, 0), x.shape[-2] - oh)
+        left = min(max(int(round(int(params["pad_crop"][1]) * ew / Q_BOX)) + pad, 0), x.shape[-1] - ow)
+        return x[..., top : top + oh, left : left + ow]
+
+
+@dataclass
+class CenterCrop(ReplayableTransform):
+    """Deterministic evaluation view: the central ``crop_pct`` of the shorter side (default: the spec's), resized."""
+
+    crop_pct: Optional[float] = None
     name = "center_crop"
+    resizes = True
     fields = {}
 
     def make_params(self, rng, ctx):
         return {}
 
-    def apply(self, image, params, out: Output):
+    def apply(self, image, params, out: InputSpec):
         height, width = image.shape[-2:]
-        side = max(1, int(round(min(height, width) * self.crop_pct)))
+        side = max(1, int(round(min(height, width) * (self.crop_pct or out.crop_pct))))
         top, left = (height - side) // 2, (width - side) // 2
         return F.resized_crop(image, top, left, side, side, list(out.size), interpolation=INTERPOLATIONS[out.interpolation], antialias=True)
 
@@ -164,142 +213,155 @@ class HorizontalFlip(ReplayableTransform):
         return F.horizontal_flip(image) if params["flip"] else image
 
 
-# RandAugment, timm's "rand-m9-mstd0.5" flavour. Magnitudes are stored in tenths (0..100 of max 10),
-# signed for the ops that have a direction. Each entry: (name, signed, apply(image, level in [-1, 1])).
-_FILL = [124, 116, 104]
+def _randaugment():
+    from torchvision.transforms.v2 import RandAugment as TorchvisionRandAugment
+
+    return TorchvisionRandAugment
 
 
-def _affine(image, **kw):
-    base = dict(angle=0.0, translate=[0, 0], scale=1.0, shear=[0.0, 0.0])
-    base.update(kw)
-    return F.affine(image, interpolation=InterpolationMode.BILINEAR, fill=_FILL, **base)
-
-
-def _shear(level):
-    return math.degrees(math.atan(0.3 * level))
-
-
-RANDAUGMENT_OPS: List[Tuple[str, bool, Callable[[torch.Tensor, float], torch.Tensor]]] = [
-    ("identity", False, lambda im, lv: im),
-    ("autocontrast", False, lambda im, lv: F.autocontrast(im)),
-    ("equalize", False, lambda im, lv: F.equalize(im)),
-    ("rotate", True, lambda im, lv: F.rotate(im, 30.0 * lv, interpolation=InterpolationMode.BILINEAR, fill=_FILL)),
-    ("solarize", False, lambda im, lv: F.solarize(im, threshold=int(round(256 - 256 * abs(lv))))),
-    ("color", True, lambda im, lv: F.adjust_saturation(im, 1.0 + 0.9 * lv)),
-    ("posterize", False, lambda im, lv: F.posterize(im, bits=max(1, 8 - int(round(4 * abs(lv)))))),
-    ("contrast", True, lambda im, lv: F.adjust_contrast(im, 1.0 + 0.9 * lv)),
-    ("brightness", True, lambda im, lv: F.adjust_brightness(im, 1.0 + 0.9 * lv)),
-    ("sharpness", True, lambda im, lv: F.adjust_sharpness(im, 1.0 + 0.9 * lv)),
-    ("shear_x", True, lambda im, lv: _affine(im, shear=[_shear(lv), 0.0])),
-    ("shear_y", True, lambda im, lv: _affine(im, shear=[0.0, _shear(lv)])),
-    ("translate_x", True, lambda im, lv: _affine(im, translate=[int(round(0.45 * lv * im.shape[-1])), 0])),
-    ("translate_y", True, lambda im, lv: _affine(im, translate=[0, int(round(0.45 * lv * im.shape[-2]))])),
-]
+RANDAUGMENT_OPS: List[str] = list(_randaugment()._AUGMENTATION_SPACE)  # torchvision's op order (= ml-dr's)
+RANDAUGMENT_BINS = 31  # torchvision's num_magnitude_bins (ml-dr: the default)
 
 
 @dataclass
 class RandAugment(ReplayableTransform):
-    """``num_ops`` random ops, each at magnitude ~ N(magnitude, magnitude_std) of max 10 (timm's rand-m9-mstd0.5)."""
+    """torchvision's ``RandAugment`` (as ml-dr uses it): ``num_ops`` ops drawn uniformly from torchvision's table,
+    each at magnitude bin ``magnitude`` of 31 with a random sign where the op has one, nearest interpolation,
+    black fill, applied with probability ``p``. Stored: the op ids and the signed magnitude bins (0 ops = skipped:
+    ``ra_ops`` all 255)."""
 
     num_ops: int = 2
-    magnitude: float = 9.0
-    magnitude_std: float = 0.5
-    name = "randaugment"
+    magnitude: int = 9
+    p: float = 1.0
+    name = "rand_augment"
+    stage = "colour"
+
+    def __post_init__(self):
+        if not 0 <= self.magnitude < RANDAUGMENT_BINS:
+            raise ValueError(f"RandAugment magnitude must be a bin in [0, {RANDAUGMENT_BINS}), got {self.magnitude}")
 
     @property
     def fields(self):  # type: ignore[override]
-        return {"ra_op": ((self.num_ops,), "uint8"), "ra_magnitude": ((self.num_ops,), "int8")}
+        return {"ra_ops": ((self.num_ops,), "uint8"), "ra_bins": ((self.num_ops,), "int8")}
 
     def make_params(self, rng, ctx):
+        skip = rng.random() >= self.p
         ops = rng.integers(0, len(RANDAUGMENT_OPS), size=self.num_ops)
-        mags = np.clip(rng.normal(self.magnitude, self.magnitude_std, size=self.num_ops), 0.0, 10.0)
         signs = np.where(rng.random(self.num_ops) < 0.5, -1, 1)
-        tenths = np.round(mags * 10).astype(np.int64)
-        signed = np.array([s * t if RANDAUGMENT_OPS[o][1] else t for o, s, t in zip(ops, signs, tenths)])
-        return {"ra_op": ops.astype(np.uint8), "ra_magnitude": signed.astype(np.int8)}
+        if skip:
+            return {"ra_ops": np.full(self.num_ops, 255, np.uint8), "ra_bins": np.zeros(self.num_ops, np.int8)}
+        space = _randaugment()._AUGMENTATION_SPACE
+        bins = [s * self.magnitude if space[RANDAUGMENT_OPS[o]][1] else self.magnitude for o, s in zip(ops, signs)]
+        return {"ra_ops": ops.astype(np.uint8), "ra_bins": np.array(bins, dtype=np.int8)}
+
+    @staticmethod
+    def magnitude_of(op: str, signed_bin: int, height: int, width: int) -> float:
+        """torchvision's magnitude for ``op`` at a signed bin (0.0 for ops without magnitudes)."""
+        values = _randaugment()._AUGMENTATION_SPACE[op][0](RANDAUGMENT_BINS, height, width)
+        if values is None:
+            return 0.0
+        return float(values[abs(signed_bin)]) * (-1.0 if signed_bin < 0 else 1.0)
 
     def apply(self, image, params, out):
-        for op, mag in zip(params["ra_op"], params["ra_magnitude"]):
+        tv = _randaugment()(interpolation=InterpolationMode.NEAREST)
+        for op, b in zip(params["ra_ops"], params["ra_bins"]):
+            if op == 255:
+                continue
             if op >= len(RANDAUGMENT_OPS):
-                raise ValueError(f"dr_params.ra_op holds {int(op)}, but only {len(RANDAUGMENT_OPS)} RandAugment ops exist")
-            image = RANDAUGMENT_OPS[int(op)][2](image, int(mag) / 100.0)
+                raise ValueError(f"dr_params.ra_ops holds {int(op)}, but only {len(RANDAUGMENT_OPS)} RandAugment ops exist")
+            name = RANDAUGMENT_OPS[int(op)]
+            mag = self.magnitude_of(name, int(b), image.shape[-2], image.shape[-1])
+            image = tv._apply_image_or_video_transform(image, name, mag, interpolation=tv.interpolation, fill=tv._fill)
         return image
 
 
 @dataclass
 class RandomErasing(ReplayableTransform):
-    """With probability ``p`` replace a random box (area ``scale``, aspect ``ratio``) by per-pixel N(0, 1) noise.
-
-    The noise is a pure function of the stored box, so it needs no extra storage.
-    """
+    """torchvision's ``RandomErasing`` as ml-dr uses it: with probability ``p`` a box (area ``scale``, aspect
+    ``ratio``, torchvision's sampling) of the [0, 1] image is set to ``value`` (0: black) *before* normalisation."""
 
     p: float = 0.25
-    scale: Tuple[float, float] = (0.02, 1 / 3)
+    scale: Tuple[float, float] = (0.02, 0.33)
     ratio: Tuple[float, float] = (0.3, 3.3)
+    value: float = 0.0
     name = "random_erasing"
-    fields = {"erase": ((4,), "uint16")}
+    stage = "float"
+    fields = {"erase_box": ((4,), "uint16")}
 
     def make_params(self, rng, ctx):
-        if rng.random() >= self.p:
-            return self.empty_params()
+        # torchvision erases the *rendered* image: sample against a reference output size
+        skip = rng.random() >= self.p
         log_ratio = (math.log(self.ratio[0]), math.log(self.ratio[1]))
         for _ in range(10):
-            box = sample_box(rng, ctx.height, ctx.width, self.scale, log_ratio)
+            box = sample_box(rng, 224, 224, self.scale, log_ratio, strict=True)
             if box is not None:
-                return {"erase": np.array([quantize(v) for v in box], dtype=np.uint16)}
-        return self.empty_params()
+                break
+        if skip or box is None:
+            return self.empty_params()
+        return {"erase_box": np.array([quantize(v) for v in box], dtype=np.uint16)}
 
     def apply(self, x, params, out):
-        box = params["erase"]
+        box = params["erase_box"]
         if box[2] == 0 or box[3] == 0:
             return x
         top, left, h, w = box_to_pixels(box, x.shape[-2], x.shape[-1])
-        seed = int.from_bytes(np.asarray(box, dtype="<u2").tobytes(), "little") % (2**63)
-        noise = torch.randn((x.shape[-3], h, w), generator=torch.Generator().manual_seed(seed), dtype=torch.float32)
-        x = x.clone()
-        x[..., top : top + h, left : left + w] = noise.to(x.dtype)
-        return x
+        return F.erase(x, top, left, h, w, torch.tensor(self.value, dtype=x.dtype))
 
 
 @dataclass
 class MixUpCutMix(ReplayableTransform):
-    """Mix each sample with the same sample index of a partner row from its group of ``group_size`` rows.
+    """ml-dr's reinforcement mixing: MixUp (partner weight ~ Beta(``mixup_alpha``) / ``mixup_div_by``, so the own
+    image dominates) with probability ``mixup_p``, then CutMix (a box of the partner, side sqrt(1 - Beta(
+    ``cutmix_alpha``)), centre uniform, clipped) with probability ``cutmix_p``, in sequence: with the defaults 25% of
+    samples get both, 25% neither.
 
-    With probability ``p`` a sample is mixed: MixUp (weight ~ Beta(mixup_alpha)) or, with probability
-    ``switch_prob``, CutMix (a box of the partner, area ~ 1 - Beta(cutmix_alpha)). The partner is another row
-    of the same group of ``group_size`` consecutive rows, stored as a signed row offset, so a streaming reader
-    that keeps each group together can replay it without random access. The partner enters with *its own*
-    stored crop/flip/RandAugment/erasing parameters for that sample index.
-    """
+    The partner is another row of the same group of ``group_size`` consecutive rows (a signed row offset, so a
+    streaming reader that keeps each group together can replay it) and enters with *its own* stored parameters for
+    an independently drawn sample index (``mix_sample``), as ml-dr draws the partner's augmentation afresh."""
 
-    mixup_alpha: float = 0.2
+    mixup_alpha: float = 1.0
+    mixup_div_by: float = 2.0
+    mixup_p: float = 0.5
     cutmix_alpha: float = 1.0
-    switch_prob: float = 0.5
-    p: float = 1.0
+    cutmix_p: float = 0.5
     group_size: int = 8
     name = "mixup_cutmix"
-    fields = {"mix_partner": ((), "int8"), "mix_lam": ((), "uint16"), "mix_box": ((4,), "uint16")}
+    stage = "mixing"
+    fields = {"mix_partner": ((), "int8"), "mix_sample": ((), "uint16"), "mix_lam": ((), "uint16"),
+              "mix_box": ((4,), "uint16")}
+
+    def __post_init__(self):
+        if self.mixup_div_by < 1.0:
+            raise ValueError(f"mixup_div_by must be >= 1, got {self.mixup_div_by}")
+        if not 1 <= self.group_size <= 127:
+            raise ValueError(f"group_size must be in [1, 127], got {self.group_size}")
 
     def make_params(self, rng, ctx):
-        # Draws do not depend on the group being partial, so params are a pure function of (seed, row, sample).
-        mixed = rng.random() < self.p
+        # Every draw happens whatever the outcome, so params are a pure function of (seed, row, sample).
         offset = int(rng.integers(1, max(self.group_size, 2)))
-        cutmix = rng.random() < self.switch_prob
-        lam = float(rng.beta(self.cutmix_alpha, self.cutmix_alpha) if cutmix else rng.beta(self.mixup_alpha, self.mixup_alpha))
+        partner_sample = int(rng.integers(0, max(ctx.num_samples, 1)))
+        mixup = rng.random() < self.mixup_p
+        partner_weight = float(rng.beta(self.mixup_alpha, self.mixup_alpha)) / self.mixup_div_by
+        cutmix = rng.random() < self.cutmix_p
+        cut_lam = float(rng.beta(self.cutmix_alpha, self.cutmix_alpha))
         cy, cx = rng.random(), rng.random()
         partner = (ctx.position + offset) % self.group_size
-        if not mixed or self.group_size < 2 or partner >= ctx.group_rows:
+        if not (mixup or cutmix) or self.group_size < 2 or partner >= ctx.group_rows:
             return self.empty_params()
         out = self.empty_params()
         out["mix_partner"] = np.int8(partner - ctx.position)
-        if cutmix:  # timm's rand_bbox: a box of relative side sqrt(1 - lam), centre uniform, clipped
-            side = math.sqrt(1.0 - lam)
+        out["mix_sample"] = np.uint16(partner_sample)
+        if mixup:
+            out["mix_lam"] = np.uint16(max(1, quantize(1.0 - partner_weight, Q16)))
+        if cutmix:
+            side = math.sqrt(1.0 - cut_lam)
             y0, y1 = max(cy - side / 2, 0.0), min(cy + side / 2, 1.0)
             x0, x1 = max(cx - side / 2, 0.0), min(cx + side / 2, 1.0)
-            out["mix_box"] = np.array([quantize(y0), quantize(x0), quantize(y1 - y0), quantize(x1 - x0)], dtype=np.uint16)
-            out["mix_lam"] = np.uint16(0)  # derived from the box at apply time
-        else:
-            out["mix_lam"] = np.uint16(quantize(lam, Q16))
+            box = [quantize(y0), quantize(x0), quantize(y1 - y0), quantize(x1 - x0)]
+            if box[2] and box[3]:
+                out["mix_box"] = np.array(box, dtype=np.uint16)
+        if not out["mix_lam"] and not out["mix_box"][2]:
+            return self.empty_params()
         return out
 
     @staticmethod
@@ -308,45 +370,62 @@ class MixUpCutMix(ReplayableTransform):
 
     @staticmethod
     def weight(params, height: int, width: int) -> float:
-        """Weight of the row's own image in the mix (its area share for CutMix)."""
+        """Weight of the row's own image in the mix: MixUp weight times the area CutMix leaves it."""
+        if not MixUpCutMix.is_mixed(params):
+            return 1.0
+        lam = int(params["mix_lam"]) / Q16 if int(params["mix_lam"]) else 1.0
         box = params["mix_box"]
         if box[2] and box[3]:
             _, _, h, w = box_to_pixels(box, height, width)
-            return 1.0 - (h * w) / (height * width)
-        return int(params["mix_lam"]) / Q16
+            lam *= 1.0 - (h * w) / (height * width)
+        return lam
 
     def apply_mix(self, x: torch.Tensor, partner: torch.Tensor, params) -> torch.Tensor:
+        if int(params["mix_lam"]):
+            lam = int(params["mix_lam"]) / Q16
+            x = x * lam + partner * (1.0 - lam)
         box = params["mix_box"]
         if box[2] and box[3]:
             top, left, h, w = box_to_pixels(box, x.shape[-2], x.shape[-1])
             x = x.clone()
             x[..., top : top + h, left : left + w] = partner[..., top : top + h, left : left + w]
-            return x
-        lam = int(params["mix_lam"]) / Q16
-        return x * lam + partner * (1.0 - lam)
+        return x
 
 
-TRANSFORMS = {t.name: t for t in (RandomResizedCrop, HorizontalFlip, RandAugment, RandomErasing, MixUpCutMix)}
+TRANSFORMS = {t.name: t for t in (RandomResizedCrop, ResizeRandomCrop, HorizontalFlip, RandAugment, RandomErasing,
+                                  MixUpCutMix)}
 
 
 @dataclass
 class AugmentPipeline:
-    """The paper's pipeline: crop+resize, flip, RandAugment (uint8) -> normalise -> erasing -> mixing."""
+    """Transforms in stage order: geometry and colour on uint8 -> [0, 1] float (erasing) -> normalise -> mixing.
+
+    Without a crop transform the geometry is the evaluation center crop (the output spec's ``crop_pct``)."""
 
     transforms: List[ReplayableTransform] = field(default_factory=list)
-    crop_pct: float = 0.875  # the center crop used when there is no RandomResizedCrop (evaluation view)
+
+    def __post_init__(self):
+        stages = [STAGES.index(t.stage) for t in self.transforms]
+        if stages != sorted(stages):
+            raise ValueError(f"transforms must come in stage order {STAGES}: got {[(t.name, t.stage) for t in self.transforms]}")
 
     # -- description -------------------------------------------------------------------------------
     def get(self, name: str) -> Optional[ReplayableTransform]:
         return next((t for t in self.transforms if t.name == name), None)
 
+    def stage(self, stage: str) -> List[ReplayableTransform]:
+        return [t for t in self.transforms if t.stage == stage]
+
     @property
     def mix(self) -> Optional[MixUpCutMix]:
-        return self.get("mixup_cutmix")  # type: ignore[return-value]
+        return next(iter(self.stage("mixing")), None)  # type: ignore[return-value]
 
     @property
     def group_size(self) -> int:
         return self.mix.group_size if self.mix else 1
+
+    def without_mixing(self) -> "AugmentPipeline":
+        return AugmentPipeline([t for t in self.transforms if t.stage != "mixing"])
 
     def param_fields(self) -> Dict[str, Tuple[Tuple[int, ...], str]]:
         out: Dict[str, Tuple[Tuple[int, ...], str]] = {}
@@ -365,7 +444,7 @@ class AugmentPipeline:
             name = entry.pop("name", None)
             if name not in TRANSFORMS:
                 raise ValueError(f"unknown augmentation {name!r} in the reinforcement config (known: {sorted(TRANSFORMS)}); "
-                                 "was it written by a newer dr-hf?")
+                                 "was it written by another dr-hf version?")
             kind = TRANSFORMS[name]
             names = {f.name for f in dataclasses.fields(kind)}
             unknown = set(entry) - names
@@ -379,13 +458,14 @@ class AugmentPipeline:
         """The replay pipeline implied by the stored ``dr_params`` fields (sampling constants are not needed)."""
         fields = set(fields)
         transforms: List[ReplayableTransform] = []
-        for kind in (RandomResizedCrop, HorizontalFlip, RandAugment, RandomErasing, MixUpCutMix):
+        for kind in TRANSFORMS.values():
             probe = kind()
             if set(probe.fields) <= fields:
                 transforms.append(probe)
                 fields -= set(probe.fields)
         if fields:
-            raise ValueError(f"dr_params has field(s) {sorted(fields)} that this dr-hf does not know; was it written by a newer dr-hf?")
+            raise ValueError(f"dr_params has field(s) {sorted(fields)} that this dr-hf does not know; was it written by "
+                             "another dr-hf version?")
         return cls(transforms)
 
     # -- sampling ----------------------------------------------------------------------------------
@@ -401,29 +481,43 @@ class AugmentPipeline:
         return params
 
     # -- applying ----------------------------------------------------------------------------------
-    def render(self, image: torch.Tensor, params: Dict[str, Any], out: Output) -> torch.Tensor:
+    def render(self, image: torch.Tensor, params: Dict[str, Any], out: InputSpec) -> torch.Tensor:
         """Everything but mixing: a uint8 CHW image -> a normalised float CHW tensor at ``out.size``."""
         x = image
-        crop = self.get("random_resized_crop")
-        if crop is None:
-            x = CenterCrop(self.crop_pct).apply(x, {}, out)
-        for t in self.transforms:
-            if t.name in ("random_resized_crop", "horizontal_flip", "randaugment"):
-                x = t.apply(x, params, out)
-        x = F.normalize(F.to_dtype(x, torch.float32, scale=True), list(out.mean), list(out.std))
-        erase = self.get("random_erasing")
-        if erase is not None:
-            x = erase.apply(x, params, out)
-        return x
+        if not any(t.resizes for t in self.transforms):
+            x = CenterCrop().apply(x, {}, out)
+        for t in self.stage("geometry") + self.stage("colour"):
+            x = t.apply(x, params, out)
+        x = F.to_dtype(x, torch.float32, scale=True)
+        for t in self.stage("float"):
+            x = t.apply(x, params, out)
+        return F.normalize(x, list(out.mean), list(out.std))
 
-    def render_mixed(self, x: torch.Tensor, partner: Optional[torch.Tensor], params: Dict[str, Any]) -> torch.Tensor:
-        """Mix a rendered sample with its partner's rendering of the same sample index (if the sample is mixed)."""
-        mix = self.mix
-        if mix is None or not mix.is_mixed(params):
-            return x
-        if partner is None:
-            raise ValueError("this sample is mixed, but its partner row is not available")
-        return mix.apply_mix(x, partner, params)
+    def render_samples(self, images: Sequence[torch.Tensor], params: Callable[[int, int], Dict[str, Any]],
+                       picks: Sequence[Tuple[int, int]], out: InputSpec) -> torch.Tensor:
+        """The rendered, mixed samples ``picks`` = [(row, sample index), ...] of a group of rows: (len(picks), 3, H, W).
+
+        ``params(row, sample)`` gives a sample's stored parameters; a mixed sample's partner (``row + mix_partner``,
+        at sample ``mix_sample``) must be one of ``images``. Each (row, sample) is rendered once."""
+        cache: Dict[Tuple[int, int], torch.Tensor] = {}
+
+        def base(r: int, j: int) -> torch.Tensor:
+            if (r, j) not in cache:
+                cache[(r, j)] = self.render(images[r], params(r, j), out)
+            return cache[(r, j)]
+
+        mixed = []
+        for r, j in picks:
+            p = params(r, j)
+            x = base(r, j)
+            if self.mix is not None and self.mix.is_mixed(p):
+                partner = r + int(p["mix_partner"])
+                if not 0 <= partner < len(images):
+                    raise ValueError(f"sample {j} of row {r} of the group is mixed with row {partner}, which is not in "
+                                     "the group; feed mixing datasets whole groups of rows")
+                x = self.mix.apply_mix(x, base(partner, int(p["mix_sample"])), p)
+            mixed.append(x)
+        return torch.stack(mixed)
 
 
 def params_at(row_params: Dict[str, Any], sample: int) -> Dict[str, Any]:
@@ -431,21 +525,33 @@ def params_at(row_params: Dict[str, Any], sample: int) -> Dict[str, Any]:
     return {k: np.asarray(v)[sample] for k, v in row_params.items()}
 
 
+def _ml_dr(*extra: ReplayableTransform) -> AugmentPipeline:
+    return AugmentPipeline([RandomResizedCrop(), HorizontalFlip(), *extra])
+
+
+# Presets: the paper's ImageNet+ variants with ml-dr's constants (configs/imagenet/reinforce/*.yaml), and its
+# CIFAR-100+ / Flowers-102+ / Food-101+ variant (configs/cifar100/reinforce.yaml).
 PRESETS: Dict[str, Callable[[], AugmentPipeline]] = {
-    "rrc+flip": lambda: AugmentPipeline([RandomResizedCrop(), HorizontalFlip()]),
-    "rrc+flip+ra+re": lambda: AugmentPipeline([RandomResizedCrop(), HorizontalFlip(), RandAugment(), RandomErasing()]),
-    "rrc+flip+mix": lambda: AugmentPipeline([RandomResizedCrop(), HorizontalFlip(), MixUpCutMix()]),
-    "rrc+flip+ra+re+mix": lambda: AugmentPipeline(
-        [RandomResizedCrop(), HorizontalFlip(), RandAugment(), RandomErasing(), MixUpCutMix()]
-    ),
+    "imagenet+rrc": lambda: _ml_dr(),
+    "imagenet+rare": lambda: _ml_dr(RandAugment(), RandomErasing()),
+    "imagenet+mix": lambda: _ml_dr(MixUpCutMix()),
+    "imagenet+rare+mix": lambda: _ml_dr(RandAugment(), RandomErasing(), MixUpCutMix()),
+    "cifar100+": lambda: AugmentPipeline([ResizeRandomCrop(), HorizontalFlip(), RandAugment(), RandomErasing()]),
+    "rrc+flip": lambda: _ml_dr(),  # the same pipeline as imagenet+rrc, named for what it is
+}
+PRESET_HELP = {
+    "imagenet+rrc": "ImageNet+-RRC: RandomResizedCrop + flip (light CNNs)",
+    "imagenet+rare": "ImageNet+-RA/RE: + RandAugment (2 ops, magnitude 9/31) + RandomErasing (p=0.25)",
+    "imagenet+mix": "ImageNet+-M*: RandomResizedCrop + flip + MixUp (alpha 1, /2, p=0.5) then CutMix (alpha 1, p=0.5)",
+    "imagenet+rare+mix": "ImageNet+-RA/RE+M*: all of the above (transformers)",
+    "cifar100+": "CIFAR-100+/Flowers-102+/Food-101+: resize, RandomCrop (padding 16), flip, RandAugment, RandomErasing",
+    "rrc+flip": "RandomResizedCrop + flip (= imagenet+rrc)",
 }
 
 
 def make_pipeline(preset: str, crop_scale: Optional[float] = None) -> AugmentPipeline:
-    """A preset by name: ``rrc+flip`` (light CNNs), ``rrc+flip+ra+re``, ``rrc+flip+mix``, ``rrc+flip+ra+re+mix`` (ViTs).
-
-    ``crop_scale`` sets RandomResizedCrop's smallest area fraction (default 0.08; small images such as CIFAR's
-    32x32 want about 0.35)."""
+    """A preset by name (see :data:`PRESET_HELP`). ``crop_scale`` sets RandomResizedCrop's smallest area fraction
+    (default 0.08; small images such as CIFAR's 32x32 want about 0.35)."""
     if preset not in PRESETS:
         raise ValueError(f"--augment {preset!r} is not a preset; choose one of {sorted(PRESETS)}")
     pipeline = PRESETS[preset]()
@@ -453,5 +559,7 @@ def make_pipeline(preset: str, crop_scale: Optional[float] = None) -> AugmentPip
         if not 0.0 < crop_scale <= 1.0:
             raise ValueError(f"--crop-scale must be in (0, 1], got {crop_scale}")
         crop = pipeline.get("random_resized_crop")
+        if crop is None:
+            raise ValueError(f"--crop-scale applies to RandomResizedCrop, which --augment {preset!r} does not use")
         crop.scale = (float(crop_scale), 1.0)
     return pipeline

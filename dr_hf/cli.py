@@ -8,7 +8,7 @@ import shlex
 import sys
 from typing import List, Optional
 
-from .augment import PRESETS
+from .augment import PRESET_HELP, PRESETS
 
 
 def cmd_reinforce(args) -> int:
@@ -17,7 +17,7 @@ def cmd_reinforce(args) -> int:
     from .processes import current_processes, finish
     from .reinforce import reinforce, stream_length
     from .source import load_source
-    from .teacher import TeacherEnsemble
+    from .teacher import TeacherEnsemble, expand_specs
 
     procs = current_processes(args.device)
     if not args.quiet:
@@ -26,7 +26,6 @@ def cmd_reinforce(args) -> int:
     pipeline = make_pipeline(args.augment, crop_scale=args.crop_scale)
     if args.group_size and pipeline.mix:
         pipeline.mix.group_size = args.group_size
-    teachers = TeacherEnsemble.from_specs(args.teacher, device=procs.device, dtype=args.dtype)
     ds = load_source(args.dataset, args.split, args.name, args.revision, None if args.streaming else args.limit,
                      streaming=args.streaming)
     if args.streaming:
@@ -35,10 +34,12 @@ def cmd_reinforce(args) -> int:
             ds, num_rows = ds.take(args.limit), min(args.limit, num_rows)
     else:
         num_rows = len(ds)
+    teachers = TeacherEnsemble.from_specs(args.teacher, device=procs.device, precision=args.precision)
     config = ReinforceConfig(
         augment=args.augment,
         augmentations=pipeline.config(),
-        teachers=list(args.teacher),
+        teachers=expand_specs(args.teacher),
+        precision=args.precision,
         num_samples=args.num_samples,
         topk=args.topk,
         seed=args.seed,
@@ -124,26 +125,29 @@ def cmd_demo(args) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dr-hf", description="Dataset Reinforcement for Hugging Face datasets")
     sub = parser.add_subparsers(dest="command", required=True)
+    _add = sub.add_parser
+    sub.add_parser = lambda *a, **kw: _add(*a, formatter_class=argparse.ArgumentDefaultsHelpFormatter, **kw)  # show defaults
 
     r = sub.add_parser("reinforce", help="add augmentation-parameter and sparse teacher-output columns to an image dataset")
     r.add_argument("dataset", help="anything datasets.load_dataset accepts: Hub id, local folder, image folder")
     r.add_argument("--output", required=True, help="output folder (Hub layout: README.md + data/*.parquet)")
     r.add_argument("--teacher", action="append", required=True,
                    help="teacher spec; repeat for an ensemble (efficientnet-lite0, timm:NAME[@FILE], hf:REPO_OR_DIR)")
-    r.add_argument("--augment", default="rrc+flip", choices=sorted(PRESETS), help="augmentation preset")
+    r.add_argument("--augment", default="imagenet+rrc", choices=sorted(PRESETS), metavar="PRESET",
+                   help="augmentation preset: " + "; ".join(f"{k}: {v}" for k, v in PRESET_HELP.items()))
     r.add_argument("--crop-scale", type=float, default=None,
                    help="RandomResizedCrop's smallest area fraction (default 0.08; ~0.35 for 32x32 images)")
     r.add_argument("--num-samples", type=int, default=400, help="augmentations per image (N; paper: 400)")
     r.add_argument("--topk", type=int, default=10, help="teacher classes kept per sample (K; paper: 10)")
-    r.add_argument("--seed", type=int, default=0)
+    r.add_argument("--seed", type=int, default=0, help="the reinforcement is a pure function of (seed, row, sample index)")
     r.add_argument("--batch-size", type=int, default=32, help="images per map batch (does not change the output)")
     r.add_argument("--teacher-batch-size", type=int, default=256, help="samples per teacher forward")
     r.add_argument("--rows-per-shard", type=int, default=2048, help="rows per parquet shard (the unit of resume)")
     r.add_argument("--group-size", type=int, default=0, help="rows per MixUp/CutMix partner group (default 8)")
-    r.add_argument("--split", default="train")
+    r.add_argument("--split", default="train", help="the source split (also the output split's name)")
     r.add_argument("--name", default=None, help="dataset config name")
-    r.add_argument("--revision", default=None)
-    r.add_argument("--image-column", default="image")
+    r.add_argument("--revision", default=None, help="the source's Hub revision (branch, tag or commit)")
+    r.add_argument("--image-column", default="image", help="the source's image column")
     r.add_argument("--label-column", default="label", help="'' for unlabelled data")
     r.add_argument("--limit", type=int, default=None, help="only the first M rows (for trials)")
     r.add_argument("--streaming", action="store_true", help="stream the source (sets that do not fit on disk); dr_index = position in the stream")
@@ -157,19 +161,22 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--render-threads", type=int, default=None,
                    help="threads rendering teacher inputs ahead of the teacher (default: 1 on a GPU, 0 on the CPU, where they would compete for cores)")
     r.add_argument("--device", default=None, help="default: cuda if available, else cpu")
-    r.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"], help="teacher autocast dtype (default: bf16 on CUDA)")
-    r.add_argument("--quiet", action="store_true")
+    r.add_argument("--precision", default="fp32", choices=["fp32", "tf32", "bf16"],
+                   help="teacher precision: fp32 (faithful to ml-dr), tf32 or bf16 autocast (faster on GPUs; "
+                        "python scripts/bench_precision.py measures what it changes)")
+    r.add_argument("--quiet", action="store_true", help="no progress bar or log lines")
     r.set_defaults(func=cmd_reinforce)
 
-    v = sub.add_parser("verify", help="check a reinforced dataset; with --teacher, replay rows and re-run the teacher")
-    v.add_argument("path")
-    v.add_argument("--teacher", action="append", default=[])
-    v.add_argument("--rows", type=int, default=8)
+    v = sub.add_parser("verify", help="check a reinforced dataset's values and replay rows through its recorded teachers")
+    v.add_argument("path", help="a local reinforced folder")
+    v.add_argument("--teacher", action="append", default=None,
+                   help="optional: must match the recorded teachers (verify replays those by default)")
+    v.add_argument("--rows", type=int, default=8, help="rows to replay through the recorded teachers (0: schema and values only)")
     v.add_argument("--split", default="train")
-    v.add_argument("--seed", type=int, default=0)
-    v.add_argument("--atol", type=float, default=1e-3)
-    v.add_argument("--rtol", type=float, default=2e-3)
-    v.add_argument("--device", default=None)
+    v.add_argument("--seed", type=int, default=0, help="picks the replayed rows")
+    v.add_argument("--atol", type=float, default=1e-3, help="absolute log-prob tolerance")
+    v.add_argument("--rtol", type=float, default=2e-3, help="relative log-prob tolerance (covers one float16 step)")
+    v.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     v.set_defaults(func=cmd_verify)
 
     p = sub.add_parser("push", help="upload a reinforced folder to a Hub dataset repo (resumable, one commit per batch of files)")
@@ -178,23 +185,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--private", action="store_true", help="create the repo private")
     p.add_argument("--revision", default=None, help="branch to push to (created if missing; default main)")
     p.add_argument("--token", default=None, help="Hub token (default: HF_TOKEN or `hf auth login`); never printed")
-    p.add_argument("--files-per-commit", type=int, default=50)
-    p.add_argument("--quiet", action="store_true")
+    p.add_argument("--files-per-commit", type=int, default=50, help="files per Hub commit (shards first, card last)")
+    p.add_argument("--quiet", action="store_true", help="no log lines")
     p.set_defaults(func=cmd_push)
 
     pv = sub.add_parser("preview", help="render a grid of replayed samples with the teacher's top classes (PNG)")
     pv.add_argument("folder")
     pv.add_argument("--out", default=None, help="default: FOLDER/preview.png")
-    pv.add_argument("--rows", type=int, default=4)
-    pv.add_argument("--samples", type=int, default=4)
+    pv.add_argument("--rows", type=int, default=4, help="rows shown (grid rows)")
+    pv.add_argument("--samples", type=int, default=4, help="stored samples shown per row (grid columns)")
     pv.add_argument("--split", default="train")
     pv.add_argument("--source", default=None, help="the source dataset, for a reinforcement-only (--no-images) folder")
     pv.add_argument("--seed", type=int, default=0, help="picks which rows and samples are shown")
     pv.set_defaults(func=cmd_preview)
 
     d = sub.add_parser("demo", help="reinforce an embedded set of photos end to end, load it back and verify it")
-    d.add_argument("--output", default="out/demo-plus")
-    d.add_argument("--teacher", default="efficientnet-lite0")
+    d.add_argument("--output", default="out/demo-plus", help="the reinforced folder (the source goes to OUTPUT-source)")
+    d.add_argument("--teacher", default="efficientnet-lite0", help="teacher spec")
     d.set_defaults(func=cmd_demo)
     return parser
 

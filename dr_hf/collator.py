@@ -1,18 +1,26 @@
-"""The training collator: replays a stored augmentation per example and builds the student's batch.
+"""Collators: turn dataset rows into a student's batch. One per mode, each building one :class:`Example` per image.
 
-It runs in DataLoader workers (``dataloader_num_workers``), so decoding and replay stay out of the training loop.
+* :class:`ReinforcedCollator` (training on a reinforced dataset): replays one of each row's N stored samples and
+  returns the sparse teacher target.
+* :class:`AugmentCollator` (plain training, online KD): samples fresh parameters from a preset; with teacher input
+  specs it also renders each live teacher's view.
+* :class:`EvalCollator` (evaluation and prediction): the deterministic center crop, for plain and reinforced rows.
+
+They run in DataLoader workers (``dataloader_num_workers``), so decoding and replay stay out of the training loop.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any, Dict, List, Optional, Sequence
 
 import numpy as np
 import torch
 
-from .augment import AugmentPipeline, Context, Output, make_pipeline, params_at
+from .augment import AugmentPipeline, Context, make_pipeline, params_at
 from .format import DR_INDEX, DR_PARAMS, DR_TOPK_INDICES, DR_TOPK_LOGPROBS, missing_columns
 from .images import decode
+from .inputs import InputSpec
 
 
 def _rows(example: Dict[str, Any]) -> List[Dict[str, Any]]:
@@ -23,44 +31,125 @@ def _rows(example: Dict[str, Any]) -> List[Dict[str, Any]]:
     return [example]
 
 
-class ReinforcedCollator:
-    """Build ``pixel_values`` (student size and normalisation) and the sparse teacher target for each example.
+@dataclass
+class Example:
+    """One image of a batch: its rendered views (the student's first, then each live teacher's), its label, and
+    what it was mixed with (``partner``: the partner's position in the batch, -1 for none; ``lam``: own weight),
+    which stored sample it replays (-1: none) and that sample's sparse teacher target."""
 
-    * Reinforced examples (with the ``dr_*`` columns): pick one of the N stored samples at random (torch's RNG,
-      which the Trainer seeds, and which DataLoader workers reseed every epoch), replay it, and return
-      ``teacher_indices`` / ``teacher_logprobs`` (B x K). Rows of one mixing group (a group example) share the
-      sample index, so MixUp/CutMix partners are in the batch.
-    * With probability ``1 - reinforced_prob`` an example is the original image (center crop) with its one-hot label.
-    * Plain examples: ``train=True`` samples fresh parameters from ``augment`` (plain training and online KD);
-      ``train=False`` is the evaluation view (center crop). ``teacher_outputs`` also renders each live teacher's view.
-    """
+    views: List[torch.Tensor]
+    label: int
+    partner: int = -1
+    lam: float = 1.0
+    sample: int = -1
+    teacher_indices: Optional[np.ndarray] = None
+    teacher_logprobs: Optional[np.ndarray] = None
 
-    def __init__(self, output: Output, image_column: str = "image", label_column: Optional[str] = "label",
-                 train: bool = True, augment: Optional[str] = "rrc+flip", reinforced_prob: float = 1.0,
-                 teacher_outputs: Sequence[Output] = (), crop_pct: float = 0.875, crop_scale: Optional[float] = None,
-                 num_classes: Optional[int] = None):
+
+class _Collator:
+    def __init__(self, output: InputSpec, image_column: str = "image", label_column: Optional[str] = "label",
+                 teacher_outputs: Sequence[InputSpec] = (), num_classes: Optional[int] = None):
         self.output = output
         self.image_column = image_column
         self.label_column = label_column
-        self.train = train
-        self.augment = augment
-        self.reinforced_prob = reinforced_prob
         self.teacher_outputs = list(teacher_outputs)
         self.num_classes = num_classes
-        self.center = AugmentPipeline([], crop_pct=crop_pct)
-        self._replay: Dict[tuple, AugmentPipeline] = {}
-        self._fresh = make_pipeline(augment, crop_scale=crop_scale) if augment else None
-        if self._fresh is not None and self._fresh.mix is not None:
+
+    @property
+    def specs(self) -> List[InputSpec]:
+        return [self.output] + self.teacher_outputs
+
+    def label(self, row: Dict[str, Any]) -> int:
+        if not self.label_column or row.get(self.label_column) is None:
+            return -1
+        return int(row[self.label_column])
+
+    def image(self, row: Dict[str, Any]) -> torch.Tensor:
+        index = row.get(DR_INDEX)
+        return decode(row[self.image_column], row=int(index) if index is not None else None, column=self.image_column)
+
+    def fresh(self, pipeline: AugmentPipeline, row: Dict[str, Any], seed: Optional[int] = None) -> Example:
+        """A view with freshly sampled parameters (from ``seed``; default: torch's RNG, which the Trainer and
+        DataLoader workers seed)."""
+        image = self.image(row)
+        seed = int(torch.randint(0, 2**62, ()).item()) if seed is None else seed
+        p = pipeline.make_params(seed, 0, 0, Context(image.shape[-2], image.shape[-1]))
+        return Example([pipeline.render(image, p, spec) for spec in self.specs], self.label(row))
+
+    def collate(self, examples: List[Example]) -> Dict[str, torch.Tensor]:
+        labels = [e.label for e in examples]
+        batch: Dict[str, torch.Tensor] = {"pixel_values": torch.stack([e.views[0] for e in examples]),
+                                          "labels": torch.tensor(labels, dtype=torch.long)}
+        for o in range(len(self.teacher_outputs)):
+            batch[f"teacher_pixel_values_{o}"] = torch.stack([e.views[o + 1] for e in examples])
+        if any(e.partner >= 0 for e in examples):
+            batch["mix_labels"] = torch.tensor([labels[e.partner] if e.partner >= 0 else -1 for e in examples])
+            batch["mix_lam"] = torch.tensor([e.lam for e in examples], dtype=torch.float32)
+        if any(e.sample >= 0 for e in examples):
+            batch["sample_index"] = torch.tensor([e.sample for e in examples], dtype=torch.long)
+            k = next(len(e.teacher_indices) for e in examples if e.teacher_indices is not None)
+            batch["teacher_indices"] = torch.tensor(np.stack([
+                e.teacher_indices if e.teacher_indices is not None else np.full(k, -1) for e in examples]))
+            batch["teacher_logprobs"] = torch.tensor(np.stack([
+                e.teacher_logprobs if e.teacher_logprobs is not None else np.full(k, np.nan, np.float32) for e in examples]))
+        return batch
+
+
+class EvalCollator(_Collator):
+    """The evaluation view (center crop at the spec's ``crop_pct``) with labels, for plain and reinforced rows."""
+
+    def __init__(self, output: InputSpec, image_column: str = "image", label_column: Optional[str] = "label", **kw):
+        super().__init__(output, image_column, label_column, **kw)
+        self.center = AugmentPipeline([])
+
+    def __call__(self, examples: List[Dict[str, Any]]) -> Dict[str, torch.Tensor]:
+        out = []
+        for example in examples:
+            for row in _rows(example):
+                image = self.image(row)
+                out.append(Example([self.center.render(image, {}, spec) for spec in self.specs], self.label(row)))
+        return self.collate(out)
+
+
+class AugmentCollator(_Collator):
+    """Plain training and online KD: fresh parameters from the preset ``augment`` for each row (no mixing)."""
+
+    def __init__(self, output: InputSpec, augment: str, crop_scale: Optional[float] = None, **kw):
+        super().__init__(output, **kw)
+        self.pipeline = make_pipeline(augment, crop_scale=crop_scale)
+        if self.pipeline.mix is not None:
             raise ValueError(f"augment={augment!r}: fresh sampling (plain training / online KD) supports presets without "
                              "MixUp/CutMix; reinforced datasets replay their stored mixing")
 
-    def _pipeline(self, params: Dict[str, Any]) -> AugmentPipeline:
-        key = tuple(sorted(params))
-        if key not in self._replay:
-            self._replay[key] = AugmentPipeline.from_fields(key)
-        return self._replay[key]
+    def __call__(self, examples: List[Dict[str, Any]]) -> Dict[str, torch.Tensor]:
+        return self.collate([self.fresh(self.pipeline, row) for example in examples for row in _rows(example)])
 
-    def _check_target(self, index: int, j: int, n: int, row, idx: np.ndarray, lp: np.ndarray, seen) -> None:
+
+class ReinforcedCollator(_Collator):
+    """Training on a reinforced dataset: for each row pick one of its N stored samples at random, replay it at the
+    student's input spec and return ``teacher_indices`` / ``teacher_logprobs`` (B x K). Rows of one mixing group (a
+    group example) share the sample index, so MixUp/CutMix partners are in the batch.
+
+    With probability ``1 - reinforced_prob`` (ml-dr: 0.01) an example is instead the original image seen through
+    the training augmentation (the dataset's own transforms, freshly sampled, without mixing) with its label.
+
+    Every choice is a pure function of (``seed``, ``epoch``, the group's first ``dr_index``), so a run resumed from
+    a checkpoint sees the same samples as an uninterrupted one; ``ReinforcedTrainer`` sets ``epoch`` each epoch."""
+
+    def __init__(self, output: InputSpec, reinforced_prob: float = 0.99, seed: int = 0, **kw):
+        super().__init__(output, **kw)
+        self.reinforced_prob = reinforced_prob
+        self.seed = seed
+        self.epoch = 0
+        self._pipelines: Dict[tuple, AugmentPipeline] = {}
+
+    def pipeline(self, params: Dict[str, Any]) -> AugmentPipeline:
+        key = tuple(sorted(params))
+        if key not in self._pipelines:
+            self._pipelines[key] = AugmentPipeline.from_fields(key)
+        return self._pipelines[key]
+
+    def check_target(self, index: int, j: int, n: int, row, idx: np.ndarray, lp: np.ndarray, k: int) -> None:
         """Refuse tampered or corrupt teacher targets, naming the row and column, before they reach the loss."""
         where = f"row {index}, sample {j}"
         if len(row[DR_TOPK_LOGPROBS]) != n:
@@ -70,7 +159,6 @@ class ReinforcedCollator:
             if len(values) != n:
                 raise ValueError(f"{where}, column {DR_PARAMS!r}: field {name!r} holds {len(values)} samples, "
                                  f"{DR_TOPK_INDICES!r} {n}")
-        k = next(len(i) for i in seen if i is not None)
         if idx.ndim != 1 or lp.shape != idx.shape or len(idx) != k:
             raise ValueError(f"{where}, columns {DR_TOPK_INDICES!r}/{DR_TOPK_LOGPROBS!r}: shapes {idx.shape}/{lp.shape}, "
                              f"expected ({k},) each")
@@ -82,95 +170,48 @@ class ReinforcedCollator:
             raise ValueError(f"{where}, column {DR_TOPK_LOGPROBS!r}: {lp.tolist()} are not log-probabilities "
                              "(finite, <= 0)")
 
-    def _label(self, row: Dict[str, Any]) -> int:
-        if not self.label_column or self.label_column not in row or row[self.label_column] is None:
-            return -1
-        return int(row[self.label_column])
+    def group(self, rows: List[Dict[str, Any]], base: int) -> List[Example]:
+        """The examples of one group of rows (one row, or a whole mixing group), at batch positions ``base``..."""
+        missing = missing_columns(rows[0])
+        if missing:
+            raise ValueError(f"training example lacks the reinforcement columns {missing}: train on a reinforced "
+                             "dataset, or ask for plain training (augment=...) or online KD (online_teachers=...)")
+        n = len(rows[0][DR_TOPK_INDICES])
+        rng = np.random.default_rng([self.seed, self.epoch, int(rows[0][DR_INDEX])])
+        j = int(rng.integers(0, n))
+        k = len(rows[0][DR_TOPK_INDICES][j])
+        pos = {int(row[DR_INDEX]): r for r, row in enumerate(rows)}
+        images = [self.image(row) for row in rows]
+        pipe = self.pipeline(rows[0][DR_PARAMS])
 
-    def _views(self, image: torch.Tensor, render) -> List[torch.Tensor]:
-        return [render(image, out) for out in [self.output] + self.teacher_outputs]
+        def params(r: int, s: int) -> Dict[str, Any]:
+            return params_at(rows[r][DR_PARAMS], s)
+
+        views = [pipe.render_samples(images, params, [(r, j) for r in range(len(rows))], spec) for spec in self.specs]
+        out = []
+        for r, row in enumerate(rows):
+            index = int(row[DR_INDEX])
+            original, fresh_seed = rng.random() >= self.reinforced_prob, int(rng.integers(0, 2**62))
+            if original:
+                out.append(self.fresh(pipe.without_mixing(), row, fresh_seed))
+                continue
+            p = params(r, j)
+            partner, lam = -1, 1.0
+            if pipe.mix is not None and pipe.mix.is_mixed(p):
+                target = index + int(p["mix_partner"])
+                if target not in pos:
+                    raise ValueError(f"row {index}, sample {j}: its MixUp/CutMix partner row {target} is not in the same "
+                                     "example group; feed mixing datasets through ReinforcedTrainer, which groups rows")
+                partner = base + pos[target]
+                lam = pipe.mix.weight(p, *self.output.size)
+            idx = np.asarray(row[DR_TOPK_INDICES][j], dtype=np.int64)
+            lp = np.asarray(row[DR_TOPK_LOGPROBS][j], dtype=np.float32)
+            self.check_target(index, j, n, row, idx, lp, k)
+            out.append(Example([v[r] for v in views], self.label(row), partner, lam, j, idx, lp))
+        return out
 
     def __call__(self, examples: List[Dict[str, Any]]) -> Dict[str, torch.Tensor]:
-        views: List[List[torch.Tensor]] = []
-        labels, partners, lams, idx, lps, picked = [], [], [], [], [], []
-
-        def add_unmixed(view: List[torch.Tensor], label: int) -> None:
-            views.append(view)
-            labels.append(label)
-            partners.append(-1)
-            lams.append(1.0)
-
+        out: List[Example] = []
         for example in examples:
-            rows = _rows(example)
-            if missing_columns(rows[0]) and not self.train:
-                for row in rows:
-                    image = decode(row[self.image_column], column=self.image_column)
-                    add_unmixed(self._views(image, lambda im, out: self.center.render(im, {}, out)), self._label(row))
-                continue
-            if missing_columns(rows[0]):
-                if self._fresh is None:
-                    raise ValueError(f"training example lacks the reinforcement columns {missing_columns(rows[0])} and no "
-                                     "augment preset is set for plain training")
-                for row in rows:
-                    image = decode(row[self.image_column], column=self.image_column)
-                    seed = int(torch.randint(0, 2**62, ()).item())
-                    p = self._fresh.make_params(seed, 0, 0, Context(image.shape[-2], image.shape[-1]))
-                    add_unmixed(self._views(image, lambda im, out: self._fresh.render(im, p, out)), self._label(row))
-                continue
-            # reinforced: one sample index for the whole group
-            n = len(rows[0][DR_TOPK_INDICES])
-            j = int(torch.randint(0, n, ()).item())
-            base = len(views)
-            pos = {int(row[DR_INDEX]): k for k, row in enumerate(rows)}
-            group_views, group_params = [], []
-            for row in rows:
-                image = decode(row[self.image_column], row=int(row[DR_INDEX]), column=self.image_column)
-                p = params_at(row[DR_PARAMS], j)
-                pipe = self._pipeline(p)
-                group_params.append((p, pipe, image))
-                group_views.append(self._views(image, lambda im, out: pipe.render(im, p, out)))
-            for k, row in enumerate(rows):
-                p, pipe, image = group_params[k]
-                label = self._label(row)
-                if self.reinforced_prob < 1.0 and float(torch.rand(())) >= self.reinforced_prob:
-                    add_unmixed(self._views(image, lambda im, out: self.center.render(im, {}, out)), label)
-                    idx.append(None)
-                    lps.append(None)
-                    continue
-                own = group_views[k]
-                partner = -1
-                lam = 1.0
-                if "mix_partner" in p and int(p["mix_partner"]) != 0:
-                    target = int(row[DR_INDEX]) + int(p["mix_partner"])
-                    if target not in pos:
-                        raise ValueError(f"row {int(row[DR_INDEX])}, sample {j}: its MixUp/CutMix partner row {target} is not in "
-                                         "the same example group; feed mixing datasets through ReinforcedTrainer, which "
-                                         "groups rows")
-                    other = group_views[pos[target]]
-                    own = [pipe.render_mixed(a, b, p) for a, b in zip(own, other)]
-                    partner = base + pos[target]
-                    lam = pipe.mix.weight(p, *own[0].shape[-2:])
-                views.append(own)
-                picked.append((len(views) - 1, j))
-                labels.append(label)
-                partners.append(partner)
-                lams.append(lam)
-                idx.append(np.asarray(row[DR_TOPK_INDICES][j], dtype=np.int64))
-                lps.append(np.asarray(row[DR_TOPK_LOGPROBS][j], dtype=np.float32))
-                self._check_target(int(row[DR_INDEX]), j, n, row, idx[-1], lps[-1], idx)
-        labels_t = torch.tensor(labels, dtype=torch.long)
-        batch: Dict[str, torch.Tensor] = {"pixel_values": torch.stack([v[0] for v in views]), "labels": labels_t}
-        for o in range(len(self.teacher_outputs)):
-            batch[f"teacher_pixel_values_{o}"] = torch.stack([v[o + 1] for v in views])
-        if any(p >= 0 for p in partners):
-            batch["mix_labels"] = torch.tensor([labels[p] if p >= 0 else -1 for p in partners], dtype=torch.long)
-            batch["mix_lam"] = torch.tensor(lams, dtype=torch.float32)
-        sample_index = torch.full((len(views),), -1, dtype=torch.long)
-        for pos_, j_ in picked:
-            sample_index[pos_] = j_
-        batch["sample_index"] = sample_index  # which stored sample each example replays (-1: none)
-        if idx and any(i is not None for i in idx):
-            k = next(len(i) for i in idx if i is not None)
-            batch["teacher_indices"] = torch.tensor(np.stack([i if i is not None else np.full(k, -1) for i in idx]))
-            batch["teacher_logprobs"] = torch.tensor(np.stack([v if v is not None else np.full(k, np.nan, np.float32) for v in lps]))
-        return batch
+            out.extend(self.group(_rows(example), len(out)))
+        return self.collate(out)

@@ -49,32 +49,44 @@ def run_demo(output: str, teacher: str = "efficientnet-lite0", num_samples: int 
     import datasets
     import numpy as np
 
-    from .cli import main as cli
+    from .augment import make_pipeline
+    from .format import ReinforceConfig
+    from .reinforce import reinforce
+    from .teacher import TeacherEnsemble
+    from .verify import verify
 
+    datasets.disable_progress_bars()
     source = output.rstrip("/") + "-source"
     for folder in (source, output):
         if os.path.isdir(folder):
             shutil.rmtree(folder)
     write_source(source)
     print(f"[1/4] embedded source dataset: {len(PHOTOS)} photos from scikit-image -> {source}")
-    code = cli(["reinforce", source, "--output", output, "--teacher", teacher, "--augment", "rrc+flip",
-                "--num-samples", str(num_samples), "--topk", str(topk), "--seed", "0", "--quiet"])
-    if code:
-        raise RuntimeError("dr-hf reinforce failed")
-    print(f"[2/4] reinforced with {teacher}: N={num_samples} samples per image, top-{topk}")
+    teachers = TeacherEnsemble.from_specs([teacher])
+    preset = "imagenet+rrc"
+    config = ReinforceConfig(augment=preset, augmentations=make_pipeline(preset).config(), teachers=teachers.specs,
+                             num_samples=num_samples, topk=topk, seed=0, num_classes=teachers.num_classes,
+                             source={"path": source, "split": "train", "num_rows": len(PHOTOS)})
+    command = (f"dr-hf reinforce {source} --output {output} --teacher {teacher} --augment {preset} "
+               f"--num-samples {num_samples} --topk {topk} --seed 0")
+    reinforce(datasets.load_dataset(source, split="train"), config, teachers, output, show_progress=False, command=command)
+    print(f"[2/4] reinforced with {teacher}: N={num_samples} samples per image, top-{topk} -> {output}")
 
     ds = datasets.load_dataset(output, split="train")
     streamed = next(iter(datasets.load_dataset(output, split="train", streaming=True)))
-    assert streamed["dr_topk_indices"] == ds[0]["dr_topk_indices"]
+    if streamed["dr_topk_indices"] != ds[0]["dr_topk_indices"]:
+        raise RuntimeError("the streamed and the map-style dataset differ")
     print(f"[3/4] load_dataset({output!r}) -> {ds.num_rows} rows, columns {ds.column_names} (streaming too)")
-    from .teacher import load_teacher
-
-    names = load_teacher(teacher).class_names or []
+    names = teachers.class_names or []
     for row in ds.select_columns(["name", "dr_topk_indices", "dr_topk_logprobs"]):
         idx, lp = np.asarray(row["dr_topk_indices"]), np.asarray(row["dr_topk_logprobs"], dtype=np.float32)
         top = ", ".join(f"{names[i].split(',')[0] if i < len(names) else i} {np.exp(v):.2f}" for i, v in zip(idx[0][:3], lp[0][:3]))
         print(f"      {row['name']:>18}  sample 0: {top}")
-    code = cli(["verify", output, "--teacher", teacher, "--rows", "4"])
-    print(f"[4/4] dr-hf verify {output} --teacher {teacher}: {'OK' if code == 0 else 'FAILED'}")
-    if code:
-        raise RuntimeError("verification failed")
+    report = verify(output, rows=4)
+    print(f"[4/4] dr-hf verify {output}: replayed {report.replayed_rows} rows through {teacher}, largest log-prob "
+          f"difference {report.max_abs_diff:.2g}: {'OK' if report.ok else 'FAILED'}")
+    if not report.ok:
+        raise RuntimeError("verification failed: " + "; ".join(report.problems))
+    print(f"\nwrote {output}/README.md (the dataset card) and {output}/preview.png (replayed samples)")
+    print("next: train a student on it (README section 4), or push it: dr-hf push "
+          f"{output} your-org/demo-plus")

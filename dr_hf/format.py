@@ -33,7 +33,7 @@ DR_PARAMS = "dr_params"
 DR_TOPK_INDICES = "dr_topk_indices"
 DR_TOPK_LOGPROBS = "dr_topk_logprobs"
 DR_COLUMNS = (DR_INDEX, DR_PARAMS, DR_TOPK_INDICES, DR_TOPK_LOGPROBS)
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: torchvision RandAugment bins, ml-dr erasing and mixing (mix_sample)
 METADATA_KEY = b"dr_hf"
 
 
@@ -84,6 +84,7 @@ class ReinforceConfig:
     image_column: str = "image"
     label_column: Optional[str] = "label"
     source: Dict[str, Any] = field(default_factory=dict)
+    precision: str = "fp32"  # the teachers' precision (fp32, tf32, bf16)
     teacher_batch_size: int = 256
     rows_per_shard: int = 2048
     keep_source: bool = True  # False (``--no-images``): only the dr_* columns are written

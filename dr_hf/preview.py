@@ -8,7 +8,8 @@ from typing import List, Optional
 import numpy as np
 import torch
 
-from .augment import Output, params_at
+from .augment import params_at
+from .inputs import InputSpec
 from .format import DR_INDEX, DR_PARAMS, DR_TOPK_INDICES, DR_TOPK_LOGPROBS
 from .images import decode
 
@@ -69,7 +70,7 @@ def render_preview(folder: str, out: Optional[str] = None, rows: int = 4, sample
         cells = joined.cast_column(config.image_column, datasets.Image(decode=False))
     names = class_names(features, config.label_column, config.num_classes)
     pipeline = config.pipeline()
-    display = Output(size=(TILE, TILE), mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0), interpolation="bilinear")
+    display = InputSpec(size=(TILE, TILE), mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0), interpolation="bilinear")  # [0, 1]
     n_rows = table.num_rows
     rng = np.random.default_rng(seed)
     chosen = sorted(rng.choice(n_rows, size=min(rows, n_rows), replace=False).tolist())
@@ -79,14 +80,22 @@ def render_preview(folder: str, out: Optional[str] = None, rows: int = 4, sample
         cell = cells[r][config.image_column] if cells is not None else table.column(config.image_column)[r].as_py()
         return decode(cell, row=data[r][DR_INDEX], column=config.image_column)
 
-    cache = {}
+    class Images:  # decoded on first use: render_samples reaches partners by row
+        def __init__(self):
+            self.cache = {}
 
-    def base(r, j):
-        if (r, j) not in cache:
-            if r not in cache:
-                cache[r] = image(r)
-            cache[(r, j)] = pipeline.render(cache[r], params_at(data[r][DR_PARAMS], j), display)
-        return cache[(r, j)]
+        def __len__(self):
+            return n_rows
+
+        def __getitem__(self, r):
+            if r not in self.cache:
+                self.cache[r] = image(r)
+            return self.cache[r]
+
+    images = Images()
+
+    def sample_params(r, j):
+        return params_at(data[r][DR_PARAMS], j)
 
     font = PIL.ImageFont.load_default()
     cell_h = TILE + CAPTION_LINES * LINE + 6
@@ -102,7 +111,7 @@ def render_preview(folder: str, out: Optional[str] = None, rows: int = 4, sample
         for col, j in enumerate(order[:samples]):
             p = params_at(params, j)
             partner = r + int(p["mix_partner"]) if "mix_partner" in p else r
-            x = pipeline.render_mixed(base(r, j), base(partner, j) if partner != r else None, p)
+            x = pipeline.render_samples(images, sample_params, [(r, j)], display)[0]
             tile = (x.clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0).numpy()
             x0, y0 = col * (TILE + 4), gi * cell_h
             grid.paste(PIL.Image.fromarray(np.ascontiguousarray(tile)), (x0, y0))

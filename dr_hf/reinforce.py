@@ -7,6 +7,7 @@ output does not depend on ``--batch-size``, on processing order, or on the numbe
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import logging
 import math
@@ -73,13 +74,15 @@ class Reinforcer:
         self.fields = self.pipeline.param_fields()
         if teachers.num_classes != config.num_classes:
             raise ValueError(f"the teachers have {teachers.num_classes} classes, the config says {config.num_classes}")
+        if teachers.precision != config.precision:
+            raise ValueError(f"the teachers run at precision {teachers.precision!r}, the config says {config.precision!r}")
 
     # -- one row -----------------------------------------------------------------------------------
     def _row_params(self, index: int, image: torch.Tensor) -> List[Dict[str, Any]]:
         g = self.pipeline.group_size
         start = (index // g) * g
         ctx = Context(height=image.shape[-2], width=image.shape[-1], position=index - start,
-                      group_rows=min(g, self.num_rows - start))
+                      group_rows=min(g, self.num_rows - start), num_samples=self.config.num_samples)
         return [self.pipeline.make_params(self.config.seed, index, j, ctx) for j in range(self.config.num_samples)]
 
     def _check_label(self, label: Any, index: int) -> None:
@@ -94,14 +97,8 @@ class Reinforcer:
     # -- one mixing group --------------------------------------------------------------------------
     def render_group(self, images: Sequence[torch.Tensor], params: Sequence[List[Dict[str, Any]]], js: Sequence[int], out) -> torch.Tensor:
         """The teacher inputs for samples ``js`` of a group's rows at ``out``: (rows * len(js), 3, H, W), row-major."""
-        base = [[self.pipeline.render(images[r], params[r][j], out) for j in js] for r in range(len(images))]
-        mixed = []
-        for r in range(len(images)):
-            for k, j in enumerate(js):
-                p = params[r][j]
-                partner = r + int(p["mix_partner"]) if "mix_partner" in p else r
-                mixed.append(self.pipeline.render_mixed(base[r][k], base[partner][k] if partner != r else None, p))
-        return torch.stack(mixed)
+        picks = [(r, j) for r in range(len(images)) for j in js]
+        return self.pipeline.render_samples(images, lambda r, j: params[r][j], picks, out)
 
     def _teacher_batches(self, groups: Sequence[Tuple[int, int]]) -> List[Tuple[int, int, range]]:
         """(group start, group stop, sample indices) per teacher batch: fixed per group, whatever the map batch."""
@@ -393,7 +390,13 @@ def reinforce(
     done_rows = 0
     was_enabled = datasets.utils.logging.is_progress_bar_enabled()
     datasets.disable_progress_bars()
+    redirect = contextlib.nullcontext()
+    if bar:  # log lines above the bar, not at its end
+        from tqdm.contrib.logging import logging_redirect_tqdm
+
+        redirect = logging_redirect_tqdm()  # the root handler, with its format
     try:
+        redirect.__enter__()
         for s, part in pending_shards(decoded, todo, rows_per_shard, n, streaming):
             t_shard = time.time()
             job = Reinforcer(config, teachers, num_rows=n, index_offset=s * rows_per_shard,
@@ -416,6 +419,7 @@ def reinforce(
             logger.info("%s: shard %d/%d, %d images in %.1fs: %.2f images/s, %.1f samples/s", procs, s + 1, num_shards,
                         len(out), dt, len(out) / dt, len(out) * config.num_samples / dt)
     finally:
+        redirect.__exit__(None, None, None)
         if was_enabled:
             datasets.enable_progress_bars()
         if bar:

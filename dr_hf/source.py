@@ -23,6 +23,8 @@ def load_source(path: str, split: str, name: Optional[str] = None, revision: Opt
     kwargs: Dict[str, Any] = {"split": split, "streaming": streaming}
     if revision:
         kwargs["revision"] = revision
+    if not os.path.exists(path):
+        check_hub_dataset(path, revision)
     if os.path.isdir(path) and not os.path.isfile(os.path.join(path, "README.md")) and not os.path.isdir(os.path.join(path, "data")):
         ds = datasets.load_dataset("imagefolder", data_dir=path, **kwargs)
     else:
@@ -32,6 +34,24 @@ def load_source(path: str, split: str, name: Optional[str] = None, revision: Opt
             raise ValueError(f"--limit must be >= 1, got {limit}")
         ds = ds.take(limit) if streaming else ds.select(range(min(limit, len(ds))))
     return ds
+
+
+def check_hub_dataset(path: str, revision: Optional[str] = None) -> None:
+    """Fail at once, naming both readings, when ``path`` is neither a local folder nor a Hub dataset one can reach
+    (instead of ``datasets`` retrying the Hub for half a minute)."""
+    from huggingface_hub import HfApi, constants
+
+    where = os.path.abspath(os.path.expanduser(path))
+    looks_local = path.startswith((".", "/", "~")) or path.endswith("/") or path.count("/") > 1
+    if looks_local:
+        raise FileNotFoundError(f"no local folder {path!r} ({where} does not exist)")
+    if constants.HF_HUB_OFFLINE:
+        raise FileNotFoundError(f"{path!r}: no local folder of that name ({where}), and the Hub is off (HF_HUB_OFFLINE)")
+    try:
+        HfApi().dataset_info(path, revision=revision, timeout=10)
+    except Exception as exc:  # not found, private, or no network: say which, once
+        raise FileNotFoundError(f"{path!r}: no local folder of that name ({where}), and the Hub has no dataset of that "
+                                f"name that can be reached ({type(exc).__name__}: {str(exc).splitlines()[0][:200]})") from None
 
 
 def reinforcement_config(path: str, split: str = "train", revision: Optional[str] = None) -> ReinforceConfig:

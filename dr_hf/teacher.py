@@ -10,8 +10,12 @@ Specs (a registry, as in timm, where names pick implementations):
   ``weights_only=True``); the number of classes is read from the file.
 * ``hf:<repo or dir>``: ``transformers.AutoModelForImageClassification`` (``trust_remote_code`` off).
 
-Each teacher brings its own input size, mean/std and interpolation (timm's pretrained_cfg, or the image
-processor). An ensemble averages the teachers' probabilities.
+Named sets expand to several specs: ``ml-dr-imagenet`` is the paper's IG-1B ResNeXt-101 ensemble under timm's full
+model names (:data:`TEACHER_SETS`).
+
+Each teacher brings its own input size, mean/std and interpolation (:func:`dr_hf.inputs.resolve_input_spec` on its
+pretrained_cfg or image processor). An ensemble averages the teachers' probabilities; members with identical weights
+are refused. Precision (``fp32``, the faithful default as in ml-dr, ``tf32`` or ``bf16``) is an option.
 """
 
 from __future__ import annotations
@@ -26,10 +30,15 @@ from typing import Callable, Dict, List, Optional, Sequence
 import torch
 from torch import nn
 
-from .augment import Output
+from .inputs import InputSpec, resolve_input_spec
 
-_PIL_RESAMPLE = {0: "nearest", 1: "bicubic", 2: "bilinear", 3: "bicubic", 4: "bilinear", 5: "bicubic"}
-# PIL: 0 NEAREST, 1 LANCZOS, 2 BILINEAR, 3 BICUBIC, 4 BOX, 5 HAMMING (the last three mapped to the closest torch mode)
+PRECISIONS = ("fp32", "tf32", "bf16")
+# The paper's ImageNet+ teachers (ml-dr: four IG-1B ResNeXt-101 models, probabilities averaged, fp32). timm 1.0's old
+# names ig_resnext101_32x{8,16,32,48}d all resolve to the 32x8d weights, so the set uses the full names; timm ships
+# no 32x48d weights.
+TEACHER_SETS: Dict[str, List[str]] = {
+    "ml-dr-imagenet": [f"timm:resnext101_32x{w}d.fb_wsl_ig1b_ft_in1k" for w in (8, 16, 32)],
+}
 
 
 @dataclass
@@ -38,7 +47,7 @@ class Teacher:
 
     spec: str
     model: nn.Module
-    output: Output
+    output: InputSpec
     num_classes: int
     class_names: Optional[List[str]] = None
 
@@ -67,15 +76,34 @@ def list_teachers() -> List[str]:
     return sorted(_REGISTRY) + [f"{p}:..." for p in sorted(_PREFIXES)]
 
 
-def _timm_output(model: nn.Module) -> Output:
-    import timm.data
+def _timm_output(model: nn.Module) -> InputSpec:
+    return resolve_input_spec(model, what=f"timm model {getattr(model, 'default_cfg', {}).get('architecture', '')}")
 
-    cfg = timm.data.resolve_model_data_config(model)
-    _, h, w = cfg["input_size"]
-    interpolation = cfg.get("interpolation", "bicubic")
-    if interpolation not in ("nearest", "bilinear", "bicubic"):
-        interpolation = "bicubic"
-    return Output(size=(h, w), mean=tuple(cfg["mean"]), std=tuple(cfg["std"]), interpolation=interpolation)
+
+def expand_specs(specs: Sequence[str]) -> List[str]:
+    """Named teacher sets (:data:`TEACHER_SETS`) expanded to their members."""
+    return [m for s in specs for m in TEACHER_SETS.get(s, [s])]
+
+
+def timm_canonical_name(name: str) -> str:
+    """A timm model name as timm resolves it (old names such as ``ig_resnext101_32x16d`` map to another model)."""
+    from timm.models import get_deprecated_models
+
+    return {**get_deprecated_models()}.get(name, name)
+
+
+def check_distinct(specs: Sequence[str]) -> None:
+    """Refuse an ensemble that names one model twice, also through timm's old names."""
+    seen: Dict[str, str] = {}
+    for spec in specs:
+        key = spec
+        if spec.startswith("timm:") and "@" not in spec and not spec.startswith("timm:local-dir:"):
+            key = "timm:" + timm_canonical_name(spec.split(":", 1)[1])
+        if key in seen:
+            raise ValueError(f"--teacher {seen[key]!r} and --teacher {spec!r} are the same model ({key}); timm's old "
+                             "ig_resnext101_32x*d names all resolve to the 32x8d weights: use full names, e.g. the "
+                             "set 'ml-dr-imagenet'")
+        seen[key] = spec
 
 
 def _read_state_dict(path: str) -> Dict[str, torch.Tensor]:
@@ -133,25 +161,13 @@ def _hf_teacher(spec: str) -> Teacher:
 
     path = spec.split(":", 1)[1]
     model = AutoModelForImageClassification.from_pretrained(path, trust_remote_code=False)
-    size = getattr(model.config, "image_size", 224)
-    size = (size, size) if isinstance(size, int) else tuple(size)
-    output = Output(size=size, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5), interpolation="bilinear")
     try:
         processor = AutoImageProcessor.from_pretrained(path, trust_remote_code=False)
     except (OSError, ValueError):
         processor = None
-    if processor is not None:
-        psize = getattr(processor, "crop_size", None) or getattr(processor, "size", None) or {}
-        psize = dict(psize) if not isinstance(psize, int) else {"height": psize, "width": psize}
-        if "height" in psize and "width" in psize:
-            size = (int(psize["height"]), int(psize["width"]))
-        elif "shortest_edge" in psize:
-            size = (int(psize["shortest_edge"]),) * 2
-        mean = tuple(getattr(processor, "image_mean", None) or output.mean)
-        std = tuple(getattr(processor, "image_std", None) or output.std)
-        resample = getattr(processor, "resample", 2)
-        resample = getattr(resample, "value", resample)
-        output = Output(size=size, mean=mean, std=std, interpolation=_PIL_RESAMPLE.get(int(resample), "bilinear"))
+    # without a processor: transformers' usual ViT-style default (0.5/0.5, bilinear)
+    defaults = {} if processor is not None else dict(mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5), interpolation="bilinear")
+    output = resolve_input_spec(model, processor, what=f"teacher {spec!r}", **defaults)
     id2label = getattr(model.config, "id2label", None) or {}
     names = [id2label.get(i, id2label.get(str(i), str(i))) for i in range(model.config.num_labels)]
     return Teacher(spec=spec, model=model.eval(), output=output, num_classes=model.config.num_labels, class_names=names)
@@ -198,19 +214,37 @@ def default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-class TeacherEnsemble:
-    """Teachers whose probabilities are averaged. On CUDA: bf16 autocast and channels_last."""
+def _same_weights(a: nn.Module, b: nn.Module) -> bool:
+    sa, sb = a.state_dict(), b.state_dict()
+    if sa.keys() != sb.keys() or any(sa[k].shape != sb[k].shape for k in sa):
+        return False
+    return all(torch.equal(sa[k], sb[k]) for k in sa)
 
-    def __init__(self, teachers: Sequence[Teacher], device: Optional[torch.device] = None, dtype: Optional[str] = None):
+
+class TeacherEnsemble:
+    """Teachers whose probabilities are averaged.
+
+    ``precision``: ``fp32`` (default; ml-dr runs its teachers in fp32), ``tf32`` (TF32 matmuls and convolutions on
+    CUDA; on the CPU, float32 matmul precision "high") or ``bf16`` (autocast). On CUDA, channels_last.
+    Members with identical weights are refused: they would only pretend to be an ensemble."""
+
+    def __init__(self, teachers: Sequence[Teacher], device: Optional[torch.device] = None, precision: str = "fp32"):
         if not teachers:
             raise ValueError("at least one --teacher is needed")
+        if precision not in PRECISIONS:
+            raise ValueError(f"--precision must be one of {PRECISIONS}, got {precision!r}")
         classes = {t.num_classes for t in teachers}
         if len(classes) != 1:
             raise ValueError("teachers disagree on the number of classes: " + ", ".join(f"{t.spec}={t.num_classes}" for t in teachers))
+        for i, a in enumerate(teachers):
+            for b in teachers[i + 1 :]:
+                if _same_weights(a.model, b.model):
+                    raise ValueError(f"--teacher {a.spec!r} and --teacher {b.spec!r} have identical weights: an ensemble "
+                                     "of copies is one teacher")
         self.teachers = list(teachers)
         self.num_classes = classes.pop()
         self.device = device or default_device()
-        self.dtype = dtype or ("bfloat16" if self.device.type == "cuda" else "float32")
+        self.precision = precision
         for t in self.teachers:
             t.model.to(self.device)
             if self.device.type == "cuda":
@@ -218,25 +252,37 @@ class TeacherEnsemble:
         self.class_names = next((t.class_names for t in self.teachers if t.class_names), None)
 
     @classmethod
-    def from_specs(cls, specs: Sequence[str], device: Optional[str] = None, dtype: Optional[str] = None) -> "TeacherEnsemble":
-        return cls([load_teacher(s) for s in specs], torch.device(device) if device else None, dtype)
+    def from_specs(cls, specs: Sequence[str], device: Optional[str] = None, precision: str = "fp32") -> "TeacherEnsemble":
+        specs = expand_specs(specs)
+        check_distinct(specs)
+        return cls([load_teacher(s) for s in specs], torch.device(device) if device else None, precision)
 
     @property
     def specs(self) -> List[str]:
         return [t.spec for t in self.teachers]
 
-    def outputs(self) -> List[Output]:
+    def outputs(self) -> List[InputSpec]:
         """The distinct inputs the teachers need (teachers sharing one are rendered once)."""
-        seen: List[Output] = []
+        seen: List[InputSpec] = []
         for t in self.teachers:
             if t.output not in seen:
                 seen.append(t.output)
         return seen
 
-    def _autocast(self):
-        if self.dtype == "float32":
-            return contextlib.nullcontext()
-        return torch.autocast(self.device.type, dtype=getattr(torch, self.dtype))
+    @contextlib.contextmanager
+    def _precision(self):
+        if self.precision == "bf16":
+            with torch.autocast(self.device.type, dtype=torch.bfloat16):
+                yield
+            return
+        saved = (torch.get_float32_matmul_precision(), torch.backends.cudnn.allow_tf32)
+        torch.set_float32_matmul_precision("high" if self.precision == "tf32" else "highest")
+        torch.backends.cudnn.allow_tf32 = self.precision == "tf32"
+        try:
+            yield
+        finally:
+            torch.set_float32_matmul_precision(saved[0])
+            torch.backends.cudnn.allow_tf32 = saved[1]
 
     @torch.inference_mode()
     def log_probs(self, inputs: Dict[int, torch.Tensor]) -> torch.Tensor:
@@ -247,7 +293,7 @@ class TeacherEnsemble:
             x = inputs[outputs.index(t.output)].to(self.device, non_blocking=True)
             if self.device.type == "cuda":
                 x = x.contiguous(memory_format=torch.channels_last)
-            with self._autocast():
+            with self._precision():
                 logits = t.logits(x)
             per_teacher.append(torch.log_softmax(logits.float(), dim=-1))
         if len(per_teacher) == 1:

@@ -6,63 +6,122 @@ teacher (online KD) on a plain dataset, so the three can be compared with one co
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import math
+import os
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional
 
 import torch
-from transformers import PreTrainedModel, Trainer, TrainingArguments
+from transformers import PreTrainedModel, Trainer, TrainerCallback, TrainingArguments
 
-from .augment import AugmentPipeline, Output
-from .collator import ReinforcedCollator
-from .format import DR_PARAMS, require_reinforced
+from .augment import PRESETS, AugmentPipeline
+from .collator import AugmentCollator, EvalCollator, ReinforcedCollator
+from .inputs import INTERPOLATION_NAMES, InputSpec, resolve_input_spec
+from .format import DR_COLUMNS, DR_FINGERPRINT, DR_PARAMS, require_reinforced
 from .loss import dense_teacher_log_probs, distillation_loss, one_hot_target
+
+
+OUTSIDE_TOPK = ("uniform", "renormalize")
 
 
 @dataclass
 class ReinforcedTrainingArguments(TrainingArguments):
-    """``TrainingArguments`` plus the distillation options. ``remove_unused_columns`` defaults to False: the
-    reinforcement columns must reach the collator."""
+    """``TrainingArguments`` plus the distillation options, validated in ``__post_init__``.
 
-    temperature: float = field(default=1.0, metadata={"help": "distillation temperature"})
-    outside_topk: str = field(default="uniform", metadata={"help": "mass outside the top K: 'uniform' or 'renormalize'"})
-    ce_weight: float = field(default=0.0, metadata={"help": "weight of cross-entropy on the labels (1 - weight on KD)"})
-    reinforced_prob: float = field(default=1.0, metadata={"help": "probability of a reinforced sample (else original image, one-hot label)"})
-    augment: Optional[str] = field(default="rrc+flip", metadata={"help": "preset sampled afresh for plain datasets (ERM / online KD)"})
-    crop_scale: Optional[float] = field(default=None, metadata={"help": "RandomResizedCrop's smallest area for `augment` (default 0.08)"})
-    online_teachers: Optional[List[str]] = field(default=None, metadata={"help": "teacher specs for online KD on a plain dataset"})
-    image_size: Optional[int] = field(default=None, metadata={"help": "student input size (default: from the model)"})
-    image_mean: Optional[List[float]] = field(default=None)
-    image_std: Optional[List[float]] = field(default=None)
-    interpolation: Optional[str] = field(default=None)
-    image_column: str = field(default="image")
-    label_column: str = field(default="label")
-    shuffle_buffer_size: int = field(default=1000, metadata={"help": "streaming: shuffle buffer, in examples (groups for mixing data)"})
-    remove_unused_columns: bool = field(default=False)
+    The defaults follow ml-dr's DR trainer: pure KD on the stored targets (``ce_weight=0``), with the mass outside the
+    top K spread uniformly, and 1% of examples (``reinforced_prob=0.99``) the original image through the training
+    augmentation with its (label-smoothed, ``label_smoothing_factor``) label. Plain training and online KD on a
+    dataset without reinforcement columns must be asked for (``augment=...``, ``online_teachers=[...]``)."""
+
+    temperature: float = field(default=1.0, metadata={"help": "Distillation temperature (> 0); the KD term is scaled by T^2."})
+    outside_topk: str = field(default="uniform", metadata={
+        "help": "Teacher mass outside the stored top K: 'uniform' (spread over the other classes; ml-dr's 'smooth') "
+                "or 'renormalize' (dropped, top K renormalised)."})
+    ce_weight: float = field(default=0.0, metadata={
+        "help": "Weight in [0, 1) of cross-entropy on the (MixUp/CutMix-mixed) labels; the KD term gets 1 - ce_weight."})
+    reinforced_prob: float = field(default=0.99, metadata={
+        "help": "Probability in [0, 1] that an example replays a stored sample; otherwise it is the original image "
+                "through the training augmentation with its label (ml-dr: 0.99)."})
+    augment: Optional[str] = field(default=None, metadata={
+        "help": "Preset sampled afresh for a dataset WITHOUT reinforcement columns: plain training (ERM), or online KD "
+                "with online_teachers. None: such a dataset is refused."})
+    crop_scale: Optional[float] = field(default=None, metadata={
+        "help": "RandomResizedCrop's smallest area fraction for `augment` (default 0.08)."})
+    online_teachers: Optional[List[str]] = field(default=None, metadata={
+        "help": "Teacher specs for online KD on a plain dataset (with `augment`)."})
+    image_size: Optional[int] = field(default=None, metadata={
+        "help": "Student input size; default: the processing_class, else the model (timm pretrained_cfg / HF config)."})
+    image_mean: Optional[List[float]] = field(default=None, metadata={
+        "help": "Student normalisation mean; default: the processing_class, else the model, else ImageNet's."})
+    image_std: Optional[List[float]] = field(default=None, metadata={
+        "help": "Student normalisation std; default: the processing_class, else the model, else ImageNet's."})
+    interpolation: Optional[str] = field(default=None, metadata={
+        "help": "Resize interpolation: nearest, bilinear or bicubic; default: the processing_class, else the model."})
+    image_column: str = field(default="image", metadata={"help": "The dataset's image column."})
+    label_column: str = field(default="label", metadata={"help": "The dataset's label column ('' for none)."})
+    shuffle_buffer_size: int = field(default=1000, metadata={
+        "help": "Streaming: shuffle buffer, in examples (in groups of rows for MixUp/CutMix data)."})
+    dataset_id: Optional[str] = field(default=None, metadata={
+        "help": "The reinforced dataset's Hub id, named in the model card; default: the train dataset's name."})
 
     def __post_init__(self):
         super().__post_init__()
         if self.label_names is None:
             self.label_names = ["labels"]
+        problems = []
+        if not self.temperature > 0:
+            problems.append(f"temperature must be > 0, got {self.temperature}")
+        if self.outside_topk not in OUTSIDE_TOPK:
+            problems.append(f"outside_topk must be one of {OUTSIDE_TOPK}, got {self.outside_topk!r}")
+        if not 0.0 <= self.ce_weight < 1.0:
+            problems.append(f"ce_weight must be in [0, 1) (1 would drop the distillation term), got {self.ce_weight}")
+        if not 0.0 <= self.reinforced_prob <= 1.0:
+            problems.append(f"reinforced_prob must be in [0, 1], got {self.reinforced_prob}")
+        if self.augment is not None and self.augment not in PRESETS:
+            problems.append(f"augment must be one of {sorted(PRESETS)} or None, got {self.augment!r}")
+        if self.online_teachers and not self.augment:
+            problems.append("online_teachers needs augment=... (the views the live teachers and the student see)")
+        if self.crop_scale is not None and not 0.0 < self.crop_scale <= 1.0:
+            problems.append(f"crop_scale must be in (0, 1], got {self.crop_scale}")
+        if self.image_size is not None and self.image_size < 1:
+            problems.append(f"image_size must be >= 1, got {self.image_size}")
+        for name in ("image_mean", "image_std"):
+            value = getattr(self, name)
+            if value is not None and len(value) != 3:
+                problems.append(f"{name} must have 3 values, got {value}")
+        if self.interpolation is not None and self.interpolation not in INTERPOLATION_NAMES:
+            problems.append(f"interpolation must be one of {INTERPOLATION_NAMES}, got {self.interpolation!r}")
+        if self.shuffle_buffer_size < 1:
+            problems.append(f"shuffle_buffer_size must be >= 1, got {self.shuffle_buffer_size}")
+        if problems:
+            raise ValueError("ReinforcedTrainingArguments: " + "; ".join(problems))
+
+    @classmethod
+    def from_training_arguments(cls, args: TrainingArguments, **overrides) -> "ReinforcedTrainingArguments":
+        """Upgrade a plain ``TrainingArguments`` (as TRL's trainers do: through ``to_dict()``)."""
+        values = args.to_dict()
+        values["hub_token"] = args.hub_token  # to_dict masks it
+        names = {f.name for f in dataclasses.fields(cls) if f.init}
+        return cls(**{k: v for k, v in {**values, **overrides}.items() if k in names})
 
 
-def student_output(model, args: ReinforcedTrainingArguments) -> Output:
-    """The student's input: size, mean/std, interpolation, from the arguments or the model (timm cfg / HF config)."""
-    size, mean, std, interp = None, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225), "bicubic"
-    if isinstance(model, PreTrainedModel):
-        s = getattr(model.config, "image_size", None)
-        size = (s, s) if isinstance(s, int) else tuple(s) if s else None
-    elif hasattr(model, "pretrained_cfg"):
-        import timm.data
+def student_output(model, args: ReinforcedTrainingArguments, processing_class=None) -> InputSpec:
+    """The student's input spec: the arguments, then ``processing_class``, then the model (one resolver)."""
+    return resolve_input_spec(model, processing_class, size=args.image_size, mean=args.image_mean, std=args.image_std,
+                              interpolation=args.interpolation, what="the student")
 
-        cfg = timm.data.resolve_model_data_config(model)
-        size, mean, std = tuple(cfg["input_size"][1:]), tuple(cfg["mean"]), tuple(cfg["std"])
-        interp = cfg.get("interpolation", interp) if cfg.get("interpolation") in ("bilinear", "bicubic", "nearest") else interp
-    if args.image_size:
-        size = (args.image_size, args.image_size)
-    if size is None:
-        raise ValueError("cannot tell the student's input size: pass ReinforcedTrainingArguments(image_size=...)")
-    return Output(size=tuple(size), mean=tuple(args.image_mean or mean), std=tuple(args.image_std or std),
-                  interpolation=args.interpolation or interp)
+
+class _CollatorEpoch(TrainerCallback):
+    """Tell the replaying collator the epoch (before the epoch's DataLoader workers start), so its choices are a pure
+    function of (seed, epoch, row) and a resumed run replays what an uninterrupted one would."""
+
+    def __init__(self, collator):
+        self.collator = collator
+
+    def on_epoch_begin(self, args, state, control, **kwargs):
+        if hasattr(self.collator, "epoch"):
+            self.collator.epoch = int(math.floor((state.epoch or 0.0) + 1e-9))
 
 
 def num_classes_of(model) -> int:
@@ -94,30 +153,46 @@ def _dr_param_fields(dataset) -> Optional[List[str]]:
 
 
 class ReinforcedTrainer(Trainer):
-    """Trainer for reinforced datasets; see the module docstring. Overrides ``compute_loss`` and the eval collator."""
+    """A ``transformers.Trainer`` for reinforced datasets (see the module docstring); a drop-in for ``Trainer``.
 
-    def __init__(self, model=None, args: Optional[ReinforcedTrainingArguments] = None, train_dataset=None,
-                 eval_dataset=None, data_collator=None, **kwargs):
+    * ``args``: ``None``, a plain ``TrainingArguments`` (upgraded through ``to_dict()``) or
+      :class:`ReinforcedTrainingArguments`.
+    * The student's input (size, mean/std, interpolation, crop_pct) comes from the arguments, then
+      ``processing_class`` (its image processor), then the model.
+    * Training always uses the reinforced collator (or the plain/online-KD one when asked for); a ``data_collator``
+      you pass is used for evaluation and prediction, as existing scripts need (default: the center-crop view).
+    * MixUp/CutMix data is fed in whole groups of rows; ``per_device_train_batch_size`` still counts images.
+    """
+
+    def __init__(self, model=None, args: Optional[TrainingArguments] = None, data_collator=None, train_dataset=None,
+                 eval_dataset=None, processing_class=None, **kwargs):
         import datasets
 
         if args is None:
             args = ReinforcedTrainingArguments("reinforced-trainer")
-        if not isinstance(args, ReinforcedTrainingArguments):
-            raise TypeError("ReinforcedTrainer needs ReinforcedTrainingArguments")
-        self.student_output = student_output(model, args)
+        elif not isinstance(args, ReinforcedTrainingArguments):
+            if not isinstance(args, TrainingArguments):
+                raise TypeError(f"args must be TrainingArguments or ReinforcedTrainingArguments, got {type(args).__name__}")
+            args = ReinforcedTrainingArguments.from_training_arguments(args)
+        self.student_output = student_output(model, args, processing_class)
         self.num_classes = num_classes_of(model)
         self.teachers = None
         if args.online_teachers:
             from .teacher import TeacherEnsemble
 
-            self.teachers = TeacherEnsemble.from_specs(args.online_teachers, dtype="float32" if not torch.cuda.is_available() else None)
+            self.teachers = TeacherEnsemble.from_specs(args.online_teachers)
             if self.teachers.num_classes != self.num_classes:
                 raise ValueError(f"the online teachers predict {self.teachers.num_classes} classes, the student {self.num_classes}")
         fields = _dr_param_fields(train_dataset)
+        self.group_size = 1
         if train_dataset is not None:
             self._check_train_dataset(train_dataset, fields, args)
-            pipeline = AugmentPipeline.from_fields(fields) if fields is not None else None  # refuses newer formats
+            pipeline = AugmentPipeline.from_fields(fields) if fields is not None else None  # refuses other formats
             if pipeline is not None and pipeline.mix is not None:
+                self.group_size = pipeline.group_size
+                if args.per_device_train_batch_size % self.group_size:
+                    raise ValueError(f"per_device_train_batch_size={args.per_device_train_batch_size} must be a multiple of "
+                                     f"the MixUp/CutMix group size {self.group_size} (partners are fed together)")
                 train_dataset = self._group(train_dataset, pipeline.group_size, args)
             elif isinstance(train_dataset, datasets.IterableDataset):
                 train_dataset = train_dataset.shuffle(seed=args.seed, buffer_size=args.shuffle_buffer_size)
@@ -126,15 +201,19 @@ class ReinforcedTrainer(Trainer):
                 # then shards a datasets.IterableDataset by its files (n_shards >= processes), else keeps every
                 # world_size-th batch of the shared stream.
                 args.accelerator_config.dispatch_batches = False
-        teacher_outputs = self.teachers.outputs() if self.teachers else []
-        common = dict(output=self.student_output, image_column=args.image_column, label_column=args.label_column,
-                      teacher_outputs=teacher_outputs, num_classes=self.num_classes)
-        self.train_collator = data_collator or ReinforcedCollator(train=True, augment=args.augment,
-                                                                   reinforced_prob=args.reinforced_prob,
-                                                                   crop_scale=args.crop_scale, **common)
-        self.eval_collator = ReinforcedCollator(train=False, augment=None, **{**common, "teacher_outputs": []})
-        super().__init__(model=model, args=args, train_dataset=train_dataset, eval_dataset=eval_dataset,
-                         data_collator=self.train_collator, **kwargs)
+        common = dict(output=self.student_output, image_column=args.image_column,
+                      label_column=args.label_column or None, num_classes=self.num_classes)
+        if fields is not None or train_dataset is None:
+            self.train_collator = ReinforcedCollator(reinforced_prob=args.reinforced_prob,
+                                                     seed=args.data_seed if args.data_seed is not None else args.seed, **common)
+        else:
+            self.train_collator = AugmentCollator(augment=args.augment, crop_scale=args.crop_scale,
+                                                  teacher_outputs=self.teachers.outputs() if self.teachers else (), **common)
+        self.eval_collator = data_collator or EvalCollator(**common)
+        super().__init__(model=model, args=args, data_collator=self.train_collator, train_dataset=train_dataset,
+                         eval_dataset=eval_dataset, processing_class=processing_class, **kwargs)
+        self._train_batch_size = args.train_batch_size // self.group_size  # groups per batch; counts images
+        self.add_callback(_CollatorEpoch(self.train_collator))
         self.model_accepts_loss_kwargs = False  # compute_loss returns a batch mean; the Trainer scales for accumulation
 
     # -- data ---------------------------------------------------------------------------------------
@@ -143,17 +222,45 @@ class ReinforcedTrainer(Trainer):
         if names is None:
             return
         if args.image_column not in names:
-            raise ValueError(f"train_dataset has no image column {args.image_column!r} (columns: {names})")
+            raise ValueError(f"train_dataset has no image column {args.image_column!r} (columns: {names}); "
+                             "set ReinforcedTrainingArguments(image_column=...)")
         if fields is None:
-            if not args.online_teachers and not args.augment:
-                require_reinforced(names, "train_dataset")
+            if not args.augment:
+                require_reinforced(names, "train_dataset")  # names the missing columns; plain training is opt-in
             return
         require_reinforced(names, "train_dataset")
         from datasets import ClassLabel
 
-        label = dataset.features.get(args.label_column) if dataset.features else None
+        label = dataset.features.get(args.label_column) if dataset.features and args.label_column else None
         if isinstance(label, ClassLabel) and label.num_classes != self.num_classes:
             raise ValueError(f"the student predicts {self.num_classes} classes, column {args.label_column!r} has {label.num_classes}")
+
+    def _set_signature_columns_if_needed(self):
+        """Keep what the collators read (image, label, reinforcement columns) with ``remove_unused_columns=True``."""
+        super()._set_signature_columns_if_needed()
+        keep = [self.args.image_column, self.args.label_column, DR_FINGERPRINT, *DR_COLUMNS]
+        self._signature_columns += [c for c in keep if c and c not in self._signature_columns]
+
+    def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
+        """The Trainer's checkpoint loading, then, for a ``transformers`` model, its weights once more through
+        ``from_pretrained``: transformers 5.2x's Trainer loads the file's keys as they are, without the renaming that
+        ``from_pretrained`` applies, so a ViT silently resumed from partly stale weights (tests/test_hf_contract.py)."""
+        super()._load_from_checkpoint(resume_from_checkpoint, model)
+        target = model if model is not None else self.model
+        if isinstance(target, PreTrainedModel) and os.path.isfile(os.path.join(resume_from_checkpoint, "config.json")):
+            loaded = type(target).from_pretrained(resume_from_checkpoint, dtype=next(target.parameters()).dtype)
+            target.load_state_dict(loaded.state_dict())
+
+    def create_model_card(self, *args, **kwargs):
+        """The Trainer's model card, naming the reinforced dataset it was trained on."""
+        dataset = self.args.dataset_id or getattr(getattr(self.train_dataset, "info", None), "dataset_name", None) \
+            or getattr(getattr(getattr(self.train_dataset, "dataset", None), "info", None), "dataset_name", None)
+        if dataset:
+            kwargs.setdefault("dataset_tags", dataset)
+            kwargs.setdefault("dataset", dataset)
+        tags = kwargs.get("tags") or []
+        kwargs["tags"] = ([tags] if isinstance(tags, str) else list(tags)) + ["dataset-reinforcement", "dr-hf"]
+        return super().create_model_card(*args, **kwargs)
 
     def _group(self, dataset, group_size: int, args):
         """Keep MixUp/CutMix groups together: each training example becomes one group of rows."""
@@ -204,7 +311,13 @@ class ReinforcedTrainer(Trainer):
             one_idx, one_lp = one_hot_target(labels[original], idx.shape[1], self.num_classes)
             idx, lp = idx.clone(), lp.clone()
             idx[original], lp[original] = one_idx, one_lp
-        return dense_teacher_log_probs(idx, lp, self.num_classes, self.args.outside_topk)
+        dense = dense_teacher_log_probs(idx, lp, self.num_classes, self.args.outside_topk)
+        eps = self.args.label_smoothing_factor
+        if original.any() and eps > 0:  # ml-dr smooths the label terms
+            smooth = torch.full_like(dense[original], eps / self.num_classes)
+            smooth.scatter_add_(1, labels[original, None], torch.full_like(smooth[:, :1], 1.0 - eps))
+            dense[original] = smooth.log()
+        return dense
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         """KD (KL from the teacher to the student), optionally mixed with cross-entropy on the (mixed) labels."""
@@ -226,10 +339,16 @@ class ReinforcedTrainer(Trainer):
         valid = labels >= 0
         if not valid.any():
             return logits.new_zeros(())
-        own = -logp[valid].gather(1, labels[valid, None]).squeeze(1)
+        eps = self.args.label_smoothing_factor
+
+        def nll(target):  # label-smoothed cross-entropy (label_smoothing_factor)
+            hit = -logp[valid].gather(1, target[:, None]).squeeze(1)
+            return (1 - eps) * hit - eps * logp[valid].mean(-1) if eps > 0 else hit
+
+        own = nll(labels[valid])
         if "mix_labels" in inputs:
             lam = inputs["mix_lam"][valid]
             other_labels = inputs["mix_labels"][valid]
-            other = -logp[valid].gather(1, other_labels.clamp_min(0)[:, None]).squeeze(1)
+            other = nll(other_labels.clamp_min(0))
             own = torch.where(other_labels >= 0, lam * own + (1 - lam) * other, own)
         return own.mean()

@@ -96,11 +96,15 @@ def _rows(paths: Sequence[str], wanted: Sequence[int]):
     return datasets.Dataset(table.take([order[i] for i in wanted]))
 
 
-def verify(path: str, teachers: Sequence[str] = (), rows: int = 8, split: str = "train", seed: int = 0,
+def verify(path: str, teachers: Optional[Sequence[str]] = None, rows: int = 8, split: str = "train", seed: int = 0,
            atol: float = 1e-3, rtol: float = 2e-3, device: Optional[str] = None) -> VerifyReport:
-    """Check the schema and values of a local reinforced folder; with ``teachers``, replay ``rows`` random rows
-    (re-sampling their parameters and re-running the teacher) and compare with what is stored.
+    """Check the schema and values of a local reinforced folder, then replay ``rows`` random rows (re-sampling their
+    parameters and re-running the teachers recorded in the data, at the recorded precision) and compare with what
+    is stored; ``rows=0`` checks only the schema and values.
 
+    ``teachers`` (optional) must name the recorded teachers (e.g. local copies of their weights can be given by the
+    same specs); a list that differs is refused, naming the recorded ones. The tolerance (``atol + rtol * |x|``)
+    covers one float16 step of the stored log-probabilities, which is what differs between intra-op thread counts.
     The parquet files are read directly (never through a cache), one batch at a time.
     """
     import datasets
@@ -131,11 +135,14 @@ def verify(path: str, teachers: Sequence[str] = (), rows: int = 8, split: str = 
     if dupes:
         report.problems.append(f"{DR_INDEX}: {len(dupes)} duplicate row index(es), first {min(dupes)}")
     report.agreement = summarize(path, split).get("teacher_top1_agreement")
-    if not teachers or report.problems:
+    if teachers and list(teachers) != list(config.teachers):
+        raise ValueError(f"--teacher {list(teachers)} differs from the teachers recorded in {path}: {config.teachers} "
+                         "(verify replays the recorded teachers; omit --teacher)")
+    if rows <= 0 or report.problems:
         return report
 
-    ensemble = TeacherEnsemble.from_specs(list(teachers), device=device)
-    replay_config = ReinforceConfig.from_dict({**config.to_dict(), "teachers": list(teachers)})
+    ensemble = TeacherEnsemble.from_specs(config.teachers, device=device, precision=config.precision)
+    replay_config = config
     g = config.pipeline().group_size
     num_rows = config.source.get("num_rows") or max(seen) + 1
     picked = {int(i) for i in np.random.default_rng(seed).choice(sorted(seen), size=min(rows, len(seen)), replace=False)}

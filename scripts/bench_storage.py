@@ -26,7 +26,7 @@ def main():
     ap.add_argument("--num-samples", type=int, default=32)
     ap.add_argument("--topk", type=int, default=10)
     ap.add_argument("--teacher", default="efficientnet-lite0")
-    ap.add_argument("--presets", nargs="+", default=["rrc+flip", "rrc+flip+ra+re", "rrc+flip+ra+re+mix"])
+    ap.add_argument("--presets", nargs="+", default=["rrc+flip", "imagenet+rare", "imagenet+rare+mix"])
     ap.add_argument("--out", default=os.path.join(ROOT, "results", "storage.md"))
     args = ap.parse_args()
     lines = [

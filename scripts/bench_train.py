@@ -105,7 +105,7 @@ def main():
         t = StepTimer(warmup=1)
         ReinforcedTrainer(model=student(args.size), args=ReinforcedTrainingArguments(
             os.path.join(tmp, "o"), max_steps=args.online_steps, image_size=args.size,
-            online_teachers=["efficientnet-lite0", "efficientnet-lite1", "efficientnet-lite2"], **common),
+            augment="rrc+flip", online_teachers=["efficientnet-lite0", "efficientnet-lite1", "efficientnet-lite2"], **common),
             train_dataset=plain_ds, callbacks=[t]).train()
         timers["online KD (Lite0/1/2)"] = rate(t, args.batch)
 

@@ -213,7 +213,7 @@ def evaluate_ensemble(specs, val):
     from dr_hf.images import decode
 
     ens = TeacherEnsemble.from_specs(specs)
-    center = AugmentPipeline([], crop_pct=1.0)
+    center = AugmentPipeline([])  # the teachers' crop_pct (1.0 here) comes with their input spec
     hits = 0
     for start in range(0, len(val), 500):
         batch = val[start:start + 500]

@@ -72,3 +72,31 @@ def test_cli_errors_name_the_option(tmp_path, image_dataset_dir, tiny_teacher_sp
     assert proc.returncode == 2 and "unknown teacher" in proc.stderr
     proc = dr_hf("verify", image_dataset_dir, check=False)
     assert proc.returncode == 2 and "not a reinforced dataset" in proc.stderr
+
+
+def test_newcomer_first_hour(tmp_path, capsys, image_dataset_dir, tiny_teacher_spec, monkeypatch):
+    """verify replays the recorded teachers by default and names them when another list is given; a missing source
+    folder fails at once, saying so; --help shows the defaults (in-process: no subprocess needed)."""
+    import time
+
+    from dr_hf.cli import main
+
+    assert main(["reinforce", str(image_dataset_dir), "--output", str(tmp_path / "ok"), "--teacher", tiny_teacher_spec,
+                 "--num-samples", "2", "--topk", "3", "--quiet"]) == 0
+    capsys.readouterr()
+    assert main(["verify", str(tmp_path / "ok"), "--rows", "4"]) == 0
+    assert "replayed 4 row(s)" in capsys.readouterr().out
+    assert main(["verify", str(tmp_path / "ok"), "--teacher", "efficientnet-lite0"]) == 2
+    err = capsys.readouterr().err
+    assert "differs from the teachers recorded" in err and tiny_teacher_spec in err
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", False)
+    start = time.time()
+    assert main(["reinforce", "no_such_folder", "--output", str(tmp_path / "x"), "--teacher", tiny_teacher_spec]) == 2
+    err = capsys.readouterr().err
+    assert "no local folder of that name" in err and time.time() - start < 15
+    assert err.count("no_such_folder") <= 2  # said once, not once per retry
+    with pytest.raises(SystemExit):
+        main(["reinforce", "--help"])
+    help_text = " ".join(capsys.readouterr().out.split())
+    assert "(default: 400)" in help_text and "(default: imagenet+rrc)" in help_text and "imagenet+rare+mix" in help_text

@@ -38,7 +38,7 @@ def source_dir(tmp_path_factory):
 @pytest.fixture(scope="module")
 def plus(tmp_path_factory, teachers, source_dir):
     out = tmp_path_factory.mktemp("plus")
-    config = make_config(teachers, augment="rrc+flip+ra+re+mix", n=4, k=3, rows_per_shard=8,
+    config = make_config(teachers, augment="imagenet+rare+mix", n=4, k=3, rows_per_shard=8,
                          source={"path": str(source_dir), "split": "train"})
     reinforce(datasets.load_dataset(str(source_dir), split="train"), config, teachers, str(out), show_progress=False,
               command="dr-hf reinforce src --output plus")
@@ -48,7 +48,7 @@ def plus(tmp_path_factory, teachers, source_dir):
 @pytest.fixture(scope="module")
 def reinforcement_only(tmp_path_factory, teachers, source_dir):
     out = tmp_path_factory.mktemp("ronly")
-    config = make_config(teachers, augment="rrc+flip+ra+re+mix", n=4, k=3, rows_per_shard=8, keep_source=False,
+    config = make_config(teachers, augment="imagenet+rare+mix", n=4, k=3, rows_per_shard=8, keep_source=False,
                          source={"path": str(source_dir), "split": "train"})
     reinforce(datasets.load_dataset(str(source_dir), split="train"), config, teachers, str(out), show_progress=False)
     return out
@@ -74,7 +74,7 @@ def test_card_and_preview(plus):
 
     card = DatasetCard.load(str(plus / "README.md"))
     data = card.data.to_dict()
-    assert data["reinforcement"]["num_samples"] == 4 and data["reinforcement"]["augment"] == "rrc+flip+ra+re+mix"
+    assert data["reinforcement"]["num_samples"] == 4 and data["reinforcement"]["augment"] == "imagenet+rare+mix"
     assert {"dataset-reinforcement", "knowledge-distillation"} <= set(data["tags"])
     assert data["configs"][0]["data_files"][0]["path"] == "data/train-*.parquet"
     assert data["task_categories"] == ["image-classification"]

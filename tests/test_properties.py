@@ -9,7 +9,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from dr_hf import PRESETS, make_pipeline
-from dr_hf.augment import Context, Output, params_at
+from dr_hf.augment import Context, InputSpec, params_at
 from dr_hf.format import DR_PARAMS, params_features
 from dr_hf.loss import dense_teacher_log_probs, distillation_loss
 
@@ -36,7 +36,7 @@ def group_params(pipe, seed, index, n, image, group_rows=8):
        size=st.integers(4, 40))
 def test_sampling_is_pure_and_replay_is_exact(preset, image, seed, index, size):
     pipe, again = make_pipeline(preset), make_pipeline(preset)  # two objects: nothing hidden in the instance
-    out = Output((size, size), interpolation="bilinear")
+    out = InputSpec((size, size), interpolation="bilinear")
     a = group_params(pipe, seed, index, 3, image)
     b = group_params(again, seed, index, 3, image)
     for pa, pb in zip(a, b):
@@ -46,7 +46,7 @@ def test_sampling_is_pure_and_replay_is_exact(preset, image, seed, index, size):
         x, y = pipe.render(image, pa, out), again.render(image, pb, out)
         assert x.shape == (3, size, size) and torch.isfinite(x).all()
         assert torch.equal(x, y)
-        mixed = pipe.render_mixed(x, y, pa) if pipe.mix is not None and pipe.mix.is_mixed(pa) else x
+        mixed = pipe.mix.apply_mix(x, -y, pa) if pipe.mix is not None and pipe.mix.is_mixed(pa) else x
         assert torch.isfinite(mixed).all()
 
 
@@ -62,7 +62,7 @@ def test_parameter_encoding_is_lossless(preset, image, seed, index, n):
     ds = datasets.Dataset.from_dict({DR_PARAMS: [row]}, features=features)
     assert ds.features == features  # the stored (arrow) types are the declared fixed-width ones
     back = ds.with_format("numpy")[0][DR_PARAMS]
-    out = Output((12, 12), interpolation="bilinear")
+    out = InputSpec((12, 12), interpolation="bilinear")
     for j in range(n):
         stored = params_at(back, j)
         for name, value in params[j].items():

@@ -35,7 +35,7 @@ def free_port():
 
 
 def reinforce_args(source, out, teacher, *extra, quiet=True):
-    return ["reinforce", str(source), "--output", str(out), "--teacher", teacher, "--augment", "rrc+flip+ra+re+mix",
+    return ["reinforce", str(source), "--output", str(out), "--teacher", teacher, "--augment", "imagenet+rare+mix",
             "--num-samples", "6", "--topk", "3", "--seed", "7", "--rows-per-shard", "8", *extra] + (["--quiet"] if quiet else [])
 
 
@@ -101,7 +101,7 @@ def test_kill_9_then_rerun_equals_an_uninterrupted_run(tmp_path, source_dir, tin
 
 
 def test_streamed_source_equals_map_style_also_split_across_processes(tmp_path, source_dir, teachers):
-    config = make_config(teachers, augment="rrc+flip+mix", n=3, k=2, rows_per_shard=8)
+    config = make_config(teachers, augment="imagenet+mix", n=3, k=2, rows_per_shard=8)
     mapped = datasets.load_dataset(str(source_dir), split="train")
     reinforce(mapped, config, teachers, str(tmp_path / "map"), show_progress=False)
     stream = datasets.load_dataset(str(source_dir), split="train", streaming=True)
@@ -132,7 +132,7 @@ def test_streaming_cli_with_limit(tmp_path, source_dir, tiny_teacher_spec):
 
 def test_render_threads_change_nothing(tmp_path, teachers):
     ds = make_image_dataset(16, seed=5)
-    config = make_config(teachers, augment="rrc+flip+ra+re+mix", n=5, k=3, teacher_batch_size=8)
+    config = make_config(teachers, augment="imagenet+rare+mix", n=5, k=3, teacher_batch_size=8)
     for threads in (0, 1, 3):
         reinforce(ds, config, teachers, str(tmp_path / str(threads)), show_progress=False, render_threads=threads)
     t0 = table(tmp_path / "0")

@@ -71,3 +71,37 @@ def test_efficientnet_lite_teachers_load_real_imagenet_weights():
     # BatchNorm running statistics of a trained network are far from their init values (0 and 1)
     bn = t.model.bn1
     assert not torch.allclose(bn.running_var, torch.ones_like(bn.running_var))
+
+
+def test_the_paper_ensemble_is_named_by_full_timm_names_and_copies_are_refused(tiny_timm_dir, tmp_path):
+    import shutil
+
+    import timm
+
+    from dr_hf.teacher import TEACHER_SETS, check_distinct, expand_specs
+
+    members = expand_specs(["ml-dr-imagenet"])
+    assert len(members) == 3 and len(set(members)) == 3
+    pretrained = set(timm.list_pretrained())
+    assert all(m.split(":", 1)[1] in pretrained for m in members), members  # real timm weights, distinct models
+    assert members == TEACHER_SETS["ml-dr-imagenet"]
+    # timm's old names all resolve to the 32x8d weights: naming two of them is refused before anything loads
+    with pytest.raises(ValueError, match="same model .*resnext101_32x8d"):
+        check_distinct(["timm:ig_resnext101_32x16d", "timm:ig_resnext101_32x48d"])
+    # two folders holding the same weights: refused, naming both
+    copy = tmp_path / "copy"
+    shutil.copytree(tiny_timm_dir, copy)
+    with pytest.raises(ValueError, match="identical weights"):
+        TeacherEnsemble.from_specs([f"timm:local-dir:{tiny_timm_dir}", f"timm:local-dir:{copy}"])
+
+
+def test_precision_is_an_option_defaulting_to_fp32(tiny_teacher_spec):
+    fp32 = TeacherEnsemble.from_specs([tiny_teacher_spec])
+    bf16 = TeacherEnsemble.from_specs([tiny_teacher_spec], precision="bf16")
+    assert fp32.precision == "fp32"
+    x = {0: torch.randn(4, 3, 32, 32)}
+    a, b = fp32.log_probs(x), bf16.log_probs(x)
+    assert a.dtype == b.dtype == torch.float32 and not torch.equal(a, b) and torch.allclose(a, b, atol=0.1)
+    assert torch.equal(TeacherEnsemble.from_specs([tiny_teacher_spec], precision="tf32").log_probs(x), a)  # CPU: fp32
+    with pytest.raises(ValueError, match="--precision must be one of"):
+        TeacherEnsemble.from_specs([tiny_teacher_spec], precision="fp16")

@@ -1,0 +1,123 @@
+"""What an image model expects as input, and the one resolver that finds it for teachers and students alike.
+
+:class:`InputSpec` is the size, center-crop fraction, mean/std and interpolation of a model's input.
+:func:`resolve_input_spec` reads it, in order, from explicit arguments, from a ``processing_class`` (any
+``transformers`` image processor), then from the model (timm's ``pretrained_cfg``, or a ``transformers`` config);
+a clear error names what to pass where none of them says the size.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from typing import Any, Optional, Sequence, Tuple
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+INTERPOLATION_NAMES = ("nearest", "bilinear", "bicubic")
+# PIL resample codes: 0 NEAREST, 1 LANCZOS, 2 BILINEAR, 3 BICUBIC, 4 BOX, 5 HAMMING (the last three mapped to the
+# closest mode torch tensors support)
+_PIL_RESAMPLE = {0: "nearest", 1: "bicubic", 2: "bilinear", 3: "bicubic", 4: "bilinear", 5: "bicubic"}
+
+
+@dataclass(frozen=True)
+class InputSpec:
+    """A model's input: ``size`` (h, w), ``crop_pct`` of the evaluation center crop, ``mean``/``std`` of the
+    normalisation, and the resize ``interpolation`` (``nearest``, ``bilinear`` or ``bicubic``)."""
+
+    size: Tuple[int, int]
+    mean: Tuple[float, float, float] = IMAGENET_MEAN
+    std: Tuple[float, float, float] = IMAGENET_STD
+    interpolation: str = "bicubic"
+    crop_pct: float = 0.875
+
+    def __post_init__(self):
+        if self.interpolation not in INTERPOLATION_NAMES:
+            raise ValueError(f"interpolation must be one of {INTERPOLATION_NAMES}, got {self.interpolation!r}")
+        if len(self.size) != 2 or min(self.size) < 1:
+            raise ValueError(f"image size must be (height, width) >= 1, got {self.size}")
+        if len(self.mean) != 3 or len(self.std) != 3 or min(self.std) <= 0:
+            raise ValueError(f"image mean/std must have 3 values each (std > 0), got {self.mean} / {self.std}")
+        if not 0.0 < self.crop_pct <= 1.0:
+            raise ValueError(f"crop_pct must be in (0, 1], got {self.crop_pct}")
+
+
+def _pair(size: Any) -> Optional[Tuple[int, int]]:
+    if size is None:
+        return None
+    if isinstance(size, int):
+        return (size, size)
+    if not isinstance(size, (list, tuple)):  # a dict, or transformers' SizeDict
+        size = dict(size) if isinstance(size, dict) else {k: getattr(size, k, None) for k in ("height", "width", "shortest_edge")}
+        if size.get("height") and size.get("width"):
+            return (int(size["height"]), int(size["width"]))
+        if size.get("shortest_edge"):
+            return (int(size["shortest_edge"]),) * 2
+        return None
+    size = tuple(int(s) for s in size)
+    return size[-2:] if len(size) >= 2 else (size[0], size[0]) if size else None
+
+
+def from_processor(processor: Any) -> dict:
+    """What a ``transformers`` image processor says (the keys it sets, nothing else)."""
+    found: dict = {}
+    if processor is None:
+        return found
+    processor = getattr(processor, "image_processor", processor)  # a multimodal processor wraps one
+    size = _pair(getattr(processor, "crop_size", None)) if getattr(processor, "do_center_crop", False) else None
+    size = size or _pair(getattr(processor, "size", None))
+    if size:
+        found["size"] = size
+    if getattr(processor, "image_mean", None) is not None and getattr(processor, "do_normalize", True):
+        found["mean"] = tuple(float(v) for v in processor.image_mean)
+        found["std"] = tuple(float(v) for v in processor.image_std)
+    elif getattr(processor, "do_normalize", True) is False:
+        found["mean"], found["std"] = (0.0, 0.0, 0.0), (1.0, 1.0, 1.0)
+    resample = getattr(processor, "resample", None)
+    if resample is not None:
+        found["interpolation"] = _PIL_RESAMPLE.get(int(getattr(resample, "value", resample)), "bilinear")
+    if getattr(processor, "crop_pct", None):
+        found["crop_pct"] = float(processor.crop_pct)
+    return found
+
+
+def from_model(model: Any) -> dict:
+    """What a timm model (``pretrained_cfg``) or a ``transformers`` model (its config) says."""
+    found: dict = {}
+    if model is None:
+        return found
+    if hasattr(model, "pretrained_cfg") and not hasattr(model, "config"):
+        import timm.data
+
+        cfg = timm.data.resolve_model_data_config(model)
+        found.update(size=tuple(cfg["input_size"][1:]), mean=tuple(cfg["mean"]), std=tuple(cfg["std"]))
+        if cfg.get("interpolation") in INTERPOLATION_NAMES:
+            found["interpolation"] = cfg["interpolation"]
+        if cfg.get("crop_pct"):
+            found["crop_pct"] = float(cfg["crop_pct"])
+        return found
+    config = getattr(model, "config", None)
+    size = _pair(getattr(config, "image_size", None)) if config is not None else None
+    if size:
+        found["size"] = size
+    return found
+
+
+def resolve_input_spec(model: Any = None, processing_class: Any = None, *, size: Any = None,
+                       mean: Optional[Sequence[float]] = None, std: Optional[Sequence[float]] = None,
+                       interpolation: Optional[str] = None, crop_pct: Optional[float] = None,
+                       what: str = "the model") -> InputSpec:
+    """The input a model expects: explicit arguments win, then ``processing_class``, then the model itself.
+
+    Raises a ``ValueError`` naming the argument to pass when none of them gives the input size."""
+    found = {**from_model(model), **from_processor(processing_class)}
+    explicit = {"size": _pair(size), "mean": tuple(mean) if mean is not None else None,
+                "std": tuple(std) if std is not None else None, "interpolation": interpolation, "crop_pct": crop_pct}
+    found.update({k: v for k, v in explicit.items() if v is not None})
+    if not found.get("size"):
+        raise ValueError(f"cannot tell the input size of {what}: neither its image processor nor its config says; "
+                         "pass image_size=... (and image_mean/image_std if it was not trained on ImageNet statistics)")
+    return InputSpec(**found)
+
+
+def with_size(spec: InputSpec, size: Tuple[int, int]) -> InputSpec:
+    return replace(spec, size=tuple(size))

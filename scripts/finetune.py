@@ -1,0 +1,114 @@
+"""Fine-tune a pretrained transformers image classifier on a reinforced dataset: transformers'
+``examples/pytorch/image-classification/run_image_classification.py``, ported by swapping ``Trainer`` for
+``ReinforcedTrainer``. Everything else is the example's shape: ``HfArgumentParser``, the checkpoint's image processor
+(its size and normalisation reach the reinforced replay through ``processing_class``), eval data prepared with
+``set_transform`` and the script's own ``collate_fn`` (used for evaluation), checkpoints and ``resume_from_checkpoint``.
+
+    python scripts/finetune.py --model_name_or_path google/vit-base-patch16-224-in21k \
+        --dataset_name org/imagenet-plus --eval_dataset_name imagenet-1k --eval_split validation \
+        --output_dir out/vit-plus --do_train --do_eval --num_train_epochs 3 --learning_rate 2e-5 \
+        --per_device_train_batch_size 64 --eval_strategy epoch --save_strategy epoch
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass, field
+from typing import List, Optional
+
+import numpy as np
+import torch
+from datasets import ClassLabel, load_dataset
+from torchvision.transforms import CenterCrop, Compose, Normalize, Resize, ToTensor
+from transformers import AutoImageProcessor, AutoModelForImageClassification, HfArgumentParser
+
+from dr_hf import ReinforcedTrainer, ReinforcedTrainingArguments
+
+
+@dataclass
+class DataTrainingArguments:
+    dataset_name: str = field(metadata={"help": "The reinforced dataset: a Hub id or a local folder (dr-hf reinforce)."})
+    eval_dataset_name: Optional[str] = field(default=None, metadata={
+        "help": "A plain image dataset to evaluate on; default: hold out train_val_split of the reinforced rows."})
+    eval_split: str = field(default="train", metadata={"help": "The split of eval_dataset_name."})
+    train_val_split: float = field(default=0.15, metadata={"help": "Held-out fraction when there is no eval dataset."})
+    max_train_samples: Optional[int] = field(default=None, metadata={"help": "Truncate the training set (debugging)."})
+    max_eval_samples: Optional[int] = field(default=None, metadata={"help": "Truncate the evaluation set (debugging)."})
+    image_column_name: str = field(default="image", metadata={"help": "The image column."})
+    label_column_name: str = field(default="label", metadata={"help": "The label column (a ClassLabel)."})
+
+
+@dataclass
+class ModelArguments:
+    model_name_or_path: str = field(metadata={"help": "A pretrained checkpoint (Hub id or folder) with its image processor."})
+    ignore_mismatched_sizes: bool = field(default=False, metadata={"help": "Replace a classifier head of another size."})
+
+
+def main(argv: Optional[List[str]] = None) -> ReinforcedTrainer:
+    parser = HfArgumentParser((ModelArguments, DataTrainingArguments, ReinforcedTrainingArguments))
+    model_args, data_args, training_args = parser.parse_args_into_dataclasses(args=argv)
+
+    train = load_dataset(data_args.dataset_name, split="train")
+    if data_args.eval_dataset_name:
+        evaluation = load_dataset(data_args.eval_dataset_name, split=data_args.eval_split)
+    else:
+        # contiguous, at a multiple of 8 rows: MixUp/CutMix partners stay in whole groups
+        cut = int(len(train) * (1 - data_args.train_val_split)) // 8 * 8
+        train, evaluation = train.select(range(cut)), train.select(range(cut, len(train)))
+    if data_args.max_train_samples:
+        train = train.select(range(data_args.max_train_samples))
+    if data_args.max_eval_samples:
+        evaluation = evaluation.select(range(data_args.max_eval_samples))
+    label_feature = train.features[data_args.label_column_name]
+    if not isinstance(label_feature, ClassLabel):
+        raise ValueError(f"--label_column_name {data_args.label_column_name!r} must be a ClassLabel")
+    labels = label_feature.names
+
+    image_processor = AutoImageProcessor.from_pretrained(model_args.model_name_or_path)
+    model = AutoModelForImageClassification.from_pretrained(
+        model_args.model_name_or_path, num_labels=len(labels), id2label=dict(enumerate(labels)),
+        label2id={name: i for i, name in enumerate(labels)}, ignore_mismatched_sizes=model_args.ignore_mismatched_sizes)
+
+    # Evaluation transforms, as the example builds them from the image processor.
+    size = image_processor.size
+    size = size["shortest_edge"] if "shortest_edge" in size else (size["height"], size["width"])
+    val_transforms = Compose([Resize(size), CenterCrop(size), ToTensor(),
+                              Normalize(mean=image_processor.image_mean, std=image_processor.image_std)])
+
+    def preprocess_val(batch):
+        batch["pixel_values"] = [val_transforms(image.convert("RGB")) for image in batch[data_args.image_column_name]]
+        return batch
+
+    evaluation.set_transform(preprocess_val)
+
+    def collate_fn(examples):  # the example's collator: used for evaluation; training replays the reinforcement
+        return {"pixel_values": torch.stack([e["pixel_values"] for e in examples]),
+                "labels": torch.tensor([e[data_args.label_column_name] for e in examples])}
+
+    def compute_metrics(prediction):
+        return {"accuracy": float((np.argmax(prediction.predictions, axis=1) == prediction.label_ids).mean())}
+
+    trainer = ReinforcedTrainer(model=model, args=training_args, train_dataset=train if training_args.do_train else None,
+                                eval_dataset=evaluation if training_args.do_eval else None,
+                                compute_metrics=compute_metrics, processing_class=image_processor, data_collator=collate_fn)
+    if training_args.do_train:
+        result = trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
+        trainer.save_model()
+        trainer.log_metrics("train", result.metrics)
+        trainer.save_metrics("train", result.metrics)
+        trainer.save_state()
+    if training_args.do_eval:
+        metrics = trainer.evaluate()
+        trainer.log_metrics("eval", metrics)
+        trainer.save_metrics("eval", metrics)
+    card = {"finetuned_from": model_args.model_name_or_path, "tasks": "image-classification",
+            "dataset": data_args.dataset_name, "dataset_tags": data_args.dataset_name, "tags": ["image-classification"]}
+    if training_args.push_to_hub:
+        trainer.push_to_hub(**card)
+    else:
+        trainer.create_model_card(**card)
+    return trainer
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

@@ -1,0 +1,233 @@
+"""ReinforcedTrainer as a drop-in for an existing transformers script: TRL's arguments contract, the image processor's
+normalisation, the user's collator for evaluation, remove_unused_columns, and scripts/finetune.py end to end."""
+
+import dataclasses
+import importlib.util
+import sys
+
+import datasets
+import numpy as np
+import pytest
+import torch
+from transformers import TrainingArguments
+
+from dr_hf import ReinforceConfig, ReinforcedTrainer, ReinforcedTrainingArguments, make_pipeline
+from dr_hf.collator import EvalCollator, ReinforcedCollator
+from dr_hf.inputs import InputSpec, resolve_input_spec
+from dr_hf.reinforce import reinforce
+
+from conftest import REPO, make_image_dataset
+
+
+@pytest.fixture(scope="module")
+def plus(tmp_path_factory, teachers):
+    """A small reinforced set (24 rows, 10 classes, easy preset) and one with MixUp/CutMix."""
+    ds = make_image_dataset(24, seed=7)
+    out = {}
+    for preset in ("imagenet+rrc", "imagenet+mix"):
+        folder = tmp_path_factory.mktemp(preset.replace("+", "_"))
+        config = ReinforceConfig(augment=preset, augmentations=make_pipeline(preset).config(), teachers=teachers.specs,
+                                 num_samples=2, topk=3, seed=0, num_classes=10)
+        reinforce(ds, config, teachers, str(folder), show_progress=False)
+        out[preset] = str(folder)
+    return ds, out
+
+
+@pytest.fixture()
+def vit_dir(tiny_hf_dir):
+    return str(tiny_hf_dir)  # ViT with an image processor: 32 px, mean/std 0.5 (not ImageNet's)
+
+
+def load(folder):
+    return datasets.load_dataset(folder, split="train")
+
+
+def base_args(tmp_path, cls=ReinforcedTrainingArguments, **kw):
+    values = dict(output_dir=str(tmp_path / "run"), max_steps=2, per_device_train_batch_size=8, report_to=[],
+                  use_cpu=True, save_strategy="no", dataloader_num_workers=0)
+    values.update(kw)
+    return cls(**values)
+
+
+def vit(path):
+    from transformers import AutoImageProcessor, AutoModelForImageClassification
+
+    return AutoModelForImageClassification.from_pretrained(path), AutoImageProcessor.from_pretrained(path)
+
+
+# -- arguments ----------------------------------------------------------------------------------------
+
+def test_accepts_none_plain_training_arguments_and_its_own(tmp_path, plus, vit_dir):
+    _, folders = plus
+    model, processor = vit(vit_dir)
+    plain = base_args(tmp_path, TrainingArguments, learning_rate=1e-3, seed=3, hub_token="secret-token")
+    trainer = ReinforcedTrainer(model=model, args=plain, train_dataset=load(folders["imagenet+rrc"]),
+                                processing_class=processor)
+    assert isinstance(trainer.args, ReinforcedTrainingArguments)
+    assert trainer.args.learning_rate == 1e-3 and trainer.args.seed == 3 and trainer.args.max_steps == 2
+    assert trainer.args.hub_token == "secret-token" and trainer.args.reinforced_prob == 0.99
+    assert ReinforcedTrainer(model=model, args=None, processing_class=processor).args.output_dir.endswith("reinforced-trainer")
+    with pytest.raises(TypeError, match="TrainingArguments"):
+        ReinforcedTrainer(model=model, args={"lr": 1})
+
+
+@pytest.mark.parametrize("bad, message", [
+    (dict(ce_weight=2.0), "ce_weight must be in \\[0, 1\\)"),
+    (dict(ce_weight=1.0), "would drop the distillation term"),
+    (dict(outside_topk="renorm"), "outside_topk must be one of"),
+    (dict(temperature=0.0), "temperature must be > 0"),
+    (dict(reinforced_prob=1.5), "reinforced_prob must be in"),
+    (dict(augment="rrc+zoom"), "augment must be one of"),
+    (dict(online_teachers=["efficientnet-lite0"]), "online_teachers needs augment"),
+    (dict(interpolation="lanczos"), "interpolation must be one of"),
+    (dict(image_mean=[0.5, 0.5]), "image_mean must have 3 values"),
+])
+def test_fields_are_validated_in_post_init(tmp_path, bad, message):
+    with pytest.raises(ValueError, match=message):
+        base_args(tmp_path, **bad)
+
+
+def test_every_field_has_help_text():
+    own = [f for f in dataclasses.fields(ReinforcedTrainingArguments)
+           if f.name not in {g.name for g in dataclasses.fields(TrainingArguments)}]
+    assert len(own) >= 14
+    assert all(f.metadata.get("help") for f in own), [f.name for f in own if not f.metadata.get("help")]
+
+
+# -- the input spec -----------------------------------------------------------------------------------
+
+def test_student_sees_its_image_processors_normalisation(tmp_path, plus, vit_dir):
+    _, folders = plus
+    model, processor = vit(vit_dir)
+    trainer = ReinforcedTrainer(model=model, args=base_args(tmp_path), train_dataset=load(folders["imagenet+rrc"]),
+                                processing_class=processor)
+    assert trainer.student_output == InputSpec(size=(32, 32), mean=(0.5,) * 3, std=(0.5,) * 3, interpolation="bilinear")
+    pixels = next(iter(trainer.get_train_dataloader()))["pixel_values"]
+    assert pixels.shape == (8, 3, 32, 32) and pixels.min() >= -1.0 - 1e-6 and pixels.max() <= 1.0 + 1e-6
+    assert pixels.min() < -0.5 and pixels.max() > 0.5  # the whole range, not ImageNet's [-2.12, 2.64]
+
+
+def test_one_resolver_for_models_processors_and_arguments():
+    import timm
+    from transformers import ConvNextImageProcessor, ResNetConfig, ResNetForImageClassification
+
+    resnet = ResNetForImageClassification(ResNetConfig(num_labels=10))  # its config has no image size
+    with pytest.raises(ValueError, match="pass image_size"):
+        resolve_input_spec(resnet)
+    processor = ConvNextImageProcessor(size={"shortest_edge": 48}, crop_pct=0.9, image_mean=[0.1, 0.2, 0.3],
+                                       image_std=[0.4, 0.5, 0.6])
+    spec = resolve_input_spec(resnet, processor)
+    assert spec.size == (48, 48) and spec.mean == (0.1, 0.2, 0.3) and spec.crop_pct == 0.9
+    assert resolve_input_spec(resnet, processor, size=24, mean=(0, 0, 0)).size == (24, 24)
+    cfg = timm.create_model("resnet10t", num_classes=10, pretrained_cfg_overlay=dict(
+        input_size=(3, 40, 40), mean=(0.2, 0.2, 0.2), std=(0.3, 0.3, 0.3), interpolation="bilinear", crop_pct=0.95))
+    assert resolve_input_spec(cfg) == InputSpec((40, 40), (0.2,) * 3, (0.3,) * 3, "bilinear", 0.95)
+
+
+def test_a_resnet_without_image_size_trains_with_its_processor(tmp_path, plus):
+    from transformers import ConvNextImageProcessor, ResNetConfig, ResNetForImageClassification
+
+    _, folders = plus
+    model = ResNetForImageClassification(ResNetConfig(num_labels=10, embedding_size=8, hidden_sizes=[8, 8, 8, 8],
+                                                      depths=[1, 1, 1, 1]))
+    processor = ConvNextImageProcessor(size={"shortest_edge": 32})
+    trainer = ReinforcedTrainer(model=model, args=base_args(tmp_path), train_dataset=load(folders["imagenet+rrc"]),
+                                processing_class=processor)
+    trainer.train()
+    assert trainer.student_output.size == (32, 32) and trainer.state.global_step == 2
+
+
+# -- collators and columns ----------------------------------------------------------------------------
+
+def test_user_collator_serves_evaluation_and_training_stays_reinforced(tmp_path, plus, vit_dir):
+    ds, folders = plus
+    model, processor = vit(vit_dir)
+    seen = []
+
+    def collate_fn(examples):
+        seen.append(len(examples))
+        return {"pixel_values": torch.zeros(len(examples), 3, 32, 32), "labels": torch.tensor([e["label"] for e in examples])}
+
+    trainer = ReinforcedTrainer(model=model, args=base_args(tmp_path, remove_unused_columns=True),
+                                train_dataset=load(folders["imagenet+rrc"]), eval_dataset=ds.select(range(8)),
+                                processing_class=processor, data_collator=collate_fn)
+    assert isinstance(trainer.train_collator, ReinforcedCollator)
+    trainer.train()  # remove_unused_columns=True keeps the columns the reinforced collator needs
+    assert trainer.state.global_step == 2 and not seen
+    trainer.evaluate()
+    assert sum(seen) == 8
+
+
+def test_evaluation_on_a_reinforced_split_is_a_deterministic_center_crop(plus):
+    _, folders = plus
+    rows = load(folders["imagenet+rrc"]).select(range(4))
+    collator = EvalCollator(InputSpec((16, 16)))
+    a, b = collator(list(rows)), collator(list(rows))
+    assert torch.equal(a["pixel_values"], b["pixel_values"]) and a["labels"].tolist() == rows["label"]
+    assert "teacher_indices" not in a
+
+
+def test_a_plain_dataset_needs_plain_training_asked_for(tmp_path, plus, vit_dir):
+    ds, _ = plus
+    model, processor = vit(vit_dir)
+    with pytest.raises(ValueError, match="not a reinforced dataset.*dr_params"):
+        ReinforcedTrainer(model=model, args=base_args(tmp_path), train_dataset=ds, processing_class=processor)
+    trainer = ReinforcedTrainer(model=model, args=base_args(tmp_path, augment="rrc+flip"), train_dataset=ds,
+                                processing_class=processor)
+    trainer.train()
+    assert trainer.state.global_step == 2
+
+
+def test_mixing_batches_count_images(tmp_path, plus, vit_dir):
+    _, folders = plus
+    model, processor = vit(vit_dir)
+    trainer = ReinforcedTrainer(model=model, args=base_args(tmp_path, per_device_train_batch_size=16),
+                                train_dataset=load(folders["imagenet+mix"]), processing_class=processor)
+    batch = next(iter(trainer.get_train_dataloader()))
+    assert batch["pixel_values"].shape[0] == 16 and "mix_lam" in batch
+    with pytest.raises(ValueError, match="multiple of the MixUp/CutMix group size 8"):
+        ReinforcedTrainer(model=model, args=base_args(tmp_path, per_device_train_batch_size=12),
+                          train_dataset=load(folders["imagenet+mix"]), processing_class=processor)
+
+
+# -- scripts/finetune.py ------------------------------------------------------------------------------
+
+def finetune_module():
+    spec = importlib.util.spec_from_file_location("finetune", REPO / "scripts" / "finetune.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["finetune"] = module  # dataclasses resolve string annotations through it
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_finetune_script_trains_evaluates_saves_resumes_and_names_the_dataset(tmp_path, plus, vit_dir):
+    from transformers import AutoImageProcessor, AutoModelForImageClassification
+
+    ds, folders = plus
+    finetune = finetune_module()
+    common = ["--model_name_or_path", vit_dir, "--dataset_name", folders["imagenet+rrc"], "--do_train", "--do_eval",
+              "--max_steps", "4", "--per_device_train_batch_size", "8", "--learning_rate", "1e-3", "--save_steps", "2",
+              "--eval_strategy", "steps", "--eval_steps", "2", "--report_to", "none", "--use_cpu", "--seed", "0",
+              "--dataloader_num_workers", "0"]
+    run = tmp_path / "run"
+    trainer = finetune.main(common + ["--output_dir", str(run)])
+    assert trainer.student_output.mean == (0.5, 0.5, 0.5)  # the checkpoint's processor, not ImageNet's statistics
+    evals = [h for h in trainer.state.log_history if "eval_accuracy" in h]
+    assert len(evals) >= 2 and all(0 <= h["eval_accuracy"] <= 1 for h in evals)
+    # a model and processor that reload for inference
+    model = AutoModelForImageClassification.from_pretrained(run).eval()
+    processor = AutoImageProcessor.from_pretrained(run)
+    inputs = processor(images=[ds[0]["image"].convert("RGB")], return_tensors="pt")
+    with torch.no_grad():
+        assert model(**inputs).logits.shape == (1, 10)
+    card = (run / "README.md").read_text()
+    assert folders["imagenet+rrc"] in card and "dataset-reinforcement" in card
+    # resume from the step-2 checkpoint in a fresh run: the same final weights
+    resumed = tmp_path / "resumed"
+    import shutil
+
+    shutil.copytree(run / "checkpoint-2", resumed / "checkpoint-2")
+    finetune.main(common + ["--output_dir", str(resumed), "--resume_from_checkpoint", str(resumed / "checkpoint-2")])
+    again = AutoModelForImageClassification.from_pretrained(resumed)
+    for (name, a), (_, b) in zip(model.state_dict().items(), again.state_dict().items()):
+        assert torch.allclose(a, b, atol=1e-6), name
