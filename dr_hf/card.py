@@ -12,6 +12,7 @@ from typing import Any, Dict, Optional
 from huggingface_hub import DatasetCard, DatasetCardData
 
 from .format import ReinforceConfig, index_dtype
+from .shards import check_shards, data_files_pattern, raise_if
 
 
 def md_code(text: Any) -> str:
@@ -64,20 +65,23 @@ def card_data(config: ReinforceConfig, stats: Dict[str, Any], features, split: s
     info["splits"] = [{"name": split, "num_bytes": int(stats["total_bytes"]), "num_examples": int(stats["rows"])}]
     source = config.source.get("path", "")
     return DatasetCardData(
-        license=source_license(source) or "other",
+        license=config.source.get("license") or "other",
         task_categories=["image-classification"],
         tags=["dataset-reinforcement", "knowledge-distillation", "dr-hf"],
         pretty_name=f"{os.path.basename(os.path.normpath(source)) or 'dataset'}+ (reinforced)",
-        configs=[{"config_name": "default", "data_files": [{"split": split, "path": f"data/{split}-*.parquet"}]}],
+        configs=[{"config_name": "default", "data_files": [{"split": split, "path": data_files_pattern(split)}]}],
         dataset_info=info,
-        source_datasets=[source] if source else None,
+        source_datasets=[source] if source and not config.source.get("local") else None,
         reinforcement={**config.to_dict(), "stats": stats},
     )
 
 
 def write_card(output_dir: str, config: ReinforceConfig, stats: Dict[str, Any], features, split: str = "train",
                command: Optional[str] = None, repo_id: Optional[str] = None, preview: Optional[str] = None) -> DatasetCard:
-    """Render ``cards/reinforced_dataset.md`` into ``output_dir/README.md``."""
+    """Render ``cards/reinforced_dataset.md`` into ``output_dir/README.md``, once every shard is checked to carry
+    ``config`` and its rows (the card is a view of the shards, never a second truth)."""
+    raise_if(check_shards(output_dir, split, config, num_rows=stats.get("source_rows")),
+             f"not writing the card of {output_dir}")
     data = card_data(config, stats, features, split)
     pipeline = config.pipeline()
     fields = pipeline.param_fields()
@@ -90,7 +94,7 @@ def write_card(output_dir: str, config: ReinforceConfig, stats: Dict[str, Any], 
         data,
         template_path=template_path(),
         pretty_name=md_text(data.pretty_name),
-        source_code=md_code(source),
+        source_code=md_code(source) + (" (a local folder)" if config.source.get("local") else ""),
         source_py=py_str(source),
         source_split=md_code(config.source["split"]) if config.source.get("split") else None,
         split_py=py_str(split_name),

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import shlex
 import sys
 from typing import List, Optional
@@ -13,7 +14,7 @@ from .augment import PRESET_HELP, PRESETS
 
 def cmd_reinforce(args) -> int:
     from .augment import make_pipeline
-    from .format import ReinforceConfig
+    from .format import ReinforceConfig, public_source
     from .processes import current_processes, finish
     from .reinforce import reinforce, stream_length
     from .source import load_source
@@ -46,17 +47,18 @@ def cmd_reinforce(args) -> int:
         num_classes=teachers.num_classes,
         image_column=args.image_column,
         label_column=args.label_column or None,
-        source={"path": args.dataset, "name": args.name, "split": args.split, "revision": args.revision,
-                "limit": args.limit, "num_rows": num_rows},
+        source={**public_source(args.dataset, args.revision), "name": args.name, "split": args.split,
+                "limit": args.limit, "num_rows": num_rows},  # a local folder by its name only
         teacher_batch_size=args.teacher_batch_size,
         rows_per_shard=args.rows_per_shard,
         keep_source=not args.no_images,
     )
-    command = "dr-hf " + " ".join(shlex.quote(a) for a in sys.argv[1:]) if sys.argv[1:2] == ["reinforce"] else None
+    command = public_command(sys.argv[1:], {args.dataset: config.source["path"],
+                                            args.output: os.path.basename(os.path.normpath(args.output))})
     try:
         result = reinforce(ds, config, teachers, args.output, split=args.split, batch_size=args.batch_size,
                            show_progress=not args.quiet, command=command, num_rows=num_rows, processes=procs,
-                           render_threads=args.render_threads, on_bad_row=args.on_bad_row)
+                           render_threads=args.render_threads, on_bad_row=args.on_bad_row, wait=args.wait)
     finally:
         finish()
     if not procs.is_main:
@@ -73,6 +75,13 @@ def cmd_reinforce(args) -> int:
     if "images_per_second" in s:
         print(f"throughput: {s['images_per_second']} images/s, {s['samples_per_second']} samples/s")
     return 0
+
+
+def public_command(argv: List[str], rename: dict) -> Optional[str]:
+    """The ``dr-hf reinforce`` command line as the card shows it: local paths replaced by their public names."""
+    if argv[:1] != ["reinforce"]:
+        return None
+    return "dr-hf " + " ".join(shlex.quote(rename.get(a, a)) for a in argv)
 
 
 def cmd_verify(args) -> int:
@@ -160,6 +169,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "in OUTPUT/errors/*.jsonl and the card (skip)")
     r.add_argument("--render-threads", type=int, default=None,
                    help="threads rendering teacher inputs ahead of the teacher (default: 1 on a GPU, 0 on the CPU, where they would compete for cores)")
+    r.add_argument("--wait", action="store_true",
+                   help="if another job holds --output, wait for it instead of stopping (one job per folder)")
     r.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     r.add_argument("--precision", default="fp32", choices=["fp32", "tf32", "bf16"],
                    help="teacher precision: fp32 (faithful to ml-dr), tf32 or bf16 autocast (faster on GPUs; "

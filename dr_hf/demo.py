@@ -67,8 +67,8 @@ def run_demo(output: str, teacher: str = "efficientnet-lite0", num_samples: int 
     config = ReinforceConfig(augment=preset, augmentations=make_pipeline(preset).config(), teachers=teachers.specs,
                              num_samples=num_samples, topk=topk, seed=0, num_classes=teachers.num_classes,
                              source={"path": source, "split": "train", "num_rows": len(PHOTOS)})
-    command = (f"dr-hf reinforce {source} --output {output} --teacher {teacher} --augment {preset} "
-               f"--num-samples {num_samples} --topk {topk} --seed 0")
+    command = (f"dr-hf reinforce {os.path.basename(source)} --output {os.path.basename(output)} --teacher {teacher} "
+               f"--augment {preset} --num-samples {num_samples} --topk {topk} --seed 0")  # folder names only, as the CLI shows them
     reinforce(datasets.load_dataset(source, split="train"), config, teachers, output, show_progress=False, command=command)
     print(f"[2/4] reinforced with {teacher}: N={num_samples} samples per image, top-{topk} -> {output}")
 

@@ -103,6 +103,9 @@ class ReinforceConfig:
         if self.num_classes and self.topk > self.num_classes:
             raise ValueError(f"--topk {self.topk} exceeds the teacher's {self.num_classes} classes")
 
+        if self.source.get("path") and "local" not in self.source:
+            self.source = {**self.source, **public_source(self.source["path"], self.source.get("revision"))}
+
     def pipeline(self) -> AugmentPipeline:
         return AugmentPipeline.from_config(self.augmentations)
 
@@ -124,12 +127,31 @@ class ReinforceConfig:
     def from_dict(cls, data: Mapping[str, Any]) -> "ReinforceConfig":
         version = int(data.get("format_version", 0))
         if version > FORMAT_VERSION:
-            raise ValueError(
+            raise NewerFormatError(
                 f"this reinforced dataset uses format version {version}, written by dr-hf {data.get('dr_hf_version', '?')}; "
                 f"this dr-hf ({_version()}) reads up to version {FORMAT_VERSION}: upgrade dr-hf"
             )
         names = {f.name for f in dataclasses.fields(cls)}
         return cls(**{k: v for k, v in data.items() if k in names})
+
+
+class NewerFormatError(ValueError):
+    """Data written by a newer dr-hf, in a format this one cannot read."""
+
+
+def public_source(path: str, revision: Optional[str] = None) -> Dict[str, Any]:
+    """How a reinforcement names its source in public (config, shards, card): a Hub id as it is; a local folder by
+    its name only, marked ``local`` (an absolute path would publish the user's directory layout), with the license
+    its card declares."""
+    import os
+
+    local = os.path.exists(path)
+    if not local:
+        return {"path": path, "local": False, "revision": revision}
+    from .card import source_license
+
+    return {"path": os.path.basename(os.path.normpath(os.path.abspath(path))), "local": True, "revision": revision,
+            "license": source_license(path)}
 
 
 def _version() -> str:

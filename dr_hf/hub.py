@@ -78,7 +78,7 @@ def push(
     """Upload ``folder`` (written by ``dr-hf reinforce``) to the dataset repo ``repo_id``."""
     from huggingface_hub import HfApi
 
-    from .stats import shard_paths
+    from .shards import check_folder, raise_if, shard_paths, splits
 
     if "/" not in repo_id:
         raise ValueError(f"repo id {repo_id!r}: use the form org/name, e.g. org/imagenet-plus")
@@ -90,6 +90,8 @@ def push(
         raise ValueError(f"{folder}/data holds half-written shards (*.tmp): rerun `dr-hf reinforce` to finish it first")
     if files_per_commit < 1:
         raise ValueError(f"--files-per-commit must be >= 1, got {files_per_commit}")
+    for split in splits(folder):  # never publish a card that lies about its shards, or a mix of two jobs
+        raise_if(check_folder(folder, split), f"refusing to push {folder}")
 
     api = HfApi(token=token)
     url = str(api.create_repo(repo_id, repo_type="dataset", private=private, exist_ok=True))

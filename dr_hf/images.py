@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import re
 from typing import Any, Optional
 
 import numpy as np
@@ -61,7 +62,9 @@ def decode(value: Any, row: Optional[int] = None, column: str = "image") -> torc
     except BadImageError:
         raise
     except (OSError, ValueError, SyntaxError, PIL.Image.DecompressionBombError) as exc:
-        raise BadImageError(f"{where}: cannot decode the image ({type(exc).__name__}: {exc})") from exc
+        # no object addresses in the message: error reports must be the same on every run
+        detail = re.sub(r"<[^<>]* at 0x[0-9a-fA-F]+>", "the image bytes", str(exc))
+        raise BadImageError(f"{where}: cannot decode the image ({type(exc).__name__}: {detail})") from exc
     array = np.asarray(rgb, dtype=np.uint8)
     return torch.from_numpy(array.copy()).permute(2, 0, 1).contiguous()
 

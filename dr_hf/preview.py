@@ -52,7 +52,7 @@ def render_preview(folder: str, out: Optional[str] = None, rows: int = 4, sample
     from datasets import Features
 
     from .source import reinforcement_config
-    from .stats import shard_paths
+    from .shards import shard_paths
 
     config = reinforcement_config(folder, split)
     table = pq.read_table(shard_paths(folder, split)[0])

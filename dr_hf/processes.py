@@ -26,6 +26,13 @@ class Processes:
         """A contiguous share of ``range(num_shards)``: rank r gets shards [r*S/W, (r+1)*S/W)."""
         return range(self.rank * num_shards // self.world, (self.rank + 1) * num_shards // self.world)
 
+    def wait(self) -> None:
+        """A barrier across the job's processes (nothing to wait for in a single process)."""
+        if self.world > 1:
+            from accelerate import PartialState
+
+            PartialState().wait_for_everyone()
+
     def __str__(self) -> str:
         return f"process {self.rank}/{self.world}"
 

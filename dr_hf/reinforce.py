@@ -34,7 +34,9 @@ from .format import (
     reinforcement_features,
 )
 from .images import BadImageError, decode, fingerprint
+from .joblock import output_lock
 from .processes import Processes, current_processes
+from .shards import error_report_path, num_shards, rows_per_shard, shard_name, shard_rows
 from .teacher import TeacherEnsemble
 
 logger = logging.getLogger(__name__)
@@ -249,10 +251,6 @@ _END = object()
 # Writing
 
 
-def shard_name(split: str, shard: int, num_shards: int) -> str:
-    return f"{split}-{shard:05d}-of-{num_shards:05d}.parquet"
-
-
 def write_parquet(dataset, path: str, config: ReinforceConfig) -> None:
     """Write ``dataset`` to ``path`` atomically (tmp file + rename), zstd, with the config in the schema metadata."""
     import pyarrow.parquet as pq
@@ -281,6 +279,7 @@ def write_parquet(dataset, path: str, config: ReinforceConfig) -> None:
         compression_level={p: 19 if p.startswith("dr_") else 3 for p in leaves},
         use_byte_stream_split=[p for p in dr_leaves if p.startswith((DR_TOPK_LOGPROBS, f"{DR_PARAMS}.crop", f"{DR_PARAMS}.erase", f"{DR_PARAMS}.mix_box"))],
         use_dictionary=[p for p in leaves if not p.startswith("dr_")],
+        write_page_checksum=True,  # a flipped bit is then an error naming the file, never a silently wrong value
     )
     with open(tmp, "rb") as f:
         os.fsync(f.fileno())
@@ -329,6 +328,7 @@ def reinforce(
     processes: Optional[Processes] = None,
     render_threads: Optional[int] = None,
     on_bad_row: str = "fail",
+    wait: bool = False,
 ) -> ReinforceResult:
     """Reinforce a ``datasets.Dataset`` or a streamed ``IterableDataset`` into ``output_dir``
     (Hub layout: ``README.md`` + ``data/{split}-XXXXX-of-YYYYY.parquet``).
@@ -342,12 +342,12 @@ def reinforce(
     ``on_bad_row``: ``"fail"`` (default) stops at the first undecodable image or out-of-range label, naming the row and
     column; ``"skip"`` leaves such rows out (with their MixUp/CutMix group) and lists each one, with the reason, in
     ``errors/<shard>.jsonl``; the card counts them. Nothing is dropped silently.
+    One job per folder: the job holds ``output_dir``'s lock (:mod:`dr_hf.joblock`) for its whole run; another job is
+    refused at once, or waits for it with ``wait=True``. The card is written only once every shard carries this
+    job's configuration and its rows (:func:`dr_hf.shards.check_shards`).
     """
     import datasets
     from datasets import Image
-
-    from .card import write_card
-    from .stats import summarize
 
     if on_bad_row not in BAD_ROW_POLICIES:
         raise ValueError(f"--on-bad-row must be one of {BAD_ROW_POLICIES}, got {on_bad_row!r}")
@@ -359,7 +359,7 @@ def reinforce(
     pipeline = config.pipeline()
     g = pipeline.group_size
     batch_size = max(g, int(math.ceil(batch_size / g)) * g)
-    rows_per_shard = max(g, int(math.ceil(config.rows_per_shard / g)) * g)
+    per_shard = rows_per_shard(config)
 
     decoded = dataset
     if isinstance(dataset.features.get(config.image_column), Image):
@@ -367,13 +367,27 @@ def reinforce(
     n = len(dataset) if not streaming else (num_rows or stream_length(decoded, split, config.label_column or config.image_column))
     if n < 1:
         raise ValueError("the dataset is empty: nothing to reinforce")
-    num_shards = max(1, math.ceil(n / rows_per_shard))
+    count = num_shards(config, n)
+    with output_lock(output_dir, procs, wait=wait):
+        return _run_shards(decoded, dataset, config, teachers, output_dir, split, batch_size, show_progress, command, n,
+                           count, per_shard, procs, render_threads, on_bad_row, streaming)
+
+
+def _run_shards(decoded, dataset, config, teachers, output_dir, split, batch_size, show_progress, command, n, count,
+                per_shard, procs, render_threads, on_bad_row, streaming) -> ReinforceResult:
+    """The job, under the folder's lock: the shards still to do, then (main process) the card."""
+    import datasets
+
+    from .card import write_card
+    from .stats import summarize
+
+    pipeline = config.pipeline()
     data_dir = os.path.join(output_dir, "data")
     os.makedirs(data_dir, exist_ok=True)
-    mine = procs.shards(num_shards)
-    paths = [os.path.join(data_dir, shard_name(split, s, num_shards)) for s in range(num_shards)]
-    check_output_dir(data_dir, config, split, num_shards, remove_tmp=[paths[s] + ".tmp" for s in mine])
-    existing = {s for s in range(num_shards) if os.path.exists(paths[s])}
+    mine = procs.shards(count)
+    paths = [os.path.join(data_dir, shard_name(split, s, count)) for s in range(count)]
+    check_output_dir(data_dir, config, split, count, remove_tmp=[paths[s] + ".tmp" for s in mine])
+    existing = {s for s in range(count) if os.path.exists(paths[s])}
     todo = [s for s in mine if s not in existing]
 
     added = reinforcement_features(pipeline, config.num_samples, config.topk, config.num_classes)
@@ -384,8 +398,8 @@ def reinforce(
     if show_progress and procs.is_main:
         from tqdm.auto import tqdm
 
-        bar = tqdm(total=sum(_shard_rows(s, rows_per_shard, n) for s in mine), unit="img", desc="reinforce",
-                   initial=sum(_shard_rows(s, rows_per_shard, n) for s in mine if s in existing))
+        bar = tqdm(total=sum(len(shard_rows(s, per_shard, n)) for s in mine), unit="img", desc="reinforce",
+                   initial=sum(len(shard_rows(s, per_shard, n)) for s in mine if s in existing))
     t0 = time.time()
     done_rows = 0
     was_enabled = datasets.utils.logging.is_progress_bar_enabled()
@@ -397,15 +411,15 @@ def reinforce(
         redirect = logging_redirect_tqdm()  # the root handler, with its format
     try:
         redirect.__enter__()
-        for s, part in pending_shards(decoded, todo, rows_per_shard, n, streaming):
+        for s, part in pending_shards(decoded, todo, per_shard, n, streaming):
             t_shard = time.time()
-            job = Reinforcer(config, teachers, num_rows=n, index_offset=s * rows_per_shard,
+            job = Reinforcer(config, teachers, num_rows=n, index_offset=s * per_shard,
                              progress=bar.update if bar else None, render_threads=render_threads, on_bad_row=on_bad_row)
             out = part.map(job, batched=True, batch_size=batch_size, with_indices=True, features=map_features,
                            keep_in_memory=True, load_from_cache_file=False, new_fingerprint=f"dr-{s}-{time.time_ns()}")
             if job.bad_rows:
                 out = out.filter(lambda skip: not skip, input_columns=SKIP_COLUMN, keep_in_memory=True)
-                logger.warning("%s: shard %d/%d: %d row(s) skipped (listed in %s)", procs, s + 1, num_shards,
+                logger.warning("%s: shard %d/%d: %d row(s) skipped (listed in %s)", procs, s + 1, count,
                                len(job.bad_rows), error_report_path(output_dir, paths[s]))
             out = out.remove_columns(SKIP_COLUMN)
             write_error_report(output_dir, paths[s], job.bad_rows)
@@ -416,7 +430,7 @@ def reinforce(
             write_parquet(out, paths[s], config)
             dt = time.time() - t_shard
             done_rows += len(out)
-            logger.info("%s: shard %d/%d, %d images in %.1fs: %.2f images/s, %.1f samples/s", procs, s + 1, num_shards,
+            logger.info("%s: shard %d/%d, %d images in %.1fs: %.2f images/s, %.1f samples/s", procs, s + 1, count,
                         len(out), dt, len(out) / dt, len(out) * config.num_samples / dt)
     finally:
         redirect.__exit__(None, None, None)
@@ -434,7 +448,7 @@ def reinforce(
     wait_for_shards(paths, procs)
     seconds = time.time() - t0
     stats = summarize(output_dir, split=split)
-    new_rows = n - sum(_shard_rows(s, rows_per_shard, n) for s in existing)
+    new_rows = n - sum(len(shard_rows(s, per_shard, n)) for s in existing)
     stats["source_rows"] = n
     if new_rows:
         stats["images_per_second"] = round(new_rows / seconds, 2)
@@ -452,10 +466,6 @@ def reinforce(
             logger.warning("no preview image for the card: %s: %s", type(exc).__name__, exc)
     write_card(output_dir, config, stats, features=features, split=split, command=command, preview=preview)
     return ReinforceResult(output_dir, n, len(todo), len(mine) - len(todo), seconds, stats, procs.rank, procs.world)
-
-
-def error_report_path(output_dir: str, shard_path: str) -> str:
-    return os.path.join(output_dir, "errors", os.path.basename(shard_path).replace(".parquet", ".jsonl"))
 
 
 def write_error_report(output_dir: str, shard_path: str, bad_rows: Sequence[Dict[str, Any]]) -> None:
@@ -477,40 +487,67 @@ def write_error_report(output_dir: str, shard_path: str, bad_rows: Sequence[Dict
     os.replace(path + ".tmp", path)
 
 
-def _shard_rows(s: int, rows_per_shard: int, n: int) -> int:
-    return max(0, min(n, (s + 1) * rows_per_shard) - s * rows_per_shard)
-
-
-def pending_shards(decoded, todo: Sequence[int], rows_per_shard: int, n: int, streaming: bool):
+def pending_shards(decoded, todo: Sequence[int], per_shard: int, n: int, streaming: bool, retries: int = 3):
     """``(shard, Dataset of its rows)`` for the shards in ``todo``; a stream is read once, in order, and only the
-    rows of wanted shards are kept (one shard of rows in memory at a time)."""
+    rows of wanted shards are kept (one shard of rows in memory at a time). A stream that fails mid-way (a dropped
+    connection) is reopened at the row it reached, up to ``retries`` times, before :class:`StreamError` stops the job
+    (complete shards are kept: rerunning the command resumes)."""
     import datasets
 
     if not streaming:
         for s in todo:
-            yield s, decoded.select(range(s * rows_per_shard, s * rows_per_shard + _shard_rows(s, rows_per_shard, n)))
+            yield s, decoded.select(shard_rows(s, per_shard, n))
         return
     if not todo:
         return
     wanted, last = set(todo), max(todo)
-    pos = min(todo) * rows_per_shard
-    it = iter(decoded.skip(pos) if pos else decoded)
+    pos = min(todo) * per_shard
     rows: List[Dict[str, Any]] = []
+    it = stream_rows(decoded, pos, retries)
     for row in it:
-        s = pos // rows_per_shard
+        s = pos // per_shard
         if s in wanted:
             rows.append(row)
         pos += 1
-        if pos == n or pos % rows_per_shard == 0:
+        if pos == n or pos % per_shard == 0:
             if s in wanted:
                 yield s, datasets.Dataset.from_list(rows, features=decoded.features)
                 rows = []
             if s >= last:
                 break
-    if pos < min(n, (last + 1) * rows_per_shard):
+    if pos < min(n, (last + 1) * per_shard):
         raise ValueError(f"the stream ended after {pos} rows, but {n} were expected (pass the right --num-rows)")
     if pos == n and next(it, None) is not None:
         raise ValueError(f"the stream holds more than the {n} rows expected (pass the right --num-rows)")
+
+
+class StreamError(RuntimeError):
+    """Reading a streamed source failed, and kept failing after retries; the message names the row."""
+
+
+def stream_rows(stream, start: int, retries: int = 3, backoff: float = 1.0) -> Iterator[Dict[str, Any]]:
+    """The rows of ``stream`` from position ``start``; on a read error the stream is reopened at the row reached
+    (``IterableDataset.skip``), up to ``retries`` times in a row."""
+    pos, failures = start, 0
+    while True:
+        it = iter(stream.skip(pos) if pos else stream)
+        try:
+            for row in it:
+                yield row
+                pos += 1
+                failures = 0
+            return
+        except GeneratorExit:
+            raise
+        except Exception as exc:  # network errors surface as many types (OSError, httpx, fsspec, HfHubHTTPError)
+            failures += 1
+            if failures > retries:
+                raise StreamError(f"reading the streamed source failed at row {pos} after {retries} retries "
+                                  f"({type(exc).__name__}: {exc}); complete shards are kept: rerun the same command "
+                                  "to resume") from exc
+            logger.warning("reading the stream failed at row %d (%s: %s); reopening it there (retry %d/%d)", pos,
+                           type(exc).__name__, exc, failures, retries)
+            time.sleep(backoff * failures)
 
 
 def stream_length(stream, split: str, column: str) -> int:

@@ -56,7 +56,7 @@ def check_hub_dataset(path: str, revision: Optional[str] = None) -> None:
 
 def reinforcement_config(path: str, split: str = "train", revision: Optional[str] = None) -> ReinforceConfig:
     """The configuration of a reinforced dataset: a local folder's parquet metadata, or a Hub repo's card."""
-    from .stats import shard_paths
+    from .shards import shard_paths
 
     if os.path.isdir(path):
         shards = shard_paths(path, split)
@@ -155,13 +155,24 @@ def load_reinforced(path: str, split: str = "train", source: Optional[str] = Non
     (``source``: your copy of the base dataset; default: the one it was made from), every row checked."""
     import datasets
 
-    ds = datasets.load_dataset(path, split=split, streaming=streaming, revision=revision, **kwargs)
+    from .shards import check_shards, name_bad_files, raise_if, shard_paths
+
+    local = os.path.isdir(path)
+    if local:  # footers, configurations and row ranges of every shard: a damaged or foreign file is named up front
+        raise_if(check_shards(path, split), f"cannot load {path}")
+    try:
+        ds = datasets.load_dataset(path, split=split, streaming=streaming, revision=revision, **kwargs)
+    except Exception as exc:
+        if not local:
+            raise
+        raise name_bad_files(shard_paths(path, split), exc) from exc
     config = reinforcement_config(path, split=split, revision=revision)
     if config.image_column in (ds.column_names or []):
         return ds
-    src = source or config.source.get("path")
+    src = source or (None if config.source.get("local") else config.source.get("path"))
     if not src:
-        raise ValueError(f"{path} is reinforcement-only and names no source: pass source=")
+        raise ValueError(f"{path} is reinforcement-only and was made from a local copy of "
+                         f"{config.source.get('path') or 'its source'}: pass source= (your copy of it)")
     base = load_source(src, config.source.get("split") or split, config.source.get("name"),
                        config.source.get("revision") if source is None else None, streaming=streaming)
     return join_source(ds, base, image_column=config.image_column)

@@ -10,10 +10,7 @@ import numpy as np
 import pyarrow.compute as pc
 
 from .format import DR_PARAMS, DR_TOPK_INDICES, config_from_parquet
-
-
-def shard_paths(output_dir: str, split: str = "train") -> List[str]:
-    return sorted(glob.glob(os.path.join(output_dir, "data", f"{split}-*.parquet")))
+from .shards import shard_paths
 
 
 def reinforcement_bytes(paths: List[str]) -> Dict[str, int]:

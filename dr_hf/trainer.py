@@ -12,6 +12,8 @@ import os
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional
 
+import pyarrow as pa
+import pyarrow.parquet as pq
 import torch
 from transformers import PreTrainedModel, Trainer, TrainerCallback, TrainingArguments
 
@@ -19,6 +21,7 @@ from .augment import PRESETS, AugmentPipeline
 from .collator import AugmentCollator, EvalCollator, ReinforcedCollator
 from .inputs import INTERPOLATION_NAMES, InputSpec, resolve_input_spec
 from .format import DR_COLUMNS, DR_FINGERPRINT, DR_PARAMS, require_reinforced
+from .shards import data_files_of, name_bad_files
 from .loss import dense_teacher_log_probs, distillation_loss, one_hot_target
 
 
@@ -196,6 +199,11 @@ class ReinforcedTrainer(Trainer):
                 train_dataset = self._group(train_dataset, pipeline.group_size, args)
             elif isinstance(train_dataset, datasets.IterableDataset):
                 train_dataset = train_dataset.shuffle(seed=args.seed, buffer_size=args.shuffle_buffer_size)
+            for path in data_files_of(train_dataset):  # a truncated local shard is named before training starts
+                try:
+                    pq.read_metadata(path)
+                except Exception as exc:
+                    raise name_bad_files([path], exc) from exc
             if isinstance(train_dataset, datasets.IterableDataset) and args.world_size > 1:
                 # Each process reads its own part rather than the main process dispatching every batch: accelerate
                 # then shards a datasets.IterableDataset by its files (n_shards >= processes), else keeps every
@@ -234,6 +242,16 @@ class ReinforcedTrainer(Trainer):
         label = dataset.features.get(args.label_column) if dataset.features and args.label_column else None
         if isinstance(label, ClassLabel) and label.num_classes != self.num_classes:
             raise ValueError(f"the student predicts {self.num_classes} classes, column {args.label_column!r} has {label.num_classes}")
+
+    def get_batch_samples(self, epoch_iterator, num_batches, device=None, *args, **kwargs):
+        """The Trainer's batch fetching; a streamed shard that turns out unreadable mid-training is named."""
+        try:
+            return super().get_batch_samples(epoch_iterator, num_batches, device, *args, **kwargs)
+        except (OSError, pa.ArrowException) as exc:
+            files = data_files_of(self.train_dataset)
+            if not files:
+                raise
+            raise name_bad_files(files, exc) from exc
 
     def _set_signature_columns_if_needed(self):
         """Keep what the collators read (image, label, reinforcement columns) with ``remove_unused_columns=True``."""

@@ -112,7 +112,8 @@ def verify(path: str, teachers: Optional[Sequence[str]] = None, rows: int = 8, s
     import torch
 
     from .reinforce import Reinforcer
-    from .stats import shard_paths, summarize
+    from .shards import check_folder, read_problem, shard_paths
+    from .stats import summarize
     from .teacher import TeacherEnsemble
 
     if not os.path.isdir(path):
@@ -120,11 +121,21 @@ def verify(path: str, teachers: Optional[Sequence[str]] = None, rows: int = 8, s
     paths = shard_paths(path, split)
     if not paths:
         raise FileNotFoundError(f"no {split} shards in {path}/data")
-    require_reinforced(pq.read_schema(paths[0]).names, path)
+    try:
+        require_reinforced(pq.read_schema(paths[0]).names, path)
+    except (OSError, pa.ArrowException):
+        pass  # an unreadable first shard: check_folder names it
+    consistency = check_folder(path, split)
+    if consistency:  # a card that lies about its shards, mixed jobs, unreadable files: nothing else is meaningful
+        return VerifyReport(rows=0, problems=consistency)
     config = load_config(path, split)
     report = VerifyReport(rows=0)
     seen: Dict[int, int] = {}
     for shard in paths:
+        problem = read_problem(shard)  # every page, checksums verified: a damaged file is named, not a traceback
+        if problem:
+            report.problems.append(problem)
+            continue
         for batch in pq.ParquetFile(shard).iter_batches(batch_size=1024, columns=list(DR_COLUMNS)):
             table = pa.Table.from_batches([batch])
             report.rows += table.num_rows

@@ -11,7 +11,6 @@ import argparse
 import os
 import sys
 
-import numpy as np
 import torch
 
 from results_md import write_markdown  # noqa: E402  (scripts/)

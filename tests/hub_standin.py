@@ -55,6 +55,13 @@ class HubState:
         self.requests: List[Tuple[str, str]] = []
         self.lfs_puts: List[str] = []
         self.fail_lfs_put_after: Optional[int] = None  # fault injection: refuse PUTs after this many
+        self.fail_commits: set = set()  # fault injection: answer these commit attempts (0-based) with a 500
+        self.commit_attempts = 0
+        self.fail_reads_after: Optional[int] = None  # fault injection: drop the connection of ranged parquet reads...
+        self.fail_reads_count: Optional[int] = None  # ...this many of them (None: every one from then on)
+        self.ranged_reads = 0
+        self.reads: List[Tuple[str, str]] = []  # (path, Range) of every ranged parquet read, in order
+        self.fail_reads_of: Optional[str] = None  # ...counting only the reads of files whose path ends so
         self.commits_made = 0
 
     def lfs_path(self, repo_type: str, repo_id: str, oid: str) -> str:
@@ -298,6 +305,9 @@ class Handler(BaseHTTPRequestHandler):
 
     def do_commit(self, t, id, rev):
         raw = self._body()
+        attempt, self.state.commit_attempts = self.state.commit_attempts, self.state.commit_attempts + 1
+        if attempt in self.state.fail_commits:
+            return self._error(500, "InjectedFailure", "hub stand-in: injected server error on commit")
         repo = self._repo(t, id)
         if repo is None:
             return
@@ -368,6 +378,14 @@ class Handler(BaseHTTPRequestHandler):
                 out.append({"type": "directory", "oid": git_blob_sha(p.encode()), "size": 0, "path": p})
         self._json(out)
 
+    @staticmethod
+    def _range(data: bytes, rng: str, headers: Dict[str, str]):
+        """(body, headers, content_type) of a 206 answer to ``Range: rng``."""
+        m = re.match(r"bytes=(\d*)-(\d*)", rng)
+        start = int(m.group(1)) if m.group(1) else max(0, len(data) - int(m.group(2)))
+        stop = min(int(m.group(2)) if m.group(1) and m.group(2) else len(data) - 1, len(data) - 1)
+        return data[start:stop + 1], {**headers, "Content-Range": f"bytes {start}-{stop}/{len(data)}"}, "application/octet-stream"
+
     def do_resolve(self, id, rev, path, t=None):
         t = t or "model"
         repo, sha = self._repo_at(t, id, rev)
@@ -387,15 +405,29 @@ class Handler(BaseHTTPRequestHandler):
         if entry.lfs_sha256:
             headers.update({"X-Linked-Etag": f'"{etag}"', "X-Linked-Size": str(entry.size)})
         rng = self.headers.get("Range")
+        if rng and self.command == "GET" and path.endswith(".parquet"):
+            state = self.state
+            state.reads.append((path, rng))
+            if state.fail_reads_of and not path.endswith(state.fail_reads_of):
+                return self._send(206, *self._range(data, rng, headers))
+            n, state.ranged_reads = state.ranged_reads, state.ranged_reads + 1
+            after, count = state.fail_reads_after, state.fail_reads_count
+            if after is not None and n >= after and (count is None or n < after + count):
+                # a connection that dies mid-response: headers promise the bytes, then the socket closes
+                self.send_response(206)
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data[:16])
+                self.wfile.flush()
+                self.close_connection = True
+                self.connection.shutdown(2)
+                return
         if rng and self.command == "GET":
             m = re.match(r"bytes=(\d*)-(\d*)", rng)
             start = int(m.group(1)) if m.group(1) else max(0, len(data) - int(m.group(2)))
-            stop = int(m.group(2)) if m.group(1) and m.group(2) else len(data) - 1
-            stop = min(stop, len(data) - 1)
             if start >= len(data):
                 return self._send(416, b"", {"Content-Range": f"bytes */{len(data)}"})
-            headers["Content-Range"] = f"bytes {start}-{stop}/{len(data)}"
-            return self._send(206, data[start:stop + 1], headers, content_type="application/octet-stream")
+            return self._send(206, *self._range(data, rng, headers))
         if self.command == "HEAD":
             self.send_response(200)
             self.send_header("Content-Type", "application/octet-stream")

@@ -9,7 +9,7 @@ import pytest
 
 from conftest import SHARED, needs_shared
 
-from dr_hf.stats import shard_paths
+from dr_hf.shards import shard_paths
 
 DR = ["dr_index", "dr_fingerprint", "dr_params", "dr_topk_indices", "dr_topk_logprobs"]
 

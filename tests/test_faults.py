@@ -13,7 +13,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from dr_hf.reinforce import reinforce
-from dr_hf.stats import shard_paths
+from dr_hf.shards import shard_paths
 
 from conftest import make_image_dataset, source_folder
 from test_reinforce import make_config

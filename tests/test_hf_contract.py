@@ -6,7 +6,6 @@ import importlib.util
 import sys
 
 import datasets
-import numpy as np
 import pytest
 import torch
 from transformers import TrainingArguments

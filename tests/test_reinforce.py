@@ -12,7 +12,8 @@ from dr_hf.augment import Context, params_at
 from dr_hf.format import DR_FINGERPRINT, config_from_parquet
 from dr_hf.images import decode
 from dr_hf.reinforce import reinforce
-from dr_hf.stats import reinforcement_bytes, shard_paths
+from dr_hf.shards import shard_paths
+from dr_hf.stats import reinforcement_bytes
 
 
 DR = [DR_INDEX, DR_FINGERPRINT, DR_PARAMS, DR_TOPK_INDICES, DR_TOPK_LOGPROBS]

@@ -19,7 +19,7 @@ from dr_hf.augment import InputSpec
 from dr_hf.format import DR_INDEX, DR_TOPK_INDICES, DR_TOPK_LOGPROBS, METADATA_KEY, config_from_parquet
 from dr_hf.images import BadImageError, decode
 from dr_hf.reinforce import reinforce
-from dr_hf.stats import shard_paths
+from dr_hf.shards import shard_paths
 from dr_hf.verify import verify
 
 from conftest import jpeg_bytes, make_image_dataset

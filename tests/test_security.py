@@ -14,7 +14,7 @@ import pytest
 from dr_hf import TeacherEnsemble, load_teacher
 from dr_hf.format import METADATA_KEY, ReinforceConfig, config_from_parquet
 from dr_hf.reinforce import reinforce
-from dr_hf.stats import shard_paths
+from dr_hf.shards import shard_paths
 
 from conftest import make_image_dataset
 from test_reinforce import make_config

@@ -1,0 +1,67 @@
+"""One job per output folder: a lock the reinforce job holds for its whole run.
+
+The main process takes ``OUTPUT/.dr-hf.lock`` (``filelock``, as ``datasets`` and ``huggingface_hub`` use) and records
+who holds it in ``OUTPUT/.dr-hf.lock.json``; the other processes of the same ``accelerate``/``torchrun`` job wait at a
+barrier until it has, so the ranks of one job share the lock. A second job is refused at once, naming the folder and
+the holder, or waits for it (``wait=True``). The lock is an OS file lock: a job killed with ``kill -9`` releases it
+with its process, so the rerun that resumes it is not blocked. (Network file systems without ``flock`` support are
+not covered.)
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import socket
+import sys
+import time
+from typing import Iterator
+
+from .processes import Processes
+
+logger = logging.getLogger(__name__)
+LOCK = ".dr-hf.lock"
+
+
+class FolderInUse(RuntimeError):
+    """Another job holds the output folder."""
+
+
+def holder(folder: str) -> str:
+    """Who holds (or last held) the lock on ``folder``, in words."""
+    try:
+        with open(os.path.join(folder, LOCK + ".json")) as f:
+            info = json.load(f)
+        return f"pid {info['pid']} on {info['host']}, started {info['started']}: {info['command']}"
+    except (OSError, ValueError, KeyError):
+        return "another process"
+
+
+@contextlib.contextmanager
+def output_lock(folder: str, procs: Processes, wait: bool = False) -> Iterator[None]:
+    """Hold the output folder's lock for the job (main process), with the job's other processes behind a barrier."""
+    from filelock import FileLock, Timeout
+
+    os.makedirs(folder, exist_ok=True)
+    lock = FileLock(os.path.join(folder, LOCK))
+    if procs.is_main:
+        try:
+            lock.acquire(timeout=0)
+        except Timeout:
+            if not wait:
+                raise FolderInUse(f"--output {folder} is in use by another dr-hf job ({holder(folder)}); wait for it "
+                                  "(--wait), or choose another --output") from None
+            logger.info("--output %s is in use (%s): waiting for it", folder, holder(folder))
+            lock.acquire()
+        info = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.strftime("%Y-%m-%d %H:%M:%S"),
+                "command": " ".join(["dr-hf", *sys.argv[1:]]) if sys.argv[1:2] == ["reinforce"] else "dr_hf.reinforce()"}
+        with open(os.path.join(folder, LOCK + ".json"), "w") as f:
+            json.dump(info, f)
+    procs.wait()  # the other ranks start once the main process holds the folder
+    try:
+        yield
+    finally:
+        if procs.is_main:
+            lock.release()

@@ -1,0 +1,222 @@
+"""The one shard layout of a reinforced folder, and the check that its card and shards tell the same story.
+
+A reinforced folder is Hub layout::
+
+    README.md                                  the card: a view of the shards, never a second truth
+    data/{split}-{shard:05d}-of-{count:05d}.parquet   shard s holds source rows [s * R, (s + 1) * R), R = rows per shard
+    errors/{split}-{shard:05d}-of-{count:05d}.jsonl   rows of shard s left out as bad input (--on-bad-row skip)
+    preview.png
+
+:func:`check_folder` reads every shard's footer and ``dr_index`` column and the card's ``reinforcement:`` block and
+names each shard that disagrees (another configuration, rows outside its range, a missing or unreadable file).
+``write_card``, ``dr-hf verify`` and ``dr-hf push`` all rely on it.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import math
+import os
+import re
+from typing import Dict, List, Optional, Sequence
+
+from .format import DR_INDEX, NewerFormatError, ReinforceConfig, config_from_parquet
+
+DATA_DIR = "data"
+ERRORS_DIR = "errors"
+CARD = "README.md"
+PREVIEW = "preview.png"
+_NAME = re.compile(r"^(?P<split>.+)-(?P<shard>\d{5})-of-(?P<count>\d{5})\.parquet$")
+
+
+def shard_name(split: str, shard: int, num_shards: int) -> str:
+    return f"{split}-{shard:05d}-of-{num_shards:05d}.parquet"
+
+
+def data_files_pattern(split: str) -> str:
+    """The card's ``data_files`` glob for a split (what ``load_dataset`` reads)."""
+    return f"{DATA_DIR}/{split}-*.parquet"
+
+
+def shard_paths(folder: str, split: str = "train") -> List[str]:
+    return sorted(glob.glob(os.path.join(folder, DATA_DIR, f"{split}-*.parquet")))
+
+
+def splits(folder: str) -> List[str]:
+    """The splits a folder's shards hold."""
+    names = (_NAME.match(os.path.basename(p)) for p in glob.glob(os.path.join(folder, DATA_DIR, "*.parquet")))
+    return sorted({m.group("split") for m in names if m})
+
+
+def error_report_path(folder: str, shard_path: str) -> str:
+    return os.path.join(folder, ERRORS_DIR, os.path.basename(shard_path).replace(".parquet", ".jsonl"))
+
+
+def rows_per_shard(config: ReinforceConfig) -> int:
+    """Rows per shard: the configured number, rounded up to whole MixUp/CutMix groups."""
+    g = config.pipeline().group_size
+    return max(g, int(math.ceil(config.rows_per_shard / g)) * g)
+
+
+def shard_rows(shard: int, per_shard: int, num_rows: int) -> range:
+    """The source rows shard ``shard`` covers."""
+    return range(shard * per_shard, min(num_rows, (shard + 1) * per_shard))
+
+
+def num_shards(config: ReinforceConfig, num_rows: int) -> int:
+    return max(1, math.ceil(num_rows / rows_per_shard(config)))
+
+
+def _skipped(folder: str, path: str) -> List[int]:
+    report = error_report_path(folder, path)
+    if not os.path.isfile(report):
+        return []
+    with open(report) as f:
+        return [int(json.loads(line)[DR_INDEX]) for line in f if line.strip()]
+
+
+def card_config(folder: str) -> Optional[ReinforceConfig]:
+    """The configuration in the card's ``reinforcement:`` block (``None`` without a card)."""
+    path = os.path.join(folder, CARD)
+    if not os.path.isfile(path):
+        return None
+    from huggingface_hub import DatasetCard
+
+    data = DatasetCard.load(path).data.to_dict().get("reinforcement")
+    if not data:
+        raise ValueError(f"{path} has no `reinforcement:` block: not the card of a reinforced dataset")
+    return ReinforceConfig.from_dict(data)
+
+
+def _differences(a: ReinforceConfig, b: ReinforceConfig) -> List[str]:
+    x, y = a.identity(), b.identity()
+    return sorted(k for k in set(x) | set(y) if x.get(k) != y.get(k))
+
+
+def check_shards(folder: str, split: str = "train", config: Optional[ReinforceConfig] = None,
+                 num_rows: Optional[int] = None) -> List[str]:
+    """Problems with a folder's shards, each naming the shard: unreadable files, configurations that differ from
+    ``config`` (default: the first shard's), shards missing from the layout, rows outside a shard's range or
+    missing from it (other than rows listed in its error report). Empty when the shards are one consistent job."""
+    import pyarrow.parquet as pq
+
+    paths = shard_paths(folder, split)
+    if not paths:
+        return [f"no {split} shards in {os.path.join(folder, DATA_DIR)}"]
+    problems: List[str] = []
+    configs: Dict[str, ReinforceConfig] = {}
+    for path in paths:
+        name = os.path.basename(path)
+        try:
+            found = config_from_parquet(path)
+        except NewerFormatError:
+            raise
+        except Exception as exc:  # truncated, bit-flipped footer, not parquet at all
+            problems.append(f"{name}: not a readable parquet shard ({type(exc).__name__}: {exc})")
+            continue
+        if found is None:
+            problems.append(f"{name}: carries no dr-hf configuration")
+            continue
+        configs[path] = found
+    if not configs:
+        return problems
+    reference = config or next(iter(configs.values()))
+    for path, found in configs.items():
+        diff = _differences(reference, found)
+        if diff:
+            problems.append(f"{os.path.basename(path)}: configuration differs ({', '.join(diff)}) from "
+                            f"{'the job' if config else os.path.basename(next(iter(configs)))}: shards of two jobs are mixed")
+    if problems:
+        return problems
+    total = num_rows or reference.source.get("num_rows")
+    per_shard = rows_per_shard(reference)
+    counts = {int(m.group("count")) for m in (_NAME.match(os.path.basename(p)) for p in paths) if m}
+    if len(counts) != 1:
+        return problems + [f"shard file names disagree on the number of shards ({sorted(counts)})"]
+    count = counts.pop()
+    if total:
+        expected = num_shards(reference, int(total))
+        if count != expected:
+            problems.append(f"the shards say {count} shard(s), the configuration's {total} rows make {expected}")
+    present = {int(_NAME.match(os.path.basename(p)).group("shard")): p for p in paths}
+    missing = [s for s in range(count) if s not in present]
+    if missing:
+        problems.append(f"{len(missing)} shard(s) missing, first {shard_name(split, missing[0], count)}")
+    for s, path in sorted(present.items()):
+        name = os.path.basename(path)
+        try:
+            index = pq.ParquetFile(path, page_checksum_verification=True).read(columns=[DR_INDEX]).column(0).to_numpy()
+        except Exception as exc:
+            problems.append(f"{name}: column {DR_INDEX!r} is unreadable ({type(exc).__name__}: {exc})")
+            continue
+        want = set(shard_rows(s, per_shard, int(total))) if total else None
+        have = [int(i) for i in index]
+        outside = [i for i in have if want is not None and i not in want]
+        if outside:
+            problems.append(f"{name}: rows {outside[:3]} lie outside its range "
+                            f"[{s * per_shard}, {s * per_shard + len(want)})")
+        elif want is not None and set(have) | set(_skipped(folder, path)) != want:
+            lost = sorted(want - set(have) - set(_skipped(folder, path)))
+            problems.append(f"{name}: {len(lost)} row(s) of its range neither stored nor listed as skipped, first {lost[0]}"
+                            if lost else f"{name}: duplicated rows")
+        elif len(have) != len(set(have)):
+            problems.append(f"{name}: duplicated rows")
+    return problems
+
+
+def check_folder(folder: str, split: str = "train") -> List[str]:
+    """:func:`check_shards`, and the card's ``reinforcement:`` block against every shard's metadata."""
+    problems = check_shards(folder, split)
+    card = card_config(folder)
+    if card is not None:
+        for path in shard_paths(folder, split):
+            try:
+                found = config_from_parquet(path)
+            except Exception:
+                continue  # reported above
+            if found is not None and _differences(card, found):
+                problems.append(f"{os.path.basename(path)}: its configuration differs from the card's "
+                                f"({', '.join(_differences(card, found))}): the card does not describe this shard")
+    return problems
+
+
+class BadShardError(ValueError):
+    """A shard file that cannot be read (truncated, bit-flipped); the message names the file."""
+
+
+def read_problem(path: str) -> Optional[str]:
+    """Why ``path`` cannot be read in full as parquet (page checksums verified), or ``None`` if it can."""
+    import pyarrow.parquet as pq
+
+    try:
+        pf = pq.ParquetFile(path, page_checksum_verification=True)
+        for g in range(pf.num_row_groups):
+            pf.read_row_group(g)
+    except Exception as exc:  # pyarrow says what, never which file
+        return f"{os.path.basename(path)}: unreadable ({type(exc).__name__}: {exc})"
+    return None
+
+
+def data_files_of(dataset) -> List[str]:
+    """The local data files behind a ``datasets.IterableDataset`` (its innermost iterable's ``files``)."""
+    e = getattr(dataset, "_ex_iterable", None)
+    while e is not None:
+        files = (getattr(e, "kwargs", None) or {}).get("files")
+        if files:
+            return [f for f in files if isinstance(f, str) and os.path.isfile(f)]
+        e = getattr(e, "ex_iterable", None)
+    return []
+
+
+def name_bad_files(paths: Sequence[str], cause: BaseException) -> BadShardError:
+    """The error to raise after reading ``paths`` failed with ``cause``: it names every unreadable file."""
+    bad = [problem for problem in map(read_problem, paths) if problem]
+    where = "; ".join(bad) if bad else f"{type(cause).__name__}: {cause} (no single file is unreadable on its own)"
+    return BadShardError(f"reading the reinforced data failed: {where}; re-download or re-create those shards "
+                         "(`dr-hf reinforce` redoes a deleted shard)")
+
+
+def raise_if(problems: Sequence[str], what: str) -> None:
+    if problems:
+        raise ValueError(f"{what}: " + "; ".join(problems[:5]) + (f" (and {len(problems) - 5} more)" if len(problems) > 5 else ""))
