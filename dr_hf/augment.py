@@ -481,43 +481,66 @@ class AugmentPipeline:
         return params
 
     # -- applying ----------------------------------------------------------------------------------
-    def render(self, image: torch.Tensor, params: Dict[str, Any], out: InputSpec) -> torch.Tensor:
-        """Everything but mixing: a uint8 CHW image -> a normalised float CHW tensor at ``out.size``."""
+    def render(self, image: torch.Tensor, params: Dict[str, Any], out: InputSpec,
+               into: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Everything but mixing: a uint8 CHW image -> a normalised float CHW tensor at ``out.size`` (written into
+        ``into`` when given, e.g. a slot of a batch, which saves an allocation and a copy)."""
         x = image
         if not any(t.resizes for t in self.transforms):
             x = CenterCrop().apply(x, {}, out)
         for t in self.stage("geometry") + self.stage("colour"):
             x = t.apply(x, params, out)
-        x = F.to_dtype(x, torch.float32, scale=True)
-        for t in self.stage("float"):
+        floats = self.stage("float")
+        if not floats:  # one pass: (x / 255 - mean) / std as x * scale + bias
+            scale, bias = _affine_normalisation(out)
+            y = into if into is not None else torch.empty(x.shape, dtype=torch.float32)
+            return y.copy_(x).mul_(scale).add_(bias)
+        x = F.to_dtype(x.contiguous(), torch.float32, scale=True)
+        for t in floats:
             x = t.apply(x, params, out)
-        return F.normalize(x, list(out.mean), list(out.std))
+        x = F.normalize(x, list(out.mean), list(out.std))
+        return into.copy_(x) if into is not None else x
 
     def render_samples(self, images: Sequence[torch.Tensor], params: Callable[[int, int], Dict[str, Any]],
                        picks: Sequence[Tuple[int, int]], out: InputSpec) -> torch.Tensor:
         """The rendered, mixed samples ``picks`` = [(row, sample index), ...] of a group of rows: (len(picks), 3, H, W).
 
         ``params(row, sample)`` gives a sample's stored parameters; a mixed sample's partner (``row + mix_partner``,
-        at sample ``mix_sample``) must be one of ``images``. Each (row, sample) is rendered once."""
+        at sample ``mix_sample``) must be one of ``images``. Each (row, sample) is rendered once, straight into the
+        batch where it is not mixed."""
+        batch = torch.empty((len(picks), 3, *out.size), dtype=torch.float32)
         cache: Dict[Tuple[int, int], torch.Tensor] = {}
 
-        def base(r: int, j: int) -> torch.Tensor:
+        def base(r: int, j: int, into: Optional[torch.Tensor] = None) -> torch.Tensor:
             if (r, j) not in cache:
-                cache[(r, j)] = self.render(images[r], params(r, j), out)
+                cache[(r, j)] = self.render(images[r], params(r, j), out, into)
+            elif into is not None:
+                into.copy_(cache[(r, j)])
             return cache[(r, j)]
 
-        mixed = []
-        for r, j in picks:
+        for k, (r, j) in enumerate(picks):
             p = params(r, j)
-            x = base(r, j)
-            if self.mix is not None and self.mix.is_mixed(p):
-                partner = r + int(p["mix_partner"])
-                if not 0 <= partner < len(images):
-                    raise ValueError(f"sample {j} of row {r} of the group is mixed with row {partner}, which is not in "
-                                     "the group; feed mixing datasets whole groups of rows")
-                x = self.mix.apply_mix(x, base(partner, int(p["mix_sample"])), p)
-            mixed.append(x)
-        return torch.stack(mixed)
+            if self.mix is None or not self.mix.is_mixed(p):
+                base(r, j, batch[k])
+                continue
+            partner = r + int(p["mix_partner"])
+            if not 0 <= partner < len(images):
+                raise ValueError(f"sample {j} of row {r} of the group is mixed with row {partner}, which is not in "
+                                 "the group; feed mixing datasets whole groups of rows")
+            batch[k] = self.mix.apply_mix(base(r, j), base(partner, int(p["mix_sample"])), p)
+        return batch
+
+
+_NORMALISATION: Dict[Tuple, Tuple[torch.Tensor, torch.Tensor]] = {}
+
+
+def _affine_normalisation(out: InputSpec) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Per-channel (scale, bias) with ``x * scale + bias == (x / 255 - mean) / std``."""
+    key = (out.mean, out.std)
+    if key not in _NORMALISATION:
+        mean, std = torch.tensor(out.mean, dtype=torch.float32), torch.tensor(out.std, dtype=torch.float32)
+        _NORMALISATION[key] = ((1.0 / (255.0 * std))[:, None, None], (-mean / std)[:, None, None])
+    return _NORMALISATION[key]
 
 
 def params_at(row_params: Dict[str, Any], sample: int) -> Dict[str, Any]:

@@ -1,0 +1,94 @@
+"""The training loader: images/s of `ReinforcedTrainer.get_train_dataloader()` on a reinforced copy of real ImageNet
+images against a plain `transformers.Trainer` fed by the standard torchvision pipeline (`RandomResizedCrop(224)` +
+flip + `ToTensor` + `Normalize` via `set_transform`, the same interpolation), `dataloader_num_workers` 0 and 2, side by
+side in one run.
+
+    python scripts/bench_loader.py            # -> results/bench_loader.md
+"""
+
+import argparse
+import os
+import sys
+import tempfile
+import time
+
+import torch
+
+from results_md import write_markdown  # noqa: E402  (scripts/)
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--dataset", default=os.path.join(ROOT, "..", "shared", "datasets", "imagenet-sample"))
+    ap.add_argument("--rows", type=int, default=256)
+    ap.add_argument("--batch", type=int, default=32)
+    ap.add_argument("--interpolation", default="bilinear")
+    ap.add_argument("--out", default=os.path.join(ROOT, "results", "bench_loader.md"))
+    args = ap.parse_args()
+
+    import datasets
+    import timm
+    from torchvision.transforms import v2
+    from transformers import Trainer, TrainingArguments
+
+    from dr_hf import ReinforceConfig, ReinforcedTrainer, ReinforcedTrainingArguments, TeacherEnsemble, make_pipeline
+    from dr_hf.reinforce import reinforce
+
+    datasets.disable_progress_bars()
+    source = datasets.load_dataset(args.dataset, split="train").select(range(args.rows))
+    source = source.cast_column("label", datasets.ClassLabel(num_classes=1000)).select_columns(["image", "label"])
+    mean, std = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+    mode = getattr(v2.InterpolationMode, args.interpolation.upper())
+    tv = v2.Compose([v2.RandomResizedCrop(224, interpolation=mode, antialias=True), v2.RandomHorizontalFlip(),
+                     v2.ToImage(), v2.ToDtype(torch.float32, scale=True), v2.Normalize(mean, std)])
+
+    def transform(batch):
+        return {"pixel_values": [tv(im.convert("RGB")) for im in batch["image"]], "labels": batch["label"]}
+
+    def collate(rows):
+        return {"pixel_values": torch.stack([r["pixel_values"] for r in rows]), "labels": torch.tensor([r["labels"] for r in rows])}
+
+    model = timm.create_model("resnet10t", num_classes=1000)
+    rates = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        teachers = TeacherEnsemble.from_specs(["efficientnet-lite0"])  # the teacher only fills the columns here
+        config = ReinforceConfig(augment="imagenet+rrc", augmentations=make_pipeline("imagenet+rrc").config(),
+                                 teachers=teachers.specs, num_samples=1, topk=10, seed=0, num_classes=1000)
+        reinforce(source, config, teachers, os.path.join(tmp, "plus"), show_progress=False)
+        plus = datasets.load_dataset(os.path.join(tmp, "plus"), split="train")
+        plain = source.with_transform(transform)
+        for workers in (0, 2):
+            common = dict(per_device_train_batch_size=args.batch, dataloader_num_workers=workers, report_to=[],
+                          use_cpu=True, remove_unused_columns=False)
+            loaders = {
+                "plain Trainer + torchvision": Trainer(model=model, args=TrainingArguments(os.path.join(tmp, "p"), **common),
+                                                       train_dataset=plain, data_collator=collate).get_train_dataloader(),
+                "ReinforcedTrainer": ReinforcedTrainer(model=model, args=ReinforcedTrainingArguments(
+                    os.path.join(tmp, "r"), image_size=224, image_mean=mean, image_std=std,
+                    interpolation=args.interpolation, **common), train_dataset=plus).get_train_dataloader(),
+            }
+            for name, loader in loaders.items():
+                best = 0.0
+                for _ in range(2):  # best of 2 epochs (the first also warms the workers up)
+                    t0, n = time.perf_counter(), 0
+                    for batch in loader:
+                        n += batch["pixel_values"].shape[0]
+                    best = max(best, n / (time.perf_counter() - t0))
+                rates[(name, workers)] = best
+    lines = ["# The training loader", "",
+             f"{args.rows} real ImageNet images (imagenet-sample, median 500x375 JPEG), 224 px, {args.interpolation} on "
+             f"both, batch {args.batch}, 2 CPU cores, best of 2 epochs.", "",
+             "| loader | workers | images/s |", "|---|---|---|"]
+    lines += [f"| {name} | {w} | {r:.0f} |" for (name, w), r in rates.items()]
+    for w in (0, 2):
+        ratio = rates[("ReinforcedTrainer", w)] / rates[("plain Trainer + torchvision", w)]
+        lines.append(f"\nReinforcedTrainer / plain torchvision with {w} workers: **{ratio:.2f}x** (goal >= 1.5x)")
+    lines += ["", "Command: `python scripts/bench_loader.py`."]
+    write_markdown(args.out, lines)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,108 @@
+"""Rendering in the reinforce job: samples/s of the job's render + teacher path against a naive per-sample torchvision
+render of the same rows with the same teacher, side by side in one run, on one intra-op thread.
+
+The teacher is a 1-layer transformers ViT with 32-px patches (hidden 16) at 224 px: about as fast per sample on one
+CPU core as EfficientNet-Lite0 is on a GPU, so the job is bound by everything but the teacher, as on a GPU.
+
+* naive: decode each image once, then per sample `v2.RandomResizedCrop(224, antialias=True)` + flip + normalise,
+  stacked into teacher batches of 256;
+* dr-hf: `Reinforcer.compute` (parameter sampling, the pipeline's batched rendering, the teacher) on the same rows;
+* teacher only: the bare forward on the same number of samples.
+
+    python scripts/bench_render.py            # -> results/bench_render.md
+"""
+
+import argparse
+import os
+import sys
+import tempfile
+import time
+
+import torch
+
+from results_md import write_markdown  # noqa: E402  (scripts/)
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+
+def tiny_vit(folder):
+    from transformers import ViTConfig, ViTForImageClassification, ViTImageProcessor
+
+    torch.manual_seed(0)
+    config = ViTConfig(image_size=224, patch_size=32, hidden_size=16, num_hidden_layers=1, num_attention_heads=1,
+                       intermediate_size=32, num_labels=1000)
+    ViTForImageClassification(config).save_pretrained(folder)
+    ViTImageProcessor(size={"height": 224, "width": 224}, resample=2).save_pretrained(folder)
+    return f"hf:{folder}"
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--dataset", default=os.path.join(ROOT, "..", "shared", "datasets", "imagenet-sample"))
+    ap.add_argument("--rows", type=int, default=32)
+    ap.add_argument("--num-samples", type=int, default=64)
+    ap.add_argument("--augment", default="imagenet+rrc")
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--out", default=os.path.join(ROOT, "results", "bench_render.md"))
+    args = ap.parse_args()
+    torch.set_num_threads(1)
+
+    import datasets
+    from torchvision.transforms import v2
+
+    from dr_hf import ReinforceConfig, TeacherEnsemble, make_pipeline
+    from dr_hf.images import decode
+    from dr_hf.reinforce import Reinforcer
+
+    rows = datasets.load_dataset(args.dataset, split="train").select(range(args.rows))
+    rows = rows.cast_column("image", datasets.Image(decode=False))
+    batch = rows[:]
+    with tempfile.TemporaryDirectory() as tmp:
+        teachers = TeacherEnsemble.from_specs([tiny_vit(tmp)], device="cpu")
+    spec = teachers.outputs()[0]
+    config = ReinforceConfig(augment=args.augment, augmentations=make_pipeline(args.augment).config(),
+                             teachers=teachers.specs, num_samples=args.num_samples, topk=10, seed=0, num_classes=1000)
+    job = Reinforcer(config, teachers, num_rows=len(rows))
+    samples = args.rows * args.num_samples
+    naive = v2.Compose([v2.RandomResizedCrop(spec.size, antialias=True, interpolation=v2.InterpolationMode.BILINEAR),
+                        v2.RandomHorizontalFlip(), v2.ToDtype(torch.float32, scale=True), v2.Normalize(spec.mean, spec.std)])
+
+    def run_naive():
+        images = [decode(v) for v in batch["image"]]
+        xs = [naive(im) for im in images for _ in range(args.num_samples)]
+        for k in range(0, len(xs), 256):
+            teachers.log_probs({0: torch.stack(xs[k:k + 256])})
+
+    def run_job():
+        job.compute(batch, list(range(args.rows)))
+
+    x = torch.randn(256, 3, *spec.size)
+
+    def run_teacher():
+        for _ in range(0, samples, 256):
+            teachers.log_probs({0: x})
+
+    timings = {"naive per-sample torchvision + teacher": [], "dr-hf job (render + teacher)": [], "teacher forward only": []}
+    fns = dict(zip(timings, (run_naive, run_job, run_teacher)))
+    for _ in range(args.repeats):  # alternating, best of N
+        for name, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            timings[name].append(time.perf_counter() - t0)
+    rate = {name: samples / min(ts) for name, ts in timings.items()}
+    naive_rate, job_rate, teacher_rate = rate.values()
+    render_share = 1 - job_rate / teacher_rate
+    lines = ["# Rendering in the reinforce job", "",
+             f"{args.rows} real ImageNet images (imagenet-sample), N={args.num_samples} samples each, `{args.augment}`, "
+             f"224 px, tiny ViT teacher (1 layer, 32-px patches, hidden 16), 1 intra-op thread, best of {args.repeats} "
+             "alternating runs, CPU.", "", "| path | samples/s |", "|---|---|"]
+    lines += [f"| {name} | {r:.0f} |" for name, r in rate.items()]
+    lines += ["", f"dr-hf job / naive = **{job_rate / naive_rate:.2f}x** (goal >= 3x); the job's time is "
+              f"{render_share:.0%} rendering and sampling, {1 - render_share:.0%} teacher.", "",
+              "Command: `python scripts/bench_render.py`."]
+    write_markdown(args.out, lines)
+
+
+if __name__ == "__main__":
+    main()
