@@ -111,7 +111,7 @@ def verify(path: str, teachers: Optional[Sequence[str]] = None, rows: int = 8, s
     import pyarrow.parquet as pq
     import torch
 
-    from .reinforce import Reinforcer
+    from .reinforcer import Reinforcer
     from .shards import check_folder, read_problem, shard_paths
     from .stats import summarize
     from .teacher import TeacherEnsemble

@@ -59,7 +59,8 @@ def throughput(args):
     import torch
 
     from dr_hf import ReinforceConfig, TeacherEnsemble, make_pipeline
-    from dr_hf.reinforce import Reinforcer, reinforce
+    from dr_hf.reinforce import reinforce
+    from dr_hf.reinforcer import Reinforcer
 
     teachers = TeacherEnsemble.from_specs([args.teacher])
     ds = datasets.load_dataset(args.dataset, split="train").select(range(args.rows))

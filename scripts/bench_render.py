@@ -53,7 +53,7 @@ def main():
 
     from dr_hf import ReinforceConfig, TeacherEnsemble, make_pipeline
     from dr_hf.images import decode
-    from dr_hf.reinforce import Reinforcer
+    from dr_hf.reinforcer import Reinforcer
 
     rows = datasets.load_dataset(args.dataset, split="train").select(range(args.rows))
     rows = rows.cast_column("image", datasets.Image(decode=False))

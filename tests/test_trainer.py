@@ -9,7 +9,8 @@ from dr_hf import ReinforceConfig, ReinforcedCollator, ReinforcedTrainer, Reinfo
 from dr_hf.augment import params_at
 from dr_hf.images import decode
 from dr_hf.loss import dense_teacher_log_probs, distillation_loss, one_hot_target
-from dr_hf.reinforce import Reinforcer, reinforce
+from dr_hf.reinforce import reinforce
+from dr_hf.reinforcer import Reinforcer
 
 from conftest import make_image_dataset
 
