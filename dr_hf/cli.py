@@ -183,7 +183,7 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--teacher", action="append", default=None,
                    help="optional: must match the recorded teachers (verify replays those by default)")
     v.add_argument("--rows", type=int, default=8, help="rows to replay through the recorded teachers (0: schema and values only)")
-    v.add_argument("--split", default="train")
+    v.add_argument("--split", default="train", help="the split whose shards are checked")
     v.add_argument("--seed", type=int, default=0, help="picks the replayed rows")
     v.add_argument("--atol", type=float, default=1e-3, help="absolute log-prob tolerance")
     v.add_argument("--rtol", type=float, default=2e-3, help="relative log-prob tolerance (covers one float16 step)")
@@ -191,7 +191,7 @@ def build_parser() -> argparse.ArgumentParser:
     v.set_defaults(func=cmd_verify)
 
     p = sub.add_parser("push", help="upload a reinforced folder to a Hub dataset repo (resumable, one commit per batch of files)")
-    p.add_argument("folder")
+    p.add_argument("folder", help="a reinforced folder (dr-hf reinforce --output)")
     p.add_argument("repo_id", help="org/name, e.g. org/imagenet-plus")
     p.add_argument("--private", action="store_true", help="create the repo private")
     p.add_argument("--revision", default=None, help="branch to push to (created if missing; default main)")
@@ -201,11 +201,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_push)
 
     pv = sub.add_parser("preview", help="render a grid of replayed samples with the teacher's top classes (PNG)")
-    pv.add_argument("folder")
+    pv.add_argument("folder", help="a reinforced folder (dr-hf reinforce --output)")
     pv.add_argument("--out", default=None, help="default: FOLDER/preview.png")
     pv.add_argument("--rows", type=int, default=4, help="rows shown (grid rows)")
     pv.add_argument("--samples", type=int, default=4, help="stored samples shown per row (grid columns)")
-    pv.add_argument("--split", default="train")
+    pv.add_argument("--split", default="train", help="the split to show")
     pv.add_argument("--source", default=None, help="the source dataset, for a reinforcement-only (--no-images) folder")
     pv.add_argument("--seed", type=int, default=0, help="picks which rows and samples are shown")
     pv.set_defaults(func=cmd_preview)

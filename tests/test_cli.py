@@ -100,3 +100,21 @@ def test_newcomer_first_hour(tmp_path, capsys, image_dataset_dir, tiny_teacher_s
         main(["reinforce", "--help"])
     help_text = " ".join(capsys.readouterr().out.split())
     assert "(default: 400)" in help_text and "(default: imagenet+rrc)" in help_text and "imagenet+rare+mix" in help_text
+
+
+def test_every_option_has_help():
+    from dr_hf.cli import build_parser
+
+    parser = build_parser()
+    for name, sub in parser._subparsers._group_actions[0].choices.items():
+        assert all(a.help for a in sub._actions), (name, [a.dest for a in sub._actions if not a.help])
+
+
+def test_demo_says_where_it_wrote_and_what_next(tmp_path, capsys):
+    from dr_hf.demo import run_demo
+
+    run_demo(str(tmp_path / "demo-plus"), num_samples=2, topk=3)
+    out = capsys.readouterr().out
+    assert out.count("OK") == 1 and "[4/4]" in out
+    assert f"{tmp_path / 'demo-plus'}/README.md" in out and f"{tmp_path / 'demo-plus'}/preview.png" in out
+    assert (tmp_path / "demo-plus" / "preview.png").is_file() and "next:" in out

@@ -230,3 +230,19 @@ def test_finetune_script_trains_evaluates_saves_resumes_and_names_the_dataset(tm
     again = AutoModelForImageClassification.from_pretrained(resumed)
     for (name, a), (_, b) in zip(model.state_dict().items(), again.state_dict().items()):
         assert torch.allclose(a, b, atol=1e-6), name
+
+
+def test_the_other_1_percent_is_the_original_image_through_the_training_augmentation(plus):
+    """reinforced_prob < 1: the original image, freshly augmented by the dataset's own transforms (not a center crop),
+    with its label and no teacher target; like every choice, a pure function of (seed, epoch, row)."""
+    _, folders = plus
+    rows = list(load(folders["imagenet+rrc"]).select(range(4)))
+    collator = ReinforcedCollator(InputSpec((16, 16)), reinforced_prob=0.0)
+    a = collator(rows)
+    assert "teacher_indices" not in a and "sample_index" not in a  # no stored sample: the label is the target
+    assert a["labels"].tolist() == [r["label"] for r in rows]
+    center = EvalCollator(InputSpec((16, 16)))(rows)["pixel_values"]
+    assert not torch.equal(a["pixel_values"], center)  # augmented, not the evaluation view
+    assert torch.equal(collator(rows)["pixel_values"], a["pixel_values"])  # same epoch: same views
+    collator.epoch = 1
+    assert not torch.equal(collator(rows)["pixel_values"], a["pixel_values"])  # next epoch: fresh ones
