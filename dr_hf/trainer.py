@@ -218,8 +218,14 @@ class ReinforcedTrainer(Trainer):
             self.train_collator = AugmentCollator(augment=args.augment, crop_scale=args.crop_scale,
                                                   teacher_outputs=self.teachers.outputs() if self.teachers else (), **common)
         self.eval_collator = data_collator or EvalCollator(**common)
-        super().__init__(model=model, args=args, data_collator=self.train_collator, train_dataset=train_dataset,
-                         eval_dataset=eval_dataset, processing_class=processing_class, **kwargs)
+        # compute_loss applies label_smoothing_factor itself; the Trainer's own label smoother is not used, and its
+        # set-up reads model.config, which a timm student has not
+        smoothing, args.label_smoothing_factor = args.label_smoothing_factor, 0.0
+        try:
+            super().__init__(model=model, args=args, data_collator=self.train_collator, train_dataset=train_dataset,
+                             eval_dataset=eval_dataset, processing_class=processing_class, **kwargs)
+        finally:
+            args.label_smoothing_factor = smoothing
         self._train_batch_size = args.train_batch_size // self.group_size  # groups per batch; counts images
         self.add_callback(_CollatorEpoch(self.train_collator))
         self.model_accepts_loss_kwargs = False  # compute_loss returns a batch mean; the Trainer scales for accumulation

@@ -6,6 +6,7 @@ import importlib.util
 import sys
 
 import datasets
+import numpy as np
 import pytest
 import torch
 from transformers import TrainingArguments
@@ -246,3 +247,22 @@ def test_the_other_1_percent_is_the_original_image_through_the_training_augmenta
     assert torch.equal(collator(rows)["pixel_values"], a["pixel_values"])  # same epoch: same views
     collator.epoch = 1
     assert not torch.equal(collator(rows)["pixel_values"], a["pixel_values"])  # next epoch: fresh ones
+
+
+def test_ml_dr_recipe_arguments_train_a_timm_student(tmp_path, plus):
+    """The README's recipe (SGD + Nesterov, cosine, warm-up ratio, label smoothing) on a timm model, which has no
+    `config` for the Trainer's own label smoother to read."""
+    import timm
+
+    _, folders = plus
+    args = base_args(tmp_path, optim="sgd", optim_args="momentum=0.9,nesterov=True", learning_rate=0.05,
+                     weight_decay=1e-4, lr_scheduler_type="cosine", warmup_steps=0.5, label_smoothing_factor=0.1,
+                     reinforced_prob=0.5, image_size=32, logging_steps=1)
+    trainer = ReinforcedTrainer(model=timm.create_model("resnet10t", num_classes=10), args=args,
+                                train_dataset=load(folders["imagenet+rrc"]))
+    trainer.train()
+    assert trainer.args.label_smoothing_factor == 0.1 and trainer.state.global_step == 2
+    optimizer = trainer.optimizer.optimizer if hasattr(trainer.optimizer, "optimizer") else trainer.optimizer
+    assert isinstance(optimizer, torch.optim.SGD) and optimizer.defaults["nesterov"]
+    values = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    assert len(values) == 2 and all(np.isfinite(values))
