@@ -492,8 +492,8 @@ class AugmentPipeline:
             x = t.apply(x, params, out)
         floats = self.stage("float")
         if not floats:  # one pass: (x / 255 - mean) / std as x * scale + bias
-            scale, bias = _affine_normalisation(out)
-            y = into if into is not None else torch.empty(x.shape, dtype=torch.float32)
+            scale, bias = _affine_normalisation(out, x.device)
+            y = into if into is not None else torch.empty(x.shape, dtype=torch.float32, device=x.device)
             return y.copy_(x).mul_(scale).add_(bias)
         x = F.to_dtype(x.contiguous(), torch.float32, scale=True)
         for t in floats:
@@ -507,8 +507,8 @@ class AugmentPipeline:
 
         ``params(row, sample)`` gives a sample's stored parameters; a mixed sample's partner (``row + mix_partner``,
         at sample ``mix_sample``) must be one of ``images``. Each (row, sample) is rendered once, straight into the
-        batch where it is not mixed."""
-        batch = torch.empty((len(picks), 3, *out.size), dtype=torch.float32)
+        batch where it is not mixed. The same code runs on CPU and CUDA tensors: the batch lives where the images do."""
+        batch = torch.empty((len(picks), 3, *out.size), dtype=torch.float32, device=images[0].device if len(images) else None)
         cache: Dict[Tuple[int, int], torch.Tensor] = {}
 
         def base(r: int, j: int, into: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -534,12 +534,12 @@ class AugmentPipeline:
 _NORMALISATION: Dict[Tuple, Tuple[torch.Tensor, torch.Tensor]] = {}
 
 
-def _affine_normalisation(out: InputSpec) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Per-channel (scale, bias) with ``x * scale + bias == (x / 255 - mean) / std``."""
-    key = (out.mean, out.std)
+def _affine_normalisation(out: InputSpec, device: torch.device) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Per-channel (scale, bias) with ``x * scale + bias == (x / 255 - mean) / std``, on ``device``."""
+    key = (out.mean, out.std, str(device))
     if key not in _NORMALISATION:
         mean, std = torch.tensor(out.mean, dtype=torch.float32), torch.tensor(out.std, dtype=torch.float32)
-        _NORMALISATION[key] = ((1.0 / (255.0 * std))[:, None, None], (-mean / std)[:, None, None])
+        _NORMALISATION[key] = ((1.0 / (255.0 * std))[:, None, None].to(device), (-mean / std)[:, None, None].to(device))
     return _NORMALISATION[key]
 
 

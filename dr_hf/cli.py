@@ -58,7 +58,8 @@ def cmd_reinforce(args) -> int:
     try:
         result = reinforce(ds, config, teachers, args.output, split=args.split, batch_size=args.batch_size,
                            show_progress=not args.quiet, command=command, num_rows=num_rows, processes=procs,
-                           render_threads=args.render_threads, on_bad_row=args.on_bad_row, wait=args.wait)
+                           render_threads=args.render_threads, on_bad_row=args.on_bad_row, wait=args.wait,
+                           render_device=args.render_device)
     finally:
         finish()
     if not procs.is_main:
@@ -169,6 +170,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "in OUTPUT/errors/*.jsonl and the card (skip)")
     r.add_argument("--render-threads", type=int, default=None,
                    help="threads rendering teacher inputs ahead of the teacher (default: 1 on a GPU, 0 on the CPU, where they would compete for cores)")
+    r.add_argument("--render-device", default="cpu",
+                   help="where teacher inputs are rendered: cpu, or cuda (each image moved once, its samples rendered on "
+                        "the GPU with the same code; verify such data on the same device kind)")
     r.add_argument("--wait", action="store_true",
                    help="if another job holds --output, wait for it instead of stopping (one job per folder)")
     r.add_argument("--device", default=None, help="default: cuda if available, else cpu")

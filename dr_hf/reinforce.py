@@ -116,6 +116,7 @@ def reinforce(
     render_threads: Optional[int] = None,
     on_bad_row: str = "fail",
     wait: bool = False,
+    render_device: str = "cpu",
 ) -> ReinforceResult:
     """Reinforce a ``datasets.Dataset`` or a streamed ``IterableDataset`` into ``output_dir``
     (Hub layout: ``README.md`` + ``data/{split}-XXXXX-of-YYYYY.parquet``).
@@ -125,7 +126,7 @@ def reinforce(
     writes the card once every shard exists; the output is the same for any number of processes. Rerunning
     skips complete shards, so an interrupted job resumes; a rerun with other settings into the folder is refused.
     ``num_rows`` gives a stream's length when its metadata lacks it (otherwise the stream is counted first).
-    ``render_threads``: see :class:`Reinforcer`.
+    ``render_threads``, ``render_device``: see :class:`Reinforcer`.
     ``on_bad_row``: ``"fail"`` (default) stops at the first undecodable image or out-of-range label, naming the row and
     column; ``"skip"`` leaves such rows out (with their MixUp/CutMix group) and lists each one, with the reason, in
     ``errors/<shard>.jsonl``; the card counts them. Nothing is dropped silently.
@@ -157,11 +158,11 @@ def reinforce(
     count = num_shards(config, n)
     with output_lock(output_dir, procs, wait=wait):
         return _run_shards(decoded, dataset, config, teachers, output_dir, split, batch_size, show_progress, command, n,
-                           count, per_shard, procs, render_threads, on_bad_row, streaming)
+                           count, per_shard, procs, render_threads, on_bad_row, streaming, render_device)
 
 
 def _run_shards(decoded, dataset, config, teachers, output_dir, split, batch_size, show_progress, command, n, count,
-                per_shard, procs, render_threads, on_bad_row, streaming) -> ReinforceResult:
+                per_shard, procs, render_threads, on_bad_row, streaming, render_device) -> ReinforceResult:
     """The job, under the folder's lock: the shards still to do, then (main process) the card."""
     import datasets
 
@@ -201,7 +202,8 @@ def _run_shards(decoded, dataset, config, teachers, output_dir, split, batch_siz
         for s, part in pending_shards(decoded, todo, per_shard, n, streaming):
             t_shard = time.time()
             job = Reinforcer(config, teachers, num_rows=n, index_offset=s * per_shard,
-                             progress=bar.update if bar else None, render_threads=render_threads, on_bad_row=on_bad_row)
+                             progress=bar.update if bar else None, render_threads=render_threads, on_bad_row=on_bad_row,
+                             render_device=render_device)
             out = part.map(job, batched=True, batch_size=batch_size, with_indices=True, features=map_features,
                            keep_in_memory=True, load_from_cache_file=False, new_fingerprint=f"dr-{s}-{time.time_ns()}")
             if job.bad_rows:
