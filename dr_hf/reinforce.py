@@ -26,7 +26,7 @@ from .format import (
 from .joblock import output_lock
 from .processes import Processes, current_processes
 from .reinforcer import BAD_ROW_POLICIES, SKIP_COLUMN, Reinforcer
-from .shards import error_report_path, num_shards, rows_per_shard, shard_name, shard_rows
+from .shards import error_report_path, num_shards, parse_shard_name, rows_per_shard, shard_name, shard_rows
 from .teacher import TeacherEnsemble
 
 __all__ = ["Reinforcer", "reinforce", "ReinforceResult", "StreamError"]
@@ -402,7 +402,8 @@ def check_output_dir(data_dir: str, config: ReinforceConfig, split: str, num_sha
             existing = config_from_parquet(path)
         except Exception as exc:
             raise ValueError(f"{path} is not readable as a reinforced shard ({exc}); use an empty --output") from exc
-        same_layout = not name.startswith(f"{split}-") or name.endswith(f"-of-{num_shards:05d}.parquet")
+        parsed = parse_shard_name(name)
+        same_layout = parsed is None or parsed[0] != split or parsed[2] == num_shards
         if existing is None or existing.identity() != config.identity() or not same_layout:
             raise ValueError(
                 f"{os.path.dirname(data_dir)} already holds data of a different job ({name}); "

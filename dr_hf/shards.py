@@ -19,7 +19,7 @@ import json
 import math
 import os
 import re
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence, Tuple
 
 from .format import DR_INDEX, NewerFormatError, ReinforceConfig, config_from_parquet
 
@@ -34,6 +34,12 @@ def shard_name(split: str, shard: int, num_shards: int) -> str:
     return f"{split}-{shard:05d}-of-{num_shards:05d}.parquet"
 
 
+def parse_shard_name(name: str) -> Optional[Tuple[str, int, int]]:
+    """(split, shard, number of shards) of a shard file name, or ``None`` for another name."""
+    m = _NAME.match(os.path.basename(name))
+    return (m.group("split"), int(m.group("shard")), int(m.group("count"))) if m else None
+
+
 def data_files_pattern(split: str) -> str:
     """The card's ``data_files`` glob for a split (what ``load_dataset`` reads)."""
     return f"{DATA_DIR}/{split}-*.parquet"
@@ -45,8 +51,8 @@ def shard_paths(folder: str, split: str = "train") -> List[str]:
 
 def splits(folder: str) -> List[str]:
     """The splits a folder's shards hold."""
-    names = (_NAME.match(os.path.basename(p)) for p in glob.glob(os.path.join(folder, DATA_DIR, "*.parquet")))
-    return sorted({m.group("split") for m in names if m})
+    names = map(parse_shard_name, glob.glob(os.path.join(folder, DATA_DIR, "*.parquet")))
+    return sorted({parsed[0] for parsed in names if parsed})
 
 
 def error_report_path(folder: str, shard_path: str) -> str:
@@ -131,7 +137,11 @@ def check_shards(folder: str, split: str = "train", config: Optional[ReinforceCo
         return problems
     total = num_rows or reference.source.get("num_rows")
     per_shard = rows_per_shard(reference)
-    counts = {int(m.group("count")) for m in (_NAME.match(os.path.basename(p)) for p in paths) if m}
+    parsed = {p: parse_shard_name(p) for p in paths}
+    unnamed = [os.path.basename(p) for p, q in parsed.items() if q is None]
+    if unnamed:
+        return problems + [f"{unnamed[0]}: not a shard name ({split}-NNNNN-of-NNNNN.parquet)"]
+    counts = {q[2] for q in parsed.values()}
     if len(counts) != 1:
         return problems + [f"shard file names disagree on the number of shards ({sorted(counts)})"]
     count = counts.pop()
@@ -139,7 +149,7 @@ def check_shards(folder: str, split: str = "train", config: Optional[ReinforceCo
         expected = num_shards(reference, int(total))
         if count != expected:
             problems.append(f"the shards say {count} shard(s), the configuration's {total} rows make {expected}")
-    present = {int(_NAME.match(os.path.basename(p)).group("shard")): p for p in paths}
+    present = {parsed[p][1]: p for p in paths}
     missing = [s for s in range(count) if s not in present]
     if missing:
         problems.append(f"{len(missing)} shard(s) missing, first {shard_name(split, missing[0], count)}")

@@ -95,6 +95,9 @@ class ReinforcedTrainingArguments(TrainingArguments):
                 problems.append(f"{name} must have 3 values, got {value}")
         if self.interpolation is not None and self.interpolation not in INTERPOLATION_NAMES:
             problems.append(f"interpolation must be one of {INTERPOLATION_NAMES}, got {self.interpolation!r}")
+        if self.dataloader_persistent_workers and self.dataloader_num_workers > 0:
+            problems.append("dataloader_persistent_workers=True would keep the collator's epoch at 0 in the workers, so "
+                            "every epoch would replay the same stored samples; leave it False")
         if self.shuffle_buffer_size < 1:
             problems.append(f"shuffle_buffer_size must be >= 1, got {self.shuffle_buffer_size}")
         if problems:

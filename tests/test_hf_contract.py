@@ -81,6 +81,7 @@ def test_accepts_none_plain_training_arguments_and_its_own(tmp_path, plus, vit_d
     (dict(online_teachers=["efficientnet-lite0"]), "online_teachers needs augment"),
     (dict(interpolation="lanczos"), "interpolation must be one of"),
     (dict(image_mean=[0.5, 0.5]), "image_mean must have 3 values"),
+    (dict(dataloader_num_workers=2, dataloader_persistent_workers=True), "every epoch would replay the same"),
 ])
 def test_fields_are_validated_in_post_init(tmp_path, bad, message):
     with pytest.raises(ValueError, match=message):
