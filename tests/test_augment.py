@@ -241,3 +241,16 @@ def test_property_any_size_renders_finite_and_replays_exactly(h, w, seed, index,
     y = pipe.render_samples([im, image(h, w, 1)] * 4, lambda r, j: pipe.make_params(seed, index, 0, ctx) if r == index % 8
                             else pipe.make_params(seed, r, j, Context(h, w, r, 8)), [(index % 8, 0)], OUT)
     assert torch.isfinite(y).all()
+
+
+@pytest.mark.parametrize("preset", sorted(PRESETS))
+def test_decoded_layout_does_not_change_a_render(preset):
+    """Decoded images are CHW views with channels-last strides (no copy); every preset renders them exactly as it
+    renders a contiguous copy."""
+    pipe = make_pipeline(preset)
+    hwc = torch.from_numpy(np.random.default_rng(5).integers(0, 256, (37, 53, 3), dtype=np.uint8))
+    view, contiguous = hwc.permute(2, 0, 1), hwc.permute(2, 0, 1).contiguous()
+    assert not view.is_contiguous()
+    for j in range(12):
+        p = pipe.make_params(3, 11, j, Context(37, 53, num_samples=12))
+        assert torch.equal(pipe.render(view, p, OUT), pipe.render(contiguous, p, OUT)), (preset, j)
