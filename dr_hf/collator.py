@@ -68,10 +68,11 @@ class _Collator:
         index = row.get(DR_INDEX)
         return decode(row[self.image_column], row=int(index) if index is not None else None, column=self.image_column)
 
-    def fresh(self, pipeline: AugmentPipeline, row: Dict[str, Any], seed: Optional[int] = None) -> Example:
+    def fresh(self, pipeline: AugmentPipeline, row: Dict[str, Any], seed: Optional[int] = None,
+              image: Optional[torch.Tensor] = None) -> Example:
         """A view with freshly sampled parameters (from ``seed``; default: torch's RNG, which the Trainer and
-        DataLoader workers seed)."""
-        image = self.image(row)
+        DataLoader workers seed) of the row's image (``image``: already decoded)."""
+        image = self.image(row) if image is None else image
         seed = int(torch.randint(0, 2**62, ()).item()) if seed is None else seed
         p = pipeline.make_params(seed, 0, 0, Context(image.shape[-2], image.shape[-1]))
         return Example([pipeline.render(image, p, spec) for spec in self.specs], self.label(row))
@@ -193,7 +194,7 @@ class ReinforcedCollator(_Collator):
             index = int(row[DR_INDEX])
             original, fresh_seed = rng.random() >= self.reinforced_prob, int(rng.integers(0, 2**62))
             if original:
-                out.append(self.fresh(pipe.without_mixing(), row, fresh_seed))
+                out.append(self.fresh(pipe.without_mixing(), row, fresh_seed, images[r]))
                 continue
             p = params(r, j)
             partner, lam = -1, 1.0

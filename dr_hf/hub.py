@@ -17,9 +17,11 @@ import os
 from dataclasses import dataclass
 from typing import Dict, List, Optional
 
+from .shards import CARD, DATA_DIR, ERRORS_DIR, PREVIEW
+
 logger = logging.getLogger(__name__)
 
-UPLOAD_PATTERNS = ("data/*.parquet", "errors/*.jsonl", "README.md", "preview.png")
+UPLOAD_PATTERNS = (f"{DATA_DIR}/*.parquet", f"{ERRORS_DIR}/*.jsonl", CARD, PREVIEW)
 
 
 @dataclass
@@ -82,11 +84,11 @@ def push(
 
     if "/" not in repo_id:
         raise ValueError(f"repo id {repo_id!r}: use the form org/name, e.g. org/imagenet-plus")
-    if not os.path.isfile(os.path.join(folder, "README.md")) or not os.path.isdir(os.path.join(folder, "data")):
+    if not os.path.isfile(os.path.join(folder, CARD)) or not os.path.isdir(os.path.join(folder, DATA_DIR)):
         raise FileNotFoundError(f"{folder} is not a reinforced folder (README.md and data/ expected): run `dr-hf reinforce` first")
     if not shard_paths(folder, "*"):
         raise FileNotFoundError(f"{folder}/data holds no parquet shards")
-    if any(n.endswith(".tmp") for n in os.listdir(os.path.join(folder, "data"))):
+    if any(n.endswith(".tmp") for n in os.listdir(os.path.join(folder, DATA_DIR))):
         raise ValueError(f"{folder}/data holds half-written shards (*.tmp): rerun `dr-hf reinforce` to finish it first")
     if files_per_commit < 1:
         raise ValueError(f"--files-per-commit must be >= 1, got {files_per_commit}")
@@ -107,8 +109,9 @@ def push(
     if skipped:
         logger.info("%d file(s) already on %s@%s with the same content: skipped", len(skipped), repo_id, branch)
 
-    data = [f for f in todo if f.startswith(("data/", "errors/"))]
-    last = [f for f in todo if not f.startswith(("data/", "errors/"))]  # the card (and its preview) once every shard is there
+    shards = (f"{DATA_DIR}/", f"{ERRORS_DIR}/")
+    data = [f for f in todo if f.startswith(shards)]
+    last = [f for f in todo if not f.startswith(shards)]  # the card (and its preview) once every shard is there
     batches = [data[i:i + files_per_commit] for i in range(0, len(data), files_per_commit)]
     if last:
         batches.append(last)

@@ -8,7 +8,7 @@ a clear error names what to pass where none of them says the size.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Any, Optional, Sequence, Tuple
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -117,7 +117,3 @@ def resolve_input_spec(model: Any = None, processing_class: Any = None, *, size:
         raise ValueError(f"cannot tell the input size of {what}: neither its image processor nor its config says; "
                          "pass image_size=... (and image_mean/image_std if it was not trained on ImageNet statistics)")
     return InputSpec(**found)
-
-
-def with_size(spec: InputSpec, size: Tuple[int, int]) -> InputSpec:
-    return replace(spec, size=tuple(size))

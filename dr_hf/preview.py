@@ -9,9 +9,10 @@ import numpy as np
 import torch
 
 from .augment import params_at
-from .inputs import InputSpec
 from .format import DR_INDEX, DR_PARAMS, DR_TOPK_INDICES, DR_TOPK_LOGPROBS
 from .images import decode
+from .inputs import InputSpec
+from .shards import PREVIEW
 
 TILE = 176
 CAPTION_LINES = 4
@@ -122,7 +123,7 @@ def render_preview(folder: str, out: Optional[str] = None, rows: int = 4, sample
                 kind = "cutmix" if p["mix_box"][2] and p["mix_box"][3] else "mixup"
                 head += f" {kind} {pipeline.mix.weight(p, TILE, TILE):.0%}"
             _caption(draw, font, x0, y0 + TILE, [head] + [f"{probs[k]:.0%} {names[int(top[k])]}" for k in range(min(3, len(top)))])
-    out = out or os.path.join(folder, "preview.png")
+    out = out or os.path.join(folder, PREVIEW)
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     grid.save(out)
     return out

@@ -101,10 +101,11 @@ def _differences(a: ReinforceConfig, b: ReinforceConfig) -> List[str]:
 
 
 def check_shards(folder: str, split: str = "train", config: Optional[ReinforceConfig] = None,
-                 num_rows: Optional[int] = None) -> List[str]:
+                 num_rows: Optional[int] = None, card: Optional[ReinforceConfig] = None) -> List[str]:
     """Problems with a folder's shards, each naming the shard: unreadable files, configurations that differ from
-    ``config`` (default: the first shard's), shards missing from the layout, rows outside a shard's range or
-    missing from it (other than rows listed in its error report). Empty when the shards are one consistent job."""
+    ``config`` (default: the first shard's) or from the ``card``'s, shards missing from the layout, rows outside a
+    shard's range or missing from it (other than rows listed in its error report). Empty when the shards are one
+    consistent job."""
     import pyarrow.parquet as pq
 
     paths = shard_paths(folder, split)
@@ -133,6 +134,9 @@ def check_shards(folder: str, split: str = "train", config: Optional[ReinforceCo
         if diff:
             problems.append(f"{os.path.basename(path)}: configuration differs ({', '.join(diff)}) from "
                             f"{'the job' if config else os.path.basename(next(iter(configs)))}: shards of two jobs are mixed")
+        if card is not None and _differences(card, found):
+            problems.append(f"{os.path.basename(path)}: its configuration differs from the card's "
+                            f"({', '.join(_differences(card, found))}): the card does not describe this shard")
     if problems:
         return problems
     total = num_rows or reference.source.get("num_rows")
@@ -166,8 +170,8 @@ def check_shards(folder: str, split: str = "train", config: Optional[ReinforceCo
         if outside:
             problems.append(f"{name}: rows {outside[:3]} lie outside its range "
                             f"[{s * per_shard}, {s * per_shard + len(want)})")
-        elif want is not None and set(have) | set(_skipped(folder, path)) != want:
-            lost = sorted(want - set(have) - set(_skipped(folder, path)))
+        elif want is not None and set(have) | set(skipped := _skipped(folder, path)) != want:
+            lost = sorted(want - set(have) - set(skipped))
             problems.append(f"{name}: {len(lost)} row(s) of its range neither stored nor listed as skipped, first {lost[0]}"
                             if lost else f"{name}: duplicated rows")
         elif len(have) != len(set(have)):
@@ -176,35 +180,33 @@ def check_shards(folder: str, split: str = "train", config: Optional[ReinforceCo
 
 
 def check_folder(folder: str, split: str = "train") -> List[str]:
-    """:func:`check_shards`, and the card's ``reinforcement:`` block against every shard's metadata."""
-    problems = check_shards(folder, split)
-    card = card_config(folder)
-    if card is not None:
-        for path in shard_paths(folder, split):
-            try:
-                found = config_from_parquet(path)
-            except Exception:
-                continue  # reported above
-            if found is not None and _differences(card, found):
-                problems.append(f"{os.path.basename(path)}: its configuration differs from the card's "
-                                f"({', '.join(_differences(card, found))}): the card does not describe this shard")
-    return problems
+    """:func:`check_shards`, with the card's ``reinforcement:`` block checked against every shard's metadata."""
+    return check_shards(folder, split, card=card_config(folder))
 
 
 class BadShardError(ValueError):
     """A shard file that cannot be read (truncated, bit-flipped); the message names the file."""
 
 
-def read_problem(path: str) -> Optional[str]:
-    """Why ``path`` cannot be read in full as parquet (page checksums verified), or ``None`` if it can."""
+def checked_batches(path: str, batch_size: int = 1024, columns: Optional[Sequence[str]] = None):
+    """Record batches of a shard, read with its page checksums verified; a damaged file raises
+    :class:`BadShardError` naming it (pyarrow says what is wrong, never which file)."""
     import pyarrow.parquet as pq
 
     try:
-        pf = pq.ParquetFile(path, page_checksum_verification=True)
-        for g in range(pf.num_row_groups):
-            pf.read_row_group(g)
-    except Exception as exc:  # pyarrow says what, never which file
-        return f"{os.path.basename(path)}: unreadable ({type(exc).__name__}: {exc})"
+        yield from pq.ParquetFile(path, page_checksum_verification=True).iter_batches(batch_size=batch_size,
+                                                                                       columns=columns)
+    except Exception as exc:
+        raise BadShardError(f"{os.path.basename(path)}: unreadable ({type(exc).__name__}: {exc})") from exc
+
+
+def read_problem(path: str) -> Optional[str]:
+    """Why ``path`` cannot be read in full as parquet (page checksums verified), or ``None`` if it can."""
+    try:
+        for _ in checked_batches(path):
+            pass
+    except BadShardError as exc:
+        return str(exc)
     return None
 
 

@@ -112,7 +112,7 @@ def verify(path: str, teachers: Optional[Sequence[str]] = None, rows: int = 8, s
     import torch
 
     from .reinforcer import Reinforcer
-    from .shards import check_folder, read_problem, shard_paths
+    from .shards import BadShardError, check_folder, checked_batches, shard_paths
     from .stats import summarize
     from .teacher import TeacherEnsemble
 
@@ -132,16 +132,15 @@ def verify(path: str, teachers: Optional[Sequence[str]] = None, rows: int = 8, s
     report = VerifyReport(rows=0)
     seen: Dict[int, int] = {}
     for shard in paths:
-        problem = read_problem(shard)  # every page, checksums verified: a damaged file is named, not a traceback
-        if problem:
-            report.problems.append(problem)
-            continue
-        for batch in pq.ParquetFile(shard).iter_batches(batch_size=1024, columns=list(DR_COLUMNS)):
-            table = pa.Table.from_batches([batch])
-            report.rows += table.num_rows
-            report.problems += check_columns(table, config)
-            for i in table.column(DR_INDEX).to_numpy():
-                seen[int(i)] = seen.get(int(i), 0) + 1
+        try:  # every page of every column, checksums verified: a damaged file is named, not a traceback
+            for batch in checked_batches(shard):
+                table = pa.Table.from_batches([batch]).select(list(DR_COLUMNS))
+                report.rows += table.num_rows
+                report.problems += check_columns(table, config)
+                for i in table.column(DR_INDEX).to_numpy():
+                    seen[int(i)] = seen.get(int(i), 0) + 1
+        except BadShardError as exc:
+            report.problems.append(str(exc))
     dupes = [i for i, c in seen.items() if c > 1]
     if dupes:
         report.problems.append(f"{DR_INDEX}: {len(dupes)} duplicate row index(es), first {min(dupes)}")
