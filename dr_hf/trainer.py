@@ -158,6 +158,19 @@ def _dr_param_fields(dataset) -> Optional[List[str]]:
     return list(features[DR_PARAMS])
 
 
+def encoded_images(dataset, column: str):
+    """``dataset`` with its image column left encoded (``Image(decode=False)``; free: the same Arrow data): the
+    collators decode each JPEG themselves, faster than the PIL objects ``datasets`` would build (TorchCodec's
+    decoder, into the layout the resize uses), with the same pixels."""
+    import datasets
+
+    features = getattr(dataset, "features", None)
+    feature = features.get(column) if features else None
+    if isinstance(feature, datasets.Image) and feature.decode:
+        return dataset.cast_column(column, datasets.Image(mode=feature.mode, decode=False))
+    return dataset
+
+
 class ReinforcedTrainer(Trainer):
     """A ``transformers.Trainer`` for reinforced datasets (see the module docstring); a drop-in for ``Trainer``.
 
@@ -193,6 +206,7 @@ class ReinforcedTrainer(Trainer):
         self.group_size = 1
         if train_dataset is not None:
             self._check_train_dataset(train_dataset, fields, args)
+            train_dataset = encoded_images(train_dataset, args.image_column)
             pipeline = AugmentPipeline.from_fields(fields) if fields is not None else None  # refuses other formats
             if pipeline is not None and pipeline.mix is not None:
                 self.group_size = pipeline.group_size
@@ -221,6 +235,9 @@ class ReinforcedTrainer(Trainer):
             self.train_collator = AugmentCollator(augment=args.augment, crop_scale=args.crop_scale,
                                                   teacher_outputs=self.teachers.outputs() if self.teachers else (), **common)
         self.eval_collator = data_collator or EvalCollator(**common)
+        if data_collator is None:  # a collator of your own gets the rows as the dataset decodes them
+            eval_dataset = {k: encoded_images(v, args.image_column) for k, v in eval_dataset.items()} \
+                if isinstance(eval_dataset, dict) else encoded_images(eval_dataset, args.image_column)
         # compute_loss applies label_smoothing_factor itself; the Trainer's own label smoother is not used, and its
         # set-up reads model.config, which a timm student has not
         smoothing, args.label_smoothing_factor = args.label_smoothing_factor, 0.0
@@ -307,13 +324,17 @@ class ReinforcedTrainer(Trainer):
         finally:
             self.data_collator = saved
 
+    def _own_eval_rows(self, dataset):
+        return encoded_images(dataset, self.args.image_column) if isinstance(self.eval_collator, EvalCollator) else dataset
+
     def get_eval_dataloader(self, eval_dataset=None):
         with self._collating_with(self.eval_collator):
-            return super().get_eval_dataloader(eval_dataset)
+            return super().get_eval_dataloader(eval_dataset if isinstance(eval_dataset, str) or eval_dataset is None
+                                               else self._own_eval_rows(eval_dataset))
 
     def get_test_dataloader(self, test_dataset):
         with self._collating_with(self.eval_collator):
-            return super().get_test_dataloader(test_dataset)
+            return super().get_test_dataloader(self._own_eval_rows(test_dataset))
 
     # -- loss ---------------------------------------------------------------------------------------
     def _forward(self, model, pixel_values):

@@ -17,12 +17,12 @@ from dr_hf import TeacherEnsemble
 from dr_hf.collator import ReinforcedCollator
 from dr_hf.augment import InputSpec
 from dr_hf.format import DR_INDEX, DR_TOPK_INDICES, DR_TOPK_LOGPROBS, METADATA_KEY, config_from_parquet
-from dr_hf.images import BadImageError, decode
+from dr_hf.images import BadImageError, _jpeg_decoder, decode
 from dr_hf.reinforce import reinforce
 from dr_hf.shards import shard_paths
 from dr_hf.verify import verify
 
-from conftest import jpeg_bytes, make_image_dataset
+from conftest import SHARED, jpeg_bytes, make_image_dataset, needs_shared
 from test_reinforce import make_config
 
 BAD = {5: "truncated", 12: "zero-byte", 17: "label"}
@@ -98,6 +98,38 @@ def test_odd_and_hostile_images(monkeypatch):
     monkeypatch.setattr(PIL.Image, "MAX_IMAGE_PIXELS", 100)
     with pytest.raises(BadImageError, match=r"row 9, column 'image'.*DecompressionBomb"):
         decode(jpeg_bytes(np.zeros((64, 64, 3), dtype=np.uint8)), row=9)
+
+
+@needs_shared("imagenet-sample")
+def test_jpeg_fast_path_gives_pils_pixels(tmp_path):
+    """JPEGs are decoded by TorchCodec's decoder: on real ImageNet files (RGB and grayscale, baseline and
+    progressive) the pixels equal PIL's, other modes (CMYK) and formats keep PIL's path, and a truncated file is
+    still refused naming the row."""
+    ds = datasets.load_dataset(str(SHARED / "imagenet-sample"), split="train").cast_column(
+        "image", datasets.Image(decode=False))
+    cells = [ds[i]["image"] for i in range(0, 1000, 9)]
+    assert _jpeg_decoder() is not None, "torchcodec is a dependency: it must load"
+    modes = set()
+    for cell in cells:
+        pil = PIL.Image.open(io.BytesIO(cell["bytes"]))
+        modes.add(pil.mode)
+        expected = np.asarray(pil.convert("RGB"))
+        got = decode(cell)
+        assert got.dtype == torch.uint8 and got.stride()[0] == 1  # a CHW view of HWC memory
+        assert np.array_equal(got.permute(1, 2, 0).numpy(), expected)
+    assert modes == {"RGB", "L"}
+    rgb = np.asarray(PIL.Image.open(io.BytesIO(cells[0]["bytes"])).convert("RGB"))
+    for kind in ("progressive", "CMYK"):
+        buf = io.BytesIO()
+        PIL.Image.fromarray(rgb).convert("CMYK" if kind == "CMYK" else "RGB").save(
+            buf, format="JPEG", quality=90, progressive=kind == "progressive")
+        expected = np.asarray(PIL.Image.open(io.BytesIO(buf.getvalue())).convert("RGB"))
+        assert np.array_equal(decode(buf.getvalue()).permute(1, 2, 0).numpy(), expected), kind
+    path = tmp_path / "x.jpg"
+    path.write_bytes(cells[1]["bytes"])
+    assert torch.equal(decode({"path": str(path), "bytes": None}), decode(cells[1]))
+    with pytest.raises(BadImageError, match=r"row 7, column 'image': cannot decode.*truncated"):
+        decode(cells[0]["bytes"][: len(cells[0]["bytes"]) // 2], row=7)
 
 
 def test_nan_teacher_is_refused_naming_rows(tmp_path, tiny_timm_dir):
