@@ -502,13 +502,16 @@ class AugmentPipeline:
         return into.copy_(x) if into is not None else x
 
     def render_samples(self, images: Sequence[torch.Tensor], params: Callable[[int, int], Dict[str, Any]],
-                       picks: Sequence[Tuple[int, int]], out: InputSpec) -> torch.Tensor:
+                       picks: Sequence[Tuple[int, int]], out: InputSpec,
+                       into: Optional[torch.Tensor] = None) -> torch.Tensor:
         """The rendered, mixed samples ``picks`` = [(row, sample index), ...] of a group of rows: (len(picks), 3, H, W).
 
         ``params(row, sample)`` gives a sample's stored parameters; a mixed sample's partner (``row + mix_partner``,
         at sample ``mix_sample``) must be one of ``images``. Each (row, sample) is rendered once, straight into the
-        batch where it is not mixed. The same code runs on CPU and CUDA tensors: the batch lives where the images do."""
-        batch = torch.empty((len(picks), 3, *out.size), dtype=torch.float32, device=images[0].device if len(images) else None)
+        batch where it is not mixed (``into``: that batch, e.g. rows of a larger one). The same code runs on CPU and CUDA
+        tensors: the batch lives where the images do."""
+        batch = into if into is not None else torch.empty(
+            (len(picks), 3, *out.size), dtype=torch.float32, device=images[0].device if len(images) else None)
         cache: Dict[Tuple[int, int], torch.Tensor] = {}
 
         def base(r: int, j: int, into: Optional[torch.Tensor] = None) -> torch.Tensor:

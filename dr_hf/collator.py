@@ -77,10 +77,16 @@ class _Collator:
         p = pipeline.make_params(seed, 0, 0, Context(image.shape[-2], image.shape[-1]))
         return Example([pipeline.render(image, p, spec) for spec in self.specs], self.label(row))
 
-    def collate(self, examples: List[Example]) -> Dict[str, torch.Tensor]:
+    def collate(self, examples: List[Example], pixel_values: Optional[torch.Tensor] = None) -> Dict[str, torch.Tensor]:
+        """The batch; ``pixel_values``: the student views' batch, where most were rendered in place already."""
         labels = [e.label for e in examples]
-        batch: Dict[str, torch.Tensor] = {"pixel_values": torch.stack([e.views[0] for e in examples]),
-                                          "labels": torch.tensor(labels, dtype=torch.long)}
+        if pixel_values is None:
+            pixel_values = torch.stack([e.views[0] for e in examples])
+        else:
+            for k, e in enumerate(examples):
+                if e.views[0].data_ptr() != pixel_values[k].data_ptr():
+                    pixel_values[k].copy_(e.views[0])
+        batch: Dict[str, torch.Tensor] = {"pixel_values": pixel_values, "labels": torch.tensor(labels, dtype=torch.long)}
         for o in range(len(self.teacher_outputs)):
             batch[f"teacher_pixel_values_{o}"] = torch.stack([e.views[o + 1] for e in examples])
         if any(e.partner >= 0 for e in examples):
@@ -171,8 +177,9 @@ class ReinforcedCollator(_Collator):
             raise ValueError(f"{where}, column {DR_TOPK_LOGPROBS!r}: {lp.tolist()} are not log-probabilities "
                              "(finite, <= 0)")
 
-    def group(self, rows: List[Dict[str, Any]], base: int) -> List[Example]:
-        """The examples of one group of rows (one row, or a whole mixing group), at batch positions ``base``..."""
+    def group(self, rows: List[Dict[str, Any]], base: int, into: Optional[torch.Tensor] = None) -> List[Example]:
+        """The examples of one group of rows (one row, or a whole mixing group), at batch positions ``base``...
+        (``into``: their slots of the batch, where the student views are rendered)."""
         missing = missing_columns(rows[0])
         if missing:
             raise ValueError(f"training example lacks the reinforcement columns {missing}: train on a reinforced "
@@ -188,7 +195,9 @@ class ReinforcedCollator(_Collator):
         def params(r: int, s: int) -> Dict[str, Any]:
             return params_at(rows[r][DR_PARAMS], s)
 
-        views = [pipe.render_samples(images, params, [(r, j) for r in range(len(rows))], spec) for spec in self.specs]
+        picks = [(r, j) for r in range(len(rows))]
+        views = [pipe.render_samples(images, params, picks, spec, into if o == 0 else None)
+                 for o, spec in enumerate(self.specs)]
         out = []
         for r, row in enumerate(rows):
             index = int(row[DR_INDEX])
@@ -212,7 +221,9 @@ class ReinforcedCollator(_Collator):
         return out
 
     def __call__(self, examples: List[Dict[str, Any]]) -> Dict[str, torch.Tensor]:
+        groups = [_rows(example) for example in examples]
+        pixel_values = torch.empty((sum(map(len, groups)), 3, *self.output.size), dtype=torch.float32)
         out: List[Example] = []
-        for example in examples:
-            out.extend(self.group(_rows(example), len(out)))
-        return self.collate(out)
+        for rows in groups:  # student views rendered straight into the batch: no copy to stack them
+            out.extend(self.group(rows, len(out), pixel_values[len(out):len(out) + len(rows)]))
+        return self.collate(out, pixel_values)
