@@ -548,7 +548,7 @@ def _affine_normalisation(out: InputSpec, device: torch.device) -> Tuple[torch.T
 
 def params_at(row_params: Dict[str, Any], sample: int) -> Dict[str, Any]:
     """One sample's parameters out of a row's stored ``dr_params`` (fields of shape (N, ...))."""
-    return {k: np.asarray(v)[sample] for k, v in row_params.items()}
+    return {k: np.asarray(v[sample]) for k, v in row_params.items()}  # not all N samples converted to pick one
 
 
 def _ml_dr(*extra: ReplayableTransform) -> AugmentPipeline:

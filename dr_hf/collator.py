@@ -23,8 +23,11 @@ from .images import decode
 from .inputs import InputSpec
 
 
-def _rows(example: Dict[str, Any]) -> List[Dict[str, Any]]:
-    """A row, or a group of rows (a dict of lists, as ``Dataset.batch`` / a slice yields), as a list of rows."""
+def _rows(example) -> List[Dict[str, Any]]:
+    """A row, or a group of rows (a list of rows, as :class:`~dr_hf.rows.ReplayRows` yields, or a dict of lists, as
+    ``Dataset.batch`` / a slice yields), as a list of rows."""
+    if isinstance(example, list):
+        return example
     if isinstance(example.get(DR_INDEX), list):
         keys = list(example)
         return [dict(zip(keys, values)) for values in zip(*(example[k] for k in keys))]

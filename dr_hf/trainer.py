@@ -23,6 +23,7 @@ from .inputs import INTERPOLATION_NAMES, InputSpec, resolve_input_spec
 from .format import DR_COLUMNS, DR_FINGERPRINT, DR_PARAMS, require_reinforced
 from .shards import data_files_of, name_bad_files
 from .loss import dense_teacher_log_probs, distillation_loss, one_hot_target
+from .rows import ReplayRows
 
 
 OUTSIDE_TOPK = ("uniform", "renormalize")
@@ -138,19 +139,6 @@ def num_classes_of(model) -> int:
     raise ValueError("cannot tell the student's number of classes (expected a transformers or timm classifier)")
 
 
-class GroupedRows(torch.utils.data.Dataset):
-    """A map-style view whose items are whole mixing groups (``group_size`` consecutive rows, as a dict of lists)."""
-
-    def __init__(self, dataset, group_size: int):
-        self.dataset, self.group_size = dataset, group_size
-
-    def __len__(self):
-        return (len(self.dataset) + self.group_size - 1) // self.group_size
-
-    def __getitem__(self, g):
-        return self.dataset[g * self.group_size : (g + 1) * self.group_size]
-
-
 def _dr_param_fields(dataset) -> Optional[List[str]]:
     features = getattr(dataset, "features", None)
     if not features or DR_PARAMS not in features:
@@ -213,6 +201,9 @@ class ReinforcedTrainer(Trainer):
                 if args.per_device_train_batch_size % self.group_size:
                     raise ValueError(f"per_device_train_batch_size={args.per_device_train_batch_size} must be a multiple of "
                                      f"the MixUp/CutMix group size {self.group_size} (partners are fed together)")
+            if pipeline is not None and isinstance(train_dataset, datasets.Dataset):
+                train_dataset = ReplayRows(train_dataset, self.group_size)  # Arrow rows, one sample converted each
+            elif pipeline is not None and pipeline.mix is not None:
                 train_dataset = self._group(train_dataset, pipeline.group_size, args)
             elif isinstance(train_dataset, datasets.IterableDataset):
                 train_dataset = train_dataset.shuffle(seed=args.seed, buffer_size=args.shuffle_buffer_size)
@@ -307,13 +298,9 @@ class ReinforcedTrainer(Trainer):
         return super().create_model_card(*args, **kwargs)
 
     def _group(self, dataset, group_size: int, args):
-        """Keep MixUp/CutMix groups together: each training example becomes one group of rows."""
-        import datasets
-
-        if isinstance(dataset, datasets.IterableDataset):
-            grouped = dataset.batch(group_size)
-            return grouped.shuffle(seed=args.seed, buffer_size=max(1, args.shuffle_buffer_size // group_size))
-        return GroupedRows(dataset, group_size)
+        """Keep a stream's MixUp/CutMix groups together: each training example becomes one group of rows."""
+        grouped = dataset.batch(group_size)
+        return grouped.shuffle(seed=args.seed, buffer_size=max(1, args.shuffle_buffer_size // group_size))
 
     @contextlib.contextmanager
     def _collating_with(self, collator):

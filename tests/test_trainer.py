@@ -274,3 +274,43 @@ def test_decoding_and_replay_run_in_dataloader_workers(tmp_path, reinforced):
     assert batch["pixel_values"].shape == (8, 3, 32, 32) and (batch["sample_index"] >= 0).all()
     trainer.train()
     assert all(np.isfinite(losses(trainer)))
+
+
+@pytest.mark.parametrize("preset", ["rrc+flip", "imagenet+rare+mix"])
+def test_replay_rows_convert_only_what_is_replayed(tmp_path, reinforced, preset):
+    """The trainer reads a map-style reinforced set as Arrow with lazy reinforcement columns: every sample of every
+    column equals what datasets' Python rows hold, groups are whole mixing groups, and the collated batch is the same
+    tensor-for-tensor as from Python rows."""
+    from dr_hf.format import DR_PARAMS, DR_TOPK_INDICES, DR_TOPK_LOGPROBS
+    from dr_hf.rows import ReplayRows
+
+    _, _, folders = reinforced
+    plain = datasets.load_dataset(str(folders[preset]), split="train")
+    if "mix" not in preset:  # an indices mapping too (mixing groups are consecutive rows: not shuffled row-wise)
+        plain = plain.shuffle(seed=1)
+    plain = plain.cast_column("image", datasets.Image(decode=False))  # as the trainer reads it: encoded
+    trainer = ReinforcedTrainer(model=tiny_timm(), args=args(tmp_path), train_dataset=plain)
+    rows = trainer.train_dataset
+    assert isinstance(rows, ReplayRows) and len(rows) == len(plain) // trainer.group_size
+    groups = rows.__getitems__([1, 0])
+    for g, group in zip([1, 0], groups):
+        assert len(group) == trainer.group_size
+        for r, row in enumerate(group):
+            expected = plain[g * trainer.group_size + r]
+            assert set(row) == set(expected)
+            for name, value in row.items():
+                if name in (DR_TOPK_INDICES, DR_TOPK_LOGPROBS):
+                    assert len(value) == len(expected[name]) == 4 and [value[s] for s in range(4)] == expected[name]
+                elif name == DR_PARAMS:
+                    assert {f: [v[s] for s in range(len(v))] for f, v in value.items()} == expected[name]
+                else:
+                    assert value == expected[name]
+    with pytest.raises(IndexError):
+        rows[len(rows)]
+    collator = trainer.train_collator
+    collator.epoch = 3
+    lazy = collator(groups)
+    eager = collator([plain[g * trainer.group_size:(g + 1) * trainer.group_size] for g in (1, 0)])
+    assert lazy.keys() == eager.keys()
+    for key in lazy:
+        assert torch.equal(lazy[key], eager[key]), key

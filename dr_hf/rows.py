@@ -1,0 +1,80 @@
+"""Replay rows: a reinforced map-style dataset read as Arrow, converting only the samples a collator replays.
+
+At the paper's N=400 a row stores about 10,000 values (N crop boxes, flips, RandAugment ops, top-K ids and
+log-probabilities); ``datasets`` would turn every one into a Python object (about 7 ms a row, several times the JPEG
+decode), where a replay needs one sample of each column. :class:`ReplayRows` hands the collators rows whose
+reinforcement columns are :class:`Samples`: ``len()`` is N and ``[s]`` converts sample ``s`` alone.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Dict, List, Sequence
+
+import pyarrow as pa
+import torch
+
+from .format import DR_PARAMS, DR_TOPK_INDICES, DR_TOPK_LOGPROBS
+
+
+class Samples(Sequence):
+    """The N stored samples of one row's list column, converted to Python one at a time."""
+
+    def __init__(self, scalar: pa.Scalar):
+        self._values = scalar.values if scalar.is_valid else None
+
+    def __len__(self) -> int:
+        return 0 if self._values is None else len(self._values)
+
+    def __getitem__(self, s):
+        if isinstance(s, slice):
+            return [self[i] for i in range(*s.indices(len(self)))]
+        if not -len(self) <= s < len(self):
+            raise IndexError(f"sample {s} of {len(self)}")
+        return self._values[s].as_py()
+
+
+def rows_of(table: pa.Table) -> List[Dict[str, Any]]:
+    """The rows of an Arrow table as dicts: reinforcement columns lazy (:class:`Samples`), the others as Python."""
+    out: List[Dict[str, Any]] = [{} for _ in range(table.num_rows)]
+    for name in table.column_names:
+        column = table.column(name)
+        for r in range(table.num_rows):
+            value = column[r]
+            if name == DR_PARAMS:
+                fields = [value.type.field(i).name for i in range(value.type.num_fields)] if value.is_valid else []
+                out[r][name] = {f: Samples(value[f]) for f in fields}
+            elif name in (DR_TOPK_INDICES, DR_TOPK_LOGPROBS):
+                out[r][name] = Samples(value)
+            else:
+                out[r][name] = value.as_py()
+    return out
+
+
+class ReplayRows(torch.utils.data.Dataset):
+    """A map-style view of a reinforced ``datasets.Dataset`` for the reinforced collator: item ``g`` is the list of
+    rows of group ``g`` (``group_size`` consecutive rows: one row, or a whole MixUp/CutMix group), read as Arrow
+    with lazy reinforcement columns; ``__getitems__`` reads a whole batch in one take."""
+
+    def __init__(self, dataset, group_size: int = 1):
+        self.dataset, self.group_size = dataset, group_size
+        self._arrow = dataset.with_format("arrow")
+
+    def __len__(self) -> int:
+        return (len(self.dataset) + self.group_size - 1) // self.group_size
+
+    def _rows(self, g: int) -> range:
+        if not 0 <= g < len(self):
+            raise IndexError(f"group {g} of {len(self)}")
+        return range(g * self.group_size, min((g + 1) * self.group_size, len(self.dataset)))
+
+    def __getitem__(self, g: int) -> List[Dict[str, Any]]:
+        return self.__getitems__([g])[0]
+
+    def __getitems__(self, groups: Sequence[int]) -> List[List[Dict[str, Any]]]:
+        spans = [self._rows(int(g)) for g in groups]
+        rows = rows_of(self._arrow[[i for span in spans for i in span]])
+        out, start = [], 0
+        for span in spans:
+            out.append(rows[start:start + len(span)])
+            start += len(span)
+        return out
