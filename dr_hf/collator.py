@@ -6,11 +6,13 @@
   specs it also renders each live teacher's view.
 * :class:`EvalCollator` (evaluation and prediction): the deterministic center crop, for plain and reinforced rows.
 
-They run in DataLoader workers (``dataloader_num_workers``), so decoding and replay stay out of the training loop.
+They run in DataLoader workers (``dataloader_num_workers``), so decoding and replay stay out of the training loop;
+without workers, the reinforced and evaluation collators spread a batch's rows over torch's intra-op threads.
 """
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Dict, List, Optional, Sequence
 
@@ -21,6 +23,17 @@ from .augment import AugmentPipeline, Context, make_pipeline, params_at
 from .format import DR_INDEX, DR_PARAMS, DR_TOPK_INDICES, DR_TOPK_LOGPROBS, missing_columns
 from .images import decode
 from .inputs import InputSpec
+
+
+def _map(fn, items: Sequence) -> list:
+    """``fn`` over ``items``, on torch's intra-op threads when it has several (JPEG decoding and the torch ops, the
+    heavy part, release the GIL), else in order in this thread: in DataLoader workers, which torch gives one thread
+    each. Results come back in order, whichever thread made them."""
+    threads = min(torch.get_num_threads(), len(items))
+    if threads <= 1:
+        return [fn(item) for item in items]
+    with ThreadPoolExecutor(threads) as pool:
+        return list(pool.map(fn, items))
 
 
 def _rows(example) -> List[Dict[str, Any]]:
@@ -113,12 +126,11 @@ class EvalCollator(_Collator):
         self.center = AugmentPipeline([])
 
     def __call__(self, examples: List[Dict[str, Any]]) -> Dict[str, torch.Tensor]:
-        out = []
-        for example in examples:
-            for row in _rows(example):
-                image = self.image(row)
-                out.append(Example([self.center.render(image, {}, spec) for spec in self.specs], self.label(row)))
-        return self.collate(out)
+        def view(row: Dict[str, Any]) -> Example:
+            image = self.image(row)
+            return Example([self.center.render(image, {}, spec) for spec in self.specs], self.label(row))
+
+        return self.collate(_map(view, [row for example in examples for row in _rows(example)]))
 
 
 class AugmentCollator(_Collator):
@@ -225,8 +237,10 @@ class ReinforcedCollator(_Collator):
 
     def __call__(self, examples: List[Dict[str, Any]]) -> Dict[str, torch.Tensor]:
         groups = [_rows(example) for example in examples]
-        pixel_values = torch.empty((sum(map(len, groups)), 3, *self.output.size), dtype=torch.float32)
-        out: List[Example] = []
-        for rows in groups:  # student views rendered straight into the batch: no copy to stack them
-            out.extend(self.group(rows, len(out), pixel_values[len(out):len(out) + len(rows)]))
-        return self.collate(out, pixel_values)
+        starts = np.cumsum([0] + [len(rows) for rows in groups]).tolist()
+        pixel_values = torch.empty((starts[-1], 3, *self.output.size), dtype=torch.float32)
+
+        def group(g: int) -> List[Example]:  # student views rendered straight into the batch: no copy to stack them
+            return self.group(groups[g], starts[g], pixel_values[starts[g]:starts[g + 1]])
+
+        return self.collate([e for part in _map(group, range(len(groups))) for e in part], pixel_values)
