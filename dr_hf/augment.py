@@ -481,16 +481,30 @@ class AugmentPipeline:
         return params
 
     # -- applying ----------------------------------------------------------------------------------
+    @property
+    def renders_uint8(self) -> bool:
+        """Whether ``render(..., normalise=False)`` can stop before normalisation: no mixing, and a float stage (if
+        any) that only erases to black, which is the same on uint8 pixels."""
+        return self.mix is None and all(isinstance(t, RandomErasing) and t.value == 0.0 for t in self.stage("float"))
+
     def render(self, image: torch.Tensor, params: Dict[str, Any], out: InputSpec,
-               into: Optional[torch.Tensor] = None) -> torch.Tensor:
+               into: Optional[torch.Tensor] = None, normalise: bool = True) -> torch.Tensor:
         """Everything but mixing: a uint8 CHW image -> a normalised float CHW tensor at ``out.size`` (written into
-        ``into`` when given, e.g. a slot of a batch, which saves an allocation and a copy)."""
+        ``into`` when given, e.g. a slot of a batch, which saves an allocation and a copy). ``normalise=False``
+        (pipelines that :attr:`renders_uint8`): the uint8 pixels, which :func:`normalise` turns into the same floats."""
         x = image
         if not any(t.resizes for t in self.transforms):
             x = CenterCrop().apply(x, {}, out)
         for t in self.stage("geometry") + self.stage("colour"):
             x = t.apply(x, params, out)
         floats = self.stage("float")
+        if not normalise:
+            if not self.renders_uint8:
+                raise ValueError("this pipeline cannot stop before normalisation (it mixes, or its float stage does "
+                                 "more than erase to black)")
+            for t in floats:
+                x = t.apply(x, params, out)
+            return into.copy_(x) if into is not None else x.contiguous()
         if not floats:  # one pass: (x / 255 - mean) / std as x * scale + bias
             scale, bias = _affine_normalisation(out, x.device)
             y = into if into is not None else torch.empty(x.shape, dtype=torch.float32, device=x.device)
@@ -503,7 +517,7 @@ class AugmentPipeline:
 
     def render_samples(self, images: Sequence[torch.Tensor], params: Callable[[int, int], Dict[str, Any]],
                        picks: Sequence[Tuple[int, int]], out: InputSpec,
-                       into: Optional[torch.Tensor] = None) -> torch.Tensor:
+                       into: Optional[torch.Tensor] = None, normalise: bool = True) -> torch.Tensor:
         """The rendered, mixed samples ``picks`` = [(row, sample index), ...] of a group of rows: (len(picks), 3, H, W).
 
         ``params(row, sample)`` gives a sample's stored parameters; a mixed sample's partner (``row + mix_partner``,
@@ -511,12 +525,13 @@ class AugmentPipeline:
         batch where it is not mixed (``into``: that batch, e.g. rows of a larger one). The same code runs on CPU and CUDA
         tensors: the batch lives where the images do."""
         batch = into if into is not None else torch.empty(
-            (len(picks), 3, *out.size), dtype=torch.float32, device=images[0].device if len(images) else None)
+            (len(picks), 3, *out.size), dtype=torch.float32 if normalise else torch.uint8,
+            device=images[0].device if len(images) else None)
         cache: Dict[Tuple[int, int], torch.Tensor] = {}
 
         def base(r: int, j: int, into: Optional[torch.Tensor] = None) -> torch.Tensor:
             if (r, j) not in cache:
-                cache[(r, j)] = self.render(images[r], params(r, j), out, into)
+                cache[(r, j)] = self.render(images[r], params(r, j), out, into, normalise)
             elif into is not None:
                 into.copy_(cache[(r, j)])
             return cache[(r, j)]
@@ -532,6 +547,15 @@ class AugmentPipeline:
                                  "the group; feed mixing datasets whole groups of rows")
             batch[k] = self.mix.apply_mix(base(r, j), base(partner, int(p["mix_sample"])), p)
         return batch
+
+
+def normalise(pixels: torch.Tensor, out: InputSpec, pipeline: "AugmentPipeline") -> torch.Tensor:
+    """uint8 pixels (..., 3, H, W) that ``pipeline.render(..., normalise=False)`` returned -> the floats its
+    ``render`` returns, bit for bit, on the pixels' device (the trainer normalises on the GPU)."""
+    if pipeline.stage("float"):  # render's float path: to [0, 1], (erase), normalise
+        return F.normalize(F.to_dtype(pixels, torch.float32, scale=True), list(out.mean), list(out.std))
+    scale, bias = _affine_normalisation(out, pixels.device)
+    return pixels.to(torch.float32).mul_(scale).add_(bias)
 
 
 _NORMALISATION: Dict[Tuple, Tuple[torch.Tensor, torch.Tensor]] = {}

@@ -85,13 +85,13 @@ class _Collator:
         return decode(row[self.image_column], row=int(index) if index is not None else None, column=self.image_column)
 
     def fresh(self, pipeline: AugmentPipeline, row: Dict[str, Any], seed: Optional[int] = None,
-              image: Optional[torch.Tensor] = None) -> Example:
+              image: Optional[torch.Tensor] = None, normalise: bool = True) -> Example:
         """A view with freshly sampled parameters (from ``seed``; default: torch's RNG, which the Trainer and
         DataLoader workers seed) of the row's image (``image``: already decoded)."""
         image = self.image(row) if image is None else image
         seed = int(torch.randint(0, 2**62, ()).item()) if seed is None else seed
         p = pipeline.make_params(seed, 0, 0, Context(image.shape[-2], image.shape[-1]))
-        return Example([pipeline.render(image, p, spec) for spec in self.specs], self.label(row))
+        return Example([pipeline.render(image, p, spec, normalise=normalise) for spec in self.specs], self.label(row))
 
     def collate(self, examples: List[Example], pixel_values: Optional[torch.Tensor] = None) -> Dict[str, torch.Tensor]:
         """The batch; ``pixel_values``: the student views' batch, where most were rendered in place already."""
@@ -155,12 +155,18 @@ class ReinforcedCollator(_Collator):
     With probability ``1 - reinforced_prob`` (ml-dr: 0.01) an example is instead the original image seen through
     the training augmentation (the dataset's own transforms, freshly sampled, without mixing) with its label.
 
+    ``uint8_pixels`` (pipelines that can, see :attr:`AugmentPipeline.renders_uint8`): ``pixel_values`` are the uint8
+    pixels before normalisation, a quarter of the bytes to hand from DataLoader workers and to the GPU;
+    :func:`~dr_hf.augment.normalise` (the trainer, on the device) gives the float views bit for bit.
+
     Every choice is a pure function of (``seed``, ``epoch``, the group's first ``dr_index``), so a run resumed from
     a checkpoint sees the same samples as an uninterrupted one; ``ReinforcedTrainer`` sets ``epoch`` each epoch."""
 
-    def __init__(self, output: InputSpec, reinforced_prob: float = 0.99, seed: int = 0, **kw):
+    def __init__(self, output: InputSpec, reinforced_prob: float = 0.99, seed: int = 0, uint8_pixels: bool = False,
+                 **kw):
         super().__init__(output, **kw)
         self.reinforced_prob = reinforced_prob
+        self.uint8_pixels = uint8_pixels
         self.seed = seed
         self.epoch = 0
         self._pipelines: Dict[tuple, AugmentPipeline] = {}
@@ -211,14 +217,14 @@ class ReinforcedCollator(_Collator):
             return params_at(rows[r][DR_PARAMS], s)
 
         picks = [(r, j) for r in range(len(rows))]
-        views = [pipe.render_samples(images, params, picks, spec, into if o == 0 else None)
-                 for o, spec in enumerate(self.specs)]
+        views = [pipe.render_samples(images, params, picks, spec, into if o == 0 else None,
+                                     normalise=not self.uint8_pixels) for o, spec in enumerate(self.specs)]
         out = []
         for r, row in enumerate(rows):
             index = int(row[DR_INDEX])
             original, fresh_seed = rng.random() >= self.reinforced_prob, int(rng.integers(0, 2**62))
             if original:
-                out.append(self.fresh(pipe.without_mixing(), row, fresh_seed, images[r]))
+                out.append(self.fresh(pipe.without_mixing(), row, fresh_seed, images[r], normalise=not self.uint8_pixels))
                 continue
             p = params(r, j)
             partner, lam = -1, 1.0
@@ -238,7 +244,8 @@ class ReinforcedCollator(_Collator):
     def __call__(self, examples: List[Dict[str, Any]]) -> Dict[str, torch.Tensor]:
         groups = [_rows(example) for example in examples]
         starts = np.cumsum([0] + [len(rows) for rows in groups]).tolist()
-        pixel_values = torch.empty((starts[-1], 3, *self.output.size), dtype=torch.float32)
+        pixel_values = torch.empty((starts[-1], 3, *self.output.size),
+                                   dtype=torch.uint8 if self.uint8_pixels else torch.float32)
 
         def group(g: int) -> List[Example]:  # student views rendered straight into the batch: no copy to stack them
             return self.group(groups[g], starts[g], pixel_values[starts[g]:starts[g + 1]])

@@ -17,7 +17,7 @@ import pyarrow.parquet as pq
 import torch
 from transformers import PreTrainedModel, Trainer, TrainerCallback, TrainingArguments
 
-from .augment import PRESETS, AugmentPipeline
+from .augment import PRESETS, AugmentPipeline, normalise
 from .collator import AugmentCollator, EvalCollator, ReinforcedCollator
 from .inputs import INTERPOLATION_NAMES, InputSpec, resolve_input_spec
 from .format import DR_COLUMNS, DR_FINGERPRINT, DR_PARAMS, require_reinforced
@@ -66,6 +66,10 @@ class ReinforcedTrainingArguments(TrainingArguments):
     label_column: str = field(default="label", metadata={"help": "The dataset's label column ('' for none)."})
     shuffle_buffer_size: int = field(default=1000, metadata={
         "help": "Streaming: shuffle buffer, in examples (in groups of rows for MixUp/CutMix data)."})
+    uint8_pixels: bool = field(default=True, metadata={
+        "help": "Hand replayed images from the DataLoader to the model's device as uint8 and normalise them there (a "
+                "quarter of the bytes through worker queues and to the GPU; the same floats). Not for MixUp/CutMix "
+                "data, whose mixed pixels are floats. False: float32 batches."})
     dataset_id: Optional[str] = field(default=None, metadata={
         "help": "The reinforced dataset's Hub id, named in the model card; default: the train dataset's name."})
 
@@ -192,6 +196,7 @@ class ReinforcedTrainer(Trainer):
                 raise ValueError(f"the online teachers predict {self.teachers.num_classes} classes, the student {self.num_classes}")
         fields = _dr_param_fields(train_dataset)
         self.group_size = 1
+        pipeline = None
         if train_dataset is not None:
             self._check_train_dataset(train_dataset, fields, args)
             train_dataset = encoded_images(train_dataset, args.image_column)
@@ -219,8 +224,10 @@ class ReinforcedTrainer(Trainer):
                 args.accelerator_config.dispatch_batches = False
         common = dict(output=self.student_output, image_column=args.image_column,
                       label_column=args.label_column or None, num_classes=self.num_classes)
+        self.replay_pipeline = pipeline
         if fields is not None or train_dataset is None:
-            self.train_collator = ReinforcedCollator(reinforced_prob=args.reinforced_prob,
+            uint8 = bool(args.uint8_pixels and pipeline is not None and pipeline.renders_uint8)
+            self.train_collator = ReinforcedCollator(reinforced_prob=args.reinforced_prob, uint8_pixels=uint8,
                                                      seed=args.data_seed if args.data_seed is not None else args.seed, **common)
         else:
             self.train_collator = AugmentCollator(augment=args.augment, crop_scale=args.crop_scale,
@@ -330,6 +337,13 @@ class ReinforcedTrainer(Trainer):
             return out.logits
         return model(pixel_values)
 
+    def pixel_values(self, inputs: Dict[str, torch.Tensor]) -> torch.Tensor:
+        """The batch's normalised float images; uint8 pixels (``uint8_pixels``) are normalised here, on their device."""
+        pixels = inputs["pixel_values"]
+        if pixels.dtype == torch.uint8:
+            return normalise(pixels, self.student_output, self.replay_pipeline)
+        return pixels
+
     def target_log_probs(self, inputs: Dict[str, torch.Tensor]) -> Optional[torch.Tensor]:
         """(B, C) teacher log-probs: stored sparse top-K (one-hot for original-image rows), or a live teacher."""
         labels = inputs["labels"]
@@ -356,7 +370,7 @@ class ReinforcedTrainer(Trainer):
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         """KD (KL from the teacher to the student), optionally mixed with cross-entropy on the (mixed) labels."""
-        logits = self._forward(model, inputs["pixel_values"])
+        logits = self._forward(model, self.pixel_values(inputs))
         if logits.shape[-1] != self.num_classes:
             raise ValueError(f"the student outputs {logits.shape[-1]} classes, expected {self.num_classes}")
         target = self.target_log_probs(inputs) if model.training else None

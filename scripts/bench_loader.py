@@ -1,7 +1,8 @@
 """The training loader: images/s of `ReinforcedTrainer.get_train_dataloader()` on a reinforced copy of real ImageNet
 images against a plain `transformers.Trainer` fed by the standard torchvision pipeline (`RandomResizedCrop(224)` +
 flip + `ToTensor` + `Normalize` via `set_transform`, the same interpolation), `dataloader_num_workers` 0 and 2, side by
-side in one run. The reinforced copy stores the paper's N=400 samples per image (its teacher, a 1-layer ViT, only
+side in one run, each to float pixels (`ReinforcedTrainer` hands uint8 over and normalises in the training step; that
+normalisation is timed here too). The reinforced copy stores the paper's N=400 samples per image (its teacher, a 1-layer ViT, only
 fills the columns), so each row carries what a real ImageNet+ row carries.
 
     python scripts/bench_loader.py            # -> results/bench_loader.md
@@ -66,19 +67,21 @@ def main():
         for workers in (0, 2):
             common = dict(per_device_train_batch_size=args.batch, dataloader_num_workers=workers, report_to=[],
                           use_cpu=True, remove_unused_columns=False)
-            loaders = {
-                "plain Trainer + torchvision": Trainer(model=model, args=TrainingArguments(os.path.join(tmp, "p"), **common),
-                                                       train_dataset=plain, data_collator=collate).get_train_dataloader(),
-                "ReinforcedTrainer": ReinforcedTrainer(model=model, args=ReinforcedTrainingArguments(
-                    os.path.join(tmp, "r"), image_size=224, image_mean=mean, image_std=std,
-                    interpolation=args.interpolation, **common), train_dataset=plus).get_train_dataloader(),
+            reinforced = ReinforcedTrainer(model=model, args=ReinforcedTrainingArguments(
+                os.path.join(tmp, "r"), image_size=224, image_mean=mean, image_std=std,
+                interpolation=args.interpolation, **common), train_dataset=plus)
+            loaders = {  # (loader, the float pixels of a batch: the trainer normalises uint8 batches, counted here)
+                "plain Trainer + torchvision": (Trainer(
+                    model=model, args=TrainingArguments(os.path.join(tmp, "p"), **common), train_dataset=plain,
+                    data_collator=collate).get_train_dataloader(), lambda batch: batch["pixel_values"]),
+                "ReinforcedTrainer": (reinforced.get_train_dataloader(), reinforced.pixel_values),
             }
-            for name, loader in loaders.items():
+            for name, (loader, pixels) in loaders.items():
                 best = 0.0
                 for _ in range(2):  # best of 2 epochs (the first also warms the workers up)
                     t0, n = time.perf_counter(), 0
                     for batch in loader:
-                        n += batch["pixel_values"].shape[0]
+                        n += pixels(batch).shape[0]
                     best = max(best, n / (time.perf_counter() - t0))
                 rates[(name, workers)] = best
     lines = ["# The training loader", "",

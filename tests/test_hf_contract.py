@@ -103,7 +103,9 @@ def test_student_sees_its_image_processors_normalisation(tmp_path, plus, vit_dir
     trainer = ReinforcedTrainer(model=model, args=base_args(tmp_path), train_dataset=load(folders["imagenet+rrc"]),
                                 processing_class=processor)
     assert trainer.student_output == InputSpec(size=(32, 32), mean=(0.5,) * 3, std=(0.5,) * 3, interpolation="bilinear")
-    pixels = next(iter(trainer.get_train_dataloader()))["pixel_values"]
+    batch = next(iter(trainer.get_train_dataloader()))
+    assert batch["pixel_values"].dtype == torch.uint8  # uint8_pixels: normalised by the trainer, on the device
+    pixels = trainer.pixel_values(batch)
     assert pixels.shape == (8, 3, 32, 32) and pixels.min() >= -1.0 - 1e-6 and pixels.max() <= 1.0 + 1e-6
     assert pixels.min() < -0.5 and pixels.max() > 0.5  # the whole range, not ImageNet's [-2.12, 2.64]
 

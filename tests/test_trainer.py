@@ -314,3 +314,36 @@ def test_replay_rows_convert_only_what_is_replayed(tmp_path, reinforced, preset)
     assert lazy.keys() == eager.keys()
     for key in lazy:
         assert torch.equal(lazy[key], eager[key]), key
+
+
+@pytest.mark.parametrize("preset", ["rrc+flip", "imagenet+rare"])
+def test_uint8_pixels_normalise_to_the_float_batch(tmp_path, reinforced, preset):
+    """By default replayed batches carry uint8 pixels (a quarter of the bytes through worker queues and to the GPU);
+    the trainer's normalisation on the device gives the float collator's batch bit for bit, erasing and original-image
+    examples included. Mixing data and uint8_pixels=False stay float."""
+    ds, ens, folders = reinforced
+    if preset not in folders:
+        folder = tmp_path / "rare"
+        config = ReinforceConfig(augment=preset, augmentations=make_pipeline(preset).config(), teachers=ens.specs,
+                                 num_samples=3, topk=5, seed=0, num_classes=10)
+        reinforce(ds.select(range(16)), config, ens, str(folder), show_progress=False)
+        folders = {**folders, preset: folder}
+    train = datasets.load_dataset(str(folders[preset]), split="train")
+    trainer = ReinforcedTrainer(model=tiny_timm(), args=args(tmp_path, reinforced_prob=0.6), train_dataset=train)
+    assert trainer.train_collator.uint8_pixels
+    groups = trainer.train_dataset.__getitems__(list(range(16)))
+    exact = ReinforcedCollator(output=trainer.student_output, reinforced_prob=0.6, seed=0, num_classes=10)
+    for epoch in (0, 1):
+        trainer.train_collator.epoch = exact.epoch = epoch
+        small, full = trainer.train_collator(groups), exact(groups)
+        assert small["pixel_values"].dtype == torch.uint8 and full["pixel_values"].dtype == torch.float32
+        assert torch.equal(trainer.pixel_values(small), full["pixel_values"])
+        assert torch.equal(small["sample_index"], full["sample_index"]) and (small["sample_index"] < 0).any()
+    if preset == "imagenet+rare":
+        assert (small["pixel_values"] == 0).all(dim=1).any()  # an erased box is in the batch
+    loss = trainer.compute_loss(trainer.model.train(), small)
+    assert torch.isfinite(loss)
+    mixing = datasets.load_dataset(str(folders["imagenet+rare+mix"]), split="train")
+    assert not ReinforcedTrainer(model=tiny_timm(), args=args(tmp_path), train_dataset=mixing).train_collator.uint8_pixels
+    assert not ReinforcedTrainer(model=tiny_timm(), args=args(tmp_path, uint8_pixels=False),
+                                 train_dataset=train).train_collator.uint8_pixels
