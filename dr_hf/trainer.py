@@ -66,10 +66,11 @@ class ReinforcedTrainingArguments(TrainingArguments):
     label_column: str = field(default="label", metadata={"help": "The dataset's label column ('' for none)."})
     shuffle_buffer_size: int = field(default=1000, metadata={
         "help": "Streaming: shuffle buffer, in examples (in groups of rows for MixUp/CutMix data)."})
-    uint8_pixels: bool = field(default=True, metadata={
+    uint8_pixels: Optional[bool] = field(default=None, metadata={
         "help": "Hand replayed images from the DataLoader to the model's device as uint8 and normalise them there (a "
                 "quarter of the bytes through worker queues and to the GPU; the same floats). Not for MixUp/CutMix "
-                "data, whose mixed pixels are floats. False: float32 batches."})
+                "data, whose mixed pixels are floats. None: when training on an accelerator (on a CPU the workers "
+                "normalise better than the training process); False: float32 batches."})
     dataset_id: Optional[str] = field(default=None, metadata={
         "help": "The reinforced dataset's Hub id, named in the model card; default: the train dataset's name."})
 
@@ -226,7 +227,8 @@ class ReinforcedTrainer(Trainer):
                       label_column=args.label_column or None, num_classes=self.num_classes)
         self.replay_pipeline = pipeline
         if fields is not None or train_dataset is None:
-            uint8 = bool(args.uint8_pixels and pipeline is not None and pipeline.renders_uint8)
+            wanted = args.device.type != "cpu" if args.uint8_pixels is None else args.uint8_pixels
+            uint8 = bool(wanted and pipeline is not None and pipeline.renders_uint8)
             self.train_collator = ReinforcedCollator(reinforced_prob=args.reinforced_prob, uint8_pixels=uint8,
                                                      seed=args.data_seed if args.data_seed is not None else args.seed, **common)
         else:

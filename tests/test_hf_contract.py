@@ -100,11 +100,11 @@ def test_every_field_has_help_text():
 def test_student_sees_its_image_processors_normalisation(tmp_path, plus, vit_dir):
     _, folders = plus
     model, processor = vit(vit_dir)
-    trainer = ReinforcedTrainer(model=model, args=base_args(tmp_path), train_dataset=load(folders["imagenet+rrc"]),
-                                processing_class=processor)
+    trainer = ReinforcedTrainer(model=model, args=base_args(tmp_path, uint8_pixels=True), processing_class=processor,
+                                train_dataset=load(folders["imagenet+rrc"]))
     assert trainer.student_output == InputSpec(size=(32, 32), mean=(0.5,) * 3, std=(0.5,) * 3, interpolation="bilinear")
     batch = next(iter(trainer.get_train_dataloader()))
-    assert batch["pixel_values"].dtype == torch.uint8  # uint8_pixels: normalised by the trainer, on the device
+    assert batch["pixel_values"].dtype == torch.uint8  # uint8_pixels (as on a GPU): normalised by the trainer
     pixels = trainer.pixel_values(batch)
     assert pixels.shape == (8, 3, 32, 32) and pixels.min() >= -1.0 - 1e-6 and pixels.max() <= 1.0 + 1e-6
     assert pixels.min() < -0.5 and pixels.max() > 0.5  # the whole range, not ImageNet's [-2.12, 2.64]

@@ -318,9 +318,10 @@ def test_replay_rows_convert_only_what_is_replayed(tmp_path, reinforced, preset)
 
 @pytest.mark.parametrize("preset", ["rrc+flip", "imagenet+rare"])
 def test_uint8_pixels_normalise_to_the_float_batch(tmp_path, reinforced, preset):
-    """By default replayed batches carry uint8 pixels (a quarter of the bytes through worker queues and to the GPU);
-    the trainer's normalisation on the device gives the float collator's batch bit for bit, erasing and original-image
-    examples included. Mixing data and uint8_pixels=False stay float."""
+    """With uint8_pixels (the default on an accelerator) replayed batches carry uint8 pixels (a quarter of the bytes
+    through worker queues and to the GPU); the trainer's normalisation on the device gives the float collator's batch
+    bit for bit, erasing and original-image examples included. Mixing data, uint8_pixels=False and the default on a
+    CPU stay float."""
     ds, ens, folders = reinforced
     if preset not in folders:
         folder = tmp_path / "rare"
@@ -329,7 +330,8 @@ def test_uint8_pixels_normalise_to_the_float_batch(tmp_path, reinforced, preset)
         reinforce(ds.select(range(16)), config, ens, str(folder), show_progress=False)
         folders = {**folders, preset: folder}
     train = datasets.load_dataset(str(folders[preset]), split="train")
-    trainer = ReinforcedTrainer(model=tiny_timm(), args=args(tmp_path, reinforced_prob=0.6), train_dataset=train)
+    trainer = ReinforcedTrainer(model=tiny_timm(), args=args(tmp_path, reinforced_prob=0.6, uint8_pixels=True),
+                                train_dataset=train)
     assert trainer.train_collator.uint8_pixels
     groups = trainer.train_dataset.__getitems__(list(range(16)))
     exact = ReinforcedCollator(output=trainer.student_output, reinforced_prob=0.6, seed=0, num_classes=10)
@@ -344,6 +346,8 @@ def test_uint8_pixels_normalise_to_the_float_batch(tmp_path, reinforced, preset)
     loss = trainer.compute_loss(trainer.model.train(), small)
     assert torch.isfinite(loss)
     mixing = datasets.load_dataset(str(folders["imagenet+rare+mix"]), split="train")
-    assert not ReinforcedTrainer(model=tiny_timm(), args=args(tmp_path), train_dataset=mixing).train_collator.uint8_pixels
-    assert not ReinforcedTrainer(model=tiny_timm(), args=args(tmp_path, uint8_pixels=False),
-                                 train_dataset=train).train_collator.uint8_pixels
+    assert not ReinforcedTrainer(model=tiny_timm(), args=args(tmp_path, uint8_pixels=True),
+                                 train_dataset=mixing).train_collator.uint8_pixels
+    for choice in (False, None):  # None: uint8 only on an accelerator, and this is a CPU run
+        assert not ReinforcedTrainer(model=tiny_timm(), args=args(tmp_path, uint8_pixels=choice),
+                                     train_dataset=train).train_collator.uint8_pixels
