@@ -17,12 +17,14 @@ from dataclasses import dataclass
 from typing import Any, Dict, List, Optional, Sequence
 
 import numpy as np
+import pyarrow as pa
 import torch
 
 from .augment import AugmentPipeline, Context, make_pipeline, params_at
 from .format import DR_INDEX, DR_PARAMS, DR_TOPK_INDICES, DR_TOPK_LOGPROBS, missing_columns
 from .images import decode
 from .inputs import InputSpec
+from .rows import rows_of
 
 
 def _map(fn, items: Sequence) -> list:
@@ -37,10 +39,12 @@ def _map(fn, items: Sequence) -> list:
 
 
 def _rows(example) -> List[Dict[str, Any]]:
-    """A row, or a group of rows (a list of rows, as :class:`~dr_hf.rows.ReplayRows` yields, or a dict of lists, as
-    ``Dataset.batch`` / a slice yields), as a list of rows."""
+    """A row, or a group of rows (a list of rows, as :class:`~dr_hf.rows.ReplayRows` yields, an Arrow table, as an
+    Arrow-formatted stream yields, or a dict of lists, as ``Dataset.batch`` / a slice yields), as a list of rows."""
     if isinstance(example, list):
         return example
+    if isinstance(example, pa.Table):
+        return rows_of(example)
     if isinstance(example.get(DR_INDEX), list):
         keys = list(example)
         return [dict(zip(keys, values)) for values in zip(*(example[k] for k in keys))]

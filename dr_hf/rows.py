@@ -3,7 +3,9 @@
 At the paper's N=400 a row stores about 10,000 values (N crop boxes, flips, RandAugment ops, top-K ids and
 log-probabilities); ``datasets`` would turn every one into a Python object (about 7 ms a row, several times the JPEG
 decode), where a replay needs one sample of each column. :class:`ReplayRows` hands the collators rows whose
-reinforcement columns are :class:`Samples`: ``len()`` is N and ``[s]`` converts sample ``s`` alone.
+reinforcement columns are :class:`Samples`: ``len()`` is N and ``[s]`` converts sample ``s`` alone; a stream is read
+as one-row Arrow tables (``IterableDataset.with_format("arrow")``), which the collators turn into rows with
+:func:`rows_of`.
 """
 
 from __future__ import annotations

@@ -212,6 +212,8 @@ class ReinforcedTrainer(Trainer):
             elif pipeline is not None and pipeline.mix is not None:
                 train_dataset = self._group(train_dataset, pipeline.group_size, args)
             elif isinstance(train_dataset, datasets.IterableDataset):
+                if pipeline is not None:  # one-row Arrow tables, the replayed sample converted alone (dr_hf/rows.py)
+                    train_dataset = train_dataset.with_format("arrow")
                 train_dataset = train_dataset.shuffle(seed=args.seed, buffer_size=args.shuffle_buffer_size)
             for path in data_files_of(train_dataset):  # a truncated local shard is named before training starts
                 try:

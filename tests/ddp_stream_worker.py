@@ -19,8 +19,9 @@ collate = trainer.data_collator
 
 
 def recording(examples):
-    for e in examples:
-        seen.extend(e["dr_index"] if isinstance(e["dr_index"], list) else [e["dr_index"]])
+    for e in examples:  # a one-row Arrow table (a stream of replayed rows), a row, or a group of rows
+        ids = e["dr_index"].to_pylist() if hasattr(e["dr_index"], "to_pylist") else e["dr_index"]
+        seen.extend(ids if isinstance(ids, list) else [ids])
     return collate(examples)
 
 

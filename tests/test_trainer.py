@@ -351,3 +351,18 @@ def test_uint8_pixels_normalise_to_the_float_batch(tmp_path, reinforced, preset)
     for choice in (False, None):  # None: uint8 only on an accelerator, and this is a CPU run
         assert not ReinforcedTrainer(model=tiny_timm(), args=args(tmp_path, uint8_pixels=choice),
                                      train_dataset=train).train_collator.uint8_pixels
+
+
+def test_a_stream_of_replayed_rows_is_read_as_arrow(tmp_path, reinforced):
+    """A streamed reinforced set (no mixing) reaches the collator as one-row Arrow tables, converted sample by sample
+    like ReplayRows: the batch equals the one from the same row as datasets' Python dict."""
+    import pyarrow as pa
+
+    _, _, folders = reinforced
+    stream = datasets.load_dataset(str(folders["rrc+flip"]), split="train", streaming=True)
+    trainer = ReinforcedTrainer(model=tiny_timm(), args=args(tmp_path), train_dataset=stream)
+    first = next(iter(trainer.train_dataset))
+    assert isinstance(first, pa.Table) and first.num_rows == 1
+    plain = datasets.load_dataset(str(folders["rrc+flip"]), split="train").cast_column("image", datasets.Image(decode=False))
+    lazy, eager = trainer.train_collator([first]), trainer.train_collator([plain[first["dr_index"][0].as_py()]])
+    assert lazy.keys() == eager.keys() and all(torch.equal(lazy[k], eager[k]) for k in lazy)
