@@ -491,7 +491,7 @@ class AugmentPipeline:
                into: Optional[torch.Tensor] = None, normalise: bool = True) -> torch.Tensor:
         """Everything but mixing: a uint8 CHW image -> a normalised float CHW tensor at ``out.size`` (written into
         ``into`` when given, e.g. a slot of a batch, which saves an allocation and a copy). ``normalise=False``
-        (pipelines that :attr:`renders_uint8`): the uint8 pixels, which :func:`normalise` turns into the same floats."""
+        (pipelines that :attr:`renders_uint8`): the uint8 pixels, which :func:`normalise_pixels` turns into the same floats."""
         x = image
         if not any(t.resizes for t in self.transforms):
             x = CenterCrop().apply(x, {}, out)
@@ -505,10 +505,8 @@ class AugmentPipeline:
             for t in floats:
                 x = t.apply(x, params, out)
             return into.copy_(x) if into is not None else x.contiguous()
-        if not floats:  # one pass: (x / 255 - mean) / std as x * scale + bias
-            scale, bias = _affine_normalisation(out, x.device)
-            y = into if into is not None else torch.empty(x.shape, dtype=torch.float32, device=x.device)
-            return y.copy_(x).mul_(scale).add_(bias)
+        if not floats:
+            return normalise_pixels(x, out, self, into)
         x = F.to_dtype(x.contiguous(), torch.float32, scale=True)
         for t in floats:
             x = t.apply(x, params, out)
@@ -549,13 +547,16 @@ class AugmentPipeline:
         return batch
 
 
-def normalise(pixels: torch.Tensor, out: InputSpec, pipeline: "AugmentPipeline") -> torch.Tensor:
+def normalise_pixels(pixels: torch.Tensor, out: InputSpec, pipeline: "AugmentPipeline",
+              into: Optional[torch.Tensor] = None) -> torch.Tensor:
     """uint8 pixels (..., 3, H, W) that ``pipeline.render(..., normalise=False)`` returned -> the floats its
-    ``render`` returns, bit for bit, on the pixels' device (the trainer normalises on the GPU)."""
+    ``render`` returns, bit for bit, on the pixels' device (the trainer normalises on the GPU); ``render`` itself
+    normalises through here when it has no float stage."""
     if pipeline.stage("float"):  # render's float path: to [0, 1], (erase), normalise
         return F.normalize(F.to_dtype(pixels, torch.float32, scale=True), list(out.mean), list(out.std))
-    scale, bias = _affine_normalisation(out, pixels.device)
-    return pixels.to(torch.float32).mul_(scale).add_(bias)
+    scale, bias = _affine_normalisation(out, pixels.device)  # one pass: (x / 255 - mean) / std as x * scale + bias
+    y = into if into is not None else torch.empty(pixels.shape, dtype=torch.float32, device=pixels.device)
+    return y.copy_(pixels).mul_(scale).add_(bias)
 
 
 _NORMALISATION: Dict[Tuple, Tuple[torch.Tensor, torch.Tensor]] = {}

@@ -161,7 +161,7 @@ class ReinforcedCollator(_Collator):
 
     ``uint8_pixels`` (pipelines that can, see :attr:`AugmentPipeline.renders_uint8`): ``pixel_values`` are the uint8
     pixels before normalisation, a quarter of the bytes to hand from DataLoader workers and to the GPU;
-    :func:`~dr_hf.augment.normalise` (the trainer, on the device) gives the float views bit for bit.
+    :func:`~dr_hf.augment.normalise_pixels` (the trainer, on the device) gives the float views bit for bit.
 
     Every choice is a pure function of (``seed``, ``epoch``, the group's first ``dr_index``), so a run resumed from
     a checkpoint sees the same samples as an uninterrupted one; ``ReinforcedTrainer`` sets ``epoch`` each epoch."""

@@ -17,7 +17,7 @@ import pyarrow.parquet as pq
 import torch
 from transformers import PreTrainedModel, Trainer, TrainerCallback, TrainingArguments
 
-from .augment import PRESETS, AugmentPipeline, normalise
+from .augment import PRESETS, AugmentPipeline, normalise_pixels
 from .collator import AugmentCollator, EvalCollator, ReinforcedCollator
 from .inputs import INTERPOLATION_NAMES, InputSpec, resolve_input_spec
 from .format import DR_COLUMNS, DR_FINGERPRINT, DR_PARAMS, require_reinforced
@@ -237,9 +237,6 @@ class ReinforcedTrainer(Trainer):
             self.train_collator = AugmentCollator(augment=args.augment, crop_scale=args.crop_scale,
                                                   teacher_outputs=self.teachers.outputs() if self.teachers else (), **common)
         self.eval_collator = data_collator or EvalCollator(**common)
-        if data_collator is None:  # a collator of your own gets the rows as the dataset decodes them
-            eval_dataset = {k: encoded_images(v, args.image_column) for k, v in eval_dataset.items()} \
-                if isinstance(eval_dataset, dict) else encoded_images(eval_dataset, args.image_column)
         # compute_loss applies label_smoothing_factor itself; the Trainer's own label smoother is not used, and its
         # set-up reads model.config, which a timm student has not
         smoothing, args.label_smoothing_factor = args.label_smoothing_factor, 0.0
@@ -248,6 +245,7 @@ class ReinforcedTrainer(Trainer):
                              eval_dataset=eval_dataset, processing_class=processing_class, **kwargs)
         finally:
             args.label_smoothing_factor = smoothing
+        self.eval_dataset = self._own_eval_rows(self.eval_dataset)
         self._train_batch_size = args.train_batch_size // self.group_size  # groups per batch; counts images
         self.add_callback(_CollatorEpoch(self.train_collator))
         self.model_accepts_loss_kwargs = False  # compute_loss returns a batch mean; the Trainer scales for accumulation
@@ -323,7 +321,12 @@ class ReinforcedTrainer(Trainer):
             self.data_collator = saved
 
     def _own_eval_rows(self, dataset):
-        return encoded_images(dataset, self.args.image_column) if isinstance(self.eval_collator, EvalCollator) else dataset
+        """Evaluation rows left encoded for the default collator; a collator of your own gets them decoded."""
+        if not isinstance(self.eval_collator, EvalCollator):
+            return dataset
+        if isinstance(dataset, dict):
+            return {name: self._own_eval_rows(part) for name, part in dataset.items()}
+        return encoded_images(dataset, self.args.image_column)
 
     def get_eval_dataloader(self, eval_dataset=None):
         with self._collating_with(self.eval_collator):
@@ -345,7 +348,7 @@ class ReinforcedTrainer(Trainer):
         """The batch's normalised float images; uint8 pixels (``uint8_pixels``) are normalised here, on their device."""
         pixels = inputs["pixel_values"]
         if pixels.dtype == torch.uint8:
-            return normalise(pixels, self.student_output, self.replay_pipeline)
+            return normalise_pixels(pixels, self.student_output, self.replay_pipeline)
         return pixels
 
     def target_log_probs(self, inputs: Dict[str, torch.Tensor]) -> Optional[torch.Tensor]:
