@@ -1,8 +1,8 @@
 """Replay rows: a reinforced map-style dataset read as Arrow, converting only the samples a collator replays.
 
 At the paper's N=400 a row stores about 10,000 values (N crop boxes, flips, RandAugment ops, top-K ids and
-log-probabilities); ``datasets`` would turn every one into a Python object (about 7 ms a row, several times the JPEG
-decode), where a replay needs one sample of each column. :class:`ReplayRows` hands the collators rows whose
+log-probabilities); ``datasets`` would turn every one into a Python object (about 1.3 ms a row, more than the JPEG
+decode; ``scripts/bench_rows.py``), where a replay needs one sample of each column. :class:`ReplayRows` hands the collators rows whose
 reinforcement columns are :class:`Samples`: ``len()`` is N and ``[s]`` converts sample ``s`` alone; a stream is read
 as one-row Arrow tables (``IterableDataset.with_format("arrow")``), which the collators turn into rows with
 :func:`rows_of`.
@@ -40,11 +40,11 @@ def rows_of(table: pa.Table) -> List[Dict[str, Any]]:
     out: List[Dict[str, Any]] = [{} for _ in range(table.num_rows)]
     for name in table.column_names:
         column = table.column(name)
+        fields = [field.name for field in column.type] if name == DR_PARAMS else []
         for r in range(table.num_rows):
             value = column[r]
             if name == DR_PARAMS:
-                fields = [value.type.field(i).name for i in range(value.type.num_fields)] if value.is_valid else []
-                out[r][name] = {f: Samples(value[f]) for f in fields}
+                out[r][name] = {f: Samples(value[f]) for f in fields} if value.is_valid else {}
             elif name in (DR_TOPK_INDICES, DR_TOPK_LOGPROBS):
                 out[r][name] = Samples(value)
             else:
