@@ -63,6 +63,8 @@ def current_processes(device: Optional[str] = None) -> Processes:
 
 
 def finish() -> None:
-    """Tear down the process group, if one was started (avoids torch's exit-time warning)."""
+    """Tear down the process group, if one was started, once every process is past its last collective (gloo's
+    worker threads otherwise can still hold work at interpreter exit, which aborts the process)."""
     if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.barrier()
         torch.distributed.destroy_process_group()

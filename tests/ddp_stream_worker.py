@@ -29,6 +29,10 @@ trainer.data_collator = recording
 trainer.train()
 with open(os.path.join(out_dir, f"rank{trainer.args.process_index}.json"), "w") as f:
     json.dump(seen, f)
+import gc  # noqa: E402
+
 from dr_hf.processes import finish  # noqa: E402
 
+del trainer, collate, recording  # the DDP-wrapped model and its reducer go while the process group is alive
+gc.collect()
 finish()  # tear the process group down before exit (gloo threads otherwise abort at interpreter exit)
