@@ -26,6 +26,7 @@ from torchvision.transforms.v2 import InterpolationMode
 from torchvision.transforms.v2 import functional as F
 
 from .inputs import InputSpec
+from .resample import FILTERS, resized_crops
 
 Q_BOX = 4096  # box coordinates (relative to the image side) are stored as round(x * Q_BOX) in uint16
 Q16 = 65535  # MixUp weights are stored as round(lam * Q16) in uint16
@@ -488,14 +489,15 @@ class AugmentPipeline:
         return self.mix is None and all(isinstance(t, RandomErasing) and t.value == 0.0 for t in self.stage("float"))
 
     def render(self, image: torch.Tensor, params: Dict[str, Any], out: InputSpec,
-               into: Optional[torch.Tensor] = None, normalise: bool = True) -> torch.Tensor:
+               into: Optional[torch.Tensor] = None, normalise: bool = True, cropped: bool = False) -> torch.Tensor:
         """Everything but mixing: a uint8 CHW image -> a normalised float CHW tensor at ``out.size`` (written into
         ``into`` when given, e.g. a slot of a batch, which saves an allocation and a copy). ``normalise=False``
-        (pipelines that :attr:`renders_uint8`): the uint8 pixels, which :func:`normalise_pixels` turns into the same floats."""
+        (pipelines that :attr:`renders_uint8`): the uint8 pixels, which :func:`normalise_pixels` turns into the same floats.
+        ``cropped``: ``image`` is this sample's geometry stage already applied (a view from :meth:`crop_views`)."""
         x = image
-        if not any(t.resizes for t in self.transforms):
+        if not cropped and not any(t.resizes for t in self.transforms):
             x = CenterCrop().apply(x, {}, out)
-        for t in self.stage("geometry") + self.stage("colour"):
+        for t in ([] if cropped else self.stage("geometry")) + self.stage("colour"):
             x = t.apply(x, params, out)
         floats = self.stage("float")
         if not normalise:
@@ -513,23 +515,50 @@ class AugmentPipeline:
         x = F.normalize(x, list(out.mean), list(out.std))
         return into.copy_(x) if into is not None else x
 
+    def crops_in_batches(self, out: InputSpec) -> bool:
+        """Whether :meth:`crop_views` can render this pipeline's geometry stage for ``out``: a RandomResizedCrop
+        (then optionally a flip) with bilinear or bicubic resizing."""
+        geometry = [type(t) for t in self.stage("geometry")]
+        return geometry in ([RandomResizedCrop], [RandomResizedCrop, HorizontalFlip]) and out.interpolation in FILTERS
+
+    def crop_views(self, image: torch.Tensor, params: Sequence[Dict[str, Any]], out: InputSpec) -> torch.Tensor:
+        """The geometry stage of many samples of one image at once (pipelines that :meth:`crops_in_batches`):
+        (len(params), 3, *out.size) uint8, by two batched matrix products (:mod:`dr_hf.resample`); the same pixels as
+        :meth:`render`'s per-sample crop on the same device's float path, within one grey level."""
+        height, width = image.shape[-2:]
+        boxes = [box_to_pixels(p["crop"], height, width) for p in params]
+        flip = self.get("horizontal_flip") is not None
+        return resized_crops(image, boxes, [flip and bool(p["flip"]) for p in params], out.size, out.interpolation)
+
     def render_samples(self, images: Sequence[torch.Tensor], params: Callable[[int, int], Dict[str, Any]],
                        picks: Sequence[Tuple[int, int]], out: InputSpec,
-                       into: Optional[torch.Tensor] = None, normalise: bool = True) -> torch.Tensor:
+                       into: Optional[torch.Tensor] = None, normalise: bool = True,
+                       batched: Optional[bool] = None) -> torch.Tensor:
         """The rendered, mixed samples ``picks`` = [(row, sample index), ...] of a group of rows: (len(picks), 3, H, W).
 
         ``params(row, sample)`` gives a sample's stored parameters; a mixed sample's partner (``row + mix_partner``,
         at sample ``mix_sample``) must be one of ``images``. Each (row, sample) is rendered once, straight into the
         batch where it is not mixed (``into``: that batch, e.g. rows of a larger one). The same code runs on CPU and CUDA
-        tensors: the batch lives where the images do."""
+        tensors: the batch lives where the images do. ``batched`` (default: on CUDA tensors) crops each row's samples
+        at once (:meth:`crop_views`) where the pipeline allows, then applies the rest per sample, or, with nothing
+        else to apply, normalises the whole batch in one pass; per-sample kernels would leave a GPU waiting."""
         batch = into if into is not None else torch.empty(
             (len(picks), 3, *out.size), dtype=torch.float32 if normalise else torch.uint8,
             device=images[0].device if len(images) else None)
+        if batched is None:
+            batched = len(images) > 0 and images[0].is_cuda
+        views = self._views(images, params, picks, out) if batched and self.crops_in_batches(out) else None
+        if views is not None and self.mix is None and not self.stage("colour") and not self.stage("float"):
+            pixels = torch.stack([views[pick] for pick in picks]) if picks else batch.new_empty(batch.shape, dtype=torch.uint8)
+            return normalise_pixels(pixels, out, self, batch) if normalise else batch.copy_(pixels)
         cache: Dict[Tuple[int, int], torch.Tensor] = {}
 
         def base(r: int, j: int, into: Optional[torch.Tensor] = None) -> torch.Tensor:
             if (r, j) not in cache:
-                cache[(r, j)] = self.render(images[r], params(r, j), out, into, normalise)
+                if views is None:
+                    cache[(r, j)] = self.render(images[r], params(r, j), out, into, normalise)
+                else:
+                    cache[(r, j)] = self.render(views[(r, j)], params(r, j), out, into, normalise, cropped=True)
             elif into is not None:
                 into.copy_(cache[(r, j)])
             return cache[(r, j)]
@@ -539,12 +568,32 @@ class AugmentPipeline:
             if self.mix is None or not self.mix.is_mixed(p):
                 base(r, j, batch[k])
                 continue
-            partner = r + int(p["mix_partner"])
-            if not 0 <= partner < len(images):
-                raise ValueError(f"sample {j} of row {r} of the group is mixed with row {partner}, which is not in "
-                                 "the group; feed mixing datasets whole groups of rows")
+            partner = self._partner(r, j, p, len(images))
             batch[k] = self.mix.apply_mix(base(r, j), base(partner, int(p["mix_sample"])), p)
         return batch
+
+    @staticmethod
+    def _partner(r: int, j: int, p: Dict[str, Any], rows: int) -> int:
+        partner = r + int(p["mix_partner"])
+        if not 0 <= partner < rows:
+            raise ValueError(f"sample {j} of row {r} of the group is mixed with row {partner}, which is not in "
+                             "the group; feed mixing datasets whole groups of rows")
+        return partner
+
+    def _views(self, images, params, picks, out) -> Dict[Tuple[int, int], torch.Tensor]:
+        """:meth:`crop_views` of every (row, sample) that ``picks`` render, mixing partners included, one call per row."""
+        needed: Dict[int, List[int]] = {}
+        for r, j in picks:
+            needed.setdefault(r, []).append(j)
+            p = params(r, j)
+            if self.mix is not None and self.mix.is_mixed(p):
+                needed.setdefault(self._partner(r, j, p, len(images)), []).append(int(p["mix_sample"]))
+        views: Dict[Tuple[int, int], torch.Tensor] = {}
+        for r, js in needed.items():
+            js = list(dict.fromkeys(js))
+            for j, view in zip(js, self.crop_views(images[r], [params(r, j) for j in js], out)):
+                views[(r, j)] = view
+        return views
 
 
 def normalise_pixels(pixels: torch.Tensor, out: InputSpec, pipeline: "AugmentPipeline",

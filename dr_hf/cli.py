@@ -52,6 +52,7 @@ def cmd_reinforce(args) -> int:
         teacher_batch_size=args.teacher_batch_size,
         rows_per_shard=args.rows_per_shard,
         keep_source=not args.no_images,
+        render=args.render or ("batched" if args.render_device.startswith("cuda") else "per-sample"),
     )
     command = public_command(sys.argv[1:], {args.dataset: config.source["path"],
                                             args.output: os.path.basename(os.path.normpath(args.output))})
@@ -171,8 +172,11 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--render-threads", type=int, default=None,
                    help="threads rendering teacher inputs ahead of the teacher (default: 1 on a GPU, 0 on the CPU, where they would compete for cores)")
     r.add_argument("--render-device", default="cpu",
-                   help="where teacher inputs are rendered: cpu, or cuda (each image moved once, its samples rendered on "
-                        "the GPU with the same code; verify such data on the same device kind)")
+                   help="where teacher inputs are rendered: cpu, or cuda (each image moved to the GPU once)")
+    r.add_argument("--render", default=None, choices=["per-sample", "batched"],
+                   help="how: per-sample crops (torch's kernel per sample), or batched (each image's samples at once by "
+                        "two matrix products; within 1 grey level of per-sample for RandomResizedCrop+flip). Default: "
+                        "batched with --render-device cuda, else per-sample. Recorded; verify renders the same way")
     r.add_argument("--wait", action="store_true",
                    help="if another job holds --output, wait for it instead of stopping (one job per folder)")
     r.add_argument("--device", default=None, help="default: cuda if available, else cpu")

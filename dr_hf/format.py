@@ -70,6 +70,12 @@ def reinforcement_features(pipeline: AugmentPipeline, num_samples: int, topk: in
     )
 
 
+# How the job renders teacher inputs. "per-sample": torch's crop+resize kernel per sample (exact uint8 on the CPU).
+# "batched": each image's samples at once by resampling matrices (dr_hf.resample; the GPU path), torch's float weights.
+# The two differ by about 0.2 grey levels on average (results/bench_gpu.md), so the choice is part of the identity.
+RENDER_MODES = ("per-sample", "batched")
+
+
 @dataclass
 class ReinforceConfig:
     """Everything that defines a reinforcement; together with a row it determines that row's reinforcement."""
@@ -88,6 +94,7 @@ class ReinforceConfig:
     teacher_batch_size: int = 256
     rows_per_shard: int = 2048
     keep_source: bool = True  # False (``--no-images``): only the dr_* columns are written
+    render: str = "per-sample"  # how teacher inputs were rendered (RENDER_MODES); verify renders the same way
     format_version: int = FORMAT_VERSION
     dr_hf_version: str = ""
 
@@ -100,6 +107,8 @@ class ReinforceConfig:
             raise ValueError(f"--num-samples must be in [1, 65535], got {self.num_samples}")
         if self.topk < 1:
             raise ValueError(f"--topk must be >= 1, got {self.topk}")
+        if self.render not in RENDER_MODES:
+            raise ValueError(f"--render must be one of {RENDER_MODES}, got {self.render!r}")
         if self.num_classes and self.topk > self.num_classes:
             raise ValueError(f"--topk {self.topk} exceeds the teacher's {self.num_classes} classes")
 

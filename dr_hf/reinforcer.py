@@ -30,8 +30,9 @@ class Reinforcer:
     inline; default: 1 when the teacher runs on a GPU, else 0, as on the CPU they would only compete for the same
     cores); rendering is a pure function of the stored parameters, so this changes no output.
     ``render_device`` (default ``"cpu"``): where teacher inputs are rendered; ``"cuda"`` moves each decoded image to
-    the GPU once and renders its samples there with the same code (no GPU was available to measure it: pixels may
-    differ from CPU renders by float rounding, so verify data with the same device kind).
+    the GPU once. ``config.render`` says how: ``"per-sample"`` (torch's crop+resize per sample) or ``"batched"``
+    (all of an image's samples by two matrix products, :mod:`dr_hf.resample`: the GPU path, also correct on the CPU,
+    where it is slower); verify replays with the recorded mode.
     """
 
     def __init__(
@@ -84,7 +85,8 @@ class Reinforcer:
     def render_group(self, images: Sequence[torch.Tensor], params: Sequence[List[Dict[str, Any]]], js: Sequence[int], out) -> torch.Tensor:
         """The teacher inputs for samples ``js`` of a group's rows at ``out``: (rows * len(js), 3, H, W), row-major."""
         picks = [(r, j) for r in range(len(images)) for j in js]
-        return self.pipeline.render_samples(images, lambda r, j: params[r][j], picks, out)
+        return self.pipeline.render_samples(images, lambda r, j: params[r][j], picks, out,
+                                            batched=self.config.render == "batched")
 
     def _teacher_batches(self, groups: Sequence[Tuple[int, int]]) -> List[Tuple[int, int, range]]:
         """(group start, group stop, sample indices) per teacher batch: fixed per group, whatever the map batch."""

@@ -1,0 +1,236 @@
+"""On a GPU: the reinforce job with EfficientNet-Lite0 (bf16) at N=64 against the bare bf16 teacher forward on the same
+batches, and batched rendering's speed and fidelity on the device, side by side in one run.
+
+* fidelity: batched CUDA renders against the per-sample CPU renders that training replays (grey levels), and the
+  teacher's log-probabilities on both;
+* rendering: samples/s of one image's N samples, per-sample on the CPU (1 thread), per-sample on the GPU, batched on
+  the GPU (``--render batched``);
+* teacher: the bare bf16 forward at the job's batch size (N samples of one row) and at 256;
+* job: ``dr_hf.reinforce`` end to end (decode, render, teacher, top-k, parquet), rendering on the GPU (batched) and on
+  the CPU (per sample, one render thread ahead of the teacher).
+
+The teacher is timm's ``tf_efficientnet_lite0`` with random weights unless ``--weights`` gives a safetensors file: the
+speed is the architecture's, the weights only change the numbers it writes.
+
+    python scripts/bench_gpu.py --dataset PATH            # -> results/bench_gpu.md, results/bench_gpu.json
+"""
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+
+import torch
+
+from results_md import write_markdown  # noqa: E402  (scripts/)
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+
+def drain():
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def synced(fn, repeats=1):
+    """Best wall time of ``repeats`` calls, the GPU drained before and after each."""
+    best = float("inf")
+    for _ in range(repeats):
+        drain()
+        t0 = time.perf_counter()
+        fn()
+        drain()
+        best = min(best, time.perf_counter() - t0)
+    return best
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--dataset", default=os.path.join(ROOT, "..", "shared", "datasets", "imagenet-sample"))
+    ap.add_argument("--rows", type=int, default=256, help="rows of the timed job (the dataset repeated if smaller)")
+    ap.add_argument("--num-samples", type=int, default=64)
+    ap.add_argument("--weights", default=None, help="tf_efficientnet_lite0 weights (safetensors); default: random")
+    ap.add_argument("--out", default=os.path.join(ROOT, "results", "bench_gpu.md"))
+    ap.add_argument("--device", default="cuda", help="cpu: a dry run of every step (no figures worth reading)")
+    args = ap.parse_args()
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        sys.exit("bench_gpu needs a CUDA GPU (--device cpu: a dry run)")
+    device = args.device
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+
+    import datasets
+    import numpy as np
+    import timm
+    from safetensors.torch import save_file
+
+    from dr_hf import ReinforceConfig, TeacherEnsemble, make_pipeline
+    from dr_hf.augment import Context
+    from dr_hf.images import decode
+    from dr_hf.reinforce import reinforce
+
+    datasets.disable_progress_bars()
+    results = {"device": torch.cuda.get_device_name() if device.startswith("cuda") else "cpu (dry run)", "torch": torch.__version__, "cpu_threads": torch.get_num_threads(),
+               "num_samples": args.num_samples}
+    lines = []
+
+    def log(message):
+        print(message, flush=True)
+        lines.append(message)
+
+    def save():
+        base = os.path.splitext(args.out)[0]
+        with open(base + ".json", "w") as f:
+            json.dump(results, f, indent=1)
+
+    source = datasets.load_dataset(args.dataset, split="train").select_columns(["image", "label"])
+    source = source.cast_column("label", datasets.Value("int64"))
+    repeats = -(-args.rows // len(source))
+    rows = datasets.concatenate_datasets([source] * repeats).select(range(args.rows))
+    encoded = rows.cast_column("image", datasets.Image(decode=False))
+    cells = encoded[: min(16, args.rows)]["image"]
+    t0 = time.perf_counter()
+    images = [decode(v) for v in cells]
+    results["decode_ms_per_image"] = 1000 * (time.perf_counter() - t0) / len(images)
+
+    tmp = tempfile.mkdtemp()
+    weights = args.weights
+    if weights is None:
+        torch.manual_seed(0)
+        weights = os.path.join(tmp, "lite0.safetensors")
+        save_file(timm.create_model("tf_efficientnet_lite0", pretrained=False).state_dict(), weights)
+    spec = f"timm:tf_efficientnet_lite0@{weights}"
+    fp32 = TeacherEnsemble.from_specs([spec], device=device, precision="fp32")
+    out = fp32.outputs()[0]
+    results["teacher"] = {"spec": "timm:tf_efficientnet_lite0", "random_weights": args.weights is None,
+                          "input": list(out.size), "interpolation": out.interpolation}
+    n = args.num_samples
+
+    # -- fidelity: batched on the GPU vs per sample on the CPU (what training replays) --------------------------------
+    fidelity = {}
+    for preset in ("imagenet+rrc", "imagenet+rare+mix"):
+        pipe = make_pipeline(preset)
+        g = pipe.group_size
+        few = images[:8]
+        params = [[pipe.make_params(0, i, j, Context(im.shape[-2], im.shape[-1], i % g, g, 16)) for j in range(16)]
+                  for i, im in enumerate(few)]
+        picks = [(r, j) for r in range(len(few)) for j in range(16)]
+        cpu = pipe.render_samples(few, lambda r, j: params[r][j], picks, out, batched=False)
+        gpu_images = [im.to(device) for im in few]
+        gpu = pipe.render_samples(gpu_images, lambda r, j: params[r][j], picks, out, batched=True)
+        cpu_batched = pipe.render_samples(few, lambda r, j: params[r][j], picks, out, batched=True)
+        levels = torch.tensor(out.std)[:, None, None] * 255
+        diff = ((gpu.cpu() - cpu) * levels).abs()
+        same_code = ((gpu.cpu() - cpu_batched) * levels).abs()
+        lp_cpu, lp_gpu = fp32.log_probs({0: cpu}), fp32.log_probs({0: gpu})
+        top = torch.topk(lp_cpu, 10, dim=-1)
+        fidelity[preset] = {
+            "grey_levels_mean": float(diff.mean()), "grey_levels_max": float(diff.max()),
+            "fraction_over_1_level": float((diff > 1.01).float().mean()),
+            "gpu_vs_cpu_batched_max_levels": float(same_code.max()),
+            "teacher_top1_agreement": float((lp_cpu.argmax(-1) == lp_gpu.argmax(-1)).float().mean()),
+            "teacher_top10_logprob_max_abs_diff": float((torch.gather(lp_gpu, 1, top.indices) - top.values).abs().max()),
+        }
+    results["fidelity"] = fidelity
+    save()
+
+    # -- rendering one image's N samples -----------------------------------------------------------------------------
+    render = {}
+    for preset in ("imagenet+rrc", "imagenet+rare"):
+        pipe = make_pipeline(preset)
+        per = [[pipe.make_params(0, i, j, Context(im.shape[-2], im.shape[-1], num_samples=n)) for j in range(n)]
+               for i, im in enumerate(images)]
+        picks = [(0, j) for j in range(n)]
+        gpu_images = [im.to(device) for im in images]
+
+        def run(imgs, batched):
+            def go():
+                for i, im in enumerate(imgs):
+                    pipe.render_samples([im], lambda r, j: per[i][j], picks, out, batched=batched)
+            return go
+
+        saved = torch.get_num_threads()
+        torch.set_num_threads(1)
+        cpu_s = synced(run(images, False), 1)
+        torch.set_num_threads(saved)
+        run(gpu_images, True)()  # warm-up
+        run(gpu_images, False)()
+        render[preset] = {name: len(images) * n / synced(fn, 3) for name, fn in
+                          (("gpu_batched", run(gpu_images, True)), ("gpu_per_sample", run(gpu_images, False)))}
+        render[preset]["cpu_per_sample_1_thread"] = len(images) * n / cpu_s
+    results["render_samples_per_s"] = render
+    save()
+
+    # -- the bare teacher --------------------------------------------------------------------------------------------
+    bf16 = TeacherEnsemble.from_specs([spec], device=device, precision="bf16")
+    teacher = {}
+    dry = not device.startswith("cuda")
+    for batch in (n, 256):
+        x = torch.randn(batch, 3, *out.size, device=device)
+        for _ in range(1 if dry else 3):
+            bf16.log_probs({0: x})
+        steps = 1 if dry else max(4, 4096 // batch)
+        teacher[batch] = steps * batch / synced(lambda: [bf16.log_probs({0: x}) for _ in range(steps)], 1 if dry else 3)
+    results["teacher_bf16_samples_per_s"] = {str(k): v for k, v in teacher.items()}
+    save()
+
+    # -- the job, end to end -----------------------------------------------------------------------------------------
+    job = {}
+    for name, render_device in (("gpu_batched", device), ("cpu_per_sample", "cpu")):
+        config = ReinforceConfig(augment="imagenet+rrc", augmentations=make_pipeline("imagenet+rrc").config(),
+                                 teachers=bf16.specs, num_samples=n, topk=10, seed=0, num_classes=1000,
+                                 precision="bf16", render="batched" if name == "gpu_batched" else "per-sample")
+        reinforce(encoded.select(range(16)), config, bf16, os.path.join(tmp, f"warm-{name}"), batch_size=16,
+                  show_progress=False, render_device=render_device)
+        folder = os.path.join(tmp, f"job-{name}")
+        seconds = synced(lambda: reinforce(encoded, config, bf16, folder, batch_size=32, show_progress=False,
+                                           render_device=render_device))
+        job[name] = args.rows * n / seconds
+    results["job_samples_per_s"] = job
+    results["job_over_teacher"] = job["gpu_batched"] / teacher[n]
+    save()
+
+    f = results["fidelity"]
+    log("# The reinforce job on a GPU")
+    log("")
+    log(f"{results['device']}, torch {results['torch']}, {results['cpu_threads']} CPU threads. Real ImageNet images "
+        f"(imagenet-sample, repeated to {args.rows} rows), N={n}, `imagenet+rrc`, teacher timm `tf_efficientnet_lite0` "
+        f"({'random' if args.weights is None else 'given'} weights: the architecture's speed) at "
+        f"{out.size[0]} px, {out.interpolation}, bf16 autocast.")
+    log("")
+    log("| what | samples/s |")
+    log("|---|---|")
+    log(f"| bare teacher forward, batches of {n} (the job's: N samples of one row) | {teacher[n]:,.0f} |")
+    log(f"| bare teacher forward, batches of 256 | {teacher[256]:,.0f} |")
+    log(f"| job, rendering on the GPU (`--render-device cuda`, batched) | {job['gpu_batched']:,.0f} |")
+    log(f"| job, rendering on the CPU (per sample, 1 render thread) | {job['cpu_per_sample']:,.0f} |")
+    log("")
+    log(f"Job / bare teacher on the same batches: **{results['job_over_teacher']:.2f}** (goal >= 0.8). "
+        f"Decoding (PIL or TorchCodec on the CPU) costs {results['decode_ms_per_image']:.2f} ms an image.")
+    log("")
+    log("Rendering one image's N samples (samples/s):")
+    log("")
+    log("| preset | GPU, batched | GPU, per sample | CPU, per sample, 1 thread |")
+    log("|---|---|---|---|")
+    for preset, r in render.items():
+        log(f"| `{preset}` | {r['gpu_batched']:,.0f} | {r['gpu_per_sample']:,.0f} | {r['cpu_per_sample_1_thread']:,.0f} |")
+    log("")
+    log("Fidelity of batched GPU renders against the per-sample CPU renders training replays (8 images x 16 samples):")
+    log("")
+    log("| preset | mean grey levels | max | pixels > 1 level | GPU vs CPU batched, max | teacher top-1 agreement | "
+        "top-10 log-prob max diff (fp32) |")
+    log("|---|---|---|---|---|---|---|")
+    for preset, v in f.items():
+        log(f"| `{preset}` | {v['grey_levels_mean']:.3f} | {v['grey_levels_max']:.0f} | {v['fraction_over_1_level']:.2%} | "
+            f"{v['gpu_vs_cpu_batched_max_levels']:.0f} | {v['teacher_top1_agreement']:.2%} | "
+            f"{v['teacher_top10_logprob_max_abs_diff']:.4f} |")
+    log("")
+    log("Command: `python scripts/bench_gpu.py` (on a machine with a CUDA GPU).")
+    write_markdown(args.out, lines)
+    save()
+
+
+if __name__ == "__main__":
+    main()
