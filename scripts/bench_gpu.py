@@ -62,7 +62,6 @@ def main():
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
 
     import datasets
-    import numpy as np
     import timm
     from safetensors.torch import save_file
 

@@ -33,6 +33,6 @@ import gc  # noqa: E402
 
 from dr_hf.processes import finish  # noqa: E402
 
-del trainer, collate, recording  # the DDP-wrapped model and its reducer go while the process group is alive
+del trainer  # the DDP-wrapped model and its reducer go while the process group is alive
 gc.collect()
 finish()  # tear the process group down before exit (gloo threads otherwise abort at interpreter exit)
