@@ -60,7 +60,7 @@ def cmd_reinforce(args) -> int:
         result = reinforce(ds, config, teachers, args.output, split=args.split, batch_size=args.batch_size,
                            show_progress=not args.quiet, command=command, num_rows=num_rows, processes=procs,
                            render_threads=args.render_threads, on_bad_row=args.on_bad_row, wait=args.wait,
-                           render_device=args.render_device)
+                           render_device=args.render_device, prepare_workers=args.prepare_workers)
     finally:
         finish()
     if not procs.is_main:
@@ -171,6 +171,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "in OUTPUT/errors/*.jsonl and the card (skip)")
     r.add_argument("--render-threads", type=int, default=None,
                    help="threads rendering teacher inputs ahead of the teacher (default: 1 on a GPU, 0 on the CPU, where they would compete for cores)")
+    r.add_argument("--prepare-workers", type=int, default=None,
+                   help="processes that decode rows and draw their parameters ahead of the teacher (default: 0 with a "
+                        "CPU teacher, else half the cores, at most 8); the output is the same for any number")
     r.add_argument("--render-device", default="cpu",
                    help="where teacher inputs are rendered: cpu, or cuda (each image moved to the GPU once)")
     r.add_argument("--render", default=None, choices=["per-sample", "batched"],

@@ -8,9 +8,11 @@ output does not depend on the map's batch size, on processing order, or on the n
 
 from __future__ import annotations
 
+import functools
 import itertools
 from collections import deque
-from typing import Any, Callable, Deque, Dict, Iterator, List, Optional, Sequence, Tuple
+from dataclasses import dataclass
+from typing import Any, Callable, Deque, Dict, Iterable, Iterator, List, NamedTuple, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -33,6 +35,8 @@ class Reinforcer:
     the GPU once. ``config.render`` says how: ``"per-sample"`` (torch's crop+resize per sample) or ``"batched"``
     (all of an image's samples by two matrix products, :mod:`dr_hf.resample`: the GPU path, also correct on the CPU,
     where it is slower); verify replays with the recorded mode.
+    ``pool`` (:func:`preparation_pool`): processes that decode rows and draw their parameters ahead of the teacher
+    (the CPU work a GPU job would otherwise wait for); the same values as without.
     """
 
     def __init__(
@@ -45,6 +49,7 @@ class Reinforcer:
         render_threads: Optional[int] = None,
         on_bad_row: str = "fail",
         render_device: str = "cpu",
+        pool=None,
     ):
         if on_bad_row not in BAD_ROW_POLICIES:
             raise ValueError(f"--on-bad-row must be one of {BAD_ROW_POLICIES}, got {on_bad_row!r}")
@@ -59,27 +64,13 @@ class Reinforcer:
         self.render_threads = (1 if str(teachers.device).startswith("cuda") else 0) if render_threads is None else render_threads
         self.fields = self.pipeline.param_fields()
         self.render_device = torch.device(render_device)
+        self.pool = pool
+        self.preparer = RowPreparer(self.pipeline, config.seed, config.num_samples, num_rows, config.num_classes,
+                                    config.image_column, config.label_column)
         if teachers.num_classes != config.num_classes:
             raise ValueError(f"the teachers have {teachers.num_classes} classes, the config says {config.num_classes}")
         if teachers.precision != config.precision:
             raise ValueError(f"the teachers run at precision {teachers.precision!r}, the config says {config.precision!r}")
-
-    # -- one row -----------------------------------------------------------------------------------
-    def _row_params(self, index: int, image: torch.Tensor) -> List[Dict[str, Any]]:
-        g = self.pipeline.group_size
-        start = (index // g) * g
-        ctx = Context(height=image.shape[-2], width=image.shape[-1], position=index - start,
-                      group_rows=min(g, self.num_rows - start), num_samples=self.config.num_samples)
-        return [self.pipeline.make_params(self.config.seed, index, j, ctx) for j in range(self.config.num_samples)]
-
-    def _check_label(self, label: Any, index: int) -> None:
-        if label is None:
-            return
-        if not isinstance(label, (int, np.integer)) or label < -1 or label >= self.config.num_classes:
-            raise BadRowError(
-                f"row {index}, column {self.config.label_column!r}: label {label!r} is outside the teacher's "
-                f"{self.config.num_classes} classes (use -1 for unlabelled rows)"
-            )
 
     # -- one mixing group --------------------------------------------------------------------------
     def render_group(self, images: Sequence[torch.Tensor], params: Sequence[List[Dict[str, Any]]], js: Sequence[int], out) -> torch.Tensor:
@@ -87,15 +78,6 @@ class Reinforcer:
         picks = [(r, j) for r in range(len(images)) for j in js]
         return self.pipeline.render_samples(images, lambda r, j: params[r][j], picks, out,
                                             batched=self.config.render == "batched")
-
-    def _teacher_batches(self, groups: Sequence[Tuple[int, int]]) -> List[Tuple[int, int, range]]:
-        """(group start, group stop, sample indices) per teacher batch: fixed per group, whatever the map batch."""
-        n = self.config.num_samples
-        items = []
-        for a, b in groups:
-            per_chunk = max(1, self.config.teacher_batch_size // (b - a))
-            items.extend((a, b, range(j0, min(n, j0 + per_chunk))) for j0 in range(0, n, per_chunk))
-        return items
 
     def _groups(self, indices: Sequence[int]) -> List[Tuple[int, int]]:
         """Split a batch's positions into whole mixing groups."""
@@ -114,66 +96,77 @@ class Reinforcer:
             start = stop
         return groups
 
-    def _load_rows(self, batch: Dict[str, List[Any]], indices: List[int]):
-        """Decoded images and checked labels; bad rows raise (``fail``) or are recorded and left out (``skip``),
-        with the rest of their mixing group, whose samples may be mixed with them."""
+    def _prepared(self, batch: Dict[str, List[Any]], indices: List[int]) -> Iterator[Prepared]:
+        """Each row decoded, its label checked and its N samples' parameters drawn, in order: in the ``pool``'s
+        processes ahead of the teacher when there is one, else here as the rows are needed."""
         cfg = self.config
         labels = batch.get(cfg.label_column) if cfg.label_column else None
-        images: List[Optional[torch.Tensor]] = []
-        bad: Dict[int, Dict[str, Any]] = {}
-        for pos, (value, i) in enumerate(zip(batch[cfg.image_column], indices)):
-            try:
-                if labels is not None:
-                    self._check_label(labels[pos], i)
-                images.append(decode(value, row=i, column=cfg.image_column))
-            except (BadImageError, BadRowError) as exc:
-                if self.on_bad_row == "fail":
-                    raise
-                images.append(None)
-                column = cfg.label_column if isinstance(exc, BadRowError) else cfg.image_column
-                bad[pos] = {DR_INDEX: i, "column": column, "error": str(exc)}
+        items = [(value, i, labels[pos] if labels is not None else None)
+                 for pos, (value, i) in enumerate(zip(batch[cfg.image_column], indices))]
+        if self.pool is None:
+            return map(self.preparer, items)
+        return (unpack(p) for p in self.pool.map(functools.partial(prepare_packed, self.preparer), items))
+
+    def _checked_groups(self, batch, indices) -> Iterator[Tuple[int, int, List[int], List[Prepared]]]:
+        """Per mixing group: its positions (a, b), the positions kept and their prepared rows. Bad rows raise
+        (``fail``) or are recorded and left out (``skip``) with the rest of their group, whose samples may be mixed
+        with them."""
+        prepared = self._prepared(batch, indices)
         g = self.pipeline.group_size
-        if bad and g > 1:
-            for pos, i in enumerate(indices):
-                if pos not in bad:
-                    culprit = next((b[DR_INDEX] for b in bad.values() if b[DR_INDEX] // g == i // g), None)
-                    if culprit is not None:
-                        bad[pos] = {DR_INDEX: i, "column": None,
-                                    "error": f"row {i}: skipped with its MixUp/CutMix group, which holds bad row {culprit}"}
-        self.bad_rows.extend(bad[pos] for pos in sorted(bad))
-        return images, set(bad)
+        for a, b in self._groups(indices):
+            rows = [next(prepared) for _ in range(a, b)]
+            bad: Dict[int, Dict[str, Any]] = {}
+            for pos, row in zip(range(a, b), rows):
+                if row.error is not None:
+                    if self.on_bad_row == "fail":
+                        raise row.error
+                    column = self.config.label_column if isinstance(row.error, BadRowError) else self.config.image_column
+                    bad[pos] = {DR_INDEX: indices[pos], "column": column, "error": str(row.error)}
+            if bad and g > 1:
+                culprit = bad[min(bad)][DR_INDEX]
+                for pos in range(a, b):
+                    if pos not in bad:
+                        bad[pos] = {DR_INDEX: indices[pos], "column": None, "error": f"row {indices[pos]}: skipped "
+                                    f"with its MixUp/CutMix group, which holds bad row {culprit}"}
+            self.bad_rows.extend(bad[pos] for pos in sorted(bad))
+            keep = [pos for pos in range(a, b) if pos not in bad]
+            yield a, b, keep, [rows[pos - a] for pos in keep]
 
     def compute(self, batch: Dict[str, List[Any]], indices: List[int]):
         """Per row: the N samples' parameters and the (N, C) teacher log-probabilities (``None`` for skipped rows)."""
         indices = [i + self.index_offset for i in indices]
-        all_images, bad = self._load_rows(batch, indices)
-        keep = [pos for pos in range(len(indices)) if pos not in bad]
-        kept_indices, images = [indices[p] for p in keep], [all_images[p] for p in keep]
-        kept_params, kept_logps = self._compute_rows(kept_indices, images)
         params: List[Optional[List[Dict[str, Any]]]] = [None] * len(indices)
         logps: List[Optional[torch.Tensor]] = [None] * len(indices)
-        for p, pr, lp in zip(keep, kept_params, kept_logps):
-            params[p], logps[p] = pr, lp
-        return indices, params, logps
-
-    def _compute_rows(self, indices: List[int], images: List[torch.Tensor]):
-        params = [self._row_params(i, im) for i, im in zip(indices, images)]
-        images = [im.to(self.render_device, non_blocking=True) for im in images]  # once per image
         outputs = self.teachers.outputs()
+        n = self.config.num_samples
+
+        def teacher_batches():  # (positions, images, params, sample range), fixed per group: whatever the map batch
+            for a, b, keep, rows in self._checked_groups(batch, indices):
+                if not keep:
+                    continue
+                images = [row.image.to(self.render_device, non_blocking=True) for row in rows]  # once per image
+                row_params = [row.params for row in rows]
+                for pos, row in zip(keep, rows):
+                    params[pos] = row.params
+                per_chunk = max(1, self.config.teacher_batch_size // len(keep))
+                for j0 in range(0, n, per_chunk):
+                    yield keep, images, row_params, range(j0, min(n, j0 + per_chunk))
 
         def render(item):
-            a, b, js = item
-            return {o: self.render_group(images[a:b], params[a:b], js, out) for o, out in enumerate(outputs)}
+            _, images, row_params, js = item
+            return {o: self.render_group(images, row_params, js, out) for o, out in enumerate(outputs)}
 
-        per_row: List[List[torch.Tensor]] = [[] for _ in indices]
-        for (a, b, js), inputs in prefetched(self._teacher_batches(self._groups(indices)), render, self.render_threads):
+        per_row: Dict[int, List[torch.Tensor]] = {}
+        for (keep, _, _, js), inputs in prefetched(teacher_batches(), render, self.render_threads):
             logp = self.teachers.log_probs(inputs)
             if not torch.isfinite(logp).all():
-                raise FloatingPointError(f"the teacher produced NaN/inf outputs for rows {indices[a]}..{indices[b - 1]}, "
-                                         f"sample indices {js.start}..{js.stop - 1}")
-            for r, chunk in zip(range(a, b), logp.view(b - a, len(js), -1)):
-                per_row[r].append(chunk)
-        return params, [torch.cat(chunks) for chunks in per_row]
+                raise FloatingPointError(f"the teacher produced NaN/inf outputs for rows {indices[keep[0]]}.."
+                                         f"{indices[keep[-1]]}, sample indices {js.start}..{js.stop - 1}")
+            for pos, chunk in zip(keep, logp.view(len(keep), len(js), -1)):
+                per_row.setdefault(pos, []).append(chunk)
+        for pos, chunks in per_row.items():
+            logps[pos] = torch.cat(chunks)
+        return indices, params, logps
 
     def __call__(self, batch: Dict[str, List[Any]], indices: List[int]) -> Dict[str, Any]:
         """The reinforcement columns; skipped rows get placeholders and ``_dr_skip`` = True (the driver drops them)."""
@@ -210,7 +203,71 @@ class BadRowError(ValueError):
     """A row that cannot be reinforced (its label is outside the teacher's classes); the message names it."""
 
 
-def prefetched(items: Sequence[Any], fn: Callable[[Any], Any], threads: int) -> Iterator[Tuple[Any, Any]]:
+class Prepared(NamedTuple):
+    """One row, ready for rendering: its decoded image and its N samples' parameters, or why it cannot be."""
+
+    image: Optional[torch.Tensor]
+    params: Optional[List[Dict[str, Any]]]
+    error: Optional[Exception]
+
+
+@dataclass
+class RowPreparer:
+    """Decodes a row's image, checks its label and draws its N samples' parameters: a pure function of
+    (seed, row index, image), picklable, so that worker processes can run it ahead of the teacher."""
+
+    pipeline: AugmentPipeline
+    seed: int
+    num_samples: int
+    num_rows: int
+    num_classes: int
+    image_column: str
+    label_column: Optional[str]
+
+    def __call__(self, item: Tuple[Any, int, Any]) -> Prepared:
+        value, index, label = item
+        try:
+            self._check_label(label, index)
+            image = decode(value, row=index, column=self.image_column)
+        except (BadImageError, BadRowError) as exc:
+            return Prepared(None, None, exc)
+        g = self.pipeline.group_size
+        start = (index // g) * g
+        ctx = Context(height=image.shape[-2], width=image.shape[-1], position=index - start,
+                      group_rows=min(g, self.num_rows - start), num_samples=self.num_samples)
+        return Prepared(image, [self.pipeline.make_params(self.seed, index, j, ctx) for j in range(self.num_samples)], None)
+
+    def _check_label(self, label: Any, index: int) -> None:
+        if label is None:
+            return
+        if not isinstance(label, (int, np.integer)) or label < -1 or label >= self.num_classes:
+            raise BadRowError(
+                f"row {index}, column {self.label_column!r}: label {label!r} is outside the teacher's "
+                f"{self.num_classes} classes (use -1 for unlabelled rows)"
+            )
+
+
+def prepare_packed(preparer: RowPreparer, item) -> Prepared:
+    """:class:`RowPreparer` in a worker process: the image travels back as a numpy HWC array (plain bytes)."""
+    row = preparer(item)
+    return row if row.image is None else row._replace(image=row.image.permute(1, 2, 0).numpy())
+
+
+def unpack(row: Prepared) -> Prepared:
+    return row if row.image is None else row._replace(image=torch.from_numpy(row.image).permute(2, 0, 1))
+
+
+def preparation_pool(workers: int):
+    """``workers`` processes (spawned: safe next to CUDA) that prepare rows ahead of the teacher; ``None`` for 0."""
+    if workers <= 0:
+        return None
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    return ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"))
+
+
+def prefetched(items: Iterable[Any], fn: Callable[[Any], Any], threads: int) -> Iterator[Tuple[Any, Any]]:
     """``(item, fn(item))`` in order, computing up to ``threads + 1`` items ahead on a thread pool (0: inline)."""
     if threads <= 0:
         for item in items:

@@ -33,24 +33,24 @@ def resample_weights(starts: torch.Tensor, lengths: torch.Tensor, in_size: int, 
                      interpolation: str = "bilinear") -> torch.Tensor:
     """(S, out_size, in_size) float32 matrices: row i of matrix s holds the weights with which output pixel i of the
     crop ``[starts[s], starts[s] + lengths[s])`` of an ``in_size`` axis, resized to ``out_size`` with antialiasing,
-    reads each input pixel (zero outside the crop). Computed in float64, as torch computes its weights."""
+    reads each input pixel (zero outside the crop). Computed in float32, as torch's CUDA kernel computes its weights."""
     if interpolation not in FILTERS:
         raise ValueError(f"interpolation must be one of {FILTERS}, got {interpolation!r}")
     device = starts.device
-    starts = starts.to(torch.float64)[:, None, None]
-    lengths = lengths.to(torch.float64)[:, None, None]
+    starts = starts.to(torch.float32)[:, None, None]
+    lengths = lengths.to(torch.float32)[:, None, None]
     scale = lengths / out_size  # torch's area_pixel_compute_scale (align_corners=False)
     downscale = scale >= 1.0
     support = torch.where(downscale, _SUPPORT[interpolation] * scale, torch.full_like(scale, _SUPPORT[interpolation]))
     invscale = torch.where(downscale, 1.0 / scale, torch.ones_like(scale))
-    center = scale * (torch.arange(out_size, device=device, dtype=torch.float64)[None, :, None] + 0.5)
-    x = torch.arange(in_size, device=device, dtype=torch.float64)[None, None, :] - starts  # crop coordinates
+    center = scale * (torch.arange(out_size, device=device, dtype=torch.float32)[None, :, None] + 0.5)
+    x = torch.arange(in_size, device=device, dtype=torch.float32)[None, None, :] - starts  # crop coordinates
     # torch's taps: [trunc(center - support + 0.5), trunc(center + support + 0.5)), clipped to the crop
     lo = torch.clamp(torch.trunc(center - support + 0.5), min=0.0)
     hi = torch.minimum(torch.trunc(center + support + 0.5), lengths)
     w = _filter((x - center + 0.5) * invscale, interpolation) * ((x >= lo) & (x < hi))
     total = w.sum(-1, keepdim=True)
-    return (w / torch.where(total == 0, torch.ones_like(total), total)).to(torch.float32)
+    return w.div_(torch.where(total == 0, torch.ones_like(total), total))
 
 
 def resized_crops(image: torch.Tensor, boxes: Sequence[Tuple[int, int, int, int]], flips: Sequence[bool],

@@ -6,8 +6,10 @@ batches, and batched rendering's speed and fidelity on the device, side by side 
 * rendering: samples/s of one image's N samples, per-sample on the CPU (1 thread), per-sample on the GPU, batched on
   the GPU (``--render batched``);
 * teacher: the bare bf16 forward at the job's batch size (N samples of one row) and at 256;
-* job: ``dr_hf.reinforce`` end to end (decode, render, teacher, top-k, parquet), rendering on the GPU (batched) and on
-  the CPU (per sample, one render thread ahead of the teacher).
+* job: ``dr_hf.reinforce`` end to end (decode, render, teacher, top-k, parquet), rendering on the GPU (batched) with
+  rows prepared (decoded, parameters drawn) in worker processes or inline, and on the CPU (per sample, one render
+  thread ahead of the teacher); whole-job rates include starting the worker processes and writing the card, shard rates
+  (from the job's log) do not.
 
 The teacher is timm's ``tf_efficientnet_lite0`` with random weights unless ``--weights`` gives a safetensors file: the
 speed is the architecture's, the weights only change the numbers it writes.
@@ -76,7 +78,6 @@ def main():
     lines = []
 
     def log(message):
-        print(message, flush=True)
         lines.append(message)
 
     def save():
@@ -176,19 +177,41 @@ def main():
     save()
 
     # -- the job, end to end -----------------------------------------------------------------------------------------
-    job = {}
-    for name, render_device in (("gpu_batched", device), ("cpu_per_sample", "cpu")):
+    import logging
+    import re
+
+    shard_rates = []
+
+    class ShardRate(logging.Handler):
+        def emit(self, record):
+            found = re.search(r"shard .* ([0-9.]+) samples/s", record.getMessage())
+            if found:
+                shard_rates.append(float(found.group(1)))
+
+    job_logger = logging.getLogger("dr_hf.reinforce")
+    job_logger.setLevel(logging.INFO)
+    job_logger.addHandler(ShardRate())
+    job, shard = {}, {}
+    variants = (("gpu_batched_workers", device, "batched", None, args.rows * 4),
+                ("gpu_batched_inline", device, "batched", 0, args.rows),
+                ("cpu_per_sample_workers", "cpu", "per-sample", None, args.rows))
+    for name, render_device, mode, workers, count in variants:
         config = ReinforceConfig(augment="imagenet+rrc", augmentations=make_pipeline("imagenet+rrc").config(),
                                  teachers=bf16.specs, num_samples=n, topk=10, seed=0, num_classes=1000,
-                                 precision="bf16", render="batched" if name == "gpu_batched" else "per-sample")
-        reinforce(encoded.select(range(16)), config, bf16, os.path.join(tmp, f"warm-{name}"), batch_size=16,
-                  show_progress=False, render_device=render_device)
+                                 precision="bf16", render=mode)
+        reinforce(encoded.select(range(min(16, args.rows))), config, bf16, os.path.join(tmp, f"warm-{name}"), batch_size=16,
+                  show_progress=False, render_device=render_device, prepare_workers=0)
+        rows_here = datasets.concatenate_datasets([encoded] * (count // args.rows))
         folder = os.path.join(tmp, f"job-{name}")
-        seconds = synced(lambda: reinforce(encoded, config, bf16, folder, batch_size=32, show_progress=False,
-                                           render_device=render_device))
-        job[name] = args.rows * n / seconds
+        shard_rates.clear()
+        seconds = synced(lambda: reinforce(rows_here, config, bf16, folder, batch_size=64, show_progress=False,
+                                           render_device=render_device, prepare_workers=workers))
+        job[name] = count * n / seconds
+        shard[name] = shard_rates[-1] if shard_rates else float("nan")
+        results["job_samples_per_s"], results["job_shard_samples_per_s"] = job, shard
+        save()
     results["job_samples_per_s"] = job
-    results["job_over_teacher"] = job["gpu_batched"] / teacher[n]
+    results["job_over_teacher"] = shard["gpu_batched_workers"] / teacher[n]
     save()
 
     f = results["fidelity"]
@@ -203,11 +226,17 @@ def main():
     log("|---|---|")
     log(f"| bare teacher forward, batches of {n} (the job's: N samples of one row) | {teacher[n]:,.0f} |")
     log(f"| bare teacher forward, batches of 256 | {teacher[256]:,.0f} |")
-    log(f"| job, rendering on the GPU (`--render-device cuda`, batched) | {job['gpu_batched']:,.0f} |")
-    log(f"| job, rendering on the CPU (per sample, 1 render thread) | {job['cpu_per_sample']:,.0f} |")
+    labels = {"gpu_batched_workers": "job, rendering on the GPU (batched), rows prepared by worker processes (default)",
+              "gpu_batched_inline": "job, rendering on the GPU (batched), rows prepared inline (`--prepare-workers 0`)",
+              "cpu_per_sample_workers": "job, rendering on the CPU (per sample, 1 render thread), worker processes"}
     log("")
-    log(f"Job / bare teacher on the same batches: **{results['job_over_teacher']:.2f}** (goal >= 0.8). "
-        f"Decoding (PIL or TorchCodec on the CPU) costs {results['decode_ms_per_image']:.2f} ms an image.")
+    log("| job | rows | whole job, samples/s | its shard, samples/s |")
+    log("|---|---|---|---|")
+    for name, _, _, _, count in variants:
+        log(f"| {labels[name]} | {count} | {job[name]:,.0f} | {shard[name]:,.0f} |")
+    log("")
+    log(f"Job (shard rate) / bare teacher on the same batches: **{results['job_over_teacher']:.2f}** (goal >= 0.8). "
+        f"Decoding (PIL or TorchCodec on the CPU) costs {results['decode_ms_per_image']:.2f} ms an image here.")
     log("")
     log("Rendering one image's N samples (samples/s):")
     log("")

@@ -108,6 +108,24 @@ def test_batch_size_and_rerun_do_not_change_data(tmp_path, image_dataset, teache
     assert a.equals(b) and a.equals(c)
 
 
+def test_preparation_workers_change_nothing(tmp_path, image_dataset, teachers):
+    """Rows decoded and sampled in 2 spawned worker processes (as a GPU job does): the same shards byte for byte,
+    and a corrupt row is named and skipped with its MixUp/CutMix group, as inline."""
+    broken = image_dataset.cast_column("image", datasets.Image(decode=False)).map(
+        lambda x, i: {"image": {"bytes": x["image"]["bytes"][:50] if i == 5 else x["image"]["bytes"], "path": None}},
+        with_indices=True).cast_column("image", datasets.Image())
+    for name, workers in (("inline", 0), ("workers", 2)):
+        config = make_config(teachers, augment="imagenet+mix")
+        reinforce(broken, config, teachers, str(tmp_path / name), batch_size=8, show_progress=False,
+                  on_bad_row="skip", prepare_workers=workers)
+    inline, workers = dr_table(tmp_path / "inline"), dr_table(tmp_path / "workers")
+    assert inline.equals(workers) and len(inline) == len(image_dataset) - 8  # row 5's group of 8 left out
+    reports = [open(glob.glob(str(tmp_path / x / "errors" / "*.jsonl"))[0]).read() for x in ("inline", "workers")]
+    assert reports[0] == reports[1] and "row 5, column 'image'" in reports[0]
+    with pytest.raises(ValueError, match=r"row 5, column 'image'"):  # and stops the job naming it, from a worker
+        reinforce(broken, make_config(teachers), teachers, str(tmp_path / "fail"), show_progress=False, prepare_workers=2)
+
+
 def test_world_order_independence_via_shards(tmp_path, image_dataset, teachers):
     """Shards are processed independently: a sharded layout holds exactly the single-shard rows."""
     run(image_dataset, tmp_path / "one", teachers)
