@@ -171,9 +171,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "in OUTPUT/errors/*.jsonl and the card (skip)")
     r.add_argument("--render-threads", type=int, default=None,
                    help="threads rendering teacher inputs ahead of the teacher (default: 1 on a GPU, 0 on the CPU, where they would compete for cores)")
-    r.add_argument("--prepare-workers", type=int, default=None,
-                   help="processes that decode rows and draw their parameters ahead of the teacher (default: 0 with a "
-                        "CPU teacher, else half the cores, at most 8); the output is the same for any number")
+    r.add_argument("--prepare-workers", type=int, default=0,
+                   help="processes that decode rows and draw their parameters ahead of the teacher (default 0: inline); "
+                        "the output is the same for any number. They help where decoding dominates")
     r.add_argument("--render-device", default="cpu",
                    help="where teacher inputs are rendered: cpu, or cuda (each image moved to the GPU once)")
     r.add_argument("--render", default=None, choices=["per-sample", "batched"],
@@ -182,7 +182,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "batched with --render-device cuda, else per-sample. Recorded; verify renders the same way")
     r.add_argument("--wait", action="store_true",
                    help="if another job holds --output, wait for it instead of stopping (one job per folder)")
-    r.add_argument("--device", default=None, help="default: cuda if available, else cpu")
+    r.add_argument("--device", default=None,
+                   help="default: cuda if available (each process its own GPU), else cpu; cuda:K: every process on GPU K")
     r.add_argument("--precision", default="fp32", choices=["fp32", "tf32", "bf16"],
                    help="teacher precision: fp32 (faithful to ml-dr), tf32 or bf16 autocast (faster on GPUs; "
                         "python scripts/bench_precision.py measures what it changes)")

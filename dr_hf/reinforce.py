@@ -117,7 +117,7 @@ def reinforce(
     on_bad_row: str = "fail",
     wait: bool = False,
     render_device: str = "cpu",
-    prepare_workers: Optional[int] = None,
+    prepare_workers: int = 0,
 ) -> ReinforceResult:
     """Reinforce a ``datasets.Dataset`` or a streamed ``IterableDataset`` into ``output_dir``
     (Hub layout: ``README.md`` + ``data/{split}-XXXXX-of-YYYYY.parquet``).
@@ -128,8 +128,9 @@ def reinforce(
     skips complete shards, so an interrupted job resumes; a rerun with other settings into the folder is refused.
     ``num_rows`` gives a stream's length when its metadata lacks it (otherwise the stream is counted first).
     ``render_threads``, ``render_device``: see :class:`Reinforcer`. ``prepare_workers`` processes decode rows and draw
-    their parameters ahead of the teacher (default: 0 with a CPU teacher, else half the CPU cores, at most 8); the
-    output is the same for any number.
+    their parameters ahead of the teacher (default 0: inline); the output is the same for any number. Measured on an
+    H100 host (results/bench_gpu.md) they did not help: there the job's main thread is bound by launching the teacher's
+    kernels, not by decoding; they help where decoding dominates (large JPEGs, slow storage).
     ``on_bad_row``: ``"fail"`` (default) stops at the first undecodable image or out-of-range label, naming the row and
     column; ``"skip"`` leaves such rows out (with their MixUp/CutMix group) and lists each one, with the reason, in
     ``errors/<shard>.jsonl``; the card counts them. Nothing is dropped silently.
@@ -160,9 +161,6 @@ def reinforce(
         raise ValueError("the dataset is empty: nothing to reinforce")
     count = num_shards(config, n)
     with output_lock(output_dir, procs, wait=wait):
-        if prepare_workers is None:
-            on_gpu = str(teachers.device).startswith("cuda")
-            prepare_workers = min(8, max(1, (os.cpu_count() or 2) // 2)) if on_gpu else 0
         pool = preparation_pool(prepare_workers)
         try:
             return _run_shards(decoded, dataset, config, teachers, output_dir, split, batch_size, show_progress, command,

@@ -192,10 +192,11 @@ def main():
     job_logger.setLevel(logging.INFO)
     job_logger.addHandler(ShardRate())
     job, shard = {}, {}
-    variants = (("gpu_batched_workers", device, "batched", None, args.rows * 4),
+    workers = min(8, max(1, (os.cpu_count() or 2) // 2))
+    variants = (("gpu_batched_workers", device, "batched", workers, args.rows * 4),
                 ("gpu_batched_inline", device, "batched", 0, args.rows),
-                ("cpu_per_sample_workers", "cpu", "per-sample", None, args.rows))
-    for name, render_device, mode, workers, count in variants:
+                ("cpu_per_sample_workers", "cpu", "per-sample", workers, args.rows))
+    for name, render_device, mode, prepare, count in variants:
         config = ReinforceConfig(augment="imagenet+rrc", augmentations=make_pipeline("imagenet+rrc").config(),
                                  teachers=bf16.specs, num_samples=n, topk=10, seed=0, num_classes=1000,
                                  precision="bf16", render=mode)
@@ -205,7 +206,7 @@ def main():
         folder = os.path.join(tmp, f"job-{name}")
         shard_rates.clear()
         seconds = synced(lambda: reinforce(rows_here, config, bf16, folder, batch_size=64, show_progress=False,
-                                           render_device=render_device, prepare_workers=workers))
+                                           render_device=render_device, prepare_workers=prepare))
         job[name] = count * n / seconds
         shard[name] = shard_rates[-1] if shard_rates else float("nan")
         results["job_samples_per_s"], results["job_shard_samples_per_s"] = job, shard
@@ -226,9 +227,9 @@ def main():
     log("|---|---|")
     log(f"| bare teacher forward, batches of {n} (the job's: N samples of one row) | {teacher[n]:,.0f} |")
     log(f"| bare teacher forward, batches of 256 | {teacher[256]:,.0f} |")
-    labels = {"gpu_batched_workers": "job, rendering on the GPU (batched), rows prepared by worker processes (default)",
-              "gpu_batched_inline": "job, rendering on the GPU (batched), rows prepared inline (`--prepare-workers 0`)",
-              "cpu_per_sample_workers": "job, rendering on the CPU (per sample, 1 render thread), worker processes"}
+    labels = {"gpu_batched_workers": f"job, rendering on the GPU (batched), rows prepared by {workers} worker processes",
+              "gpu_batched_inline": "job, rendering on the GPU (batched), rows prepared inline (the default)",
+              "cpu_per_sample_workers": f"job, rendering on the CPU (per sample, 1 render thread), {workers} workers"}
     log("")
     log("| job | rows | whole job, samples/s | its shard, samples/s |")
     log("|---|---|---|---|")

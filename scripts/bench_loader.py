@@ -92,7 +92,7 @@ def main():
     lines = ["# The training loader", "",
              f"{args.rows} real ImageNet images (imagenet-sample, median 500x375 JPEG), reinforced with N="
              f"{args.num_samples} samples each (K=10, `imagenet+rrc`), 224 px, {args.interpolation} on both, batch "
-             f"{args.batch}, 2 CPU cores, best of 2 epochs.", "",
+             f"{args.batch}, {os.cpu_count()} CPU cores, best of 2 epochs.", "",
              "| loader | workers | images/s |", "|---|---|---|"]
     lines += [f"| {name} | {w} | {r:.0f} |" for (name, w), r in rates.items()]
     for w in (0, 2):

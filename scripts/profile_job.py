@@ -1,0 +1,62 @@
+"""Where the reinforce job's time goes: cProfile of `dr_hf.reinforce` with EfficientNet-Lite0 (random weights, bf16) at
+N=64, rendering batched on the GPU, rows prepared inline; prints the 28 most expensive functions by own time.
+
+    python scripts/profile_job.py --dataset PATH [--device cuda]
+"""
+
+import argparse
+import cProfile
+import os
+import pstats
+import sys
+import tempfile
+import time
+
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--dataset", default=os.path.join(ROOT, "..", "shared", "datasets", "imagenet-sample"))
+    ap.add_argument("--rows", type=int, default=256)
+    ap.add_argument("--device", default="cuda")
+    args = ap.parse_args()
+
+    import datasets
+    import timm
+    from safetensors.torch import save_file
+
+    from dr_hf import ReinforceConfig, TeacherEnsemble, make_pipeline
+    from dr_hf.reinforce import reinforce
+
+    datasets.disable_progress_bars()
+    src = datasets.load_dataset(args.dataset, split="train").select_columns(["image", "label"])
+    src = src.cast_column("label", datasets.Value("int64")).cast_column("image", datasets.Image(decode=False))
+    rows = datasets.concatenate_datasets([src] * -(-args.rows // len(src))).select(range(args.rows))
+    tmp = tempfile.mkdtemp()
+    weights = os.path.join(tmp, "lite0.safetensors")
+    save_file(timm.create_model("tf_efficientnet_lite0").state_dict(), weights)
+    teachers = TeacherEnsemble.from_specs([f"timm:tf_efficientnet_lite0@{weights}"], device=args.device, precision="bf16")
+    config = ReinforceConfig(augment="imagenet+rrc", augmentations=make_pipeline("imagenet+rrc").config(),
+                             teachers=teachers.specs, num_samples=64, topk=10, seed=0, num_classes=1000,
+                             precision="bf16", render="batched")
+    reinforce(rows.select(range(16)), config, teachers, os.path.join(tmp, "warm"), batch_size=16, show_progress=False,
+              render_device=args.device)
+    profile = cProfile.Profile()
+    profile.enable()
+    t0 = time.perf_counter()
+    reinforce(rows, config, teachers, os.path.join(tmp, "job"), batch_size=64, show_progress=False,
+              render_device=args.device)
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    seconds = time.perf_counter() - t0
+    profile.disable()
+    print(f"{args.rows} rows x 64 samples in {seconds:.2f} s: {args.rows * 64 / seconds:,.0f} samples/s")
+    pstats.Stats(profile).sort_stats("tottime").print_stats(28)
+
+
+if __name__ == "__main__":
+    main()
