@@ -182,8 +182,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "batched with --render-device cuda, else per-sample. Recorded; verify renders the same way")
     r.add_argument("--wait", action="store_true",
                    help="if another job holds --output, wait for it instead of stopping (one job per folder)")
-    r.add_argument("--device", default=None,
-                   help="default: cuda if available (each process its own GPU), else cpu; cuda:K: every process on GPU K")
+    r.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     r.add_argument("--precision", default="fp32", choices=["fp32", "tf32", "bf16"],
                    help="teacher precision: fp32 (faithful to ml-dr), tf32 or bf16 autocast (faster on GPUs; "
                         "python scripts/bench_precision.py measures what it changes)")

@@ -49,20 +49,14 @@ def current_processes(device: Optional[str] = None) -> Processes:
     ``device`` forces the teacher's device; by default each process takes its own GPU (``cuda:LOCAL_RANK``)
     or the CPU when there is none. On a CPU-only machine, ``accelerate launch --multi_gpu --num_processes N``
     or ``torchrun --nproc_per_node N`` starts N CPU processes (accelerate's ``--cpu`` flag starts just one).
-    A GPU named with its index (``device="cuda:0"``) is shared by every process: several job processes feed one GPU
-    when one host thread cannot (the processes then synchronise over gloo, as NCCL wants one process per GPU).
     """
     if not launched():
         return Processes(device=device)
     from accelerate import PartialState
 
-    shared_gpu = (device or "").startswith("cuda:")
-    cpu = (device or "").startswith("cpu") or not torch.cuda.is_available() or shared_gpu
+    cpu = (device or "").startswith("cpu") or not torch.cuda.is_available()
     state = PartialState(cpu=cpu)
-    if shared_gpu:
-        dev = device
-    else:
-        dev = device if device and not device.startswith("cuda") else str(state.device)
+    dev = device if device and not device.startswith("cuda") else str(state.device)
     if dev.startswith("cpu"):
         dev = "cpu"
     return Processes(rank=state.process_index, world=state.num_processes, local_rank=state.local_process_index, device=dev)
