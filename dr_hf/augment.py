@@ -10,7 +10,7 @@ to 1/65535; RandAugment stores torchvision's op ids and magnitude bins), so what
 size, so a replay also works on a re-encoded or resized copy of the dataset, and at any output size.
 
 The stored layout (one struct column ``dr_params``, each field a fixed-width array per sample) is
-documented in ``docs/format.md`` and listed by :meth:`AugmentPipeline.param_fields`.
+documented in the README (The format) and listed by :meth:`AugmentPipeline.param_fields`.
 """
 
 from __future__ import annotations

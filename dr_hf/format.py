@@ -6,7 +6,7 @@ Columns added to every row (all original columns are kept):
 * ``dr_fingerprint`` (string): BLAKE2b-128 of the row's encoded image bytes; joins a reinforcement-only
   dataset (``--no-images``) back to a user's copy of the source, and refuses rows that differ.
 * ``dr_params`` (struct): the N samples' augmentation parameters, one fixed-width field per quantity,
-  each of shape (N, ...): see :func:`params_features` and ``docs/format.md``.
+  each of shape (N, ...): see :func:`params_features` and the README (The format).
 * ``dr_topk_indices`` (N x K uint16, uint32 for >= 65536 classes): the teacher's top-K class ids per sample.
 * ``dr_topk_logprobs`` (N x K float16): their log-probabilities, sorted descending, so ``1 - sum(exp)`` is
   the probability mass outside the top K.

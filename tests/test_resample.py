@@ -93,25 +93,32 @@ def test_batched_render_is_per_sample_render_within_stated_tolerance(interpolati
     assert a.dtype == b.dtype == torch.uint8 and (a.int() - b.int()).abs().max() <= (1 if interpolation == "bilinear" else 255)
 
 
-def test_batched_job_is_recorded_and_verifies(tmp_path, image_dataset, teachers):
-    """A job rendered in batches records it; verify replays it the same way (and passes); its teacher targets are the
-    per-sample job's to within the rounding of a grey level; resuming with the other mode is refused."""
+def test_batched_job_is_recorded_and_verifies(tmp_path, capsys, image_dataset, image_dataset_dir, teachers, tiny_teacher_spec):
+    """`dr-hf reinforce --render batched` records the mode (config, card); verify replays it the same way (and passes);
+    its teacher targets are the per-sample job's to within the rounding of a grey level; resuming with the other mode is
+    refused."""
     from test_reinforce import run
 
+    from dr_hf import cli
     from dr_hf.format import config_from_parquet
     from dr_hf.shards import shard_paths
     from dr_hf.verify import verify
 
-    run(image_dataset, tmp_path / "batched", teachers, augment="imagenet+mix", n=4, k=3, render="batched")
+    assert cli.main(["reinforce", str(image_dataset_dir), "--output", str(tmp_path / "batched"), "--teacher",
+                     tiny_teacher_spec, "--augment", "imagenet+mix", "--num-samples", "4", "--topk", "3",
+                     "--render", "batched", "--quiet"]) == 0
     run(image_dataset, tmp_path / "per-sample", teachers, augment="imagenet+mix", n=4, k=3)
     assert config_from_parquet(shard_paths(str(tmp_path / "batched"))[0]).render == "batched"
+    assert "| teacher inputs rendered | each image's samples at once" in (tmp_path / "batched" / "README.md").read_text()
     report = verify(str(tmp_path / "batched"), rows=8)
     assert report.ok and report.replayed_rows == 8 and report.max_abs_diff < 1e-3, report.problems
     a, b = (datasets.load_dataset(str(tmp_path / x), split="train").with_format("numpy") for x in ("batched", "per-sample"))
     (ia, la), (ib, lb) = ((np.asarray(d["dr_topk_indices"]), np.asarray(d["dr_topk_logprobs"], np.float32)) for d in (a, b))
     assert np.array_equal(ia[:, :, 0], ib[:, :, 0])  # the same top-1 everywhere
     assert np.abs(la[:, :, 0] - lb[:, :, 0]).max() < 0.05
-    with pytest.raises(ValueError, match="different job"):
-        run(image_dataset, tmp_path / "batched", teachers, augment="imagenet+mix", n=4, k=3)
+    assert cli.main(["reinforce", str(image_dataset_dir), "--output", str(tmp_path / "batched"), "--teacher",
+                     tiny_teacher_spec, "--augment", "imagenet+mix", "--num-samples", "4", "--topk", "3",
+                     "--quiet"]) == 2  # per-sample into a batched folder
+    assert "different job" in capsys.readouterr().err
     with pytest.raises(ValueError, match="--render"):
         run(image_dataset, tmp_path / "x", teachers, render="gpu")
