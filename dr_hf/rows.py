@@ -5,7 +5,8 @@ log-probabilities); ``datasets`` would turn every one into a Python object (abou
 decode; ``scripts/bench_rows.py``), where a replay needs one sample of each column. :class:`ReplayRows` hands the collators rows whose
 reinforcement columns are :class:`Samples`: ``len()`` is N and ``[s]`` converts sample ``s`` alone; a stream is read
 as one-row Arrow tables (``IterableDataset.with_format("arrow")``), which the collators turn into rows with
-:func:`rows_of`.
+:func:`rows_of`; a MixUp/CutMix stream as one Arrow table per group (``.with_format("arrow").batch(g)``: one row of
+lists), which :func:`ungroup` turns back into the group's rows.
 """
 
 from __future__ import annotations
@@ -13,9 +14,10 @@ from __future__ import annotations
 from typing import Any, Dict, List, Sequence
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import torch
 
-from .format import DR_PARAMS, DR_TOPK_INDICES, DR_TOPK_LOGPROBS
+from .format import DR_INDEX, DR_PARAMS, DR_TOPK_INDICES, DR_TOPK_LOGPROBS
 
 
 class Samples(Sequence):
@@ -35,8 +37,21 @@ class Samples(Sequence):
         return self._values[s].as_py()
 
 
+def is_group(table: pa.Table) -> bool:
+    """Whether an Arrow table is a group of rows that ``IterableDataset.batch`` made one row of lists."""
+    return table.num_rows == 1 and DR_INDEX in table.column_names and pa.types.is_list(table.schema.field(DR_INDEX).type)
+
+
+def ungroup(table: pa.Table) -> pa.Table:
+    """A one-row table of lists (a group of rows from ``.with_format("arrow").batch(g)``) -> the group's rows."""
+    return pa.table({name: pc.list_flatten(table.column(name)) for name in table.column_names})
+
+
 def rows_of(table: pa.Table) -> List[Dict[str, Any]]:
-    """The rows of an Arrow table as dicts: reinforcement columns lazy (:class:`Samples`), the others as Python."""
+    """The rows of an Arrow table (or of a group, :func:`is_group`) as dicts: reinforcement columns lazy
+    (:class:`Samples`), the others as Python."""
+    if is_group(table):
+        table = ungroup(table)
     out: List[Dict[str, Any]] = [{} for _ in range(table.num_rows)]
     for name in table.column_names:
         column = table.column(name)

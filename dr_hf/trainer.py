@@ -307,8 +307,9 @@ class ReinforcedTrainer(Trainer):
         return super().create_model_card(*args, **kwargs)
 
     def _group(self, dataset, group_size: int, args):
-        """Keep a stream's MixUp/CutMix groups together: each training example becomes one group of rows."""
-        grouped = dataset.batch(group_size)
+        """Keep a stream's MixUp/CutMix groups together: each training example becomes one group of rows, an Arrow
+        table whose replayed samples alone are converted (dr_hf/rows.py)."""
+        grouped = dataset.with_format("arrow").batch(group_size)
         return grouped.shuffle(seed=args.seed, buffer_size=max(1, args.shuffle_buffer_size // group_size))
 
     @contextlib.contextmanager

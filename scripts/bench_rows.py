@@ -80,12 +80,24 @@ def main():
         stream = datasets.load_dataset(folder, split="train", streaming=True).cast_column(
             "image", datasets.Image(decode=False))
         arrow_stream = stream.with_format("arrow")
+        mix_config = ReinforceConfig(augment="imagenet+rare+mix", augmentations=make_pipeline("imagenet+rare+mix").config(),
+                                     teachers=teachers.specs, num_samples=args.num_samples, topk=10, seed=0,
+                                     num_classes=1000)
+        reinforce(source, mix_config, teachers, os.path.join(tmp, "plus-mix"), show_progress=False)
+        mix_stream = datasets.load_dataset(os.path.join(tmp, "plus-mix"), split="train", streaming=True).cast_column(
+            "image", datasets.Image(decode=False))
+        groups = mix_stream.batch(8)
+        arrow_groups = mix_stream.with_format("arrow").batch(8)
         rows = {
             "map-style, datasets' Python rows": per_row_ms(lambda: [plain[i] for i in range(n)], n),
             "map-style, ReplayRows (dr-hf)": per_row_ms(lambda: [replay[i] for i in range(n)], n),
             "streamed, datasets' Python rows": per_row_ms(lambda: list(stream), n),
             "streamed, one-row Arrow tables + rows_of (dr-hf)": per_row_ms(
                 lambda: [rows_of(t) for t in arrow_stream], n),
+            "streamed MixUp/CutMix groups of 8, datasets' Python rows (`.batch(8)`)": per_row_ms(
+                lambda: list(groups), n),
+            "streamed MixUp/CutMix groups of 8, one Arrow table per group + rows_of (dr-hf)": per_row_ms(
+                lambda: [rows_of(t) for t in arrow_groups], n),
         }
     handoff = {}
     for name, collate in (("float32", _empty_float), ("uint8", _empty_uint8)):
@@ -98,8 +110,8 @@ def main():
             best = max(best, count / (time.perf_counter() - t0))
         handoff[name] = best
     lines = ["# Reading rows and handing batches over", "",
-             f"{n} real ImageNet images reinforced with N={args.num_samples} samples each (`imagenet+rare`, K=10), "
-             "1 thread, best of 3.", "", "| reading a row | ms per row |", "|---|---|"]
+             f"{n} real ImageNet images reinforced with N={args.num_samples} samples each (`imagenet+rare`, and "
+             "`imagenet+rare+mix` for the groups; K=10), 1 thread, best of 3.", "", "| reading a row | ms per row |", "|---|---|"]
     lines += [f"| {name} | {ms:.3f} |" for name, ms in rows.items()]
     lines += ["", "A 2-worker DataLoader handing over empty 32 x 3 x 224 x 224 batches (2,048 images, best of 2 epochs, "
               f"{os.cpu_count()} CPU cores):", "", "| batch dtype | images/s |", "|---|---|"]

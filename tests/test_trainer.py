@@ -189,6 +189,22 @@ def test_trainer_replays_mixing_groups(tmp_path, reinforced, streaming):
     batch = trainer.train_collator([datasets.load_dataset(str(folders["imagenet+rare+mix"]), split="train")[8:16]])
     assert batch["pixel_values"].shape[0] == 8 and "mix_lam" in batch  # one group of 8 rows per example
     assert next(iter(trainer.get_train_dataloader()))["pixel_values"].shape[0] == 8
+    if streaming:  # a streamed group is one Arrow table, only its replayed samples converted; it collates as Python rows
+        import pyarrow as pa
+
+        group = next(iter(trainer.train_dataset))
+        assert isinstance(group, pa.Table) and group.num_rows == 1
+        plain = datasets.load_dataset(str(folders["imagenet+rare+mix"]), split="train")
+        plain = plain.cast_column("image", datasets.Image(decode=False))
+        python_rows = [plain[i] for i in group.column("dr_index")[0].as_py()]
+        assert len(python_rows) == 8
+        collated = []
+        for example in (group, python_rows):
+            torch.manual_seed(1)
+            collated.append(trainer.train_collator([example]))
+        assert collated[0].keys() == collated[1].keys()
+        for key, value in collated[0].items():
+            assert torch.equal(value, collated[1][key]), key
     before = held_loss(trainer, batch)
     trainer.train()
     values = losses(trainer)
