@@ -5,7 +5,7 @@ waiting on launches.
 The matrices hold exactly the weights of torch's antialiased ``interpolate`` (``antialias=True``, bilinear or
 bicubic; the same filter, support and edge renormalisation), so a crop equals ``F.resized_crop(...,
 antialias=True)`` up to float rounding: the same uint8 pixels, but for a rare half-grey-level tie. A horizontal
-flip is the horizontal matrix with its rows reversed, so it costs nothing. The products run in float32 (TF32 off).
+flip is the horizontal matrix with its rows reversed, so it costs nothing. The products run in float32, TF32 off (under the flags' lock the teacher also takes).
 """
 
 from __future__ import annotations
@@ -13,6 +13,8 @@ from __future__ import annotations
 from typing import Sequence, Tuple
 
 import torch
+
+from .teacher import float32_precision
 
 FILTERS = ("bilinear", "bicubic")
 _SUPPORT = {"bilinear": 1.0, "bicubic": 2.0}  # half the filter width at scale 1 (torch's interp_size / 2)
@@ -70,9 +72,7 @@ def resized_crops(image: torch.Tensor, boxes: Sequence[Tuple[int, int, int, int]
     out = torch.empty((len(box), channels, *size), dtype=torch.uint8, device=device)
     per_sample = 4 * channels * height * size[1]  # the horizontal pass's output, the largest intermediate
     step = max(1, chunk_bytes // per_sample)
-    saved = torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = False
-    try:
+    with float32_precision(tf32=False):
         for a in range(0, len(box), step):
             s = len(wx[a:a + step])
             # horizontal pass, one matrix product for all s crops: (3H, W) @ (W, s * out_w)
@@ -81,6 +81,4 @@ def resized_crops(image: torch.Tensor, boxes: Sequence[Tuple[int, int, int, int]
             # vertical pass, one batched product: (s, out_h, H) @ (s, H, 3 * out_w)
             crops = torch.bmm(wy[a:a + step], rows).view(s, size[0], channels, size[1]).permute(0, 2, 1, 3)
             out[a:a + step] = crops.round_().clamp_(0, 255)
-    finally:
-        torch.backends.cuda.matmul.allow_tf32 = saved
     return out

@@ -24,6 +24,7 @@ import contextlib
 import importlib
 import math
 import os
+import threading
 from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional, Sequence
 
@@ -221,6 +222,24 @@ def _same_weights(a: nn.Module, b: nn.Module) -> bool:
     return all(torch.equal(sa[k], sb[k]) for k in sa)
 
 
+_PRECISION_FLAGS = threading.RLock()
+
+
+@contextlib.contextmanager
+def float32_precision(tf32: bool):
+    """TF32 on or off for the float32 matrix products and convolutions run inside. torch's flags are process-global,
+    so holders take turns: the reinforce job renders in one thread (TF32 off) while its teacher runs in another."""
+    with _PRECISION_FLAGS:
+        saved = (torch.get_float32_matmul_precision(), torch.backends.cudnn.allow_tf32)
+        torch.set_float32_matmul_precision("high" if tf32 else "highest")
+        torch.backends.cudnn.allow_tf32 = tf32
+        try:
+            yield
+        finally:
+            torch.set_float32_matmul_precision(saved[0])
+            torch.backends.cudnn.allow_tf32 = saved[1]
+
+
 class TeacherEnsemble:
     """Teachers whose probabilities are averaged.
 
@@ -275,14 +294,8 @@ class TeacherEnsemble:
             with torch.autocast(self.device.type, dtype=torch.bfloat16):
                 yield
             return
-        saved = (torch.get_float32_matmul_precision(), torch.backends.cudnn.allow_tf32)
-        torch.set_float32_matmul_precision("high" if self.precision == "tf32" else "highest")
-        torch.backends.cudnn.allow_tf32 = self.precision == "tf32"
-        try:
+        with float32_precision(tf32=self.precision == "tf32"):
             yield
-        finally:
-            torch.set_float32_matmul_precision(saved[0])
-            torch.backends.cudnn.allow_tf32 = saved[1]
 
     @torch.inference_mode()
     def log_probs(self, inputs: Dict[int, torch.Tensor]) -> torch.Tensor:

@@ -48,6 +48,33 @@ def test_resampling_matrices_are_torchs_antialiased_resize(interpolation, shape,
         resized_crops(image, boxes[:1], [False], size, "nearest")
 
 
+def test_exact_products_take_turns_with_the_teachers_precision_flags():
+    """torch's TF32 flags are process-global: the batched crop (TF32 off) and a tf32 teacher running in another thread
+    take turns under one lock, so neither sees the other's setting, and the flags end as they were."""
+    import threading
+    import time
+
+    from dr_hf.teacher import float32_precision
+
+    saved = torch.get_float32_matmul_precision()
+    seen, started = [], threading.Event()
+
+    def teacher_forward():
+        with float32_precision(tf32=True):
+            started.set()
+            for _ in range(100):
+                seen.append(torch.backends.cuda.matmul.allow_tf32)
+                time.sleep(0.002)
+
+    thread = threading.Thread(target=teacher_forward)
+    thread.start()
+    started.wait()
+    crops = resized_crops(torch.zeros((3, 256, 256), dtype=torch.uint8), [(0, 0, 256, 256)] * 64, [False] * 64, (64, 64))
+    thread.join()
+    assert crops.shape == (64, 3, 64, 64) and seen == [True] * 100
+    assert torch.get_float32_matmul_precision() == saved  # and only torch's new API was used (mixing both raises)
+
+
 def render_both(pipe, images, spec, num_samples=12):
     """Every sample of every row, per-sample and batched, group by group as the job renders them."""
     g = pipe.group_size
