@@ -49,6 +49,28 @@ def synced(fn, repeats=1):
     return best
 
 
+def repeated_rows(dataset: str, rows: int):
+    """``rows`` rows (image, label) of a dataset folder, repeated if it has fewer, images left encoded."""
+    import datasets
+
+    source = datasets.load_dataset(dataset, split="train").select_columns(["image", "label"])
+    source = source.cast_column("label", datasets.Value("int64")).cast_column("image", datasets.Image(decode=False))
+    return datasets.concatenate_datasets([source] * -(-rows // len(source))).select(range(rows))
+
+
+def lite0_spec(folder: str, weights=None) -> str:
+    """A teacher spec for timm's ``tf_efficientnet_lite0``: ``weights``, or random ones (the architecture's speed)
+    saved under ``folder``."""
+    if weights is None:
+        import timm
+        from safetensors.torch import save_file
+
+        torch.manual_seed(0)
+        weights = os.path.join(folder, "lite0.safetensors")
+        save_file(timm.create_model("tf_efficientnet_lite0", pretrained=False).state_dict(), weights)
+    return f"timm:tf_efficientnet_lite0@{weights}"
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--dataset", default=os.path.join(ROOT, "..", "shared", "datasets", "imagenet-sample"))
@@ -64,8 +86,6 @@ def main():
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
 
     import datasets
-    import timm
-    from safetensors.torch import save_file
 
     from dr_hf import ReinforceConfig, TeacherEnsemble, make_pipeline
     from dr_hf.augment import Context
@@ -85,23 +105,14 @@ def main():
         with open(base + ".json", "w") as f:
             json.dump(results, f, indent=1)
 
-    source = datasets.load_dataset(args.dataset, split="train").select_columns(["image", "label"])
-    source = source.cast_column("label", datasets.Value("int64"))
-    repeats = -(-args.rows // len(source))
-    rows = datasets.concatenate_datasets([source] * repeats).select(range(args.rows))
-    encoded = rows.cast_column("image", datasets.Image(decode=False))
+    encoded = repeated_rows(args.dataset, args.rows)
     cells = encoded[: min(16, args.rows)]["image"]
     t0 = time.perf_counter()
     images = [decode(v) for v in cells]
     results["decode_ms_per_image"] = 1000 * (time.perf_counter() - t0) / len(images)
 
     tmp = tempfile.mkdtemp()
-    weights = args.weights
-    if weights is None:
-        torch.manual_seed(0)
-        weights = os.path.join(tmp, "lite0.safetensors")
-        save_file(timm.create_model("tf_efficientnet_lite0", pretrained=False).state_dict(), weights)
-    spec = f"timm:tf_efficientnet_lite0@{weights}"
+    spec = lite0_spec(tmp, args.weights)
     fp32 = TeacherEnsemble.from_specs([spec], device=device, precision="fp32")
     out = fp32.outputs()[0]
     results["teacher"] = {"spec": "timm:tf_efficientnet_lite0", "random_weights": args.weights is None,

@@ -14,6 +14,8 @@ import time
 
 import torch
 
+from bench_gpu import lite0_spec, repeated_rows  # noqa: E402  (scripts/)
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
@@ -26,24 +28,19 @@ def main():
     args = ap.parse_args()
 
     import datasets
-    import timm
-    from safetensors.torch import save_file
 
     from dr_hf import ReinforceConfig, TeacherEnsemble, make_pipeline
     from dr_hf.reinforce import reinforce
 
     datasets.disable_progress_bars()
-    src = datasets.load_dataset(args.dataset, split="train").select_columns(["image", "label"])
-    src = src.cast_column("label", datasets.Value("int64")).cast_column("image", datasets.Image(decode=False))
-    rows = datasets.concatenate_datasets([src] * -(-args.rows // len(src))).select(range(args.rows))
+    rows = repeated_rows(args.dataset, args.rows)
     tmp = tempfile.mkdtemp()
-    weights = os.path.join(tmp, "lite0.safetensors")
-    save_file(timm.create_model("tf_efficientnet_lite0").state_dict(), weights)
-    teachers = TeacherEnsemble.from_specs([f"timm:tf_efficientnet_lite0@{weights}"], device=args.device, precision="bf16")
+    teachers = TeacherEnsemble.from_specs([lite0_spec(tmp)], device=args.device, precision="bf16")
     config = ReinforceConfig(augment="imagenet+rrc", augmentations=make_pipeline("imagenet+rrc").config(),
                              teachers=teachers.specs, num_samples=64, topk=10, seed=0, num_classes=1000,
                              precision="bf16", render="batched")
-    reinforce(rows.select(range(16)), config, teachers, os.path.join(tmp, "warm"), batch_size=16, show_progress=False,
+    reinforce(rows.select(range(min(16, args.rows))), config, teachers, os.path.join(tmp, "warm"), batch_size=16,
+              show_progress=False,
               render_device=args.device)
     profile = cProfile.Profile()
     profile.enable()
