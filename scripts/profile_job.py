@@ -40,8 +40,7 @@ def main():
                              teachers=teachers.specs, num_samples=64, topk=10, seed=0, num_classes=1000,
                              precision="bf16", render="batched")
     reinforce(rows.select(range(min(16, args.rows))), config, teachers, os.path.join(tmp, "warm"), batch_size=16,
-              show_progress=False,
-              render_device=args.device)
+              show_progress=False, render_device=args.device)
     profile = cProfile.Profile()
     profile.enable()
     t0 = time.perf_counter()
