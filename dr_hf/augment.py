@@ -26,7 +26,7 @@ from torchvision.transforms.v2 import InterpolationMode
 from torchvision.transforms.v2 import functional as F
 
 from .inputs import InputSpec
-from .resample import FILTERS, resized_crops
+from .resample import FILTERS, resized_crop, resized_crops
 
 Q_BOX = 4096  # box coordinates (relative to the image side) are stored as round(x * Q_BOX) in uint16
 Q16 = 65535  # MixUp weights are stored as round(lam * Q16) in uint16
@@ -140,7 +140,7 @@ class RandomResizedCrop(ReplayableTransform):
 
     def apply(self, image, params, out):
         top, left, h, w = box_to_pixels(params["crop"], image.shape[-2], image.shape[-1])
-        return F.resized_crop(image, top, left, h, w, list(out.size), interpolation=INTERPOLATIONS[out.interpolation], antialias=True)
+        return resized_crop(image, top, left, h, w, out.size, out.interpolation)
 
 
 @dataclass
@@ -196,7 +196,7 @@ class CenterCrop(ReplayableTransform):
         height, width = image.shape[-2:]
         side = max(1, int(round(min(height, width) * (self.crop_pct or out.crop_pct))))
         top, left = (height - side) // 2, (width - side) // 2
-        return F.resized_crop(image, top, left, side, side, list(out.size), interpolation=INTERPOLATIONS[out.interpolation], antialias=True)
+        return resized_crop(image, top, left, side, side, out.size, out.interpolation)
 
 
 @dataclass
@@ -542,9 +542,8 @@ class AugmentPipeline:
         tensors: the batch lives where the images do. ``batched`` (default: on CUDA tensors) crops each row's samples
         at once (:meth:`crop_views`) where the pipeline allows, then applies the rest per sample, or, with nothing
         else to apply, normalises the whole batch in one pass; per-sample kernels would leave a GPU waiting."""
-        batch = into if into is not None else torch.empty(
-            (len(picks), 3, *out.size), dtype=torch.float32 if normalise else torch.uint8,
-            device=images[0].device if len(images) else None)
+        batch = into if into is not None else empty_batch(
+            len(picks), out.size, torch.float32 if normalise else torch.uint8, images[0].device if len(images) else None)
         if batched is None:
             batched = len(images) > 0 and images[0].is_cuda
         views = self._views(images, params, picks, out) if batched and self.crops_in_batches(out) else None
@@ -603,20 +602,43 @@ def normalise_pixels(pixels: torch.Tensor, out: InputSpec, pipeline: "AugmentPip
     normalises through here when it has no float stage."""
     if pipeline.stage("float"):  # render's float path: to [0, 1], (erase), normalise
         return F.normalize(F.to_dtype(pixels, torch.float32, scale=True), list(out.mean), list(out.std))
-    scale, bias = _affine_normalisation(out, pixels.device)  # one pass: (x / 255 - mean) / std as x * scale + bias
-    y = into if into is not None else torch.empty(pixels.shape, dtype=torch.float32, device=pixels.device)
-    return y.copy_(pixels).mul_(scale).add_(bias)
+    # (x / 255 - mean) / std as x * scale + bias
+    y = into if into is not None else torch.empty_like(pixels, dtype=torch.float32)  # in the pixels' layout
+    y.copy_(pixels)
+    rows = y.movedim(-3, -1)
+    if rows.is_contiguous():  # channels-last: per-channel constants tiled along whole rows, so the loops vectorise
+        width = y.shape[-1]
+        scale, bias = _affine_normalisation(out, y.device, width)
+        rows.view(-1, 3 * width).mul_(scale).add_(bias)
+    else:
+        scale, bias = _affine_normalisation(out, y.device)
+        y.mul_(scale).add_(bias)
+    return y
+
+
+def empty_batch(n: int, size: Sequence[int], dtype: torch.dtype = torch.float32, device=None) -> torch.Tensor:
+    """An (n, 3, H, W) batch to render into: channels-last on the CPU, the layout of its crops (no repacking),
+    contiguous elsewhere."""
+    if torch.device(device or "cpu").type == "cpu":
+        return torch.empty((n, *size, 3), dtype=dtype).permute(0, 3, 1, 2)
+    return torch.empty((n, 3, *size), dtype=dtype, device=device)
 
 
 _NORMALISATION: Dict[Tuple, Tuple[torch.Tensor, torch.Tensor]] = {}
 
 
-def _affine_normalisation(out: InputSpec, device: torch.device) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Per-channel (scale, bias) with ``x * scale + bias == (x / 255 - mean) / std``, on ``device``."""
-    key = (out.mean, out.std, str(device))
+def _affine_normalisation(out: InputSpec, device: torch.device, tiled: int = 0) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Per-channel (scale, bias) with ``x * scale + bias == (x / 255 - mean) / std``, on ``device``: shaped (3, 1, 1),
+    or with ``tiled`` = W, repeated along a channels-last row of W pixels, (3 * W,)."""
+    key = (out.mean, out.std, str(device), tiled)
     if key not in _NORMALISATION:
         mean, std = torch.tensor(out.mean, dtype=torch.float32), torch.tensor(out.std, dtype=torch.float32)
-        _NORMALISATION[key] = ((1.0 / (255.0 * std))[:, None, None].to(device), (-mean / std)[:, None, None].to(device))
+        scale, bias = 1.0 / (255.0 * std), -mean / std
+        if tiled:
+            scale, bias = scale.repeat(tiled), bias.repeat(tiled)
+        else:
+            scale, bias = scale[:, None, None], bias[:, None, None]
+        _NORMALISATION[key] = (scale.to(device), bias.to(device))
     return _NORMALISATION[key]
 
 

