@@ -616,12 +616,19 @@ def normalise_pixels(pixels: torch.Tensor, out: InputSpec, pipeline: "AugmentPip
     return y
 
 
-def empty_batch(n: int, size: Sequence[int], dtype: torch.dtype = torch.float32, device=None) -> torch.Tensor:
+def empty_batch(n: int, size: Sequence[int], dtype: torch.dtype = torch.float32, device=None,
+                shared: bool = False) -> torch.Tensor:
     """An (n, 3, H, W) batch to render into: channels-last on the CPU, the layout of its crops (no repacking),
-    contiguous elsewhere."""
-    if torch.device(device or "cpu").type == "cpu":
-        return torch.empty((n, *size, 3), dtype=dtype).permute(0, 3, 1, 2)
-    return torch.empty((n, 3, *size), dtype=dtype, device=device)
+    contiguous elsewhere. ``shared``: in shared memory, as ``default_collate`` allocates in DataLoader workers, so
+    the batch crosses into the training process without another copy."""
+    if torch.device(device or "cpu").type != "cpu":
+        return torch.empty((n, 3, *size), dtype=dtype, device=device)
+    height, width = size
+    if not shared:
+        return torch.empty((n, height, width, 3), dtype=dtype).permute(0, 3, 1, 2)
+    storage = torch.UntypedStorage._new_shared(n * height * width * 3 * dtype.itemsize)
+    hwc = torch.empty(0, dtype=dtype).set_(storage, 0, (n, height, width, 3), (height * width * 3, width * 3, 3, 1))
+    return hwc.permute(0, 3, 1, 2)
 
 
 _NORMALISATION: Dict[Tuple, Tuple[torch.Tensor, torch.Tensor]] = {}

@@ -20,7 +20,7 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from .augment import AugmentPipeline, Context, make_pipeline, params_at
+from .augment import AugmentPipeline, Context, empty_batch, make_pipeline, params_at
 from .format import DR_INDEX, DR_PARAMS, DR_TOPK_INDICES, DR_TOPK_LOGPROBS, missing_columns
 from .images import decode
 from .inputs import InputSpec
@@ -159,6 +159,10 @@ class ReinforcedCollator(_Collator):
     With probability ``1 - reinforced_prob`` (ml-dr: 0.01) an example is instead the original image seen through
     the training augmentation (the dataset's own transforms, freshly sampled, without mixing) with its label.
 
+    ``pixel_values`` is a channels-last (B, 3, H, W) tensor (the layout crops are rendered in, so each is copied
+    into its slot without repacking), allocated in shared memory in a DataLoader worker (so it reaches the training
+    process without another copy).
+
     ``uint8_pixels`` (pipelines that can, see :attr:`AugmentPipeline.renders_uint8`): ``pixel_values`` are the uint8
     pixels before normalisation, a quarter of the bytes to hand from DataLoader workers and to the GPU;
     :func:`~dr_hf.augment.normalise_pixels` (the trainer, on the device) gives the float views bit for bit.
@@ -248,8 +252,8 @@ class ReinforcedCollator(_Collator):
     def __call__(self, examples: List[Dict[str, Any]]) -> Dict[str, torch.Tensor]:
         groups = [_rows(example) for example in examples]
         starts = np.cumsum([0] + [len(rows) for rows in groups]).tolist()
-        pixel_values = torch.empty((starts[-1], 3, *self.output.size),
-                                   dtype=torch.uint8 if self.uint8_pixels else torch.float32)
+        pixel_values = empty_batch(starts[-1], self.output.size, torch.uint8 if self.uint8_pixels else torch.float32,
+                                   shared=torch.utils.data.get_worker_info() is not None)
 
         def group(g: int) -> List[Example]:  # student views rendered straight into the batch: no copy to stack them
             return self.group(groups[g], starts[g], pixel_values[starts[g]:starts[g + 1]])

@@ -288,8 +288,26 @@ def test_decoding_and_replay_run_in_dataloader_workers(tmp_path, reinforced):
     assert loader.num_workers == 2
     batch = next(iter(loader))
     assert batch["pixel_values"].shape == (8, 3, 32, 32) and (batch["sample_index"] >= 0).all()
+    # a worker renders straight into shared memory (no copy to cross into this process): the in-process batch
+    rows = trainer.train_dataset
+    worker = torch.utils.data.DataLoader(rows, batch_size=8, num_workers=1, collate_fn=SharedFlag(trainer.train_collator))
+    for k, batch in enumerate(worker):
+        assert batch.pop("allocated_shared")
+        here = trainer.train_collator(rows.__getitems__(list(range(8 * k, 8 * k + 8))))
+        assert batch.keys() == here.keys() and all(torch.equal(batch[key], here[key]) for key in here)
     trainer.train()
     assert all(np.isfinite(losses(trainer)))
+
+
+class SharedFlag:
+    """A collator that also says whether its pixel batch was allocated in shared memory where it ran."""
+
+    def __init__(self, collator):
+        self.collator = collator
+
+    def __call__(self, examples):
+        batch = self.collator(examples)
+        return {**batch, "allocated_shared": batch["pixel_values"].is_shared()}
 
 
 @pytest.mark.parametrize("preset", ["rrc+flip", "imagenet+rare+mix"])
