@@ -25,7 +25,7 @@ from .format import (
 )
 from .joblock import output_lock
 from .processes import Processes, current_processes
-from .reinforcer import BAD_ROW_POLICIES, SKIP_COLUMN, Reinforcer, preparation_pool
+from .reinforcer import BAD_ROW_POLICIES, SKIP_COLUMN, Reinforcer, preparation_pool, teacher_block_rows
 from .shards import error_report_path, num_shards, parse_shard_name, rows_per_shard, shard_name, shard_rows
 from .teacher import TeacherEnsemble
 
@@ -148,9 +148,8 @@ def reinforce(
     if streaming and dataset.features is None:
         dataset = dataset._resolve_features()
     check_columns(dataset, config, teachers)
-    pipeline = config.pipeline()
-    g = pipeline.group_size
-    batch_size = max(g, int(math.ceil(batch_size / g)) * g)
+    block = teacher_block_rows(config)  # a multiple of the mixing group size
+    batch_size = max(block, int(math.ceil(batch_size / block)) * block)
     per_shard = rows_per_shard(config)
 
     decoded = dataset

@@ -2,8 +2,10 @@
 augmentation-parameter and sparse teacher-output columns to a batch of rows (the job driver is :mod:`dr_hf.reinforce`).
 
 Determinism: the parameters of sample j of row i are a pure function of (seed, i, j) and the image; the
-teacher runs on fixed batches formed per mixing group and sample range, never across map batches, so the
-output does not depend on the map's batch size, on processing order, or on the number of processes.
+teacher runs on fixed batches, all N samples of a *teacher block* of consecutive rows (:func:`teacher_block_rows`,
+counted from the shard's first row) or, where N alone fills batches, a sample range of one mixing group, never across
+map batches. So the output does not depend on the map's batch size, on processing order, on the number of processes,
+or on the shard size where shards hold whole blocks (the default 2048 rows do).
 """
 
 from __future__ import annotations
@@ -27,8 +29,10 @@ from .teacher import TeacherEnsemble
 class Reinforcer:
     """``Dataset.map(reinforcer, batched=True, with_indices=True)``: adds the reinforcement columns.
 
-    A batch must hold whole mixing groups (``batch_size`` a multiple of the group size, as :func:`reinforce`
-    arranges); ``index_offset`` is added to the map's indices to give source-split row indices.
+    A batch must hold whole teacher blocks (``batch_size`` a multiple of :func:`teacher_block_rows`, itself a
+    multiple of the mixing group size, as :func:`reinforce` arranges; ``block_rows`` overrides it, e.g. one group to
+    replay a single group); ``index_offset`` is added to the map's indices to give source-split row indices (the
+    shard's first row, where blocks start).
     ``render_threads`` threads render the next teacher batches while the teacher runs the current one (0: render
     inline; default: 1 when the teacher runs on a GPU, else 0, as on the CPU they would only compete for the same
     cores); rendering is a pure function of the stored parameters, so this changes no output.
@@ -51,6 +55,7 @@ class Reinforcer:
         on_bad_row: str = "fail",
         render_device: str = "cpu",
         pool=None,
+        block_rows: Optional[int] = None,
     ):
         if on_bad_row not in BAD_ROW_POLICIES:
             raise ValueError(f"--on-bad-row must be one of {BAD_ROW_POLICIES}, got {on_bad_row!r}")
@@ -67,6 +72,9 @@ class Reinforcer:
         self.render_device = torch.device(render_device)
         self.pool = pool
         self.buffers = Buffers()
+        self.block_rows = teacher_block_rows(config) if block_rows is None else block_rows
+        if self.block_rows % self.pipeline.group_size:
+            raise ValueError(f"block_rows={self.block_rows} must hold whole mixing groups of {self.pipeline.group_size}")
         self.preparer = RowPreparer(self.pipeline, config.seed, config.num_samples, num_rows, config.num_classes,
                                     config.image_column, config.label_column)
         if teachers.num_classes != config.num_classes:
@@ -136,6 +144,26 @@ class Reinforcer:
             keep = [pos for pos in range(a, b) if pos not in bad]
             yield a, b, keep, [rows[pos - a] for pos in keep]
 
+    def _blocks(self, batch, indices) -> Iterator[List[Tuple[List[int], List[Prepared]]]]:
+        """The map batch's teacher blocks (:attr:`block_rows` consecutive rows, counted from ``index_offset``), each as
+        its mixing groups' kept positions and prepared rows (groups with no row left are dropped)."""
+        first = indices[0] - self.index_offset if indices else 0
+        if first % self.block_rows:
+            raise RuntimeError(f"map batch starts at row {indices[0]}, inside a teacher block of {self.block_rows} rows: "
+                               f"use a batch size that is a multiple of {self.block_rows}")
+        block: List[Tuple[List[int], List[Prepared]]] = []
+        current = None
+        for a, _, keep, rows in self._checked_groups(batch, indices):
+            number = (indices[a] - self.index_offset) // self.block_rows
+            if number != current and block:
+                yield block
+                block = []
+            current = number
+            if keep:
+                block.append((keep, rows))
+        if block:
+            yield block
+
     def compute(self, batch: Dict[str, List[Any]], indices: List[int]):
         """Per row: the N samples' parameters and the (N, C) teacher log-probabilities (``None`` for skipped rows)."""
         indices = [i + self.index_offset for i in indices]
@@ -144,26 +172,33 @@ class Reinforcer:
         outputs = self.teachers.outputs()
         n = self.config.num_samples
 
-        def teacher_batches():  # (positions, images, params, sample range), fixed per group: whatever the map batch
-            for a, b, keep, rows in self._checked_groups(batch, indices):
-                if not keep:
-                    continue
-                images = [row.image.to(self.render_device, non_blocking=True) for row in rows]  # once per image
-                row_params = [row.params for row in rows]
-                for pos, row in zip(keep, rows):
-                    params[pos] = row.params
+        def teacher_batches():  # (positions, groups, sample range): fixed per teacher block, whatever the map batch
+            for block in self._blocks(batch, indices):
+                groups = []
+                for keep, rows in block:
+                    images = [row.image.to(self.render_device, non_blocking=True) for row in rows]  # once per image
+                    groups.append((images, [row.params for row in rows]))
+                    for pos, row in zip(keep, rows):
+                        params[pos] = row.params
+                keep = [pos for group_keep, _ in block for pos in group_keep]
                 per_chunk = max(1, self.config.teacher_batch_size // len(keep))
                 for j0 in range(0, n, per_chunk):
-                    yield keep, images, row_params, range(j0, min(n, j0 + per_chunk))
+                    yield keep, groups, range(j0, min(n, j0 + per_chunk))
 
         def render(item):
-            _, images, row_params, js = item
-            n = len(images) * len(js)
-            return {o: self.render_group(images, row_params, js, out, self.buffers.take(n, out.size, self.render_device))
-                    for o, out in enumerate(outputs)}
+            keep, groups, js = item
+            inputs = {}
+            for o, out in enumerate(outputs):
+                batch = inputs[o] = self.buffers.take(len(keep) * len(js), out.size, self.render_device)
+                start = 0
+                for images, row_params in groups:  # each group renders its rows' samples into its part of the batch
+                    stop = start + len(images) * len(js)
+                    self.render_group(images, row_params, js, out, batch[start:stop])
+                    start = stop
+            return inputs
 
         per_row: Dict[int, List[torch.Tensor]] = {}
-        for (keep, _, _, js), inputs in prefetched(teacher_batches(), render, self.render_threads):
+        for (keep, _, js), inputs in prefetched(teacher_batches(), render, self.render_threads):
             logp = self.teachers.log_probs(inputs)  # returns once the teachers are done with the inputs
             self.buffers.give(*inputs.values())
             if not torch.isfinite(logp).all():
@@ -200,6 +235,16 @@ class Reinforcer:
         if self.progress:
             self.progress(len(indices))
         return out
+
+
+def teacher_block_rows(config: ReinforceConfig) -> int:
+    """Rows whose samples share teacher batches (a *teacher block*): all N samples of as many whole mixing groups as
+    fit in ``teacher_batch_size``, rounded down to a power of two times the group size (so blocks tile any shard of a
+    power-of-two multiple of them, as the default 2048 rows are); one group where even that does not fit (then its
+    samples are split into several batches). With N=64 and 256-sample batches: 4 rows a batch, not 1."""
+    g = config.pipeline().group_size
+    fit = config.teacher_batch_size // (config.num_samples * g)
+    return g * (1 << (fit.bit_length() - 1)) if fit >= 1 else g
 
 
 class Buffers:

@@ -157,7 +157,7 @@ def verify(path: str, teachers: Optional[Sequence[str]] = None, rows: int = 8, s
     num_rows = config.source.get("num_rows") or max(seen) + 1
     picked = {int(i) for i in np.random.default_rng(seed).choice(sorted(seen), size=min(rows, len(seen)), replace=False)}
     # batched renders replay where the teachers run (the GPU path, and where it is fast); per-sample ones on the CPU
-    job = Reinforcer(replay_config, ensemble, num_rows=num_rows,
+    job = Reinforcer(replay_config, ensemble, num_rows=num_rows, block_rows=g,  # one group at a time
                      render_device=str(ensemble.device) if config.render == "batched" else "cpu")
     worst = 0.0
     for group in sorted({i // g for i in picked}):

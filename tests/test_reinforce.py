@@ -12,6 +12,7 @@ from dr_hf.augment import Context, params_at
 from dr_hf.format import DR_FINGERPRINT, config_from_parquet
 from dr_hf.images import decode
 from dr_hf.reinforce import reinforce
+from dr_hf.reinforcer import Reinforcer, teacher_block_rows
 from dr_hf.shards import shard_paths
 from dr_hf.stats import reinforcement_bytes
 
@@ -101,11 +102,39 @@ def test_stored_logprobs_equal_teacher_on_replayed_params(tmp_path, image_datase
 
 
 def test_batch_size_and_rerun_do_not_change_data(tmp_path, image_dataset, teachers):
-    run(image_dataset, tmp_path / "a", teachers, batch_size=8, augment="imagenet+mix")
-    run(image_dataset, tmp_path / "b", teachers, batch_size=24, augment="imagenet+mix")
-    run(image_dataset, tmp_path / "c", teachers, batch_size=3, augment="imagenet+mix")  # rounded up to the group size
+    # 64-sample teacher batches, N=4: teacher blocks of 16 rows (two MixUp/CutMix groups), so map batches of 16 and 32
+    run(image_dataset, tmp_path / "a", teachers, batch_size=8, augment="imagenet+mix", teacher_batch_size=64)
+    run(image_dataset, tmp_path / "b", teachers, batch_size=24, augment="imagenet+mix", teacher_batch_size=64)
+    run(image_dataset, tmp_path / "c", teachers, batch_size=3, augment="imagenet+mix", teacher_batch_size=64)
     a, b, c = (dr_table(tmp_path / x) for x in "abc")
     assert a.equals(b) and a.equals(c)
+
+
+def test_teacher_batches_hold_whole_blocks_of_rows(image_dataset, teachers, monkeypatch):
+    """Where N samples leave room, a teacher forward holds all samples of a block of rows (a power of two times the
+    MixUp/CutMix group), not one row's: 64-sample batches of 16 rows x N=4, the last block partial. A map batch that
+    starts inside a block is refused, naming the multiple to use."""
+    config = make_config(teachers, augment="imagenet+mix", teacher_batch_size=64)
+    assert teacher_block_rows(config) == 16
+    assert teacher_block_rows(make_config(teachers, n=3, teacher_batch_size=64)) == 16  # 21 rows would fit
+    assert teacher_block_rows(make_config(teachers, n=400)) == 1  # N fills batches: one row's samples in chunks
+    assert teacher_block_rows(make_config(teachers, augment="imagenet+mix", n=400)) == 8
+    sizes = []
+    log_probs = teachers.log_probs
+    monkeypatch.setattr(teachers, "log_probs", lambda inputs: sizes.append(len(inputs[0])) or log_probs(inputs))
+    batch = image_dataset.cast_column("image", datasets.Image(decode=False))[:]
+    job = Reinforcer(config, teachers, num_rows=24)
+    _, params, logps = job.compute(batch, list(range(24)))
+    assert sizes == [64, 32] and all(lp.shape == (4, teachers.num_classes) for lp in logps)
+    sizes.clear()  # one group at a time (as verify replays): the same samples, eight-row batches
+    _, params_one, logps_one = Reinforcer(config, teachers, num_rows=24, block_rows=8).compute(batch, list(range(24)))
+    assert sizes == [32, 32, 32]
+    assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(logps, logps_one))
+    assert all(np.array_equal(np.asarray(p[f]), np.asarray(q[f])) for a, b in zip(params, params_one)
+               for p, q in zip(a, b) for f in p)
+    tail = {key: values[8:] for key, values in batch.items()}
+    with pytest.raises(RuntimeError, match="inside a teacher block of 16 rows: use a batch size that is a multiple of 16"):
+        job.compute(tail, list(range(8, 24)))
 
 
 def test_preparation_workers_change_nothing(tmp_path, image_dataset, teachers):
@@ -127,9 +156,10 @@ def test_preparation_workers_change_nothing(tmp_path, image_dataset, teachers):
 
 
 def test_world_order_independence_via_shards(tmp_path, image_dataset, teachers):
-    """Shards are processed independently: a sharded layout holds exactly the single-shard rows."""
-    run(image_dataset, tmp_path / "one", teachers)
-    run(image_dataset, tmp_path / "many", teachers, rows_per_shard=8)
+    """Shards are processed independently: a sharded layout of whole teacher blocks (8 rows x N=4 per 32-sample
+    batch) holds exactly the single-shard rows."""
+    run(image_dataset, tmp_path / "one", teachers, teacher_batch_size=32)
+    run(image_dataset, tmp_path / "many", teachers, rows_per_shard=8, teacher_batch_size=32)
     assert len(shard_paths(str(tmp_path / "many"))) == 3
     one = datasets.load_dataset(str(tmp_path / "one"), split="train").select_columns(DR)
     many = datasets.load_dataset(str(tmp_path / "many"), split="train").select_columns(DR)
