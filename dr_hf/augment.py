@@ -649,6 +649,13 @@ def _affine_normalisation(out: InputSpec, device: torch.device, tiled: int = 0) 
     return _NORMALISATION[key]
 
 
+def pack_params(samples: Sequence[Dict[str, Any]], fields: Dict[str, Tuple[Tuple[int, ...], str]]) -> Dict[str, np.ndarray]:
+    """N samples' parameters in the stored layout: each field an (N, ...) array of its dtype (the inverse of
+    :func:`params_at`)."""
+    return {name: np.array([p[name] for p in samples], dtype=dtype).reshape(len(samples), *shape)
+            for name, (shape, dtype) in fields.items()}
+
+
 def params_at(row_params: Dict[str, Any], sample: int) -> Dict[str, Any]:
     """One sample's parameters out of a row's stored ``dr_params`` (fields of shape (N, ...))."""
     return {k: np.asarray(v[sample]) for k, v in row_params.items()}  # not all N samples converted to pick one

@@ -20,7 +20,7 @@ from typing import Any, Callable, Deque, Dict, Iterable, Iterator, List, NamedTu
 import numpy as np
 import torch
 
-from .augment import AugmentPipeline, Context, empty_batch
+from .augment import AugmentPipeline, Context, empty_batch, pack_params, params_at
 from .format import DR_FINGERPRINT, DR_INDEX, DR_PARAMS, DR_TOPK_INDICES, DR_TOPK_LOGPROBS, ReinforceConfig, index_dtype
 from .images import BadImageError, decode, fingerprint
 from .teacher import TeacherEnsemble
@@ -83,12 +83,13 @@ class Reinforcer:
             raise ValueError(f"the teachers run at precision {teachers.precision!r}, the config says {config.precision!r}")
 
     # -- one mixing group --------------------------------------------------------------------------
-    def render_group(self, images: Sequence[torch.Tensor], params: Sequence[List[Dict[str, Any]]], js: Sequence[int], out,
+    def render_group(self, images: Sequence[torch.Tensor], params: Sequence[Dict[str, Any]], js: Sequence[int], out,
                      into: Optional[torch.Tensor] = None) -> torch.Tensor:
         """The teacher inputs for samples ``js`` of a group's rows at ``out``: (rows * len(js), 3, H, W), row-major
-        (written into ``into`` when given)."""
+        (written into ``into`` when given). ``params[r]``: row r's N samples' parameters in the stored layout (each
+        field an (N, ...) array)."""
         picks = [(r, j) for r in range(len(images)) for j in js]
-        return self.pipeline.render_samples(images, lambda r, j: params[r][j], picks, out, into=into,
+        return self.pipeline.render_samples(images, lambda r, j: params_at(params[r], j), picks, out, into=into,
                                             batched=self.config.render == "batched")
 
     def _groups(self, indices: Sequence[int]) -> List[Tuple[int, int]]:
@@ -165,9 +166,10 @@ class Reinforcer:
             yield block
 
     def compute(self, batch: Dict[str, List[Any]], indices: List[int]):
-        """Per row: the N samples' parameters and the (N, C) teacher log-probabilities (``None`` for skipped rows)."""
+        """Per row: the N samples' parameters (the stored layout: each field an (N, ...) array) and the (N, C) teacher
+        log-probabilities (``None`` for skipped rows)."""
         indices = [i + self.index_offset for i in indices]
-        params: List[Optional[List[Dict[str, Any]]]] = [None] * len(indices)
+        params: List[Optional[Dict[str, np.ndarray]]] = [None] * len(indices)
         logps: List[Optional[torch.Tensor]] = [None] * len(indices)
         outputs = self.teachers.outputs()
         n = self.config.num_samples
@@ -229,7 +231,7 @@ class Reinforcer:
                 continue
             top = torch.topk(lp, k, dim=-1)
             out[DR_FINGERPRINT].append(fingerprint(value, row=i, column=cfg.image_column))
-            out[DR_PARAMS].append({name: np.stack([np.asarray(p[name]) for p in row]) for name in self.fields})
+            out[DR_PARAMS].append(row)
             out[DR_TOPK_INDICES].append(top.indices.numpy().astype(idx_dtype))
             out[DR_TOPK_LOGPROBS].append(top.values.numpy().astype(np.float16))
         if self.progress:
@@ -282,10 +284,11 @@ class BadRowError(ValueError):
 
 
 class Prepared(NamedTuple):
-    """One row, ready for rendering: its decoded image and its N samples' parameters, or why it cannot be."""
+    """One row, ready for rendering: its decoded image and its N samples' parameters (the stored layout: each field
+    an (N, ...) array, a few bytes to hand between processes), or why it cannot be."""
 
     image: Optional[torch.Tensor]
-    params: Optional[List[Dict[str, Any]]]
+    params: Optional[Dict[str, np.ndarray]]
     error: Optional[Exception]
 
 
@@ -313,7 +316,8 @@ class RowPreparer:
         start = (index // g) * g
         ctx = Context(height=image.shape[-2], width=image.shape[-1], position=index - start,
                       group_rows=min(g, self.num_rows - start), num_samples=self.num_samples)
-        return Prepared(image, [self.pipeline.make_params(self.seed, index, j, ctx) for j in range(self.num_samples)], None)
+        samples = [self.pipeline.make_params(self.seed, index, j, ctx) for j in range(self.num_samples)]
+        return Prepared(image, pack_params(samples, self.pipeline.param_fields()), None)
 
     def _check_label(self, label: Any, index: int) -> None:
         if label is None:

@@ -171,8 +171,9 @@ def verify(path: str, teachers: Optional[Sequence[str]] = None, rows: int = 8, s
             if i not in picked:
                 continue
             report.replayed_rows += 1
-            for j, pj in enumerate(p):
-                if any(not np.array_equal(np.asarray(v), np.asarray(batch[DR_PARAMS][r][name][j])) for name, v in pj.items()):
+            stored = batch[DR_PARAMS][r]
+            for j in range(config.num_samples):
+                if any(not np.array_equal(v[j], np.asarray(stored[name][j])) for name, v in p.items()):
                     report.params_mismatches += 1
             s_idx = torch.tensor(np.asarray(batch[DR_TOPK_INDICES][r], dtype=np.int64))
             s_lp = torch.tensor(np.asarray(batch[DR_TOPK_LOGPROBS][r], dtype=np.float32))

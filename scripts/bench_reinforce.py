@@ -80,8 +80,9 @@ def throughput(args):
 
     real = teachers.log_probs
     teachers.log_probs = capture
-    for start in range(0, len(ds), 8):
-        job.compute(raw[start:start + 8], list(range(start, min(len(ds), start + 8))))
+    step = job.block_rows * max(1, 8 // job.block_rows)  # map batches of whole teacher blocks
+    for start in range(0, len(ds), step):
+        job.compute(raw[start:start + step], list(range(start, min(len(ds), start + step))))
     teachers.log_probs = real
     samples = len(ds) * args.num_samples
     assert sum(next(iter(b.values())).shape[0] for b in batches) == samples

@@ -43,7 +43,8 @@ def main():
     ap.add_argument("--rows", type=int, default=32)
     ap.add_argument("--num-samples", type=int, default=64)
     ap.add_argument("--augment", default="imagenet+rrc")
-    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--teacher-batch-size", type=int, default=256)
     ap.add_argument("--out", default=os.path.join(ROOT, "results", "bench_render.md"))
     args = ap.parse_args()
     torch.set_num_threads(1)
@@ -62,7 +63,8 @@ def main():
         teachers = TeacherEnsemble.from_specs([tiny_vit(tmp)], device="cpu")
     spec = teachers.outputs()[0]
     config = ReinforceConfig(augment=args.augment, augmentations=make_pipeline(args.augment).config(),
-                             teachers=teachers.specs, num_samples=args.num_samples, topk=10, seed=0, num_classes=1000)
+                             teachers=teachers.specs, num_samples=args.num_samples, topk=10, seed=0, num_classes=1000,
+                             teacher_batch_size=args.teacher_batch_size)
     job = Reinforcer(config, teachers, num_rows=len(rows))
     samples = args.rows * args.num_samples
     naive = v2.Compose([v2.RandomResizedCrop(spec.size, antialias=True, interpolation=v2.InterpolationMode.BILINEAR),

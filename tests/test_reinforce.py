@@ -130,8 +130,7 @@ def test_teacher_batches_hold_whole_blocks_of_rows(image_dataset, teachers, monk
     _, params_one, logps_one = Reinforcer(config, teachers, num_rows=24, block_rows=8).compute(batch, list(range(24)))
     assert sizes == [32, 32, 32]
     assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(logps, logps_one))
-    assert all(np.array_equal(np.asarray(p[f]), np.asarray(q[f])) for a, b in zip(params, params_one)
-               for p, q in zip(a, b) for f in p)
+    assert all(np.array_equal(a[f], b[f]) for a, b in zip(params, params_one) for f in a)
     tail = {key: values[8:] for key, values in batch.items()}
     with pytest.raises(RuntimeError, match="inside a teacher block of 16 rows: use a batch size that is a multiple of 16"):
         job.compute(tail, list(range(8, 24)))

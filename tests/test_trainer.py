@@ -6,7 +6,6 @@ import pytest
 import torch
 
 from dr_hf import ReinforceConfig, ReinforcedCollator, ReinforcedTrainer, ReinforcedTrainingArguments, TeacherEnsemble, make_pipeline
-from dr_hf.augment import params_at
 from dr_hf.images import decode
 from dr_hf.loss import dense_teacher_log_probs, distillation_loss, one_hot_target
 from dr_hf.reinforce import reinforce
@@ -141,7 +140,7 @@ def test_collator_tensor_equals_teacher_input_at_reinforce_time(reinforced, pres
                              num_samples=4, topk=5, seed=0, num_classes=10)
     job = Reinforcer(config, ens, num_rows=len(ds))
     images = [decode(ds[i]["image"]) for i in range(8)]
-    params = [[params_at(group["dr_params"][r], j) for j in range(4)] for r in range(8)]
+    params = group["dr_params"]  # per row, the stored layout
     j = int(batch["sample_index"][0])
     assert (batch["sample_index"] == j).all()  # one sample index per group
     expected = job.render_group(images, params, [j], out)
