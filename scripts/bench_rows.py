@@ -41,6 +41,12 @@ def _empty_uint8(indices):
     return torch.ones(len(indices), 3, 224, 224, dtype=torch.uint8)
 
 
+def _shared_float(indices):  # as dr-hf's collator allocates in a worker: in shared memory, channels-last
+    from dr_hf.augment import empty_batch
+
+    return empty_batch(len(indices), (224, 224), torch.float32, shared=True).fill_(1.0)
+
+
 def per_row_ms(fn, n, repeats=3):
     best = float("inf")
     for _ in range(repeats):
@@ -100,7 +106,8 @@ def main():
                 lambda: [rows_of(t) for t in arrow_groups], n),
         }
     handoff = {}
-    for name, collate in (("float32", _empty_float), ("uint8", _empty_uint8)):
+    for name, collate in (("float32", _empty_float), ("uint8", _empty_uint8),
+                          ("float32, allocated in shared memory (dr-hf's collator)", _shared_float)):
         loader = torch.utils.data.DataLoader(_Indices(2048), batch_size=32, num_workers=2, collate_fn=collate)
         best = 0.0
         for _ in range(2):
