@@ -191,11 +191,11 @@ class Reinforcer:
             keep, groups, js = item
             inputs = {}
             for o, out in enumerate(outputs):
-                batch = inputs[o] = self.buffers.take(len(keep) * len(js), out.size, self.render_device)
+                teacher_input = inputs[o] = self.buffers.take(len(keep) * len(js), out.size, self.render_device)
                 start = 0
                 for images, row_params in groups:  # each group renders its rows' samples into its part of the batch
                     stop = start + len(images) * len(js)
-                    self.render_group(images, row_params, js, out, batch[start:stop])
+                    self.render_group(images, row_params, js, out, teacher_input[start:stop])
                     start = stop
             return inputs
 
