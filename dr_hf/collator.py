@@ -51,6 +51,16 @@ def _rows(example) -> List[Dict[str, Any]]:
     return [example]
 
 
+def _stacked(views: Sequence[torch.Tensor]) -> torch.Tensor:
+    """Views of one size as a batch in their own channels-last layout (``torch.stack`` would repack each into CHW),
+    in shared memory in a DataLoader worker (as ``default_collate`` allocates)."""
+    batch = empty_batch(len(views), views[0].shape[-2:], views[0].dtype,
+                        shared=torch.utils.data.get_worker_info() is not None)
+    for slot, view in zip(batch, views):
+        slot.copy_(view)
+    return batch
+
+
 @dataclass
 class Example:
     """One image of a batch: its rendered views (the student's first, then each live teacher's), its label, and
@@ -101,14 +111,14 @@ class _Collator:
         """The batch; ``pixel_values``: the student views' batch, where most were rendered in place already."""
         labels = [e.label for e in examples]
         if pixel_values is None:
-            pixel_values = torch.stack([e.views[0] for e in examples])
+            pixel_values = _stacked([e.views[0] for e in examples])
         else:
             for k, e in enumerate(examples):
                 if e.views[0].data_ptr() != pixel_values[k].data_ptr():
                     pixel_values[k].copy_(e.views[0])
         batch: Dict[str, torch.Tensor] = {"pixel_values": pixel_values, "labels": torch.tensor(labels, dtype=torch.long)}
         for o in range(len(self.teacher_outputs)):
-            batch[f"teacher_pixel_values_{o}"] = torch.stack([e.views[o + 1] for e in examples])
+            batch[f"teacher_pixel_values_{o}"] = _stacked([e.views[o + 1] for e in examples])
         if any(e.partner >= 0 for e in examples):
             batch["mix_labels"] = torch.tensor([labels[e.partner] if e.partner >= 0 else -1 for e in examples])
             batch["mix_lam"] = torch.tensor([e.lam for e in examples], dtype=torch.float32)
