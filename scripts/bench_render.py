@@ -7,7 +7,7 @@ CPU core as EfficientNet-Lite0 is on a GPU, so the job is bound by everything bu
 * naive: decode each image once, then per sample `v2.RandomResizedCrop(224, antialias=True)` + flip + normalise,
   stacked into teacher batches of 256;
 * dr-hf: `Reinforcer.compute` (parameter sampling, the pipeline's batched rendering, the teacher) on the same rows;
-* teacher only: the bare forward on the same number of samples.
+* teacher only: the bare forward on the same number of samples, in the job's batch layout.
 
     python scripts/bench_render.py            # -> results/bench_render.md
 """
@@ -53,6 +53,7 @@ def main():
     from torchvision.transforms import v2
 
     from dr_hf import ReinforceConfig, TeacherEnsemble, make_pipeline
+    from dr_hf.augment import empty_batch
     from dr_hf.images import decode
     from dr_hf.reinforcer import Reinforcer
 
@@ -79,7 +80,7 @@ def main():
     def run_job():
         job.compute(batch, list(range(args.rows)))
 
-    x = torch.randn(256, 3, *spec.size)
+    x = empty_batch(256, spec.size).copy_(torch.randn(256, 3, *spec.size))  # the job's batch layout (channels-last)
 
     def run_teacher():
         for _ in range(0, samples, 256):
