@@ -552,12 +552,13 @@ class AugmentPipeline:
             return normalise_pixels(pixels, out, self, batch) if normalise else batch.copy_(pixels)
         cache: Dict[Tuple[int, int], torch.Tensor] = {}
 
-        def base(r: int, j: int, into: Optional[torch.Tensor] = None) -> torch.Tensor:
+        def base(r: int, j: int, into: Optional[torch.Tensor] = None, p: Optional[Dict[str, Any]] = None) -> torch.Tensor:
             if (r, j) not in cache:
+                p = params(r, j) if p is None else p
                 if views is None:
-                    cache[(r, j)] = self.render(images[r], params(r, j), out, into, normalise)
+                    cache[(r, j)] = self.render(images[r], p, out, into, normalise)
                 else:
-                    cache[(r, j)] = self.render(views[(r, j)], params(r, j), out, into, normalise, cropped=True)
+                    cache[(r, j)] = self.render(views[(r, j)], p, out, into, normalise, cropped=True)
             elif into is not None:
                 into.copy_(cache[(r, j)])
             return cache[(r, j)]
@@ -565,7 +566,7 @@ class AugmentPipeline:
         for k, (r, j) in enumerate(picks):
             p = params(r, j)
             if self.mix is None or not self.mix.is_mixed(p):
-                base(r, j, batch[k])
+                base(r, j, batch[k], p)
                 continue
             partner = self._partner(r, j, p, len(images))
             batch[k] = self.mix.apply_mix(base(r, j), base(partner, int(p["mix_sample"])), p)
