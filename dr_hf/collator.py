@@ -51,11 +51,15 @@ def _rows(example) -> List[Dict[str, Any]]:
     return [example]
 
 
+def _batch(n: int, size: Sequence[int], dtype: torch.dtype) -> torch.Tensor:
+    """A collated image batch (:func:`~dr_hf.augment.empty_batch`: channels-last), in shared memory in a DataLoader
+    worker, as ``default_collate`` allocates, so it reaches the training process without another copy."""
+    return empty_batch(n, size, dtype, shared=torch.utils.data.get_worker_info() is not None)
+
+
 def _stacked(views: Sequence[torch.Tensor]) -> torch.Tensor:
-    """Views of one size as a batch in their own channels-last layout (``torch.stack`` would repack each into CHW),
-    in shared memory in a DataLoader worker (as ``default_collate`` allocates)."""
-    batch = empty_batch(len(views), views[0].shape[-2:], views[0].dtype,
-                        shared=torch.utils.data.get_worker_info() is not None)
+    """Views of one size as a batch in their own channels-last layout (``torch.stack`` would repack each into CHW)."""
+    batch = _batch(len(views), views[0].shape[-2:], views[0].dtype)
     for slot, view in zip(batch, views):
         slot.copy_(view)
     return batch
@@ -262,8 +266,7 @@ class ReinforcedCollator(_Collator):
     def __call__(self, examples: List[Dict[str, Any]]) -> Dict[str, torch.Tensor]:
         groups = [_rows(example) for example in examples]
         starts = np.cumsum([0] + [len(rows) for rows in groups]).tolist()
-        pixel_values = empty_batch(starts[-1], self.output.size, torch.uint8 if self.uint8_pixels else torch.float32,
-                                   shared=torch.utils.data.get_worker_info() is not None)
+        pixel_values = _batch(starts[-1], self.output.size, torch.uint8 if self.uint8_pixels else torch.float32)
 
         def group(g: int) -> List[Example]:  # student views rendered straight into the batch: no copy to stack them
             return self.group(groups[g], starts[g], pixel_values[starts[g]:starts[g + 1]])
