@@ -130,7 +130,8 @@ def reinforce(
     ``render_threads``, ``render_device``: see :class:`Reinforcer`. ``prepare_workers`` processes decode rows and draw
     their parameters ahead of the teacher (default 0: inline); the output is the same for any number. Measured on an
     H100 host (results/bench_gpu.md) they did not help: there the job's main thread is bound by launching the teacher's
-    kernels, not by decoding; they help where decoding dominates (large JPEGs, slow storage).
+    kernels, not by decoding; on a 2-core CPU they changed nothing once started. They are meant for jobs where decoding
+    dominates (large JPEGs, slow storage).
     ``on_bad_row``: ``"fail"`` (default) stops at the first undecodable image or out-of-range label, naming the row and
     column; ``"skip"`` leaves such rows out (with their MixUp/CutMix group) and lists each one, with the reason, in
     ``errors/<shard>.jsonl``; the card counts them. Nothing is dropped silently.

@@ -1,8 +1,8 @@
 """Replay rows: a reinforced map-style dataset read as Arrow, converting only the samples a collator replays.
 
 At the paper's N=400 a row stores about 10,000 values (N crop boxes, flips, RandAugment ops, top-K ids and
-log-probabilities); ``datasets`` would turn every one into a Python object (1.3-5.3 ms a row, more than the JPEG
-decode; ``scripts/bench_rows.py``), where a replay needs one sample of each column. :class:`ReplayRows` hands the collators rows whose
+log-probabilities); ``datasets`` would turn every one into a Python object (1.6 ms a row map-style, 5.7 streamed, on
+the machine of ``results/bench_rows.md``; ``scripts/bench_rows.py``), where a replay needs one sample of each column. :class:`ReplayRows` hands the collators rows whose
 reinforcement columns are :class:`Samples`: ``len()`` is N and ``[s]`` converts sample ``s`` alone; a stream is read
 as one-row Arrow tables (``IterableDataset.with_format("arrow")``), which the collators turn into rows with
 :func:`rows_of`; a MixUp/CutMix stream as one Arrow table per group (``.with_format("arrow").batch(g)``: one row of
