@@ -1,6 +1,6 @@
 """dr-hf: Dataset Reinforcement (Faghri et al., ICCV 2023) for the Hugging Face ecosystem."""
 
-__version__ = "0.1.0"
+__version__ = "0.2.0.dev0"
 
 from .augment import AugmentPipeline, InputSpec, make_pipeline, PRESETS  # noqa: E402
 from .format import (  # noqa: E402

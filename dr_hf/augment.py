@@ -3,7 +3,8 @@
 As in ``torchvision.transforms.v2`` (``make_params`` / ``transform``), sampling and applying are split,
 and the same object does both: ``dr-hf reinforce`` samples parameters, stores them, and renders the
 teacher's input from the stored values; training replays the stored values through the same code, so
-a replay is identical by construction.
+a replay is identical by construction. Sampling is vectorised: a transform draws all N samples of a row at once
+(:meth:`ReplayableTransform.sample`, from :class:`Draws`), with torchvision's distributions.
 
 Parameters are quantised *before* they are applied (boxes to 1/4096 of the image side, MixUp weights
 to 1/65535; RandAugment stores torchvision's op ids and magnitude bins), so what is stored is exactly what was rendered. Boxes are relative to the image
@@ -17,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import zlib
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
@@ -38,8 +40,9 @@ INTERPOLATIONS = {
 }
 
 
-def quantize(x: float, levels: int = Q_BOX) -> int:
-    return int(round(min(max(x, 0.0), 1.0) * levels))
+def quantize(x: np.ndarray, levels: int = Q_BOX) -> np.ndarray:
+    """Relative values in [0, 1] (clipped) as integers in 1/``levels``ths, rounded half to even."""
+    return np.rint(np.clip(x, 0.0, 1.0) * levels).astype(np.int64)
 
 
 def box_to_pixels(box: Sequence[int], height: int, width: int) -> Tuple[int, int, int, int]:
@@ -51,23 +54,55 @@ def box_to_pixels(box: Sequence[int], height: int, width: int) -> Tuple[int, int
     return top, left, h, w
 
 
-def sample_box(rng: np.random.Generator, height: int, width: int, scale, log_ratio,
-               strict: bool = False) -> Optional[Tuple[float, ...]]:
-    """One try of torchvision's RandomResizedCrop box sampling (``strict``: RandomErasing's, which wants the box
-    strictly smaller than the image), as relative (top, left, h, w)."""
+BOX_TRIES = 10  # torchvision's tries before RandomResizedCrop's fallback / RandomErasing's giving up
+
+
+def sample_boxes(u: np.ndarray, height: int, width: int, scale, ratio, strict: bool = False
+                 ) -> Tuple[np.ndarray, np.ndarray]:
+    """torchvision's box sampling, vectorised: RandomResizedCrop's (``strict``: RandomErasing's, which wants the box
+    strictly smaller than the image and reads ``ratio`` as height / width) with ``u.shape[1]`` tries per sample.
+
+    ``u``: (n, tries, 4) uniforms in [0, 1) (area, log-aspect, top, left), used as torchvision uses its draws.
+    Returns each sample's first box that fits, as relative (top, left, h, w), shape (n, 4), and whether one did."""
     area = height * width
-    target = area * rng.uniform(scale[0], scale[1])
-    ratio = math.exp(rng.uniform(log_ratio[0], log_ratio[1]))
-    w = int(round(math.sqrt(target * ratio)))
-    h = int(round(math.sqrt(target / ratio)))
-    if strict:  # RandomErasing's aspect is height / width
+    target = area * (scale[0] + (scale[1] - scale[0]) * u[..., 0])
+    lo, hi = math.log(ratio[0]), math.log(ratio[1])
+    aspect = np.exp(lo + (hi - lo) * u[..., 1])
+    w, h = np.rint(np.sqrt(target * aspect)), np.rint(np.sqrt(target / aspect))
+    if strict:
         h, w = w, h
-    fits = (w < width and h < height) if strict else (w <= width and h <= height)
-    if 0 < w and 0 < h and fits:
-        top = int(rng.integers(0, height - h + 1))
-        left = int(rng.integers(0, width - w + 1))
-        return top / height, left / width, h / height, w / width
-    return None
+        fits = (w < width) & (h < height)
+    else:
+        fits = (w <= width) & (h <= height)
+    fits &= (w > 0) & (h > 0)
+    top = np.floor(u[..., 2] * (height - h + 1))
+    left = np.floor(u[..., 3] * (width - w + 1))
+    first = (np.arange(len(u)), fits.argmax(axis=1))
+    box = np.stack([top[first] / height, left[first] / width, h[first] / height, w[first] / width], axis=-1)
+    return box, fits.any(axis=1)
+
+
+class Draws:
+    """The random numbers behind one row's ``n`` samples.
+
+    Each named stream is its own generator, seeded by (seed, row index, CRC-32 of the name), and fills arrays sample
+    by sample, so sample j's numbers are a pure function of (seed, row, j): they depend neither on ``n`` nor on the
+    other transforms of the pipeline. One generator per transform and row, not per sample: sampling a row's N=64
+    parameters takes microseconds, not milliseconds (it runs on the reinforce job's critical path)."""
+
+    def __init__(self, seed: int, index: int, n: int):
+        self.seed, self.index, self.n = int(seed), int(index), int(n)
+
+    def _rng(self, stream: str) -> np.random.Generator:
+        return np.random.default_rng([self.seed, self.index, zlib.crc32(stream.encode())])
+
+    def uniform(self, stream: str, width: int) -> np.ndarray:
+        """(n, width) uniforms in [0, 1)."""
+        return self._rng(stream).random((self.n, width))
+
+    def beta(self, stream: str, a: float, b: float) -> np.ndarray:
+        """(n,) draws from Beta(a, b)."""
+        return self._rng(stream).beta(a, b, self.n)
 
 
 @dataclass
@@ -95,14 +130,15 @@ class ReplayableTransform:
     resizes: bool = False
     fields: Dict[str, Tuple[Tuple[int, ...], str]] = {}
 
-    def make_params(self, rng: np.random.Generator, ctx: Context) -> Dict[str, Any]:
+    def sample(self, draws: Draws, ctx: Context) -> Dict[str, np.ndarray]:
+        """The parameters of ``draws.n`` samples: each field an (n, ...) array (the stored layout)."""
         raise NotImplementedError
 
     def apply(self, image: torch.Tensor, params: Dict[str, Any], out: InputSpec) -> torch.Tensor:
         raise NotImplementedError
 
-    def empty_params(self) -> Dict[str, Any]:
-        return {k: np.zeros(shape, dtype=dtype) if shape else np.zeros((), dtype=dtype)[()] for k, (shape, dtype) in self.fields.items()}
+    def empty_params(self, n: int) -> Dict[str, np.ndarray]:
+        return {k: np.zeros((n, *shape), dtype=dtype) for k, (shape, dtype) in self.fields.items()}
 
     def config(self) -> Dict[str, Any]:
         return {"name": self.name, **dataclasses.asdict(self)}  # type: ignore[call-overload]
@@ -119,14 +155,10 @@ class RandomResizedCrop(ReplayableTransform):
     resizes = True
     fields = {"crop": ((4,), "uint16")}
 
-    def make_params(self, rng, ctx):
-        log_ratio = (math.log(self.ratio[0]), math.log(self.ratio[1]))
-        box = None
-        for _ in range(10):
-            box = sample_box(rng, ctx.height, ctx.width, self.scale, log_ratio)
-            if box is not None:
-                break
-        if box is None:  # torchvision's fallback: the central crop at the clamped aspect ratio
+    def sample(self, draws, ctx):
+        box, found = sample_boxes(draws.uniform(self.name, 4 * BOX_TRIES).reshape(-1, BOX_TRIES, 4), ctx.height,
+                                  ctx.width, self.scale, self.ratio)
+        if not found.all():  # torchvision's fallback: the central crop at the clamped aspect ratio
             in_ratio = ctx.width / ctx.height
             if in_ratio < self.ratio[0]:
                 w, h = ctx.width, int(round(ctx.width / self.ratio[0]))
@@ -135,8 +167,9 @@ class RandomResizedCrop(ReplayableTransform):
             else:
                 w, h = ctx.width, ctx.height
             h, w = min(h, ctx.height), min(w, ctx.width)
-            box = ((ctx.height - h) // 2 / ctx.height, (ctx.width - w) // 2 / ctx.width, h / ctx.height, w / ctx.width)
-        return {"crop": np.array([quantize(v) for v in box], dtype=np.uint16)}
+            box[~found] = ((ctx.height - h) // 2 / ctx.height, (ctx.width - w) // 2 / ctx.width, h / ctx.height,
+                           w / ctx.width)
+        return {"crop": quantize(box).astype(np.uint16)}
 
     def apply(self, image, params, out):
         top, left, h, w = box_to_pixels(params["crop"], image.shape[-2], image.shape[-1])
@@ -162,11 +195,11 @@ class ResizeRandomCrop(ReplayableTransform):
         scale = side / min(height, width)
         return max(side, int(round(height * scale))), max(side, int(round(width * scale)))
 
-    def make_params(self, rng, ctx):
-        s = self.reference_size
-        extent = self._extent(ctx.height, ctx.width, s)
-        offsets = [int(rng.integers(0, e + 2 * self.padding - s + 1)) - self.padding for e in extent]
-        return {"pad_crop": np.array([round(o * Q_BOX / e) for o, e in zip(offsets, extent)], dtype=np.int16)}
+    def sample(self, draws, ctx):
+        extent = np.array(self._extent(ctx.height, ctx.width, self.reference_size), dtype=np.float64)
+        positions = extent + 2 * self.padding - self.reference_size + 1  # window offsets per axis, padding included
+        offsets = np.floor(draws.uniform(self.name, 2) * positions) - self.padding
+        return {"pad_crop": np.rint(offsets * Q_BOX / extent).astype(np.int16)}
 
     def apply(self, image, params, out):
         side = min(out.size)
@@ -189,7 +222,7 @@ class CenterCrop(ReplayableTransform):
     resizes = True
     fields = {}
 
-    def make_params(self, rng, ctx):
+    def sample(self, draws, ctx):
         return {}
 
     def apply(self, image, params, out: InputSpec):
@@ -207,8 +240,8 @@ class HorizontalFlip(ReplayableTransform):
     name = "horizontal_flip"
     fields = {"flip": ((), "uint8")}
 
-    def make_params(self, rng, ctx):
-        return {"flip": np.uint8(rng.random() < self.p)}
+    def sample(self, draws, ctx):
+        return {"flip": (draws.uniform(self.name, 1)[:, 0] < self.p).astype(np.uint8)}
 
     def apply(self, image, params, out):
         return F.horizontal_flip(image) if params["flip"] else image
@@ -222,6 +255,7 @@ def _randaugment():
 
 RANDAUGMENT_OPS: List[str] = list(_randaugment()._AUGMENTATION_SPACE)  # torchvision's op order (= ml-dr's)
 RANDAUGMENT_BINS = 31  # torchvision's num_magnitude_bins (ml-dr: the default)
+RANDAUGMENT_SIGNED = np.array([_randaugment()._AUGMENTATION_SPACE[op][1] for op in RANDAUGMENT_OPS])  # random sign?
 
 
 @dataclass
@@ -245,15 +279,14 @@ class RandAugment(ReplayableTransform):
     def fields(self):  # type: ignore[override]
         return {"ra_ops": ((self.num_ops,), "uint8"), "ra_bins": ((self.num_ops,), "int8")}
 
-    def make_params(self, rng, ctx):
-        skip = rng.random() >= self.p
-        ops = rng.integers(0, len(RANDAUGMENT_OPS), size=self.num_ops)
-        signs = np.where(rng.random(self.num_ops) < 0.5, -1, 1)
-        if skip:
-            return {"ra_ops": np.full(self.num_ops, 255, np.uint8), "ra_bins": np.zeros(self.num_ops, np.int8)}
-        space = _randaugment()._AUGMENTATION_SPACE
-        bins = [s * self.magnitude if space[RANDAUGMENT_OPS[o]][1] else self.magnitude for o, s in zip(ops, signs)]
-        return {"ra_ops": ops.astype(np.uint8), "ra_bins": np.array(bins, dtype=np.int8)}
+    def sample(self, draws, ctx):
+        k = self.num_ops
+        u = draws.uniform(self.name, 1 + 2 * k)
+        skip = u[:, :1] >= self.p
+        ops = np.minimum(np.floor(u[:, 1:1 + k] * len(RANDAUGMENT_OPS)), len(RANDAUGMENT_OPS) - 1).astype(np.int64)
+        signs = np.where(u[:, 1 + k:] < 0.5, -1, 1)
+        bins = np.where(RANDAUGMENT_SIGNED[ops], signs * self.magnitude, self.magnitude)
+        return {"ra_ops": np.where(skip, 255, ops).astype(np.uint8), "ra_bins": np.where(skip, 0, bins).astype(np.int8)}
 
     @staticmethod
     def magnitude_of(op: str, signed_bin: int, height: int, width: int) -> float:
@@ -289,17 +322,12 @@ class RandomErasing(ReplayableTransform):
     stage = "float"
     fields = {"erase_box": ((4,), "uint16")}
 
-    def make_params(self, rng, ctx):
+    def sample(self, draws, ctx):
+        u = draws.uniform(self.name, 1 + 4 * BOX_TRIES)
         # torchvision erases the *rendered* image: sample against a reference output size
-        skip = rng.random() >= self.p
-        log_ratio = (math.log(self.ratio[0]), math.log(self.ratio[1]))
-        for _ in range(10):
-            box = sample_box(rng, 224, 224, self.scale, log_ratio, strict=True)
-            if box is not None:
-                break
-        if skip or box is None:
-            return self.empty_params()
-        return {"erase_box": np.array([quantize(v) for v in box], dtype=np.uint16)}
+        box, found = sample_boxes(u[:, 1:].reshape(-1, BOX_TRIES, 4), 224, 224, self.scale, self.ratio, strict=True)
+        erase = (u[:, 0] < self.p) & found
+        return {"erase_box": np.where(erase[:, None], quantize(box), 0).astype(np.uint16)}
 
     def apply(self, x, params, out):
         box = params["erase_box"]
@@ -337,32 +365,26 @@ class MixUpCutMix(ReplayableTransform):
         if not 1 <= self.group_size <= 127:
             raise ValueError(f"group_size must be in [1, 127], got {self.group_size}")
 
-    def make_params(self, rng, ctx):
-        # Every draw happens whatever the outcome, so params are a pure function of (seed, row, sample).
-        offset = int(rng.integers(1, max(self.group_size, 2)))
-        partner_sample = int(rng.integers(0, max(ctx.num_samples, 1)))
-        mixup = rng.random() < self.mixup_p
-        partner_weight = float(rng.beta(self.mixup_alpha, self.mixup_alpha)) / self.mixup_div_by
-        cutmix = rng.random() < self.cutmix_p
-        cut_lam = float(rng.beta(self.cutmix_alpha, self.cutmix_alpha))
-        cy, cx = rng.random(), rng.random()
-        partner = (ctx.position + offset) % self.group_size
-        if not (mixup or cutmix) or self.group_size < 2 or partner >= ctx.group_rows:
-            return self.empty_params()
-        out = self.empty_params()
-        out["mix_partner"] = np.int8(partner - ctx.position)
-        out["mix_sample"] = np.uint16(partner_sample)
-        if mixup:
-            out["mix_lam"] = np.uint16(max(1, quantize(1.0 - partner_weight, Q16)))
-        if cutmix:
-            side = math.sqrt(1.0 - cut_lam)
-            y0, y1 = max(cy - side / 2, 0.0), min(cy + side / 2, 1.0)
-            x0, x1 = max(cx - side / 2, 0.0), min(cx + side / 2, 1.0)
-            box = [quantize(y0), quantize(x0), quantize(y1 - y0), quantize(x1 - x0)]
-            if box[2] and box[3]:
-                out["mix_box"] = np.array(box, dtype=np.uint16)
-        if not out["mix_lam"] and not out["mix_box"][2]:
-            return self.empty_params()
+    def sample(self, draws, ctx):
+        u = draws.uniform(self.name, 6)  # partner offset, partner sample, MixUp?, CutMix?, CutMix centre (y, x)
+        partner_weight = draws.beta(self.name + ".mixup", self.mixup_alpha, self.mixup_alpha) / self.mixup_div_by
+        cut_lam = draws.beta(self.name + ".cutmix", self.cutmix_alpha, self.cutmix_alpha)
+        g = self.group_size
+        offset = 1 + np.floor(u[:, 0] * (max(g, 2) - 1)).astype(np.int64)
+        partner = (ctx.position + offset) % g
+        mixup, cutmix = u[:, 2] < self.mixup_p, u[:, 3] < self.cutmix_p
+        lam = np.where(mixup, np.maximum(1, quantize(1.0 - partner_weight, Q16)), 0)
+        half = np.sqrt(1.0 - cut_lam) / 2
+        y0, y1 = np.maximum(u[:, 4] - half, 0.0), np.minimum(u[:, 4] + half, 1.0)
+        x0, x1 = np.maximum(u[:, 5] - half, 0.0), np.minimum(u[:, 5] + half, 1.0)
+        box = quantize(np.stack([y0, x0, y1 - y0, x1 - x0], axis=-1))
+        box = np.where((cutmix & (box[:, 2] > 0) & (box[:, 3] > 0))[:, None], box, 0)
+        mixed = ((lam > 0) | (box[:, 2] > 0)) & (g >= 2) & (partner < ctx.group_rows)
+        out = self.empty_params(draws.n)
+        out["mix_partner"][mixed] = (partner - ctx.position)[mixed]
+        out["mix_sample"][mixed] = np.floor(u[:, 1] * max(ctx.num_samples, 1)).astype(np.int64)[mixed]
+        out["mix_lam"][mixed] = lam[mixed]
+        out["mix_box"][mixed] = box[mixed]
         return out
 
     @staticmethod
@@ -470,15 +492,15 @@ class AugmentPipeline:
         return cls(transforms)
 
     # -- sampling ----------------------------------------------------------------------------------
-    def make_params(self, seed: int, index: int, sample: int, ctx: Context) -> Dict[str, Any]:
-        """Parameters of sample ``sample`` of row ``index``: a pure function of (seed, index, sample, image size).
-
-        (Mixing also looks at whether the drawn partner exists: only rows in a split's last, partial group differ.)
-        """
-        rng = np.random.default_rng([seed, index, sample])
-        params: Dict[str, Any] = {}
+    def sample(self, seed: int, index: int, n: int, ctx: Context) -> Dict[str, np.ndarray]:
+        """Parameters of samples 0..n-1 of row ``index``, in the stored layout (each field an (n, ...) array of its
+        dtype; :func:`params_at` picks one sample). Sample j is a pure function of (seed, index, j) and the image size
+        (:class:`Draws`); mixing also looks at whether the drawn partner exists, so only rows of a split's last,
+        partial group differ, and draws the partner's sample index below ``ctx.num_samples``."""
+        draws = Draws(seed, index, n)
+        params: Dict[str, np.ndarray] = {}
         for t in self.transforms:
-            params.update(t.make_params(rng, ctx))
+            params.update(t.sample(draws, ctx))
         return params
 
     # -- applying ----------------------------------------------------------------------------------
@@ -648,13 +670,6 @@ def _affine_normalisation(out: InputSpec, device: torch.device, tiled: int = 0) 
             scale, bias = scale[:, None, None], bias[:, None, None]
         _NORMALISATION[key] = (scale.to(device), bias.to(device))
     return _NORMALISATION[key]
-
-
-def pack_params(samples: Sequence[Dict[str, Any]], fields: Dict[str, Tuple[Tuple[int, ...], str]]) -> Dict[str, np.ndarray]:
-    """N samples' parameters in the stored layout: each field an (N, ...) array of its dtype (the inverse of
-    :func:`params_at`)."""
-    return {name: np.array([p[name] for p in samples], dtype=dtype).reshape(len(samples), *shape)
-            for name, (shape, dtype) in fields.items()}
 
 
 def params_at(row_params: Dict[str, Any], sample: int) -> Dict[str, Any]:

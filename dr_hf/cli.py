@@ -95,6 +95,9 @@ def cmd_verify(args) -> int:
     if report.replayed_rows:
         print(f"replayed {report.replayed_rows} row(s): largest |log-prob difference| = {report.max_abs_diff:.3g}, "
               f"parameter mismatches = {report.params_mismatches}, samples whose top-K order changed = {report.topk_index_mismatches}")
+        if not report.params_redrawn:
+            print("parameters not re-drawn: this data was drawn by dr-hf 0.1's per-sample sampler (format 2); "
+                  "its stored parameters were replayed")
     if report.agreement is not None:
         print(f"teacher top-1 agreement with labels: {report.agreement:.1%}")
     for problem in report.problems:

@@ -108,7 +108,7 @@ class _Collator:
         DataLoader workers seed) of the row's image (``image``: already decoded)."""
         image = self.image(row) if image is None else image
         seed = int(torch.randint(0, 2**62, ()).item()) if seed is None else seed
-        p = pipeline.make_params(seed, 0, 0, Context(image.shape[-2], image.shape[-1]))
+        p = params_at(pipeline.sample(seed, 0, 1, Context(image.shape[-2], image.shape[-1])), 0)
         return Example([pipeline.render(image, p, spec, normalise=normalise) for spec in self.specs], self.label(row))
 
     def collate(self, examples: List[Example], pixel_values: Optional[torch.Tensor] = None) -> Dict[str, torch.Tensor]:

@@ -33,7 +33,9 @@ DR_PARAMS = "dr_params"
 DR_TOPK_INDICES = "dr_topk_indices"
 DR_TOPK_LOGPROBS = "dr_topk_logprobs"
 DR_COLUMNS = (DR_INDEX, DR_PARAMS, DR_TOPK_INDICES, DR_TOPK_LOGPROBS)
-FORMAT_VERSION = 2  # 2: torchvision RandAugment bins, ml-dr erasing and mixing (mix_sample)
+# 2: torchvision RandAugment bins, ml-dr erasing and mixing (mix_sample); 3: parameters drawn per row (augment.Draws:
+# one generator per transform and row, not per sample), so a fresh draw of format-2 data differs (verify skips it)
+FORMAT_VERSION = 3
 METADATA_KEY = b"dr_hf"
 
 

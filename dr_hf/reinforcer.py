@@ -20,7 +20,7 @@ from typing import Any, Callable, Deque, Dict, Iterable, Iterator, List, NamedTu
 import numpy as np
 import torch
 
-from .augment import AugmentPipeline, Context, empty_batch, pack_params, params_at
+from .augment import AugmentPipeline, Context, empty_batch, params_at
 from .format import DR_FINGERPRINT, DR_INDEX, DR_PARAMS, DR_TOPK_INDICES, DR_TOPK_LOGPROBS, ReinforceConfig, index_dtype
 from .images import BadImageError, decode, fingerprint
 from .teacher import TeacherEnsemble
@@ -109,22 +109,26 @@ class Reinforcer:
             start = stop
         return groups
 
-    def _prepared(self, batch: Dict[str, List[Any]], indices: List[int]) -> Iterator[Prepared]:
-        """Each row decoded, its label checked and its N samples' parameters drawn, in order: in the ``pool``'s
-        processes ahead of the teacher when there is one, else here as the rows are needed."""
+    def _prepared(self, batch: Dict[str, List[Any]], indices: List[int],
+                  stored: Optional[Sequence[Dict[str, Any]]] = None) -> Iterator[Prepared]:
+        """Each row decoded, its label checked and its N samples' parameters drawn (or taken from ``stored``), in
+        order: in the ``pool``'s processes ahead of the teacher when there is one, else here as the rows are needed."""
         cfg = self.config
         labels = batch.get(cfg.label_column) if cfg.label_column else None
-        items = [(value, i, labels[pos] if labels is not None else None)
+        if stored is not None:
+            stored = [{name: np.asarray(p[name], dtype=dtype) for name, (_, dtype) in self.fields.items()}
+                      for p in stored]
+        items = [(value, i, labels[pos] if labels is not None else None, stored[pos] if stored is not None else None)
                  for pos, (value, i) in enumerate(zip(batch[cfg.image_column], indices))]
         if self.pool is None:
             return map(self.preparer, items)
         return (unpack(p) for p in self.pool.map(functools.partial(prepare_packed, self.preparer), items))
 
-    def _checked_groups(self, batch, indices) -> Iterator[Tuple[int, int, List[int], List[Prepared]]]:
+    def _checked_groups(self, batch, indices, stored=None) -> Iterator[Tuple[int, int, List[int], List[Prepared]]]:
         """Per mixing group: its positions (a, b), the positions kept and their prepared rows. Bad rows raise
         (``fail``) or are recorded and left out (``skip``) with the rest of their group, whose samples may be mixed
         with them."""
-        prepared = self._prepared(batch, indices)
+        prepared = self._prepared(batch, indices, stored)
         g = self.pipeline.group_size
         for a, b in self._groups(indices):
             rows = [next(prepared) for _ in range(a, b)]
@@ -145,7 +149,7 @@ class Reinforcer:
             keep = [pos for pos in range(a, b) if pos not in bad]
             yield a, b, keep, [rows[pos - a] for pos in keep]
 
-    def _blocks(self, batch, indices) -> Iterator[List[Tuple[List[int], List[Prepared]]]]:
+    def _blocks(self, batch, indices, stored=None) -> Iterator[List[Tuple[List[int], List[Prepared]]]]:
         """The map batch's teacher blocks (:attr:`block_rows` consecutive rows, counted from ``index_offset``), each as
         its mixing groups' kept positions and prepared rows (groups with no row left are dropped)."""
         first = indices[0] - self.index_offset if indices else 0
@@ -154,7 +158,7 @@ class Reinforcer:
                                f"use a batch size that is a multiple of {self.block_rows}")
         block: List[Tuple[List[int], List[Prepared]]] = []
         current = None
-        for a, _, keep, rows in self._checked_groups(batch, indices):
+        for a, _, keep, rows in self._checked_groups(batch, indices, stored):
             number = (indices[a] - self.index_offset) // self.block_rows
             if number != current and block:
                 yield block
@@ -165,9 +169,11 @@ class Reinforcer:
         if block:
             yield block
 
-    def compute(self, batch: Dict[str, List[Any]], indices: List[int]):
+    def compute(self, batch: Dict[str, List[Any]], indices: List[int],
+                stored: Optional[Sequence[Dict[str, Any]]] = None):
         """Per row: the N samples' parameters (the stored layout: each field an (N, ...) array) and the (N, C) teacher
-        log-probabilities (``None`` for skipped rows)."""
+        log-probabilities (``None`` for skipped rows). ``stored``: per row, parameters to render instead of drawing
+        them (``dr-hf verify`` replays what a dataset holds)."""
         indices = [i + self.index_offset for i in indices]
         params: List[Optional[Dict[str, np.ndarray]]] = [None] * len(indices)
         logps: List[Optional[torch.Tensor]] = [None] * len(indices)
@@ -175,7 +181,7 @@ class Reinforcer:
         n = self.config.num_samples
 
         def teacher_batches():  # (positions, groups, sample range): fixed per teacher block, whatever the map batch
-            for block in self._blocks(batch, indices):
+            for block in self._blocks(batch, indices, stored):
                 groups = []
                 for keep, rows in block:
                     images = [row.image.to(self.render_device, non_blocking=True) for row in rows]  # once per image
@@ -305,19 +311,24 @@ class RowPreparer:
     image_column: str
     label_column: Optional[str]
 
-    def __call__(self, item: Tuple[Any, int, Any]) -> Prepared:
-        value, index, label = item
+    def __call__(self, item: Tuple[Any, int, Any, Optional[Dict[str, np.ndarray]]]) -> Prepared:
+        """``item``: (image value, row index, label, stored parameters to replay or ``None`` to draw them)."""
+        value, index, label, stored = item
         try:
             self._check_label(label, index)
             image = decode(value, row=index, column=self.image_column)
         except (BadImageError, BadRowError) as exc:
             return Prepared(None, None, exc)
+        params = self.sample(index, image.shape[-2], image.shape[-1]) if stored is None else stored
+        return Prepared(image, params, None)
+
+    def sample(self, index: int, height: int, width: int) -> Dict[str, np.ndarray]:
+        """Row ``index``'s N samples' parameters for an image of ``height`` x ``width``, in the stored layout."""
         g = self.pipeline.group_size
         start = (index // g) * g
-        ctx = Context(height=image.shape[-2], width=image.shape[-1], position=index - start,
-                      group_rows=min(g, self.num_rows - start), num_samples=self.num_samples)
-        samples = [self.pipeline.make_params(self.seed, index, j, ctx) for j in range(self.num_samples)]
-        return Prepared(image, pack_params(samples, self.pipeline.param_fields()), None)
+        ctx = Context(height=height, width=width, position=index - start, group_rows=min(g, self.num_rows - start),
+                      num_samples=self.num_samples)
+        return self.pipeline.sample(self.seed, index, self.num_samples, ctx)
 
     def _check_label(self, label: Any, index: int) -> None:
         if label is None:

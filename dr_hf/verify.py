@@ -71,6 +71,7 @@ class VerifyReport:
     replayed_rows: int = 0
     max_abs_diff: Optional[float] = None
     params_mismatches: int = 0
+    params_redrawn: bool = True  # False for data drawn by dr-hf 0.1's per-sample sampler (format < 3), not re-checked
     topk_index_mismatches: int = 0
     agreement: Optional[float] = None
 
@@ -98,9 +99,10 @@ def _rows(paths: Sequence[str], wanted: Sequence[int]):
 
 def verify(path: str, teachers: Optional[Sequence[str]] = None, rows: int = 8, split: str = "train", seed: int = 0,
            atol: float = 1e-3, rtol: float = 2e-3, device: Optional[str] = None) -> VerifyReport:
-    """Check the schema and values of a local reinforced folder, then replay ``rows`` random rows (re-sampling their
-    parameters and re-running the teachers recorded in the data, at the recorded precision) and compare with what
-    is stored; ``rows=0`` checks only the schema and values.
+    """Check the schema and values of a local reinforced folder, then replay ``rows`` random rows: render their
+    stored parameters, re-run the teachers recorded in the data at the recorded precision and compare with the stored
+    outputs, and draw the parameters afresh and compare with the stored ones (format 3 on: older data was drawn by
+    another sampler, so only its outputs are checked); ``rows=0`` checks only the schema and values.
 
     ``teachers`` (optional) must name the recorded teachers (e.g. local copies of their weights can be given by the
     same specs); a list that differs is refused, naming the recorded ones. The tolerance (``atol + rtol * |x|``)
@@ -111,6 +113,7 @@ def verify(path: str, teachers: Optional[Sequence[str]] = None, rows: int = 8, s
     import pyarrow.parquet as pq
     import torch
 
+    from .images import decode
     from .reinforcer import Reinforcer
     from .shards import BadShardError, check_folder, checked_batches, shard_paths
     from .stats import summarize
@@ -159,6 +162,7 @@ def verify(path: str, teachers: Optional[Sequence[str]] = None, rows: int = 8, s
     # batched renders replay where the teachers run (the GPU path, and where it is fast); per-sample ones on the CPU
     job = Reinforcer(replay_config, ensemble, num_rows=num_rows, block_rows=g,  # one group at a time
                      render_device=str(ensemble.device) if config.render == "batched" else "cpu")
+    report.params_redrawn = config.format_version >= 3
     worst = 0.0
     for group in sorted({i // g for i in picked}):
         members = [i for i in range(group * g, min((group + 1) * g, num_rows)) if i in seen]
@@ -166,15 +170,16 @@ def verify(path: str, teachers: Optional[Sequence[str]] = None, rows: int = 8, s
         if isinstance(ds.features.get(config.image_column), datasets.Image):
             ds = ds.cast_column(config.image_column, datasets.Image(decode=False))
         batch = ds[:]
-        _, params, logps = job.compute(batch, members)
+        _, params, logps = job.compute(batch, members, stored=batch[DR_PARAMS])
         for r, (i, p, lp) in enumerate(zip(members, params, logps)):
             if i not in picked:
                 continue
             report.replayed_rows += 1
-            stored = batch[DR_PARAMS][r]
-            for j in range(config.num_samples):
-                if any(not np.array_equal(v[j], np.asarray(stored[name][j])) for name, v in p.items()):
-                    report.params_mismatches += 1
+            if report.params_redrawn:
+                image = decode(batch[config.image_column][r], row=i, column=config.image_column)
+                fresh = job.preparer.sample(i, image.shape[-2], image.shape[-1])
+                report.params_mismatches += int(np.logical_or.reduce(
+                    [(fresh[name] != v).reshape(config.num_samples, -1).any(axis=1) for name, v in p.items()]).sum())
             s_idx = torch.tensor(np.asarray(batch[DR_TOPK_INDICES][r], dtype=np.int64))
             s_lp = torch.tensor(np.asarray(batch[DR_TOPK_LOGPROBS][r], dtype=np.float32))
             diff = (torch.gather(lp, 1, s_idx) - s_lp).abs()

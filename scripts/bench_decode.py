@@ -32,7 +32,7 @@ def main():
     import datasets
     from PIL import Image
 
-    from dr_hf.augment import Context, box_to_pixels, make_pipeline
+    from dr_hf.augment import Context, box_to_pixels, make_pipeline, params_at
     from dr_hf.images import _jpeg_decoder, decode
     from dr_hf.inputs import InputSpec
 
@@ -70,7 +70,7 @@ def main():
         diffs, reduced = [], 0
         for i, cell in enumerate(cells):
             full = decode(cell)
-            p = pipe.make_params(0, i, 0, Context(full.shape[-2], full.shape[-1]))
+            p = params_at(pipe.sample(0, i, 1, Context(full.shape[-2], full.shape[-1])), 0)
             _, _, h, w = box_to_pixels(p["crop"], full.shape[-2], full.shape[-1])
             factor = next((f for f in (8, 4, 2) if h // f >= size and w // f >= size), 1)
             if factor == 1:

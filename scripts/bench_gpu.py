@@ -88,7 +88,7 @@ def main():
     import datasets
 
     from dr_hf import ReinforceConfig, TeacherEnsemble, make_pipeline
-    from dr_hf.augment import Context
+    from dr_hf.augment import Context, params_at
     from dr_hf.images import decode
     from dr_hf.reinforce import reinforce
 
@@ -125,13 +125,12 @@ def main():
         pipe = make_pipeline(preset)
         g = pipe.group_size
         few = images[:8]
-        params = [[pipe.make_params(0, i, j, Context(im.shape[-2], im.shape[-1], i % g, g, 16)) for j in range(16)]
-                  for i, im in enumerate(few)]
+        params = [pipe.sample(0, i, 16, Context(im.shape[-2], im.shape[-1], i % g, g, 16)) for i, im in enumerate(few)]
         picks = [(r, j) for r in range(len(few)) for j in range(16)]
-        cpu = pipe.render_samples(few, lambda r, j: params[r][j], picks, out, batched=False)
+        cpu = pipe.render_samples(few, lambda r, j: params_at(params[r], j), picks, out, batched=False)
         gpu_images = [im.to(device) for im in few]
-        gpu = pipe.render_samples(gpu_images, lambda r, j: params[r][j], picks, out, batched=True)
-        cpu_batched = pipe.render_samples(few, lambda r, j: params[r][j], picks, out, batched=True)
+        gpu = pipe.render_samples(gpu_images, lambda r, j: params_at(params[r], j), picks, out, batched=True)
+        cpu_batched = pipe.render_samples(few, lambda r, j: params_at(params[r], j), picks, out, batched=True)
         levels = torch.tensor(out.std)[:, None, None] * 255
         diff = ((gpu.cpu() - cpu) * levels).abs()
         same_code = ((gpu.cpu() - cpu_batched) * levels).abs()
@@ -151,15 +150,14 @@ def main():
     render = {}
     for preset in ("imagenet+rrc", "imagenet+rare"):
         pipe = make_pipeline(preset)
-        per = [[pipe.make_params(0, i, j, Context(im.shape[-2], im.shape[-1], num_samples=n)) for j in range(n)]
-               for i, im in enumerate(images)]
+        per = [pipe.sample(0, i, n, Context(im.shape[-2], im.shape[-1], num_samples=n)) for i, im in enumerate(images)]
         picks = [(0, j) for j in range(n)]
         gpu_images = [im.to(device) for im in images]
 
         def run(imgs, batched):
             def go():
                 for i, im in enumerate(imgs):
-                    pipe.render_samples([im], lambda r, j: per[i][j], picks, out, batched=batched)
+                    pipe.render_samples([im], lambda r, j: params_at(per[i], j), picks, out, batched=batched)
             return go
 
         saved = torch.get_num_threads()

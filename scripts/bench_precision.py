@@ -19,7 +19,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 from dr_hf import TeacherEnsemble, make_pipeline  # noqa: E402
-from dr_hf.augment import Context  # noqa: E402
+from dr_hf.augment import Context, params_at  # noqa: E402
 from dr_hf.images import decode  # noqa: E402
 
 
@@ -47,7 +47,7 @@ def main():
         xs = []
         for i in range(args.samples):
             image = decode(rows[i]["image"], row=i)
-            params = pipe.make_params(0, i, 0, Context(image.shape[-2], image.shape[-1]))
+            params = params_at(pipe.sample(0, i, 1, Context(image.shape[-2], image.shape[-1])), 0)
             xs.append(pipe.render(image, params, out))
         x = torch.stack(xs)
         logp = {p: torch.cat([e.log_probs({0: x[k:k + 64]}) for k in range(0, len(x), 64)]) for p, e in ensembles.items()}

@@ -7,7 +7,8 @@ CPU core as EfficientNet-Lite0 is on a GPU, so the job is bound by everything bu
 * naive: decode each image once, then per sample `v2.RandomResizedCrop(224, antialias=True)` + flip + normalise,
   stacked into teacher batches of 256;
 * dr-hf: `Reinforcer.compute` (parameter sampling, the pipeline's batched rendering, the teacher) on the same rows;
-* teacher only: the bare forward on the same number of samples, in the job's batch layout.
+* teacher only: the bare forward on the same number of samples, in the job's batch layout;
+* parameter sampling alone (part of the job), per sample, for `imagenet+rrc` and `imagenet+rare+mix`.
 
     python scripts/bench_render.py            # -> results/bench_render.md
 """
@@ -53,7 +54,7 @@ def main():
     from torchvision.transforms import v2
 
     from dr_hf import ReinforceConfig, TeacherEnsemble, make_pipeline
-    from dr_hf.augment import empty_batch
+    from dr_hf.augment import Context, empty_batch
     from dr_hf.images import decode
     from dr_hf.reinforcer import Reinforcer
 
@@ -94,6 +95,19 @@ def main():
             fn()
             timings[name].append(time.perf_counter() - t0)
     rate = {name: samples / min(ts) for name, ts in timings.items()}
+    sizes = [tuple(decode(v).shape[-2:]) for v in batch["image"]]
+    sampling = {}
+    for preset in ("imagenet+rrc", "imagenet+rare+mix"):
+        pipe, n = make_pipeline(preset), args.num_samples
+        g = pipe.group_size
+        best = float("inf")
+        for _ in range(args.repeats):
+            t0 = time.perf_counter()
+            for i, (h, w) in enumerate(sizes):
+                pipe.sample(0, i, n, Context(h, w, i % g, g, n))
+            best = min(best, time.perf_counter() - t0)
+        sampling[preset] = best / samples * 1e6
+    print({"sampling_us_per_sample": sampling})
     print({name: [round(samples / t) for t in ts] for name, ts in timings.items()})
     naive_rate, job_rate, teacher_rate = rate.values()
     render_share = 1 - job_rate / teacher_rate
@@ -104,6 +118,8 @@ def main():
     lines += [f"| {name} | {r:.0f} |" for name, r in rate.items()]
     lines += ["", f"dr-hf job / naive = **{job_rate / naive_rate:.2f}x** (goal >= 3x); the job's time is "
               f"{render_share:.0%} rendering and sampling, {1 - render_share:.0%} teacher.", "",
+              "Parameter sampling alone (part of the job; a row's N samples at once): "
+              + ", ".join(f"{us:.1f} us a sample with `{p}`" for p, us in sampling.items()) + ".", "",
               "Command: `python scripts/bench_render.py`."]
     write_markdown(args.out, lines)
 

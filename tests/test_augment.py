@@ -8,6 +8,7 @@ from dr_hf.augment import (
     Q16,
     AugmentPipeline,
     Context,
+    Draws,
     HorizontalFlip,
     MixUpCutMix,
     InputSpec,
@@ -17,6 +18,7 @@ from dr_hf.augment import (
     RANDAUGMENT_OPS,
     box_to_pixels,
     make_pipeline,
+    params_at,
 )
 
 OUT = InputSpec(size=(24, 24), mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5), interpolation="bilinear")
@@ -26,10 +28,14 @@ def image(h=40, w=56, seed=0):
     return torch.from_numpy(np.random.default_rng(seed).integers(0, 256, (3, h, w), dtype=np.uint8))
 
 
+def one(transform, ctx, seed=0):
+    return params_at(transform.sample(Draws(seed, 0, 1), ctx), 0)
+
+
 def sample_until(transform, predicate, ctx=Context(40, 56), tries=500):
-    rng = np.random.default_rng(0)
-    for _ in range(tries):
-        p = transform.make_params(rng, ctx)
+    drawn = transform.sample(Draws(0, 0, tries), ctx)
+    for j in range(tries):
+        p = params_at(drawn, j)
         if predicate(p):
             return p
     raise AssertionError("no parameters satisfied the predicate")
@@ -40,7 +46,7 @@ def test_crop_replay_is_pixel_identical_and_matches_torchvision():
 
     t = RandomResizedCrop()
     im = image()
-    p = t.make_params(np.random.default_rng(1), Context(40, 56))
+    p = one(t, Context(40, 56), seed=1)
     a, b = t.apply(im, p, OUT), t.apply(im.clone(), {k: v.copy() for k, v in p.items()}, OUT)
     assert torch.equal(a, b) and a.shape == (3, 24, 24)
     top, left, h, w = box_to_pixels(p["crop"], 40, 56)
@@ -50,9 +56,30 @@ def test_crop_replay_is_pixel_identical_and_matches_torchvision():
     assert 0.08 * 40 * 56 * 0.9 <= h * w <= 40 * 56
 
 
+@pytest.mark.parametrize("h,w", [(40, 56), (10, 60)])  # the second falls back to the central crop about 1/3 of the time
+def test_crop_sampling_has_torchvisions_distribution(h, w):
+    """The vectorised sampler draws RandomResizedCrop's boxes as torchvision's does: the same distribution of
+    (top, left, height, width), and the same central fallback, as often."""
+    from torchvision.transforms import v2
+
+    n = 4000
+    torch.manual_seed(0)
+    tv, im = v2.RandomResizedCrop(24), torch.zeros(3, h, w, dtype=torch.uint8)
+    theirs = np.array([[p["top"], p["left"], p["height"], p["width"]] for p in (tv.make_params([im]) for _ in range(n))])
+    ours = np.array([box_to_pixels(b, h, w) for b in RandomResizedCrop().sample(Draws(0, 0, n), Context(h, w))["crop"]])
+    for a, b in ((ours, theirs), (ours[:, 2] * ours[:, 3], theirs[:, 2] * theirs[:, 3])):
+        a, b = a.reshape(n, -1).astype(float), b.reshape(n, -1).astype(float)
+        assert (np.abs(a.mean(0) - b.mean(0)) < 4 * np.sqrt((a.var(0) + b.var(0)) / n) + 1e-9).all()
+        assert (np.abs(a.std(0) - b.std(0)) < 0.06 * b.std(0) + 1e-9).all()
+    if h == 10:  # the fallback, at torchvision's rate: the full height at the widest allowed aspect, centred
+        central = np.array([0, (w - 13) // 2, 10, 13])
+        rate = lambda boxes: (boxes == central).all(axis=1).mean()  # noqa: E731
+        assert rate(theirs) > 0.2 and abs(rate(ours) - rate(theirs)) < 0.04
+
+
 def test_crop_box_is_relative_so_it_replays_on_a_resized_copy():
     t = RandomResizedCrop()
-    p = t.make_params(np.random.default_rng(3), Context(400, 560))
+    p = one(t, Context(400, 560), seed=3)
     big = box_to_pixels(p["crop"], 400, 560)
     small = box_to_pixels(p["crop"], 40, 56)
     assert all(abs(b / 10 - s) <= 1 for b, s in zip(big, small))
@@ -90,6 +117,8 @@ def test_every_randaugment_op_replays_torchvisions_op_at_ml_drs_magnitude(op):
 
 
 def test_randaugment_constants_are_ml_drs():
+    from torchvision.transforms.v2 import RandAugment as TV
+
     """Magnitude 9 of 31 bins: rotate 9 deg, shear 0.09, translate 0.136 of the side, enhance 0.27, posterize 7 bits,
     solarize at 178.5 (ml-dr uses torchvision's RandAugment with its defaults)."""
     m = RandAugment.magnitude_of
@@ -99,12 +128,16 @@ def test_randaugment_constants_are_ml_drs():
     assert m("Brightness", 9, 224, 224) == pytest.approx(0.27)
     assert m("Posterize", 9, 224, 224) == 7
     assert m("Solarize", 9, 224, 224) * 255 == pytest.approx(178.5)
-    rng = np.random.default_rng(0)
-    t = RandAugment()
-    draws = [t.make_params(rng, Context(10, 10)) for _ in range(3000)]
-    ops = np.concatenate([d["ra_ops"] for d in draws])
+    drawn = RandAugment().sample(Draws(0, 0, 3000), Context(10, 10))
+    ops = drawn["ra_ops"].ravel()
     assert (ops < len(RANDAUGMENT_OPS)).all() and np.bincount(ops).min() > 300  # uniform over the 14 ops
-    assert set(np.abs(np.concatenate([d["ra_bins"] for d in draws]).astype(int))) == {9}
+    assert set(np.abs(drawn["ra_bins"].ravel().astype(int))) == {9}
+    signed = np.array([TV._AUGMENTATION_SPACE[RANDAUGMENT_OPS[o]][1] for o in ops])
+    assert (drawn["ra_bins"].ravel()[~signed] == 9).all()  # ops without a sign keep it positive
+    assert abs((drawn["ra_bins"].ravel()[signed] < 0).mean() - 0.5) < 0.03  # the others get a random sign
+    skipped = RandAugment(p=0.3).sample(Draws(0, 0, 2000), Context(10, 10))
+    off = (skipped["ra_ops"] == 255).all(axis=1)
+    assert abs(off.mean() - 0.7) < 0.03 and (skipped["ra_bins"][off] == 0).all()
 
 
 def test_erasing_is_torchvisions_black_box_before_normalisation():
@@ -123,12 +156,12 @@ def test_erasing_is_torchvisions_black_box_before_normalisation():
     y = pipe.render(image(24, 24), params, OUT)
     assert torch.allclose(y[:, top:top + h, left:left + w], torch.tensor(-1.0))  # (0 - 0.5) / 0.5
     # sampling: p=0.25 and torchvision's area range (0.02, 0.33) of the rendered image
-    rng = np.random.default_rng(1)
-    boxes = [RandomErasing().make_params(rng, Context(40, 56))["erase_box"] for _ in range(4000)]
-    erased = [b for b in boxes if b[2]]
+    boxes = RandomErasing().sample(Draws(1, 0, 4000), Context(40, 56))["erase_box"].astype(int)
+    erased = boxes[boxes[:, 2] > 0]
     assert abs(len(erased) / len(boxes) - 0.25) < 0.03
-    areas = [int(b[2]) * int(b[3]) / 4096**2 for b in erased]
-    assert 0.019 <= min(areas) and max(areas) <= 0.34
+    areas = erased[:, 2] * erased[:, 3] / 4096**2
+    assert 0.019 <= areas.min() and areas.max() <= 0.34
+    assert (erased[:, 0] + erased[:, 2] <= 4096).all() and (erased[:, 1] + erased[:, 3] <= 4096).all()
 
 
 def test_mixup_and_cutmix_replay():
@@ -152,21 +185,22 @@ def test_mixing_statistics_match_ml_drs_reinforcement_config():
     """ml-dr (configs/imagenet/reinforce/mixing.yaml): MixUp alpha 1 with lambda / 2, p=0.5, then CutMix alpha 1,
     p=0.5, in sequence: 25% both, 25% neither; the partner's sample index is drawn independently."""
     t = MixUpCutMix()
-    rng = np.random.default_rng(0)
-    draws = [t.make_params(rng, Context(224, 224, position=0, group_rows=8, num_samples=400)) for _ in range(8000)]
-    mixup = np.array([bool(d["mix_lam"]) for d in draws])
-    cutmix = np.array([bool(d["mix_box"][2]) for d in draws])
+    d = t.sample(Draws(0, 0, 8000), Context(224, 224, position=0, group_rows=8, num_samples=400))
+    mixup, cutmix = d["mix_lam"] > 0, d["mix_box"][:, 2] > 0
     assert abs(mixup.mean() - 0.5) < 0.02 and abs(cutmix.mean() - 0.5) < 0.02
     assert abs((mixup & cutmix).mean() - 0.25) < 0.02 and abs((~mixup & ~cutmix).mean() - 0.25) < 0.02
-    assert all((d["mix_partner"] != 0) == (m or c) for d, m, c in zip(draws, mixup, cutmix))
+    assert ((d["mix_partner"] != 0) == (mixup | cutmix)).all()
+    assert np.bincount(d["mix_partner"][d["mix_partner"] != 0])[1:].min() > 800  # partners 1..7 rows on, uniformly
     # own MixUp weight = 1 - Beta(1, 1) / 2: uniform on [0.5, 1]
-    own = np.array([int(d["mix_lam"]) / Q16 for d in draws if d["mix_lam"]])
+    own = d["mix_lam"][mixup] / Q16
     assert own.min() >= 0.5 and abs(own.mean() - 0.75) < 0.01 and abs(np.median(own) - 0.75) < 0.015
     # CutMix box side sqrt(1 - U) before clipping: mean unclipped area fraction 1/2, so clipped area below that
-    areas = np.array([int(d["mix_box"][2]) * int(d["mix_box"][3]) / 4096**2 for d in draws if d["mix_box"][2]])
+    box = d["mix_box"][cutmix].astype(int)
+    areas = box[:, 2] * box[:, 3] / 4096**2
     assert 0.2 < areas.mean() < 0.5
-    samples = np.array([int(d["mix_sample"]) for d in draws if d["mix_partner"] != 0])
+    samples = d["mix_sample"][d["mix_partner"] != 0]
     assert samples.max() < 400 and abs(samples.mean() - 199.5) < 8  # uniform over the partner's 400 samples
+    assert not d["mix_sample"][d["mix_partner"] == 0].any() and not d["mix_box"][d["mix_partner"] == 0].any()
 
 
 def test_cifar_preset_is_resize_pad_crop():
@@ -176,10 +210,10 @@ def test_cifar_preset_is_resize_pad_crop():
     t = make_pipeline("cifar100+").get("resize_random_crop")
     out = InputSpec(size=(224, 224), interpolation="bilinear")
     im = image(32, 32)
-    rng = np.random.default_rng(0)
+    drawn = t.sample(Draws(0, 0, 200), Context(32, 32))
     offsets = []
-    for _ in range(200):
-        p = t.make_params(rng, Context(32, 32))
+    for j in range(200):
+        p = params_at(drawn, j)
         top, left = (int(round(int(v) * 224 / 4096)) + 16 for v in p["pad_crop"])
         offsets.append((top, left))
         ref = F.pad(F.resize(im, [224], interpolation=F.InterpolationMode.BILINEAR, antialias=True), [16] * 4)
@@ -190,27 +224,32 @@ def test_cifar_preset_is_resize_pad_crop():
 
 def test_mix_partner_never_leaves_a_partial_group():
     t = MixUpCutMix(group_size=8)
-    rng = np.random.default_rng(0)
-    for _ in range(300):
-        p = t.make_params(rng, Context(8, 8, position=1, group_rows=3, num_samples=4))
-        assert 0 <= 1 + int(p["mix_partner"]) < 3
+    drawn = t.sample(Draws(0, 0, 300), Context(8, 8, position=1, group_rows=3, num_samples=4))
+    partners = 1 + drawn["mix_partner"].astype(int)
+    assert set(partners) == {0, 1, 2}  # both other rows of the partial group, and unmixed samples
 
 
 def test_determinism_pure_function_of_seed_index_sample():
+    """Sample j of row i depends on (seed, i, j) and the image size only: not on call order, on how many samples are
+    drawn with it, or on the other transforms of the pipeline."""
     pipe = make_pipeline("imagenet+rare+mix")
-    ctx = Context(40, 56, position=2, group_rows=8)
+    ctx = Context(40, 56, position=2, group_rows=8, num_samples=16)
 
-    def params(seed, i, j):
-        return pipe.make_params(seed, i, j, ctx)
+    def params(seed, i, j, n=16):
+        return params_at(pipe.sample(seed, i, n, ctx), j)
+
+    def same(a, b):
+        return all(np.array_equal(a[k], b[k]) for k in a)
 
     a = params(0, 10, 3)
-    # other calls in between (different order) do not change it
-    [params(0, i, j) for i in range(5) for j in range(5)]
-    b = params(0, 10, 3)
-    assert all(np.array_equal(a[k], b[k]) for k in a)
-    assert any(not np.array_equal(a[k], params(1, 10, 3)[k]) for k in a)
-    assert any(not np.array_equal(a[k], params(0, 11, 3)[k]) for k in a)
-    assert any(not np.array_equal(a[k], params(0, 10, 4)[k]) for k in a)
+    [params(0, i, j) for i in range(5) for j in range(5)]  # other calls in between do not change it
+    assert same(a, params(0, 10, 3)) and same(a, params(0, 10, 3, n=4)) and same(a, params(0, 10, 3, n=400))
+    assert not same(a, params(1, 10, 3)) and not same(a, params(0, 11, 3)) and not same(a, params(0, 10, 4))
+    drawn = pipe.sample(0, 10, 16, ctx)
+    assert len({drawn["crop"][j].tobytes() for j in range(16)}) == 16  # samples are not copies of each other
+    # each transform draws from its own stream: the crops and flips of imagenet+rrc are those of imagenet+rare+mix
+    light = make_pipeline("imagenet+rrc").sample(0, 10, 16, ctx)
+    assert np.array_equal(light["crop"], drawn["crop"]) and np.array_equal(light["flip"], drawn["flip"])
 
 
 def test_pipeline_config_round_trip_and_from_fields():
@@ -231,15 +270,16 @@ def test_pipeline_config_round_trip_and_from_fields():
 def test_property_any_size_renders_finite_and_replays_exactly(h, w, seed, index, preset):
     pipe = make_pipeline(preset)
     ctx = Context(h, w, position=index % 8, group_rows=8)
-    params = pipe.make_params(seed, index, 0, ctx)
+    drawn = pipe.sample(seed, index, 2, ctx)
     for name, (shape, dtype) in pipe.param_fields().items():
-        assert np.asarray(params[name]).shape == shape and np.asarray(params[name]).dtype == np.dtype(dtype)
+        assert drawn[name].shape == (2, *shape) and drawn[name].dtype == np.dtype(dtype)
+    params = params_at(drawn, 0)
     im = image(h, w, seed % 1000)
     x1 = pipe.render(im, params, OUT)
-    x2 = pipe.render(im.clone(), pipe.make_params(seed, index, 0, ctx), OUT)
+    x2 = pipe.render(im.clone(), params_at(pipe.sample(seed, index, 1, ctx), 0), OUT)
     assert x1.shape == (3, 24, 24) and torch.isfinite(x1).all() and torch.equal(x1, x2)
-    y = pipe.render_samples([im, image(h, w, 1)] * 4, lambda r, j: pipe.make_params(seed, index, 0, ctx) if r == index % 8
-                            else pipe.make_params(seed, r, j, Context(h, w, r, 8)), [(index % 8, 0)], OUT)
+    y = pipe.render_samples([im, image(h, w, 1)] * 4, lambda r, j: params if r == index % 8
+                            else params_at(pipe.sample(seed, r, 1, Context(h, w, r, 8)), 0), [(index % 8, 0)], OUT)
     assert torch.isfinite(y).all()
 
 
@@ -251,6 +291,7 @@ def test_decoded_layout_does_not_change_a_render(preset):
     hwc = torch.from_numpy(np.random.default_rng(5).integers(0, 256, (37, 53, 3), dtype=np.uint8))
     view, contiguous = hwc.permute(2, 0, 1), hwc.permute(2, 0, 1).contiguous()
     assert not view.is_contiguous()
+    drawn = pipe.sample(3, 11, 12, Context(37, 53, num_samples=12))
     for j in range(12):
-        p = pipe.make_params(3, 11, j, Context(37, 53, num_samples=12))
+        p = params_at(drawn, j)
         assert torch.equal(pipe.render(view, p, OUT), pipe.render(contiguous, p, OUT)), (preset, j)

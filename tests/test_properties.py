@@ -28,7 +28,8 @@ def images(draw):
 def group_params(pipe, seed, index, n, image, group_rows=8):
     ctx = Context(image.shape[-2], image.shape[-1], position=index % pipe.group_size,
                   group_rows=min(group_rows, pipe.group_size))
-    return [pipe.make_params(seed, index, j, ctx) for j in range(n)]
+    drawn = pipe.sample(seed, index, n, ctx)
+    return [params_at(drawn, j) for j in range(n)]
 
 
 @SETTINGS

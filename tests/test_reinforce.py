@@ -96,9 +96,9 @@ def test_stored_logprobs_equal_teacher_on_replayed_params(tmp_path, image_datase
         # and the stored parameters are exactly a fresh sampling of (seed, row, sample)
         for r in range(8):
             h, w = images[r].shape[-2:]
-            fresh = pipe.make_params(0, rows[r], j, Context(h, w, position=r, group_rows=8, num_samples=3))
+            fresh = params_at(pipe.sample(0, rows[r], 3, Context(h, w, position=r, group_rows=8, num_samples=3)), j)
             for name, value in params_at(stored[r][DR_PARAMS], j).items():
-                assert np.array_equal(np.asarray(fresh[name]), value), name
+                assert np.array_equal(fresh[name], value), name
 
 
 def test_batch_size_and_rerun_do_not_change_data(tmp_path, image_dataset, teachers):

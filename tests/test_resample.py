@@ -8,7 +8,7 @@ from torchvision.transforms.v2 import functional as F
 
 from conftest import SHARED, needs_shared
 from dr_hf import make_pipeline
-from dr_hf.augment import PRESETS, Context, InputSpec
+from dr_hf.augment import PRESETS, Context, InputSpec, params_at
 from dr_hf.images import decode
 from dr_hf.augment import empty_batch, normalise_pixels
 from dr_hf.resample import resized_crop, resized_crops
@@ -112,14 +112,15 @@ def test_exact_products_take_turns_with_the_teachers_precision_flags():
 def render_both(pipe, images, spec, num_samples=12):
     """Every sample of every row, per-sample and batched, group by group as the job renders them."""
     g = pipe.group_size
-    params = [[pipe.make_params(0, i, j, Context(im.shape[-2], im.shape[-1], i % g, g, num_samples))
-               for j in range(num_samples)] for i, im in enumerate(images)]
+    params = [pipe.sample(0, i, num_samples, Context(im.shape[-2], im.shape[-1], i % g, g, num_samples))
+              for i, im in enumerate(images)]
     out = {False: [], True: []}
     for start in range(0, len(images), g):
         group = images[start:start + g]
         picks = [(r, j) for r in range(len(group)) for j in range(num_samples)]
         for batched in out:
-            out[batched].append(pipe.render_samples(group, lambda r, j: params[start + r][j], picks, spec, batched=batched))
+            out[batched].append(pipe.render_samples(group, lambda r, j: params_at(params[start + r], j), picks, spec,
+                                                    batched=batched))
     return torch.cat(out[False]), torch.cat(out[True])
 
 
@@ -148,9 +149,9 @@ def test_batched_render_is_per_sample_render_within_stated_tolerance(interpolati
     # uint8 out, no normalisation: the same pixels as the per-sample uint8 render, to one level
     pipe = make_pipeline("imagenet+rrc")
     picks = [(0, j) for j in range(12)]
-    params = [pipe.make_params(0, 0, j, Context(*images[0].shape[-2:], num_samples=12)) for j in range(12)]
-    a = pipe.render_samples(images[:1], lambda r, j: params[j], picks, spec, normalise=False, batched=False)
-    b = pipe.render_samples(images[:1], lambda r, j: params[j], picks, spec, normalise=False, batched=True)
+    params = pipe.sample(0, 0, 12, Context(*images[0].shape[-2:], num_samples=12))
+    a = pipe.render_samples(images[:1], lambda r, j: params_at(params, j), picks, spec, normalise=False, batched=False)
+    b = pipe.render_samples(images[:1], lambda r, j: params_at(params, j), picks, spec, normalise=False, batched=True)
     assert a.dtype == b.dtype == torch.uint8 and (a.int() - b.int()).abs().max() <= (1 if interpolation == "bilinear" else 255)
 
 

@@ -241,3 +241,27 @@ def test_push_refuses_what_is_not_a_finished_reinforced_folder(tmp_path, reinfor
     (reinforced / "data" / "train-00001-of-00002.parquet.tmp").write_bytes(b"half")
     with pytest.raises(ValueError, match=r"half-written shards \(\*\.tmp\)"):
         push(str(reinforced), "org/x")
+
+
+def test_verify_replays_stored_parameters_and_redraws_them_separately(reinforced):
+    """verify renders what a row stores: a tampered crop is caught twice, as parameters that are not a fresh draw and
+    as teacher outputs the stored crop does not give. Data drawn by dr-hf 0.1's per-sample sampler (format 2) cannot be
+    re-drawn; its stored parameters are still replayed through the teacher."""
+    path = shard_paths(str(reinforced))[0]
+    table = pq.read_table(path)
+    meta = json.loads(table.schema.metadata[METADATA_KEY])
+    clean = verify(str(reinforced), rows=8)
+    assert clean.ok and clean.replayed_rows == 8 and clean.params_mismatches == 0 and clean.params_redrawn
+    rows = table.to_pylist()
+    rows[3]["dr_params"]["crop"][1] = [0, 0, 4096, 4096] if rows[3]["dr_params"]["crop"][1][2] < 3000 else [0, 0, 1024, 1024]
+    _rewrite(path, pa.Table.from_pylist(rows, schema=table.schema), meta)
+    report = verify(str(reinforced), rows=8)
+    assert report.params_mismatches == 1 and report.params_redrawn
+    assert any(p.startswith("row 3, sample 1: recomputed log-probs differ") for p in report.problems), report.problems
+    card = reinforced / "README.md"
+    assert "format_version: 3" in card.read_text()
+    card.write_text(card.read_text().replace("format_version: 3", "format_version: 2"))
+    _rewrite(path, pa.Table.from_pylist(rows, schema=table.schema), {**meta, "format_version": 2})
+    old = verify(str(reinforced), rows=8)
+    assert not old.params_redrawn and old.params_mismatches == 0 and old.replayed_rows == 8
+    assert [p.split(":")[0] for p in old.problems] == ["row 3, sample 1"]
