@@ -12,6 +12,7 @@ import logging
 import math
 import os
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Dict, Iterator, List, Optional, Sequence
 
@@ -206,6 +207,11 @@ def _run_shards(decoded, dataset, config, teachers, output_dir, split, batch_siz
         from tqdm.contrib.logging import logging_redirect_tqdm
 
         redirect = logging_redirect_tqdm()  # the root handler, with its format
+    # A finished shard is written (zstd 19, fsync) by a thread while the next one is computed: pyarrow releases the
+    # GIL, and on a GPU host the write would otherwise stall the teacher for a third of a shard's time. At most one
+    # write is pending, so at most two shards are held in memory.
+    writer = ThreadPoolExecutor(1, thread_name_prefix="dr-write")
+    written = None
     try:
         redirect.__enter__()
         for s, part in pending_shards(decoded, todo, per_shard, n, streaming):
@@ -225,12 +231,17 @@ def _run_shards(decoded, dataset, config, teachers, output_dir, split, batch_siz
                 out = out.select_columns(list(added))
             elif out.features[config.image_column] != features[config.image_column]:
                 out = out.cast_column(config.image_column, features[config.image_column])
-            write_parquet(out, paths[s], config)
+            if written is not None:
+                written.result()  # the previous shard is on disk (or its error raised here)
+            written = writer.submit(write_parquet, out, paths[s], config)
             dt = time.time() - t_shard
             done_rows += len(out)
             logger.info("%s: shard %d/%d, %d images in %.1fs: %.2f images/s, %.1f samples/s", procs, s + 1, count,
                         len(out), dt, len(out) / dt, len(out) * config.num_samples / dt)
+        if written is not None:
+            written.result()
     finally:
+        writer.shutdown(wait=True)  # a shard already computed is still written (atomically) if the job stops
         redirect.__exit__(None, None, None)
         if was_enabled:
             datasets.enable_progress_bars()

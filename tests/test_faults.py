@@ -7,6 +7,7 @@ import random
 import signal
 import subprocess
 import sys
+import threading
 import time
 
 import pyarrow.parquet as pq
@@ -73,10 +74,11 @@ def test_full_disk_while_writing_a_shard_leaves_no_visible_half_shard(tmp_path, 
     import pyarrow.parquet as pq_module
 
     real = pq_module.write_table
-    calls = {"n": 0}
+    calls = {"n": 0, "threads": set()}
 
     def full_disk(table, where, **kwargs):
         calls["n"] += 1
+        calls["threads"].add(threading.current_thread().name)
         if calls["n"] == 2:  # the second shard: half of it reaches the disk, then ENOSPC
             with open(where, "wb") as f:
                 f.write(b"PAR1" + b"\0" * 1000)
@@ -90,6 +92,8 @@ def test_full_disk_while_writing_a_shard_leaves_no_visible_half_shard(tmp_path, 
     assert visible == ["train-00000-of-00003.parquet"]  # the half-written second shard is not visible as a shard
     assert (tmp_path / "out" / "data" / "train-00001-of-00003.parquet.tmp").exists()
     assert not (tmp_path / "out" / "README.md").exists()
+    # shards are written by a thread while the next one is computed; its error still stops the job
+    assert calls["n"] == 2 and {t.split("_")[0] for t in calls["threads"]} == {"dr-write"}
     monkeypatch.setattr(pq_module, "write_table", real)
     result = reinforce(ds, config, teachers, str(tmp_path / "out"), show_progress=False)  # space again: resume
     assert (result.shards_written, result.shards_skipped) == (2, 1)
