@@ -8,12 +8,15 @@ CPU core as EfficientNet-Lite0 is on a GPU, so the job is bound by everything bu
   stacked into teacher batches of 256;
 * dr-hf: `Reinforcer.compute` (parameter sampling, the pipeline's batched rendering, the teacher) on the same rows;
 * teacher only: the bare forward on the same number of samples, in the job's batch layout;
-* parameter sampling alone (part of the job), per sample, for `imagenet+rrc` and `imagenet+rare+mix`.
+* parameter sampling alone (part of the job), per sample, for `imagenet+rrc` and `imagenet+rare+mix`;
+* the whole job (`reinforce()`: the map, top-K, parquet shards, the card and its preview) on `--job-rows` rows in 4
+  shards, against `Reinforcer.compute` alone on the same rows: what the job adds to its compute.
 
     python scripts/bench_render.py            # -> results/bench_render.md
 """
 
 import argparse
+import dataclasses
 import os
 import sys
 import tempfile
@@ -46,6 +49,7 @@ def main():
     ap.add_argument("--augment", default="imagenet+rrc")
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--teacher-batch-size", type=int, default=256)
+    ap.add_argument("--job-rows", type=int, default=128)
     ap.add_argument("--out", default=os.path.join(ROOT, "results", "bench_render.md"))
     args = ap.parse_args()
     torch.set_num_threads(1)
@@ -56,6 +60,7 @@ def main():
     from dr_hf import ReinforceConfig, TeacherEnsemble, make_pipeline
     from dr_hf.augment import Context, empty_batch
     from dr_hf.images import decode
+    from dr_hf.reinforce import reinforce
     from dr_hf.reinforcer import Reinforcer
 
     rows = datasets.load_dataset(args.dataset, split="train").select(range(args.rows))
@@ -108,6 +113,24 @@ def main():
             best = min(best, time.perf_counter() - t0)
         sampling[preset] = best / samples * 1e6
     print({"sampling_us_per_sample": sampling})
+
+    job_rows = datasets.load_dataset(args.dataset, split="train").select(range(args.job_rows))
+    job_config = dataclasses.replace(config, rows_per_shard=args.job_rows // 4)
+    job_batch = job_rows.cast_column("image", datasets.Image(decode=False))[:]
+    compute_only = Reinforcer(config, teachers, num_rows=args.job_rows)
+
+    def run_whole_job():
+        with tempfile.TemporaryDirectory() as out:
+            reinforce(job_rows, job_config, teachers, out, show_progress=False)
+
+    whole = {"whole job": [], "compute alone": []}
+    for _ in range(2):
+        for name, fn in zip(whole, (run_whole_job, lambda: compute_only.compute(job_batch, list(range(args.job_rows))))):
+            t0 = time.perf_counter()
+            fn()
+            whole[name].append(time.perf_counter() - t0)
+    whole_rate = {name: args.job_rows * args.num_samples / min(ts) for name, ts in whole.items()}
+    print(whole_rate)
     print({name: [round(samples / t) for t in ts] for name, ts in timings.items()})
     naive_rate, job_rate, teacher_rate = rate.values()
     render_share = 1 - job_rate / teacher_rate
@@ -120,6 +143,10 @@ def main():
               f"{render_share:.0%} rendering and sampling, {1 - render_share:.0%} teacher.", "",
               "Parameter sampling alone (part of the job; a row's N samples at once): "
               + ", ".join(f"{us:.1f} us a sample with `{p}`" for p, us in sampling.items()) + ".", "",
+              f"Whole job (`reinforce()` on {args.job_rows} rows in 4 shards: map, top-K, parquet shards written while the "
+              f"next is computed, the card and its preview): {whole_rate['whole job']:.0f} samples/s against "
+              f"{whole_rate['compute alone']:.0f} for `Reinforcer.compute` alone on the same rows "
+              f"(**{whole_rate['whole job'] / whole_rate['compute alone']:.2f}**; best of 2).", "",
               "Command: `python scripts/bench_render.py`."]
     write_markdown(args.out, lines)
 
