@@ -20,7 +20,7 @@ import dataclasses
 import math
 import zlib
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -28,7 +28,7 @@ from torchvision.transforms.v2 import InterpolationMode
 from torchvision.transforms.v2 import functional as F
 
 from .inputs import InputSpec
-from .resample import FILTERS, resized_crop, resized_crops
+from .resample import FILTERS, resized_crop, resized_crops, runs
 
 Q_BOX = 4096  # box coordinates (relative to the image side) are stored as round(x * Q_BOX) in uint16
 Q16 = 65535  # MixUp weights are stored as round(lam * Q16) in uint16
@@ -45,12 +45,19 @@ def quantize(x: np.ndarray, levels: int = Q_BOX) -> np.ndarray:
     return np.rint(np.clip(x, 0.0, 1.0) * levels).astype(np.int64)
 
 
+def boxes_to_pixels(boxes: np.ndarray, height: int, width: int) -> np.ndarray:
+    """Stored (top, left, height, width) boxes, in 1/4096ths of the image side, as pixels (at least 1 px, inside the
+    image): (..., 4) -> (..., 4) int64."""
+    b = np.rint(np.asarray(boxes, dtype=np.int64) * np.array([height, width, height, width]) / Q_BOX).astype(np.int64)
+    top, left = np.minimum(b[..., 0], height - 1), np.minimum(b[..., 1], width - 1)
+    h = np.minimum(np.maximum(b[..., 2], 1), height - top)
+    w = np.minimum(np.maximum(b[..., 3], 1), width - left)
+    return np.stack([top, left, h, w], axis=-1)
+
+
 def box_to_pixels(box: Sequence[int], height: int, width: int) -> Tuple[int, int, int, int]:
-    """A stored (top, left, height, width) box, in 1/4096ths of the image side, as pixels (at least 1 px)."""
-    top = min(int(round(int(box[0]) * height / Q_BOX)), height - 1)
-    left = min(int(round(int(box[1]) * width / Q_BOX)), width - 1)
-    h = min(max(int(round(int(box[2]) * height / Q_BOX)), 1), height - top)
-    w = min(max(int(round(int(box[3]) * width / Q_BOX)), 1), width - left)
+    """One stored box as pixels (:func:`boxes_to_pixels`)."""
+    top, left, h, w = boxes_to_pixels(box, height, width).tolist()
     return top, left, h, w
 
 
@@ -543,35 +550,52 @@ class AugmentPipeline:
         geometry = [type(t) for t in self.stage("geometry")]
         return geometry in ([RandomResizedCrop], [RandomResizedCrop, HorizontalFlip]) and out.interpolation in FILTERS
 
-    def crop_views(self, image: torch.Tensor, params: Sequence[Dict[str, Any]], out: InputSpec) -> torch.Tensor:
-        """The geometry stage of many samples of one image at once (pipelines that :meth:`crops_in_batches`):
-        (len(params), 3, *out.size) uint8, by two batched matrix products (:mod:`dr_hf.resample`); the same pixels as
-        :meth:`render`'s per-sample crop on the same device's float path, within one grey level."""
-        height, width = image.shape[-2:]
-        boxes = [box_to_pixels(p["crop"], height, width) for p in params]
+    def crop_views(self, images: Sequence[torch.Tensor], row_params: Sequence[Mapping[str, Any]],
+                   picks: Sequence[Tuple[int, int]], out: InputSpec, into: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """The geometry stage of samples ``picks`` = [(row, sample index), ...] at once (pipelines that
+        :meth:`crops_in_batches`): (len(picks), 3, *out.size) uint8 (written into ``into`` when given), by batched
+        matrix products (:mod:`dr_hf.resample`); the same pixels as :meth:`render`'s per-sample crop on the same
+        device's float path, within one grey level."""
+        owners = np.array([r for r, _ in picks], dtype=np.int64)
+        samples = np.array([j for _, j in picks], dtype=np.int64)
+        boxes = np.zeros((len(picks), 4), dtype=np.int64)
+        flips = np.zeros(len(picks), dtype=np.int64)
         flip = self.get("horizontal_flip") is not None
-        return resized_crops(image, boxes, [flip and bool(p["flip"]) for p in params], out.size, out.interpolation)
+        for r, a, b in runs(owners):
+            boxes[a:b] = boxes_to_pixels(np.asarray(row_params[r]["crop"])[samples[a:b]], *images[r].shape[-2:])
+            if flip:
+                flips[a:b] = np.asarray(row_params[r]["flip"])[samples[a:b]]
+        return resized_crops(images, boxes, flips, out.size, out.interpolation, owners=owners, into=into)
 
-    def render_samples(self, images: Sequence[torch.Tensor], params: Callable[[int, int], Dict[str, Any]],
+    def render_samples(self, images: Sequence[torch.Tensor], row_params: Sequence[Mapping[str, Any]],
                        picks: Sequence[Tuple[int, int]], out: InputSpec,
                        into: Optional[torch.Tensor] = None, normalise: bool = True,
                        batched: Optional[bool] = None) -> torch.Tensor:
         """The rendered, mixed samples ``picks`` = [(row, sample index), ...] of a group of rows: (len(picks), 3, H, W).
 
-        ``params(row, sample)`` gives a sample's stored parameters; a mixed sample's partner (``row + mix_partner``,
-        at sample ``mix_sample``) must be one of ``images``. Each (row, sample) is rendered once, straight into the
-        batch where it is not mixed (``into``: that batch, e.g. rows of a larger one). The same code runs on CPU and CUDA
-        tensors: the batch lives where the images do. ``batched`` (default: on CUDA tensors) crops each row's samples
-        at once (:meth:`crop_views`) where the pipeline allows, then applies the rest per sample, or, with nothing
-        else to apply, normalises the whole batch in one pass; per-sample kernels would leave a GPU waiting."""
+        ``row_params[r]``: row r's stored parameters (each field (N, ...), as a dataset row's ``dr_params`` holds them);
+        a mixed sample's partner (``row + mix_partner``, at sample ``mix_sample``) must be one of ``images``. Each
+        (row, sample) is rendered once, straight into the batch where it is not mixed (``into``: that batch, e.g. rows
+        of a larger one). The same code runs on CPU and CUDA tensors: the batch lives where the images do. ``batched``
+        (default: on CUDA tensors) crops each row's samples at once (:meth:`crop_views`) where the pipeline allows,
+        then applies the rest per sample, or, with nothing else to apply, crops straight into the batch's pixels and
+        normalises the whole batch in one pass; per-sample kernels would leave a GPU waiting."""
         batch = into if into is not None else empty_batch(
             len(picks), out.size, torch.float32 if normalise else torch.uint8, images[0].device if len(images) else None)
         if batched is None:
             batched = len(images) > 0 and images[0].is_cuda
-        views = self._views(images, params, picks, out) if batched and self.crops_in_batches(out) else None
-        if views is not None and self.mix is None and not self.stage("colour") and not self.stage("float"):
-            pixels = torch.stack([views[pick] for pick in picks]) if picks else batch.new_empty(batch.shape, dtype=torch.uint8)
-            return normalise_pixels(pixels, out, self, batch) if normalise else batch.copy_(pixels)
+        mix = self.mix
+        batched = batched and self.crops_in_batches(out)
+        if batched and mix is None and not self.stage("colour") and not self.stage("float"):
+            pixels = batch if not normalise else torch.empty_like(batch, dtype=torch.uint8)  # the batch's layout
+            if picks:
+                self.crop_views(images, row_params, picks, out, into=pixels)
+            return normalise_pixels(pixels, out, self, batch) if normalise else batch
+
+        def params(r: int, j: int) -> Dict[str, Any]:
+            return params_at(row_params[r], j)
+
+        views = self._views(images, row_params, picks, out) if batched else None
         cache: Dict[Tuple[int, int], torch.Tensor] = {}
 
         def base(r: int, j: int, into: Optional[torch.Tensor] = None, p: Optional[Dict[str, Any]] = None) -> torch.Tensor:
@@ -587,11 +611,11 @@ class AugmentPipeline:
 
         for k, (r, j) in enumerate(picks):
             p = params(r, j)
-            if self.mix is None or not self.mix.is_mixed(p):
+            if mix is None or not mix.is_mixed(p):
                 base(r, j, batch[k], p)
                 continue
             partner = self._partner(r, j, p, len(images))
-            batch[k] = self.mix.apply_mix(base(r, j), base(partner, int(p["mix_sample"])), p)
+            batch[k] = mix.apply_mix(base(r, j), base(partner, int(p["mix_sample"])), p)
         return batch
 
     @staticmethod
@@ -602,20 +626,17 @@ class AugmentPipeline:
                              "the group; feed mixing datasets whole groups of rows")
         return partner
 
-    def _views(self, images, params, picks, out) -> Dict[Tuple[int, int], torch.Tensor]:
-        """:meth:`crop_views` of every (row, sample) that ``picks`` render, mixing partners included, one call per row."""
-        needed: Dict[int, List[int]] = {}
+    def _views(self, images, row_params, picks, out) -> Dict[Tuple[int, int], torch.Tensor]:
+        """:meth:`crop_views` of every (row, sample) that ``picks`` render, mixing partners included, in one call."""
+        needed: Dict[Tuple[int, int], None] = {}
+        mix = self.mix
         for r, j in picks:
-            needed.setdefault(r, []).append(j)
-            p = params(r, j)
-            if self.mix is not None and self.mix.is_mixed(p):
-                needed.setdefault(self._partner(r, j, p, len(images)), []).append(int(p["mix_sample"]))
-        views: Dict[Tuple[int, int], torch.Tensor] = {}
-        for r, js in needed.items():
-            js = list(dict.fromkeys(js))
-            for j, view in zip(js, self.crop_views(images[r], [params(r, j) for j in js], out)):
-                views[(r, j)] = view
-        return views
+            needed[(r, j)] = None
+            p = params_at(row_params[r], j)
+            if mix is not None and mix.is_mixed(p):
+                needed[(self._partner(r, j, p, len(images)), int(p["mix_sample"]))] = None
+        keys = sorted(needed, key=lambda pick: pick[0])  # one run per row
+        return dict(zip(keys, self.crop_views(images, row_params, keys, out).unbind()))
 
 
 def normalise_pixels(pixels: torch.Tensor, out: InputSpec, pipeline: "AugmentPipeline",

@@ -234,12 +234,8 @@ class ReinforcedCollator(_Collator):
         pos = {int(row[DR_INDEX]): r for r, row in enumerate(rows)}
         images = [self.image(row) for row in rows]
         pipe = self.pipeline(rows[0][DR_PARAMS])
-
-        def params(r: int, s: int) -> Dict[str, Any]:
-            return params_at(rows[r][DR_PARAMS], s)
-
         picks = [(r, j) for r in range(len(rows))]
-        views = [pipe.render_samples(images, params, picks, spec, into if o == 0 else None,
+        views = [pipe.render_samples(images, [row[DR_PARAMS] for row in rows], picks, spec, into if o == 0 else None,
                                      normalise=not self.uint8_pixels) for o, spec in enumerate(self.specs)]
         out = []
         for r, row in enumerate(rows):
@@ -248,7 +244,7 @@ class ReinforcedCollator(_Collator):
             if original:
                 out.append(self.fresh(pipe.without_mixing(), row, fresh_seed, images[r], normalise=not self.uint8_pixels))
                 continue
-            p = params(r, j)
+            p = params_at(row[DR_PARAMS], j)
             partner, lam = -1, 1.0
             if pipe.mix is not None and pipe.mix.is_mixed(p):
                 target = index + int(p["mix_partner"])

@@ -95,8 +95,7 @@ def render_preview(folder: str, out: Optional[str] = None, rows: int = 4, sample
 
     images = Images()
 
-    def sample_params(r, j):
-        return params_at(data[r][DR_PARAMS], j)
+    row_params = [row[DR_PARAMS] for row in data]
 
     font = PIL.ImageFont.load_default()
     cell_h = TILE + CAPTION_LINES * LINE + 6
@@ -112,7 +111,7 @@ def render_preview(folder: str, out: Optional[str] = None, rows: int = 4, sample
         for col, j in enumerate(order[:samples]):
             p = params_at(params, j)
             partner = r + int(p["mix_partner"]) if "mix_partner" in p else r
-            x = pipeline.render_samples(images, sample_params, [(r, j)], display)[0]
+            x = pipeline.render_samples(images, row_params, [(r, j)], display)[0]
             tile = (x.clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0).numpy()
             x0, y0 = col * (TILE + 4), gi * cell_h
             grid.paste(PIL.Image.fromarray(np.ascontiguousarray(tile)), (x0, y0))

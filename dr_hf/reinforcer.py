@@ -20,7 +20,7 @@ from typing import Any, Callable, Deque, Dict, Iterable, Iterator, List, NamedTu
 import numpy as np
 import torch
 
-from .augment import AugmentPipeline, Context, empty_batch, params_at
+from .augment import AugmentPipeline, Context, empty_batch
 from .format import DR_FINGERPRINT, DR_INDEX, DR_PARAMS, DR_TOPK_INDICES, DR_TOPK_LOGPROBS, ReinforceConfig, index_dtype
 from .images import BadImageError, decode, fingerprint
 from .teacher import TeacherEnsemble
@@ -82,15 +82,15 @@ class Reinforcer:
         if teachers.precision != config.precision:
             raise ValueError(f"the teachers run at precision {teachers.precision!r}, the config says {config.precision!r}")
 
-    # -- one mixing group --------------------------------------------------------------------------
-    def render_group(self, images: Sequence[torch.Tensor], params: Sequence[Dict[str, Any]], js: Sequence[int], out,
-                     into: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """The teacher inputs for samples ``js`` of a group's rows at ``out``: (rows * len(js), 3, H, W), row-major
-        (written into ``into`` when given). ``params[r]``: row r's N samples' parameters in the stored layout (each
-        field an (N, ...) array)."""
+    # -- one teacher batch --------------------------------------------------------------------------
+    def render_rows(self, images: Sequence[torch.Tensor], params: Sequence[Dict[str, Any]], js: Sequence[int], out,
+                    into: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """The teacher inputs for samples ``js`` of whole mixing groups' rows at ``out``: (rows * len(js), 3, H, W),
+        row-major (written into ``into`` when given), in one call (batched rendering then computes all of a teacher
+        batch's resampling matrices at once). ``params[r]``: row r's N samples' parameters in the stored layout (each
+        field an (N, ...) array); mixing partners are found by row offset, so groups must be whole."""
         picks = [(r, j) for r in range(len(images)) for j in js]
-        return self.pipeline.render_samples(images, lambda r, j: params_at(params[r], j), picks, out, into=into,
-                                            batched=self.config.render == "batched")
+        return self.pipeline.render_samples(images, params, picks, out, into=into, batched=self.config.render == "batched")
 
     def _groups(self, indices: Sequence[int]) -> List[Tuple[int, int]]:
         """Split a batch's positions into whole mixing groups."""
@@ -180,29 +180,23 @@ class Reinforcer:
         outputs = self.teachers.outputs()
         n = self.config.num_samples
 
-        def teacher_batches():  # (positions, groups, sample range): fixed per teacher block, whatever the map batch
+        def teacher_batches():  # (positions, rows, sample range): fixed per teacher block, whatever the map batch
             for block in self._blocks(batch, indices, stored):
-                groups = []
-                for keep, rows in block:
-                    images = [row.image.to(self.render_device, non_blocking=True) for row in rows]  # once per image
-                    groups.append((images, [row.params for row in rows]))
-                    for pos, row in zip(keep, rows):
-                        params[pos] = row.params
                 keep = [pos for group_keep, _ in block for pos in group_keep]
+                rows = [row for _, group_rows in block for row in group_rows]  # whole groups, in order
+                images = [row.image.to(self.render_device, non_blocking=True) for row in rows]  # once per image
+                for pos, row in zip(keep, rows):
+                    params[pos] = row.params
                 per_chunk = max(1, self.config.teacher_batch_size // len(keep))
                 for j0 in range(0, n, per_chunk):
-                    yield keep, groups, range(j0, min(n, j0 + per_chunk))
+                    yield keep, (images, [row.params for row in rows]), range(j0, min(n, j0 + per_chunk))
 
         def render(item):
-            keep, groups, js = item
+            keep, (images, row_params), js = item
             inputs = {}
             for o, out in enumerate(outputs):
-                teacher_input = inputs[o] = self.buffers.take(len(keep) * len(js), out.size, self.render_device)
-                start = 0
-                for images, row_params in groups:  # each group renders its rows' samples into its part of the batch
-                    stop = start + len(images) * len(js)
-                    self.render_group(images, row_params, js, out, teacher_input[start:stop])
-                    start = stop
+                inputs[o] = self.buffers.take(len(keep) * len(js), out.size, self.render_device)
+                self.render_rows(images, row_params, js, out, inputs[o])
             return inputs
 
         per_row: Dict[int, List[torch.Tensor]] = {}

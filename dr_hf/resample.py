@@ -10,8 +10,9 @@ flip is the horizontal matrix with its rows reversed, so it costs nothing. The p
 
 from __future__ import annotations
 
-from typing import Sequence, Tuple
+from typing import Iterator, Optional, Sequence, Tuple
 
+import numpy as np
 import torch
 import torch.nn.functional as tnf
 from torchvision.transforms.v2 import InterpolationMode
@@ -75,30 +76,50 @@ def resample_weights(starts: torch.Tensor, lengths: torch.Tensor, in_size: int, 
     return w.div_(torch.where(total == 0, torch.ones_like(total), total))
 
 
-def resized_crops(image: torch.Tensor, boxes: Sequence[Tuple[int, int, int, int]], flips: Sequence[bool],
-                  size: Tuple[int, int], interpolation: str = "bilinear", chunk_bytes: int = 256 << 20) -> torch.Tensor:
-    """The (top, left, height, width) pixel ``boxes`` of a uint8 (3, H, W) ``image``, each resized to ``size`` with
-    antialiasing and mirrored where ``flips`` says: (S, 3, *size) uint8, on the image's device (rounded and clamped
-    as torchvision rounds a float resize of uint8 pixels)."""
-    height, width = image.shape[-2:]
-    device = image.device
-    box = torch.tensor([list(b) for b in boxes], dtype=torch.int64).reshape(-1, 4).to(device)
+def resized_crops(images, boxes, flips, size: Tuple[int, int], interpolation: str = "bilinear",
+                  owners: Optional[Sequence[int]] = None, chunk_bytes: int = 256 << 20,
+                  into: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Many antialiased crops at once: the (top, left, height, width) pixel ``boxes`` ((S, 4) integers) of uint8
+    (3, H, W) ``images`` (one image, or a list: box s crops ``images[owners[s]]``), each resized to ``size`` and
+    mirrored where ``flips`` ((S,), or ``None``: none) says: (S, 3, *size) uint8 on the images' device (written into
+    ``into`` when given; rounded and clamped as torchvision rounds a float resize of uint8 pixels).
+
+    All S boxes' resampling matrices are computed together (padded to the largest image), and boxes and flips reach
+    the device in one transfer, so the kernel launches per box fall with S: what a GPU job's host has time for."""
+    images = [images] if isinstance(images, torch.Tensor) else list(images)
+    boxes = np.asarray(boxes, dtype=np.int64).reshape(-1, 4)
+    flips = np.zeros(len(boxes), dtype=np.int64) if flips is None else np.asarray(flips, dtype=np.int64).reshape(-1)
+    owners = np.zeros(len(boxes), dtype=np.int64) if owners is None else np.asarray(owners, dtype=np.int64)
+    device = images[0].device
+    channels = images[0].shape[0]
+    height, width = max(im.shape[-2] for im in images), max(im.shape[-1] for im in images)
+    box = torch.from_numpy(np.concatenate([boxes, flips[:, None]], axis=1)).to(device, non_blocking=True)
     wy = resample_weights(box[:, 0], box[:, 2], height, size[0], interpolation)
     wx = resample_weights(box[:, 1], box[:, 3], width, size[1], interpolation)
-    flip = torch.tensor([bool(f) for f in flips], dtype=torch.bool).to(device)
-    wx = torch.where(flip[:, None, None], wx.flip(1), wx)
-    channels = image.shape[0]
-    pixels = image.to(torch.float32).reshape(channels * height, width)
-    out = torch.empty((len(box), channels, *size), dtype=torch.uint8, device=device)
-    per_sample = 4 * channels * height * size[1]  # the horizontal pass's output, the largest intermediate
-    step = max(1, chunk_bytes // per_sample)
+    wx = torch.where(box[:, 4, None, None].bool(), wx.flip(1), wx)
+    out = into if into is not None else torch.empty((len(boxes), channels, *size), dtype=torch.uint8, device=device)
     with float32_precision(tf32=False):
-        for a in range(0, len(box), step):
-            s = len(wx[a:a + step])
-            # horizontal pass, one matrix product for all s crops: (3H, W) @ (W, s * out_w)
-            rows = pixels @ wx[a:a + step].permute(2, 0, 1).reshape(width, s * size[1])
-            rows = rows.view(channels, height, s, size[1]).permute(2, 1, 0, 3).reshape(s, height, channels * size[1])
-            # vertical pass, one batched product: (s, out_h, H) @ (s, H, 3 * out_w)
-            crops = torch.bmm(wy[a:a + step], rows).view(s, size[0], channels, size[1]).permute(0, 2, 1, 3)
-            out[a:a + step] = crops.round_().clamp_(0, 255)
+        for owner, a, b in runs(owners):
+            image = images[owner]
+            h, w = image.shape[-2:]
+            pixels = image.to(torch.float32).reshape(channels * h, w)
+            step = max(1, chunk_bytes // (4 * channels * h * size[1]))  # the horizontal pass's output, the largest
+            for a0 in range(a, b, step):
+                a1 = min(b, a0 + step)
+                s = a1 - a0
+                # horizontal pass, one matrix product for all s crops: (3h, w) @ (w, s * out_w)
+                rows = pixels @ wx[a0:a1, :, :w].permute(2, 0, 1).reshape(w, s * size[1])
+                rows = rows.view(channels, h, s, size[1]).permute(2, 1, 0, 3).reshape(s, h, channels * size[1])
+                # vertical pass, one batched product: (s, out_h, h) @ (s, h, 3 * out_w)
+                crops = torch.bmm(wy[a0:a1, :, :h], rows).view(s, size[0], channels, size[1]).permute(0, 2, 1, 3)
+                out[a0:a1] = crops.round_().clamp_(0, 255)
     return out
+
+
+def runs(values: Sequence[int]) -> Iterator[Tuple[int, int, int]]:
+    """(value, start, stop) of each run of equal consecutive ``values``."""
+    start = 0
+    for k in range(1, len(values) + 1):
+        if k == len(values) or values[k] != values[start]:
+            yield int(values[start]), start, k
+            start = k

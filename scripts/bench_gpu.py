@@ -88,7 +88,7 @@ def main():
     import datasets
 
     from dr_hf import ReinforceConfig, TeacherEnsemble, make_pipeline
-    from dr_hf.augment import Context, params_at
+    from dr_hf.augment import Context
     from dr_hf.images import decode
     from dr_hf.reinforce import reinforce
 
@@ -127,10 +127,10 @@ def main():
         few = images[:8]
         params = [pipe.sample(0, i, 16, Context(im.shape[-2], im.shape[-1], i % g, g, 16)) for i, im in enumerate(few)]
         picks = [(r, j) for r in range(len(few)) for j in range(16)]
-        cpu = pipe.render_samples(few, lambda r, j: params_at(params[r], j), picks, out, batched=False)
+        cpu = pipe.render_samples(few, params, picks, out, batched=False)
         gpu_images = [im.to(device) for im in few]
-        gpu = pipe.render_samples(gpu_images, lambda r, j: params_at(params[r], j), picks, out, batched=True)
-        cpu_batched = pipe.render_samples(few, lambda r, j: params_at(params[r], j), picks, out, batched=True)
+        gpu = pipe.render_samples(gpu_images, params, picks, out, batched=True)
+        cpu_batched = pipe.render_samples(few, params, picks, out, batched=True)
         levels = torch.tensor(out.std)[:, None, None] * 255
         diff = ((gpu.cpu() - cpu) * levels).abs()
         same_code = ((gpu.cpu() - cpu_batched) * levels).abs()
@@ -157,7 +157,7 @@ def main():
         def run(imgs, batched):
             def go():
                 for i, im in enumerate(imgs):
-                    pipe.render_samples([im], lambda r, j: params_at(per[i], j), picks, out, batched=batched)
+                    pipe.render_samples([im], [per[i]], picks, out, batched=batched)
             return go
 
         saved = torch.get_num_threads()

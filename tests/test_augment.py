@@ -278,8 +278,8 @@ def test_property_any_size_renders_finite_and_replays_exactly(h, w, seed, index,
     x1 = pipe.render(im, params, OUT)
     x2 = pipe.render(im.clone(), params_at(pipe.sample(seed, index, 1, ctx), 0), OUT)
     assert x1.shape == (3, 24, 24) and torch.isfinite(x1).all() and torch.equal(x1, x2)
-    y = pipe.render_samples([im, image(h, w, 1)] * 4, lambda r, j: params if r == index % 8
-                            else params_at(pipe.sample(seed, r, 1, Context(h, w, r, 8)), 0), [(index % 8, 0)], OUT)
+    rows = [drawn if r == index % 8 else pipe.sample(seed, r, 1, Context(h, w, r, 8)) for r in range(8)]
+    y = pipe.render_samples([im, image(h, w, 1)] * 4, rows, [(index % 8, 0)], OUT)
     assert torch.isfinite(y).all()
 
 

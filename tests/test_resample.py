@@ -8,7 +8,7 @@ from torchvision.transforms.v2 import functional as F
 
 from conftest import SHARED, needs_shared
 from dr_hf import make_pipeline
-from dr_hf.augment import PRESETS, Context, InputSpec, params_at
+from dr_hf.augment import PRESETS, Context, InputSpec
 from dr_hf.images import decode
 from dr_hf.augment import empty_batch, normalise_pixels
 from dr_hf.resample import resized_crop, resized_crops
@@ -47,6 +47,22 @@ def test_resampling_matrices_are_torchs_antialiased_resize(interpolation, shape,
     assert ties < 0.01  # x.5 values, rounded one way or the other by a different order of float sums
     with pytest.raises(ValueError, match="interpolation"):
         resized_crops(image, boxes[:1], [False], size, "nearest")
+
+
+def test_crops_of_many_images_in_one_call_are_each_images_own_crops():
+    """A teacher batch's crops come from several rows' images of different sizes in one call (matrices padded to the
+    largest image): exactly the crops of each image alone, written into a given (channels-last) batch."""
+    rng = np.random.default_rng(3)
+    images = [torch.from_numpy(rng.integers(0, 256, (3, h, w), dtype=np.uint8)) for h, w in ((40, 30), (25, 61), (52, 52))]
+    owners = [0] * 5 + [2] * 4 + [1] * 6 + [0] * 2  # runs, one image twice
+    boxes = [random_boxes(rng, *images[o].shape[-2:], 1)[0] for o in owners]
+    flips = rng.integers(0, 2, len(owners))
+    into = torch.empty((len(owners), 16, 16, 3), dtype=torch.uint8).permute(0, 3, 1, 2)
+    got = resized_crops(images, boxes, flips, (16, 16), "bicubic", owners=owners, into=into)
+    assert got is into
+    for k, o in enumerate(owners):
+        alone = resized_crops(images[o], boxes[k:k + 1], flips[k:k + 1], (16, 16), "bicubic")[0]
+        assert torch.equal(got[k], alone), k
 
 
 @needs_shared("imagenet-sample")
@@ -119,8 +135,7 @@ def render_both(pipe, images, spec, num_samples=12):
         group = images[start:start + g]
         picks = [(r, j) for r in range(len(group)) for j in range(num_samples)]
         for batched in out:
-            out[batched].append(pipe.render_samples(group, lambda r, j: params_at(params[start + r], j), picks, spec,
-                                                    batched=batched))
+            out[batched].append(pipe.render_samples(group, params[start:start + g], picks, spec, batched=batched))
     return torch.cat(out[False]), torch.cat(out[True])
 
 
@@ -150,8 +165,8 @@ def test_batched_render_is_per_sample_render_within_stated_tolerance(interpolati
     pipe = make_pipeline("imagenet+rrc")
     picks = [(0, j) for j in range(12)]
     params = pipe.sample(0, 0, 12, Context(*images[0].shape[-2:], num_samples=12))
-    a = pipe.render_samples(images[:1], lambda r, j: params_at(params, j), picks, spec, normalise=False, batched=False)
-    b = pipe.render_samples(images[:1], lambda r, j: params_at(params, j), picks, spec, normalise=False, batched=True)
+    a = pipe.render_samples(images[:1], [params], picks, spec, normalise=False, batched=False)
+    b = pipe.render_samples(images[:1], [params], picks, spec, normalise=False, batched=True)
     assert a.dtype == b.dtype == torch.uint8 and (a.int() - b.int()).abs().max() <= (1 if interpolation == "bilinear" else 255)
 
 

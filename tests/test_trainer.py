@@ -143,7 +143,7 @@ def test_collator_tensor_equals_teacher_input_at_reinforce_time(reinforced, pres
     params = group["dr_params"]  # per row, the stored layout
     j = int(batch["sample_index"][0])
     assert (batch["sample_index"] == j).all()  # one sample index per group
-    expected = job.render_group(images, params, [j], out)
+    expected = job.render_rows(images, params, [j], out)
     assert torch.equal(batch["pixel_values"], expected)
     assert torch.equal(batch["teacher_indices"], torch.tensor(np.asarray(group["dr_topk_indices"])[:, j].astype(np.int64)))
     # and the teacher on that tensor reproduces the stored log-probs
