@@ -10,7 +10,10 @@ CPU core as EfficientNet-Lite0 is on a GPU, so the job is bound by everything bu
 * teacher only: the bare forward on the same number of samples, in the job's batch layout;
 * parameter sampling alone (part of the job), per sample, for `imagenet+rrc` and `imagenet+rare+mix`;
 * the whole job (`reinforce()`: the map, top-K, parquet shards, the card and its preview) on `--job-rows` rows in 4
-  shards, against `Reinforcer.compute` alone on the same rows: what the job adds to its compute.
+  shards, against `Reinforcer.compute` alone on the same rows: what the job adds to its compute;
+* the batched (GPU) render path's host cost: a teacher batch of 4 rows x 64 samples rendered in one call (as the job
+  does) against row by row, in kernel launches (aten ops) and ms per 64 samples, with 8x8 crops of small images so
+  that the host's work is all there is.
 
     python scripts/bench_render.py            # -> results/bench_render.md
 """
@@ -39,6 +42,47 @@ def tiny_vit(folder):
     ViTForImageClassification(config).save_pretrained(folder)
     ViTImageProcessor(size={"height": 224, "width": 224}, resample=2).save_pretrained(folder)
     return f"hf:{folder}"
+
+
+def host_cost(rows_at_once: bool, repeats: int):
+    """(aten ops, ms) per 64 samples of batched rendering, a teacher batch of 4 rows x 64 samples."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from dr_hf import make_pipeline
+    from dr_hf.augment import Context, empty_batch
+    from dr_hf.inputs import InputSpec
+
+    class Count(TorchDispatchMode):
+        ops = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            Count.ops += 1
+            return func(*args, **(kwargs or {}))
+
+    pipe, out = make_pipeline("imagenet+rrc"), InputSpec(size=(8, 8), interpolation="bicubic")
+    rng = torch.Generator().manual_seed(0)
+    images = [torch.randint(0, 256, (3, 24 + r, 32), dtype=torch.uint8, generator=rng) for r in range(4)]
+    params = [pipe.sample(0, r, 64, Context(24 + r, 32, num_samples=64)) for r in range(4)]
+    batch = empty_batch(256, out.size)
+
+    def render():
+        if rows_at_once:
+            pipe.render_samples(images, params, [(r, j) for r in range(4) for j in range(64)], out, batch, batched=True)
+        else:
+            for r in range(4):
+                pipe.render_samples(images[r:r + 1], params[r:r + 1], [(0, j) for j in range(64)], out,
+                                    batch[64 * r:64 * (r + 1)], batched=True)
+
+    render()
+    with Count():
+        render()
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        for _ in range(10):
+            render()
+        best = min(best, (time.perf_counter() - t0) / 10)
+    return Count.ops / 4, best / 4 * 1e3
 
 
 def main():
@@ -131,6 +175,8 @@ def main():
             whole[name].append(time.perf_counter() - t0)
     whole_rate = {name: args.job_rows * args.num_samples / min(ts) for name, ts in whole.items()}
     print(whole_rate)
+    host = {"row by row": host_cost(False, args.repeats), "a teacher batch in one call (the job)": host_cost(True, args.repeats)}
+    print(host)
     print({name: [round(samples / t) for t in ts] for name, ts in timings.items()})
     naive_rate, job_rate, teacher_rate = rate.values()
     render_share = 1 - job_rate / teacher_rate
@@ -147,6 +193,11 @@ def main():
               f"next is computed, the card and its preview): {whole_rate['whole job']:.0f} samples/s against "
               f"{whole_rate['compute alone']:.0f} for `Reinforcer.compute` alone on the same rows "
               f"(**{whole_rate['whole job'] / whole_rate['compute alone']:.2f}**; best of 2).", "",
+              "Batched (GPU) rendering's host cost, on this CPU with 8x8 crops of small images (the host's work is all "
+              "there is), a teacher batch of 4 rows x 64 samples, `imagenet+rrc`:", "",
+              "| rendered | kernel launches (aten ops) per 64 samples | host ms per 64 samples |", "|---|---|---|"]
+    lines += [f"| {name} | {ops:.0f} | {ms:.2f} |" for name, (ops, ms) in host.items()]
+    lines += ["",
               "Command: `python scripts/bench_render.py`."]
     write_markdown(args.out, lines)
 

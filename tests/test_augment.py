@@ -17,6 +17,7 @@ from dr_hf.augment import (
     RandomResizedCrop,
     RANDAUGMENT_OPS,
     box_to_pixels,
+    boxes_to_pixels,
     make_pipeline,
     params_at,
 )
@@ -83,6 +84,17 @@ def test_crop_box_is_relative_so_it_replays_on_a_resized_copy():
     big = box_to_pixels(p["crop"], 400, 560)
     small = box_to_pixels(p["crop"], 40, 56)
     assert all(abs(b / 10 - s) <= 1 for b, s in zip(big, small))
+
+
+def test_box_conversions_agree():
+    """The vectorised box conversion (batched crops) and the per-sample one give the same pixels for any stored box
+    and image size, edges and degenerate boxes included."""
+    rng = np.random.default_rng(0)
+    boxes = np.concatenate([rng.integers(0, 4097, (3000, 4)), [[0, 0, 0, 0], [4096, 4096, 4096, 4096], [4095, 0, 1, 1]]])
+    for height, width in [(1, 1), (3, 7), (375, 500), (1999, 17), *rng.integers(1, 3000, (20, 2)).tolist()]:
+        vectorised = boxes_to_pixels(boxes.astype(np.uint16), height, width)
+        assert [box_to_pixels(b, height, width) for b in boxes.astype(np.uint16)] == [tuple(v) for v in vectorised.tolist()]
+        assert (vectorised[:, 2:] >= 1).all() and (vectorised[:, 0] + vectorised[:, 2] <= height).all()
 
 
 def test_flip_replay():
