@@ -65,6 +65,17 @@ def box_to_pixels(box: Sequence[int], height: int, width: int) -> Tuple[int, int
     return top, left, h, w
 
 
+def box_masks(boxes: np.ndarray, height: int, width: int, device=None) -> torch.Tensor:
+    """(M, 1, H, W) bool masks of stored boxes (M, 4) at ``height`` x ``width`` (an all-zero box: no pixel)."""
+    boxes = np.asarray(boxes)
+    px = np.where(((boxes[:, 2] > 0) & (boxes[:, 3] > 0))[:, None], boxes_to_pixels(boxes, height, width), 0)
+    b = torch.from_numpy(px).to(device)
+    ys, xs = torch.arange(height, device=device), torch.arange(width, device=device)
+    rows = (ys >= b[:, :1]) & (ys < b[:, :1] + b[:, 2:3])
+    cols = (xs >= b[:, 1:2]) & (xs < b[:, 1:2] + b[:, 3:4])
+    return (rows[:, :, None] & cols[:, None, :])[:, None]
+
+
 BOX_TRIES = 10  # torchvision's tries before RandomResizedCrop's fallback / RandomErasing's giving up
 
 
@@ -307,17 +318,40 @@ class RandAugment(ReplayableTransform):
             return 0.0
         return float(values[abs(signed_bin)]) * (-1.0 if signed_bin < 0 else 1.0)
 
-    def apply(self, image, params, out):
+    @staticmethod
+    def _check_ops(ops: np.ndarray) -> None:
+        bad = ops[(ops != 255) & (ops >= len(RANDAUGMENT_OPS))]
+        if bad.size:
+            raise ValueError(f"dr_params.ra_ops holds {int(bad[0])}, but only {len(RANDAUGMENT_OPS)} RandAugment ops exist")
+
+    def _op(self, images: torch.Tensor, op: int, signed_bin: int) -> torch.Tensor:
         tv = _randaugment()(interpolation=InterpolationMode.NEAREST)
-        for op, b in zip(params["ra_ops"], params["ra_bins"]):
-            if op == 255:
-                continue
-            if op >= len(RANDAUGMENT_OPS):
-                raise ValueError(f"dr_params.ra_ops holds {int(op)}, but only {len(RANDAUGMENT_OPS)} RandAugment ops exist")
-            name = RANDAUGMENT_OPS[int(op)]
-            mag = self.magnitude_of(name, int(b), image.shape[-2], image.shape[-1])
-            image = tv._apply_image_or_video_transform(image, name, mag, interpolation=tv.interpolation, fill=tv._fill)
+        name = RANDAUGMENT_OPS[op]
+        mag = self.magnitude_of(name, signed_bin, images.shape[-2], images.shape[-1])
+        return tv._apply_image_or_video_transform(images, name, mag, interpolation=tv.interpolation, fill=tv._fill)
+
+    def apply(self, image, params, out):
+        ops = np.asarray(params["ra_ops"])
+        self._check_ops(ops)
+        for op, b in zip(ops, params["ra_bins"]):
+            if op != 255:
+                image = self._op(image, int(op), int(b))
         return image
+
+    def apply_batch(self, images: torch.Tensor, params: Dict[str, np.ndarray]) -> torch.Tensor:
+        """:meth:`apply` to a batch (M, 3, H, W) of uint8 images, with each field of ``params`` (M, ...): each op, one
+        slot at a time, runs once on all the images that drew it (torchvision's ops treat a batch image by image, the
+        same pixels as one at a time; tested), so a batch costs a few dozen calls, not M * ``num_ops``."""
+        ops, bins = np.asarray(params["ra_ops"]), np.asarray(params["ra_bins"]).astype(np.int64)
+        self._check_ops(ops)
+        images = images.clone()
+        for slot in range(ops.shape[1]):
+            keys = ops[:, slot].astype(np.int64) * 256 + bins[:, slot] + 128  # (op, signed bin) as one number
+            for key in np.unique(keys[ops[:, slot] != 255]):
+                index = torch.from_numpy(np.flatnonzero(keys == key)).to(images.device)
+                op, signed_bin = divmod(int(key), 256)
+                images.index_copy_(0, index, self._op(images.index_select(0, index), op, signed_bin - 128))
+        return images
 
 
 @dataclass
@@ -346,6 +380,10 @@ class RandomErasing(ReplayableTransform):
             return x
         top, left, h, w = box_to_pixels(box, x.shape[-2], x.shape[-1])
         return F.erase(x, top, left, h, w, torch.tensor(self.value, dtype=x.dtype))
+
+    def apply_batch(self, x: torch.Tensor, params: Dict[str, np.ndarray]) -> torch.Tensor:
+        """:meth:`apply` to a batch (M, 3, H, W), ``params["erase_box"]`` (M, 4): one masked fill."""
+        return x.masked_fill(box_masks(params["erase_box"], x.shape[-2], x.shape[-1], x.device), self.value)
 
 
 @dataclass
@@ -413,6 +451,16 @@ class MixUpCutMix(ReplayableTransform):
             _, _, h, w = box_to_pixels(box, height, width)
             lam *= 1.0 - (h * w) / (height * width)
         return lam
+
+    def apply_mix_batch(self, x: torch.Tensor, partner: torch.Tensor, params: Dict[str, np.ndarray]) -> torch.Tensor:
+        """:meth:`apply_mix` to a batch: ``x`` and ``partner`` (P, 3, H, W), each field of ``params`` (P, ...); samples
+        that are not mixed come back unchanged. The same arithmetic as one at a time, so the same floats (tested)."""
+        q = np.asarray(params["mix_lam"]).astype(np.int64)
+        mixup = torch.from_numpy(q > 0).to(x.device)[:, None, None, None]
+        lam = torch.from_numpy(np.where(q > 0, q / Q16, 1.0))  # float64, as Python computes 1 - lam
+        own, other = lam.to(x.dtype).to(x.device), (1.0 - lam).to(x.dtype).to(x.device)
+        x = torch.where(mixup, x * own[:, None, None, None] + partner * other[:, None, None, None], x)
+        return torch.where(box_masks(params["mix_box"], x.shape[-2], x.shape[-1], x.device), partner, x)
 
     def apply_mix(self, x: torch.Tensor, partner: torch.Tensor, params) -> torch.Tensor:
         if int(params["mix_lam"]):
@@ -522,15 +570,14 @@ class AugmentPipeline:
         return self.mix is None and all(isinstance(t, RandomErasing) and t.value == 0.0 for t in self.stage("float"))
 
     def render(self, image: torch.Tensor, params: Dict[str, Any], out: InputSpec,
-               into: Optional[torch.Tensor] = None, normalise: bool = True, cropped: bool = False) -> torch.Tensor:
+               into: Optional[torch.Tensor] = None, normalise: bool = True) -> torch.Tensor:
         """Everything but mixing: a uint8 CHW image -> a normalised float CHW tensor at ``out.size`` (written into
         ``into`` when given, e.g. a slot of a batch, which saves an allocation and a copy). ``normalise=False``
-        (pipelines that :attr:`renders_uint8`): the uint8 pixels, which :func:`normalise_pixels` turns into the same floats.
-        ``cropped``: ``image`` is this sample's geometry stage already applied (a view from :meth:`crop_views`)."""
+        (pipelines that :attr:`renders_uint8`): the uint8 pixels, which :func:`normalise_pixels` turns into the same floats."""
         x = image
-        if not cropped and not any(t.resizes for t in self.transforms):
+        if not any(t.resizes for t in self.transforms):
             x = CenterCrop().apply(x, {}, out)
-        for t in ([] if cropped else self.stage("geometry")) + self.stage("colour"):
+        for t in self.stage("geometry") + self.stage("colour"):
             x = t.apply(x, params, out)
         floats = self.stage("float")
         if not normalise:
@@ -561,15 +608,11 @@ class AugmentPipeline:
         matrix products (:mod:`dr_hf.resample`); the same pixels as :meth:`render`'s per-sample crop on the same
         device's float path, within one grey level."""
         owners = np.array([r for r, _ in picks], dtype=np.int64)
-        samples = np.array([j for _, j in picks], dtype=np.int64)
+        stored = gather(row_params, picks, ["crop", "flip"] if self.get("horizontal_flip") is not None else ["crop"])
         boxes = np.zeros((len(picks), 4), dtype=np.int64)
-        flips = np.zeros(len(picks), dtype=np.int64)
-        flip = self.get("horizontal_flip") is not None
         for r, a, b in runs(owners):
-            boxes[a:b] = boxes_to_pixels(np.asarray(row_params[r]["crop"])[samples[a:b]], *images[r].shape[-2:])
-            if flip:
-                flips[a:b] = np.asarray(row_params[r]["flip"])[samples[a:b]]
-        return resized_crops(images, boxes, flips, out.size, out.interpolation, owners=owners, into=into)
+            boxes[a:b] = boxes_to_pixels(stored["crop"][a:b], *images[r].shape[-2:])
+        return resized_crops(images, boxes, stored.get("flip"), out.size, out.interpolation, owners=owners, into=into)
 
     def render_samples(self, images: Sequence[torch.Tensor], row_params: Sequence[Mapping[str, Any]],
                        picks: Sequence[Tuple[int, int]], out: InputSpec,
@@ -580,68 +623,88 @@ class AugmentPipeline:
         ``row_params[r]``: row r's stored parameters (each field (N, ...), as a dataset row's ``dr_params`` holds them);
         a mixed sample's partner (``row + mix_partner``, at sample ``mix_sample``) must be one of ``images``. Each
         (row, sample) is rendered once, straight into the batch where it is not mixed (``into``: that batch, e.g. rows
-        of a larger one). The same code runs on CPU and CUDA tensors: the batch lives where the images do. ``batched``
-        (default: on CUDA tensors) crops each row's samples at once (:meth:`crop_views`) where the pipeline allows,
-        then applies the rest per sample, or, with nothing else to apply, crops straight into the batch's pixels and
-        normalises the whole batch in one pass; per-sample kernels would leave a GPU waiting."""
+        of a larger one). The same code runs on CPU and CUDA tensors: the batch lives where the images do.
+
+        ``batched`` (default: on CUDA tensors; pipelines that :meth:`crops_in_batches`): every stage runs on the whole
+        batch at once, as a GPU needs (per-sample kernels would leave it waiting on launches): crops by batched matrix
+        products (:meth:`crop_views`), RandAugment op by op, RandomErasing and MixUp/CutMix by masks, normalisation in
+        one pass. After the crop, each stage gives what it gives one sample at a time (tested)."""
         batch = into if into is not None else empty_batch(
             len(picks), out.size, torch.float32 if normalise else torch.uint8, images[0].device if len(images) else None)
+        if not normalise and not self.renders_uint8:
+            raise ValueError("this pipeline cannot stop before normalisation (it mixes, or its float stage does "
+                             "more than erase to black)")
         if batched is None:
             batched = len(images) > 0 and images[0].is_cuda
+        if batched and self.crops_in_batches(out):
+            return self._render_batched(images, row_params, picks, out, batch, normalise) if picks else batch
         mix = self.mix
-        batched = batched and self.crops_in_batches(out)
-        if batched and mix is None and not self.stage("colour") and not self.stage("float"):
-            pixels = batch if not normalise else torch.empty_like(batch, dtype=torch.uint8)  # the batch's layout
-            if picks:
-                self.crop_views(images, row_params, picks, out, into=pixels)
-            return normalise_pixels(pixels, out, self, batch) if normalise else batch
-
-        def params(r: int, j: int) -> Dict[str, Any]:
-            return params_at(row_params[r], j)
-
-        views = self._views(images, row_params, picks, out) if batched else None
         cache: Dict[Tuple[int, int], torch.Tensor] = {}
 
         def base(r: int, j: int, into: Optional[torch.Tensor] = None, p: Optional[Dict[str, Any]] = None) -> torch.Tensor:
             if (r, j) not in cache:
-                p = params(r, j) if p is None else p
-                if views is None:
-                    cache[(r, j)] = self.render(images[r], p, out, into, normalise)
-                else:
-                    cache[(r, j)] = self.render(views[(r, j)], p, out, into, normalise, cropped=True)
+                cache[(r, j)] = self.render(images[r], params_at(row_params[r], j) if p is None else p, out, into,
+                                            normalise)
             elif into is not None:
                 into.copy_(cache[(r, j)])
             return cache[(r, j)]
 
         for k, (r, j) in enumerate(picks):
-            p = params(r, j)
+            p = params_at(row_params[r], j)
             if mix is None or not mix.is_mixed(p):
                 base(r, j, batch[k], p)
                 continue
-            partner = self._partner(r, j, p, len(images))
+            partner = r + int(p["mix_partner"])
+            self._check_partners(np.array([r]), np.array([partner]), np.array([j]), len(images))
             batch[k] = mix.apply_mix(base(r, j), base(partner, int(p["mix_sample"])), p)
         return batch
 
     @staticmethod
-    def _partner(r: int, j: int, p: Dict[str, Any], rows: int) -> int:
-        partner = r + int(p["mix_partner"])
-        if not 0 <= partner < rows:
-            raise ValueError(f"sample {j} of row {r} of the group is mixed with row {partner}, which is not in "
-                             "the group; feed mixing datasets whole groups of rows")
-        return partner
+    def _check_partners(rows: np.ndarray, partners: np.ndarray, samples: np.ndarray, count: int) -> None:
+        outside = np.flatnonzero((partners < 0) | (partners >= count))
+        if outside.size:
+            k = outside[0]
+            raise ValueError(f"sample {samples[k]} of row {rows[k]} of the group is mixed with row {partners[k]}, which "
+                             "is not in the group; feed mixing datasets whole groups of rows")
 
-    def _views(self, images, row_params, picks, out) -> Dict[Tuple[int, int], torch.Tensor]:
-        """:meth:`crop_views` of every (row, sample) that ``picks`` render, mixing partners included, in one call."""
-        needed: Dict[Tuple[int, int], None] = {}
+    def _render_batched(self, images, row_params, picks, out, batch, normalise) -> torch.Tensor:
+        """:meth:`render_samples`'s batched path: each stage once over all the (row, sample) views the picks need."""
         mix = self.mix
-        for r, j in picks:
-            needed[(r, j)] = None
-            p = params_at(row_params[r], j)
-            if mix is not None and mix.is_mixed(p):
-                needed[(self._partner(r, j, p, len(images)), int(p["mix_sample"]))] = None
-        keys = sorted(needed, key=lambda pick: pick[0])  # one run per row
-        return dict(zip(keys, self.crop_views(images, row_params, keys, out).unbind()))
-
+        if mix is None and not self.stage("colour") and not self.stage("float"):  # crop straight into the batch
+            pixels = batch if not normalise else torch.empty_like(batch, dtype=torch.uint8)  # in the batch's layout
+            self.crop_views(images, row_params, picks, out, into=pixels)
+            return normalise_pixels(pixels, out, self, batch) if normalise else batch
+        keys: List[Tuple[int, int]] = list(picks)
+        if mix is not None:
+            mixing = gather(row_params, picks, mix.fields)
+            rows = np.array([r for r, _ in picks])
+            mixed = mixing["mix_partner"] != 0
+            partners = rows + mixing["mix_partner"].astype(np.int64)
+            self._check_partners(rows[mixed], partners[mixed], np.array([j for _, j in picks])[mixed], len(images))
+            partner_keys = [(int(pr), int(s)) if m else pick
+                            for pick, m, pr, s in zip(picks, mixed, partners, mixing["mix_sample"])]
+            keys += partner_keys
+        keys = sorted(dict.fromkeys(keys), key=lambda key: key[0])  # each view once, one run per row
+        where = {key: i for i, key in enumerate(keys)}
+        pixels = self.crop_views(images, row_params, keys, out)
+        for t in self.stage("colour"):
+            pixels = t.apply_batch(pixels, gather(row_params, keys, t.fields))
+        floats = self.stage("float")
+        if not normalise:  # (renders_uint8: erasing to black, the same on uint8 pixels)
+            for t in floats:
+                pixels = t.apply_batch(pixels, gather(row_params, keys, t.fields))
+            return batch.copy_(pixels[[where[pick] for pick in picks]])
+        if floats:  # render's float path: to [0, 1], erase, normalise
+            x = F.to_dtype(pixels, torch.float32, scale=True)
+            for t in floats:
+                x = t.apply_batch(x, gather(row_params, keys, t.fields))
+            x = F.normalize(x, list(out.mean), list(out.std))
+        else:
+            x = normalise_pixels(pixels, out, self)
+        own = x[[where[pick] for pick in picks]]
+        if mix is not None:
+            own = mix.apply_mix_batch(own, x[[where[key] for key in partner_keys]], mixing)
+        return batch.copy_(own)
 
 def normalise_pixels(pixels: torch.Tensor, out: InputSpec, pipeline: "AugmentPipeline",
               into: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -695,6 +758,15 @@ def _affine_normalisation(out: InputSpec, device: torch.device, tiled: int = 0) 
             scale, bias = scale[:, None, None], bias[:, None, None]
         _NORMALISATION[key] = (scale.to(device), bias.to(device))
     return _NORMALISATION[key]
+
+
+def gather(row_params: Sequence[Mapping[str, Any]], picks: Sequence[Tuple[int, int]], names) -> Dict[str, np.ndarray]:
+    """Fields ``names`` of the stored parameters of samples ``picks`` = [(row, sample index), ...]: each
+    (len(picks), ...), one numpy lookup per run of picks of one row."""
+    rows = np.array([r for r, _ in picks], dtype=np.int64)
+    samples = np.array([j for _, j in picks], dtype=np.int64)
+    return {name: np.concatenate([np.asarray(row_params[r][name])[samples[a:b]] for r, a, b in runs(rows)])
+            for name in names}
 
 
 def params_at(row_params: Dict[str, Any], sample: int) -> Dict[str, Any]:

@@ -11,9 +11,8 @@ CPU core as EfficientNet-Lite0 is on a GPU, so the job is bound by everything bu
 * parameter sampling alone (part of the job), per sample, for `imagenet+rrc` and `imagenet+rare+mix`;
 * the whole job (`reinforce()`: the map, top-K, parquet shards, the card and its preview) on `--job-rows` rows in 4
   shards, against `Reinforcer.compute` alone on the same rows: what the job adds to its compute;
-* the batched (GPU) render path's host cost: a teacher batch of 4 rows x 64 samples rendered in one call (as the job
-  does) against row by row, in kernel launches (aten ops) and ms per 64 samples, with 8x8 crops of small images so
-  that the host's work is all there is.
+* rendering's host cost per preset, per sample (the CPU path) against batched (the GPU path), in kernel launches
+  (aten ops) and ms per 64 samples, with 8x8 crops of small images so that the host's work is all there is.
 
     python scripts/bench_render.py            # -> results/bench_render.md
 """
@@ -44,8 +43,10 @@ def tiny_vit(folder):
     return f"hf:{folder}"
 
 
-def host_cost(rows_at_once: bool, repeats: int):
-    """(aten ops, ms) per 64 samples of batched rendering, a teacher batch of 4 rows x 64 samples."""
+def host_cost(preset: str, mode: str, repeats: int):
+    """(aten ops, ms) per 64 samples of rendering a teacher batch of 256 samples (4 rows x 64, or 8 rows x 32 in
+    MixUp/CutMix groups of 8) with 8x8 crops of small images, where the host's work is all there is. ``mode``:
+    "per sample" (the CPU path), "batched, row by row", "batched" (the GPU path, one call per teacher batch)."""
     from torch.utils._python_dispatch import TorchDispatchMode
 
     from dr_hf import make_pipeline
@@ -59,19 +60,22 @@ def host_cost(rows_at_once: bool, repeats: int):
             Count.ops += 1
             return func(*args, **(kwargs or {}))
 
-    pipe, out = make_pipeline("imagenet+rrc"), InputSpec(size=(8, 8), interpolation="bicubic")
+    pipe, out = make_pipeline(preset), InputSpec(size=(8, 8), interpolation="bicubic")
+    g = pipe.group_size
+    rows, per_row = (4, 64) if g == 1 else (8, 32)
     rng = torch.Generator().manual_seed(0)
-    images = [torch.randint(0, 256, (3, 24 + r, 32), dtype=torch.uint8, generator=rng) for r in range(4)]
-    params = [pipe.sample(0, r, 64, Context(24 + r, 32, num_samples=64)) for r in range(4)]
+    images = [torch.randint(0, 256, (3, 24 + r, 32), dtype=torch.uint8, generator=rng) for r in range(rows)]
+    params = [pipe.sample(0, r, per_row, Context(24 + r, 32, r % g, g, per_row)) for r in range(rows)]
     batch = empty_batch(256, out.size)
 
     def render():
-        if rows_at_once:
-            pipe.render_samples(images, params, [(r, j) for r in range(4) for j in range(64)], out, batch, batched=True)
+        if mode == "batched, row by row":
+            for r in range(rows):
+                pipe.render_samples(images[r:r + 1], params[r:r + 1], [(0, j) for j in range(per_row)], out,
+                                    batch[per_row * r:per_row * (r + 1)], batched=True)
         else:
-            for r in range(4):
-                pipe.render_samples(images[r:r + 1], params[r:r + 1], [(0, j) for j in range(64)], out,
-                                    batch[64 * r:64 * (r + 1)], batched=True)
+            pipe.render_samples(images, params, [(r, j) for r in range(rows) for j in range(per_row)], out, batch,
+                                batched=mode == "batched")
 
     render()
     with Count():
@@ -79,9 +83,9 @@ def host_cost(rows_at_once: bool, repeats: int):
     best = float("inf")
     for _ in range(repeats):
         t0 = time.perf_counter()
-        for _ in range(10):
+        for _ in range(5):
             render()
-        best = min(best, (time.perf_counter() - t0) / 10)
+        best = min(best, (time.perf_counter() - t0) / 5)
     return Count.ops / 4, best / 4 * 1e3
 
 
@@ -175,7 +179,9 @@ def main():
             whole[name].append(time.perf_counter() - t0)
     whole_rate = {name: args.job_rows * args.num_samples / min(ts) for name, ts in whole.items()}
     print(whole_rate)
-    host = {"row by row": host_cost(False, args.repeats), "a teacher batch in one call (the job)": host_cost(True, args.repeats)}
+    host = {(preset, mode): host_cost(preset, mode, args.repeats)
+            for preset in ("imagenet+rrc", "imagenet+mix", "imagenet+rare", "imagenet+rare+mix")
+            for mode in ("per sample", "batched") + (("batched, row by row",) if preset == "imagenet+rrc" else ())}
     print(host)
     print({name: [round(samples / t) for t in ts] for name, ts in timings.items()})
     naive_rate, job_rate, teacher_rate = rate.values()
@@ -193,10 +199,13 @@ def main():
               f"next is computed, the card and its preview): {whole_rate['whole job']:.0f} samples/s against "
               f"{whole_rate['compute alone']:.0f} for `Reinforcer.compute` alone on the same rows "
               f"(**{whole_rate['whole job'] / whole_rate['compute alone']:.2f}**; best of 2).", "",
-              "Batched (GPU) rendering's host cost, on this CPU with 8x8 crops of small images (the host's work is all "
-              "there is), a teacher batch of 4 rows x 64 samples, `imagenet+rrc`:", "",
-              "| rendered | kernel launches (aten ops) per 64 samples | host ms per 64 samples |", "|---|---|---|"]
-    lines += [f"| {name} | {ops:.0f} | {ms:.2f} |" for name, (ops, ms) in host.items()]
+              "Rendering's host cost, what a GPU job's host must keep up with: a teacher batch of 256 samples (4 rows x 64; "
+              "8 rows x 32 in MixUp/CutMix groups) on this CPU with 8x8 crops of small images, so that the host's work is "
+              "all there is. Per sample: the CPU path; batched: the GPU path (every stage on the whole batch, one call "
+              "per teacher batch).", "",
+              "| preset | rendered | kernel launches (aten ops) per 64 samples | host ms per 64 samples |",
+              "|---|---|---|---|"]
+    lines += [f"| `{preset}` | {mode} | {ops:.0f} | {ms:.2f} |" for (preset, mode), (ops, ms) in host.items()]
     lines += ["",
               "Command: `python scripts/bench_render.py`."]
     write_markdown(args.out, lines)

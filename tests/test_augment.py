@@ -307,3 +307,58 @@ def test_decoded_layout_does_not_change_a_render(preset):
     for j in range(12):
         p = params_at(drawn, j)
         assert torch.equal(pipe.render(view, p, OUT), pipe.render(contiguous, p, OUT)), (preset, j)
+
+
+def test_batched_stages_equal_one_sample_at_a_time():
+    """RandAugment, RandomErasing and MixUp/CutMix on a batch (the GPU path) give exactly what they give one sample at
+    a time, for drawn parameters: every RandAugment op, skipped ones, channels-last input, unmixed samples."""
+    rng = np.random.default_rng(0)
+    hwc = torch.from_numpy(rng.integers(0, 256, (300, 20, 24, 3), dtype=np.uint8))
+    x = hwc.permute(0, 3, 1, 2)  # channels-last, as crops come
+    x[:100] = x[:100] // 3 + 60  # low contrast, so that autocontrast and equalize act
+    ra = RandAugment(p=0.9)
+    params = ra.sample(Draws(0, 0, 300), Context(20, 24))
+    assert set(params["ra_ops"].ravel()) == set(range(len(RANDAUGMENT_OPS))) | {255}
+    one = torch.stack([ra.apply(x[k], params_at(params, k), OUT) for k in range(300)])
+    assert torch.equal(ra.apply_batch(x, params), one)
+    params["ra_ops"][7, 1] = 99
+    with pytest.raises(ValueError, match="ra_ops holds 99"):
+        ra.apply_batch(x, params)
+
+    erase = RandomErasing(p=0.5)
+    boxes = erase.sample(Draws(1, 0, 300), Context(20, 24))
+    floats = torch.rand(300, 3, 20, 24)
+    assert torch.equal(erase.apply_batch(floats, boxes),
+                       torch.stack([erase.apply(floats[k], params_at(boxes, k), OUT) for k in range(300)]))
+    assert torch.equal(erase.apply_batch(x, boxes), torch.stack([erase.apply(x[k], params_at(boxes, k), OUT) for k in range(300)]))
+
+    mix = MixUpCutMix()
+    mixing = mix.sample(Draws(2, 0, 300), Context(20, 24, position=3, group_rows=8, num_samples=4))
+    own, partner = torch.randn(300, 3, 20, 24), torch.randn(300, 3, 20, 24)
+    expected = torch.stack([mix.apply_mix(own[k], partner[k], p) if mix.is_mixed(p) else own[k]
+                            for k, p in ((k, params_at(mixing, k)) for k in range(300))])
+    assert torch.equal(mix.apply_mix_batch(own, partner, mixing), expected)
+
+
+@pytest.mark.parametrize("preset", sorted(set(PRESETS) - {"cifar100+"}))  # (cifar100+'s crop is not batched)
+def test_batched_render_is_the_per_sample_render_where_the_crop_is_exact(preset):
+    """Boxes covering whole images at their own size, where both crop paths copy the image: the batched path (crop,
+    RandAugment, erasing, normalisation, MixUp/CutMix with partners across the group) is the per-sample path, bit
+    for bit, in uint8 and float."""
+    pipe = make_pipeline(preset)
+    g = pipe.group_size
+    images = [image(24, 24, seed) for seed in range(8)]
+    rows = [pipe.sample(5, r, 6, Context(24, 24, r % g, g, 6)) for r in range(8)]
+    for p in rows:
+        p["crop"][:] = [0, 0, 4096, 4096]
+    picks = [(r, j) for r in range(8) for j in range(6)][5:]  # not starting at a row's first sample
+    out = InputSpec(size=(24, 24), mean=(0.4, 0.5, 0.6), std=(0.2, 0.3, 0.4), interpolation="bilinear")
+    per_sample = pipe.render_samples(images, rows, picks, out, batched=False)
+    assert torch.equal(pipe.render_samples(images, rows, picks, out, batched=True), per_sample)
+    if pipe.renders_uint8:
+        assert torch.equal(pipe.render_samples(images, rows, picks, out, normalise=False, batched=True),
+                           pipe.render_samples(images, rows, picks, out, normalise=False, batched=False))
+    if pipe.mix is not None:
+        assert any(pipe.mix.is_mixed(params_at(rows[r], j)) for r, j in picks)
+        with pytest.raises(ValueError, match="not in the group"):
+            pipe.render_samples(images[:3], rows[:3], picks[:12], out, batched=True)
