@@ -628,7 +628,10 @@ class AugmentPipeline:
         ``batched`` (default: on CUDA tensors; pipelines that :meth:`crops_in_batches`): every stage runs on the whole
         batch at once, as a GPU needs (per-sample kernels would leave it waiting on launches): crops by batched matrix
         products (:meth:`crop_views`), RandAugment op by op, RandomErasing and MixUp/CutMix by masks, normalisation in
-        one pass. After the crop, each stage gives what it gives one sample at a time (tested)."""
+        one pass. After the crop, each stage gives what it gives one sample at a time (tested). On a CPU, one sample at
+        a time is faster, as each stays in cache through all its stages: ``Reinforcer.compute`` with the tiny ViT on
+        32 ImageNet rows at N=64, one thread, ran ``imagenet+rare`` at 258 samples/s with the stages after the crop
+        batched against 420 one sample at a time (``imagenet+rrc``: 1,980 against 2,250)."""
         batch = into if into is not None else empty_batch(
             len(picks), out.size, torch.float32 if normalise else torch.uint8, images[0].device if len(images) else None)
         if not normalise and not self.renders_uint8:
