@@ -3,9 +3,10 @@ batches, and batched rendering's speed and fidelity on the device, side by side 
 
 * fidelity: batched CUDA renders against the per-sample CPU renders that training replays (grey levels), and the
   teacher's log-probabilities on both;
-* rendering: samples/s of one image's N samples, per-sample on the CPU (1 thread), per-sample on the GPU, batched on
+* rendering: samples/s of teacher batches of 256 samples as the job renders them (all N samples of the rows of a
+  teacher block; MixUp/CutMix groups of 8 rows), per sample on the CPU (1 thread), per sample on the GPU, batched on
   the GPU (``--render batched``);
-* teacher: the bare bf16 forward at the job's batch size (N samples of one row) and at 256;
+* teacher: the bare bf16 forward at N (one row's samples) and at 256 (the job's teacher batches at N=64);
 * job: ``dr_hf.reinforce`` end to end (decode, render, teacher, top-k, parquet), rendering on the GPU (batched) with
   rows prepared (decoded, parameters drawn) in worker processes or inline, and on the CPU (per sample, one render
   thread ahead of the teacher); whole-job rates include starting the worker processes and writing the card, shard rates
@@ -146,18 +147,20 @@ def main():
     results["fidelity"] = fidelity
     save()
 
-    # -- rendering one image's N samples -----------------------------------------------------------------------------
+    # -- rendering teacher batches of 256 samples, as the job does ---------------------------------------------------
     render = {}
-    for preset in ("imagenet+rrc", "imagenet+rare"):
+    for preset in ("imagenet+rrc", "imagenet+mix", "imagenet+rare", "imagenet+rare+mix"):
         pipe = make_pipeline(preset)
-        per = [pipe.sample(0, i, n, Context(im.shape[-2], im.shape[-1], num_samples=n)) for i, im in enumerate(images)]
-        picks = [(0, j) for j in range(n)]
+        g = pipe.group_size
+        rows = min(max(g, 256 // n), len(images) // g * g)  # a teacher batch's rows: a teacher block, or one group
+        per = [pipe.sample(0, i, n, Context(im.shape[-2], im.shape[-1], i % g, g, n)) for i, im in enumerate(images)]
+        picks = [(r, j) for r in range(rows) for j in range(min(n, 256 // rows))]
         gpu_images = [im.to(device) for im in images]
 
         def run(imgs, batched):
             def go():
-                for i, im in enumerate(imgs):
-                    pipe.render_samples([im], [per[i]], picks, out, batched=batched)
+                for a in range(0, len(imgs) - rows + 1, rows):
+                    pipe.render_samples(imgs[a:a + rows], per[a:a + rows], picks, out, batched=batched)
             return go
 
         saved = torch.get_num_threads()
@@ -166,9 +169,10 @@ def main():
         torch.set_num_threads(saved)
         run(gpu_images, True)()  # warm-up
         run(gpu_images, False)()
-        render[preset] = {name: len(images) * n / synced(fn, 3) for name, fn in
+        samples = len(images) // rows * len(picks)
+        render[preset] = {name: samples / synced(fn, 3) for name, fn in
                           (("gpu_batched", run(gpu_images, True)), ("gpu_per_sample", run(gpu_images, False)))}
-        render[preset]["cpu_per_sample_1_thread"] = len(images) * n / cpu_s
+        render[preset]["cpu_per_sample_1_thread"] = samples / cpu_s
     results["render_samples_per_s"] = render
     save()
 
@@ -221,7 +225,9 @@ def main():
         results["job_samples_per_s"], results["job_shard_samples_per_s"] = job, shard
         save()
     results["job_samples_per_s"] = job
-    results["job_over_teacher"] = shard["gpu_batched_workers"] / teacher[n]
+    best = max(("gpu_batched_workers", "gpu_batched_inline"), key=lambda name: shard[name])
+    results["job_over_teacher"] = shard[best] / teacher[256]  # the job's teacher batches hold 256 samples at N=64
+    results["job_over_teacher_variant"] = best
     save()
 
     f = results["fidelity"]
@@ -234,8 +240,8 @@ def main():
     log("")
     log("| what | samples/s |")
     log("|---|---|")
-    log(f"| bare teacher forward, batches of {n} (the job's: N samples of one row) | {teacher[n]:,.0f} |")
-    log(f"| bare teacher forward, batches of 256 | {teacher[256]:,.0f} |")
+    log(f"| bare teacher forward, batches of {n} (N samples of one row) | {teacher[n]:,.0f} |")
+    log(f"| bare teacher forward, batches of 256 (the job's: all samples of a teacher block of rows) | {teacher[256]:,.0f} |")
     labels = {"gpu_batched_workers": f"job, rendering on the GPU (batched), rows prepared by {workers} worker processes",
               "gpu_batched_inline": "job, rendering on the GPU (batched), rows prepared inline (the default)",
               "cpu_per_sample_workers": f"job, rendering on the CPU (per sample, 1 render thread), {workers} workers"}
@@ -245,10 +251,11 @@ def main():
     for name, _, _, _, count in variants:
         log(f"| {labels[name]} | {count} | {job[name]:,.0f} | {shard[name]:,.0f} |")
     log("")
-    log(f"Job (shard rate) / bare teacher on the same batches: **{results['job_over_teacher']:.2f}** (goal >= 0.8). "
+    log(f"Job (the faster GPU variant's shard rate) / bare teacher on the same batches of 256: "
+        f"**{results['job_over_teacher']:.2f}** (goal >= 0.8). "
         f"Decoding (PIL or TorchCodec on the CPU) costs {results['decode_ms_per_image']:.2f} ms an image here.")
     log("")
-    log("Rendering one image's N samples (samples/s):")
+    log("Rendering teacher batches of 256 samples as the job does (samples/s):")
     log("")
     log("| preset | GPU, batched | GPU, per sample | CPU, per sample, 1 thread |")
     log("|---|---|---|---|")
