@@ -658,7 +658,8 @@ class AugmentPipeline:
                 base(r, j, batch[k], p)
                 continue
             partner = r + int(p["mix_partner"])
-            self._check_partners(np.array([r]), np.array([partner]), np.array([j]), len(images))
+            if not 0 <= partner < len(images):
+                self._check_partners(np.array([r]), np.array([partner]), np.array([j]), len(images))
             batch[k] = mix.apply_mix(base(r, j), base(partner, int(p["mix_sample"])), p)
         return batch
 
