@@ -710,6 +710,7 @@ class AugmentPipeline:
             own = mix.apply_mix_batch(own, x[[where[key] for key in partner_keys]], mixing)
         return batch.copy_(own)
 
+
 def normalise_pixels(pixels: torch.Tensor, out: InputSpec, pipeline: "AugmentPipeline",
               into: Optional[torch.Tensor] = None) -> torch.Tensor:
     """uint8 pixels (..., 3, H, W) that ``pipeline.render(..., normalise=False)`` returned -> the floats its
