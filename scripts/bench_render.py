@@ -8,6 +8,9 @@ CPU core as EfficientNet-Lite0 is on a GPU, so the job is bound by everything bu
   stacked into teacher batches of 256;
 * dr-hf: `Reinforcer.compute` (parameter sampling, the pipeline's batched rendering, the teacher) on the same rows;
 * teacher only: the bare forward on the same number of samples, in the job's batch layout;
+* ceiling: decoding, torch's antialiased crop kernel alone per sample (no flip, no normalisation, no batch to
+  write) and the bare forward: the fastest any job that crops with antialiasing could be, so the largest ratio to the
+  naive render this machine allows;
 * parameter sampling alone (part of the job), per sample, for `imagenet+rrc` and `imagenet+rare+mix`;
 * the whole job (`reinforce()`: the map, top-K, parquet shards, the card and its preview) on `--job-rows` rows in 4
   shards, against `Reinforcer.compute` alone on the same rows: what the job adds to its compute;
@@ -106,9 +109,10 @@ def main():
     from torchvision.transforms import v2
 
     from dr_hf import ReinforceConfig, TeacherEnsemble, make_pipeline
-    from dr_hf.augment import Context, empty_batch
+    from dr_hf.augment import Context, box_to_pixels, empty_batch
     from dr_hf.images import decode
     from dr_hf.reinforce import reinforce
+    from dr_hf.resample import resized_crop
     from dr_hf.reinforcer import Reinforcer
 
     rows = datasets.load_dataset(args.dataset, split="train").select(range(args.rows))
@@ -140,8 +144,23 @@ def main():
         for _ in range(0, samples, 256):
             teachers.log_probs({0: x})
 
-    timings = {"naive per-sample torchvision + teacher": [], "dr-hf job (render + teacher)": [], "teacher forward only": []}
-    fns = dict(zip(timings, (run_naive, run_job, run_teacher)))
+    pipe = make_pipeline(args.augment)
+    boxes = []  # each sample's crop in pixels, drawn as the job draws them (drawing is timed separately, below)
+    for i, value in enumerate(batch["image"]):
+        h, w = decode(value).shape[-2:]
+        crops = pipe.sample(0, i, args.num_samples, Context(h, w, 0, 1, args.num_samples))["crop"]
+        boxes.append([box_to_pixels(c, h, w) for c in crops])
+
+    def run_ceiling():
+        for value, row_boxes in zip(batch["image"], boxes):
+            image = decode(value)
+            for top, left, h, w in row_boxes:
+                resized_crop(image, top, left, h, w, spec.size, spec.interpolation)
+        run_teacher()
+
+    timings = {"naive per-sample torchvision + teacher": [], "dr-hf job (render + teacher)": [], "teacher forward only": [],
+               "ceiling: decode + crop kernel alone + teacher": []}
+    fns = dict(zip(timings, (run_naive, run_job, run_teacher, run_ceiling)))
     for _ in range(args.repeats):  # alternating, best of N
         for name, fn in fns.items():
             t0 = time.perf_counter()
@@ -184,7 +203,7 @@ def main():
             for mode in ("per sample", "batched") + (("batched, row by row",) if preset == "imagenet+rrc" else ())}
     print(host)
     print({name: [round(samples / t) for t in ts] for name, ts in timings.items()})
-    naive_rate, job_rate, teacher_rate = rate.values()
+    naive_rate, job_rate, teacher_rate, ceiling_rate = rate.values()
     render_share = 1 - job_rate / teacher_rate
     lines = ["# Rendering in the reinforce job", "",
              f"{args.rows} real ImageNet images (imagenet-sample), N={args.num_samples} samples each, `{args.augment}`, "
@@ -193,6 +212,11 @@ def main():
     lines += [f"| {name} | {r:.0f} |" for name, r in rate.items()]
     lines += ["", f"dr-hf job / naive = **{job_rate / naive_rate:.2f}x** (goal >= 3x); the job's time is "
               f"{render_share:.0%} rendering and sampling, {1 - render_share:.0%} teacher.", "",
+              f"Ceiling: decoding each image once, torch's antialiased crop kernel alone for each sample (uint8, "
+              f"channels-last, the fastest on this CPU) and the bare teacher, with no flip, normalisation or batch to "
+              f"write, run at {ceiling_rate:.0f} samples/s: **{ceiling_rate / naive_rate:.2f}x** the naive render, the "
+              f"most any job that crops with antialiasing reaches here; the job reaches "
+              f"{job_rate / ceiling_rate:.0%} of it.", "",
               "Parameter sampling alone (part of the job; a row's N samples at once): "
               + ", ".join(f"{us:.1f} us a sample with `{p}`" for p, us in sampling.items()) + ".", "",
               f"Whole job (`reinforce()` on {args.job_rows} rows in 4 shards: map, top-K, parquet shards written while the "

@@ -462,6 +462,15 @@ class HubStandIn:
         return {"HF_ENDPOINT": self.url, "HF_HUB_DISABLE_XET": "1", "HF_HOME": hf_home, "HF_HUB_OFFLINE": "0",
                 "HF_DATASETS_OFFLINE": "0", "HF_HUB_DISABLE_TELEMETRY": "1"}
 
+    def point_here(self, monkeypatch) -> None:
+        """Point this process's ``HfApi`` clients at the stand-in (what :meth:`env` does for a new process): its
+        endpoint, no Xet, online. For ``dr-hf push`` in-process; ``datasets`` reads its own settings at import."""
+        from huggingface_hub import constants
+
+        monkeypatch.setattr(constants, "ENDPOINT", self.url)
+        monkeypatch.setattr(constants, "HF_HUB_DISABLE_XET", True)
+        monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+
 
 def serve(port: int = 0) -> HubStandIn:
     return HubStandIn(port)

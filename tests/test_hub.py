@@ -1,6 +1,8 @@
 """The Hub path (issue 5): card, preview, `dr-hf push`, `load_dataset("org/...")` map-style and streaming, reinforcement-only
 repos joined to their source, an interrupted push resumed; all against the local stand-in in tests/hub_standin.py."""
 
+import contextlib
+import io
 import json
 import os
 import subprocess
@@ -13,6 +15,7 @@ import PIL.Image
 import pyarrow.parquet as pq
 import pytest
 
+from dr_hf.cli import main
 from dr_hf.reinforce import reinforce
 from dr_hf.source import FingerprintMismatch, join_source
 
@@ -59,6 +62,15 @@ def cli(hub, home, *args):
     return subprocess.run([sys.executable, "-m", "dr_hf", *map(str, args)], capture_output=True, text=True, env=env)
 
 
+def cli_here(hub, monkeypatch, *args):
+    """``dr-hf ARGS`` in this process against the stand-in: (exit code, stdout, stderr)."""
+    hub.point_here(monkeypatch)
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = main(list(map(str, args)))
+    return code, out.getvalue(), err.getvalue()
+
+
 def fresh_python(hub, home, code):
     """Run ``code`` in a new interpreter with an empty HF_HOME pointed at the stand-in; returns its JSON answer."""
     env = {**os.environ, **hub.env(str(home)), "HF_DATASETS_DISABLE_PROGRESS_BARS": "1"}
@@ -91,11 +103,10 @@ def test_card_and_preview(plus):
     assert np.asarray(image.convert("L"), dtype=np.float32)[:176, :176].std() > 5
 
 
-def test_preview_cli_captions_classes(tmp_path, plus):
+def test_preview_cli_captions_classes(tmp_path, plus, capsys):
     out = tmp_path / "grid.png"
-    proc = subprocess.run([sys.executable, "-m", "dr_hf", "preview", str(plus), "--out", str(out), "--rows", "2",
-                           "--samples", "3"], capture_output=True, text=True)
-    assert proc.returncode == 0, proc.stderr
+    assert main(["preview", str(plus), "--out", str(out), "--rows", "2", "--samples", "3"]) == 0
+    assert f"wrote {out}" in capsys.readouterr().out
     im = PIL.Image.open(out)
     assert im.size == (3 * 176 + 2 * 4, 2 * (176 + 4 * 12 + 6))
 
@@ -137,22 +148,21 @@ def test_push_then_load_in_a_fresh_process_map_style_and_streaming(tmp_path, hub
     assert again.returncode == 0 and "0 file(s) in 0 commit(s), 5 already there" in again.stdout
 
 
-def test_interrupted_push_resumes(tmp_path, hub, plus):
+def test_interrupted_push_resumes(tmp_path, hub, plus, monkeypatch):
     hub.state.fail_lfs_put_after = len(hub.state.lfs_puts)  # the next LFS upload fails
     repo_id = "org/imagenet-plus-resume"
-    first = cli(hub, tmp_path / "h", "push", plus, repo_id, "--files-per-commit", 1)
-    assert first.returncode == 2 and "dr-hf push: error:" in first.stderr and "uploading" in first.stderr
+    code, _, err = cli_here(hub, monkeypatch, "push", plus, repo_id, "--files-per-commit", 1, "--quiet")
+    assert code == 2 and "dr-hf push: error:" in err and "uploading" in err
     hub.state.fail_lfs_put_after = len(hub.state.lfs_puts) + 2  # two more, then fail again
-    second = cli(hub, tmp_path / "h", "push", plus, repo_id, "--files-per-commit", 1)
-    assert second.returncode == 2
+    assert cli_here(hub, monkeypatch, "push", plus, repo_id, "--files-per-commit", 1, "--quiet")[0] == 2
     repo = hub.state.repos[("dataset", repo_id)]
     committed = set(repo.commits[repo.branches["main"]])
     assert len(committed) == 2 and "README.md" not in committed  # the card comes last, only once all shards are there
     hub.state.fail_lfs_put_after = None
     puts_before = len(hub.state.lfs_puts)
-    third = cli(hub, tmp_path / "h", "push", plus, repo_id, "--files-per-commit", 1)
-    assert third.returncode == 0, third.stderr
-    assert "2 already there" in third.stdout
+    code, out, err = cli_here(hub, monkeypatch, "push", plus, repo_id, "--files-per-commit", 1, "--quiet")
+    assert code == 0, err
+    assert "2 already there" in out
     assert len(hub.state.lfs_puts) - puts_before == 2  # the last shard and the preview: nothing uploaded twice
     assert len(hub.state.lfs_puts) == len(set(hub.state.lfs_puts))
     answer = fresh_python(hub, tmp_path / "home-load", f"""
@@ -164,11 +174,11 @@ def test_interrupted_push_resumes(tmp_path, hub, plus):
 
 
 def test_reinforcement_only_repo_joins_its_source_and_refuses_a_tampered_row(tmp_path, hub, plus, reinforcement_only,
-                                                                            source_dir):
+                                                                            source_dir, monkeypatch):
     table = pq.read_table(str(reinforcement_only / "data"))
     assert table.column_names == ["dr_index", "dr_fingerprint", "dr_params", "dr_topk_indices", "dr_topk_logprobs"]
-    push = cli(hub, tmp_path / "h", "push", reinforcement_only, "org/imagenet-plus-ronly")
-    assert push.returncode == 0, push.stderr
+    code, _, err = cli_here(hub, monkeypatch, "push", reinforcement_only, "org/imagenet-plus-ronly", "--quiet")
+    assert code == 0, err
     assert "Reinforcement-only" in (reinforcement_only / "README.md").read_text()
     # a copy of the source whose row 5 differs (re-encoded), in the user's hands
     tampered = tmp_path / "tampered"

@@ -192,13 +192,17 @@ FAST_FAILING_STREAMS = textwrap.dedent("""
     from huggingface_hub.utils import http_backoff
     datasets.config.STREAMING_READ_MAX_RETRIES = datasets.config.STREAMING_OPEN_MAX_RETRIES = 1
     datasets.config.STREAMING_READ_RETRY_INTERVAL = datasets.config.STREAMING_OPEN_RETRY_INTERVAL = 0
+    datasets.config.SLEEP_TIME_ON_THREADS_SHUTDOWN = 0.2  # as in conftest.py
     fs.http_backoff = lambda *a, **kw: http_backoff(*a, **{**kw, "max_retries": 0})
     from dr_hf.cli import main
     sys.exit(main(sys.argv[1:]))
 """)
 
 
-def test_a_stream_that_drops_its_connection_is_reopened_and_a_stopped_job_resumes(tmp_path, hub, tiny_teacher_spec):
+def test_a_stream_that_drops_its_connection_is_reopened_and_a_stopped_job_resumes(tmp_path, hub, tiny_teacher_spec,
+                                                                                   monkeypatch):
+    from huggingface_hub import HfApi
+
     from conftest import make_image_dataset
 
     source = tmp_path / "src"
@@ -207,13 +211,9 @@ def test_a_stream_that_drops_its_connection_is_reopened_and_a_stopped_job_resume
     for k in range(3):  # three files: the stream reads them one after the other
         rows.shard(3, k, contiguous=True).to_parquet(str(source / "data" / f"train-{k:05d}-of-00003.parquet"))
     env = {**os.environ, **hub.env(str(tmp_path / "home")), "HF_DATASETS_DISABLE_PROGRESS_BARS": "1"}
-    upload = subprocess.run([sys.executable, "-c", textwrap.dedent(f"""
-        from huggingface_hub import HfApi
-        api = HfApi()
-        api.create_repo("org/src", repo_type="dataset")
-        api.upload_folder(repo_id="org/src", repo_type="dataset", folder_path={str(source)!r})
-    """)], env=env, capture_output=True, text=True)
-    assert upload.returncode == 0, upload.stderr[-2000:]
+    hub.point_here(monkeypatch)
+    HfApi().create_repo("org/src", repo_type="dataset")
+    HfApi().upload_folder(repo_id="org/src", repo_type="dataset", folder_path=str(source))
     reference = tmp_path / "reference"
     assert main(job(source, reference, tiny_teacher_spec)) == 0
 
@@ -247,22 +247,20 @@ def test_a_stream_that_drops_its_connection_is_reopened_and_a_stopped_job_resume
 
 # -- a push interrupted at each of its commits ------------------------------------------------------------
 
-def test_a_push_interrupted_at_each_commit_completes_and_never_advertises_early(tmp_path, hub, finished):
+def test_a_push_interrupted_at_each_commit_completes_and_never_advertises_early(hub, finished, monkeypatch, capsys):
     commits = len(shard_paths(str(finished))) + 1  # one shard per commit, then the card with its preview
-    env = {**os.environ, **hub.env(str(tmp_path / "home"))}
+    hub.point_here(monkeypatch)
     for k in range(commits):
         repo_id = f"org/plus-{k}"
         hub.state.fail_commits = {hub.state.commit_attempts + k}
-        first = subprocess.run([sys.executable, "-m", "dr_hf", "push", str(finished), repo_id, "--files-per-commit", "1"],
-                               env=env, capture_output=True, text=True)
-        assert first.returncode == 2 and "500" in first.stderr, first.stderr[-2000:]
+        capsys.readouterr()
+        assert main(["push", str(finished), repo_id, "--files-per-commit", "1", "--quiet"]) == 2
+        assert "500 Internal Server Error" in capsys.readouterr().err
         repo = hub.state.repos[("dataset", repo_id)]
         files = set(repo.commits[repo.branches["main"]])
         assert "README.md" not in files  # never a card before all of its shards
         assert len([f for f in files if f.startswith("data/")]) == k
-        second = subprocess.run([sys.executable, "-m", "dr_hf", "push", str(finished), repo_id, "--files-per-commit", "1"],
-                                env=env, capture_output=True, text=True)
-        assert second.returncode == 0, second.stderr[-2000:]
+        assert main(["push", str(finished), repo_id, "--files-per-commit", "1", "--quiet"]) == 0
         files = set(repo.commits[repo.branches["main"]])
         assert {"README.md", "preview.png"} <= files and len([f for f in files if f.startswith("data/")]) == commits - 1
     hub.state.fail_commits = set()

@@ -9,6 +9,7 @@ import datasets
 import pyarrow.parquet as pq
 import pytest
 
+from dr_hf.cli import main
 from dr_hf.format import DR_COLUMNS, DR_FINGERPRINT
 from dr_hf.processes import Processes
 from dr_hf.reinforce import reinforce
@@ -47,8 +48,7 @@ def table(out, columns=None):
 
 
 def test_two_accelerate_processes_write_what_one_process_writes(tmp_path, source_dir, tiny_teacher_spec):
-    one = run_cli(reinforce_args(source_dir, tmp_path / "one", tiny_teacher_spec))
-    assert one.returncode == 0, one.stderr
+    assert main(reinforce_args(source_dir, tmp_path / "one", tiny_teacher_spec)) == 0
     # accelerate's `--cpu` flag starts one process; `--multi_gpu` is its torchrun launcher, which on a machine
     # without GPUs starts CPU processes (dr-hf then asks accelerate for MULTI_CPU with the gloo backend).
     launcher = ["-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
@@ -96,9 +96,8 @@ def test_streamed_source_equals_map_style_also_split_across_processes(tmp_path, 
 
 
 def test_streaming_cli_with_limit(tmp_path, source_dir, tiny_teacher_spec):
-    a = run_cli(reinforce_args(source_dir, tmp_path / "a", tiny_teacher_spec, "--limit", "20"))
-    b = run_cli(reinforce_args(source_dir, tmp_path / "b", tiny_teacher_spec, "--limit", "20", "--streaming"))
-    assert a.returncode == 0 and b.returncode == 0, a.stderr + b.stderr
+    assert main(reinforce_args(source_dir, tmp_path / "a", tiny_teacher_spec, "--limit", "20")) == 0
+    assert main(reinforce_args(source_dir, tmp_path / "b", tiny_teacher_spec, "--limit", "20", "--streaming")) == 0
     assert table(tmp_path / "a", DR).equals(table(tmp_path / "b", DR))
     assert table(tmp_path / "a").num_rows == 20
 
