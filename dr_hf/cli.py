@@ -10,6 +10,7 @@ import sys
 from typing import List, Optional
 
 from .augment import PRESET_HELP, PRESETS
+from .teacher import COMPILE_MODES
 
 
 def cmd_reinforce(args) -> int:
@@ -35,7 +36,8 @@ def cmd_reinforce(args) -> int:
             ds, num_rows = ds.take(args.limit), min(args.limit, num_rows)
     else:
         num_rows = len(ds)
-    teachers = TeacherEnsemble.from_specs(args.teacher, device=procs.device, precision=args.precision)
+    teachers = TeacherEnsemble.from_specs(args.teacher, device=procs.device, precision=args.precision,
+                                          compile_mode=args.compile)
     config = ReinforceConfig(
         augment=args.augment,
         augmentations=pipeline.config(),
@@ -190,6 +192,10 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--precision", default="fp32", choices=["fp32", "tf32", "bf16"],
                    help="teacher precision: fp32 (faithful to ml-dr), tf32 or bf16 autocast (faster on GPUs; "
                         "python scripts/bench_precision.py measures what it changes)")
+    r.add_argument("--compile", default=None, choices=list(COMPILE_MODES), metavar="MODE",
+                   help="torch.compile the teachers with this mode (" + ", ".join(COMPILE_MODES) + "; reduce-overhead "
+                        "replays each forward as one CUDA graph, for GPUs whose host cannot issue kernels fast enough). "
+                        "Changes only float rounding; compiling takes a minute or so at the start")
     r.add_argument("--quiet", action="store_true", help="no progress bar or log lines")
     r.set_defaults(func=cmd_reinforce)
 

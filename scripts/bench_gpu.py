@@ -6,11 +6,12 @@ batches, and batched rendering's speed and fidelity on the device, side by side 
 * rendering: samples/s of teacher batches of 256 samples as the job renders them (all N samples of the rows of a
   teacher block; MixUp/CutMix groups of 8 rows), per sample on the CPU (1 thread), per sample on the GPU, batched on
   the GPU (``--render batched``);
-* teacher: the bare bf16 forward at N (one row's samples) and at 256 (the job's teacher batches at N=64);
+* teacher: the bare bf16 forward at N (one row's samples) and at 256 (the job's teacher batches at N=64), and at 256
+  compiled (``--compile reduce-overhead``: each forward one CUDA graph);
 * job: ``dr_hf.reinforce`` end to end (decode, render, teacher, top-k, parquet), rendering on the GPU (batched) with
-  rows prepared (decoded, parameters drawn) in worker processes or inline, and on the CPU (per sample, one render
-  thread ahead of the teacher); whole-job rates include starting the worker processes and writing the card, shard rates
-  (from the job's log) do not.
+  rows prepared (decoded, parameters drawn) in worker processes or inline, inline with the teacher compiled, and on
+  the CPU (per sample, one render thread ahead of the teacher); whole-job rates include starting the worker
+  processes and writing the card, shard rates (from the job's log) do not.
 
 The teacher is timm's ``tf_efficientnet_lite0`` with random weights unless ``--weights`` gives a safetensors file: the
 speed is the architecture's, the weights only change the numbers it writes.
@@ -187,6 +188,15 @@ def main():
         steps = 1 if dry else max(4, 4096 // batch)
         teacher[batch] = steps * batch / synced(lambda: [bf16.log_probs({0: x}) for _ in range(steps)], 1 if dry else 3)
     results["teacher_bf16_samples_per_s"] = {str(k): v for k, v in teacher.items()}
+    # compiled (--compile): on a GPU reduce-overhead, each forward replayed as one CUDA graph
+    compile_mode = "reduce-overhead" if not dry else "default"
+    compiled = TeacherEnsemble.from_specs([spec], device=device, precision="bf16", compile_mode=compile_mode)
+    x = torch.randn(256, 3, *out.size, device=device)
+    for _ in range(1 if dry else 3):
+        compiled.log_probs({0: x})
+    steps = 1 if dry else 16
+    teacher_compiled = steps * 256 / synced(lambda: [compiled.log_probs({0: x}) for _ in range(steps)], 1 if dry else 3)
+    results["teacher_bf16_compiled_samples_per_s"] = {"256": teacher_compiled, "mode": compile_mode}
     save()
 
     # -- the job, end to end -----------------------------------------------------------------------------------------
@@ -206,19 +216,20 @@ def main():
     job_logger.addHandler(ShardRate())
     job, shard = {}, {}
     workers = min(8, max(1, (os.cpu_count() or 2) // 2))
-    variants = (("gpu_batched_workers", device, "batched", workers, args.rows * 4),
-                ("gpu_batched_inline", device, "batched", 0, args.rows),
-                ("cpu_per_sample_workers", "cpu", "per-sample", workers, args.rows))
-    for name, render_device, mode, prepare, count in variants:
+    variants = (("gpu_batched_workers", device, "batched", workers, args.rows * 4, bf16),
+                ("gpu_batched_inline", device, "batched", 0, args.rows, bf16),
+                ("gpu_batched_inline_compiled", device, "batched", 0, args.rows, compiled),
+                ("cpu_per_sample_workers", "cpu", "per-sample", workers, args.rows, bf16))
+    for name, render_device, mode, prepare, count, ensemble in variants:
         config = ReinforceConfig(augment="imagenet+rrc", augmentations=make_pipeline("imagenet+rrc").config(),
                                  teachers=bf16.specs, num_samples=n, topk=10, seed=0, num_classes=1000,
                                  precision="bf16", render=mode)
-        reinforce(encoded.select(range(min(16, args.rows))), config, bf16, os.path.join(tmp, f"warm-{name}"), batch_size=16,
-                  show_progress=False, render_device=render_device, prepare_workers=0)
+        reinforce(encoded.select(range(min(16, args.rows))), config, ensemble, os.path.join(tmp, f"warm-{name}"),
+                  batch_size=16, show_progress=False, render_device=render_device, prepare_workers=0)
         rows_here = datasets.concatenate_datasets([encoded] * (count // args.rows))
         folder = os.path.join(tmp, f"job-{name}")
         shard_rates.clear()
-        seconds = synced(lambda: reinforce(rows_here, config, bf16, folder, batch_size=64, show_progress=False,
+        seconds = synced(lambda: reinforce(rows_here, config, ensemble, folder, batch_size=64, show_progress=False,
                                            render_device=render_device, prepare_workers=prepare))
         job[name] = count * n / seconds
         shard[name] = shard_rates[-1] if shard_rates else float("nan")
@@ -228,6 +239,8 @@ def main():
     best = max(("gpu_batched_workers", "gpu_batched_inline"), key=lambda name: shard[name])
     results["job_over_teacher"] = shard[best] / teacher[256]  # the job's teacher batches hold 256 samples at N=64
     results["job_over_teacher_variant"] = best
+    results["compiled_job_over_teacher"] = shard["gpu_batched_inline_compiled"] / teacher[256]
+    results["compiled_job_over_compiled_teacher"] = shard["gpu_batched_inline_compiled"] / teacher_compiled
     save()
 
     f = results["fidelity"]
@@ -242,17 +255,21 @@ def main():
     log("|---|---|")
     log(f"| bare teacher forward, batches of {n} (N samples of one row) | {teacher[n]:,.0f} |")
     log(f"| bare teacher forward, batches of 256 (the job's: all samples of a teacher block of rows) | {teacher[256]:,.0f} |")
+    log(f"| bare teacher forward, batches of 256, `torch.compile` mode {compile_mode} (`--compile`) | {teacher_compiled:,.0f} |")
     labels = {"gpu_batched_workers": f"job, rendering on the GPU (batched), rows prepared by {workers} worker processes",
               "gpu_batched_inline": "job, rendering on the GPU (batched), rows prepared inline (the default)",
+              "gpu_batched_inline_compiled": f"the same, teacher compiled (`--compile {compile_mode}`)",
               "cpu_per_sample_workers": f"job, rendering on the CPU (per sample, 1 render thread), {workers} workers"}
     log("")
     log("| job | rows | whole job, samples/s | its shard, samples/s |")
     log("|---|---|---|---|")
-    for name, _, _, _, count in variants:
+    for name, _, _, _, count, _ in variants:
         log(f"| {labels[name]} | {count} | {job[name]:,.0f} | {shard[name]:,.0f} |")
     log("")
     log(f"Job (the faster GPU variant's shard rate) / bare teacher on the same batches of 256: "
-        f"**{results['job_over_teacher']:.2f}** (goal >= 0.8). "
+        f"**{results['job_over_teacher']:.2f}** (goal >= 0.8). With the teacher compiled: "
+        f"**{results['compiled_job_over_teacher']:.2f}** of the bare eager forward, "
+        f"{results['compiled_job_over_compiled_teacher']:.2f} of the bare compiled one. "
         f"Decoding (PIL or TorchCodec on the CPU) costs {results['decode_ms_per_image']:.2f} ms an image here.")
     log("")
     log("Rendering teacher batches of 256 samples as the job does (samples/s):")

@@ -105,3 +105,37 @@ def test_precision_is_an_option_defaulting_to_fp32(tiny_teacher_spec):
     assert torch.equal(TeacherEnsemble.from_specs([tiny_teacher_spec], precision="tf32").log_probs(x), a)  # CPU: fp32
     with pytest.raises(ValueError, match="--precision must be one of"):
         TeacherEnsemble.from_specs([tiny_teacher_spec], precision="fp16")
+
+
+def test_compiled_teachers_write_what_eager_ones_write_and_compile_once(tmp_path, tiny_hf_dir, image_dataset_dir,
+                                                                        capsys):
+    """--compile: the job's torch.compile'd teacher writes eager's output up to float rounding (verify, which replays
+    eagerly, passes), and a short last batch is padded to the compiled batch instead of being compiled again."""
+    import pyarrow.parquet as pq
+    from torch._dynamo.utils import counters
+
+    from dr_hf.augment import empty_batch
+    from dr_hf.cli import main
+
+    spec = f"hf:{tiny_hf_dir}"
+    common = ["reinforce", str(image_dataset_dir), "--teacher", spec, "--num-samples", "3", "--topk", "4",
+              "--teacher-batch-size", "8", "--limit", "23", "--quiet"]  # 6 samples a forward, the last one 3
+    counters.clear()
+    assert main(common + ["--output", str(tmp_path / "compiled"), "--compile", "default"]) == 0
+    assert counters["stats"]["unique_graphs"] == 1  # one compiled forward for every batch, the short last one padded
+    assert main(common + ["--output", str(tmp_path / "eager")]) == 0
+    compiled, eager = (pq.read_table(str(tmp_path / name / "data")) for name in ("compiled", "eager"))
+    assert compiled.column("dr_params").equals(eager.column("dr_params"))
+    a, b = (torch.tensor(t.column("dr_topk_logprobs").to_pylist(), dtype=torch.float32) for t in (compiled, eager))
+    assert a.shape == (23, 3, 4) and torch.allclose(a, b, atol=2e-3)
+    capsys.readouterr()
+    assert main(["verify", str(tmp_path / "compiled"), "--rows", "23"]) == 0
+    assert "replayed 23 row(s)" in capsys.readouterr().out
+    # in-process: the padded short batch gives the rows the full batch gives, on the job's channels-last layout
+    ensemble = TeacherEnsemble.from_specs([spec], compile_mode="default")
+    x = empty_batch(6, (32, 32)).copy_(torch.randn(6, 3, 32, 32))
+    full = ensemble.log_probs({0: x})
+    assert torch.allclose(ensemble.log_probs({0: x[:2]}), full[:2], atol=1e-5)
+    assert torch.allclose(full, TeacherEnsemble.from_specs([spec]).log_probs({0: x}), atol=1e-5)
+    with pytest.raises(ValueError, match="--compile must be one of"):
+        TeacherEnsemble.from_specs([spec], compile_mode="fast")
