@@ -8,9 +8,9 @@ CPU core as EfficientNet-Lite0 is on a GPU, so the job is bound by everything bu
   stacked into teacher batches of 256;
 * dr-hf: `Reinforcer.compute` (parameter sampling, the pipeline's batched rendering, the teacher) on the same rows;
 * teacher only: the bare forward on the same number of samples, in the job's batch layout;
-* ceiling: decoding, torch's antialiased crop kernel alone per sample (no flip, no normalisation, no batch to
-  write) and the bare forward: the fastest any job that crops with antialiasing could be, so the largest ratio to the
-  naive render this machine allows;
+* ceiling: decoding, torch's antialiased crop kernel alone per sample (no flip, no normalisation, no float batch to
+  write) and the bare forward: the fastest a job that crops with this kernel could be, so the largest ratio to the
+  naive render it allows on this machine;
 * parameter sampling alone (part of the job), per sample, for `imagenet+rrc` and `imagenet+rare+mix`;
 * the whole job (`reinforce()`: the map, top-K, parquet shards, the card and its preview) on `--job-rows` rows in 4
   shards, against `Reinforcer.compute` alone on the same rows: what the job adds to its compute;
@@ -213,10 +213,10 @@ def main():
     lines += ["", f"dr-hf job / naive = **{job_rate / naive_rate:.2f}x** (goal >= 3x); the job's time is "
               f"{render_share:.0%} rendering and sampling, {1 - render_share:.0%} teacher.", "",
               f"Ceiling: decoding each image once, torch's antialiased crop kernel alone for each sample (uint8, "
-              f"channels-last, the fastest on this CPU) and the bare teacher, with no flip, normalisation or batch to "
+              f"channels-last, what the job uses) and the bare teacher, with no flip, normalisation or float batch to "
               f"write, run at {ceiling_rate:.0f} samples/s: **{ceiling_rate / naive_rate:.2f}x** the naive render, the "
-              f"most any job that crops with antialiasing reaches here; the job reaches "
-              f"{job_rate / ceiling_rate:.0%} of it.", "",
+              f"most a job that crops with this kernel can reach here; the job reaches {job_rate / ceiling_rate:.0%} "
+              "of it.", "",
               "Parameter sampling alone (part of the job; a row's N samples at once): "
               + ", ".join(f"{us:.1f} us a sample with `{p}`" for p, us in sampling.items()) + ".", "",
               f"Whole job (`reinforce()` on {args.job_rows} rows in 4 shards: map, top-K, parquet shards written while the "
