@@ -195,7 +195,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--compile", default=None, choices=list(COMPILE_MODES), metavar="MODE",
                    help="torch.compile the teachers with this mode (" + ", ".join(COMPILE_MODES) + "; reduce-overhead "
                         "replays each forward as one CUDA graph, for GPUs whose host cannot issue kernels fast enough). "
-                        "Changes only float rounding; compiling takes a minute or so at the start")
+                        "Changes only float rounding; compiling takes tens of seconds when the job starts "
+                        "(python scripts/bench_compile.py measures both)")
     r.add_argument("--quiet", action="store_true", help="no progress bar or log lines")
     r.set_defaults(func=cmd_reinforce)
 
