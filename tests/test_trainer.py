@@ -178,6 +178,24 @@ def test_trainer_trains_and_loss_falls(tmp_path, reinforced, streaming, make_mod
     assert len(values) == 16 and all(np.isfinite(values)) and falls(values), values
 
 
+def test_trainer_trains_a_torch_compiled_student(tmp_path, reinforced):
+    """TrainingArguments' torch_compile: the loss runs the compiled student, which trains on the replays."""
+    from torch._dynamo.utils import counters
+
+    _, _, folders = reinforced
+    train = datasets.load_dataset(str(folders["rrc+flip"]), split="train")
+    model = tiny_timm()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    trainer = ReinforcedTrainer(model=model, args=args(tmp_path, max_steps=3, torch_compile=True), train_dataset=train)
+    counters.clear()
+    trainer.train()
+    assert isinstance(trainer.model_wrapped, torch._dynamo.eval_frame.OptimizedModule)
+    assert counters["stats"]["unique_graphs"] >= 1  # the forward the loss called was the compiled one
+    values = losses(trainer)
+    assert len(values) == 3 and all(np.isfinite(values))
+    assert any(not torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
 @pytest.mark.parametrize("streaming", [False, True])
 def test_trainer_replays_mixing_groups(tmp_path, reinforced, streaming):
     _, _, folders = reinforced
