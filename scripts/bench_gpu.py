@@ -17,6 +17,7 @@ The teacher is timm's ``tf_efficientnet_lite0`` with random weights unless ``--w
 speed is the architecture's, the weights only change the numbers it writes.
 
     python scripts/bench_gpu.py --dataset PATH            # -> results/bench_gpu.md, results/bench_gpu.json
+    python scripts/bench_gpu.py --dataset PATH --job-only # the teacher and the job only (a short device budget)
 """
 
 import argparse
@@ -81,6 +82,8 @@ def main():
     ap.add_argument("--weights", default=None, help="tf_efficientnet_lite0 weights (safetensors); default: random")
     ap.add_argument("--out", default=os.path.join(ROOT, "results", "bench_gpu.md"))
     ap.add_argument("--device", default="cuda", help="cpu: a dry run of every step (no figures worth reading)")
+    ap.add_argument("--job-only", action="store_true",
+                    help="only the teacher and the job (skip fidelity and the rendering table: a short device budget)")
     args = ap.parse_args()
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         sys.exit("bench_gpu needs a CUDA GPU (--device cpu: a dry run)")
@@ -123,7 +126,7 @@ def main():
 
     # -- fidelity: batched on the GPU vs per sample on the CPU (what training replays) --------------------------------
     fidelity = {}
-    for preset in ("imagenet+rrc", "imagenet+rare+mix"):
+    for preset in () if args.job_only else ("imagenet+rrc", "imagenet+rare+mix"):
         pipe = make_pipeline(preset)
         g = pipe.group_size
         few = images[:8]
@@ -150,7 +153,7 @@ def main():
 
     # -- rendering teacher batches of 256 samples, as the job does ---------------------------------------------------
     render = {}
-    for preset in ("imagenet+rrc", "imagenet+mix", "imagenet+rare", "imagenet+rare+mix"):
+    for preset in () if args.job_only else ("imagenet+rrc", "imagenet+mix", "imagenet+rare", "imagenet+rare+mix"):
         pipe = make_pipeline(preset)
         g = pipe.group_size
         rows = min(max(g, 256 // n), len(images) // g * g)  # a teacher batch's rows: a teacher block, or one group
@@ -271,25 +274,27 @@ def main():
         f"**{results['compiled_job_over_teacher']:.2f}** of the bare eager forward, "
         f"{results['compiled_job_over_compiled_teacher']:.2f} of the bare compiled one. "
         f"Decoding (PIL or TorchCodec on the CPU) costs {results['decode_ms_per_image']:.2f} ms an image here.")
+    if render:
+        log("")
+        log("Rendering teacher batches of 256 samples as the job does (samples/s):")
+        log("")
+        log("| preset | GPU, batched | GPU, per sample | CPU, per sample, 1 thread |")
+        log("|---|---|---|---|")
+        for preset, r in render.items():
+            log(f"| `{preset}` | {r['gpu_batched']:,.0f} | {r['gpu_per_sample']:,.0f} | {r['cpu_per_sample_1_thread']:,.0f} |")
+    if f:
+        log("")
+        log("Fidelity of batched GPU renders against the per-sample CPU renders training replays (8 images x 16 samples):")
+        log("")
+        log("| preset | mean grey levels | max | pixels > 1 level | GPU vs CPU batched, max | teacher top-1 agreement | "
+            "top-10 log-prob max diff (fp32) |")
+        log("|---|---|---|---|---|---|---|")
+        for preset, v in f.items():
+            log(f"| `{preset}` | {v['grey_levels_mean']:.3f} | {v['grey_levels_max']:.0f} | "
+                f"{v['fraction_over_1_level']:.2%} | {v['gpu_vs_cpu_batched_max_levels']:.0f} | "
+                f"{v['teacher_top1_agreement']:.2%} | {v['teacher_top10_logprob_max_abs_diff']:.4f} |")
     log("")
-    log("Rendering teacher batches of 256 samples as the job does (samples/s):")
-    log("")
-    log("| preset | GPU, batched | GPU, per sample | CPU, per sample, 1 thread |")
-    log("|---|---|---|---|")
-    for preset, r in render.items():
-        log(f"| `{preset}` | {r['gpu_batched']:,.0f} | {r['gpu_per_sample']:,.0f} | {r['cpu_per_sample_1_thread']:,.0f} |")
-    log("")
-    log("Fidelity of batched GPU renders against the per-sample CPU renders training replays (8 images x 16 samples):")
-    log("")
-    log("| preset | mean grey levels | max | pixels > 1 level | GPU vs CPU batched, max | teacher top-1 agreement | "
-        "top-10 log-prob max diff (fp32) |")
-    log("|---|---|---|---|---|---|---|")
-    for preset, v in f.items():
-        log(f"| `{preset}` | {v['grey_levels_mean']:.3f} | {v['grey_levels_max']:.0f} | {v['fraction_over_1_level']:.2%} | "
-            f"{v['gpu_vs_cpu_batched_max_levels']:.0f} | {v['teacher_top1_agreement']:.2%} | "
-            f"{v['teacher_top10_logprob_max_abs_diff']:.4f} |")
-    log("")
-    log("Command: `python scripts/bench_gpu.py` (on a machine with a CUDA GPU).")
+    log("Command: `python scripts/bench_gpu.py" + (" --job-only" if args.job_only else "") + "` (on a machine with a CUDA GPU).")
     write_markdown(args.out, lines)
     save()
 
