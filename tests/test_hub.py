@@ -1,8 +1,6 @@
 """The Hub path (issue 5): card, preview, `dr-hf push`, `load_dataset("org/...")` map-style and streaming, reinforcement-only
 repos joined to their source, an interrupted push resumed; all against the local stand-in in tests/hub_standin.py."""
 
-import contextlib
-import io
 import json
 import os
 import subprocess
@@ -21,6 +19,7 @@ from dr_hf.source import FingerprintMismatch, join_source
 
 from conftest import jpeg_bytes, source_folder
 from hub_standin import HubStandIn
+from test_cli import here
 from test_reinforce import make_config
 
 TOKEN = "hf_standin_SECRET_token_0123456789"
@@ -62,13 +61,10 @@ def cli(hub, home, *args):
     return subprocess.run([sys.executable, "-m", "dr_hf", *map(str, args)], capture_output=True, text=True, env=env)
 
 
-def cli_here(hub, monkeypatch, *args):
+def cli_here(hub, monkeypatch, capsys, *args):
     """``dr-hf ARGS`` in this process against the stand-in: (exit code, stdout, stderr)."""
     hub.point_here(monkeypatch)
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        code = main(list(map(str, args)))
-    return code, out.getvalue(), err.getvalue()
+    return here(capsys, *args)
 
 
 def fresh_python(hub, home, code):
@@ -148,19 +144,19 @@ def test_push_then_load_in_a_fresh_process_map_style_and_streaming(tmp_path, hub
     assert again.returncode == 0 and "0 file(s) in 0 commit(s), 5 already there" in again.stdout
 
 
-def test_interrupted_push_resumes(tmp_path, hub, plus, monkeypatch):
+def test_interrupted_push_resumes(tmp_path, hub, plus, monkeypatch, capsys):
     hub.state.fail_lfs_put_after = len(hub.state.lfs_puts)  # the next LFS upload fails
     repo_id = "org/imagenet-plus-resume"
-    code, _, err = cli_here(hub, monkeypatch, "push", plus, repo_id, "--files-per-commit", 1, "--quiet")
+    code, _, err = cli_here(hub, monkeypatch, capsys, "push", plus, repo_id, "--files-per-commit", 1, "--quiet")
     assert code == 2 and "dr-hf push: error:" in err and "uploading" in err
     hub.state.fail_lfs_put_after = len(hub.state.lfs_puts) + 2  # two more, then fail again
-    assert cli_here(hub, monkeypatch, "push", plus, repo_id, "--files-per-commit", 1, "--quiet")[0] == 2
+    assert cli_here(hub, monkeypatch, capsys, "push", plus, repo_id, "--files-per-commit", 1, "--quiet")[0] == 2
     repo = hub.state.repos[("dataset", repo_id)]
     committed = set(repo.commits[repo.branches["main"]])
     assert len(committed) == 2 and "README.md" not in committed  # the card comes last, only once all shards are there
     hub.state.fail_lfs_put_after = None
     puts_before = len(hub.state.lfs_puts)
-    code, out, err = cli_here(hub, monkeypatch, "push", plus, repo_id, "--files-per-commit", 1, "--quiet")
+    code, out, err = cli_here(hub, monkeypatch, capsys, "push", plus, repo_id, "--files-per-commit", 1, "--quiet")
     assert code == 0, err
     assert "2 already there" in out
     assert len(hub.state.lfs_puts) - puts_before == 2  # the last shard and the preview: nothing uploaded twice
@@ -174,10 +170,10 @@ def test_interrupted_push_resumes(tmp_path, hub, plus, monkeypatch):
 
 
 def test_reinforcement_only_repo_joins_its_source_and_refuses_a_tampered_row(tmp_path, hub, plus, reinforcement_only,
-                                                                            source_dir, monkeypatch):
+                                                                            source_dir, monkeypatch, capsys):
     table = pq.read_table(str(reinforcement_only / "data"))
     assert table.column_names == ["dr_index", "dr_fingerprint", "dr_params", "dr_topk_indices", "dr_topk_logprobs"]
-    code, _, err = cli_here(hub, monkeypatch, "push", reinforcement_only, "org/imagenet-plus-ronly", "--quiet")
+    code, _, err = cli_here(hub, monkeypatch, capsys, "push", reinforcement_only, "org/imagenet-plus-ronly", "--quiet")
     assert code == 0, err
     assert "Reinforcement-only" in (reinforcement_only / "README.md").read_text()
     # a copy of the source whose row 5 differs (re-encoded), in the user's hands
