@@ -326,6 +326,17 @@ class TeacherEnsemble:
         with float32_precision(tf32=self.precision == "tf32"):
             yield
 
+    def _compiled_logits(self, teacher: Teacher, x: torch.Tensor, forward: Callable) -> torch.Tensor:
+        from torch._dynamo.exc import TorchDynamoException
+
+        try:
+            return teacher.logits(x, forward)
+        except TorchDynamoException as exc:  # compiling failed: say which option did it, and what to do
+            lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+            cause = " ".join(lines[:2]) or type(exc).__name__  # e.g. "backend='inductor' raised: <the error>"
+            raise RuntimeError(f"--compile {self.compile_mode}: torch.compile failed on teacher {teacher.spec!r} "
+                               f"({cause}); run without --compile") from exc
+
     @torch.inference_mode()
     def log_probs(self, inputs: Dict[int, torch.Tensor]) -> torch.Tensor:
         """``inputs[i]`` is the batch rendered for ``outputs()[i]``; returns (B, C) float32 log-probabilities."""
@@ -340,7 +351,8 @@ class TeacherEnsemble:
                 self._compiled_batch = max(self._compiled_batch, rows)
                 x = _padded(x, self._compiled_batch)
             with self._precision():
-                logits = t.logits(x, forward)[:rows]
+                logits = self._compiled_logits(t, x, forward) if self.compile_mode else t.logits(x)
+            logits = logits[:rows]
             per_teacher.append(torch.log_softmax(logits.float(), dim=-1))
         if len(per_teacher) == 1:
             return per_teacher[0].cpu()

@@ -139,3 +139,17 @@ def test_compiled_teachers_write_what_eager_ones_write_and_compile_once(tmp_path
     assert torch.allclose(full, TeacherEnsemble.from_specs([spec]).log_probs({0: x}), atol=1e-5)
     with pytest.raises(ValueError, match="--compile must be one of"):
         TeacherEnsemble.from_specs([spec], compile_mode="fast")
+
+
+def test_a_teacher_that_cannot_compile_names_the_option(tiny_teacher_spec, monkeypatch):
+    """A compiler that fails (no C++ toolchain, an unsupported platform) stops the job naming --compile, the teacher
+    and the cause, not with dynamo's internals."""
+    def failing_backend(graph, inputs):
+        raise RuntimeError("no C++ compiler found")
+
+    compile_ = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda model, **kw: compile_(model, backend=failing_backend, dynamic=False))
+    ensemble = TeacherEnsemble.from_specs([tiny_teacher_spec], compile_mode="default")
+    with pytest.raises(RuntimeError, match=r"--compile default: torch.compile failed on teacher 'timm:local-dir:.*"
+                                           r"no C\+\+ compiler found.*run without --compile"):
+        ensemble.log_probs({0: torch.randn(2, 3, 32, 32)})
