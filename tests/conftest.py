@@ -1,5 +1,6 @@
 import io
 import os
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -35,6 +36,11 @@ def pytest_sessionstart(session):
 
 def needs_shared(name):
     return pytest.mark.skipif(not (SHARED / name).is_dir(), reason=f"{SHARED / name} is absent (real data lives in ../shared)")
+
+
+# torch.compile on the CPU (inductor) builds C++: the tests that compile for real need a compiler, as users do
+needs_cxx = pytest.mark.skipif(not any(shutil.which(c) for c in (os.environ.get("CXX", "c++"), "g++", "clang++")),
+                               reason="torch.compile on the CPU needs a C++ compiler (none found)")
 
 
 def jpeg_bytes(array, mode="RGB", fmt="JPEG"):

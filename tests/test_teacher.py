@@ -4,6 +4,8 @@ import torch
 
 from dr_hf.teacher import TeacherEnsemble, list_teachers, load_teacher
 
+from conftest import needs_cxx
+
 
 def test_timm_local_dir_teacher_brings_its_input_config(tiny_teacher_spec):
     t = load_teacher(tiny_teacher_spec)
@@ -107,6 +109,7 @@ def test_precision_is_an_option_defaulting_to_fp32(tiny_teacher_spec):
         TeacherEnsemble.from_specs([tiny_teacher_spec], precision="fp16")
 
 
+@needs_cxx
 def test_compiled_teachers_write_what_eager_ones_write_and_compile_once(tmp_path, tiny_hf_dir, image_dataset_dir,
                                                                         capsys):
     """--compile: the job's torch.compile'd teacher writes eager's output up to float rounding (verify, which replays

@@ -11,7 +11,7 @@ from dr_hf.loss import dense_teacher_log_probs, distillation_loss, one_hot_targe
 from dr_hf.reinforce import reinforce
 from dr_hf.reinforcer import Reinforcer
 
-from conftest import make_image_dataset
+from conftest import make_image_dataset, needs_cxx
 
 
 @pytest.fixture(scope="module")
@@ -178,6 +178,7 @@ def test_trainer_trains_and_loss_falls(tmp_path, reinforced, streaming, make_mod
     assert len(values) == 16 and all(np.isfinite(values)) and falls(values), values
 
 
+@needs_cxx
 def test_trainer_trains_a_torch_compiled_student(tmp_path, reinforced):
     """TrainingArguments' torch_compile: the loss runs the compiled student, which trains on the replays."""
     from torch._dynamo.utils import counters
