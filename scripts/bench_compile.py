@@ -18,10 +18,10 @@ import argparse
 import os
 import sys
 import tempfile
-import time
 
 import torch
 
+from bench_gpu import synced  # noqa: E402  (scripts/)
 from results_md import write_markdown  # noqa: E402  (scripts/)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -59,14 +59,8 @@ def main():
     spec = ensembles["eager"].outputs()[0]
     x = empty_batch(args.batch, spec.size, device=args.device).copy_(torch.randn(args.batch, 3, *spec.size))
 
-    def drain():
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
-
-    t0 = time.perf_counter()
-    compiled_lp = ensembles["compiled"].log_probs({0: x})
-    compile_s = time.perf_counter() - t0
-    agreement = float((compiled_lp - ensembles["eager"].log_probs({0: x})).abs().max())
+    compile_s = synced(lambda: ensembles["compiled"].log_probs({0: x}))  # the first call compiles
+    agreement = float((ensembles["compiled"].log_probs({0: x}) - ensembles["eager"].log_probs({0: x})).abs().max())
     jobs = {}
     for name, ensemble in ensembles.items():
         config = ReinforceConfig(augment="imagenet+rrc", augmentations=make_pipeline("imagenet+rrc").config(),
@@ -80,11 +74,7 @@ def main():
         for name, ensemble in ensembles.items():
             for what, fn in (("forward", lambda: [ensemble.log_probs({0: x}) for _ in range(3)]),
                              ("job", lambda: jobs[name].compute(batch, list(range(args.rows))))):
-                drain()
-                t0 = time.perf_counter()
-                fn()
-                drain()
-                timings[(what, name)].append(time.perf_counter() - t0)
+                timings[(what, name)].append(synced(fn))
     samples = {"forward": 3 * args.batch, "job": args.rows * args.num_samples}
     rate = {key: samples[key[0]] / min(ts) for key, ts in timings.items()}
     print({f"{what} {name}": round(r, 1) for (what, name), r in rate.items()}, {"compile_s": round(compile_s, 1)})
