@@ -12,17 +12,12 @@ torch.set_num_threads(min(2, torch.get_num_threads()))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
 
+# datasets sleeps 5 s each time an iterator over streamed parquet shards closes (an Arrow thread-shutdown workaround),
+# so every epoch of a tiny streamed set costs 5 s: 30 s for one 16-step test. The suite's processes live on after
+# their iterators close, so a short pause does. (Imported here: datasets reads the settings above at import.)
+import datasets.config  # noqa: E402
 
-def _short_stream_shutdown():
-    """datasets sleeps 5 s each time an iterator over streamed parquet shards closes (an Arrow thread-shutdown
-    workaround), so every epoch of a tiny streamed set costs 5 s: 30 s for one 16-step test. The suite's processes
-    live on after their iterators close, so a short pause does."""
-    import datasets.config
-
-    datasets.config.SLEEP_TIME_ON_THREADS_SHUTDOWN = 0.2
-
-
-_short_stream_shutdown()
+datasets.config.SLEEP_TIME_ON_THREADS_SHUTDOWN = 0.2
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared" / "datasets"
