@@ -21,6 +21,8 @@ def cmd_reinforce(args) -> int:
     from .source import load_source
     from .teacher import TeacherEnsemble, expand_specs
 
+    if args.prepare_workers and args.prepare_threads:
+        raise ValueError("--prepare-workers and --prepare-threads: give one of them (processes or threads)")
     procs = current_processes(args.device)
     if not args.quiet:
         logging.basicConfig(format=f"%(asctime)s [{procs}] %(message)s", level=logging.WARNING)
@@ -62,7 +64,8 @@ def cmd_reinforce(args) -> int:
         result = reinforce(ds, config, teachers, args.output, split=args.split, batch_size=args.batch_size,
                            show_progress=not args.quiet, command=command, num_rows=num_rows, processes=procs,
                            render_threads=args.render_threads, on_bad_row=args.on_bad_row, wait=args.wait,
-                           render_device=args.render_device, prepare_workers=args.prepare_workers)
+                           render_device=args.render_device, prepare_workers=args.prepare_workers,
+                           prepare_threads=args.prepare_threads)
     finally:
         finish()
     if not procs.is_main:
@@ -177,9 +180,12 @@ def build_parser() -> argparse.ArgumentParser:
                         "in OUTPUT/errors/*.jsonl and the card (skip)")
     r.add_argument("--render-threads", type=int, default=None,
                    help="threads rendering teacher inputs ahead of the teacher (default: 1 on a GPU, 0 on the CPU, where they would compete for cores)")
+    r.add_argument("--prepare-threads", type=int, default=None,
+                   help="threads that decode rows and draw their parameters ahead of the teacher (default: 4 with "
+                        "--device cuda, where the GPU would otherwise wait for them, 0 on the CPU); the output is the "
+                        "same for any number")
     r.add_argument("--prepare-workers", type=int, default=0,
-                   help="processes that decode rows and draw their parameters ahead of the teacher (default 0: inline); "
-                        "the output is the same for any number. They help where decoding dominates")
+                   help="processes instead of threads for that (default 0); for decoders that hold the GIL")
     r.add_argument("--render-device", default="cpu",
                    help="where teacher inputs are rendered: cpu, or cuda (each image moved to the GPU once)")
     r.add_argument("--render", default=None, choices=["per-sample", "batched"],

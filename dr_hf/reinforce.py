@@ -119,6 +119,7 @@ def reinforce(
     wait: bool = False,
     render_device: str = "cpu",
     prepare_workers: int = 0,
+    prepare_threads: Optional[int] = None,
 ) -> ReinforceResult:
     """Reinforce a ``datasets.Dataset`` or a streamed ``IterableDataset`` into ``output_dir``
     (Hub layout: ``README.md`` + ``data/{split}-XXXXX-of-YYYYY.parquet``).
@@ -128,11 +129,12 @@ def reinforce(
     writes the card once every shard exists; the output is the same for any number of processes. Rerunning
     skips complete shards, so an interrupted job resumes; a rerun with other settings into the folder is refused.
     ``num_rows`` gives a stream's length when its metadata lacks it (otherwise the stream is counted first).
-    ``render_threads``, ``render_device``: see :class:`Reinforcer`. ``prepare_workers`` processes decode rows and draw
-    their parameters ahead of the teacher (default 0: inline); the output is the same for any number. Measured on an
-    H100 host (results/bench_gpu.md) they did not help: there the job's main thread is bound by launching the teacher's
-    kernels, not by decoding; on a 2-core CPU they changed nothing once started. They are meant for jobs where decoding
-    dominates (large JPEGs, slow storage).
+    ``render_threads``, ``render_device``: see :class:`Reinforcer`. ``prepare_threads`` threads (default:
+    :func:`default_prepare_threads`, 4 with teachers on a GPU, 0 on the CPU) or ``prepare_workers`` processes
+    (default 0) decode rows and draw their parameters ahead of the teacher; the output is the same for any number of
+    either. Threads share the job's memory (JPEG decoding releases the GIL); processes copy each decoded image back,
+    and on an H100 host (results/bench_gpu.md) they made the job slower; they are meant for jobs whose preparation holds
+    the GIL (slow Python decoders).
     ``on_bad_row``: ``"fail"`` (default) stops at the first undecodable image or out-of-range label, naming the row and
     column; ``"skip"`` leaves such rows out (with their MixUp/CutMix group) and lists each one, with the reason, in
     ``errors/<shard>.jsonl``; the card counts them. Nothing is dropped silently.
@@ -162,7 +164,9 @@ def reinforce(
         raise ValueError("the dataset is empty: nothing to reinforce")
     count = num_shards(config, n)
     with output_lock(output_dir, procs, wait=wait):
-        pool = preparation_pool(prepare_workers)
+        if prepare_threads is None:
+            prepare_threads = default_prepare_threads(teachers) if not prepare_workers else 0
+        pool = preparation_pool(prepare_workers, prepare_threads)
         try:
             return _run_shards(decoded, dataset, config, teachers, output_dir, split, batch_size, show_progress, command,
                                n, count, per_shard, procs, render_threads, on_bad_row, streaming, render_device, pool)
@@ -429,3 +433,14 @@ def check_output_dir(data_dir: str, config: ReinforceConfig, split: str, num_sha
                 f"{os.path.dirname(data_dir)} already holds data of a different job ({name}); "
                 "rerun with the same settings to resume, or choose another --output"
             )
+
+
+def default_prepare_threads(teachers: TeacherEnsemble) -> int:
+    """Threads preparing rows ahead of the teacher when none are asked for. With teachers on a GPU: 4 (at most the
+    usable cores but two, at least one), so that decoding and sampling overlap the GPU's forward instead of taking
+    turns with it on the main thread (on the H100 host a row took 1.9-4.6 ms to decode, against 3.3 ms of teacher
+    forward for its 64 samples). On the CPU: 0, since the teacher's own threads already use every core."""
+    if not str(teachers.device).startswith("cuda"):
+        return 0
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, min(4, cores - 2))

@@ -14,6 +14,7 @@ import functools
 import itertools
 import threading
 from collections import deque
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Callable, Deque, Dict, Iterable, Iterator, List, NamedTuple, Optional, Sequence, Tuple
 
@@ -40,8 +41,8 @@ class Reinforcer:
     the GPU once. ``config.render`` says how: ``"per-sample"`` (torch's crop+resize per sample) or ``"batched"``
     (all of an image's samples by two matrix products, :mod:`dr_hf.resample`: the GPU path, also correct on the CPU,
     where it is slower); verify replays with the recorded mode.
-    ``pool`` (:func:`preparation_pool`): processes that decode rows and draw their parameters ahead of the teacher
-    (the CPU work a GPU job would otherwise wait for); the same values as without.
+    ``pool`` (:func:`preparation_pool`): threads or processes that decode rows and draw their parameters ahead of the
+    teacher (the CPU work a GPU job's main thread would otherwise do while the GPU waits); the same values as without.
     """
 
     def __init__(
@@ -112,7 +113,8 @@ class Reinforcer:
     def _prepared(self, batch: Dict[str, List[Any]], indices: List[int],
                   stored: Optional[Sequence[Dict[str, Any]]] = None) -> Iterator[Prepared]:
         """Each row decoded, its label checked and its N samples' parameters drawn (or taken from ``stored``), in
-        order: in the ``pool``'s processes ahead of the teacher when there is one, else here as the rows are needed."""
+        order: in the ``pool``'s threads or processes ahead of the teacher when there is one (the whole map batch is
+        submitted at once), else here as the rows are needed."""
         cfg = self.config
         labels = batch.get(cfg.label_column) if cfg.label_column else None
         if stored is not None:
@@ -122,6 +124,8 @@ class Reinforcer:
                  for pos, (value, i) in enumerate(zip(batch[cfg.image_column], indices))]
         if self.pool is None:
             return map(self.preparer, items)
+        if isinstance(self.pool, ThreadPoolExecutor):  # decoding releases the GIL; sampling is per-row generators
+            return self.pool.map(self.preparer, items)
         return (unpack(p) for p in self.pool.map(functools.partial(prepare_packed, self.preparer), items))
 
     def _checked_groups(self, batch, indices, stored=None) -> Iterator[Tuple[int, int, List[int], List[Prepared]]]:
@@ -344,9 +348,16 @@ def unpack(row: Prepared) -> Prepared:
     return row if row.image is None else row._replace(image=torch.from_numpy(row.image).permute(2, 0, 1))
 
 
-def preparation_pool(workers: int):
-    """``workers`` processes (spawned: safe next to CUDA) that prepare rows ahead of the teacher; ``None`` for 0."""
-    if workers <= 0:
+def preparation_pool(workers: int = 0, threads: int = 0):
+    """What prepares rows ahead of the teacher: ``threads`` threads (JPEG decoding releases the GIL, and nothing is
+    copied between processes) or ``workers`` processes (spawned: safe next to CUDA); ``None`` for neither."""
+    if workers < 0 or threads < 0:
+        raise ValueError(f"prepare_workers and prepare_threads must be >= 0, got {workers} and {threads}")
+    if workers and threads:
+        raise ValueError(f"prepare_workers={workers} and prepare_threads={threads}: choose processes or threads, not both")
+    if threads:
+        return ThreadPoolExecutor(threads, thread_name_prefix="dr-prepare")
+    if not workers:
         return None
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor
@@ -360,8 +371,6 @@ def prefetched(items: Iterable[Any], fn: Callable[[Any], Any], threads: int) -> 
         for item in items:
             yield item, fn(item)
         return
-    from concurrent.futures import ThreadPoolExecutor
-
     with ThreadPoolExecutor(threads, thread_name_prefix="dr-render") as pool:
         pending: Deque = deque()
         it = iter(items)

@@ -9,9 +9,9 @@ batches, and batched rendering's speed and fidelity on the device, side by side 
 * teacher: the bare bf16 forward at N (one row's samples) and at 256 (the job's teacher batches at N=64), and at 256
   compiled (``--compile reduce-overhead``: each forward one CUDA graph);
 * job: ``dr_hf.reinforce`` end to end (decode, render, teacher, top-k, parquet), rendering on the GPU (batched) with
-  rows prepared (decoded, parameters drawn) in worker processes or inline, inline with the teacher compiled, and on
-  the CPU (per sample, one render thread ahead of the teacher); whole-job rates include starting the worker
-  processes and writing the card, shard rates (from the job's log) do not.
+  rows prepared (decoded, parameters drawn) inline on the main thread or by threads ahead of the teacher (the
+  default on a GPU), the latter also with the teacher compiled, and on the CPU (per sample, one render thread ahead
+  of the teacher); whole-job rates include writing the card, shard rates (from the job's log) do not.
 
 The teacher is timm's ``tf_efficientnet_lite0`` with random weights unless ``--weights`` gives a safetensors file: the
 speed is the architecture's, the weights only change the numbers it writes.
@@ -218,32 +218,34 @@ def main():
     job_logger.setLevel(logging.INFO)
     job_logger.addHandler(ShardRate())
     job, shard = {}, {}
-    workers = min(8, max(1, (os.cpu_count() or 2) // 2))
-    variants = (("gpu_batched_workers", device, "batched", workers, args.rows * 4, bf16),
-                ("gpu_batched_inline", device, "batched", 0, args.rows, bf16),
-                ("gpu_batched_inline_compiled", device, "batched", 0, args.rows, compiled),
-                ("cpu_per_sample_workers", "cpu", "per-sample", workers, args.rows, bf16))
+    from dr_hf.reinforce import default_prepare_threads
+
+    threads = default_prepare_threads(bf16)
+    variants = (("gpu_batched_inline", device, "batched", 0, args.rows, bf16),
+                ("gpu_batched_threads", device, "batched", threads, args.rows, bf16),
+                ("gpu_batched_threads_compiled", device, "batched", threads, args.rows, compiled),
+                ("cpu_per_sample_threads", "cpu", "per-sample", threads, args.rows, bf16))
     for name, render_device, mode, prepare, count, ensemble in variants:
         config = ReinforceConfig(augment="imagenet+rrc", augmentations=make_pipeline("imagenet+rrc").config(),
                                  teachers=bf16.specs, num_samples=n, topk=10, seed=0, num_classes=1000,
                                  precision="bf16", render=mode)
         reinforce(encoded.select(range(min(16, args.rows))), config, ensemble, os.path.join(tmp, f"warm-{name}"),
-                  batch_size=16, show_progress=False, render_device=render_device, prepare_workers=0)
+                  batch_size=16, show_progress=False, render_device=render_device, prepare_threads=0)
         rows_here = datasets.concatenate_datasets([encoded] * (count // args.rows))
         folder = os.path.join(tmp, f"job-{name}")
         shard_rates.clear()
         seconds = synced(lambda: reinforce(rows_here, config, ensemble, folder, batch_size=64, show_progress=False,
-                                           render_device=render_device, prepare_workers=prepare))
+                                           render_device=render_device, prepare_threads=prepare))
         job[name] = count * n / seconds
         shard[name] = shard_rates[-1] if shard_rates else float("nan")
         results["job_samples_per_s"], results["job_shard_samples_per_s"] = job, shard
         save()
     results["job_samples_per_s"] = job
-    best = max(("gpu_batched_workers", "gpu_batched_inline"), key=lambda name: shard[name])
+    best = max(("gpu_batched_inline", "gpu_batched_threads"), key=lambda name: shard[name])
     results["job_over_teacher"] = shard[best] / teacher[256]  # the job's teacher batches hold 256 samples at N=64
     results["job_over_teacher_variant"] = best
-    results["compiled_job_over_teacher"] = shard["gpu_batched_inline_compiled"] / teacher[256]
-    results["compiled_job_over_compiled_teacher"] = shard["gpu_batched_inline_compiled"] / teacher_compiled
+    results["compiled_job_over_teacher"] = shard["gpu_batched_threads_compiled"] / teacher[256]
+    results["compiled_job_over_compiled_teacher"] = shard["gpu_batched_threads_compiled"] / teacher_compiled
     save()
 
     f = results["fidelity"]
@@ -259,10 +261,10 @@ def main():
     log(f"| bare teacher forward, batches of {n} (N samples of one row) | {teacher[n]:,.0f} |")
     log(f"| bare teacher forward, batches of 256 (the job's: all samples of a teacher block of rows) | {teacher[256]:,.0f} |")
     log(f"| bare teacher forward, batches of 256, `torch.compile` mode {compile_mode} (`--compile`) | {teacher_compiled:,.0f} |")
-    labels = {"gpu_batched_workers": f"job, rendering on the GPU (batched), rows prepared by {workers} worker processes",
-              "gpu_batched_inline": "job, rendering on the GPU (batched), rows prepared inline (the default)",
-              "gpu_batched_inline_compiled": f"the same, teacher compiled (`--compile {compile_mode}`)",
-              "cpu_per_sample_workers": f"job, rendering on the CPU (per sample, 1 render thread), {workers} workers"}
+    labels = {"gpu_batched_inline": "job, rendering on the GPU (batched), rows prepared inline (`--prepare-threads 0`)",
+              "gpu_batched_threads": f"job, rendering on the GPU (batched), rows prepared by {threads} threads (the default)",
+              "gpu_batched_threads_compiled": f"the same, teacher compiled (`--compile {compile_mode}`)",
+              "cpu_per_sample_threads": f"job, rendering on the CPU (per sample, 1 render thread), {threads} prepare threads"}
     log("")
     log("| job | rows | whole job, samples/s | its shard, samples/s |")
     log("|---|---|---|---|")

@@ -14,6 +14,9 @@ CPU core as EfficientNet-Lite0 is on a GPU, so the job is bound by everything bu
 * parameter sampling alone (part of the job), per sample, for `imagenet+rrc` and `imagenet+rare+mix`;
 * the whole job (`reinforce()`: the map, top-K, parquet shards, the card and its preview) on `--job-rows` rows in 4
   shards, against `Reinforcer.compute` alone on the same rows: what the job adds to its compute;
+* rows prepared ahead of the teacher: `Reinforcer.compute` with rows decoded and sampled on the main thread
+  (`--prepare-threads 0`) against one preparing thread, at N=64 and N=16, with the second core free for it, as a GPU
+  job's host has its cores;
 * rendering's host cost per preset, per sample (the CPU path) against batched (the GPU path), in kernel launches
   (aten ops) and ms per 64 samples, with 8x8 crops of small images so that the host's work is all there is.
 
@@ -113,7 +116,7 @@ def main():
     from dr_hf.images import decode
     from dr_hf.reinforce import reinforce
     from dr_hf.resample import resized_crop
-    from dr_hf.reinforcer import Reinforcer
+    from dr_hf.reinforcer import Reinforcer, preparation_pool
 
     rows = datasets.load_dataset(args.dataset, split="train").select(range(args.rows))
     rows = rows.cast_column("image", datasets.Image(decode=False))
@@ -198,6 +201,19 @@ def main():
             whole[name].append(time.perf_counter() - t0)
     whole_rate = {name: args.job_rows * args.num_samples / min(ts) for name, ts in whole.items()}
     print(whole_rate)
+    ahead = {}  # (N, preparing threads) -> samples/s of Reinforcer.compute, alternating, best of repeats
+    pools = {threads: preparation_pool(0, threads) for threads in (0, 1)}
+    for n in (args.num_samples, args.num_samples // 4):
+        jobs = {t: Reinforcer(dataclasses.replace(config, num_samples=n), teachers, num_rows=len(rows), pool=pool)
+                for t, pool in pools.items()}
+        times = {t: [] for t in jobs}
+        for _ in range(args.repeats):
+            for t, prepared_job in jobs.items():
+                t0 = time.perf_counter()
+                prepared_job.compute(batch, list(range(args.rows)))
+                times[t].append(time.perf_counter() - t0)
+        ahead.update({(n, t): args.rows * n / min(ts) for t, ts in times.items()})
+    print(ahead)
     host = {(preset, mode): host_cost(preset, mode, args.repeats)
             for preset in ("imagenet+rrc", "imagenet+mix", "imagenet+rare", "imagenet+rare+mix")
             for mode in ("per sample", "batched") + (("batched, row by row",) if preset == "imagenet+rrc" else ())}
@@ -223,6 +239,14 @@ def main():
               f"next is computed, the card and its preview): {whole_rate['whole job']:.0f} samples/s against "
               f"{whole_rate['compute alone']:.0f} for `Reinforcer.compute` alone on the same rows "
               f"(**{whole_rate['whole job'] / whole_rate['compute alone']:.2f}**; best of 2).", "",
+              "Rows prepared ahead of the teacher: `Reinforcer.compute` on the same rows, each row decoded and its "
+              "parameters drawn on the main thread (`--prepare-threads 0`, the CPU default) or by one thread ahead of "
+              "the teacher (a GPU job's default uses 4), with this machine's second core free for it, as a GPU job's "
+              "host has its cores (samples/s, best of alternating runs):", "",
+              "| N | main thread | 1 preparing thread | ratio |", "|---|---|---|---|"]
+    lines += [f"| {n} | {ahead[(n, 0)]:.0f} | {ahead[(n, 1)]:.0f} | {ahead[(n, 1)] / ahead[(n, 0)]:.2f}x |"
+              for n in sorted({n for n, _ in ahead}, reverse=True)]
+    lines += ["",
               "Rendering's host cost, what a GPU job's host must keep up with: a teacher batch of 256 samples (4 rows x 64; "
               "8 rows x 32 in MixUp/CutMix groups) on this CPU with 8x8 crops of small images, so that the host's work is "
               "all there is. Per sample: the CPU path; batched: the GPU path (every stage on the whole batch, one call "

@@ -81,6 +81,9 @@ def test_cli_errors_name_the_option(tmp_path, image_dataset_dir, tiny_teacher_sp
     assert code == 2 and "--image-column 'picture' is not a column" in err
     code, _, err = here(capsys, "reinforce", image_dataset_dir, "--output", tmp_path / "x", "--teacher", "nope")
     assert code == 2 and "unknown teacher" in err
+    code, _, err = here(capsys, "reinforce", image_dataset_dir, "--output", tmp_path / "x", "--teacher",
+                        tiny_teacher_spec, "--prepare-workers", 2, "--prepare-threads", 2)
+    assert code == 2 and "--prepare-workers and --prepare-threads: give one of them" in err
     code, _, err = here(capsys, "verify", image_dataset_dir)
     assert code == 2 and "not a reinforced dataset" in err
 

@@ -1,5 +1,7 @@
 import glob
 import os
+import threading
+import types
 
 import datasets
 import numpy as np
@@ -11,8 +13,8 @@ from dr_hf import DR_INDEX, DR_PARAMS, DR_TOPK_INDICES, DR_TOPK_LOGPROBS, Reinfo
 from dr_hf.augment import Context, params_at
 from dr_hf.format import DR_FINGERPRINT, config_from_parquet
 from dr_hf.images import decode
-from dr_hf.reinforce import reinforce
-from dr_hf.reinforcer import Reinforcer, teacher_block_rows
+from dr_hf.reinforce import default_prepare_threads, reinforce
+from dr_hf.reinforcer import Reinforcer, RowPreparer, teacher_block_rows
 from dr_hf.shards import shard_paths
 from dr_hf.stats import reinforcement_bytes
 
@@ -136,22 +138,38 @@ def test_teacher_batches_hold_whole_blocks_of_rows(image_dataset, teachers, monk
         job.compute(tail, list(range(8, 24)))
 
 
-def test_preparation_workers_change_nothing(tmp_path, image_dataset, teachers):
-    """Rows decoded and sampled in 2 spawned worker processes (as a GPU job does): the same shards byte for byte,
-    and a corrupt row is named and skipped with its MixUp/CutMix group, as inline."""
+def test_preparation_threads_and_workers_change_nothing(tmp_path, image_dataset, teachers, monkeypatch):
+    """Rows decoded and sampled ahead of the teacher by 3 threads (a GPU job's default) or 2 spawned worker processes:
+    the same shards byte for byte as inline, and a corrupt row is named and skipped with its MixUp/CutMix group, or
+    stops the job naming it, the same way."""
     broken = image_dataset.cast_column("image", datasets.Image(decode=False)).map(
         lambda x, i: {"image": {"bytes": x["image"]["bytes"][:50] if i == 5 else x["image"]["bytes"], "path": None}},
         with_indices=True).cast_column("image", datasets.Image())
-    for name, workers in (("inline", 0), ("workers", 2)):
+    ways = {"inline": {}, "threads": {"prepare_threads": 3}, "workers": {"prepare_workers": 2}}
+    prepare, where = RowPreparer.__call__, {}
+    monkeypatch.setattr(RowPreparer, "__call__", lambda self, item: where.setdefault(
+        threading.current_thread().name.split("_")[0], []).append(item[1]) or prepare(self, item))
+    for name, how in ways.items():
         config = make_config(teachers, augment="imagenet+mix")
         reinforce(broken, config, teachers, str(tmp_path / name), batch_size=8, show_progress=False,
-                  on_bad_row="skip", prepare_workers=workers)
-    inline, workers = dr_table(tmp_path / "inline"), dr_table(tmp_path / "workers")
-    assert inline.equals(workers) and len(inline) == len(image_dataset) - 8  # row 5's group of 8 left out
-    reports = [open(glob.glob(str(tmp_path / x / "errors" / "*.jsonl"))[0]).read() for x in ("inline", "workers")]
-    assert reports[0] == reports[1] and "row 5, column 'image'" in reports[0]
-    with pytest.raises(ValueError, match=r"row 5, column 'image'"):  # and stops the job naming it, from a worker
-        reinforce(broken, make_config(teachers), teachers, str(tmp_path / "fail"), show_progress=False, prepare_workers=2)
+                  on_bad_row="skip", **how)
+        if name != "workers":  # (worker processes run their own copy of the preparer)
+            assert sorted(where.pop("dr-prepare" if how else "MainThread")) == list(range(len(image_dataset)))
+            assert not where
+    inline = dr_table(tmp_path / "inline")
+    assert len(inline) == len(image_dataset) - 8  # row 5's group of 8 left out
+    assert all(inline.equals(dr_table(tmp_path / name)) for name in ("threads", "workers"))
+    reports = {name: open(glob.glob(str(tmp_path / name / "errors" / "*.jsonl"))[0]).read() for name in ways}
+    assert "row 5, column 'image'" in reports["inline"] and len(set(reports.values())) == 1
+    for name, how in ways.items():  # and stops the job naming it, from a thread or a worker
+        if how:
+            with pytest.raises(ValueError, match=r"row 5, column 'image'"):
+                reinforce(broken, make_config(teachers), teachers, str(tmp_path / f"fail-{name}"), show_progress=False, **how)
+    on_gpu = types.SimpleNamespace(device=torch.device("cuda", 0))  # the default: threads only where a GPU would wait
+    assert default_prepare_threads(teachers) == 0 and 1 <= default_prepare_threads(on_gpu) <= 4
+    with pytest.raises(ValueError, match="prepare_workers=2 and prepare_threads=3: choose processes or threads"):
+        reinforce(broken, make_config(teachers), teachers, str(tmp_path / "both"), show_progress=False,
+                  prepare_workers=2, prepare_threads=3)
 
 
 def test_world_order_independence_via_shards(tmp_path, image_dataset, teachers):
