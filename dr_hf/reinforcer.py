@@ -11,7 +11,6 @@ or on the shard size where shards hold whole blocks (the default 2048 rows do).
 from __future__ import annotations
 
 import functools
-import itertools
 import threading
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
@@ -113,8 +112,8 @@ class Reinforcer:
     def _prepared(self, batch: Dict[str, List[Any]], indices: List[int],
                   stored: Optional[Sequence[Dict[str, Any]]] = None) -> Iterator[Prepared]:
         """Each row decoded, its label checked and its N samples' parameters drawn (or taken from ``stored``), in
-        order: in the ``pool``'s threads or processes ahead of the teacher when there is one (the whole map batch is
-        submitted at once), else here as the rows are needed."""
+        order: in the ``pool``'s threads or processes, two teacher blocks ahead of the teacher, when there is one, else
+        here as the rows are needed."""
         cfg = self.config
         labels = batch.get(cfg.label_column) if cfg.label_column else None
         if stored is not None:
@@ -124,9 +123,10 @@ class Reinforcer:
                  for pos, (value, i) in enumerate(zip(batch[cfg.image_column], indices))]
         if self.pool is None:
             return map(self.preparer, items)
+        ahead = 2 * self.block_rows  # the next teacher batch's rows and the one after: memory stays bounded
         if isinstance(self.pool, ThreadPoolExecutor):  # decoding releases the GIL; sampling is per-row generators
-            return self.pool.map(self.preparer, items)
-        return (unpack(p) for p in self.pool.map(functools.partial(prepare_packed, self.preparer), items))
+            return computed_ahead(items, self.preparer, ahead, self.pool)
+        return map(unpack, computed_ahead(items, functools.partial(prepare_packed, self.preparer), ahead, self.pool))
 
     def _checked_groups(self, batch, indices, stored=None) -> Iterator[Tuple[int, int, List[int], List[Prepared]]]:
         """Per mixing group: its positions (a, b), the positions kept and their prepared rows. Bad rows raise
@@ -161,17 +161,13 @@ class Reinforcer:
             raise RuntimeError(f"map batch starts at row {indices[0]}, inside a teacher block of {self.block_rows} rows: "
                                f"use a batch size that is a multiple of {self.block_rows}")
         block: List[Tuple[List[int], List[Prepared]]] = []
-        current = None
-        for a, _, keep, rows in self._checked_groups(batch, indices, stored):
-            number = (indices[a] - self.index_offset) // self.block_rows
-            if number != current and block:
-                yield block
-                block = []
-            current = number
+        for _, b, keep, rows in self._checked_groups(batch, indices, stored):
             if keep:
                 block.append((keep, rows))
-        if block:
-            yield block
+            if b == len(indices) or (indices[b] - self.index_offset) % self.block_rows == 0:  # the block is complete
+                if block:
+                    yield block
+                block = []
 
     def compute(self, batch: Dict[str, List[Any]], indices: List[int],
                 stored: Optional[Sequence[Dict[str, Any]]] = None):
@@ -372,16 +368,21 @@ def prefetched(items: Iterable[Any], fn: Callable[[Any], Any], threads: int) -> 
             yield item, fn(item)
         return
     with ThreadPoolExecutor(threads, thread_name_prefix="dr-render") as pool:
-        pending: Deque = deque()
-        it = iter(items)
-        for item in itertools.islice(it, threads + 1):
-            pending.append((item, pool.submit(fn, item)))
+        yield from computed_ahead(items, lambda item: (item, fn(item)), threads + 1, pool)
+
+
+def computed_ahead(items: Iterable[Any], fn: Callable[[Any], Any], ahead: int, pool) -> Iterator[Any]:
+    """``fn(item)`` for each item, in order, computed on ``pool`` (an executor) up to ``ahead`` items beyond the one
+    being consumed, so that at most ``ahead + 1`` results are held; what is pending when the consumer stops is
+    cancelled."""
+    pending: Deque = deque()
+    try:
+        for item in items:
+            pending.append(pool.submit(fn, item))
+            if len(pending) > ahead:
+                yield pending.popleft().result()
         while pending:
-            item, future = pending.popleft()
-            nxt = next(it, _END)
-            if nxt is not _END:
-                pending.append((nxt, pool.submit(fn, nxt)))
-            yield item, future.result()
-
-
-_END = object()
+            yield pending.popleft().result()
+    finally:
+        for future in pending:
+            future.cancel()

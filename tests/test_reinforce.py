@@ -14,7 +14,7 @@ from dr_hf.augment import Context, params_at
 from dr_hf.format import DR_FINGERPRINT, config_from_parquet
 from dr_hf.images import decode
 from dr_hf.reinforce import default_prepare_threads, reinforce
-from dr_hf.reinforcer import Reinforcer, RowPreparer, teacher_block_rows
+from dr_hf.reinforcer import Reinforcer, RowPreparer, preparation_pool, teacher_block_rows
 from dr_hf.shards import shard_paths
 from dr_hf.stats import reinforcement_bytes
 
@@ -170,6 +170,21 @@ def test_preparation_threads_and_workers_change_nothing(tmp_path, image_dataset,
     with pytest.raises(ValueError, match="prepare_workers=2 and prepare_threads=3: choose processes or threads"):
         reinforce(broken, make_config(teachers), teachers, str(tmp_path / "both"), show_progress=False,
                   prepare_workers=2, prepare_threads=3)
+
+
+def test_preparation_stays_two_teacher_blocks_ahead(image_dataset, teachers, monkeypatch):
+    """Preparing threads decode at most two teacher blocks beyond the one the teacher runs, whatever the map batch
+    size, so memory holds a few decoded images, not a batch's worth."""
+    config = make_config(teachers, teacher_batch_size=8)  # N=4: blocks of 2 rows
+    block = teacher_block_rows(config)
+    started, seen = [], []
+    prepare, log_probs = RowPreparer.__call__, teachers.log_probs
+    monkeypatch.setattr(RowPreparer, "__call__", lambda self, item: started.append(item[1]) or prepare(self, item))
+    monkeypatch.setattr(teachers, "log_probs", lambda inputs: seen.append(len(started)) or log_probs(inputs))
+    batch = image_dataset.cast_column("image", datasets.Image(decode=False))[:]
+    Reinforcer(config, teachers, num_rows=24, pool=preparation_pool(threads=3)).compute(batch, list(range(24)))
+    assert block == 2 and len(seen) == 12 and sorted(started) == list(range(24))
+    assert all(count <= (b + 1) * block + 2 * block for b, count in enumerate(seen)), seen
 
 
 def test_world_order_independence_via_shards(tmp_path, image_dataset, teachers):
