@@ -4,8 +4,9 @@ augmentation-parameter and sparse teacher-output columns to a batch of rows (the
 Determinism: the parameters of sample j of row i are a pure function of (seed, i, j) and the image; the
 teacher runs on fixed batches, all N samples of a *teacher block* of consecutive rows (:func:`teacher_block_rows`,
 counted from the shard's first row) or, where N alone fills batches, a sample range of one mixing group, never across
-map batches. So the output does not depend on the map's batch size, on processing order, on the number of processes,
-or on the shard size where shards hold whole blocks (the default 2048 rows do).
+map batches. So the output does not depend on the map's batch size, on processing order, on the number of processes
+or of threads rendering and preparing rows, or on the shard size where shards hold whole blocks (the default 2048
+rows do).
 """
 
 from __future__ import annotations
