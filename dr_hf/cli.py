@@ -17,7 +17,7 @@ def cmd_reinforce(args) -> int:
     from .augment import make_pipeline
     from .format import ReinforceConfig, public_source
     from .processes import current_processes, finish
-    from .reinforce import reinforce, stream_length
+    from .reinforce import default_render, reinforce, stream_length
     from .source import load_source
     from .teacher import TeacherEnsemble, expand_specs
 
@@ -40,6 +40,7 @@ def cmd_reinforce(args) -> int:
         num_rows = len(ds)
     teachers = TeacherEnsemble.from_specs(args.teacher, device=procs.device, precision=args.precision,
                                           compile_mode=args.compile)
+    render_device, render = default_render(teachers, args.render_device, args.render)
     config = ReinforceConfig(
         augment=args.augment,
         augmentations=pipeline.config(),
@@ -56,7 +57,7 @@ def cmd_reinforce(args) -> int:
         teacher_batch_size=args.teacher_batch_size,
         rows_per_shard=args.rows_per_shard,
         keep_source=not args.no_images,
-        render=args.render or ("batched" if args.render_device.startswith("cuda") else "per-sample"),
+        render=render,
     )
     command = public_command(sys.argv[1:], {args.dataset: config.source["path"],
                                             args.output: os.path.basename(os.path.normpath(args.output))})
@@ -64,7 +65,7 @@ def cmd_reinforce(args) -> int:
         result = reinforce(ds, config, teachers, args.output, split=args.split, batch_size=args.batch_size,
                            show_progress=not args.quiet, command=command, num_rows=num_rows, processes=procs,
                            render_threads=args.render_threads, on_bad_row=args.on_bad_row, wait=args.wait,
-                           render_device=args.render_device, prepare_workers=args.prepare_workers,
+                           render_device=render_device, prepare_workers=args.prepare_workers,
                            prepare_threads=args.prepare_threads)
     finally:
         finish()
@@ -182,16 +183,18 @@ def build_parser() -> argparse.ArgumentParser:
                    help="threads rendering teacher inputs ahead of the teacher (default: 1 on a GPU, 0 on the CPU, where they would compete for cores)")
     r.add_argument("--prepare-threads", type=int, default=None,
                    help="threads that decode rows and draw their parameters ahead of the teacher (default: 4 with "
-                        "--device cuda, where the GPU would otherwise wait for them, 0 on the CPU); the output is the "
+                        "teachers on a GPU, which would otherwise wait for them, 0 on the CPU); the output is the "
                         "same for any number")
     r.add_argument("--prepare-workers", type=int, default=0,
                    help="processes instead of threads for that (default 0); for decoders that hold the GIL")
-    r.add_argument("--render-device", default="cpu",
-                   help="where teacher inputs are rendered: cpu, or cuda (each image moved to the GPU once)")
+    r.add_argument("--render-device", default=None,
+                   help="where teacher inputs are rendered (default: the teachers' device): cpu, or cuda (each image "
+                        "moved to the GPU once)")
     r.add_argument("--render", default=None, choices=["per-sample", "batched"],
                    help="how: per-sample crops (torch's kernel per sample), or batched (each image's samples at once by "
-                        "two matrix products; within 1 grey level of per-sample for bilinear RandomResizedCrop+flip, about 0.2 on average for every preset). Default: "
-                        "batched with --render-device cuda, else per-sample. Recorded; verify renders the same way")
+                        "two matrix products; within 1 grey level of per-sample for bilinear RandomResizedCrop+flip, "
+                        "about 0.2 on average for every preset). Default: batched when rendering on a GPU, else "
+                        "per-sample. Recorded; verify renders the same way")
     r.add_argument("--wait", action="store_true",
                    help="if another job holds --output, wait for it instead of stopping (one job per folder)")
     r.add_argument("--device", default=None, help="default: cuda if available, else cpu")

@@ -114,6 +114,7 @@ def verify(path: str, teachers: Optional[Sequence[str]] = None, rows: int = 8, s
     import torch
 
     from .images import decode
+    from .reinforce import default_render
     from .reinforcer import Reinforcer
     from .shards import BadShardError, check_folder, checked_batches, shard_paths
     from .stats import summarize
@@ -161,7 +162,7 @@ def verify(path: str, teachers: Optional[Sequence[str]] = None, rows: int = 8, s
     picked = {int(i) for i in np.random.default_rng(seed).choice(sorted(seen), size=min(rows, len(seen)), replace=False)}
     # batched renders replay where the teachers run (the GPU path, and where it is fast); per-sample ones on the CPU
     job = Reinforcer(replay_config, ensemble, num_rows=num_rows, block_rows=g,  # one group at a time
-                     render_device=str(ensemble.device) if config.render == "batched" else "cpu")
+                     render_device=default_render(ensemble, render=config.render)[0])
     report.params_redrawn = config.format_version >= 3
     worst = 0.0
     for group in sorted({i // g for i in picked}):

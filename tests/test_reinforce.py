@@ -13,7 +13,7 @@ from dr_hf import DR_INDEX, DR_PARAMS, DR_TOPK_INDICES, DR_TOPK_LOGPROBS, Reinfo
 from dr_hf.augment import Context, params_at
 from dr_hf.format import DR_FINGERPRINT, config_from_parquet
 from dr_hf.images import decode
-from dr_hf.reinforce import default_prepare_threads, reinforce
+from dr_hf.reinforce import default_prepare_threads, default_render, reinforce
 from dr_hf.reinforcer import Reinforcer, RowPreparer, preparation_pool, teacher_block_rows
 from dr_hf.shards import shard_paths
 from dr_hf.stats import reinforcement_bytes
@@ -165,11 +165,22 @@ def test_preparation_threads_and_workers_change_nothing(tmp_path, image_dataset,
         if how:
             with pytest.raises(ValueError, match=r"row 5, column 'image'"):
                 reinforce(broken, make_config(teachers), teachers, str(tmp_path / f"fail-{name}"), show_progress=False, **how)
-    on_gpu = types.SimpleNamespace(device=torch.device("cuda", 0))  # the default: threads only where a GPU would wait
-    assert default_prepare_threads(teachers) == 0 and 1 <= default_prepare_threads(on_gpu) <= 4
     with pytest.raises(ValueError, match="prepare_workers=2 and prepare_threads=3: choose processes or threads"):
         reinforce(broken, make_config(teachers), teachers, str(tmp_path / "both"), show_progress=False,
                   prepare_workers=2, prepare_threads=3)
+
+
+def test_job_defaults_follow_the_teachers_device(teachers):
+    """With teachers on a GPU a job renders there, batched, with threads preparing rows ahead; on the CPU it renders
+    per sample there, inline. A given mode picks the device (as verify replays it), a given device the mode. (The
+    GPU job itself runs in scripts/bench_gpu.py where a device is lent.)"""
+    on_gpu = types.SimpleNamespace(device=torch.device("cuda", 1))
+    assert default_render(on_gpu) == ("cuda:1", "batched") and 1 <= default_prepare_threads(on_gpu) <= 4
+    assert default_render(teachers) == ("cpu", "per-sample") and default_prepare_threads(teachers) == 0
+    assert default_render(on_gpu, render="per-sample") == ("cpu", "per-sample")
+    assert default_render(on_gpu, render_device="cpu") == ("cpu", "per-sample")
+    assert default_render(teachers, render="batched") == ("cpu", "batched")
+    assert default_render(teachers, render_device="cuda:0") == ("cuda:0", "batched")
 
 
 def test_preparation_stays_two_teacher_blocks_ahead(image_dataset, teachers, monkeypatch):
