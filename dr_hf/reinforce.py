@@ -197,7 +197,7 @@ def _run_shards(decoded, dataset, config, teachers, output_dir, split, batch_siz
 
     added = reinforcement_features(pipeline, config.num_samples, config.topk, config.num_classes)
     features = datasets.Features({**dataset.features, **added}) if config.keep_source else added
-    map_features = datasets.Features({**decoded.features, **added, SKIP_COLUMN: datasets.Value("bool")})
+    map_features = datasets.Features({**added, SKIP_COLUMN: datasets.Value("bool")})  # what the map function returns
 
     bar = None
     if show_progress and procs.is_main:
@@ -226,17 +226,17 @@ def _run_shards(decoded, dataset, config, teachers, output_dir, split, batch_siz
             job = Reinforcer(config, teachers, num_rows=n, index_offset=s * per_shard,
                              progress=bar.update if bar else None, render_threads=render_threads, on_bad_row=on_bad_row,
                              render_device=render_device, pool=pool)
-            out = part.map(job, batched=True, batch_size=batch_size, with_indices=True, features=map_features,
-                           keep_in_memory=True, load_from_cache_file=False, new_fingerprint=f"dr-{s}-{time.time_ns()}")
+            columns = part.map(job, batched=True, batch_size=batch_size, with_indices=True, features=map_features,
+                               keep_in_memory=True, load_from_cache_file=False,
+                               new_fingerprint=f"dr-{s}-{time.time_ns()}")
+            out = datasets.concatenate_datasets([part, columns], axis=1) if config.keep_source else columns
             if job.bad_rows:
                 out = out.filter(lambda skip: not skip, input_columns=SKIP_COLUMN, keep_in_memory=True)
                 logger.warning("%s: shard %d/%d: %d row(s) skipped (listed in %s)", procs, s + 1, count,
                                len(job.bad_rows), error_report_path(output_dir, paths[s]))
             out = out.remove_columns(SKIP_COLUMN)
             write_error_report(output_dir, paths[s], job.bad_rows)
-            if not config.keep_source:
-                out = out.select_columns(list(added))
-            elif out.features[config.image_column] != features[config.image_column]:
+            if config.keep_source and out.features[config.image_column] != features[config.image_column]:
                 out = out.cast_column(config.image_column, features[config.image_column])
             if written is not None:
                 written.result()  # the previous shard is on disk (or its error raised here)

@@ -1,5 +1,6 @@
-"""The reinforcement map function: ``Dataset.map(Reinforcer(...), batched=True, with_indices=True)`` adds the
-augmentation-parameter and sparse teacher-output columns to a batch of rows (the job driver is :mod:`dr_hf.reinforce`).
+"""The reinforcement map function: ``Dataset.map(Reinforcer(...), batched=True, with_indices=True)`` computes the
+augmentation-parameter and sparse teacher-output columns of a dataset's rows (the job driver, :mod:`dr_hf.reinforce`,
+joins them to the source and writes the shards).
 
 Determinism: the parameters of sample j of row i are a pure function of (seed, i, j) and the image; the
 teacher runs on fixed batches, all N samples of a *teacher block* of consecutive rows (:func:`teacher_block_rows`,
@@ -19,7 +20,9 @@ from dataclasses import dataclass
 from typing import Any, Callable, Deque, Dict, Iterable, Iterator, List, NamedTuple, Optional, Sequence, Tuple
 
 import numpy as np
+import pyarrow as pa
 import torch
+from datasets.features.features import numpy_to_pyarrow_listarray
 
 from .augment import AugmentPipeline, Context, empty_batch
 from .format import DR_FINGERPRINT, DR_INDEX, DR_PARAMS, DR_TOPK_INDICES, DR_TOPK_LOGPROBS, ReinforceConfig, index_dtype
@@ -28,7 +31,7 @@ from .teacher import TeacherEnsemble
 
 
 class Reinforcer:
-    """``Dataset.map(reinforcer, batched=True, with_indices=True)``: adds the reinforcement columns.
+    """``Dataset.map(reinforcer, batched=True, with_indices=True)``: the reinforcement columns, row for row.
 
     A batch must hold whole teacher blocks (``batch_size`` a multiple of :func:`teacher_block_rows`, itself a
     multiple of the mixing group size, as :func:`reinforce` arranges; ``block_rows`` overrides it, e.g. one group to
@@ -213,31 +216,49 @@ class Reinforcer:
             logps[pos] = torch.cat(chunks)
         return indices, params, logps
 
-    def __call__(self, batch: Dict[str, List[Any]], indices: List[int]) -> Dict[str, Any]:
-        """The reinforcement columns; skipped rows get placeholders and ``_dr_skip`` = True (the driver drops them)."""
+    def __call__(self, batch: Dict[str, List[Any]], indices: List[int]) -> pa.Table:
+        """The batch's reinforcement columns, as an Arrow table with one row per input row (``Dataset.map`` then
+        gives a dataset of them alone; :func:`~dr_hf.reinforce.reinforce` joins it to the source with
+        ``concatenate_datasets(..., axis=1)``). Skipped rows get placeholders and ``_dr_skip`` = True (the driver drops
+        them). The columns are built for the whole batch at once (one top-K, Arrow arrays from stacked NumPy arrays):
+        between map batches a GPU waits for this work, and for ``datasets`` to write what the map returns."""
         cfg = self.config
+        fingerprints = self._fingerprints(batch[cfg.image_column], [i + self.index_offset for i in indices])
         indices, params, logps = self.compute(batch, indices)
-        n, k = cfg.num_samples, cfg.topk
-        idx_dtype = np.dtype(index_dtype(cfg.num_classes))
-        out: Dict[str, Any] = {DR_INDEX: np.asarray(indices, dtype=np.int64), DR_FINGERPRINT: [], DR_PARAMS: [],
-                               DR_TOPK_INDICES: [], DR_TOPK_LOGPROBS: [], SKIP_COLUMN: []}
-        for value, i, row, lp in zip(batch[cfg.image_column], indices, params, logps):
-            skip = row is None
-            out[SKIP_COLUMN].append(skip)
-            if skip:
-                out[DR_FINGERPRINT].append("")
-                out[DR_PARAMS].append({name: np.zeros((n, *shape), dtype) for name, (shape, dtype) in self.fields.items()})
-                out[DR_TOPK_INDICES].append(np.zeros((n, k), idx_dtype))
-                out[DR_TOPK_LOGPROBS].append(np.zeros((n, k), np.float16))
-                continue
-            top = torch.topk(lp, k, dim=-1)
-            out[DR_FINGERPRINT].append(fingerprint(value, row=i, column=cfg.image_column))
-            out[DR_PARAMS].append(row)
-            out[DR_TOPK_INDICES].append(top.indices.numpy().astype(idx_dtype))
-            out[DR_TOPK_LOGPROBS].append(top.values.numpy().astype(np.float16))
+        rows, n, k = len(indices), cfg.num_samples, cfg.topk
+        kept = [pos for pos, p in enumerate(params) if p is not None]
+        top_indices = np.zeros((rows, n, k), np.dtype(index_dtype(cfg.num_classes)))
+        top_logprobs = np.zeros((rows, n, k), np.float16)
+        if kept:  # each sample's top-K, independently
+            top = torch.topk(torch.stack([logps[pos] for pos in kept]), k, dim=-1)
+            top_indices[kept] = top.indices.numpy()
+            top_logprobs[kept] = top.values.numpy()
+        fields = {name: np.zeros((rows, n, *shape), dtype) for name, (shape, dtype) in self.fields.items()}
+        for pos in kept:
+            for name, values in fields.items():
+                values[pos] = params[pos][name]
+        columns = {
+            DR_INDEX: pa.array(np.asarray(indices, dtype=np.int64)),
+            DR_FINGERPRINT: pa.array([fingerprints(pos) if params[pos] is not None else "" for pos in range(rows)],
+                                     pa.string()),
+            DR_PARAMS: pa.StructArray.from_arrays([numpy_to_pyarrow_listarray(v) for v in fields.values()],
+                                                  names=list(fields)),
+            DR_TOPK_INDICES: numpy_to_pyarrow_listarray(top_indices),
+            DR_TOPK_LOGPROBS: numpy_to_pyarrow_listarray(top_logprobs),
+            SKIP_COLUMN: pa.array([params[pos] is None for pos in range(rows)], pa.bool_()),
+        }
         if self.progress:
-            self.progress(len(indices))
-        return out
+            self.progress(rows)
+        return pa.table(columns)
+
+    def _fingerprints(self, values: Sequence[Any], indices: Sequence[int]) -> Callable[[int], str]:
+        """Each row's image fingerprint, by position: hashed by the preparing threads while the teacher runs when
+        there are some (hashing releases the GIL), else here when asked for."""
+        column = self.config.image_column
+        if isinstance(self.pool, ThreadPoolExecutor):
+            futures = [self.pool.submit(fingerprint, value, row=i, column=column) for value, i in zip(values, indices)]
+            return lambda pos: futures[pos].result()
+        return lambda pos: fingerprint(values[pos], row=indices[pos], column=column)
 
 
 def teacher_block_rows(config: ReinforceConfig) -> int:

@@ -13,7 +13,8 @@ CPU core as EfficientNet-Lite0 is on a GPU, so the job is bound by everything bu
   naive render it allows on this machine;
 * parameter sampling alone (part of the job), per sample, for `imagenet+rrc` and `imagenet+rare+mix`;
 * the whole job (`reinforce()`: the map, top-K, parquet shards, the card and its preview) on `--job-rows` rows in 4
-  shards, against `Reinforcer.compute` alone on the same rows: what the job adds to its compute;
+  shards, and `Dataset.map` with the map function, against `Reinforcer.compute` alone on the same rows: what the job
+  and the map add to the compute;
 * rows prepared ahead of the teacher: `Reinforcer.compute` with rows decoded and sampled on the main thread
   (`--prepare-threads 0`) against one preparing thread, at N=64 and N=16, with the second core free for it, as a GPU
   job's host has its cores;
@@ -193,13 +194,21 @@ def main():
         with tempfile.TemporaryDirectory() as out:
             reinforce(job_rows, job_config, teachers, out, show_progress=False)
 
-    whole = {"whole job": [], "compute alone": []}
+    map_rows = job_rows.cast_column("image", datasets.Image(decode=False))
+
+    def run_map():  # the map function and datasets writing what it returns, as the job runs them per shard
+        map_rows.map(compute_only, batched=True, batch_size=32, with_indices=True, keep_in_memory=True,
+                     load_from_cache_file=False, new_fingerprint=f"bench-{time.time_ns()}")
+
+    whole = {"whole job": [], "compute alone": [], "map": []}
     for _ in range(2):
-        for name, fn in zip(whole, (run_whole_job, lambda: compute_only.compute(job_batch, list(range(args.job_rows))))):
+        for name, fn in zip(whole, (run_whole_job, lambda: compute_only.compute(job_batch, list(range(args.job_rows))),
+                                    run_map)):
             t0 = time.perf_counter()
             fn()
             whole[name].append(time.perf_counter() - t0)
     whole_rate = {name: args.job_rows * args.num_samples / min(ts) for name, ts in whole.items()}
+    map_overhead_ms = (min(whole["map"]) - min(whole["compute alone"])) / args.job_rows * 1e3
     print(whole_rate)
     ahead = {}  # (N, preparing threads) -> samples/s of Reinforcer.compute, alternating, best of repeats
     pools = {threads: preparation_pool(0, threads) for threads in (0, 1)}
@@ -238,7 +247,11 @@ def main():
               f"Whole job (`reinforce()` on {args.job_rows} rows in 4 shards: map, top-K, parquet shards written while the "
               f"next is computed, the card and its preview): {whole_rate['whole job']:.0f} samples/s against "
               f"{whole_rate['compute alone']:.0f} for `Reinforcer.compute` alone on the same rows "
-              f"(**{whole_rate['whole job'] / whole_rate['compute alone']:.2f}**; best of 2).", "",
+              f"(**{whole_rate['whole job'] / whole_rate['compute alone']:.2f}**; best of 2). `Dataset.map` with the map "
+              f"function on the same rows (batches of 32: top-K, the columns as Arrow, `datasets` writing them) takes "
+              f"{map_overhead_ms:.2f} ms a row more than `compute` alone: work the main thread does between map batches "
+              f"while a GPU would wait (EfficientNet-Lite0 in bf16 on the H100, 19,321 samples/s in results/bench_gpu.md, spends {1e3 * args.num_samples / 19321:.1f} ms "
+              f"on a row's {args.num_samples} samples).", "",
               "Rows prepared ahead of the teacher: `Reinforcer.compute` on the same rows, each row decoded and its "
               "parameters drawn on the main thread (`--prepare-threads 0`, the CPU default) or by one thread ahead of "
               "the teacher (a GPU job's default uses 4), with this machine's second core free for it, as a GPU job's "
