@@ -130,12 +130,12 @@ def reinforce(
     skips complete shards, so an interrupted job resumes; a rerun with other settings into the folder is refused.
     ``num_rows`` gives a stream's length when its metadata lacks it (otherwise the stream is counted first).
     ``render_threads``, ``render_device``: see :class:`Reinforcer`; by default (:func:`default_render`) inputs are
-    rendered on the teachers' device when ``config.render`` is ``"batched"``, else on the CPU. ``prepare_threads`` threads (default:
-    :func:`default_prepare_threads`, 4 with teachers on a GPU, 0 on the CPU) or ``prepare_workers`` processes
-    (default 0) decode rows and draw their parameters ahead of the teacher; the output is the same for any number of
-    either. Threads share the job's memory (JPEG decoding releases the GIL); processes copy each decoded image back,
-    and on an H100 host (results/bench_gpu.md) they made the job slower; they are meant for jobs whose preparation holds
-    the GIL (slow Python decoders).
+    rendered on the teachers' device when ``config.render`` is ``"batched"``, else on the CPU. ``prepare_threads``
+    threads (default: :func:`default_prepare_threads`, 4 with teachers on a GPU, 0 on the CPU) or ``prepare_workers``
+    processes (default 0) decode rows and draw their parameters ahead of the teacher; the output is the same for any
+    number of either. Threads share the job's memory (JPEG decoding releases the GIL); processes copy each decoded
+    image back, and on an H100 host (results/bench_gpu.md) they made the job slower; they are meant for jobs whose
+    preparation holds the GIL (slow Python decoders).
     ``on_bad_row``: ``"fail"`` (default) stops at the first undecodable image or out-of-range label, naming the row and
     column; ``"skip"`` leaves such rows out (with their MixUp/CutMix group) and lists each one, with the reason, in
     ``errors/<shard>.jsonl``; the card counts them. Nothing is dropped silently.
