@@ -174,10 +174,11 @@ class Reinforcer:
                 block = []
 
     def compute(self, batch: Dict[str, List[Any]], indices: List[int],
-                stored: Optional[Sequence[Dict[str, Any]]] = None):
+                stored: Optional[Sequence[Dict[str, Any]]] = None, topk: Optional[int] = None):
         """Per row: the N samples' parameters (the stored layout: each field an (N, ...) array) and the (N, C) teacher
-        log-probabilities (``None`` for skipped rows). ``stored``: per row, parameters to render instead of drawing
-        them (``dr-hf verify`` replays what a dataset holds)."""
+        log-probabilities (``None`` for skipped rows), or with ``topk`` only each sample's K largest as (values,
+        indices), both (N, K), taken where the teachers run. ``stored``: per row, parameters to render instead of
+        drawing them (``dr-hf verify`` replays what a dataset holds)."""
         indices = [i + self.index_offset for i in indices]
         params: List[Optional[Dict[str, np.ndarray]]] = [None] * len(indices)
         logps: List[Optional[torch.Tensor]] = [None] * len(indices)
@@ -203,36 +204,40 @@ class Reinforcer:
                 self.render_rows(images, row_params, js, out, inputs[o])
             return inputs
 
-        per_row: Dict[int, List[torch.Tensor]] = {}
+        per_row: Dict[int, List[Tuple[torch.Tensor, ...]]] = {}
         for (keep, _, js), inputs in prefetched(teacher_batches(), render, self.render_threads):
-            logp = self.teachers.log_probs(inputs)  # returns once the teachers are done with the inputs
+            logp = self.teachers.log_probs(inputs, on_device=True)
+            finite = bool(torch.isfinite(logp).all())  # waits for the teachers to be done with the inputs
             self.buffers.give(*inputs.values())
-            if not torch.isfinite(logp).all():
+            if not finite:
                 raise FloatingPointError(f"the teacher produced NaN/inf outputs for rows {indices[keep[0]]}.."
                                          f"{indices[keep[-1]]}, sample indices {js.start}..{js.stop - 1}")
-            for pos, chunk in zip(keep, logp.view(len(keep), len(js), -1)):
-                per_row.setdefault(pos, []).append(chunk)
+            parts = tuple(torch.topk(logp, topk, dim=-1)) if topk else (logp,)
+            parts = [part.cpu().view(len(keep), len(js), -1) for part in parts]
+            for r, pos in enumerate(keep):
+                per_row.setdefault(pos, []).append(tuple(part[r] for part in parts))
         for pos, chunks in per_row.items():
-            logps[pos] = torch.cat(chunks)
+            joined = tuple(torch.cat(part) for part in zip(*chunks))
+            logps[pos] = joined if topk else joined[0]
         return indices, params, logps
 
     def __call__(self, batch: Dict[str, List[Any]], indices: List[int]) -> pa.Table:
         """The batch's reinforcement columns, as an Arrow table with one row per input row (``Dataset.map`` then
         gives a dataset of them alone; :func:`~dr_hf.reinforce.reinforce` joins it to the source with
         ``concatenate_datasets(..., axis=1)``). Skipped rows get placeholders and ``_dr_skip`` = True (the driver drops
-        them). The columns are built for the whole batch at once (one top-K, Arrow arrays from stacked NumPy arrays):
-        between map batches a GPU waits for this work, and for ``datasets`` to write what the map returns."""
+        them). The top-K is taken where the teachers run, and the columns are built for the whole batch at once (Arrow
+        arrays from stacked NumPy arrays): between map batches a GPU waits for this work, and for ``datasets`` to
+        write what the map returns."""
         cfg = self.config
         fingerprints = self._fingerprints(batch[cfg.image_column], [i + self.index_offset for i in indices])
-        indices, params, logps = self.compute(batch, indices)
         rows, n, k = len(indices), cfg.num_samples, cfg.topk
+        indices, params, tops = self.compute(batch, indices, topk=k)
         kept = [pos for pos, p in enumerate(params) if p is not None]
         top_indices = np.zeros((rows, n, k), np.dtype(index_dtype(cfg.num_classes)))
         top_logprobs = np.zeros((rows, n, k), np.float16)
-        if kept:  # each sample's top-K, independently
-            top = torch.topk(torch.stack([logps[pos] for pos in kept]), k, dim=-1)
-            top_indices[kept] = top.indices.numpy()
-            top_logprobs[kept] = top.values.numpy()
+        if kept:
+            top_logprobs[kept] = torch.stack([tops[pos][0] for pos in kept]).numpy()
+            top_indices[kept] = torch.stack([tops[pos][1] for pos in kept]).numpy()
         fields = {name: np.zeros((rows, n, *shape), dtype) for name, (shape, dtype) in self.fields.items()}
         for pos in kept:
             for name, values in fields.items():

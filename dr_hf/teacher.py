@@ -338,8 +338,9 @@ class TeacherEnsemble:
                                f"({cause}); run without --compile") from exc
 
     @torch.inference_mode()
-    def log_probs(self, inputs: Dict[int, torch.Tensor]) -> torch.Tensor:
-        """``inputs[i]`` is the batch rendered for ``outputs()[i]``; returns (B, C) float32 log-probabilities."""
+    def log_probs(self, inputs: Dict[int, torch.Tensor], on_device: bool = False) -> torch.Tensor:
+        """``inputs[i]`` is the batch rendered for ``outputs()[i]``; returns (B, C) float32 log-probabilities, on the
+        CPU or (``on_device``) where the teachers run, for the caller to reduce there before copying."""
         outputs = self.outputs()
         per_teacher = []
         for t, forward in zip(self.teachers, self._forwards):
@@ -355,6 +356,7 @@ class TeacherEnsemble:
             logits = logits[:rows]
             per_teacher.append(torch.log_softmax(logits.float(), dim=-1))
         if len(per_teacher) == 1:
-            return per_teacher[0].cpu()
-        # log of the mean probability, computed stably
-        return (torch.logsumexp(torch.stack(per_teacher), dim=0) - math.log(len(per_teacher))).cpu()
+            result = per_teacher[0]
+        else:  # log of the mean probability, computed stably
+            result = torch.logsumexp(torch.stack(per_teacher), dim=0) - math.log(len(per_teacher))
+        return result if on_device else result.cpu()

@@ -123,7 +123,8 @@ def test_teacher_batches_hold_whole_blocks_of_rows(image_dataset, teachers, monk
     assert teacher_block_rows(make_config(teachers, augment="imagenet+mix", n=400)) == 8
     sizes = []
     log_probs = teachers.log_probs
-    monkeypatch.setattr(teachers, "log_probs", lambda inputs: sizes.append(len(inputs[0])) or log_probs(inputs))
+    monkeypatch.setattr(teachers, "log_probs",
+                        lambda inputs, **kw: sizes.append(len(inputs[0])) or log_probs(inputs, **kw))
     batch = image_dataset.cast_column("image", datasets.Image(decode=False))[:]
     job = Reinforcer(config, teachers, num_rows=24)
     _, params, logps = job.compute(batch, list(range(24)))
@@ -191,7 +192,8 @@ def test_preparation_stays_two_teacher_blocks_ahead(image_dataset, teachers, mon
     started, seen = [], []
     prepare, log_probs = RowPreparer.__call__, teachers.log_probs
     monkeypatch.setattr(RowPreparer, "__call__", lambda self, item: started.append(item[1]) or prepare(self, item))
-    monkeypatch.setattr(teachers, "log_probs", lambda inputs: seen.append(len(started)) or log_probs(inputs))
+    monkeypatch.setattr(teachers, "log_probs",
+                        lambda inputs, **kw: seen.append(len(started)) or log_probs(inputs, **kw))
     batch = image_dataset.cast_column("image", datasets.Image(decode=False))[:]
     Reinforcer(config, teachers, num_rows=24, pool=preparation_pool(threads=3)).compute(batch, list(range(24)))
     assert block == 2 and len(seen) == 12 and sorted(started) == list(range(24))
