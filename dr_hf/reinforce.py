@@ -109,7 +109,7 @@ def reinforce(
     teachers: TeacherEnsemble,
     output_dir: str,
     split: str = "train",
-    batch_size: int = 32,
+    batch_size: int = 256,
     show_progress: bool = True,
     command: Optional[str] = None,
     num_rows: Optional[int] = None,

@@ -46,6 +46,8 @@ class Reinforcer:
     where it is slower); verify replays with the recorded mode.
     ``pool`` (:func:`preparation_pool`): threads or processes that decode rows and draw their parameters ahead of the
     teacher (the CPU work a GPU job's main thread would otherwise do while the GPU waits); the same values as without.
+    ``progress(rows)`` is told of rows as they are done: kept rows when their teacher block is, skipped rows at the
+    end of their map batch.
     """
 
     def __init__(
@@ -216,6 +218,8 @@ class Reinforcer:
             parts = [part.cpu().view(len(keep), len(js), -1) for part in parts]
             for r, pos in enumerate(keep):
                 per_row.setdefault(pos, []).append(tuple(part[r] for part in parts))
+            if self.progress and js.stop == n:  # these rows are done
+                self.progress(len(keep))
         for pos, chunks in per_row.items():
             joined = tuple(torch.cat(part) for part in zip(*chunks))
             logps[pos] = joined if topk else joined[0]
@@ -252,8 +256,8 @@ class Reinforcer:
             DR_TOPK_LOGPROBS: numpy_to_pyarrow_listarray(top_logprobs),
             SKIP_COLUMN: pa.array([params[pos] is None for pos in range(rows)], pa.bool_()),
         }
-        if self.progress:
-            self.progress(rows)
+        if self.progress and len(kept) < rows:  # skipped rows count as done at the end of their map batch
+            self.progress(rows - len(kept))
         return pa.table(columns)
 
     def _fingerprints(self, values: Sequence[Any], indices: Sequence[int]) -> Callable[[int], str]:

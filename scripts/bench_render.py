@@ -15,6 +15,8 @@ CPU core as EfficientNet-Lite0 is on a GPU, so the job is bound by everything bu
 * the whole job (`reinforce()`: the map, top-K, parquet shards, the card and its preview) on `--job-rows` rows in 4
   shards, and `Dataset.map` with the map function, against `Reinforcer.compute` alone on the same rows: what the job
   and the map add to the compute;
+* the whole job with a GPU job's pipeline (a render and a preparing thread) on `--piped-rows` rows, in map batches
+  of 32 and of 256 rows (the default): what the pipeline's draining between map batches costs;
 * rows prepared ahead of the teacher: `Reinforcer.compute` with rows decoded and sampled on the main thread
   (`--prepare-threads 0`) against one preparing thread, at N=64 and N=16, with the second core free for it, as a GPU
   job's host has its cores;
@@ -105,6 +107,7 @@ def main():
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--teacher-batch-size", type=int, default=256)
     ap.add_argument("--job-rows", type=int, default=128)
+    ap.add_argument("--piped-rows", type=int, default=256)
     ap.add_argument("--out", default=os.path.join(ROOT, "results", "bench_render.md"))
     args = ap.parse_args()
     torch.set_num_threads(1)
@@ -196,20 +199,49 @@ def main():
 
     map_rows = job_rows.cast_column("image", datasets.Image(decode=False))
 
+    outside_compute = []  # per map run: its seconds outside Reinforcer.compute (timed around each call)
+
     def run_map():  # the map function and datasets writing what it returns, as the job runs them per shard
-        map_rows.map(compute_only, batched=True, batch_size=32, with_indices=True, keep_in_memory=True,
-                     load_from_cache_file=False, new_fingerprint=f"bench-{time.time_ns()}")
+        inside, compute = [0.0], compute_only.compute
+
+        def timed(*a, **kw):
+            t0 = time.perf_counter()
+            result = compute(*a, **kw)
+            inside[0] += time.perf_counter() - t0
+            return result
+
+        compute_only.compute = timed
+        try:
+            t0 = time.perf_counter()
+            map_rows.map(compute_only, batched=True, batch_size=32, with_indices=True, keep_in_memory=True,
+                         load_from_cache_file=False, new_fingerprint=f"bench-{time.time_ns()}")
+            outside_compute.append(time.perf_counter() - t0 - inside[0])
+        finally:
+            del compute_only.compute
 
     whole = {"whole job": [], "compute alone": [], "map": []}
-    for _ in range(2):
-        for name, fn in zip(whole, (run_whole_job, lambda: compute_only.compute(job_batch, list(range(args.job_rows))),
+    for _ in range(3):
+        for name, fn in zip(whole, (run_whole_job,
+                                    lambda: compute_only.compute(job_batch, list(range(args.job_rows)), topk=config.topk),
                                     run_map)):
             t0 = time.perf_counter()
             fn()
             whole[name].append(time.perf_counter() - t0)
     whole_rate = {name: args.job_rows * args.num_samples / min(ts) for name, ts in whole.items()}
-    map_overhead_ms = (min(whole["map"]) - min(whole["compute alone"])) / args.job_rows * 1e3
+    map_overhead_ms = min(outside_compute) / args.job_rows * 1e3
     print(whole_rate)
+    # a GPU job's pipeline (render and preparing threads ahead of the teacher) drains between map batches
+    piped_rows = datasets.load_dataset(args.dataset, split="train").select(range(args.piped_rows))
+    piped = {32: [], 256: []}
+    for _ in range(2):
+        for map_batch in piped:
+            with tempfile.TemporaryDirectory() as out:
+                t0 = time.perf_counter()
+                reinforce(piped_rows, config, teachers, out, show_progress=False, render_threads=1, prepare_threads=1,
+                          batch_size=map_batch)
+                piped[map_batch].append(time.perf_counter() - t0)
+    piped_rate = {map_batch: args.piped_rows * args.num_samples / min(ts) for map_batch, ts in piped.items()}
+    print(piped_rate)
     ahead = {}  # (N, preparing threads) -> samples/s of Reinforcer.compute, alternating, best of repeats
     pools = {threads: preparation_pool(0, threads) for threads in (0, 1)}
     for n in (args.num_samples, args.num_samples // 4):
@@ -247,11 +279,16 @@ def main():
               f"Whole job (`reinforce()` on {args.job_rows} rows in 4 shards: map, top-K, parquet shards written while the "
               f"next is computed, the card and its preview): {whole_rate['whole job']:.0f} samples/s against "
               f"{whole_rate['compute alone']:.0f} for `Reinforcer.compute` alone on the same rows "
-              f"(**{whole_rate['whole job'] / whole_rate['compute alone']:.2f}**; best of 2). `Dataset.map` with the map "
-              f"function on the same rows (batches of 32: top-K, the columns as Arrow, `datasets` writing them) takes "
-              f"{map_overhead_ms:.2f} ms a row more than `compute` alone: work the main thread does between map batches "
+              f"(**{whole_rate['whole job'] / whole_rate['compute alone']:.2f}**; best of 3). `Dataset.map` with the map "
+              f"function on the same rows (batches of 32) spends {map_overhead_ms:.2f} ms a row outside `compute` (the "
+              f"columns as Arrow, `datasets` writing them; timed around each call, best of 3): work the main thread "
+              f"does between map batches "
               f"while a GPU would wait (EfficientNet-Lite0 in bf16 on the H100, 19,321 samples/s in results/bench_gpu.md, spends {1e3 * args.num_samples / 19321:.1f} ms "
               f"on a row's {args.num_samples} samples).", "",
+              f"With a GPU job's pipeline (a render thread and a preparing thread ahead of the teacher), which drains "
+              f"between map batches, the whole job on {args.piped_rows} rows in one shard runs at "
+              f"{piped_rate[32]:.0f} samples/s in map batches of 32 rows and {piped_rate[256]:.0f} in batches of 256 "
+              f"(the default; **{piped_rate[256] / piped_rate[32]:.2f}x**; best of 2).", "",
               "Rows prepared ahead of the teacher: `Reinforcer.compute` on the same rows, each row decoded and its "
               "parameters drawn on the main thread (`--prepare-threads 0`, the CPU default) or by one thread ahead of "
               "the teacher (a GPU job's default uses 4), with this machine's second core free for it, as a GPU job's "

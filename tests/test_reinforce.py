@@ -134,6 +134,9 @@ def test_teacher_batches_hold_whole_blocks_of_rows(image_dataset, teachers, monk
     assert sizes == [32, 32, 32]
     assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(logps, logps_one))
     assert all(np.array_equal(a[f], b[f]) for a, b in zip(params, params_one) for f in a)
+    done = []  # progress: rows as their teacher blocks are done
+    Reinforcer(config, teachers, num_rows=24, progress=done.append)(batch, list(range(24)))
+    assert done == [16, 8]
     tail = {key: values[8:] for key, values in batch.items()}
     with pytest.raises(RuntimeError, match="inside a teacher block of 16 rows: use a batch size that is a multiple of 16"):
         job.compute(tail, list(range(8, 24)))
@@ -162,6 +165,10 @@ def test_preparation_threads_and_workers_change_nothing(tmp_path, image_dataset,
     assert all(inline.equals(dr_table(tmp_path / name)) for name in ("threads", "workers"))
     reports = {name: open(glob.glob(str(tmp_path / name / "errors" / "*.jsonl"))[0]).read() for name in ways}
     assert "row 5, column 'image'" in reports["inline"] and len(set(reports.values())) == 1
+    done = []  # progress counts the kept rows as they are done and the skipped ones with their map batch
+    Reinforcer(make_config(teachers, augment="imagenet+mix"), teachers, num_rows=24, on_bad_row="skip",
+               progress=done.append)(broken.cast_column("image", datasets.Image(decode=False))[:], list(range(24)))
+    assert done == [16, 8]
     for name, how in ways.items():  # and stops the job naming it, from a thread or a worker
         if how:
             with pytest.raises(ValueError, match=r"row 5, column 'image'"):
