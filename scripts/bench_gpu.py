@@ -234,7 +234,7 @@ def main():
         rows_here = datasets.concatenate_datasets([encoded] * (count // args.rows))
         folder = os.path.join(tmp, f"job-{name}")
         shard_rates.clear()
-        seconds = synced(lambda: reinforce(rows_here, config, ensemble, folder, batch_size=64, show_progress=False,
+        seconds = synced(lambda: reinforce(rows_here, config, ensemble, folder, show_progress=False,
                                            render_device=render_device, prepare_threads=prepare))
         job[name] = count * n / seconds
         shard[name] = shard_rates[-1] if shard_rates else float("nan")

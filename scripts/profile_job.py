@@ -1,5 +1,6 @@
 """Where the reinforce job's time goes: cProfile of `dr_hf.reinforce` with EfficientNet-Lite0 (random weights, bf16) at
-N=64, rendering batched on the GPU, rows prepared inline; prints the 28 most expensive functions by own time.
+N=64, rendering batched on the GPU, rows prepared as by default (threads, on a GPU); cProfile sees the main thread
+only; prints the 28 most expensive functions by own time.
 
     python scripts/profile_job.py --dataset PATH [--device cuda]
 """
@@ -44,7 +45,7 @@ def main():
     profile = cProfile.Profile()
     profile.enable()
     t0 = time.perf_counter()
-    reinforce(rows, config, teachers, os.path.join(tmp, "job"), batch_size=64, show_progress=False,
+    reinforce(rows, config, teachers, os.path.join(tmp, "job"), show_progress=False,
               render_device=args.device)
     if torch.cuda.is_available():
         torch.cuda.synchronize()
