@@ -197,7 +197,6 @@ def _run_shards(decoded, dataset, config, teachers, output_dir, split, batch_siz
 
     added = reinforcement_features(pipeline, config.num_samples, config.topk, config.num_classes)
     features = datasets.Features({**dataset.features, **added}) if config.keep_source else added
-    map_features = datasets.Features({**added, SKIP_COLUMN: datasets.Value("bool")})  # what the map function returns
 
     bar = None
     if show_progress and procs.is_main:
@@ -226,9 +225,8 @@ def _run_shards(decoded, dataset, config, teachers, output_dir, split, batch_siz
             job = Reinforcer(config, teachers, num_rows=n, index_offset=s * per_shard,
                              progress=bar.update if bar else None, render_threads=render_threads, on_bad_row=on_bad_row,
                              render_device=render_device, pool=pool)
-            columns = part.map(job, batched=True, batch_size=batch_size, with_indices=True, features=map_features,
-                               keep_in_memory=True, load_from_cache_file=False,
-                               new_fingerprint=f"dr-{s}-{time.time_ns()}")
+            columns = part.map(job, batched=True, batch_size=batch_size, with_indices=True, keep_in_memory=True,
+                               load_from_cache_file=False, new_fingerprint=f"dr-{s}-{time.time_ns()}")
             out = datasets.concatenate_datasets([part, columns], axis=1) if config.keep_source else columns
             if job.bad_rows:
                 out = out.filter(lambda skip: not skip, input_columns=SKIP_COLUMN, keep_in_memory=True)

@@ -22,10 +22,12 @@ from typing import Any, Callable, Deque, Dict, Iterable, Iterator, List, NamedTu
 import numpy as np
 import pyarrow as pa
 import torch
+from datasets import Features, Value
 from datasets.features.features import numpy_to_pyarrow_listarray
 
 from .augment import AugmentPipeline, Context, empty_batch
-from .format import DR_FINGERPRINT, DR_INDEX, DR_PARAMS, DR_TOPK_INDICES, DR_TOPK_LOGPROBS, ReinforceConfig, index_dtype
+from .format import (DR_FINGERPRINT, DR_INDEX, DR_PARAMS, DR_TOPK_INDICES, DR_TOPK_LOGPROBS, ReinforceConfig, index_dtype,
+                     reinforcement_features)
 from .images import BadImageError, decode, fingerprint
 from .teacher import TeacherEnsemble
 
@@ -75,6 +77,8 @@ class Reinforcer:
         self.progress = progress
         self.render_threads = (1 if str(teachers.device).startswith("cuda") else 0) if render_threads is None else render_threads
         self.fields = self.pipeline.param_fields()
+        self.schema = Features({**reinforcement_features(self.pipeline, config.num_samples, config.topk,
+                                                         config.num_classes), SKIP_COLUMN: Value("bool")}).arrow_schema
         self.render_device = torch.device(render_device)
         self.pool = pool
         self.buffers = Buffers()
@@ -258,7 +262,7 @@ class Reinforcer:
         }
         if self.progress and len(kept) < rows:  # skipped rows count as done at the end of their map batch
             self.progress(rows - len(kept))
-        return pa.table(columns)
+        return pa.table(columns).cast(self.schema)  # the typed Features, e.g. List(..., length=K) per sample
 
     def _fingerprints(self, values: Sequence[Any], indices: Sequence[int]) -> Callable[[int], str]:
         """Each row's image fingerprint, by position: hashed by the preparing threads while the teacher runs when

@@ -11,7 +11,7 @@ import torch
 
 from dr_hf import DR_INDEX, DR_PARAMS, DR_TOPK_INDICES, DR_TOPK_LOGPROBS, ReinforceConfig, make_pipeline
 from dr_hf.augment import Context, params_at
-from dr_hf.format import DR_FINGERPRINT, config_from_parquet
+from dr_hf.format import DR_FINGERPRINT, config_from_parquet, reinforcement_features
 from dr_hf.images import decode
 from dr_hf.reinforce import default_prepare_threads, default_render, reinforce
 from dr_hf.reinforcer import Reinforcer, RowPreparer, preparation_pool, teacher_block_rows
@@ -176,6 +176,19 @@ def test_preparation_threads_and_workers_change_nothing(tmp_path, image_dataset,
     with pytest.raises(ValueError, match="prepare_workers=2 and prepare_threads=3: choose processes or threads"):
         reinforce(broken, make_config(teachers), teachers, str(tmp_path / "both"), show_progress=False,
                   prepare_workers=2, prepare_threads=3)
+
+
+def test_the_map_function_gives_the_typed_reinforcement_columns(tmp_path, image_dataset, teachers):
+    """``Dataset.map(Reinforcer(...))`` on its own: the reinforcement columns row for row, with their declared
+    Features (no ``features=`` needed), holding what the job writes."""
+    config = make_config(teachers)
+    ds = image_dataset.cast_column("image", datasets.Image(decode=False))
+    out = ds.map(Reinforcer(config, teachers, num_rows=len(ds)), batched=True, batch_size=len(ds), with_indices=True)
+    expected = reinforcement_features(config.pipeline(), config.num_samples, config.topk, config.num_classes)
+    assert out.column_names == [*expected, "_dr_skip"] and not any(out["_dr_skip"])
+    assert out.features == datasets.Features({**expected, "_dr_skip": datasets.Value("bool")})
+    reinforce(image_dataset, config, teachers, str(tmp_path), show_progress=False)
+    assert out.select_columns(list(expected)).data.table.equals(dr_table(tmp_path).select(list(expected)))
 
 
 def test_job_defaults_follow_the_teachers_device(teachers):
