@@ -172,7 +172,8 @@ def test_preparation_threads_and_workers_change_nothing(tmp_path, image_dataset,
     for name, how in ways.items():  # and stops the job naming it, from a thread or a worker
         if how:
             with pytest.raises(ValueError, match=r"row 5, column 'image'"):
-                reinforce(broken, make_config(teachers), teachers, str(tmp_path / f"fail-{name}"), show_progress=False, **how)
+                reinforce(broken, make_config(teachers), teachers, str(tmp_path / f"fail-{name}"),
+                          show_progress=False, **how)
     with pytest.raises(ValueError, match="prepare_workers=2 and prepare_threads=3: choose processes or threads"):
         reinforce(broken, make_config(teachers), teachers, str(tmp_path / "both"), show_progress=False,
                   prepare_workers=2, prepare_threads=3)
