@@ -240,7 +240,8 @@ class Reinforcer:
         fingerprints = self._fingerprints(batch[cfg.image_column], [i + self.index_offset for i in indices])
         rows, n, k = len(indices), cfg.num_samples, cfg.topk
         indices, params, tops = self.compute(batch, indices, topk=k)
-        kept = [pos for pos, p in enumerate(params) if p is not None]
+        skipped = [p is None for p in params]
+        kept = [pos for pos, skip in enumerate(skipped) if not skip]
         top_indices = np.zeros((rows, n, k), np.dtype(index_dtype(cfg.num_classes)))
         top_logprobs = np.zeros((rows, n, k), np.float16)
         if kept:
@@ -252,13 +253,13 @@ class Reinforcer:
                 values[pos] = params[pos][name]
         columns = {
             DR_INDEX: pa.array(np.asarray(indices, dtype=np.int64)),
-            DR_FINGERPRINT: pa.array([fingerprints(pos) if params[pos] is not None else "" for pos in range(rows)],
+            DR_FINGERPRINT: pa.array(["" if skip else fingerprints(pos) for pos, skip in enumerate(skipped)],
                                      pa.string()),
             DR_PARAMS: pa.StructArray.from_arrays([numpy_to_pyarrow_listarray(v) for v in fields.values()],
                                                   names=list(fields)),
             DR_TOPK_INDICES: numpy_to_pyarrow_listarray(top_indices),
             DR_TOPK_LOGPROBS: numpy_to_pyarrow_listarray(top_logprobs),
-            SKIP_COLUMN: pa.array([params[pos] is None for pos in range(rows)], pa.bool_()),
+            SKIP_COLUMN: pa.array(skipped, pa.bool_()),
         }
         if self.progress and len(kept) < rows:  # skipped rows count as done at the end of their map batch
             self.progress(rows - len(kept))
