@@ -13,15 +13,18 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import functools
 
 _M_TRIM_THRESHOLD = -1  # <malloc.h>: keep this much free memory at the top of the heap before returning it
 _M_MMAP_THRESHOLD = -3  # <malloc.h>: serve blocks below this size from the heap, not from mmap
 _LARGEST = 2**31 - 1  # mallopt takes an int
 
 
+@functools.lru_cache(maxsize=None)
 def reuse_freed_memory() -> bool:
     """Make this process's C allocator keep and reuse large freed blocks (glibc only; process-wide, for the rest of
-    the process). Returns whether it applied: ``False`` where the C library is not glibc (macOS, musl)."""
+    the process, so done once however often it is called). Returns whether it applied: ``False`` where the C library
+    is not glibc (macOS, musl)."""
     name = ctypes.util.find_library("c")
     try:
         libc = ctypes.CDLL(name)
