@@ -13,8 +13,8 @@ without workers, the reinforced and evaluation collators spread a batch's rows o
 from __future__ import annotations
 
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
-from typing import Any, Dict, List, Optional, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional, Sequence, Union
 
 import numpy as np
 import pyarrow as pa
@@ -22,8 +22,9 @@ import torch
 
 from .augment import AugmentPipeline, Context, empty_batch, make_pipeline, params_at
 from .format import DR_INDEX, DR_PARAMS, DR_TOPK_INDICES, DR_TOPK_LOGPROBS, missing_columns
-from .images import decode
+from .images import EncodedJpeg, decode, decode_later
 from .inputs import InputSpec
+from .replay import DeviceReplay
 from .rows import rows_of
 
 
@@ -65,11 +66,19 @@ def _stacked(views: Sequence[torch.Tensor]) -> torch.Tensor:
     return batch
 
 
+def fresh_params(pipeline: AugmentPipeline, seed: int, height: int, width: int) -> Dict[str, Any]:
+    """One sample's parameters drawn afresh from ``seed`` for an image of that size."""
+    return params_at(pipeline.sample(seed, 0, 1, Context(height, width)), 0)
+
+
 @dataclass
 class Example:
     """One image of a batch: its rendered views (the student's first, then each live teacher's), its label, and
     what it was mixed with (``partner``: the partner's position in the batch, -1 for none; ``lam``: own weight),
-    which stored sample it replays (-1: none) and that sample's sparse teacher target."""
+    which stored sample it replays (-1: none) and that sample's sparse teacher target. Replayed on the training
+    process's device (``ReinforcedCollator(on_device=True)``), ``views`` is empty and ``source`` (the image, left
+    encoded where it is a JPEG) and ``view_params`` (the parameters of its view, then of its mixing partner's view,
+    if mixed) say what to render there."""
 
     views: List[torch.Tensor]
     label: int
@@ -78,6 +87,8 @@ class Example:
     sample: int = -1
     teacher_indices: Optional[np.ndarray] = None
     teacher_logprobs: Optional[np.ndarray] = None
+    source: Union[torch.Tensor, EncodedJpeg, None] = None
+    view_params: List[Dict[str, Any]] = field(default_factory=list)
 
 
 class _Collator:
@@ -108,21 +119,28 @@ class _Collator:
         DataLoader workers seed) of the row's image (``image``: already decoded)."""
         image = self.image(row) if image is None else image
         seed = int(torch.randint(0, 2**62, ()).item()) if seed is None else seed
-        p = params_at(pipeline.sample(seed, 0, 1, Context(image.shape[-2], image.shape[-1])), 0)
+        p = fresh_params(pipeline, seed, *image.shape[-2:])
         return Example([pipeline.render(image, p, spec, normalise=normalise) for spec in self.specs], self.label(row))
 
     def collate(self, examples: List[Example], pixel_values: Optional[torch.Tensor] = None) -> Dict[str, torch.Tensor]:
         """The batch; ``pixel_values``: the student views' batch, where most were rendered in place already."""
-        labels = [e.label for e in examples]
         if pixel_values is None:
             pixel_values = _stacked([e.views[0] for e in examples])
         else:
             for k, e in enumerate(examples):
                 if e.views[0].data_ptr() != pixel_values[k].data_ptr():
                     pixel_values[k].copy_(e.views[0])
-        batch: Dict[str, torch.Tensor] = {"pixel_values": pixel_values, "labels": torch.tensor(labels, dtype=torch.long)}
+        batch: Dict[str, torch.Tensor] = {"pixel_values": pixel_values, **self.targets(examples)}
         for o in range(len(self.teacher_outputs)):
             batch[f"teacher_pixel_values_{o}"] = _stacked([e.views[o + 1] for e in examples])
+        return batch
+
+    @staticmethod
+    def targets(examples: List[Example]) -> Dict[str, torch.Tensor]:
+        """What the loss needs besides the pixels: labels, mixing partners' labels and weights, replayed samples and
+        their sparse teacher targets."""
+        labels = [e.label for e in examples]
+        batch: Dict[str, torch.Tensor] = {"labels": torch.tensor(labels, dtype=torch.long)}
         if any(e.partner >= 0 for e in examples):
             batch["mix_labels"] = torch.tensor([labels[e.partner] if e.partner >= 0 else -1 for e in examples])
             batch["mix_lam"] = torch.tensor([e.lam for e in examples], dtype=torch.float32)
@@ -181,14 +199,21 @@ class ReinforcedCollator(_Collator):
     pixels before normalisation, a quarter of the bytes to hand from DataLoader workers and to the GPU;
     :func:`~dr_hf.augment.normalise_pixels` (the trainer, on the device) gives the float views bit for bit.
 
+    ``on_device``: nothing is rendered here; the batch's ``replay`` (:class:`~dr_hf.replay.DeviceReplay`: the images
+    as stored, JPEGs still encoded, and each view's parameters) is decoded and rendered by the training process on its
+    device, and ``pixel_values`` is left out.
+
     Every choice is a pure function of (``seed``, ``epoch``, the group's first ``dr_index``), so a run resumed from
     a checkpoint sees the same samples as an uninterrupted one; ``ReinforcedTrainer`` sets ``epoch`` each epoch."""
 
     def __init__(self, output: InputSpec, reinforced_prob: float = 0.99, seed: int = 0, uint8_pixels: bool = False,
-                 **kw):
+                 on_device: bool = False, **kw):
         super().__init__(output, **kw)
+        if on_device and (uint8_pixels or self.teacher_outputs):
+            raise ValueError("on_device=True renders no pixels here: it takes neither uint8_pixels nor teacher_outputs")
         self.reinforced_prob = reinforced_prob
         self.uint8_pixels = uint8_pixels
+        self.on_device = on_device
         self.seed = seed
         self.epoch = 0
         self._pipelines: Dict[tuple, AugmentPipeline] = {}
@@ -232,15 +257,26 @@ class ReinforcedCollator(_Collator):
         j = int(rng.integers(0, n))
         k = len(rows[0][DR_TOPK_INDICES][j])
         pos = {int(row[DR_INDEX]): r for r, row in enumerate(rows)}
-        images = [self.image(row) for row in rows]
         pipe = self.pipeline(rows[0][DR_PARAMS])
-        picks = [(r, j) for r in range(len(rows))]
-        views = [pipe.render_samples(images, [row[DR_PARAMS] for row in rows], picks, spec, into if o == 0 else None,
-                                     normalise=not self.uint8_pixels) for o, spec in enumerate(self.specs)]
+        if self.on_device:  # the images as stored, for the training process to decode and render
+            images = [decode_later(row[self.image_column], int(row[DR_INDEX]), self.image_column) for row in rows]
+        else:
+            images = [self.image(row) for row in rows]
+            picks = [(r, j) for r in range(len(rows))]
+            views = [pipe.render_samples(images, [row[DR_PARAMS] for row in rows], picks, spec, into if o == 0 else None,
+                                         normalise=not self.uint8_pixels) for o, spec in enumerate(self.specs)]
         out = []
         for r, row in enumerate(rows):
             index = int(row[DR_INDEX])
             original, fresh_seed = rng.random() >= self.reinforced_prob, int(rng.integers(0, 2**62))
+            if original and self.on_device:
+                height, width = (images[r].height, images[r].width) if isinstance(images[r], EncodedJpeg) \
+                    else images[r].shape[-2:]
+                p = fresh_params(pipe.without_mixing(), fresh_seed, height, width)
+                if pipe.mix is not None:
+                    p.update(params_at(pipe.mix.empty_params(1), 0))
+                out.append(Example([], self.label(row), source=images[r], view_params=[p]))
+                continue
             if original:
                 out.append(self.fresh(pipe.without_mixing(), row, fresh_seed, images[r], normalise=not self.uint8_pixels))
                 continue
@@ -256,12 +292,24 @@ class ReinforcedCollator(_Collator):
             idx = np.asarray(row[DR_TOPK_INDICES][j], dtype=np.int64)
             lp = np.asarray(row[DR_TOPK_LOGPROBS][j], dtype=np.float32)
             self.check_target(index, j, n, row, idx, lp, k)
-            out.append(Example([v[r] for v in views], self.label(row), partner, lam, j, idx, lp))
+            if self.on_device:  # the partner's view by its position in the batch (DeviceReplay)
+                mixed = []
+                if partner >= 0:
+                    mixed = [params_at(rows[pos[target]][DR_PARAMS], int(p["mix_sample"]))]
+                    p = {**p, "mix_partner": np.asarray(pos[target] - r)}
+                out.append(Example([], self.label(row), partner, lam, j, idx, lp, images[r], [p, *mixed]))
+            else:
+                out.append(Example([v[r] for v in views], self.label(row), partner, lam, j, idx, lp))
         return out
 
-    def __call__(self, examples: List[Dict[str, Any]]) -> Dict[str, torch.Tensor]:
+    def __call__(self, examples: List[Dict[str, Any]]) -> Dict[str, Any]:
         groups = [_rows(example) for example in examples]
         starts = np.cumsum([0] + [len(rows) for rows in groups]).tolist()
+        if self.on_device:
+            done = [e for part in _map(lambda g: self.group(groups[g], starts[g]), range(len(groups))) for e in part]
+            replay = DeviceReplay.of([e.source for e in done], [e.view_params for e in done],
+                                     [int(row[DR_INDEX]) for rows in groups for row in rows], self.image_column)
+            return {**self.targets(done), "replay": replay}
         pixel_values = _batch(starts[-1], self.output.size, torch.uint8 if self.uint8_pixels else torch.float32)
 
         def group(g: int) -> List[Example]:  # student views rendered straight into the batch: no copy to stack them

@@ -5,7 +5,7 @@ from __future__ import annotations
 import functools
 import io
 import re
-from typing import Any, Optional
+from typing import Any, List, NamedTuple, Optional, Sequence, Union
 
 import numpy as np
 import PIL.Image
@@ -47,27 +47,37 @@ def _jpeg_decoder():
     return decode_jpeg
 
 
+def _jpeg_bytes(image: PIL.Image.Image) -> Optional[bytes]:
+    """The file bytes of an opened RGB or grayscale JPEG, which TorchCodec decodes to PIL's pixels; ``None`` for other
+    formats and modes (CMYK, ...) or without TorchCodec: PIL decodes those."""
+    if _jpeg_decoder() is None or image.format != "JPEG" or image.mode not in ("RGB", "L"):
+        return None
+    try:
+        image.fp.seek(0)
+        return image.fp.read()
+    except (AttributeError, OSError, ValueError):
+        return None
+
+
 def _decode_jpeg(image: PIL.Image.Image) -> Optional[torch.Tensor]:
     """An RGB or grayscale JPEG that PIL has only opened, decoded by TorchCodec straight into a CHW view of HWC
     memory: the same pixels as PIL's decoder (tested), about 1.25x faster and one copy fewer. ``None``: PIL decodes
     (other formats and modes, no TorchCodec, or bytes it refuses, so that PIL names the error)."""
-    decoder = _jpeg_decoder()
-    if decoder is None or image.format != "JPEG" or image.mode not in ("RGB", "L"):
+    data = _jpeg_bytes(image)
+    if data is None:
         return None
     try:
-        image.fp.seek(0)
-        data = image.fp.read()
-    except (AttributeError, OSError, ValueError):
-        return None
-    try:
-        return decoder(data, mode="RGB")
+        return _jpeg_decoder()(data, mode="RGB")
     except (RuntimeError, ValueError):
         return None
 
 
-def decode(value: Any, row: Optional[int] = None, column: str = "image") -> torch.Tensor:
-    """A dataset's image cell (PIL image, ``{"bytes", "path"}`` dict, raw bytes) as an RGB uint8 CHW tensor."""
-    where = f"row {row}, column {column!r}" if row is not None else f"column {column!r}"
+def _where(row: Optional[int], column: str) -> str:
+    return f"row {row}, column {column!r}" if row is not None else f"column {column!r}"
+
+
+def _decode(value: Any, row: Optional[int], column: str, keep_jpeg: bool) -> Union[torch.Tensor, EncodedJpeg]:
+    where = _where(row, column)
     try:
         opened = not isinstance(value, PIL.Image.Image)  # by us: free to read its file and close it
         if not opened:
@@ -87,6 +97,11 @@ def decode(value: Any, row: Optional[int] = None, column: str = "image") -> torc
             raise BadImageError(f"{where}: the image is missing (None)")
         else:
             raise BadImageError(f"{where}: expected an image, got {type(value).__name__}")
+        if keep_jpeg and opened:
+            data = _jpeg_bytes(image)
+            if data is not None:
+                image.close()
+                return EncodedJpeg(data, image.height, image.width)
         fast = _decode_jpeg(image) if opened else None
         if fast is not None:
             image.close()
@@ -96,12 +111,57 @@ def decode(value: Any, row: Optional[int] = None, column: str = "image") -> torc
     except BadImageError:
         raise
     except (OSError, ValueError, SyntaxError, PIL.Image.DecompressionBombError) as exc:
-        # no object addresses in the message: error reports must be the same on every run
-        detail = re.sub(r"<[^<>]* at 0x[0-9a-fA-F]+>", "the image bytes", str(exc))
-        raise BadImageError(f"{where}: cannot decode the image ({type(exc).__name__}: {detail})") from exc
+        raise _bad(where, exc) from exc
     array = np.asarray(rgb, dtype=np.uint8)
     # CHW with channels-last strides: torch's uint8 antialiased resize works on that layout, so no copy is made twice
     return torch.from_numpy(array.copy()).permute(2, 0, 1)
+
+
+def _bad(where: str, exc: BaseException) -> BadImageError:
+    # no object addresses in the message: error reports must be the same on every run
+    detail = re.sub(r"<[^<>]* at 0x[0-9a-fA-F]+>", "the image bytes", str(exc))
+    return BadImageError(f"{where}: cannot decode the image ({type(exc).__name__}: {detail})")
+
+
+def decode(value: Any, row: Optional[int] = None, column: str = "image") -> torch.Tensor:
+    """A dataset's image cell (PIL image, ``{"bytes", "path"}`` dict, raw bytes) as an RGB uint8 CHW tensor."""
+    return _decode(value, row, column, keep_jpeg=False)
+
+
+class EncodedJpeg(NamedTuple):
+    """An RGB or grayscale JPEG left encoded, with its size from the header."""
+
+    data: bytes
+    height: int
+    width: int
+
+
+def decode_later(value: Any, row: Optional[int] = None, column: str = "image") -> Union[torch.Tensor, EncodedJpeg]:
+    """An image cell for decoding elsewhere (on the training process's device): an RGB or grayscale JPEG's bytes
+    (:func:`decode_jpegs` gives :func:`decode`'s pixels from them on a CPU), anything else decoded now by
+    :func:`decode`. Only the header is read, so bytes that are corrupt past it are named when decoded."""
+    return _decode(value, row, column, keep_jpeg=True)
+
+
+def decode_jpegs(jpegs: Sequence[Union[bytes, torch.Tensor]], device, rows: Sequence[Optional[int]],
+                 column: str = "image") -> List[torch.Tensor]:
+    """JPEGs (:class:`EncodedJpeg` data, or 1-D uint8 CPU tensors of it) as RGB uint8 CHW tensors on ``device``, in
+    one TorchCodec call (on CUDA, one batched nvJPEG decode). One that TorchCodec refuses is decoded by
+    :func:`decode` on the host, which names its row (``rows``) if PIL refuses it too."""
+    if not jpegs:
+        return []
+    tensors = [d if isinstance(d, torch.Tensor) else torch.frombuffer(bytearray(d), dtype=torch.uint8) for d in jpegs]
+    decoder = _jpeg_decoder()
+    try:
+        return decoder(tensors, mode="RGB", device=device)
+    except (RuntimeError, ValueError):
+        out = []
+        for data, row in zip(tensors, rows):
+            try:
+                out.append(decoder(data, mode="RGB", device=device))
+            except (RuntimeError, ValueError):
+                out.append(decode(data.numpy().tobytes(), row, column).to(device))
+        return out
 
 
 def image_bytes(value: Any, row: Optional[int] = None, column: str = "image") -> bytes:
@@ -118,8 +178,7 @@ def image_bytes(value: Any, row: Optional[int] = None, column: str = "image") ->
         buf = io.BytesIO()
         value.save(buf, format="PNG")
         return buf.getvalue()
-    where = f"row {row}, column {column!r}" if row is not None else f"column {column!r}"
-    raise BadImageError(f"{where}: no image bytes to fingerprint ({type(value).__name__})")
+    raise BadImageError(f"{_where(row, column)}: no image bytes to fingerprint ({type(value).__name__})")
 
 
 def fingerprint(value: Any, row: Optional[int] = None, column: str = "image") -> str:

@@ -71,6 +71,11 @@ class ReinforcedTrainingArguments(TrainingArguments):
                 "quarter of the bytes through worker queues and to the GPU; the same floats). Not for MixUp/CutMix "
                 "data, whose mixed pixels are floats. None: when training on an accelerator (on a CPU the workers "
                 "normalise better than the training process); False: float32 batches."})
+    replay_on_device: bool = field(default=False, metadata={
+        "help": "Decode and render replayed images in the training process, on the model's device, a batch at once "
+                "(JPEGs decoded by TorchCodec, on CUDA with nvJPEG; the reinforce job's batched renderer): DataLoader "
+                "workers then only read rows and hand over the encoded images. For GPU runs whose host cores cannot "
+                "decode and crop as fast as the student trains. False: the workers render each image on the host."})
     dataset_id: Optional[str] = field(default=None, metadata={
         "help": "The reinforced dataset's Hub id, named in the model card; default: the train dataset's name."})
 
@@ -104,6 +109,12 @@ class ReinforcedTrainingArguments(TrainingArguments):
         if self.dataloader_persistent_workers and self.dataloader_num_workers > 0:
             problems.append("dataloader_persistent_workers=True would keep the collator's epoch at 0 in the workers, so "
                             "every epoch would replay the same stored samples; leave it False")
+        if self.replay_on_device and self.uint8_pixels:
+            problems.append("uint8_pixels=True shapes batches rendered in the DataLoader workers; replay_on_device=True "
+                            "renders them on the device instead: choose one")
+        if self.replay_on_device and (self.augment or self.online_teachers):
+            problems.append("replay_on_device replays reinforced datasets; plain training and online KD (augment=...) "
+                            "render in the DataLoader workers")
         if self.shuffle_buffer_size < 1:
             problems.append(f"shuffle_buffer_size must be >= 1, got {self.shuffle_buffer_size}")
         if problems:
@@ -230,8 +241,9 @@ class ReinforcedTrainer(Trainer):
         self.replay_pipeline = pipeline
         if fields is not None or train_dataset is None:
             wanted = args.device.type != "cpu" if args.uint8_pixels is None else args.uint8_pixels
-            uint8 = bool(wanted and pipeline is not None and pipeline.renders_uint8)
+            uint8 = bool(wanted and pipeline is not None and pipeline.renders_uint8 and not args.replay_on_device)
             self.train_collator = ReinforcedCollator(reinforced_prob=args.reinforced_prob, uint8_pixels=uint8,
+                                                     on_device=args.replay_on_device,
                                                      seed=args.data_seed if args.data_seed is not None else args.seed, **common)
         else:
             self.train_collator = AugmentCollator(augment=args.augment, crop_scale=args.crop_scale,
@@ -346,7 +358,10 @@ class ReinforcedTrainer(Trainer):
         return model(pixel_values)
 
     def pixel_values(self, inputs: Dict[str, torch.Tensor]) -> torch.Tensor:
-        """The batch's normalised float images; uint8 pixels (``uint8_pixels``) are normalised here, on their device."""
+        """The batch's normalised float images; uint8 pixels (``uint8_pixels``) are normalised here, on their device,
+        and a batch left to replay here (``replay_on_device``) is decoded and rendered on the labels' device."""
+        if "replay" in inputs:
+            return inputs["replay"].render(self.replay_pipeline, self.student_output, inputs["labels"].device)
         pixels = inputs["pixel_values"]
         if pixels.dtype == torch.uint8:
             return normalise_pixels(pixels, self.student_output, self.replay_pipeline)

@@ -405,6 +405,67 @@ def test_uint8_pixels_normalise_to_the_float_batch(tmp_path, reinforced, preset)
                                      train_dataset=train).train_collator.uint8_pixels
 
 
+@pytest.mark.parametrize("preset", ["rrc+flip", "imagenet+rare+mix"])
+def test_replay_on_device_renders_what_the_workers_would(tmp_path, reinforced, preset):
+    """replay_on_device: the collator hands over each image as stored (JPEG bytes, other images decoded) and its
+    views' parameters, not pixels; the trainer decodes and renders the batch on the labels' device with the batched
+    renderer (CPU tensors here: the same code as on CUDA). Labels, samples, mixing and teacher targets equal the
+    workers' own batch, original-image examples included; the pixels are within one grey level (rrc+flip: every
+    pixel; RandAugment can amplify a level at a few pixels: on average). It reaches the trainer through a DataLoader
+    worker and trains; a PNG is decoded in the worker, to the same batch; a truncated JPEG is named by its row."""
+    import io
+
+    import PIL.Image
+    from dr_hf.images import BadImageError
+    from dr_hf.replay import DeviceReplay
+
+    _, _, folders = reinforced
+    train = datasets.load_dataset(str(folders[preset]), split="train")
+    kw = dict(reinforced_prob=0.6, max_steps=2)
+    host = ReinforcedTrainer(model=tiny_timm(), args=args(tmp_path, **kw), train_dataset=train)
+    device = ReinforcedTrainer(model=tiny_timm(), args=args(tmp_path, replay_on_device=True, **kw), train_dataset=train)
+    groups = device.train_dataset.__getitems__(list(range(len(device.train_dataset) if "mix" in preset else 16)))
+    for epoch in (0, 1):
+        host.train_collator.epoch = device.train_collator.epoch = epoch
+        rendered, handed = host.train_collator(groups), device.train_collator(groups)
+        assert "pixel_values" not in handed and isinstance(handed["replay"], DeviceReplay)
+        assert handed.keys() - {"replay"} == rendered.keys() - {"pixel_values"}
+        for key in rendered.keys() - {"pixel_values"}:
+            torch.testing.assert_close(handed[key], rendered[key], rtol=0, atol=0, equal_nan=True)
+        assert (handed["sample_index"] < 0).any() and (handed["sample_index"] >= 0).any()
+        replay = handed["replay"]
+        assert replay.encoded.all() and replay.data.nbytes == sum(len(row["image"]["bytes"]) for g in groups for row in g)
+        pixels = device.pixel_values(handed)
+        levels = (pixels - rendered["pixel_values"]).abs() * torch.tensor(device.student_output.std)[:, None, None] * 255
+        assert pixels.shape == rendered["pixel_values"].shape and levels.mean() < 0.5
+        if preset == "rrc+flip":
+            assert levels.max() < 1.0 + 1e-3
+        else:
+            assert "mix_lam" in handed and (handed["mix_lam"] < 1).any()
+    row = groups[0][0]
+    png = io.BytesIO()
+    PIL.Image.fromarray(decode(row["image"]).permute(1, 2, 0).numpy()).save(png, format="PNG")
+    odd = [[{**row, "image": {"bytes": png.getvalue(), "path": None}}, *groups[0][1:]], *groups[1:]]
+    decoded_here = device.train_collator(odd)
+    assert not decoded_here["replay"].encoded[0] and decoded_here["replay"].encoded[1:].all()
+    assert torch.equal(device.pixel_values(decoded_here), pixels)
+    jpeg = row["image"]["bytes"]
+    truncated = [[{**row, "image": {"bytes": jpeg[:jpeg.index(b"\xff\xda") + 40], "path": None}}, *groups[0][1:]],
+                 *groups[1:]]
+    with pytest.raises(BadImageError, match=rf"row {row['dr_index']}, column 'image': cannot decode.*truncated"):
+        device.pixel_values(device.train_collator(truncated))
+    if "mix" in preset:  # through a DataLoader worker, and a few training steps
+        device.args.dataloader_num_workers = 1
+        batch = next(iter(device.get_train_dataloader()))
+        assert isinstance(batch["replay"], DeviceReplay) and len(batch["replay"]) == 8
+        device.train()
+        assert np.isfinite(device.state.log_history[-1]["train_loss"])
+    with pytest.raises(ValueError, match="uint8_pixels=True .* replay_on_device=True"):
+        args(tmp_path, replay_on_device=True, uint8_pixels=True)
+    with pytest.raises(ValueError, match="replay_on_device replays reinforced datasets"):
+        args(tmp_path, replay_on_device=True, augment="rrc+flip")
+
+
 def test_a_stream_of_replayed_rows_is_read_as_arrow(tmp_path, reinforced):
     """A streamed reinforced set (no mixing) reaches the collator as one-row Arrow tables, converted sample by sample
     like ReplayRows: the batch equals the one from the same row as datasets' Python dict."""

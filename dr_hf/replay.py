@@ -1,0 +1,93 @@
+"""Replay on the training process's device (``ReinforcedTrainingArguments(replay_on_device=True)``).
+
+DataLoader workers then only read rows: they pick each row's sample, check its teacher target and hand over the
+image as stored (a JPEG's bytes; other images decoded) with the parameters of the views to render. The training
+process decodes the batch's JPEGs on its device (TorchCodec: one batched nvJPEG call on CUDA) and renders every view
+at once with the reinforce job's batched renderer (:meth:`~dr_hf.augment.AugmentPipeline.render_samples`), so the
+host's cost per image is reading its row, not decoding and cropping it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Dict, List, Optional, Sequence, Union
+
+import numpy as np
+import torch
+
+from .augment import AugmentPipeline
+from .images import EncodedJpeg, decode_jpegs
+from .inputs import InputSpec
+
+
+@dataclass
+class DeviceReplay:
+    """A batch's images and view parameters, as numpy arrays (the Trainer moves tensors to the device; these stay on
+    the host, where TorchCodec reads encoded bytes).
+
+    * ``data``: every image back to back (uint8): a JPEG's bytes, or decoded HWC pixels; ``spans`` (B, 4) int64:
+      each image's offset, size, height, width; ``encoded`` (B,) bool: whether it is a JPEG.
+    * ``params``: each field (V, ...): the parameters of the V views to render, in the stored layout with one sample
+      per view; ``picks`` (B,): the view image b renders. A mixed view's partner is image ``b + mix_partner`` at view
+      ``mix_sample`` (a view index here, where the stored data has a sample index).
+    * ``rows``: each image's ``dr_index``, to name one that cannot be decoded; ``column``: the image column."""
+
+    data: np.ndarray
+    spans: np.ndarray
+    encoded: np.ndarray
+    params: Dict[str, np.ndarray]
+    picks: np.ndarray
+    rows: np.ndarray
+    column: str = "image"
+
+    @classmethod
+    def of(cls, sources: Sequence[Union[EncodedJpeg, torch.Tensor]], view_params: Sequence[Sequence[Dict[str, Any]]],
+           rows: Sequence[int], column: str = "image") -> "DeviceReplay":
+        """``sources[b]``: image b (:func:`~dr_hf.images.decode_later`); ``view_params[b]``: its view's parameters
+        (one sample), then, if that view is mixed, its partner's view's."""
+        views: List[Dict[str, Any]] = []
+        picks = []
+        for own, *partner in view_params:
+            own = dict(own)
+            picks.append(len(views))
+            views.append(own)
+            if partner:
+                own["mix_sample"] = len(views)
+                views.append(partner[0])
+        parts = [s.data if isinstance(s, EncodedJpeg) else s.permute(1, 2, 0).contiguous().numpy() for s in sources]
+        sizes = np.array([len(p) if isinstance(p, bytes) else p.nbytes for p in parts], dtype=np.int64)
+        offsets = np.concatenate([[0], np.cumsum(sizes)[:-1]]).astype(np.int64)
+        data = np.empty(int(sizes.sum()), dtype=np.uint8)
+        for part, offset, size in zip(parts, offsets, sizes):
+            data[offset:offset + size] = np.frombuffer(part, dtype=np.uint8) if isinstance(part, bytes) else part.reshape(-1)
+        shapes = np.array([(s.height, s.width) if isinstance(s, EncodedJpeg) else tuple(s.shape[-2:]) for s in sources],
+                          dtype=np.int64).reshape(-1, 2)
+        names = list(views[0]) if views else []
+        return cls(data=data, spans=np.concatenate([offsets[:, None], sizes[:, None], shapes], axis=1),
+                   encoded=np.array([isinstance(s, EncodedJpeg) for s in sources], dtype=bool),
+                   params={name: np.stack([np.asarray(v[name]) for v in views]) for name in names},
+                   picks=np.asarray(picks, dtype=np.int64), rows=np.asarray(rows, dtype=np.int64), column=column)
+
+    def __len__(self) -> int:
+        return len(self.picks)
+
+    def images(self, device) -> List[torch.Tensor]:
+        """The batch's images as RGB uint8 CHW tensors on ``device``: JPEGs decoded there in one call."""
+        buffer = torch.from_numpy(self.data)
+        out: List[Optional[torch.Tensor]] = [None] * len(self)
+        jpegs = np.flatnonzero(self.encoded)
+        decoded = decode_jpegs([buffer[self.spans[b, 0]:self.spans[b, 0] + self.spans[b, 1]] for b in jpegs], device,
+                               [int(self.rows[b]) for b in jpegs], self.column)
+        for b, image in zip(jpegs, decoded):
+            out[b] = image
+        for b in np.flatnonzero(~self.encoded):
+            offset, size, height, width = (int(v) for v in self.spans[b])
+            out[b] = buffer[offset:offset + size].view(height, width, 3).permute(2, 0, 1).to(device)
+        return out
+
+    def render(self, pipeline: AugmentPipeline, out: InputSpec, device) -> torch.Tensor:
+        """The batch's normalised float views (B, 3, H, W) at ``out``, decoded and rendered on ``device``, every stage
+        once over the whole batch."""
+        images = self.images(device)
+        picks = [(b, int(view)) for b, view in enumerate(self.picks)]
+        return pipeline.render_samples(images, [self.params] * len(images), picks, out, batched=True)
