@@ -22,17 +22,18 @@ from .inputs import InputSpec
 
 @dataclass
 class DeviceReplay:
-    """A batch's images and view parameters, as numpy arrays (the Trainer moves tensors to the device; these stay on
-    the host, where TorchCodec reads encoded bytes).
+    """A batch's images and view parameters. The Trainer moves a batch's tensors to the device, but not this
+    object's: they stay on the host, where TorchCodec reads encoded bytes.
 
-    * ``data``: every image back to back (uint8): a JPEG's bytes, or decoded HWC pixels; ``spans`` (B, 4) int64:
+    * ``data``: every image back to back, a uint8 tensor (in shared memory in a DataLoader worker, so that it
+      reaches the training process without a copy): a JPEG's bytes, or decoded HWC pixels; ``spans`` (B, 4) int64:
       each image's offset, size, height, width; ``encoded`` (B,) bool: whether it is a JPEG.
     * ``params``: each field (V, ...): the parameters of the V views to render, in the stored layout with one sample
       per view; ``picks`` (B,): the view image b renders. A mixed view's partner is image ``b + mix_partner`` at view
       ``mix_sample`` (a view index here, where the stored data has a sample index).
     * ``rows``: each image's ``dr_index``, to name one that cannot be decoded; ``column``: the image column."""
 
-    data: np.ndarray
+    data: torch.Tensor
     spans: np.ndarray
     encoded: np.ndarray
     params: Dict[str, np.ndarray]
@@ -57,9 +58,14 @@ class DeviceReplay:
         parts = [s.data if isinstance(s, EncodedJpeg) else s.permute(1, 2, 0).contiguous().numpy() for s in sources]
         sizes = np.array([len(p) if isinstance(p, bytes) else p.nbytes for p in parts], dtype=np.int64)
         offsets = np.concatenate([[0], np.cumsum(sizes)[:-1]]).astype(np.int64)
-        data = np.empty(int(sizes.sum()), dtype=np.uint8)
+        total = int(sizes.sum())
+        if torch.utils.data.get_worker_info() is not None:  # in shared memory, so it reaches the trainer uncopied
+            data = torch.empty(0, dtype=torch.uint8).set_(torch.UntypedStorage._new_shared(total), 0, (total,), (1,))
+        else:
+            data = torch.empty(total, dtype=torch.uint8)
+        flat = data.numpy()
         for part, offset, size in zip(parts, offsets, sizes):
-            data[offset:offset + size] = np.frombuffer(part, dtype=np.uint8) if isinstance(part, bytes) else part.reshape(-1)
+            flat[offset:offset + size] = np.frombuffer(part, dtype=np.uint8) if isinstance(part, bytes) else part.reshape(-1)
         shapes = np.array([(s.height, s.width) if isinstance(s, EncodedJpeg) else tuple(s.shape[-2:]) for s in sources],
                           dtype=np.int64).reshape(-1, 2)
         names = list(views[0]) if views else []
@@ -73,7 +79,7 @@ class DeviceReplay:
 
     def images(self, device) -> List[torch.Tensor]:
         """The batch's images as RGB uint8 CHW tensors on ``device``: JPEGs decoded there in one call."""
-        buffer = torch.from_numpy(self.data)
+        buffer = self.data
         out: List[Optional[torch.Tensor]] = [None] * len(self)
         jpegs = np.flatnonzero(self.encoded)
         decoded = decode_jpegs([buffer[self.spans[b, 0]:self.spans[b, 0] + self.spans[b, 1]] for b in jpegs], device,

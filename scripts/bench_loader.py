@@ -21,6 +21,7 @@ from results_md import write_markdown  # noqa: E402  (scripts/)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 UINT8 = "ReinforcedTrainer, uint8_pixels=True (loader only)"
+ON_DEVICE = "ReinforcedTrainer, replay_on_device=True"
 sys.path.insert(0, ROOT)
 
 
@@ -34,6 +35,8 @@ def main():
     ap.add_argument("--interpolation", default="bilinear")
     ap.add_argument("--num-samples", type=int, default=400, help="N stored per image (the paper's 400)")
     ap.add_argument("--out", default=os.path.join(ROOT, "results", "bench_loader.md"))
+    ap.add_argument("--device", default="cpu", help="cuda: the student's device is the GPU, and the replay_on_device "
+                    "rows include decoding and rendering there (on a CPU they time the workers' part alone)")
     args = ap.parse_args()
 
     import datasets
@@ -59,6 +62,12 @@ def main():
         return {"pixel_values": torch.stack([r["pixel_values"] for r in rows]), "labels": torch.tensor([r["labels"] for r in rows])}
 
     model = timm.create_model("resnet10t", num_classes=1000)
+    cuda = args.device == "cuda"
+
+    def drain():
+        if cuda:
+            torch.cuda.synchronize()
+
     rates, whole_epoch = {}, {}
     with tempfile.TemporaryDirectory() as tmp:
         teachers = TeacherEnsemble.from_specs([tiny_vit(os.path.join(tmp, "vit"))])  # only fills the columns here
@@ -70,19 +79,20 @@ def main():
         plain = source.select(epoch).with_transform(transform)
         for workers in (0, 2):
             common = dict(per_device_train_batch_size=args.batch, dataloader_num_workers=workers, report_to=[],
-                          use_cpu=True, remove_unused_columns=False)
+                          use_cpu=not cuda, remove_unused_columns=False)
             def trainer(**kw):
                 return ReinforcedTrainer(model=model, args=ReinforcedTrainingArguments(
                     os.path.join(tmp, "r"), image_size=224, image_mean=mean, image_std=std,
                     interpolation=args.interpolation, **common, **kw), train_dataset=plus)
 
-            float_batches, uint8_batches = trainer(), trainer(uint8_pixels=True)
+            float_batches, uint8_batches, on_device = trainer(), trainer(uint8_pixels=True), trainer(replay_on_device=True)
             loaders = {  # (loader, what a batch's images are counted from)
                 "plain Trainer + torchvision": (Trainer(
                     model=model, args=TrainingArguments(os.path.join(tmp, "p"), **common), train_dataset=plain,
                     data_collator=collate).get_train_dataloader(), lambda batch: batch["pixel_values"]),
                 "ReinforcedTrainer": (float_batches.get_train_dataloader(), float_batches.pixel_values),
                 UINT8: (uint8_batches.get_train_dataloader(), lambda batch: batch["pixel_values"]),
+                ON_DEVICE: (on_device.get_train_dataloader(), on_device.pixel_values if cuda else lambda batch: batch["labels"]),
             }
             for name in loaders:
                 rates[(name, workers)] = whole_epoch[(name, workers)] = 0.0
@@ -92,9 +102,11 @@ def main():
                     for batch in loader:
                         count = pixels(batch).shape[0]
                         if t0 is None:
+                            drain()
                             t0, first = time.perf_counter(), count
                         else:
                             n += count
+                    drain()
                     end = time.perf_counter()
                     rates[(name, workers)] = max(rates[(name, workers)], n / (end - t0))
                     whole_epoch[(name, workers)] = max(whole_epoch[(name, workers)], (n + first) / (end - start))
@@ -113,7 +125,16 @@ def main():
     lines += ["", f"`{UINT8}`: the loader alone, as a GPU run uses it (the default there): batches leave the workers as "
               "uint8 and the trainer normalises them on the GPU, which this CPU cannot show; on a CPU the default "
               "is float batches, normalised in the workers (the `ReinforcedTrainer` rows)."]
-    lines += ["", "Command: `python scripts/bench_loader.py`."]
+    if cuda:
+        lines += ["", f"`{ON_DEVICE}`: the workers read rows and hand over JPEG bytes; the trainer decodes (nvJPEG) and "
+                  f"renders each batch on {torch.cuda.get_device_name()}, timed to the rendered batch."]
+    else:
+        lines += ["", f"`{ON_DEVICE}`: the host's part alone (the workers read rows and hand over JPEG bytes and each "
+                  "view's parameters): decoding and rendering are the GPU's, which this CPU cannot show; the figure is "
+                  "what the host can feed a GPU. " + "; ".join(
+                      f"{w} workers: {rates[(ON_DEVICE, w)] / rates[('ReinforcedTrainer', w)]:.2f}x the workers' own "
+                      f"rendering" for w in (0, 2)) + "."]
+    lines += ["", "Command: `python scripts/bench_loader.py" + (" --device cuda" if cuda else "") + "`."]
     write_markdown(args.out, lines)
 
 

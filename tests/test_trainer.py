@@ -325,7 +325,8 @@ class SharedFlag:
 
     def __call__(self, examples):
         batch = self.collator(examples)
-        return {**batch, "allocated_shared": batch["pixel_values"].is_shared()}
+        pixels = batch["replay"].data if "replay" in batch else batch["pixel_values"]
+        return {**batch, "allocated_shared": pixels.is_shared()}
 
 
 @pytest.mark.parametrize("preset", ["rrc+flip", "imagenet+rare+mix"])
@@ -412,7 +413,7 @@ def test_replay_on_device_renders_what_the_workers_would(tmp_path, reinforced, p
     renderer (CPU tensors here: the same code as on CUDA). Labels, samples, mixing and teacher targets equal the
     workers' own batch, original-image examples included; the pixels are within one grey level (rrc+flip: every
     pixel; RandAugment can amplify a level at a few pixels: on average). It reaches the trainer through a DataLoader
-    worker and trains; a PNG is decoded in the worker, to the same batch; a truncated JPEG is named by its row."""
+    worker (its bytes in shared memory, like pixel batches) and trains; a PNG is decoded in the worker, to the same batch; a truncated JPEG is named by its row."""
     import io
 
     import PIL.Image
@@ -454,10 +455,12 @@ def test_replay_on_device_renders_what_the_workers_would(tmp_path, reinforced, p
                  *groups[1:]]
     with pytest.raises(BadImageError, match=rf"row {row['dr_index']}, column 'image': cannot decode.*truncated"):
         device.pixel_values(device.train_collator(truncated))
-    if "mix" in preset:  # through a DataLoader worker, and a few training steps
+    if "mix" in preset:  # through a DataLoader worker, its bytes in shared memory already, and a few training steps
+        worker = torch.utils.data.DataLoader(device.train_dataset, batch_size=1, num_workers=1,
+                                             collate_fn=SharedFlag(device.train_collator))
+        batch = next(iter(worker))
+        assert batch.pop("allocated_shared") and isinstance(batch["replay"], DeviceReplay) and len(batch["replay"]) == 8
         device.args.dataloader_num_workers = 1
-        batch = next(iter(device.get_train_dataloader()))
-        assert isinstance(batch["replay"], DeviceReplay) and len(batch["replay"]) == 8
         device.train()
         assert np.isfinite(device.state.log_history[-1]["train_loss"])
     with pytest.raises(ValueError, match="uint8_pixels=True .* replay_on_device=True"):
