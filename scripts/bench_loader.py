@@ -1,11 +1,13 @@
 """The training loader: images/s of `ReinforcedTrainer.get_train_dataloader()` on a reinforced copy of real ImageNet
 images against a plain `transformers.Trainer` fed by the standard torchvision pipeline (`RandomResizedCrop(224)` +
 flip + `ToTensor` + `Normalize` via `set_transform`, the same interpolation), `dataloader_num_workers` 0 and 2, side by
-side in one run, each to float pixels, and the loader a GPU run uses (uint8 batches, normalised on the device). The
-reinforced copy stores the paper's N=400 samples per image (its teacher, a 1-layer ViT, only
-fills the columns), so each row carries what a real ImageNet+ row carries.
+side in one run, each to float pixels, and the loaders a GPU run can use: uint8 batches, normalised on the device,
+and ``replay_on_device`` (the workers hand over JPEG bytes, the device decodes and renders; on a CPU only the
+workers' part is timed, ``--device cuda`` times the whole). The reinforced copy stores the paper's N=400 samples per
+image (its teacher, a 1-layer ViT, only fills the columns), so each row carries what a real ImageNet+ row carries.
 
-    python scripts/bench_loader.py            # -> results/bench_loader.md
+    python scripts/bench_loader.py                 # -> results/bench_loader.md
+    python scripts/bench_loader.py --device cuda   # on a GPU machine
 """
 
 import argparse
