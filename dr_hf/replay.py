@@ -79,16 +79,15 @@ class DeviceReplay:
 
     def images(self, device) -> List[torch.Tensor]:
         """The batch's images as RGB uint8 CHW tensors on ``device``: JPEGs decoded there in one call."""
-        buffer = self.data
         out: List[Optional[torch.Tensor]] = [None] * len(self)
         jpegs = np.flatnonzero(self.encoded)
-        decoded = decode_jpegs([buffer[self.spans[b, 0]:self.spans[b, 0] + self.spans[b, 1]] for b in jpegs], device,
+        decoded = decode_jpegs([self.data[self.spans[b, 0]:self.spans[b, 0] + self.spans[b, 1]] for b in jpegs], device,
                                [int(self.rows[b]) for b in jpegs], self.column)
         for b, image in zip(jpegs, decoded):
             out[b] = image
         for b in np.flatnonzero(~self.encoded):
             offset, size, height, width = (int(v) for v in self.spans[b])
-            out[b] = buffer[offset:offset + size].view(height, width, 3).permute(2, 0, 1).to(device)
+            out[b] = self.data[offset:offset + size].view(height, width, 3).permute(2, 0, 1).to(device)
         return out
 
     def render(self, pipeline: AugmentPipeline, out: InputSpec, device) -> torch.Tensor:
