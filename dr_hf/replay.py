@@ -4,7 +4,8 @@ DataLoader workers then only read rows: they pick each row's sample, check its t
 image as stored (a JPEG's bytes; other images decoded) with the parameters of the views to render. The training
 process decodes the batch's JPEGs on its device (TorchCodec: one batched nvJPEG call on CUDA) and renders every view
 at once with the reinforce job's batched renderer (:meth:`~dr_hf.augment.AugmentPipeline.render_samples`), so the
-host's cost per image is reading its row, not decoding and cropping it.
+host's cost per image is reading its row, not decoding and cropping it. (On a CPU device the views are rendered one
+at a time, as the workers would: the same pixels.)
 """
 
 from __future__ import annotations
@@ -90,9 +91,10 @@ class DeviceReplay:
             out[b] = self.data[offset:offset + size].view(height, width, 3).permute(2, 0, 1).to(device)
         return out
 
-    def render(self, pipeline: AugmentPipeline, out: InputSpec, device) -> torch.Tensor:
-        """The batch's normalised float views (B, 3, H, W) at ``out``, decoded and rendered on ``device``, every stage
-        once over the whole batch."""
+    def render(self, pipeline: AugmentPipeline, out: InputSpec, device, batched: Optional[bool] = None) -> torch.Tensor:
+        """The batch's normalised float views (B, 3, H, W) at ``out``, decoded and rendered on ``device``: on CUDA
+        (``batched`` None) every stage once over the whole batch, as the reinforce job renders there; on a CPU one
+        view at a time, the DataLoader workers' code and pixels (batched matrix products are slow on a CPU)."""
         images = self.images(device)
         picks = [(b, int(view)) for b, view in enumerate(self.picks)]
-        return pipeline.render_samples(images, [self.params] * len(images), picks, out, batched=True)
+        return pipeline.render_samples(images, [self.params] * len(images), picks, out, batched=batched)

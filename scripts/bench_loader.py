@@ -114,11 +114,10 @@ def main():
                     whole_epoch[(name, workers)] = max(whole_epoch[(name, workers)], (n + first) / (end - start))
             if workers == 0:  # fidelity: the same rows and choices replayed on the device and by the workers
                 groups = on_device.train_dataset.__getitems__(list(range(64)))
-                handed = on_device.train_collator(groups)
-                handed["labels"] = handed["labels"].to(on_device.args.device)
+                replayed = on_device.train_collator(groups)["replay"].render(  # batched: what CUDA runs
+                    on_device.replay_pipeline, on_device.student_output, on_device.args.device, batched=True)
                 scale = torch.tensor(std)[:, None, None] * 255
-                levels = ((on_device.pixel_values(handed).cpu() - float_batches.train_collator(groups)["pixel_values"])
-                          .abs() * scale).flatten()
+                levels = ((replayed.cpu() - float_batches.train_collator(groups)["pixel_values"]).abs() * scale).flatten()
                 fidelity = (levels.mean().item(), torch.quantile(levels[::7], 0.999).item(), levels.max().item())
     lines = ["# The training loader", "",
              f"{args.rows} real ImageNet images (imagenet-sample, median 500x375 JPEG), reinforced with N="
@@ -135,10 +134,12 @@ def main():
     lines += ["", f"`{UINT8}`: the loader alone, as a GPU run uses it (the default there): batches leave the workers as "
               "uint8 and the trainer normalises them on the GPU, which this CPU cannot show; on a CPU the default "
               "is float batches, normalised in the workers (the `ReinforcedTrainer` rows)."]
-    where = f"on {torch.cuda.get_device_name()}, JPEGs decoded by nvJPEG" if cuda else "on this CPU (the same decoder)"
-    lines += ["", f"Fidelity: 64 rows replayed with `replay_on_device` {where}, against the workers' float batch of the "
-              f"same rows and choices: {fidelity[0]:.3f} grey levels on average, {fidelity[1]:.2f} at the 99.9th "
-              f"percentile, {fidelity[2]:.1f} at most."]
+    where = (f"on {torch.cuda.get_device_name()}, JPEGs decoded by nvJPEG" if cuda else
+             "on this CPU's tensors (the same JPEG decoder; on a CPU the trainer itself renders one view at a time, "
+             "the workers' pixels exactly)")
+    lines += ["", f"Fidelity: 64 rows replayed with `replay_on_device`'s batched renderer, as on CUDA, {where}, against "
+              f"the workers' float batch of the same rows and choices: {fidelity[0]:.3f} grey levels on average, "
+              f"{fidelity[1]:.2f} at the 99.9th percentile, {fidelity[2]:.1f} at most."]
     if cuda:
         lines += ["", f"`{ON_DEVICE}`: the workers read rows and hand over JPEG bytes; the trainer decodes (nvJPEG) and "
                   f"renders each batch on {torch.cuda.get_device_name()}, timed to the rendered batch."]

@@ -409,11 +409,12 @@ def test_uint8_pixels_normalise_to_the_float_batch(tmp_path, reinforced, preset)
 @pytest.mark.parametrize("preset", ["rrc+flip", "imagenet+rare+mix"])
 def test_replay_on_device_renders_what_the_workers_would(tmp_path, reinforced, preset):
     """replay_on_device: the collator hands over each image as stored (JPEG bytes, other images decoded) and its
-    views' parameters, not pixels; the trainer decodes and renders the batch on the labels' device with the batched
-    renderer (CPU tensors here: the same code as on CUDA). Labels, samples, mixing and teacher targets equal the
-    workers' own batch, original-image examples included; the pixels are within one grey level (rrc+flip: every
-    pixel; RandAugment can amplify a level at a few pixels: on average). It reaches the trainer through a DataLoader
-    worker (its bytes in shared memory, like pixel batches) and trains; a PNG is decoded in the worker, to the same batch; a truncated JPEG is named by its row."""
+    views' parameters, not pixels; the trainer decodes and renders the batch on the labels' device. Labels, samples,
+    mixing and teacher targets equal the workers' own batch, original-image examples included. On a CPU the trainer
+    renders one view at a time: the workers' pixels exactly; the batched renderer that CUDA runs (here on CPU
+    tensors) is within one grey level (rrc+flip: every pixel; RandAugment can amplify a level at a few pixels: on
+    average). It reaches the trainer through a DataLoader worker (its bytes in shared memory, like pixel batches)
+    and trains; a PNG is decoded in the worker, to the same batch; a truncated JPEG is named by its row."""
     import io
 
     import PIL.Image
@@ -436,9 +437,10 @@ def test_replay_on_device_renders_what_the_workers_would(tmp_path, reinforced, p
         assert (handed["sample_index"] < 0).any() and (handed["sample_index"] >= 0).any()
         replay = handed["replay"]
         assert replay.encoded.all() and replay.data.nbytes == sum(len(row["image"]["bytes"]) for g in groups for row in g)
-        pixels = device.pixel_values(handed)
+        assert torch.equal(device.pixel_values(handed), rendered["pixel_values"])
+        pixels = replay.render(device.replay_pipeline, device.student_output, "cpu", batched=True)
         levels = (pixels - rendered["pixel_values"]).abs() * torch.tensor(device.student_output.std)[:, None, None] * 255
-        assert pixels.shape == rendered["pixel_values"].shape and levels.mean() < 0.5
+        assert pixels.shape == rendered["pixel_values"].shape and 0 < levels.mean() < 0.5
         if preset == "rrc+flip":
             assert levels.max() < 1.0 + 1e-3
         else:
@@ -449,7 +451,7 @@ def test_replay_on_device_renders_what_the_workers_would(tmp_path, reinforced, p
     odd = [[{**row, "image": {"bytes": png.getvalue(), "path": None}}, *groups[0][1:]], *groups[1:]]
     decoded_here = device.train_collator(odd)
     assert not decoded_here["replay"].encoded[0] and decoded_here["replay"].encoded[1:].all()
-    assert torch.equal(device.pixel_values(decoded_here), pixels)
+    assert torch.equal(device.pixel_values(decoded_here), rendered["pixel_values"])
     jpeg = row["image"]["bytes"]
     truncated = [[{**row, "image": {"bytes": jpeg[:jpeg.index(b"\xff\xda") + 40], "path": None}}, *groups[0][1:]],
                  *groups[1:]]
