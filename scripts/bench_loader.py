@@ -113,7 +113,7 @@ def main():
                     rates[(name, workers)] = max(rates[(name, workers)], n / (end - t0))
                     whole_epoch[(name, workers)] = max(whole_epoch[(name, workers)], (n + first) / (end - start))
             if workers == 0:  # fidelity: the same rows and choices replayed on the device and by the workers
-                groups = on_device.train_dataset.__getitems__(list(range(64)))
+                groups = on_device.train_dataset.__getitems__(list(range(min(64, len(on_device.train_dataset)))))
                 replayed = on_device.train_collator(groups)["replay"].render(  # batched: what CUDA runs
                     on_device.replay_pipeline, on_device.student_output, on_device.args.device, batched=True)
                 scale = torch.tensor(std)[:, None, None] * 255
@@ -137,7 +137,7 @@ def main():
     where = (f"on {torch.cuda.get_device_name()}, JPEGs decoded by nvJPEG" if cuda else
              "on this CPU's tensors (the same JPEG decoder; on a CPU the trainer itself renders one view at a time, "
              "the workers' pixels exactly)")
-    lines += ["", f"Fidelity: 64 rows replayed with `replay_on_device`'s batched renderer, as on CUDA, {where}, against "
+    lines += ["", f"Fidelity: {min(64, args.rows * args.repeat)} rows replayed with `replay_on_device`'s batched renderer, as on CUDA, {where}, against "
               f"the workers' float batch of the same rows and choices: {fidelity[0]:.3f} grey levels on average, "
               f"{fidelity[1]:.2f} at the 99.9th percentile, {fidelity[2]:.1f} at most."]
     if cuda:
