@@ -8,7 +8,9 @@ import re
 from typing import Any, List, NamedTuple, Optional, Sequence, Union
 
 import numpy as np
+import PIL.ExifTags
 import PIL.Image
+import PIL.ImageOps
 import torch
 
 
@@ -72,6 +74,17 @@ def _decode_jpeg(image: PIL.Image.Image) -> Optional[torch.Tensor]:
         return None
 
 
+_TURNED = (5, 6, 7, 8)  # EXIF orientations that swap height and width
+
+
+def _orientation(image: PIL.Image.Image) -> int:
+    """An image's EXIF orientation (1: as stored), which ``datasets`` and TorchCodec apply when they decode."""
+    try:
+        return int(image.getexif().get(PIL.Image.ExifTags.Base.Orientation) or 1)
+    except (ValueError, TypeError, SyntaxError, OSError):  # an unreadable EXIF block: as stored, as PIL shows it
+        return 1
+
+
 def _where(row: Optional[int], column: str) -> str:
     return f"row {row}, column {column!r}" if row is not None else f"column {column!r}"
 
@@ -100,13 +113,16 @@ def _decode(value: Any, row: Optional[int], column: str, keep_jpeg: bool) -> Uni
         if keep_jpeg and opened:
             data = _jpeg_bytes(image)
             if data is not None:
+                turned = _orientation(image) in _TURNED  # as the decoder will orient it
                 image.close()
-                return EncodedJpeg(data, image.height, image.width)
-        fast = _decode_jpeg(image) if opened else None
+                return EncodedJpeg(data, *((image.width, image.height) if turned else (image.height, image.width)))
+        fast = _decode_jpeg(image) if opened else None  # TorchCodec applies the EXIF orientation itself
         if fast is not None:
             image.close()
             return fast
         image.load()
+        if _orientation(image) != 1:  # as datasets' Image feature decodes it (and TorchCodec)
+            image = PIL.ImageOps.exif_transpose(image)
         rgb = to_rgb(image)
     except BadImageError:
         raise

@@ -132,6 +132,39 @@ def test_jpeg_fast_path_gives_pils_pixels(tmp_path):
         decode(cells[0]["bytes"][: len(cells[0]["bytes"]) // 2], row=7)
 
 
+@pytest.mark.parametrize("torchcodec", [True, False])
+def test_exif_orientation_is_applied_as_datasets_does(monkeypatch, torchcodec):
+    """A photo's EXIF orientation is applied on every decoding path, as datasets' Image feature (what load_dataset
+    shows) and TorchCodec apply it: all eight orientations of an RGB, a grayscale and a CMYK JPEG and of a PNG
+    decode to datasets' pixels, with TorchCodec and without it (PIL decodes all), and decode_later (replay on the
+    device) reports the oriented size. Before, PIL's path left turned photos as stored, so a job and a training run
+    on machines with and without TorchCodec, or a CMYK photo, saw them differently."""
+    import dr_hf.images as images
+
+    if not torchcodec:
+        monkeypatch.setattr(images, "_jpeg_decoder", lambda: None)
+    stored = np.asarray(PIL.Image.fromarray(np.random.default_rng(0).integers(0, 256, (5, 8, 3), dtype=np.uint8))
+                        .resize((64, 40)))
+    feature = datasets.Image()
+    for orientation in range(1, 9):
+        exif = PIL.Image.Exif()
+        exif[PIL.Image.ExifTags.Base.Orientation] = orientation
+        for mode, fmt in (("RGB", "JPEG"), ("L", "JPEG"), ("CMYK", "JPEG"), ("RGB", "PNG")):
+            buf = io.BytesIO()
+            PIL.Image.fromarray(stored).convert(mode).save(buf, format=fmt, exif=exif.tobytes())
+            shown = np.asarray(feature.decode_example({"bytes": buf.getvalue(), "path": None}).convert("RGB"))
+            assert shown.shape[:2] == ((64, 40) if orientation >= 5 else (40, 64))
+            got = decode(buf.getvalue(), row=orientation)
+            assert np.array_equal(got.permute(1, 2, 0).numpy(), shown), (orientation, mode, fmt)
+            later = images.decode_later(buf.getvalue())
+            if isinstance(later, images.EncodedJpeg):
+                assert torchcodec and (mode, fmt) in (("RGB", "JPEG"), ("L", "JPEG"))
+                assert (later.height, later.width) == shown.shape[:2]
+                assert torch.equal(images.decode_jpegs([later.data], "cpu", [orientation])[0], got)
+            else:
+                assert torch.equal(later, got)
+
+
 def test_nan_teacher_is_refused_naming_rows(tmp_path, tiny_timm_dir):
     from safetensors.torch import load_file, save_file
 
