@@ -168,6 +168,8 @@ def decode_jpegs(jpegs: Sequence[Union[bytes, torch.Tensor]], device, rows: Sequ
         return []
     tensors = [d if isinstance(d, torch.Tensor) else torch.frombuffer(bytearray(d), dtype=torch.uint8) for d in jpegs]
     decoder = _jpeg_decoder()
+    if decoder is None:  # bytes from a process that had TorchCodec
+        return [decode(data.numpy().tobytes(), row, column).to(device) for data, row in zip(tensors, rows)]
     try:
         return decoder(tensors, mode="RGB", device=device)
     except (RuntimeError, ValueError):

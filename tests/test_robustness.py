@@ -161,6 +161,9 @@ def test_exif_orientation_is_applied_as_datasets_does(monkeypatch, torchcodec):
                 assert torchcodec and (mode, fmt) in (("RGB", "JPEG"), ("L", "JPEG"))
                 assert (later.height, later.width) == shown.shape[:2]
                 assert torch.equal(images.decode_jpegs([later.data], "cpu", [orientation])[0], got)
+                with monkeypatch.context() as without:  # bytes handed to a process without TorchCodec
+                    without.setattr(images, "_jpeg_decoder", lambda: None)
+                    assert torch.equal(images.decode_jpegs([later.data], "cpu", [orientation])[0], got)
             else:
                 assert torch.equal(later, got)
 
