@@ -1,7 +1,8 @@
 """Collators: turn dataset rows into a student's batch. One per mode, each building one :class:`Example` per image.
 
 * :class:`ReinforcedCollator` (training on a reinforced dataset): replays one of each row's N stored samples and
-  returns the sparse teacher target.
+  returns the sparse teacher target (or, ``on_device``, leaves decoding and rendering to the training process:
+  :mod:`dr_hf.replay`).
 * :class:`AugmentCollator` (plain training, online KD): samples fresh parameters from a preset; with teacher input
   specs it also renders each live teacher's view.
 * :class:`EvalCollator` (evaluation and prediction): the deterministic center crop, for plain and reinforced rows.
