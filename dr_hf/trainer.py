@@ -23,6 +23,7 @@ from .inputs import INTERPOLATION_NAMES, InputSpec, resolve_input_spec
 from .format import DR_COLUMNS, DR_FINGERPRINT, DR_PARAMS, require_reinforced
 from .shards import data_files_of, name_bad_files
 from .loss import dense_teacher_log_probs, distillation_loss, one_hot_target
+from .replay import RenderedAhead
 from .rows import ReplayRows
 
 
@@ -239,6 +240,7 @@ class ReinforcedTrainer(Trainer):
         common = dict(output=self.student_output, image_column=args.image_column,
                       label_column=args.label_column or None, num_classes=self.num_classes)
         self.replay_pipeline = pipeline
+        self._rendered_ahead: Optional[RenderedAhead] = None
         if fields is not None or train_dataset is None:
             wanted = args.device.type != "cpu" if args.uint8_pixels is None else args.uint8_pixels
             uint8 = bool(wanted and pipeline is not None and pipeline.renders_uint8 and not args.replay_on_device)
@@ -282,14 +284,37 @@ class ReinforcedTrainer(Trainer):
             raise ValueError(f"the student predicts {self.num_classes} classes, column {args.label_column!r} has {label.num_classes}")
 
     def get_batch_samples(self, epoch_iterator, num_batches, device=None, *args, **kwargs):
-        """The Trainer's batch fetching; a streamed shard that turns out unreadable mid-training is named."""
+        """The Trainer's batch fetching; a streamed shard that turns out unreadable mid-training is named. With
+        ``replay_on_device``, each batch is decoded and rendered on the device by a background thread, a batch ahead
+        of the step (:class:`~dr_hf.replay.RenderedAhead`)."""
         try:
-            return super().get_batch_samples(epoch_iterator, num_batches, device, *args, **kwargs)
+            if not self.args.replay_on_device:
+                return super().get_batch_samples(epoch_iterator, num_batches, device, *args, **kwargs)
+            if self._rendered_ahead is None or self._rendered_ahead.source is not epoch_iterator:
+                self._stop_rendering_ahead()
+                self._rendered_ahead = RenderedAhead(epoch_iterator, self._render_replay, device or self.args.device)
+            batches = self._rendered_ahead.take(num_batches)
+            return batches, self._get_num_items_in_batch(batches, device)
         except (OSError, pa.ArrowException) as exc:
             files = data_files_of(self.train_dataset)
             if not files:
                 raise
             raise name_bad_files(files, exc) from exc
+
+    def _render_replay(self, batch: Dict[str, torch.Tensor]) -> torch.Tensor:
+        return batch["replay"].render(self.replay_pipeline, self.student_output, batch["labels"].device)
+
+    def _stop_rendering_ahead(self) -> None:
+        if self._rendered_ahead is not None:
+            self._rendered_ahead.close()
+            self._rendered_ahead = None
+
+    def train(self, *args, **kwargs):
+        """``Trainer.train``; the thread rendering batches ahead (``replay_on_device``) stops with it."""
+        try:
+            return super().train(*args, **kwargs)
+        finally:
+            self._stop_rendering_ahead()
 
     def _set_signature_columns_if_needed(self):
         """Keep what the collators read (image, label, reinforcement columns) with ``remove_unused_columns=True``."""
@@ -360,8 +385,8 @@ class ReinforcedTrainer(Trainer):
     def pixel_values(self, inputs: Dict[str, torch.Tensor]) -> torch.Tensor:
         """The batch's normalised float images; uint8 pixels (``uint8_pixels``) are normalised here, on their device,
         and a batch left to replay here (``replay_on_device``) is decoded and rendered on the labels' device."""
-        if "replay" in inputs:
-            return inputs["replay"].render(self.replay_pipeline, self.student_output, inputs["labels"].device)
+        if "replay" in inputs:  # (training renders these a batch ahead, in get_batch_samples)
+            return self._render_replay(inputs)
         pixels = inputs["pixel_values"]
         if pixels.dtype == torch.uint8:
             return normalise_pixels(pixels, self.student_output, self.replay_pipeline)

@@ -1,4 +1,5 @@
 import math
+import threading
 
 import datasets
 import numpy as np
@@ -414,7 +415,9 @@ def test_replay_on_device_renders_what_the_workers_would(tmp_path, reinforced, p
     renders one view at a time: the workers' pixels exactly; the batched renderer that CUDA runs (here on CPU
     tensors) is within one grey level (rrc+flip: every pixel; RandAugment can amplify a level at a few pixels: on
     average). It reaches the trainer through a DataLoader worker (its bytes in shared memory, like pixel batches)
-    and trains; a PNG is decoded in the worker, to the same batch; a truncated JPEG is named by its row."""
+    and trains loss for loss as the workers' rendering does, each batch rendered a batch ahead by a background thread
+    (with gradient accumulation, into a second epoch); a PNG is decoded in the worker, to the same batch; a truncated
+    JPEG is named by its row."""
     import io
 
     import PIL.Image
@@ -463,8 +466,15 @@ def test_replay_on_device_renders_what_the_workers_would(tmp_path, reinforced, p
         batch = next(iter(worker))
         assert batch.pop("allocated_shared") and isinstance(batch["replay"], DeviceReplay) and len(batch["replay"]) == 8
         device.args.dataloader_num_workers = 1
-        device.train()
-        assert np.isfinite(device.state.log_history[-1]["train_loss"])
+        threads = []
+        render = device._render_replay
+        device._render_replay = lambda batch: threads.append(threading.current_thread().name) or render(batch)
+        for trainer in (host, device):  # 3 steps of 2 batches: into a second epoch of 4 batches
+            trainer.args.max_steps, trainer.args.gradient_accumulation_steps = 3, 2
+            trainer.train()
+        assert len(losses(device)) == 3 and losses(device) == losses(host)  # the same pixels, loss for loss
+        assert len(threads) >= 6 and set(threads) == {"dr-hf-replay_0"}  # rendered a batch ahead, off this thread
+        assert device._rendered_ahead is None  # the rendering thread stops with train()
     with pytest.raises(ValueError, match="uint8_pixels=True .* replay_on_device=True"):
         args(tmp_path, replay_on_device=True, uint8_pixels=True)
     with pytest.raises(ValueError, match="replay_on_device replays reinforced datasets"):
