@@ -416,8 +416,8 @@ def test_replay_on_device_renders_what_the_workers_would(tmp_path, reinforced, p
     tensors) is within one grey level (rrc+flip: every pixel; RandAugment can amplify a level at a few pixels: on
     average). It reaches the trainer through a DataLoader worker (its bytes in shared memory, like pixel batches)
     and trains loss for loss as the workers' rendering does, each batch rendered a batch ahead by a background thread
-    (with gradient accumulation, into a second epoch); a PNG is decoded in the worker, to the same batch; a truncated
-    JPEG is named by its row."""
+    (with gradient accumulation, into a second epoch), from a map-style and a streamed dataset; a PNG is decoded in
+    the worker, to the same batch; a truncated JPEG is named by its row."""
     import io
 
     import PIL.Image
@@ -475,6 +475,12 @@ def test_replay_on_device_renders_what_the_workers_would(tmp_path, reinforced, p
         assert len(losses(device)) == 3 and losses(device) == losses(host)  # the same pixels, loss for loss
         assert len(threads) >= 6 and set(threads) == {"dr-hf-replay_0"}  # rendered a batch ahead, off this thread
         assert device._rendered_ahead is None  # the rendering thread stops with train()
+    stream = datasets.load_dataset(str(folders[preset]), split="train", streaming=True)  # streamed rows, and groups
+    streamed = [ReinforcedTrainer(model=tiny_timm(), args=args(tmp_path, max_steps=2, replay_on_device=on),
+                                  train_dataset=stream) for on in (False, True)]
+    for trainer in streamed:
+        trainer.train()
+    assert len(losses(streamed[1])) == 2 and losses(streamed[1]) == losses(streamed[0])
     with pytest.raises(ValueError, match="uint8_pixels=True .* replay_on_device=True"):
         args(tmp_path, replay_on_device=True, uint8_pixels=True)
     with pytest.raises(ValueError, match="replay_on_device replays reinforced datasets"):
