@@ -149,7 +149,8 @@ def main():
                   "what the host can feed a GPU. " + "; ".join(
                       f"{w} workers: {rates[(ON_DEVICE, w)] / rates[('ReinforcedTrainer', w)]:.2f}x the workers' own "
                       f"rendering" for w in (0, 2)) + "."]
-    lines += ["", "Command: `python scripts/bench_loader.py" + (" --device cuda" if cuda else "") + "`."]
+    given = [a for k, a in enumerate(sys.argv[1:]) if not a.startswith("--out") and sys.argv[k] != "--out"]
+    lines += ["", "Command: `" + " ".join(["python scripts/bench_loader.py", *given]) + "`."]
     write_markdown(args.out, lines)
 
 

@@ -1,0 +1,31 @@
+#!/usr/bin/env bash
+# The GPU checks, as one short script for a lent GPU machine (no internet there): the reinforce job against the bare
+# bf16 teacher forward (bench_gpu --job-only), then the training loader with replay_on_device decoding and rendering
+# on the GPU, and its fidelity (bench_loader --device cuda). Figures land in $OUT (default results/gpu).
+#
+#   bash scripts/device_check.sh DATASET [WHEELS]
+#
+# DATASET: an image dataset folder (e.g. 63 imagenet-sample rows as parquet); WHEELS: a folder of wheels the machine
+# lacks (installed with --no-deps into /tmp/site). Each step has its own time limit, so one that hangs leaves time
+# for the other.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+dataset=${1:?usage: device_check.sh DATASET [WHEELS]}
+out=${OUT:-results/gpu}
+mkdir -p "$out"
+if [ -n "${2:-}" ]; then
+  pip install -q --no-index --no-deps --target /tmp/site "$2"/*.whl
+  export PYTHONPATH=/tmp/site:$PWD
+else
+  export PYTHONPATH=$PWD
+fi
+[ -e dr_hf/cards ] || ln -sfn ../cards dr_hf/cards  # the card template, as the installed package holds it
+nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
+python -c "import torch, torchcodec; print('torch', torch.__version__, 'torchcodec', torchcodec.__version__)" \
+  || echo "no torchcodec here: replay_on_device hands over decoded pixels instead of JPEG bytes"
+status=0
+timeout 330 python scripts/bench_gpu.py --dataset "$dataset" --job-only --out "$out/bench_gpu.md" || status=$?
+timeout 200 python scripts/bench_loader.py --device cuda --dataset "$dataset" --rows 63 --epochs 2 \
+  --out "$out/bench_loader.md" || status=$?
+cat "$out"/*.md
+exit $status
