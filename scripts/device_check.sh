@@ -4,6 +4,7 @@
 # on the GPU, and its fidelity (bench_loader --device cuda). Figures land in $OUT (default results/gpu).
 #
 #   bash scripts/device_check.sh DATASET [WHEELS]
+#   DEVICE=cpu OUT=/tmp/dry bash scripts/device_check.sh DATASET   # a dry run on a CPU
 #
 # DATASET: an image dataset folder (e.g. 63 imagenet-sample rows as parquet); WHEELS: a folder of wheels the machine
 # lacks (installed with --no-deps into /tmp/site). Each step has its own time limit, so one that hangs leaves time
@@ -20,12 +21,16 @@ else
   export PYTHONPATH=$PWD
 fi
 [ -e dr_hf/cards ] || ln -sfn ../cards dr_hf/cards  # the card template, as the installed package holds it
-nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
+nvidia-smi --query-gpu=name,memory.total --format=csv,noheader || true
 python -c "import torch, torchcodec; print('torch', torch.__version__, 'torchcodec', torchcodec.__version__)" \
   || echo "no torchcodec here: replay_on_device hands over decoded pixels instead of JPEG bytes"
+gpu=(--device cuda) loader=(--device cuda --epochs 2)
+if [ "${DEVICE:-cuda}" = cpu ]; then  # DEVICE=cpu: a dry run of both steps (no figures worth reading)
+  gpu=(--device cpu --rows 8) loader=(--device cpu --epochs 1 --repeat 1)
+fi
 status=0
-timeout 330 python scripts/bench_gpu.py --dataset "$dataset" --job-only --out "$out/bench_gpu.md" || status=$?
-timeout 200 python scripts/bench_loader.py --device cuda --dataset "$dataset" --rows 63 --epochs 2 \
-  --out "$out/bench_loader.md" || status=$?
+timeout 330 python scripts/bench_gpu.py --dataset "$dataset" --job-only "${gpu[@]}" --out "$out/bench_gpu.md" || status=$?
+timeout 200 python scripts/bench_loader.py --dataset "$dataset" --rows 63 "${loader[@]}" --out "$out/bench_loader.md" \
+  || status=$?
 cat "$out"/*.md
 exit $status
