@@ -14,10 +14,9 @@ from __future__ import annotations
 
 import functools
 import threading
-from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any, Callable, Deque, Dict, Iterable, Iterator, List, NamedTuple, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Iterator, List, NamedTuple, Optional, Sequence, Tuple
 
 import numpy as np
 import pyarrow as pa
@@ -25,6 +24,7 @@ import torch
 from datasets import Features, Value
 from datasets.features.features import numpy_to_pyarrow_listarray
 
+from .ahead import computed_ahead, prefetched
 from .augment import AugmentPipeline, Context, empty_batch
 from .format import (DR_FINGERPRINT, DR_INDEX, DR_PARAMS, DR_TOPK_INDICES, DR_TOPK_LOGPROBS, ReinforceConfig, index_dtype,
                      reinforcement_features)
@@ -395,30 +395,3 @@ def preparation_pool(workers: int = 0, threads: int = 0):
     from concurrent.futures import ProcessPoolExecutor
 
     return ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"))
-
-
-def prefetched(items: Iterable[Any], fn: Callable[[Any], Any], threads: int) -> Iterator[Tuple[Any, Any]]:
-    """``(item, fn(item))`` in order, computing up to ``threads + 1`` items ahead on a thread pool (0: inline)."""
-    if threads <= 0:
-        for item in items:
-            yield item, fn(item)
-        return
-    with ThreadPoolExecutor(threads, thread_name_prefix="dr-render") as pool:
-        yield from computed_ahead(items, lambda item: (item, fn(item)), threads + 1, pool)
-
-
-def computed_ahead(items: Iterable[Any], fn: Callable[[Any], Any], ahead: int, pool) -> Iterator[Any]:
-    """``fn(item)`` for each item, in order, computed on ``pool`` (an executor) up to ``ahead`` items beyond the one
-    being consumed, so that at most ``ahead + 1`` results are held; what is pending when the consumer stops is
-    cancelled."""
-    pending: Deque = deque()
-    try:
-        for item in items:
-            pending.append(pool.submit(fn, item))
-            if len(pending) > ahead:
-                yield pending.popleft().result()
-        while pending:
-            yield pending.popleft().result()
-    finally:
-        for future in pending:
-            future.cancel()

@@ -11,14 +11,15 @@ at a time, as the workers would: the same pixels.)
 from __future__ import annotations
 
 import contextlib
-from collections import deque
+import itertools
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any, Callable, Deque, Dict, Iterator, List, Optional, Sequence, Union
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Union
 
 import numpy as np
 import torch
 
+from .ahead import computed_ahead
 from .augment import AugmentPipeline
 from .images import EncodedJpeg, decode_jpegs
 from .inputs import InputSpec
@@ -105,42 +106,29 @@ class DeviceReplay:
 
 class RenderedAhead:
     """Batches from ``batches`` (an epoch's iterator) with their ``replay`` rendered into ``pixel_values`` by
-    ``render`` on a background thread, ``ahead`` batches beyond those the training step takes, so decoding and
-    rendering overlap the step. On CUDA the thread works on its own stream (TorchCodec's decode then waits for that
-    stream alone), and the step's stream waits for each batch's event before using it. Batches are fetched here, on
-    the caller's thread, in order; only rendering moves."""
+    ``render`` on a background thread, ``ahead`` batches beyond those the training step takes
+    (:func:`~dr_hf.ahead.computed_ahead`), so decoding and rendering overlap the step. On CUDA the thread works on its
+    own stream (TorchCodec's decode then waits for that stream alone), and the step's stream waits for each batch's
+    event before using it. Batches are fetched on the caller's thread, in order; only rendering moves."""
 
     def __init__(self, batches: Iterator[Dict[str, Any]], render: Callable[[Dict[str, Any]], torch.Tensor], device,
                  ahead: int = 1):
         self.source = batches
         self._render = render
-        self._ahead = ahead
-        self._pending: Deque = deque()
-        self._exhausted = False
-        self._pool = ThreadPoolExecutor(1, thread_name_prefix="dr-hf-replay")
         self._stream = torch.cuda.Stream(device) if torch.device(device).type == "cuda" else None
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="dr-hf-replay")
+        self._rendered = computed_ahead(batches, self._render_one, ahead, self._pool)
 
-    def _rendered(self, batch: Dict[str, Any]):
+    def _render_one(self, batch: Dict[str, Any]):
         with torch.cuda.stream(self._stream) if self._stream is not None else contextlib.nullcontext():
             pixels = self._render(batch)
-            return pixels, (self._stream.record_event() if self._stream is not None else None)
+            return batch, pixels, (self._stream.record_event() if self._stream is not None else None)
 
     def take(self, count: int) -> List[Dict[str, Any]]:
         """The next ``count`` batches (fewer at the end of the epoch), rendered, ``replay`` replaced by
         ``pixel_values``."""
         out = []
-        while len(out) < count:
-            while not self._exhausted and len(self._pending) < count - len(out) + self._ahead:
-                try:
-                    batch = next(self.source)
-                except StopIteration:
-                    self._exhausted = True
-                    break
-                self._pending.append((batch, self._pool.submit(self._rendered, batch)))
-            if not self._pending:
-                break
-            batch, future = self._pending.popleft()
-            pixels, event = future.result()
+        for batch, pixels, event in itertools.islice(self._rendered, count):
             if event is not None:
                 stream = torch.cuda.current_stream(pixels.device)
                 stream.wait_event(event)
@@ -150,6 +138,6 @@ class RenderedAhead:
 
     def close(self) -> None:
         """Stop: what is being rendered finishes, the rest is dropped with the epoch's iterator."""
-        self._pending.clear()
+        self._rendered.close()
         self._pool.shutdown(wait=True, cancel_futures=True)
         self.source = iter(())
