@@ -23,7 +23,7 @@ import torch
 
 from .augment import AugmentPipeline, Context, empty_batch, make_pipeline, params_at
 from .format import DR_INDEX, DR_PARAMS, DR_TOPK_INDICES, DR_TOPK_LOGPROBS, missing_columns
-from .images import EncodedJpeg, decode, decode_later
+from .images import EncodedJpeg, decode, decode_later, image_size
 from .inputs import InputSpec
 from .replay import DeviceReplay
 from .rows import rows_of
@@ -271,9 +271,7 @@ class ReinforcedCollator(_Collator):
             index = int(row[DR_INDEX])
             original, fresh_seed = rng.random() >= self.reinforced_prob, int(rng.integers(0, 2**62))
             if original and self.on_device:
-                height, width = (images[r].height, images[r].width) if isinstance(images[r], EncodedJpeg) \
-                    else images[r].shape[-2:]
-                p = fresh_params(pipe.without_mixing(), fresh_seed, height, width)
+                p = fresh_params(pipe.without_mixing(), fresh_seed, *image_size(images[r]))
                 if pipe.mix is not None:
                     p.update(params_at(pipe.mix.empty_params(1), 0))
                 out.append(Example([], self.label(row), source=images[r], view_params=[p]))

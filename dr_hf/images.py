@@ -5,7 +5,7 @@ from __future__ import annotations
 import functools
 import io
 import re
-from typing import Any, List, NamedTuple, Optional, Sequence, Union
+from typing import Any, List, NamedTuple, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import PIL.ExifTags
@@ -150,6 +150,13 @@ class EncodedJpeg(NamedTuple):
     data: bytes
     height: int
     width: int
+
+
+def image_size(image: Union[torch.Tensor, EncodedJpeg]) -> Tuple[int, int]:
+    """(height, width) of a decoded CHW image or of a JPEG left encoded (as it will decode, oriented)."""
+    if isinstance(image, EncodedJpeg):
+        return image.height, image.width
+    return int(image.shape[-2]), int(image.shape[-1])
 
 
 def decode_later(value: Any, row: Optional[int] = None, column: str = "image") -> Union[torch.Tensor, EncodedJpeg]:

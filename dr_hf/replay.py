@@ -21,7 +21,7 @@ import torch
 
 from .ahead import computed_ahead
 from .augment import AugmentPipeline
-from .images import EncodedJpeg, decode_jpegs
+from .images import EncodedJpeg, decode_jpegs, image_size
 from .inputs import InputSpec
 
 
@@ -71,8 +71,7 @@ class DeviceReplay:
         flat = data.numpy()
         for part, offset, size in zip(parts, offsets, sizes):
             flat[offset:offset + size] = np.frombuffer(part, dtype=np.uint8) if isinstance(part, bytes) else part.reshape(-1)
-        shapes = np.array([(s.height, s.width) if isinstance(s, EncodedJpeg) else tuple(s.shape[-2:]) for s in sources],
-                          dtype=np.int64).reshape(-1, 2)
+        shapes = np.array([image_size(s) for s in sources], dtype=np.int64).reshape(-1, 2)
         names = list(views[0]) if views else []
         return cls(data=data, spans=np.concatenate([offsets[:, None], sizes[:, None], shapes], axis=1),
                    encoded=np.array([isinstance(s, EncodedJpeg) for s in sources], dtype=bool),
