@@ -17,7 +17,7 @@ def cmd_reinforce(args) -> int:
     from .augment import make_pipeline
     from .format import ReinforceConfig, public_source
     from .processes import current_processes, finish
-    from .reinforce import default_render, reinforce, stream_length
+    from .reinforce import default_render, default_teacher_batch_size, reinforce, stream_length
     from .source import load_source
     from .teacher import TeacherEnsemble, expand_specs
 
@@ -54,7 +54,8 @@ def cmd_reinforce(args) -> int:
         label_column=args.label_column or None,
         source={**public_source(args.dataset, args.revision), "name": args.name, "split": args.split,
                 "limit": args.limit, "num_rows": num_rows},  # a local folder by its name only
-        teacher_batch_size=args.teacher_batch_size,
+        teacher_batch_size=(default_teacher_batch_size(teachers) if args.teacher_batch_size is None
+                            else args.teacher_batch_size),
         rows_per_shard=args.rows_per_shard,
         keep_source=not args.no_images,
         render=render,
@@ -163,8 +164,9 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--batch-size", type=int, default=256,
                    help="images per map batch, rounded up to whole teacher blocks (does not change the output; the "
                         "teacher's work drains between map batches, so larger ones keep a GPU busier)")
-    r.add_argument("--teacher-batch-size", type=int, default=256, help="samples per teacher forward: all N samples of as many rows as fit (a power of two), or "
-                   "chunks of one row's (or MixUp/CutMix group's) samples")
+    r.add_argument("--teacher-batch-size", type=int, default=None,
+                   help="samples per teacher forward (default 256 on a GPU, 64 on a CPU): all N samples of as many rows "
+                        "as fit (a power of two), or chunks of one row's (or MixUp/CutMix group's) samples")
     r.add_argument("--rows-per-shard", type=int, default=2048, help="rows per parquet shard (the unit of resume)")
     r.add_argument("--group-size", type=int, default=0, help="rows per MixUp/CutMix partner group (default 8)")
     r.add_argument("--split", default="train", help="the source split (also the output split's name)")

@@ -109,6 +109,8 @@ class ReinforceConfig:
             raise ValueError(f"--num-samples must be in [1, 65535], got {self.num_samples}")
         if self.topk < 1:
             raise ValueError(f"--topk must be >= 1, got {self.topk}")
+        if self.teacher_batch_size < 1:
+            raise ValueError(f"--teacher-batch-size must be >= 1, got {self.teacher_batch_size}")
         if self.render not in RENDER_MODES:
             raise ValueError(f"--render must be one of {RENDER_MODES}, got {self.render!r}")
         if self.num_classes and self.topk > self.num_classes:

@@ -27,7 +27,8 @@ from .format import (
 from .joblock import output_lock
 from .processes import Processes, current_processes
 from .reinforcer import BAD_ROW_POLICIES, SKIP_COLUMN, Reinforcer, preparation_pool, teacher_block_rows
-from .shards import error_report_path, num_shards, parse_shard_name, rows_per_shard, shard_name, shard_rows
+from .shards import (describe_differences, error_report_path, num_shards, parse_shard_name, rows_per_shard, shard_name,
+                     shard_rows)
 from .teacher import TeacherEnsemble
 
 __all__ = ["Reinforcer", "reinforce", "ReinforceResult", "StreamError"]
@@ -430,8 +431,10 @@ def check_output_dir(data_dir: str, config: ReinforceConfig, split: str, num_sha
         parsed = parse_shard_name(name)
         same_layout = parsed is None or parsed[0] != split or parsed[2] == num_shards
         if existing is None or existing.identity() != config.identity() or not same_layout:
+            differs = existing is not None and existing.identity() != config.identity()
             raise ValueError(
-                f"{os.path.dirname(data_dir)} already holds data of a different job ({name}); "
+                f"{os.path.dirname(data_dir)} already holds data of a different job "
+                f"({name}{': ' + describe_differences(existing, config) if differs else ''}); "
                 "rerun with the same settings to resume, or choose another --output"
             )
 
@@ -445,6 +448,13 @@ def default_prepare_threads(teachers: TeacherEnsemble) -> int:
         return 0
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     return max(1, min(4, cores - 2))
+
+
+def default_teacher_batch_size(teachers: TeacherEnsemble) -> int:
+    """Samples per teacher forward when not given: 256 on an accelerator; 64 on a CPU, where larger batches only add
+    activation memory for the caches and the page tables to miss (EfficientNet-Lite0 + Lite1 on this project's 2-core
+    CPU: 1.6x the samples/s of 256 in under a third of the memory, ``python scripts/bench_reinforce.py``)."""
+    return 64 if teachers.device.type == "cpu" else 256
 
 
 def default_render(teachers: TeacherEnsemble, render_device: Optional[str] = None,

@@ -100,6 +100,17 @@ def _differences(a: ReinforceConfig, b: ReinforceConfig) -> List[str]:
     return sorted(k for k in set(x) | set(y) if x.get(k) != y.get(k))
 
 
+def describe_differences(stored: ReinforceConfig, new: ReinforceConfig) -> str:
+    """The settings in which two configurations differ, with both values: ``seed 0 there, 1 here; ...``."""
+    x, y = stored.identity(), new.identity()
+
+    def short(value) -> str:
+        text = json.dumps(value, sort_keys=True)
+        return text if len(text) <= 60 else text[:57] + "..."
+
+    return "; ".join(f"{k} {short(x.get(k))} there, {short(y.get(k))} here" for k in _differences(stored, new))
+
+
 def check_shards(folder: str, split: str = "train", config: Optional[ReinforceConfig] = None,
                  num_rows: Optional[int] = None, card: Optional[ReinforceConfig] = None) -> List[str]:
     """Problems with a folder's shards, each naming the shard: unreadable files, configurations that differ from

@@ -10,6 +10,7 @@ import pytest
 
 from conftest import SHARED, needs_shared
 
+from dr_hf.format import config_from_parquet
 from dr_hf.shards import shard_paths
 
 DR = ["dr_index", "dr_fingerprint", "dr_params", "dr_topk_indices", "dr_topk_logprobs"]
@@ -56,6 +57,7 @@ def test_verify_fails_on_tampered_values(tmp_path, image_dataset_dir, tiny_teach
     code, out, _ = here(capsys, "verify", tmp_path / "ok", "--teacher", tiny_teacher_spec, "--rows", 24)
     assert code == 0 and "parameter mismatches = 0" in out
     path = shard_paths(str(tmp_path / "ok"))[0]
+    assert config_from_parquet(path).teacher_batch_size == 64  # the default for a CPU teacher (256 on a GPU)
     table = pq.read_table(path)
     lp = table.column("dr_topk_logprobs").to_pylist()
     lp[9][1] = [v - 0.5 for v in lp[9][1]]  # shift one sample's log-probs: still valid, but not what the teacher said
@@ -84,6 +86,9 @@ def test_cli_errors_name_the_option(tmp_path, image_dataset_dir, tiny_teacher_sp
     code, _, err = here(capsys, "reinforce", image_dataset_dir, "--output", tmp_path / "x", "--teacher",
                         tiny_teacher_spec, "--prepare-workers", 2, "--prepare-threads", 2)
     assert code == 2 and "--prepare-workers and --prepare-threads: give one of them" in err
+    code, _, err = here(capsys, "reinforce", image_dataset_dir, "--output", tmp_path / "x", "--teacher",
+                        tiny_teacher_spec, "--teacher-batch-size", 0)
+    assert code == 2 and "--teacher-batch-size must be >= 1, got 0" in err
     code, _, err = here(capsys, "verify", image_dataset_dir)
     assert code == 2 and "not a reinforced dataset" in err
 

@@ -245,9 +245,9 @@ def test_resume_skips_complete_shards_and_refuses_other_settings(tmp_path, image
     after = {p: open(p, "rb").read() for p in shard_paths(str(tmp_path))}
     assert pq.read_table(paths[1]).equals(pq.read_table(__import__("io").BytesIO(before[paths[1]])))
     assert after[paths[0]] == before[paths[0]]
-    with pytest.raises(ValueError, match="different job"):
+    with pytest.raises(ValueError, match=r"different job \(train-00000-of-00003.parquet: seed 0 there, 1 here\)"):
         run(image_dataset, tmp_path, teachers, rows_per_shard=8, seed=1)
-    with pytest.raises(ValueError, match="different job"):
+    with pytest.raises(ValueError, match=r"different job \(train-00000-of-00003.parquet: rows_per_shard 8 there, 16 "):
         run(image_dataset, tmp_path, teachers, rows_per_shard=16)
 
 
