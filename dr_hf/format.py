@@ -93,7 +93,7 @@ class ReinforceConfig:
     label_column: Optional[str] = "label"
     source: Dict[str, Any] = field(default_factory=dict)
     precision: str = "fp32"  # the teachers' precision (fp32, tf32, bf16)
-    teacher_batch_size: int = 256
+    teacher_batch_size: int = 256  # samples per teacher forward; the CLI gives 64 for CPU teachers (default_teacher_batch_size)
     rows_per_shard: int = 2048
     keep_source: bool = True  # False (``--no-images``): only the dr_* columns are written
     render: str = "per-sample"  # how teacher inputs were rendered (RENDER_MODES); verify renders the same way
