@@ -430,8 +430,8 @@ def check_output_dir(data_dir: str, config: ReinforceConfig, split: str, num_sha
             raise ValueError(f"{path} is not readable as a reinforced shard ({exc}); use an empty --output") from exc
         parsed = parse_shard_name(name)
         same_layout = parsed is None or parsed[0] != split or parsed[2] == num_shards
-        if existing is None or existing.identity() != config.identity() or not same_layout:
-            differs = existing is not None and existing.identity() != config.identity()
+        differs = existing is not None and existing.identity() != config.identity()
+        if existing is None or differs or not same_layout:
             raise ValueError(
                 f"{os.path.dirname(data_dir)} already holds data of a different job "
                 f"({name}{': ' + describe_differences(existing, config) if differs else ''}); "
