@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from .ahead import computed_ahead
-from .augment import AugmentPipeline
+from .augment import AugmentPipeline, shared_empty
 from .images import EncodedJpeg, decode_jpegs, image_size
 from .inputs import InputSpec
 
@@ -65,7 +65,7 @@ class DeviceReplay:
         offsets = np.concatenate([[0], np.cumsum(sizes)[:-1]]).astype(np.int64)
         total = int(sizes.sum())
         if torch.utils.data.get_worker_info() is not None:  # in shared memory, so it reaches the trainer uncopied
-            data = torch.empty(0, dtype=torch.uint8).set_(torch.UntypedStorage._new_shared(total), 0, (total,), (1,))
+            data = shared_empty((total,), torch.uint8)
         else:
             data = torch.empty(total, dtype=torch.uint8)
         flat = data.numpy()
