@@ -8,7 +8,9 @@
 * :class:`EvalCollator` (evaluation and prediction): the deterministic center crop, for plain and reinforced rows.
 
 They run in DataLoader workers (``dataloader_num_workers``), so decoding and replay stay out of the training loop;
-without workers, the reinforced and evaluation collators spread a batch's rows over torch's intra-op threads.
+there they render image batches into shared-memory blocks the worker recycles once the training process has freed
+them (:mod:`dr_hf.batch_memory`). Without workers, the reinforced and evaluation collators spread a batch's rows over
+torch's intra-op threads.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import pyarrow as pa
 import torch
 
 from .augment import AugmentPipeline, Context, empty_batch, make_pipeline, params_at
+from .batch_memory import worker_pool
 from .format import DR_INDEX, DR_PARAMS, DR_TOPK_INDICES, DR_TOPK_LOGPROBS, missing_columns
 from .images import EncodedJpeg, decode, decode_later, image_size
 from .inputs import InputSpec
@@ -53,10 +56,23 @@ def _rows(example) -> List[Dict[str, Any]]:
     return [example]
 
 
+def _in_worker() -> bool:
+    return torch.utils.data.get_worker_info() is not None
+
+
 def _batch(n: int, size: Sequence[int], dtype: torch.dtype) -> torch.Tensor:
-    """A collated image batch (:func:`~dr_hf.augment.empty_batch`: channels-last), in shared memory in a DataLoader
-    worker, as ``default_collate`` allocates, so it reaches the training process without another copy."""
-    return empty_batch(n, size, dtype, shared=torch.utils.data.get_worker_info() is not None)
+    """A collated image batch (:func:`~dr_hf.augment.empty_batch`: channels-last); in a DataLoader worker in shared
+    memory, so it reaches the training process without another copy, from the worker's
+    :class:`~dr_hf.batch_memory.BatchPool` (a block the training process has freed, not a fresh one)."""
+    if not _in_worker():
+        return empty_batch(n, size, dtype)
+    height, width = size
+    return worker_pool().empty((n, height, width, 3), dtype).permute(0, 3, 1, 2)
+
+
+def _handed_over(batch: Dict[str, Any]) -> Dict[str, Any]:
+    """A collator's batch as it leaves: in a DataLoader worker, its pooled blocks leased to the training process."""
+    return worker_pool().lease(batch) if _in_worker() else batch
 
 
 def _stacked(views: Sequence[torch.Tensor]) -> torch.Tensor:
@@ -134,7 +150,7 @@ class _Collator:
         batch: Dict[str, torch.Tensor] = {"pixel_values": pixel_values, **self.targets(examples)}
         for o in range(len(self.teacher_outputs)):
             batch[f"teacher_pixel_values_{o}"] = _stacked([e.views[o + 1] for e in examples])
-        return batch
+        return _handed_over(batch)
 
     @staticmethod
     def targets(examples: List[Example]) -> Dict[str, torch.Tensor]:
@@ -314,4 +330,10 @@ class ReinforcedCollator(_Collator):
         def group(g: int) -> List[Example]:  # student views rendered straight into the batch: no copy to stack them
             return self.group(groups[g], starts[g], pixel_values[starts[g]:starts[g + 1]])
 
-        return self.collate([e for part in _map(group, range(len(groups))) for e in part], pixel_values)
+        try:
+            examples = [e for part in _map(group, range(len(groups))) for e in part]
+        except BaseException:
+            if _in_worker():  # the batch's block goes back to the pool: nothing will lease it
+                worker_pool().give_back()
+            raise
+        return self.collate(examples, pixel_values)

@@ -1,0 +1,69 @@
+"""Batch memory recycled between DataLoader workers and the training process (dr_hf.batch_memory): a block is
+written again only once the training process has freed every tensor, view and autograd record of it."""
+
+import gc
+
+import torch
+
+from dr_hf.batch_memory import BatchPool, LeasedTensor, worker_pool
+
+SIZE = (4, 1024)  # 16 KiB: four pages a block
+
+
+def filled(items):
+    """A worker's batch: a pooled block holding the item's value, and how often the worker's pool reused a block."""
+    pool = worker_pool()
+    block = pool.empty(SIZE, torch.float32)
+    block.fill_(float(items[0]))
+    return pool.lease({"x": block, "reused": torch.tensor(pool.reused), "allocated": torch.tensor(pool.allocated)})
+
+
+def loader(n, workers=1):
+    return torch.utils.data.DataLoader(range(n), batch_size=1, num_workers=workers, collate_fn=filled)
+
+
+def test_blocks_held_here_are_never_rewritten_and_freed_ones_are_reused():
+    held, views, grads = {}, {}, []
+    conv = torch.nn.Linear(1024, 1)
+    for k, batch in enumerate(loader(64, workers=2)):
+        assert type(batch["x"]) is torch.Tensor and batch["x"].is_shared()  # a plain tensor here, the worker's memory
+        if k % 8 == 0:
+            held[k] = batch["x"]  # the whole batch tensor
+        elif k % 8 == 1:
+            views[k] = batch["x"][2:]  # a view only
+        elif k % 8 == 2:
+            views[k] = torch.empty(0).set_(batch["x"].untyped_storage(), 0, SIZE)  # another tensor on its storage
+        elif k % 8 == 3:
+            grads.append((k, conv(batch["x"]).sum()))  # an autograd record only: saved for the weight's gradient
+        last = batch
+        del batch
+    gc.collect()
+    assert all(bool((x == k).all()) for k, x in held.items())
+    assert all(bool((x == k).all()) for k, x in views.items())
+    for k, out in grads:  # the saved input is still the batch's: the gradient is the sum of its rows
+        conv.zero_grad()
+        out.backward()
+        assert torch.equal(conv.weight.grad, torch.full((1, 1024), 4.0 * k))
+    # half the batches were dropped at once: their blocks went back to the workers (4 blocks each)
+    assert int(last["reused"]) > 0 and int(last["allocated"]) < 32
+
+
+def test_a_worker_whose_blocks_are_all_held_allocates_afresh():
+    batches = list(loader(12))  # every batch kept: nothing may be reused
+    assert [int(b["x"][0, 0]) for b in batches] == list(range(12))
+    assert all(bool((b["x"] == k).all()) for k, b in enumerate(batches))
+    assert int(batches[-1]["reused"]) == 0 and int(batches[-1]["allocated"]) == 12
+
+
+def test_leased_tensors_are_tensors_in_the_worker_and_blocks_come_back_from_failed_batches():
+    pool = BatchPool(blocks=1)
+    block = pool.empty((2, 3), torch.float32)
+    leased = pool.lease({"x": block.fill_(1.0), "y": torch.zeros(2)})
+    assert isinstance(leased["x"], LeasedTensor) and type(leased["y"]) is torch.Tensor
+    assert type(leased["x"] * 2) is torch.Tensor and float((leased["x"] * 2).sum()) == 12.0
+    busy = pool.empty((2, 3), torch.float32)  # the leased block is busy until freed where it is sent
+    assert busy.data_ptr() != block.data_ptr() and pool.allocated == 2
+    failed = BatchPool(blocks=1)
+    first = failed.empty((2, 3), torch.float32)
+    failed.give_back()  # a collator that raised: its block was never leased
+    assert failed.empty((2, 3), torch.float32).data_ptr() == first.data_ptr() and failed.reused == 1
