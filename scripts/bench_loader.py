@@ -3,7 +3,8 @@ images against a plain `transformers.Trainer` fed by the standard torchvision pi
 flip + `ToTensor` + `Normalize` via `set_transform`, the same interpolation), `dataloader_num_workers` 0 and 2, side by
 side in one run, each to float pixels, and the loaders a GPU run can use: uint8 batches, normalised on the device,
 and ``replay_on_device`` (the workers hand over JPEG bytes, the device decodes and renders; on a CPU only the
-workers' part is timed, ``--device cuda`` times the whole). The reinforced copy stores the paper's N=400 samples per
+workers' part is timed, ``--device cuda`` times the whole), and, with workers, the loader writing every batch into
+fresh shared memory as ``default_collate`` does (what the workers' recycled blocks, ``dr_hf.batch_memory``, save). The reinforced copy stores the paper's N=400 samples per
 image (its teacher, a 1-layer ViT, only fills the columns), so each row carries what a real ImageNet+ row carries.
 
     python scripts/bench_loader.py                 # -> results/bench_loader.md
@@ -22,9 +23,24 @@ from bench_render import tiny_vit  # noqa: E402  (scripts/)
 from results_md import write_markdown  # noqa: E402  (scripts/)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+FRESH = "ReinforcedTrainer, fresh shared memory a batch (no BatchPool)"
 UINT8 = "ReinforcedTrainer, uint8_pixels=True (loader only)"
 ON_DEVICE = "ReinforcedTrainer, replay_on_device=True"
 sys.path.insert(0, ROOT)
+
+
+class FreshBlocks:
+    """A collator whose worker writes every batch into fresh shared memory, as before dr_hf.batch_memory (and as
+    ``default_collate`` does): what recycling the blocks saves."""
+
+    def __init__(self, collator):
+        self.collator = collator
+
+    def __call__(self, examples):
+        from dr_hf.batch_memory import worker_pool
+
+        worker_pool().blocks = 0
+        return self.collator(examples)
 
 
 def main():
@@ -32,7 +48,7 @@ def main():
     ap.add_argument("--dataset", default=os.path.join(ROOT, "..", "shared", "datasets", "imagenet-sample"))
     ap.add_argument("--rows", type=int, default=256)
     ap.add_argument("--repeat", type=int, default=4, help="times each image is read per epoch")
-    ap.add_argument("--epochs", type=int, default=3, help="alternating epochs per loader (best counts)")
+    ap.add_argument("--epochs", type=int, default=5, help="alternating epochs per loader (best counts)")
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--interpolation", default="bilinear")
     ap.add_argument("--num-samples", type=int, default=400, help="N stored per image (the paper's 400)")
@@ -88,11 +104,14 @@ def main():
                     interpolation=args.interpolation, **common, **kw), train_dataset=plus)
 
             float_batches, uint8_batches, on_device = trainer(), trainer(uint8_pixels=True), trainer(replay_on_device=True)
+            fresh = trainer()
+            fresh.data_collator = FreshBlocks(fresh.train_collator)
             loaders = {  # (loader, what a batch's images are counted from)
                 "plain Trainer + torchvision": (Trainer(
                     model=model, args=TrainingArguments(os.path.join(tmp, "p"), **common), train_dataset=plain,
                     data_collator=collate).get_train_dataloader(), lambda batch: batch["pixel_values"]),
                 "ReinforcedTrainer": (float_batches.get_train_dataloader(), float_batches.pixel_values),
+                **({FRESH: (fresh.get_train_dataloader(), fresh.pixel_values)} if workers else {}),
                 UINT8: (uint8_batches.get_train_dataloader(), lambda batch: batch["pixel_values"]),
                 ON_DEVICE: (on_device.get_train_dataloader(), on_device.pixel_values if cuda else lambda batch: batch["labels"]),
             }
@@ -131,6 +150,9 @@ def main():
         ratio = rates[("ReinforcedTrainer", w)] / rates[("plain Trainer + torchvision", w)]
         lines.append(f"\nReinforcedTrainer / plain torchvision with {w} workers: **{ratio:.2f}x** (goal >= 1.5x); with "
                      f"uint8 batches as on a GPU: {rates[(UINT8, w)] / rates[('plain Trainer + torchvision', w)]:.2f}x")
+    lines += ["", f"`{FRESH}`: each worker writes every batch into fresh shared memory, as `default_collate` does "
+              f"and dr-hf did before `dr_hf.batch_memory`; the pooled blocks (the `ReinforcedTrainer` row) deliver "
+              f"{rates[('ReinforcedTrainer', 2)] / rates[(FRESH, 2)]:.2f}x its images/s."]
     lines += ["", f"`{UINT8}`: the loader alone, as a GPU run uses it (the default there): batches leave the workers as "
               "uint8 and the trainer normalises them on the GPU, which this CPU cannot show; on a CPU the default "
               "is float batches, normalised in the workers (the `ReinforcedTrainer` rows)."]
