@@ -732,17 +732,13 @@ def normalise_pixels(pixels: torch.Tensor, out: InputSpec, pipeline: "AugmentPip
     return y
 
 
-def empty_batch(n: int, size: Sequence[int], dtype: torch.dtype = torch.float32, device=None,
-                shared: bool = False) -> torch.Tensor:
+def empty_batch(n: int, size: Sequence[int], dtype: torch.dtype = torch.float32, device=None) -> torch.Tensor:
     """An (n, 3, H, W) batch to render into: channels-last on the CPU, the layout of its crops (no repacking),
-    contiguous elsewhere. ``shared``: in shared memory, as ``default_collate`` allocates in DataLoader workers, so
-    the batch crosses into the training process without another copy."""
+    contiguous elsewhere (a DataLoader worker's collator takes it from :mod:`dr_hf.batch_memory`)."""
     if torch.device(device or "cpu").type != "cpu":
         return torch.empty((n, 3, *size), dtype=dtype, device=device)
     height, width = size
-    if not shared:
-        return torch.empty((n, height, width, 3), dtype=dtype).permute(0, 3, 1, 2)
-    return shared_empty((n, height, width, 3), dtype).permute(0, 3, 1, 2)
+    return torch.empty((n, height, width, 3), dtype=dtype).permute(0, 3, 1, 2)
 
 
 def shared_empty(size: Sequence[int], dtype: torch.dtype) -> torch.Tensor:

@@ -2,9 +2,9 @@
 
 A worker hands each batch to the training process in shared memory; ``default_collate`` (and, before this module,
 dr-hf's collators) allocate it afresh for every batch, and a fresh shared-memory block costs the worker a page fault
-and a zeroed page for every 4 KiB it writes: 13.7 ms of a float batch of 32 images at 224 px on this project's
-machine, about a sixth of what a worker spends replaying it (``python scripts/bench_loader.py``). A
-:class:`BatchPool` keeps a few blocks per worker and writes each new batch into one the training process has let go.
+and a zeroed page for every 4 KiB it writes. A :class:`BatchPool` keeps a few blocks per worker and writes each new
+batch into one the training process has let go: 2 workers hand over 3.2x the empty float batches of 32 x 224 px
+(``python scripts/bench_rows.py``), and replay 1.24x the images/s (``python scripts/bench_loader.py``).
 
 How a block comes back: the worker marks it busy in a one-word flag of its own (shared memory) and sends the batch
 tensor made a :class:`LeasedTensor`. Unpickled in the training process, the lease is the plain tensor again, and a

@@ -2,7 +2,8 @@
 
 * a row at the paper's N=400 as `datasets` returns it (every stored value a Python object) against `ReplayRows`
   (Arrow, only the replayed sample converted), map-style and streamed (one-row Arrow tables through `rows_of`);
-* what a 2-worker DataLoader alone can hand over: empty 32 x 3 x 224 x 224 batches, float32 and uint8.
+* what a 2-worker DataLoader alone can hand over: empty 32 x 3 x 224 x 224 batches, float32 and uint8, copied into
+  shared memory when pickled, written there directly, and written into blocks the workers recycle.
 
     python scripts/bench_rows.py            # -> results/bench_rows.md
 """
@@ -41,10 +42,18 @@ def _empty_uint8(indices):
     return torch.ones(len(indices), 3, 224, 224, dtype=torch.uint8)
 
 
-def _shared_float(indices):  # as dr-hf's collator allocates in a worker: in shared memory, channels-last
-    from dr_hf.augment import empty_batch
+def _shared_float(indices):  # fresh shared memory for each batch (channels-last), as default_collate allocates
+    from dr_hf.augment import shared_empty
 
-    return empty_batch(len(indices), (224, 224), torch.float32, shared=True).fill_(1.0)
+    return shared_empty((len(indices), 224, 224, 3), torch.float32).permute(0, 3, 1, 2).fill_(1.0)
+
+
+def _recycled_float(indices):  # as dr-hf's collators in a worker: a pooled block the training process has freed
+    from dr_hf.batch_memory import worker_pool
+
+    pool = worker_pool()
+    batch = pool.empty((len(indices), 224, 224, 3), torch.float32).permute(0, 3, 1, 2).fill_(1.0)
+    return pool.lease({"pixel_values": batch})["pixel_values"]
 
 
 def per_row_ms(fn, n, repeats=3):
@@ -107,7 +116,8 @@ def main():
         }
     handoff = {}
     for name, collate in (("float32", _empty_float), ("uint8", _empty_uint8),
-                          ("float32, allocated in shared memory (dr-hf's collator)", _shared_float)):
+                          ("float32, allocated in fresh shared memory", _shared_float),
+                          ("float32, recycled shared blocks (dr-hf's collators, `dr_hf.batch_memory`)", _recycled_float)):
         loader = torch.utils.data.DataLoader(_Indices(2048), batch_size=32, num_workers=2, collate_fn=collate)
         best = 0.0
         for _ in range(2):
