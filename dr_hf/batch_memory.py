@@ -11,6 +11,9 @@ tensor made a :class:`LeasedTensor`. Unpickled in the training process, the leas
 finalizer on its storage clears the flag when that storage is freed: when no tensor, view or autograd record in the
 training process uses the memory any more. A block whose flag is still set is never written; when every pooled
 block is busy, the worker falls back to a fresh block, so recycling never waits and never loses a batch.
+
+What the training process frees is all the worker can see: code that hands a batch tensor on to yet another process
+(``torch.multiprocessing``, which shares the memory itself rather than copying it) must hand over a clone.
 """
 
 from __future__ import annotations
