@@ -741,13 +741,6 @@ def empty_batch(n: int, size: Sequence[int], dtype: torch.dtype = torch.float32,
     return torch.empty((n, height, width, 3), dtype=dtype).permute(0, 3, 1, 2)
 
 
-def shared_empty(size: Sequence[int], dtype: torch.dtype) -> torch.Tensor:
-    """An uninitialised contiguous CPU tensor in shared memory, as ``default_collate`` allocates in DataLoader
-    workers: it crosses into the training process without another copy."""
-    storage = torch.UntypedStorage._new_shared(math.prod(size) * dtype.itemsize)
-    return torch.empty(0, dtype=dtype).set_(storage, 0, tuple(size))
-
-
 _NORMALISATION: Dict[Tuple, Tuple[torch.Tensor, torch.Tensor]] = {}
 
 

@@ -4,11 +4,12 @@ A worker hands each batch to the training process in shared memory; ``default_co
 dr-hf's collators) allocate it afresh for every batch, and a fresh shared-memory block costs the worker a page fault
 and a zeroed page for every 4 KiB it writes. A :class:`BatchPool` keeps a few blocks per worker and writes each new
 batch into one the training process has let go: 2 workers hand over 3.2x the empty float batches of 32 x 224 px
-(``python scripts/bench_rows.py``), and replay 1.24x the images/s (``python scripts/bench_loader.py``).
+(``python scripts/bench_rows.py``), and replay 1.15x the images/s, 1.33x with ``replay_on_device``'s JPEG bytes
+(``python scripts/bench_loader.py``).
 
 How a block comes back: the worker marks it busy in a one-word flag of its own (shared memory) and sends the batch
-tensor made a :class:`LeasedTensor`. Unpickled in the training process, the lease is the plain tensor again, and a
-finalizer on its storage clears the flag when that storage is freed: when no tensor, view or autograd record in the
+tensor as a :class:`LeasedTensor`, which arrives in the training process as a plain tensor again, with a finalizer
+on its storage that clears the flag when that storage is freed: when no tensor, view or autograd record in the
 training process uses the memory any more. A block whose flag is still set is never written; when every pooled
 block is busy, the worker falls back to a fresh block, so recycling never waits and never loses a batch.
 
@@ -18,15 +19,21 @@ What the training process frees is all the worker can see: code that hands a bat
 
 from __future__ import annotations
 
+import math
 import os
 import weakref
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
-from .augment import shared_empty
-
 _BUSY = 1
+
+
+def shared_empty(size: Sequence[int], dtype: torch.dtype) -> torch.Tensor:
+    """An uninitialised contiguous CPU tensor in shared memory, as ``default_collate`` allocates in DataLoader
+    workers: it crosses into the training process without another copy."""
+    storage = torch.UntypedStorage._new_shared(math.prod(size) * dtype.itemsize)
+    return torch.empty(0, dtype=dtype).set_(storage, 0, tuple(size))
 
 
 def _arrive(tensor: torch.Tensor, flag: Optional[torch.Tensor]) -> torch.Tensor:
@@ -82,21 +89,41 @@ class BatchPool:
             return self._lend(*pool[-1])
         return shared_empty(size, dtype)  # every block busy: a fresh one, freed as default_collate's are
 
+    def empty_bytes(self, n: int) -> torch.Tensor:
+        """``n`` uninitialised bytes (uint8) in shared memory, the front of a free pooled block at least that large
+        (blocks grow to fit: a free block too small is replaced), else of a fresh one."""
+        pool = self._pool.setdefault(("bytes",), [])
+        free = [k for k, (block, flag) in enumerate(pool) if flag.item() != _BUSY]
+        fits = [k for k in free if pool[k][0].numel() >= n]
+        if fits:
+            self.reused += 1
+            return self._lend(*pool[fits[0]])[:n]
+        self.allocated += 1
+        grown = (shared_empty((max(n + n // 4, 1 << 20),), torch.uint8), shared_empty((1,), torch.int32))
+        if free:  # too small: replaced by a larger one
+            pool[free[0]] = grown
+        elif len(pool) < self.blocks:
+            pool.append(grown)
+        else:
+            return shared_empty((n,), torch.uint8)
+        return self._lend(*grown)[:n]
+
     def _lend(self, block: torch.Tensor, flag: torch.Tensor) -> torch.Tensor:
         flag.fill_(_BUSY)
         self._lent[block.data_ptr()] = flag
         return block
 
+    def leased(self, value: Any) -> Any:
+        """A tensor on a block lent by :meth:`empty` or :meth:`empty_bytes` (the block or a view of it) as a
+        :class:`LeasedTensor`, so that the block comes back when the training process frees it; anything else as is."""
+        flag = None
+        if isinstance(value, torch.Tensor) and value.device.type == "cpu":
+            flag = self._lent.pop(value.untyped_storage().data_ptr(), None)
+        return value if flag is None else LeasedTensor.of(value, flag)
+
     def lease(self, batch: Dict[str, Any]) -> Dict[str, Any]:
-        """``batch`` to return from a collator: the values that share a block lent by :meth:`empty` (the block or
-        a view of it) made a :class:`LeasedTensor`, so that the block comes back when the training process frees it."""
-        out = {}
-        for name, value in batch.items():
-            flag = None
-            if isinstance(value, torch.Tensor) and value.device.type == "cpu":
-                flag = self._lent.pop(value.untyped_storage().data_ptr(), None)
-            out[name] = value if flag is None else LeasedTensor.of(value, flag)
-        return out
+        """``batch`` to return from a collator, each value :meth:`leased`."""
+        return {name: self.leased(value) for name, value in batch.items()}
 
     def give_back(self) -> None:
         """Blocks lent but not leased (a collator that failed midway): free for the next batch."""

@@ -43,7 +43,7 @@ def _empty_uint8(indices):
 
 
 def _shared_float(indices):  # fresh shared memory for each batch (channels-last), as default_collate allocates
-    from dr_hf.augment import shared_empty
+    from dr_hf.batch_memory import shared_empty
 
     return shared_empty((len(indices), 224, 224, 3), torch.float32).permute(0, 3, 1, 2).fill_(1.0)
 

@@ -67,3 +67,19 @@ def test_leased_tensors_are_tensors_in_the_worker_and_blocks_come_back_from_fail
     first = failed.empty((2, 3), torch.float32)
     failed.give_back()  # a collator that raised: its block was never leased
     assert failed.empty((2, 3), torch.float32).data_ptr() == first.data_ptr() and failed.reused == 1
+
+
+def test_byte_blocks_grow_to_fit_and_are_reused_when_free():
+    pool = BatchPool(blocks=1)
+    small = pool.empty_bytes(100)
+    assert small.numel() == 100 and small.dtype == torch.uint8 and small.is_shared()
+    pool.give_back()
+    fits = pool.empty_bytes(1000)  # the same block: it was made with room to spare
+    assert fits.numel() == 1000 and fits.data_ptr() == small.data_ptr() and pool.reused == 1
+    pool.give_back()
+    large = pool.empty_bytes(3 << 20)  # the free block is too small: replaced by a larger one
+    assert large.numel() == 3 << 20 and large.data_ptr() != small.data_ptr() and pool.allocated == 2
+    assert isinstance(pool.leased(large), LeasedTensor)  # on its way to the training process: busy
+    spare = pool.empty_bytes(10)  # the one block is busy: a fresh one, not pooled
+    assert spare.data_ptr() != large.data_ptr() and pool.allocated == 3
+    assert type(pool.leased(spare)) is torch.Tensor
