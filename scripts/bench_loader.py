@@ -4,7 +4,8 @@ flip + `ToTensor` + `Normalize` via `set_transform`, the same interpolation), `d
 side in one run, each to float pixels, and the loaders a GPU run can use: uint8 batches, normalised on the device,
 and ``replay_on_device`` (the workers hand over JPEG bytes, the device decodes and renders; on a CPU only the
 workers' part is timed, ``--device cuda`` times the whole), and, with workers, the loader writing every batch into
-fresh shared memory as ``default_collate`` does (what the workers' recycled blocks, ``dr_hf.batch_memory``, save). The reinforced copy stores the paper's N=400 samples per
+fresh shared memory as ``default_collate`` does, float batches and ``replay_on_device``'s JPEG bytes (what the
+workers' recycled blocks, ``dr_hf.batch_memory``, save). The reinforced copy stores the paper's N=400 samples per
 image (its teacher, a 1-layer ViT, only fills the columns), so each row carries what a real ImageNet+ row carries.
 
     python scripts/bench_loader.py                 # -> results/bench_loader.md
@@ -24,6 +25,7 @@ from results_md import write_markdown  # noqa: E402  (scripts/)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FRESH = "ReinforcedTrainer, fresh shared memory a batch (no BatchPool)"
+FRESH_ON_DEVICE = "ReinforcedTrainer, replay_on_device=True, fresh shared memory a batch"
 UINT8 = "ReinforcedTrainer, uint8_pixels=True (loader only)"
 ON_DEVICE = "ReinforcedTrainer, replay_on_device=True"
 sys.path.insert(0, ROOT)
@@ -104,8 +106,9 @@ def main():
                     interpolation=args.interpolation, **common, **kw), train_dataset=plus)
 
             float_batches, uint8_batches, on_device = trainer(), trainer(uint8_pixels=True), trainer(replay_on_device=True)
-            fresh = trainer()
-            fresh.data_collator = FreshBlocks(fresh.train_collator)
+            fresh, fresh_on_device = trainer(), trainer(replay_on_device=True)
+            for t in (fresh, fresh_on_device):
+                t.data_collator = FreshBlocks(t.train_collator)
             loaders = {  # (loader, what a batch's images are counted from)
                 "plain Trainer + torchvision": (Trainer(
                     model=model, args=TrainingArguments(os.path.join(tmp, "p"), **common), train_dataset=plain,
@@ -114,6 +117,8 @@ def main():
                 **({FRESH: (fresh.get_train_dataloader(), fresh.pixel_values)} if workers else {}),
                 UINT8: (uint8_batches.get_train_dataloader(), lambda batch: batch["pixel_values"]),
                 ON_DEVICE: (on_device.get_train_dataloader(), on_device.pixel_values if cuda else lambda batch: batch["labels"]),
+                **({FRESH_ON_DEVICE: (fresh_on_device.get_train_dataloader(), fresh_on_device.pixel_values if cuda
+                                      else lambda batch: batch["labels"])} if workers else {}),
             }
             for name in loaders:
                 rates[(name, workers)] = whole_epoch[(name, workers)] = 0.0
@@ -152,7 +157,8 @@ def main():
                      f"uint8 batches as on a GPU: {rates[(UINT8, w)] / rates[('plain Trainer + torchvision', w)]:.2f}x")
     lines += ["", f"`{FRESH}`: each worker writes every batch into fresh shared memory, as `default_collate` does "
               f"and dr-hf did before `dr_hf.batch_memory`; the pooled blocks (the `ReinforcedTrainer` row) deliver "
-              f"{rates[('ReinforcedTrainer', 2)] / rates[(FRESH, 2)]:.2f}x its images/s."]
+              f"{rates[('ReinforcedTrainer', 2)] / rates[(FRESH, 2)]:.2f}x its images/s; with `replay_on_device` (the "
+              f"JPEG bytes in recycled blocks), {rates[(ON_DEVICE, 2)] / rates[(FRESH_ON_DEVICE, 2)]:.2f}x."]
     lines += ["", f"`{UINT8}`: the loader alone, as a GPU run uses it (the default there): batches leave the workers as "
               "uint8 and the trainer normalises them on the GPU, which this CPU cannot show; on a CPU the default "
               "is float batches, normalised in the workers (the `ReinforcedTrainer` rows)."]
