@@ -301,8 +301,7 @@ def test_streaming_ddp_processes_get_distinct_rows(tmp_path, reinforced):
 def test_decoding_and_replay_run_in_dataloader_workers(tmp_path, reinforced):
     _, _, folders = reinforced
     train = datasets.load_dataset(str(folders["rrc+flip"]), split="train")
-    trainer = ReinforcedTrainer(model=tiny_timm(), args=args(tmp_path, max_steps=4, dataloader_num_workers=2),
-                                train_dataset=train)
+    trainer = ReinforcedTrainer(model=tiny_timm(), args=args(tmp_path, dataloader_num_workers=2), train_dataset=train)
     loader = trainer.get_train_dataloader()
     assert loader.num_workers == 2
     batch = next(iter(loader))
@@ -314,8 +313,15 @@ def test_decoding_and_replay_run_in_dataloader_workers(tmp_path, reinforced):
         assert batch.pop("allocated_shared")
         here = trainer.train_collator(rows.__getitems__(list(range(8 * k, 8 * k + 8))))
         assert batch.keys() == here.keys() and all(torch.equal(batch[key], here[key]) for key in here)
-    trainer.train()
-    assert all(np.isfinite(losses(trainer)))
+    # training from the workers' recycled blocks (dr_hf.batch_memory), two batches held at once for each step: the
+    # losses of batches rendered in this process, loss for loss
+    runs = [ReinforcedTrainer(model=tiny_timm(), args=args(tmp_path, max_steps=4, dataloader_num_workers=w,
+                                                           gradient_accumulation_steps=2), train_dataset=train)
+            for w in (2, 0)]
+    for run in runs:
+        run.train()
+    assert len(losses(runs[0])) == 4 and all(np.isfinite(losses(runs[0])))
+    assert losses(runs[0]) == losses(runs[1])
 
 
 class SharedFlag:
