@@ -65,48 +65,35 @@ class LeasedTensor(torch.Tensor):
 
 
 class BatchPool:
-    """Up to ``blocks`` shared-memory blocks per (shape, dtype), reused once the training process has freed them."""
+    """Up to ``blocks`` shared-memory blocks, each reused once the training process has freed it."""
 
-    def __init__(self, blocks: int = 4):
+    def __init__(self, blocks: int = 8):
         if blocks < 0:
             raise ValueError(f"blocks must be >= 0, got {blocks}")
         self.blocks = blocks
         self.reused = self.allocated = 0  # blocks handed out again / afresh (pooled or not)
-        self._pool: Dict[Tuple, List[Tuple[torch.Tensor, torch.Tensor]]] = {}
+        self._pool: List[Tuple[torch.Tensor, torch.Tensor]] = []  # (uint8 block, its int32 flag)
         self._lent: Dict[int, torch.Tensor] = {}  # data_ptr of a block handed out by `empty` -> its flag
 
-    def empty(self, size: Sequence[int], dtype: torch.dtype) -> torch.Tensor:
-        """An uninitialised contiguous tensor in shared memory: a free pooled block, else a fresh one."""
-        key = (tuple(size), dtype)
-        pool = self._pool.setdefault(key, [])
-        for block, flag in pool:
-            if flag.item() != _BUSY:
-                self.reused += 1
-                return self._lend(block, flag)
-        self.allocated += 1
-        if len(pool) < self.blocks:
-            pool.append((shared_empty(size, dtype), shared_empty((1,), torch.int32)))
-            return self._lend(*pool[-1])
-        return shared_empty(size, dtype)  # every block busy: a fresh one, freed as default_collate's are
-
-    def empty_bytes(self, n: int) -> torch.Tensor:
-        """``n`` uninitialised bytes (uint8) in shared memory, the front of a free pooled block at least that large
-        (blocks grow to fit: a free block too small is replaced), else of a fresh one."""
-        pool = self._pool.setdefault(("bytes",), [])
-        free = [k for k, (block, flag) in enumerate(pool) if flag.item() != _BUSY]
-        fits = [k for k in free if pool[k][0].numel() >= n]
+    def empty(self, size: Sequence[int], dtype: torch.dtype = torch.uint8) -> torch.Tensor:
+        """An uninitialised contiguous tensor in shared memory: the front of the smallest free pooled block that
+        holds it, else of a new block (which replaces a free one too small, so that blocks grow to what a worker
+        sends), else, with every block busy, a fresh tensor outside the pool."""
+        n = math.prod(size) * dtype.itemsize
+        free = [k for k, (_, flag) in enumerate(self._pool) if flag.item() != _BUSY]
+        fits = [k for k in free if self._pool[k][0].numel() >= n]
         if fits:
             self.reused += 1
-            return self._lend(*pool[fits[0]])[:n]
-        self.allocated += 1
-        grown = (shared_empty((max(n + n // 4, 1 << 20),), torch.uint8), shared_empty((1,), torch.int32))
-        if free:  # too small: replaced by a larger one
-            pool[free[0]] = grown
-        elif len(pool) < self.blocks:
-            pool.append(grown)
+            k = min(fits, key=lambda k: self._pool[k][0].numel())
         else:
-            return shared_empty((n,), torch.uint8)
-        return self._lend(*grown)[:n]
+            self.allocated += 1
+            if not free and len(self._pool) >= self.blocks:
+                return shared_empty(size, dtype)
+            k = free[0] if free else len(self._pool)
+            self._pool[k:k + 1] = [(shared_empty((max(n + n // 8, 1 << 20),), torch.uint8),
+                                   shared_empty((1,), torch.int32))]
+        block, flag = self._pool[k]
+        return self._lend(block, flag)[:n].view(dtype).view(tuple(size))
 
     def _lend(self, block: torch.Tensor, flag: torch.Tensor) -> torch.Tensor:
         flag.fill_(_BUSY)
@@ -114,7 +101,7 @@ class BatchPool:
         return block
 
     def leased(self, value: Any) -> Any:
-        """A tensor on a block lent by :meth:`empty` or :meth:`empty_bytes` (the block or a view of it) as a
+        """A tensor on a block lent by :meth:`empty` (the block or a view of it) as a
         :class:`LeasedTensor`, so that the block comes back when the training process frees it; anything else as is."""
         flag = None
         if isinstance(value, torch.Tensor) and value.device.type == "cpu":

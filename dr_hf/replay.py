@@ -68,7 +68,7 @@ class DeviceReplay:
         pool = worker_pool() if torch.utils.data.get_worker_info() is not None else None
         # in a worker: in shared memory, a block the training process has freed (dr_hf.batch_memory), so it reaches
         # the trainer uncopied
-        data = torch.empty(total, dtype=torch.uint8) if pool is None else pool.empty_bytes(total)
+        data = torch.empty(total, dtype=torch.uint8) if pool is None else pool.empty((total,))
         flat = data.numpy()
         for part, offset, size in zip(parts, offsets, sizes):
             flat[offset:offset + size] = np.frombuffer(part, dtype=np.uint8) if isinstance(part, bytes) else part.reshape(-1)

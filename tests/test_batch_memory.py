@@ -69,17 +69,23 @@ def test_leased_tensors_are_tensors_in_the_worker_and_blocks_come_back_from_fail
     assert failed.empty((2, 3), torch.float32).data_ptr() == first.data_ptr() and failed.reused == 1
 
 
-def test_byte_blocks_grow_to_fit_and_are_reused_when_free():
-    pool = BatchPool(blocks=1)
-    small = pool.empty_bytes(100)
+def test_blocks_grow_to_fit_and_the_smallest_free_one_that_holds_a_batch_is_reused():
+    pool = BatchPool(blocks=2)
+    small = pool.empty((100,))
     assert small.numel() == 100 and small.dtype == torch.uint8 and small.is_shared()
+    large = pool.empty((3 << 20,))  # the first block is lent: a second one
+    assert large.data_ptr() != small.data_ptr() and pool.allocated == 2
     pool.give_back()
-    fits = pool.empty_bytes(1000)  # the same block: it was made with room to spare
-    assert fits.numel() == 1000 and fits.data_ptr() == small.data_ptr() and pool.reused == 1
+    floats = pool.empty((4, 1000), torch.float32)  # 16,000 bytes: the smaller block holds them
+    assert floats.shape == (4, 1000) and floats.data_ptr() == small.data_ptr() and pool.reused == 1
     pool.give_back()
-    large = pool.empty_bytes(3 << 20)  # the free block is too small: replaced by a larger one
-    assert large.numel() == 3 << 20 and large.data_ptr() != small.data_ptr() and pool.allocated == 2
-    assert isinstance(pool.leased(large), LeasedTensor)  # on its way to the training process: busy
-    spare = pool.empty_bytes(10)  # the one block is busy: a fresh one, not pooled
-    assert spare.data_ptr() != large.data_ptr() and pool.allocated == 3
+    larger = pool.empty((4 << 20,))  # no free block holds it: a free one too small is replaced
+    assert larger.numel() == 4 << 20 and pool.allocated == 3
+    assert larger.data_ptr() not in (small.data_ptr(), large.data_ptr())
+    assert isinstance(pool.leased(larger), LeasedTensor)  # on its way to the training process: busy
+    again = pool.empty((3 << 20,))  # the other block is free and holds it
+    assert again.data_ptr() == large.data_ptr() and pool.reused == 2
+    pool.leased(again)
+    spare = pool.empty((10,))  # every block busy: a fresh tensor outside the pool
+    assert spare.data_ptr() not in (larger.data_ptr(), large.data_ptr()) and pool.allocated == 4
     assert type(pool.leased(spare)) is torch.Tensor
