@@ -3,8 +3,8 @@
 A worker hands each batch to the training process in shared memory; ``default_collate`` (and, before this module,
 dr-hf's collators) allocate it afresh for every batch, and a fresh shared-memory block costs the worker a page fault
 and a zeroed page for every 4 KiB it writes. A :class:`BatchPool` keeps a few blocks per worker and writes each new
-batch into one the training process has let go: 2 workers hand over 3.2x the empty float batches of 32 x 224 px
-(``python scripts/bench_rows.py``), and replay 1.15x the images/s, 1.33x with ``replay_on_device``'s JPEG bytes
+batch into one the training process has let go: 2 workers hand over 2.7x the empty float batches of 32 x 224 px
+(``python scripts/bench_rows.py``), and replay 1.17x the images/s, 1.22x with ``replay_on_device``'s JPEG bytes
 (``python scripts/bench_loader.py``).
 
 How a block comes back: the worker marks it busy in a one-word flag of its own (shared memory) and sends the batch

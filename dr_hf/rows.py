@@ -1,7 +1,7 @@
 """Replay rows: a reinforced map-style dataset read as Arrow, converting only the samples a collator replays.
 
 At the paper's N=400 a row stores about 10,000 values (N crop boxes, flips, RandAugment ops, top-K ids and
-log-probabilities); ``datasets`` would turn every one into a Python object (1.7 ms a row map-style, 2.5 streamed, on
+log-probabilities); ``datasets`` would turn every one into a Python object (2.8 ms a row map-style, 2.5 streamed, on
 the machine of ``results/bench_rows.md``; ``scripts/bench_rows.py``), where a replay needs one sample of each column. :class:`ReplayRows` hands the collators rows whose
 reinforcement columns are :class:`Samples`: ``len()`` is N and ``[s]`` converts sample ``s`` alone; a stream is read
 as one-row Arrow tables (``IterableDataset.with_format("arrow")``), which the collators turn into rows with
