@@ -734,7 +734,7 @@ def normalise_pixels(pixels: torch.Tensor, out: InputSpec, pipeline: "AugmentPip
 
 def empty_batch(n: int, size: Sequence[int], dtype: torch.dtype = torch.float32, device=None) -> torch.Tensor:
     """An (n, 3, H, W) batch to render into: channels-last on the CPU, the layout of its crops (no repacking),
-    contiguous elsewhere (a DataLoader worker's collator takes it from :mod:`dr_hf.batch_memory`)."""
+    contiguous elsewhere (in a DataLoader worker the collators allocate this layout from :mod:`dr_hf.batch_memory`)."""
     if torch.device(device or "cpu").type != "cpu":
         return torch.empty((n, 3, *size), dtype=dtype, device=device)
     height, width = size

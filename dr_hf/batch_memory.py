@@ -128,3 +128,22 @@ def worker_pool() -> BatchPool:
     if _POOL is None or _POOL[0] != os.getpid():
         _POOL = (os.getpid(), BatchPool())
     return _POOL[1]
+
+
+def in_worker() -> bool:
+    """Whether this process is a DataLoader worker, whose batches cross into the training process."""
+    return torch.utils.data.get_worker_info() is not None
+
+
+def batch_empty(size: Sequence[int], dtype: torch.dtype = torch.uint8) -> torch.Tensor:
+    """An uninitialised contiguous CPU tensor to collate a batch into: in a DataLoader worker, from its pool (shared
+    memory, recycled; hand the batch over through :func:`handed_over`), elsewhere plain memory."""
+    return worker_pool().empty(size, dtype) if in_worker() else torch.empty(tuple(size), dtype=dtype)
+
+
+def handed_over(batch: Any) -> Any:
+    """A batch (a dict of values, or one tensor) as a collator returns it: in a DataLoader worker, the tensors on its
+    pool's blocks leased to the training process (:meth:`BatchPool.lease`); elsewhere as is."""
+    if not in_worker():
+        return batch
+    return worker_pool().lease(batch) if isinstance(batch, dict) else worker_pool().leased(batch)

@@ -23,8 +23,8 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from .augment import AugmentPipeline, Context, empty_batch, make_pipeline, params_at
-from .batch_memory import worker_pool
+from .augment import AugmentPipeline, Context, make_pipeline, params_at
+from .batch_memory import batch_empty, handed_over, in_worker, worker_pool
 from .format import DR_INDEX, DR_PARAMS, DR_TOPK_INDICES, DR_TOPK_LOGPROBS, missing_columns
 from .images import EncodedJpeg, decode, decode_later, image_size
 from .inputs import InputSpec
@@ -56,23 +56,12 @@ def _rows(example) -> List[Dict[str, Any]]:
     return [example]
 
 
-def _in_worker() -> bool:
-    return torch.utils.data.get_worker_info() is not None
-
-
 def _batch(n: int, size: Sequence[int], dtype: torch.dtype) -> torch.Tensor:
-    """A collated image batch (:func:`~dr_hf.augment.empty_batch`: channels-last); in a DataLoader worker in shared
-    memory, so it reaches the training process without another copy, from the worker's
-    :class:`~dr_hf.batch_memory.BatchPool` (a block the training process has freed, not a fresh one)."""
-    if not _in_worker():
-        return empty_batch(n, size, dtype)
+    """A collated image batch, channels-last (:func:`~dr_hf.augment.empty_batch`'s layout); in a DataLoader worker
+    in shared memory, so it reaches the training process without another copy, in a block the training process has
+    freed (:func:`~dr_hf.batch_memory.batch_empty`)."""
     height, width = size
-    return worker_pool().empty((n, height, width, 3), dtype).permute(0, 3, 1, 2)
-
-
-def _handed_over(batch: Dict[str, Any]) -> Dict[str, Any]:
-    """A collator's batch as it leaves: in a DataLoader worker, its pooled blocks leased to the training process."""
-    return worker_pool().lease(batch) if _in_worker() else batch
+    return batch_empty((n, height, width, 3), dtype).permute(0, 3, 1, 2)
 
 
 def _stacked(views: Sequence[torch.Tensor]) -> torch.Tensor:
@@ -150,7 +139,7 @@ class _Collator:
         batch: Dict[str, torch.Tensor] = {"pixel_values": pixel_values, **self.targets(examples)}
         for o in range(len(self.teacher_outputs)):
             batch[f"teacher_pixel_values_{o}"] = _stacked([e.views[o + 1] for e in examples])
-        return _handed_over(batch)
+        return handed_over(batch)
 
     @staticmethod
     def targets(examples: List[Example]) -> Dict[str, torch.Tensor]:
@@ -333,7 +322,7 @@ class ReinforcedCollator(_Collator):
         try:
             examples = [e for part in _map(group, range(len(groups))) for e in part]
         except BaseException:
-            if _in_worker():  # the batch's block goes back to the pool: nothing will lease it
+            if in_worker():  # the batch's block goes back to the pool: nothing will lease it
                 worker_pool().give_back()
             raise
         return self.collate(examples, pixel_values)

@@ -21,7 +21,7 @@ import torch
 
 from .ahead import computed_ahead
 from .augment import AugmentPipeline
-from .batch_memory import worker_pool
+from .batch_memory import batch_empty, handed_over
 from .images import EncodedJpeg, decode_jpegs, image_size
 from .inputs import InputSpec
 
@@ -65,15 +65,11 @@ class DeviceReplay:
         sizes = np.array([len(p) if isinstance(p, bytes) else p.nbytes for p in parts], dtype=np.int64)
         offsets = np.concatenate([[0], np.cumsum(sizes)[:-1]]).astype(np.int64)
         total = int(sizes.sum())
-        pool = worker_pool() if torch.utils.data.get_worker_info() is not None else None
-        # in a worker: in shared memory, a block the training process has freed (dr_hf.batch_memory), so it reaches
-        # the trainer uncopied
-        data = torch.empty(total, dtype=torch.uint8) if pool is None else pool.empty((total,))
+        data = batch_empty((total,))  # in a worker: in shared memory, so it reaches the trainer uncopied
         flat = data.numpy()
         for part, offset, size in zip(parts, offsets, sizes):
             flat[offset:offset + size] = np.frombuffer(part, dtype=np.uint8) if isinstance(part, bytes) else part.reshape(-1)
-        if pool is not None:
-            data = pool.leased(data)
+        data = handed_over(data)
         shapes = np.array([image_size(s) for s in sources], dtype=np.int64).reshape(-1, 2)
         names = list(views[0]) if views else []
         return cls(data=data, spans=np.concatenate([offsets[:, None], sizes[:, None], shapes], axis=1),
