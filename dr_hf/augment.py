@@ -732,13 +732,16 @@ def normalise_pixels(pixels: torch.Tensor, out: InputSpec, pipeline: "AugmentPip
     return y
 
 
-def empty_batch(n: int, size: Sequence[int], dtype: torch.dtype = torch.float32, device=None) -> torch.Tensor:
+def empty_batch(n: int, size: Sequence[int], dtype: torch.dtype = torch.float32, device=None,
+                allocate: Optional[Callable[[Sequence[int], torch.dtype], torch.Tensor]] = None) -> torch.Tensor:
     """An (n, 3, H, W) batch to render into: channels-last on the CPU, the layout of its crops (no repacking),
-    contiguous elsewhere (in a DataLoader worker the collators allocate this layout from :mod:`dr_hf.batch_memory`)."""
+    contiguous elsewhere. ``allocate(size, dtype)``: where CPU memory comes from (the collators':
+    :func:`~dr_hf.batch_memory.batch_empty`, a DataLoader worker's recycled shared memory)."""
     if torch.device(device or "cpu").type != "cpu":
         return torch.empty((n, 3, *size), dtype=dtype, device=device)
     height, width = size
-    return torch.empty((n, height, width, 3), dtype=dtype).permute(0, 3, 1, 2)
+    shape = (n, height, width, 3)
+    return (torch.empty(shape, dtype=dtype) if allocate is None else allocate(shape, dtype)).permute(0, 3, 1, 2)
 
 
 _NORMALISATION: Dict[Tuple, Tuple[torch.Tensor, torch.Tensor]] = {}

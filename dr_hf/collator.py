@@ -23,7 +23,7 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from .augment import AugmentPipeline, Context, make_pipeline, params_at
+from .augment import AugmentPipeline, Context, empty_batch, make_pipeline, params_at
 from .batch_memory import batch_empty, handed_over, in_worker, worker_pool
 from .format import DR_INDEX, DR_PARAMS, DR_TOPK_INDICES, DR_TOPK_LOGPROBS, missing_columns
 from .images import EncodedJpeg, decode, decode_later, image_size
@@ -57,11 +57,10 @@ def _rows(example) -> List[Dict[str, Any]]:
 
 
 def _batch(n: int, size: Sequence[int], dtype: torch.dtype) -> torch.Tensor:
-    """A collated image batch, channels-last (:func:`~dr_hf.augment.empty_batch`'s layout); in a DataLoader worker
-    in shared memory, so it reaches the training process without another copy, in a block the training process has
-    freed (:func:`~dr_hf.batch_memory.batch_empty`)."""
-    height, width = size
-    return batch_empty((n, height, width, 3), dtype).permute(0, 3, 1, 2)
+    """A collated image batch (:func:`~dr_hf.augment.empty_batch`: channels-last); in a DataLoader worker in shared
+    memory, so it reaches the training process without another copy, in a block the training process has freed
+    (:func:`~dr_hf.batch_memory.batch_empty`)."""
+    return empty_batch(n, size, dtype, allocate=batch_empty)
 
 
 def _stacked(views: Sequence[torch.Tensor]) -> torch.Tensor:
