@@ -10,7 +10,8 @@ batch into one the training process has let go: 2 workers hand over 2.7x the emp
 How a block comes back: the worker marks it busy in a one-word flag of its own (shared memory) and sends the batch
 tensor as a :class:`LeasedTensor`, which arrives in the training process as a plain tensor again, with a finalizer
 on its storage that clears the flag when that storage is freed: when no tensor, view or autograd record in the
-training process uses the memory any more. A block whose flag is still set is never written; when every pooled
+training process uses the memory any more (in that process only: a forked copy of it freeing its copy releases
+nothing). A block whose flag is still set is never written; when every pooled
 block is busy, the worker falls back to a fresh block, so recycling never waits and never loses a batch.
 
 What the training process frees is all the worker can see: code that hands a batch tensor on to yet another process
@@ -42,9 +43,16 @@ def _arrive(tensor: torch.Tensor, flag: Optional[torch.Tensor]) -> torch.Tensor:
     if flag is None:
         return tensor
     word = flag.numpy()  # cleared without torch's dispatcher: finalizers run wherever the last reference goes
-    finalizer = weakref.finalize(tensor.untyped_storage(), word.fill, 0)
+    finalizer = weakref.finalize(tensor.untyped_storage(), _release, word, os.getpid())
     finalizer.atexit = False
     return tensor
+
+
+def _release(word, owner: int) -> None:
+    """Clear a block's flag, in the process that received the block only: a forked copy of it (which inherits the
+    storage and its finalizer) freeing its copy says nothing about the original's."""
+    if os.getpid() == owner:
+        word.fill(0)
 
 
 class LeasedTensor(torch.Tensor):

@@ -5,7 +5,7 @@ import gc
 
 import torch
 
-from dr_hf.batch_memory import BatchPool, LeasedTensor, worker_pool
+from dr_hf.batch_memory import BatchPool, LeasedTensor, _arrive, shared_empty, worker_pool
 
 SIZE = (4, 1024)  # 16 KiB: four pages a block
 
@@ -89,3 +89,25 @@ def test_blocks_grow_to_fit_and_the_smallest_free_one_that_holds_a_batch_is_reus
     spare = pool.empty((10,))  # every block busy: a fresh tensor outside the pool
     assert spare.data_ptr() not in (larger.data_ptr(), large.data_ptr()) and pool.allocated == 4
     assert type(pool.leased(spare)) is torch.Tensor
+
+
+
+HELD = []
+
+
+def _drop_held():
+    HELD.clear()
+    gc.collect()
+
+
+def test_a_forked_copy_of_the_training_process_freeing_a_batch_does_not_release_it():
+    import multiprocessing
+
+    flag = shared_empty((1,), torch.int32).fill_(1)  # a worker's block, busy
+    HELD.append(_arrive(torch.zeros(4), flag))  # the batch as it arrives in the training process (unpickled)
+    child = multiprocessing.get_context("fork").Process(target=_drop_held)  # a copy of this process frees its copy
+    child.start()
+    child.join(60)
+    assert child.exitcode == 0 and int(flag) == 1  # still busy: this process holds the batch
+    HELD.clear()
+    assert int(flag) == 0  # freed here: the worker may write the block again
