@@ -37,11 +37,9 @@ def shared_empty(size: Sequence[int], dtype: torch.dtype) -> torch.Tensor:
     return torch.empty(0, dtype=dtype).set_(storage, 0, tuple(size))
 
 
-def _arrive(tensor: torch.Tensor, flag: Optional[torch.Tensor]) -> torch.Tensor:
+def _arrive(tensor: torch.Tensor, flag: torch.Tensor) -> torch.Tensor:
     """(In the training process, unpickling a :class:`LeasedTensor`.) The batch tensor, whose block is handed back to
     its worker's pool (the flag cleared) once its storage is freed here."""
-    if flag is None:
-        return tensor
     word = flag.numpy()  # cleared without torch's dispatcher: finalizers run wherever the last reference goes
     finalizer = weakref.finalize(tensor.untyped_storage(), _release, word, os.getpid())
     finalizer.atexit = False
@@ -69,7 +67,7 @@ class LeasedTensor(torch.Tensor):
         return leased
 
     def __reduce_ex__(self, protocol):
-        return _arrive, (self.as_subclass(torch.Tensor), getattr(self, "_dr_flag", None))
+        return _arrive, (self.as_subclass(torch.Tensor), self._dr_flag)
 
 
 class BatchPool:
