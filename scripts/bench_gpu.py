@@ -78,6 +78,8 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--dataset", default=os.path.join(ROOT, "..", "shared", "datasets", "imagenet-sample"))
     ap.add_argument("--rows", type=int, default=256, help="rows of the timed job (the dataset repeated if smaller)")
+    ap.add_argument("--gpu-repeat", type=int, default=4,
+                    help="the GPU job variants run on the rows this many times over (a shard long enough to time)")
     ap.add_argument("--num-samples", type=int, default=64)
     ap.add_argument("--weights", default=None, help="tf_efficientnet_lite0 weights (safetensors); default: random")
     ap.add_argument("--out", default=os.path.join(ROOT, "results", "bench_gpu.md"))
@@ -221,9 +223,10 @@ def main():
     from dr_hf.reinforce import default_prepare_threads
 
     threads = default_prepare_threads(bf16)
-    variants = (("gpu_batched_inline", device, "batched", 0, args.rows, bf16),
-                ("gpu_batched_threads", device, "batched", threads, args.rows, bf16),
-                ("gpu_batched_threads_compiled", device, "batched", threads, args.rows, compiled),
+    gpu_rows = args.rows * args.gpu_repeat
+    variants = (("gpu_batched_inline", device, "batched", 0, gpu_rows, bf16),
+                ("gpu_batched_threads", device, "batched", threads, gpu_rows, bf16),
+                ("gpu_batched_threads_compiled", device, "batched", threads, gpu_rows, compiled),
                 ("cpu_per_sample_threads", "cpu", "per-sample", threads, args.rows, bf16))
     for name, render_device, mode, prepare, count, ensemble in variants:
         config = ReinforceConfig(augment="imagenet+rrc", augmentations=make_pipeline("imagenet+rrc").config(),

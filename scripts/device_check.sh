@@ -14,6 +14,7 @@ cd "$(dirname "$0")/.."
 dataset=${1:?usage: device_check.sh DATASET [WHEELS]}
 out=${OUT:-results/gpu}
 mkdir -p "$out"
+exec > >(tee "$out/device_check.log") 2>&1  # the whole log comes back with the figures
 if [ -n "${2:-}" ]; then
   pip install -q --no-index --no-deps --target /tmp/site "$2"/*.whl
   export PYTHONPATH=/tmp/site:$PWD
@@ -24,7 +25,7 @@ fi
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader || true
 python -c "import torch, torchcodec; print('torch', torch.__version__, 'torchcodec', torchcodec.__version__)" \
   || echo "no torchcodec here: replay_on_device hands over decoded pixels instead of JPEG bytes"
-gpu=(--device cuda) loader=(--device cuda --epochs 2)
+gpu=(--device cuda) loader=(--device cuda --epochs 3)
 if [ "${DEVICE:-cuda}" = cpu ]; then  # DEVICE=cpu: a dry run of both steps (no figures worth reading)
   gpu=(--device cpu --rows 8) loader=(--device cpu --epochs 1 --repeat 1)
 fi
