@@ -105,8 +105,10 @@ def main():
                     os.path.join(tmp, "r"), image_size=224, image_mean=mean, image_std=std,
                     interpolation=args.interpolation, **common, **kw), train_dataset=plus)
 
-            float_batches, uint8_batches, on_device = trainer(), trainer(uint8_pixels=True), trainer(replay_on_device=True)
-            fresh, fresh_on_device = trainer(), trainer(replay_on_device=True)
+            # float batches normalised in the workers, named explicitly: on a GPU the default is uint8 (the UINT8 row)
+            float_batches, uint8_batches = trainer(uint8_pixels=False), trainer(uint8_pixels=True)
+            on_device = trainer(replay_on_device=True)
+            fresh, fresh_on_device = trainer(uint8_pixels=False), trainer(replay_on_device=True)
             for t in (fresh, fresh_on_device):
                 t.data_collator = FreshBlocks(t.train_collator)
             loaders = {  # (loader, what a batch's images are counted from)
@@ -115,7 +117,8 @@ def main():
                     data_collator=collate).get_train_dataloader(), lambda batch: batch["pixel_values"]),
                 "ReinforcedTrainer": (float_batches.get_train_dataloader(), float_batches.pixel_values),
                 **({FRESH: (fresh.get_train_dataloader(), fresh.pixel_values)} if workers else {}),
-                UINT8: (uint8_batches.get_train_dataloader(), lambda batch: batch["pixel_values"]),
+                UINT8: (uint8_batches.get_train_dataloader(), uint8_batches.pixel_values if cuda
+                        else lambda batch: batch["pixel_values"]),
                 ON_DEVICE: (on_device.get_train_dataloader(), on_device.pixel_values if cuda else lambda batch: batch["labels"]),
                 **({FRESH_ON_DEVICE: (fresh_on_device.get_train_dataloader(), fresh_on_device.pixel_values if cuda
                                       else lambda batch: batch["labels"])} if workers else {}),
@@ -159,17 +162,26 @@ def main():
               f"and dr-hf did before `dr_hf.batch_memory`; the pooled blocks (the `ReinforcedTrainer` row) deliver "
               f"{rates[('ReinforcedTrainer', 2)] / rates[(FRESH, 2)]:.2f}x its images/s; with `replay_on_device` (the "
               f"JPEG bytes in recycled blocks), {rates[(ON_DEVICE, 2)] / rates[(FRESH_ON_DEVICE, 2)]:.2f}x."]
-    lines += ["", f"`{UINT8}`: the loader alone, as a GPU run uses it (the default there): batches leave the workers as "
-              "uint8 and the trainer normalises them on the GPU, which this CPU cannot show; on a CPU the default "
-              "is float batches, normalised in the workers (the `ReinforcedTrainer` rows)."]
-    where = (f"on {torch.cuda.get_device_name()}, JPEGs decoded by nvJPEG" if cuda else
+    if cuda:
+        lines += ["", f"`{UINT8}`: batches leave the workers as uint8 and the trainer normalises them on "
+                  f"{torch.cuda.get_device_name()} (the default on a GPU); the `ReinforcedTrainer` rows are float "
+                  "batches normalised in the workers (`uint8_pixels=False`, the default on a CPU)."]
+    else:
+        lines += ["", f"`{UINT8}`: the loader alone, as a GPU run uses it (the default there): batches leave the workers "
+                  "as uint8 and the trainer normalises them on the GPU, which this CPU cannot show; on a CPU the "
+                  "default is float batches, normalised in the workers (the `ReinforcedTrainer` rows)."]
+    from dr_hf.images import _jpeg_decoder
+
+    decoder = ("JPEG bytes, decoded there by nvJPEG (TorchCodec)" if _jpeg_decoder() is not None else
+               "decoded pixels: no TorchCodec there, so the workers decode with PIL")
+    where = (f"on {torch.cuda.get_device_name()}, {decoder}" if cuda else
              "on this CPU's tensors (the same JPEG decoder; on a CPU the trainer itself renders one view at a time, "
              "the workers' pixels exactly)")
     lines += ["", f"Fidelity: {min(64, args.rows * args.repeat)} rows replayed with `replay_on_device`'s batched renderer, as on CUDA, {where}, against "
               f"the workers' float batch of the same rows and choices: {fidelity[0]:.3f} grey levels on average, "
               f"{fidelity[1]:.2f} at the 99.9th percentile, {fidelity[2]:.1f} at most."]
     if cuda:
-        lines += ["", f"`{ON_DEVICE}`: the workers read rows and hand over JPEG bytes; the trainer decodes (nvJPEG) and "
+        lines += ["", f"`{ON_DEVICE}`: the workers read rows and hand over each image ({decoder}); the trainer "
                   f"renders each batch on {torch.cuda.get_device_name()}, timed to the rendered batch."]
     else:
         lines += ["", f"`{ON_DEVICE}`: the host's part alone (the workers read rows and hand over JPEG bytes and each "

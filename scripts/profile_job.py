@@ -1,14 +1,26 @@
-"""Where the reinforce job's time goes: cProfile of `dr_hf.reinforce` with EfficientNet-Lite0 (random weights, bf16) at
-N=64, rendering batched on the GPU, rows prepared as by default (threads, on a GPU); cProfile sees the main thread
-only; prints the 28 most expensive functions by own time.
+"""Where the reinforce job's time goes: `dr_hf.reinforce` with EfficientNet-Lite0 (random weights, bf16) at N=64,
+rendering batched on the GPU, rows prepared as by default (threads, on a GPU).
 
-    python scripts/profile_job.py --dataset PATH [--device cuda]
+* ``--profiler cprofile`` (default): cProfile of the main thread; prints the 28 most expensive functions by own time.
+* ``--profiler none``: the timing alone.
+* ``--profiler py-spy``: py-spy (``pip install py-spy``) attached to the timed job alone (after the warm-up and any
+  compilation), sampling every thread without pausing it: ``PREFIX.threads.txt`` holds what each thread runs,
+  ``PREFIX.gil.txt`` only the thread holding the GIL (the host's single lane, in a job whose threads all need it), both
+  as collapsed stacks (one line a stack: frames joined by ``;``, then the count of samples); a summary by thread and
+  by the library's functions is printed.
+
+    python scripts/profile_job.py --dataset PATH [--device cuda] [--compile reduce-overhead]
+    python scripts/profile_job.py --dataset PATH --profiler py-spy --out-prefix /tmp/job
 """
 
 import argparse
+import collections
 import cProfile
 import os
 import pstats
+import shutil
+import signal
+import subprocess
 import sys
 import tempfile
 import time
@@ -21,11 +33,57 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 
+def start_py_spy(prefix: str, rate: int):
+    """Two py-spy samplers attached to this process: every thread, and the GIL's holder."""
+    exe = shutil.which("py-spy") or os.path.join(os.path.dirname(sys.executable), "py-spy")
+    common = [exe, "record", "--pid", str(os.getpid()), "--rate", str(rate), "--format", "raw", "--nonblocking"]
+    spies = [subprocess.Popen(common + ["--threads", "--output", f"{prefix}.threads.txt"]),
+             subprocess.Popen(common + ["--threads", "--gil", "--output", f"{prefix}.gil.txt"])]
+    time.sleep(1.0)  # attached
+    return spies
+
+
+def stop_py_spy(spies):
+    for spy in spies:
+        spy.send_signal(signal.SIGINT)  # py-spy writes its file on SIGINT
+    for spy in spies:
+        spy.wait(timeout=60)
+
+
+def summarise(path: str, top: int = 24) -> None:
+    """Samples by thread (the first frame), and by the innermost dr_hf function of each stack."""
+    threads, ours, total = collections.Counter(), collections.Counter(), 0
+    with open(path) as f:
+        for line in f:
+            stack, _, count = line.rstrip("\n").rpartition(" ")
+            if not stack:
+                continue
+            count = int(count)
+            total += count
+            frames = stack.split(";")
+            threads[frames[0]] += count
+            inner = [fr for fr in frames if "dr_hf/" in fr or "(dr_hf" in fr or "/dr_hf/" in fr]
+            leaf = frames[-1]
+            ours[(inner[-1] if inner else "(outside dr_hf) " + frames[min(len(frames) - 1, 2)]) + "  <-  " + leaf] += count
+    print(f"\n== {path}: {total} samples")
+    for name, count in threads.most_common(8):
+        print(f"{count / total:7.1%}  {name}")
+    print("-- innermost dr_hf frame <- leaf frame")
+    for name, count in ours.most_common(top):
+        print(f"{count / total:7.1%}  {name}")
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--dataset", default=os.path.join(ROOT, "..", "shared", "datasets", "imagenet-sample"))
     ap.add_argument("--rows", type=int, default=256)
     ap.add_argument("--device", default="cuda")
+    ap.add_argument("--compile", default=None, help="the teacher's torch.compile mode (e.g. reduce-overhead)")
+    ap.add_argument("--prepare-threads", type=int, default=None, help="default: the job's")
+    ap.add_argument("--profiler", choices=("cprofile", "py-spy", "none"), default="cprofile")
+    ap.add_argument("--out-prefix", default=os.path.join(tempfile.gettempdir(), "profile_job"),
+                    help="py-spy: where its two collapsed-stack files go")
+    ap.add_argument("--rate", type=int, default=250, help="py-spy samples per second")
     args = ap.parse_args()
 
     import datasets
@@ -36,23 +94,34 @@ def main():
     datasets.disable_progress_bars()
     rows = repeated_rows(args.dataset, args.rows)
     tmp = tempfile.mkdtemp()
-    teachers = TeacherEnsemble.from_specs([lite0_spec(tmp)], device=args.device, precision="bf16")
+    teachers = TeacherEnsemble.from_specs([lite0_spec(tmp)], device=args.device, precision="bf16",
+                                          compile_mode=args.compile)
     config = ReinforceConfig(augment="imagenet+rrc", augmentations=make_pipeline("imagenet+rrc").config(),
                              teachers=teachers.specs, num_samples=64, topk=10, seed=0, num_classes=1000,
                              precision="bf16", render="batched")
-    reinforce(rows.select(range(min(16, args.rows))), config, teachers, os.path.join(tmp, "warm"), batch_size=16,
-              show_progress=False, render_device=args.device)
-    profile = cProfile.Profile()
-    profile.enable()
+    job = dict(show_progress=False, render_device=args.device, prepare_threads=args.prepare_threads)
+    reinforce(rows.select(range(min(256, args.rows))), config, teachers, os.path.join(tmp, "warm"), **job)
+    if args.profiler == "py-spy":
+        spies = start_py_spy(args.out_prefix, args.rate)
+    elif args.profiler == "cprofile":
+        profile = cProfile.Profile()
+        profile.enable()
     t0 = time.perf_counter()
-    reinforce(rows, config, teachers, os.path.join(tmp, "job"), show_progress=False,
-              render_device=args.device)
+    reinforce(rows, config, teachers, os.path.join(tmp, "job"), **job)
     if torch.cuda.is_available():
         torch.cuda.synchronize()
     seconds = time.perf_counter() - t0
-    profile.disable()
-    print(f"{args.rows} rows x 64 samples in {seconds:.2f} s: {args.rows * 64 / seconds:,.0f} samples/s")
-    pstats.Stats(profile).sort_stats("tottime").print_stats(28)
+    if args.profiler == "py-spy":
+        stop_py_spy(spies)
+    elif args.profiler == "cprofile":
+        profile.disable()
+    print(f"{args.rows} rows x 64 samples in {seconds:.2f} s: {args.rows * 64 / seconds:,.0f} samples/s "
+          f"(compile {args.compile}, prepare threads {args.prepare_threads if args.prepare_threads is not None else 'default'})")
+    if args.profiler == "py-spy":
+        for kind in ("threads", "gil"):
+            summarise(f"{args.out_prefix}.{kind}.txt")
+    elif args.profiler == "cprofile":
+        pstats.Stats(profile).sort_stats("tottime").print_stats(28)
 
 
 if __name__ == "__main__":
