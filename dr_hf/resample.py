@@ -53,13 +53,23 @@ def resized_crop(image: torch.Tensor, top: int, left: int, height: int, width: i
 
 
 def resample_weights(starts: torch.Tensor, lengths: torch.Tensor, in_size: int, out_size: int,
-                     interpolation: str = "bilinear") -> torch.Tensor:
+                     interpolation: str = "bilinear", flips: Optional[torch.Tensor] = None,
+                     max_length: Optional[int] = None) -> torch.Tensor:
     """(S, out_size, in_size) float32 matrices: row i of matrix s holds the weights with which output pixel i of the
     crop ``[starts[s], starts[s] + lengths[s])`` of an ``in_size`` axis, resized to ``out_size`` with antialiasing,
-    reads each input pixel (zero outside the crop). Computed in float32, as torch's CUDA kernel computes its weights."""
+    reads each input pixel (zero outside the crop); rows reversed where ``flips[s]`` (a mirrored crop). Computed in
+    float32, as torch's CUDA kernel computes its weights.
+
+    Only each output pixel's taps are computed (at most ``2 * support + 1`` of them, ``support`` the filter's half
+    width at the largest scale, from ``max_length``: the longest crop, at least), then scattered into the
+    zero matrix: the work per matrix falls from ``out_size * in_size`` to ``out_size * taps``."""
     if interpolation not in FILTERS:
         raise ValueError(f"interpolation must be one of {FILTERS}, got {interpolation!r}")
     device = starts.device
+    if max_length is None:  # (a sync on a GPU: resized_crops passes it from the host's boxes)
+        max_length = int(lengths.max()) if len(lengths) else 1
+    longest = max_length
+    taps = int(np.ceil(2.0 * _SUPPORT[interpolation] * max(1.0, longest / out_size))) + 1
     starts = starts.to(torch.float32)[:, None, None]
     lengths = lengths.to(torch.float32)[:, None, None]
     scale = lengths / out_size  # torch's area_pixel_compute_scale (align_corners=False)
@@ -67,13 +77,19 @@ def resample_weights(starts: torch.Tensor, lengths: torch.Tensor, in_size: int, 
     support = torch.where(downscale, _SUPPORT[interpolation] * scale, torch.full_like(scale, _SUPPORT[interpolation]))
     invscale = torch.where(downscale, 1.0 / scale, torch.ones_like(scale))
     center = scale * (torch.arange(out_size, device=device, dtype=torch.float32)[None, :, None] + 0.5)
-    x = torch.arange(in_size, device=device, dtype=torch.float32)[None, None, :] - starts  # crop coordinates
     # torch's taps: [trunc(center - support + 0.5), trunc(center + support + 0.5)), clipped to the crop
     lo = torch.clamp(torch.trunc(center - support + 0.5), min=0.0)
     hi = torch.minimum(torch.trunc(center + support + 0.5), lengths)
-    w = _filter((x - center + 0.5) * invscale, interpolation) * ((x >= lo) & (x < hi))
+    x = lo + torch.arange(taps, device=device, dtype=torch.float32)  # (S, out, taps): crop coordinates
+    w = _filter((x - center + 0.5) * invscale, interpolation) * (x < hi)
     total = w.sum(-1, keepdim=True)
-    return w.div_(torch.where(total == 0, torch.ones_like(total), total))
+    w = w.div_(torch.where(total == 0, torch.ones_like(total), total))
+    column = (x + starts).to(torch.int64)  # < in_size + taps: past-the-end taps (weight 0) land in the padding
+    if flips is not None:
+        mirrored = flips.to(torch.bool)[:, None, None]
+        w, column = torch.where(mirrored, w.flip(1), w), torch.where(mirrored, column.flip(1), column)
+    matrix = torch.zeros((len(w), out_size, in_size + taps), dtype=torch.float32, device=device)
+    return matrix.scatter_(2, column, w)[:, :, :in_size]
 
 
 def resized_crops(images, boxes, flips, size: Tuple[int, int], interpolation: str = "bilinear",
@@ -94,9 +110,9 @@ def resized_crops(images, boxes, flips, size: Tuple[int, int], interpolation: st
     channels = images[0].shape[0]
     height, width = max(im.shape[-2] for im in images), max(im.shape[-1] for im in images)
     box = torch.from_numpy(np.concatenate([boxes, flips[:, None]], axis=1)).to(device, non_blocking=True)
-    wy = resample_weights(box[:, 0], box[:, 2], height, size[0], interpolation)
-    wx = resample_weights(box[:, 1], box[:, 3], width, size[1], interpolation)
-    wx = torch.where(box[:, 4, None, None].bool(), wx.flip(1), wx)
+    wy = resample_weights(box[:, 0], box[:, 2], height, size[0], interpolation, max_length=int(boxes[:, 2].max(initial=1)))
+    wx = resample_weights(box[:, 1], box[:, 3], width, size[1], interpolation, flips=box[:, 4],
+                          max_length=int(boxes[:, 3].max(initial=1)))
     out = into if into is not None else torch.empty((len(boxes), channels, *size), dtype=torch.uint8, device=device)
     with float32_precision(tf32=False):
         for owner, a, b in runs(owners):

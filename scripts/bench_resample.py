@@ -1,0 +1,141 @@
+"""Batched crops (`dr_hf.resample.resized_crops`, the reinforce job's renderer on a GPU): where the time of a
+teacher batch's crops goes, side by side in one run.
+
+For the 64 RandomResizedCrop+flip samples of each of 16 real images (224 px, bicubic), best of 5:
+
+* the resampling matrices as `resample_weights` computes them (each output pixel's taps, scattered into the zero
+  matrix) against the whole matrix evaluated at every input pixel (the previous code, kept here as the reference),
+  with their largest difference;
+* the whole `resized_crops` (matrices, both matrix products in float32, rounding), and the same with TF32 matrix
+  products (for reference: the job keeps float32, the pixels training replays).
+
+    python scripts/bench_resample.py [--device cuda]    # -> results/bench_resample.md
+"""
+
+import argparse
+import os
+import sys
+import time
+
+import numpy as np
+import torch
+
+from results_md import write_markdown  # noqa: E402  (scripts/)
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+
+def dense_weights(starts, lengths, in_size, out_size, interpolation):
+    """The previous resample_weights: the filter evaluated at every input pixel of every output pixel's row."""
+    from dr_hf.resample import _SUPPORT, _filter
+
+    starts = starts.to(torch.float32)[:, None, None]
+    lengths = lengths.to(torch.float32)[:, None, None]
+    scale = lengths / out_size
+    downscale = scale >= 1.0
+    support = torch.where(downscale, _SUPPORT[interpolation] * scale, torch.full_like(scale, _SUPPORT[interpolation]))
+    invscale = torch.where(downscale, 1.0 / scale, torch.ones_like(scale))
+    center = scale * (torch.arange(out_size, device=starts.device, dtype=torch.float32)[None, :, None] + 0.5)
+    x = torch.arange(in_size, device=starts.device, dtype=torch.float32)[None, None, :] - starts
+    lo = torch.clamp(torch.trunc(center - support + 0.5), min=0.0)
+    hi = torch.minimum(torch.trunc(center + support + 0.5), lengths)
+    w = _filter((x - center + 0.5) * invscale, interpolation) * ((x >= lo) & (x < hi))
+    total = w.sum(-1, keepdim=True)
+    return w.div_(torch.where(total == 0, torch.ones_like(total), total))
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--dataset", default=os.path.join(ROOT, "..", "shared", "datasets", "imagenet-sample"))
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--images", type=int, default=16)
+    ap.add_argument("--out", default=os.path.join(ROOT, "results", "bench_resample.md"))
+    args = ap.parse_args()
+
+    import datasets
+
+    from dr_hf import make_pipeline
+    from dr_hf.augment import Context, boxes_to_pixels
+    from dr_hf.images import decode
+    from dr_hf.resample import resample_weights, resized_crops
+    from dr_hf.teacher import float32_precision
+
+    device = torch.device(args.device)
+    rows = datasets.load_dataset(args.dataset, split="train").select(range(args.images))
+    images = [decode(v).to(device) for v in rows.cast_column("image", datasets.Image(decode=False))["image"]]
+    pipe = make_pipeline("imagenet+rrc")
+    params = [pipe.sample(0, i, 64, Context(im.shape[-2], im.shape[-1], 0, 1, 64)) for i, im in enumerate(images)]
+
+    def drain():
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+
+    def best(fn, repeats=5):
+        fn()
+        times = []
+        for _ in range(repeats):
+            drain()
+            t0 = time.perf_counter()
+            fn()
+            drain()
+            times.append(time.perf_counter() - t0)
+        return min(times)
+
+    samples = 64 * len(images)
+    boxes = [boxes_to_pixels(p["crop"], *im.shape[-2:]) for p, im in zip(params, images)]  # (64, 4) top, left, h, w
+    flips = [np.asarray(p["flip"]) for p in params]
+    on_device = [torch.from_numpy(b.astype(np.int64)).to(device) for b in boxes]
+    flips_on_device = [torch.from_numpy(f.astype(np.int64)).to(device) for f in flips]
+
+    def weights(fn):
+        def go():
+            for im, b, f in zip(images, on_device, flips_on_device):
+                h, w = im.shape[-2:]
+                fn(b[:, 0], b[:, 2], h, 224, f, int(b[:, 2].max()))
+                fn(b[:, 1], b[:, 3], w, 224, f, int(b[:, 3].max()))
+        return go
+
+    taps = best(weights(lambda s, n, size, out, f, m: resample_weights(s, n, size, out, "bicubic", flips=f, max_length=m)))
+    dense = best(weights(lambda s, n, size, out, f, m: dense_weights(s, n, size, out, "bicubic")))
+    diff = 0.0
+    for im, b in zip(images, on_device):
+        for axis, size in ((0, im.shape[-2]), (1, im.shape[-1])):
+            a = resample_weights(b[:, axis], b[:, axis + 2], size, 224, "bicubic")
+            diff = max(diff, float((a - dense_weights(b[:, axis], b[:, axis + 2], size, 224, "bicubic")).abs().max()))
+
+    def crops():
+        for im, b, f in zip(images, boxes, flips):
+            resized_crops(im, b, f, (224, 224), "bicubic")
+
+    fp32 = best(crops)
+    import dr_hf.resample as resample
+
+    resample.float32_precision = lambda tf32: float32_precision(tf32=True)  # the TF32 reference row only
+    try:
+        tf32 = best(crops)
+        tf32_out = resized_crops(images[0], boxes[0], flips[0], (224, 224), "bicubic")
+    finally:
+        resample.float32_precision = float32_precision
+    fp32_out = resized_crops(images[0], boxes[0], flips[0], (224, 224), "bicubic")
+    tf32_levels = (tf32_out.int() - fp32_out.int()).abs()
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
+    lines = ["# Batched crops: resampling matrices and matrix products", "",
+             f"{len(images)} real ImageNet images (imagenet-sample), 64 `imagenet+rrc` samples each, 224 px, bicubic, "
+             f"on {name} (torch {torch.__version__}), best of 5.", "",
+             "| what | ms per 64 samples | samples/s |", "|---|---|---|"]
+    for label, seconds in (("matrices, the filter at each output pixel's taps (`resample_weights`)", taps),
+                           ("matrices, the filter at every input pixel (the previous code)", dense),
+                           ("`resized_crops` whole (matrices, float32 products, rounding)", fp32),
+                           ("`resized_crops` whole, TF32 products (reference only)", tf32)):
+        lines.append(f"| {label} | {1000 * seconds / len(images):.3f} | {samples / seconds:,.0f} |")
+    lines += ["", f"Matrices: taps only / every pixel = **{dense / taps:.1f}x** faster; largest difference of a weight "
+              f"{diff:.1e} (float rounding of the sums). TF32 products against float32: {float(tf32_levels.float().mean()):.3f} "
+              f"grey levels on average, {int(tf32_levels.max())} at most, {float((tf32_levels > 0).float().mean()):.2%} of "
+              "pixels differ (one image's 64 crops).", "",
+              "Command: `python scripts/bench_resample.py" + (f" --device {args.device}" if args.device != "cpu" else "") + "`."]
+    write_markdown(args.out, lines)
+
+
+if __name__ == "__main__":
+    main()
