@@ -11,7 +11,7 @@ from dr_hf import make_pipeline
 from dr_hf.augment import PRESETS, Context, InputSpec
 from dr_hf.images import decode
 from dr_hf.augment import empty_batch, normalise_pixels
-from dr_hf.resample import resized_crop, resized_crops
+from dr_hf.resample import resample_weights, resized_crop, resized_crops
 
 MODES = {"bilinear": InterpolationMode.BILINEAR, "bicubic": InterpolationMode.BICUBIC}
 
@@ -47,6 +47,28 @@ def test_resampling_matrices_are_torchs_antialiased_resize(interpolation, shape,
     assert ties < 0.01  # x.5 values, rounded one way or the other by a different order of float sums
     with pytest.raises(ValueError, match="interpolation"):
         resized_crops(image, boxes[:1], [False], size, "nearest")
+
+
+@pytest.mark.parametrize("interpolation", sorted(MODES))
+def test_resampling_matrix_rows_are_torchs_own_weights(interpolation):
+    """Each matrix is computed at each output pixel's taps only: every crop's matrix equals the weights torch's
+    antialiased interpolate applies (read off by resizing one-hot rows), zero outside the crop, rows reversed when
+    flipped; from 1-pixel crops (upscaling 40x) to whole 1000-pixel axes (downscaling 31x), at the axis' edges."""
+    in_size = 1000
+    starts = torch.tensor([0, 999, 0, 500, 3, 0, 997, 250])
+    lengths = torch.tensor([1000, 1, 7, 333, 40, 1, 3, 750])
+    flips = torch.tensor([0, 1, 0, 1, 0, 0, 1, 1])
+    for out in (32, 40):
+        got = resample_weights(starts, lengths, in_size, out, interpolation, flips=flips,
+                               max_length=int(lengths.max()))
+        assert got.shape == (len(starts), out, in_size)
+        for s, (start, length, flip) in enumerate(zip(starts.tolist(), lengths.tolist(), flips.tolist())):
+            one_hot = torch.eye(length)[:, None, None, :]  # (length, 1, 1, length): input pixel k alone
+            ref = torch.nn.functional.interpolate(one_hot, size=(1, out), mode=interpolation, antialias=True,
+                                                  align_corners=False)[:, 0, 0, :].T  # (out, length)
+            ref = ref.flip(0) if flip else ref
+            torch.testing.assert_close(got[s, :, start:start + length], ref, atol=2e-6, rtol=0)
+            assert not got[s, :, :start].any() and not got[s, :, start + length:].any(), s
 
 
 def test_crops_of_many_images_in_one_call_are_each_images_own_crops():
