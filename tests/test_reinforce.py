@@ -205,6 +205,24 @@ def test_job_defaults_follow_the_teachers_device(teachers):
     assert default_render(teachers, render_device="cuda:0") == ("cuda:0", "batched")
 
 
+def test_samples_that_fill_several_batches_split_into_equal_ranges(image_dataset, teachers, monkeypatch):
+    """Where one row's N samples (or a group's) need several forwards, they are split into equal sample ranges, not
+    full batches and a short remainder: N=10 in 8-sample batches is 5 + 5 (a compiled teacher pads a short batch
+    to its largest, so 8 + 2 would cost 16); 8-row MixUp/CutMix groups in 64-sample batches, 40 + 40."""
+    sizes = []
+    log_probs = teachers.log_probs
+    monkeypatch.setattr(teachers, "log_probs",
+                        lambda inputs, **kw: sizes.append(len(inputs[0])) or log_probs(inputs, **kw))
+    batch = image_dataset.cast_column("image", datasets.Image(decode=False))[:]
+    _, _, logps = Reinforcer(make_config(teachers, n=10, teacher_batch_size=8), teachers, num_rows=24).compute(
+        {k: v[:2] for k, v in batch.items()}, [0, 1])
+    assert sizes == [5, 5, 5, 5] and all(lp.shape == (10, teachers.num_classes) for lp in logps)
+    sizes.clear()
+    config = make_config(teachers, augment="imagenet+mix", n=10, teacher_batch_size=64)
+    Reinforcer(config, teachers, num_rows=24).compute({k: v[:8] for k, v in batch.items()}, list(range(8)))
+    assert sizes == [40, 40]
+
+
 def test_preparation_stays_two_teacher_blocks_ahead(image_dataset, teachers, monkeypatch):
     """Preparing threads decode at most two teacher blocks beyond the one the teacher runs, whatever the map batch
     size, so memory holds a few decoded images, not a batch's worth."""
