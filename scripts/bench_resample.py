@@ -1,7 +1,8 @@
 """Batched crops (`dr_hf.resample.resized_crops`, the reinforce job's renderer on a GPU): where the time of a
 teacher batch's crops goes, side by side in one run.
 
-For the 64 RandomResizedCrop+flip samples of each of 16 real images (224 px, bicubic), best of 5:
+For the 64 RandomResizedCrop+flip samples of each of 16 real images (224 px, bicubic), four images' 256 samples a
+call (a teacher batch of the job at N=64: one call, matrices padded to the largest of the four images), best of 5:
 
 * the resampling matrices as `resample_weights` computes them (each output pixel's taps, scattered into the zero
   matrix) against the whole matrix evaluated at every input pixel (the previous code, kept here as the reference),
@@ -86,12 +87,20 @@ def main():
     boxes = [boxes_to_pixels(p["crop"], *im.shape[-2:]) for p, im in zip(params, images)]  # (64, 4) top, left, h, w
     flips = [np.asarray(p["flip"]) for p in params]
     on_device = [torch.from_numpy(b.astype(np.int64)).to(device) for b in boxes]
-    flips_on_device = [torch.from_numpy(f.astype(np.int64)).to(device) for f in flips]
+
+    per_call = 4  # images a call: a teacher batch of 256 samples
+    calls = []
+    for a in range(0, len(images), per_call):
+        group = range(a, min(len(images), a + per_call))
+        calls.append(([images[i] for i in group], np.concatenate([boxes[i] for i in group]),
+                      np.concatenate([flips[i] for i in group]), np.repeat(np.arange(len(group)), 64)))
+    calls_on_device = [(max(im.shape[-2] for im in ims), max(im.shape[-1] for im in ims),
+                        torch.from_numpy(b.astype(np.int64)).to(device), torch.from_numpy(f.astype(np.int64)).to(device))
+                       for ims, b, f, _ in calls]
 
     def weights(fn):
         def go():
-            for im, b, f in zip(images, on_device, flips_on_device):
-                h, w = im.shape[-2:]
+            for h, w, b, f in calls_on_device:
                 fn(b[:, 0], b[:, 2], h, 224, f, int(b[:, 2].max()))
                 fn(b[:, 1], b[:, 3], w, 224, f, int(b[:, 3].max()))
         return go
@@ -105,8 +114,8 @@ def main():
             diff = max(diff, float((a - dense_weights(b[:, axis], b[:, axis + 2], size, 224, "bicubic")).abs().max()))
 
     def crops():
-        for im, b, f in zip(images, boxes, flips):
-            resized_crops(im, b, f, (224, 224), "bicubic")
+        for ims, b, f, owners in calls:
+            resized_crops(ims, b, f, (224, 224), "bicubic", owners=owners)
 
     fp32 = best(crops)
     import dr_hf.resample as resample
@@ -121,7 +130,8 @@ def main():
     tf32_levels = (tf32_out.int() - fp32_out.int()).abs()
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
     lines = ["# Batched crops: resampling matrices and matrix products", "",
-             f"{len(images)} real ImageNet images (imagenet-sample), 64 `imagenet+rrc` samples each, 224 px, bicubic, "
+             f"{len(images)} real ImageNet images (imagenet-sample), 64 `imagenet+rrc` samples each, {per_call} images' "
+             f"{64 * per_call} samples a call (the job's teacher batch at N=64), 224 px, bicubic, "
              f"on {name} (torch {torch.__version__}), best of 5.", "",
              "| what | ms per 64 samples | samples/s |", "|---|---|---|"]
     for label, seconds in (("matrices, the filter at each output pixel's taps (`resample_weights`)", taps),
