@@ -199,8 +199,8 @@ class Reinforcer:
                 for pos, row in zip(keep, rows):
                     params[pos] = row.params
                 per_chunk = max(1, self.config.teacher_batch_size // len(keep))
-                per_chunk = -(-n // -(-n // per_chunk))  # equal sample ranges: N=400 in 2 x 200, not 256 + 144 (a
-                # compiled teacher pads a short batch to its largest, so a 144 would cost 256)
+                # equal sample ranges: N=400 in batches of 256 as 2 x 200, not 256 + 144 (padded to 256 when compiled)
+                per_chunk = -(-n // -(-n // per_chunk))
                 for j0 in range(0, n, per_chunk):
                     yield keep, (images, [row.params for row in rows]), range(j0, min(n, j0 + per_chunk))
 

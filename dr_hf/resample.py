@@ -61,15 +61,14 @@ def resample_weights(starts: torch.Tensor, lengths: torch.Tensor, in_size: int, 
     float32, as torch's CUDA kernel computes its weights.
 
     Only each output pixel's taps are computed (at most ``2 * support + 1`` of them, ``support`` the filter's half
-    width at the largest scale, from ``max_length``: the longest crop, at least), then scattered into the
-    zero matrix: the work per matrix falls from ``out_size * in_size`` to ``out_size * taps``."""
+    width at the largest crop's scale: ``max_length``, at least the longest of ``lengths``, which it defaults to), then
+    scattered into the zero matrix: the work per matrix falls from ``out_size * in_size`` to ``out_size * taps``."""
     if interpolation not in FILTERS:
         raise ValueError(f"interpolation must be one of {FILTERS}, got {interpolation!r}")
     device = starts.device
     if max_length is None:  # (a sync on a GPU: resized_crops passes it from the host's boxes)
         max_length = int(lengths.max()) if len(lengths) else 1
-    longest = max_length
-    taps = int(np.ceil(2.0 * _SUPPORT[interpolation] * max(1.0, longest / out_size))) + 1
+    taps = int(np.ceil(2.0 * _SUPPORT[interpolation] * max(1.0, max_length / out_size))) + 1
     starts = starts.to(torch.float32)[:, None, None]
     lengths = lengths.to(torch.float32)[:, None, None]
     scale = lengths / out_size  # torch's area_pixel_compute_scale (align_corners=False)
