@@ -61,8 +61,8 @@ def summarise(path: str, top: int = 24) -> None:
             count = int(count)
             total += count
             frames = stack.split(";")
-            threads[frames[0]] += count
-            inner = [fr for fr in frames if "dr_hf/" in fr or "(dr_hf" in fr or "/dr_hf/" in fr]
+            threads[frames[0].split(": ", 1)[-1]] += count  # "thread (id): name": by name (pools come and go)
+            inner = [fr for fr in frames if "dr_hf/" in fr]
             leaf = frames[-1]
             ours[(inner[-1] if inner else "(outside dr_hf) " + frames[min(len(frames) - 1, 2)]) + "  <-  " + leaf] += count
     print(f"\n== {path}: {total} samples")
