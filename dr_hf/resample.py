@@ -1,16 +1,17 @@
-"""Many antialiased crops of one image at once: each (box, flip) as two resampling matrices, applied by two batched
-matrix products. This is how the reinforce job renders on a GPU, where one small kernel per sample would leave it
-waiting on launches.
+"""Many antialiased crops at once: each (box, flip) as two resampling matrices, applied by two batched matrix
+products over a window of its image that holds the box (boxes of similar size share a window size). This is how the
+reinforce job renders on a GPU, where one small kernel per sample would leave it waiting on launches.
 
 The matrices hold exactly the weights of torch's antialiased ``interpolate`` (``antialias=True``, bilinear or
 bicubic; the same filter, support and edge renormalisation), so a crop equals ``F.resized_crop(...,
 antialias=True)`` up to float rounding: the same uint8 pixels, but for a rare half-grey-level tie. A horizontal
-flip is the horizontal matrix with its rows reversed, so it costs nothing. The products run in float32, TF32 off (under the flags' lock the teacher also takes).
+flip is the horizontal matrix with its rows reversed, so it costs nothing. The products run in float32, TF32 off
+(under the flags' lock the teacher also takes).
 """
 
 from __future__ import annotations
 
-from typing import Iterator, Optional, Sequence, Tuple
+from typing import Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -93,42 +94,87 @@ def resample_weights(starts: torch.Tensor, lengths: torch.Tensor, in_size: int, 
 
 def resized_crops(images, boxes, flips, size: Tuple[int, int], interpolation: str = "bilinear",
                   owners: Optional[Sequence[int]] = None, chunk_bytes: int = 256 << 20,
-                  into: Optional[torch.Tensor] = None) -> torch.Tensor:
+                  into: Optional[torch.Tensor] = None, group_size: int = 32) -> torch.Tensor:
     """Many antialiased crops at once: the (top, left, height, width) pixel ``boxes`` ((S, 4) integers) of uint8
     (3, H, W) ``images`` (one image, or a list: box s crops ``images[owners[s]]``), each resized to ``size`` and
     mirrored where ``flips`` ((S,), or ``None``: none) says: (S, 3, *size) uint8 on the images' device (written into
     ``into`` when given; rounded and clamped as torchvision rounds a float resize of uint8 pixels).
 
-    All S boxes' resampling matrices are computed together (padded to the largest image), and boxes and flips reach
-    the device in one transfer, so the kernel launches per box fall with S: what a GPU job's host has time for."""
+    Boxes are taken in groups of up to ``group_size`` of similar size (whatever their images): each box's window, a
+    group's largest height by its largest width, is cut out of its image, and the group's crops are two batched
+    matrix products over those windows, so the products' length is the group's crop size, not the image's (about
+    half the work of products over whole images for RandomResizedCrop's boxes). All matrices are computed together,
+    and boxes, flips and windows reach the device in one transfer: the kernel launches per box fall with S, which is
+    what a GPU job's host has time for. A group's windows and products stay under ``chunk_bytes``."""
     images = [images] if isinstance(images, torch.Tensor) else list(images)
     boxes = np.asarray(boxes, dtype=np.int64).reshape(-1, 4)
     flips = np.zeros(len(boxes), dtype=np.int64) if flips is None else np.asarray(flips, dtype=np.int64).reshape(-1)
     owners = np.zeros(len(boxes), dtype=np.int64) if owners is None else np.asarray(owners, dtype=np.int64)
     device = images[0].device
     channels = images[0].shape[0]
-    height, width = max(im.shape[-2] for im in images), max(im.shape[-1] for im in images)
-    box = torch.from_numpy(np.concatenate([boxes, flips[:, None]], axis=1)).to(device, non_blocking=True)
-    wy = resample_weights(box[:, 0], box[:, 2], height, size[0], interpolation, max_length=int(boxes[:, 2].max(initial=1)))
-    wx = resample_weights(box[:, 1], box[:, 3], width, size[1], interpolation, flips=box[:, 4],
-                          max_length=int(boxes[:, 3].max(initial=1)))
     out = into if into is not None else torch.empty((len(boxes), channels, *size), dtype=torch.uint8, device=device)
+    if interpolation not in FILTERS:
+        raise ValueError(f"interpolation must be one of {FILTERS}, got {interpolation!r}")
+    if not len(boxes):
+        return out
+    height, width = max(im.shape[-2] for im in images), max(im.shape[-1] for im in images)
+    order, groups = crop_groups(boxes, group_size, chunk_bytes // (4 * channels), size[1])
+    window = np.zeros((len(boxes), 2), dtype=np.int64)  # each box's window: its group's (height, width)
+    for a, b, tall, wide in groups:
+        window[order[a:b]] = tall, wide
+    origin = np.minimum(boxes[:, :2], [height, width] - window)  # each window's (top, left), inside the padded images
+    first_row = owners * height + origin[:, 0]
+    table = np.concatenate([boxes[:, :2] - origin, boxes[:, 2:], flips[:, None]], axis=1)[order]
+    # each group's window rows (in the table of all images' rows, below) and window columns, a run a group
+    lines = [(first_row[order[a:b], None] + np.arange(tall)).ravel() for a, b, tall, _ in groups]
+    columns = [(origin[order[a:b], 1, None] + np.arange(wide)).ravel() for a, b, _, wide in groups]
+    sent = torch.from_numpy(np.concatenate([table.ravel(), order, *lines, *columns])).to(device, non_blocking=True)
+    sent = sent.split([table.size, len(order), *map(len, lines), *map(len, columns)])
+    in_top, in_left, heights, widths, flip = sent[0].view(table.shape).unbind(1)
+    slot, lines, columns = sent[1], sent[2:2 + len(groups)], sent[2 + len(groups):]
+    # every box's matrices at once, over the longest window (a group's windows are a prefix of it)
+    wy = resample_weights(in_top, heights, int(window[:, 0].max()), size[0], interpolation,
+                          max_length=int(boxes[:, 2].max()))
+    wx = resample_weights(in_left, widths, int(window[:, 1].max()), size[1], interpolation, flips=flip,
+                          max_length=int(boxes[:, 3].max()))
+    # the images as one float table of (R * H) rows of C * W values, padded with zeros to the largest (windows read
+    # padding with weight 0: it must be finite)
+    padded = any(tuple(im.shape[-2:]) != (height, width) for im in images)
+    pixels = (torch.zeros if padded else torch.empty)((len(images), height, channels, width), dtype=torch.float32,
+                                                      device=device)
+    for r, image in enumerate(images):
+        pixels[r, :image.shape[-2], :, :image.shape[-1]] = image.permute(1, 0, 2)
+    pixels = pixels.view(len(images) * height, channels * width)
+    crops = torch.empty((len(boxes), size[0], channels * size[1]), dtype=torch.float32, device=device)  # sorted
     with float32_precision(tf32=False):
-        for owner, a, b in runs(owners):
-            image = images[owner]
-            h, w = image.shape[-2:]
-            pixels = image.to(torch.float32).reshape(channels * h, w)
-            step = max(1, chunk_bytes // (4 * channels * h * size[1]))  # the horizontal pass's output, the largest
-            for a0 in range(a, b, step):
-                a1 = min(b, a0 + step)
-                s = a1 - a0
-                # horizontal pass, one matrix product for all s crops: (3h, w) @ (w, s * out_w)
-                rows = pixels @ wx[a0:a1, :, :w].permute(2, 0, 1).reshape(w, s * size[1])
-                rows = rows.view(channels, h, s, size[1]).permute(2, 1, 0, 3).reshape(s, h, channels * size[1])
-                # vertical pass, one batched product: (s, out_h, h) @ (s, h, 3 * out_w)
-                crops = torch.bmm(wy[a0:a1, :, :h], rows).view(s, size[0], channels, size[1]).permute(0, 2, 1, 3)
-                out[a0:a1] = crops.round_().clamp_(0, 255)
-    return out
+        for k, (a, b, tall, wide) in enumerate(groups):
+            g = b - a
+            cut = pixels.index_select(0, lines[k]).view(g, tall, channels, width)
+            cut = cut.gather(3, columns[k].view(g, 1, 1, wide).expand(g, tall, channels, wide))  # the windows
+            # horizontal pass: (g, tall * C, wide) @ (g, wide, out_w); vertical: (g, out_h, tall) @ (g, tall, C * out_w)
+            across = torch.bmm(cut.view(g, tall * channels, wide), wx[a:b, :, :wide].transpose(1, 2))
+            torch.bmm(wy[a:b, :, :tall], across.view(g, tall, channels * size[1]), out=crops[a:b])
+    crops = crops.round_().clamp_(0, 255).view(len(boxes), size[0], channels, size[1]).permute(0, 2, 1, 3)
+    return out.index_copy_(0, slot, crops.to(torch.uint8))  # each crop to its box's place
+
+
+def crop_groups(boxes: np.ndarray, group_size: int, max_values: int, out_width: int
+                ) -> Tuple[np.ndarray, List[Tuple[int, int, int, int]]]:
+    """How :func:`resized_crops` groups (top, left, height, width) ``boxes``: (order, groups), ``order`` the boxes by
+    their longer side and each group (a, b, height, width): boxes ``order[a:b]`` and their window, the group's largest
+    height and width. A group ends at ``group_size`` boxes, or before its windows or horizontal pass (``max(width,
+    out_width)`` values a window row) would hold more than ``max_values`` values (one box at least)."""
+    order = np.argsort(np.maximum(boxes[:, 2], boxes[:, 3]), kind="stable")
+    groups, start, tall, wide = [], 0, 0, 0
+    for k, s in enumerate(order):
+        t, w = max(tall, int(boxes[s, 2])), max(wide, int(boxes[s, 3]))
+        if k > start and (k - start == group_size or (k - start + 1) * t * max(w, out_width) > max_values):
+            groups.append((start, k, tall, wide))
+            start, t, w = k, int(boxes[s, 2]), int(boxes[s, 3])
+        tall, wide = t, w
+    if len(order):
+        groups.append((start, len(order), tall, wide))
+    return order, groups
 
 
 def runs(values: Sequence[int]) -> Iterator[Tuple[int, int, int]]:

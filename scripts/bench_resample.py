@@ -7,8 +7,11 @@ call (a teacher batch of the job at N=64: one call, matrices padded to the large
 * the resampling matrices as `resample_weights` computes them (each output pixel's taps, scattered into the zero
   matrix) against the whole matrix evaluated at every input pixel (the previous code, kept here as the reference),
   with their largest difference;
-* the whole `resized_crops` (matrices, both matrix products in float32, rounding), and the same with TF32 matrix
-  products (for reference: the job keeps float32, the pixels training replays).
+* the whole `resized_crops` (boxes in groups of similar size, each box's window cut out, matrices, both matrix
+  products in float32 over the windows, rounding) at its default group size and two others, against the previous
+  code (products over whole images, one image's boxes at a time; kept here as the reference), with the products'
+  multiply-adds per sample (what a GPU's time for the crops follows) and how the pixels differ;
+* the same with TF32 matrix products (for reference: the job keeps float32, the pixels training replays).
 
     python scripts/bench_resample.py [--device cuda]    # -> results/bench_resample.md
 """
@@ -44,6 +47,46 @@ def dense_weights(starts, lengths, in_size, out_size, interpolation):
     w = _filter((x - center + 0.5) * invscale, interpolation) * ((x >= lo) & (x < hi))
     total = w.sum(-1, keepdim=True)
     return w.div_(torch.where(total == 0, torch.ones_like(total), total))
+
+
+def previous_crops(images, boxes, flips, size, interpolation, owners):
+    """The previous resized_crops: per image, both passes' products over the whole image (matrices as wide as it)."""
+    from dr_hf.resample import resample_weights, runs
+    from dr_hf.teacher import float32_precision
+
+    device, channels = images[0].device, images[0].shape[0]
+    height, width = max(im.shape[-2] for im in images), max(im.shape[-1] for im in images)
+    box = torch.from_numpy(np.concatenate([boxes, flips[:, None]], axis=1).astype(np.int64)).to(device)
+    wy = resample_weights(box[:, 0], box[:, 2], height, size[0], interpolation, max_length=int(boxes[:, 2].max()))
+    wx = resample_weights(box[:, 1], box[:, 3], width, size[1], interpolation, flips=box[:, 4],
+                          max_length=int(boxes[:, 3].max()))
+    out = torch.empty((len(boxes), channels, *size), dtype=torch.uint8, device=device)
+    with float32_precision(tf32=False):
+        for owner, a, b in runs(owners):
+            h, w = images[owner].shape[-2:]
+            pixels = images[owner].to(torch.float32).reshape(channels * h, w)
+            rows = pixels @ wx[a:b, :, :w].permute(2, 0, 1).reshape(w, (b - a) * size[1])
+            rows = rows.view(channels, h, b - a, size[1]).permute(2, 1, 0, 3).reshape(b - a, h, channels * size[1])
+            crops = torch.bmm(wy[a:b, :, :h], rows).view(b - a, size[0], channels, size[1]).permute(0, 2, 1, 3)
+            out[a:b] = crops.round_().clamp_(0, 255)
+    return out
+
+
+def multiply_adds(calls, size, group_size=None):
+    """The two passes' multiply-adds per sample: over whole images (the previous code) or over each group's windows."""
+    from dr_hf.resample import crop_groups
+
+    total = samples = 0
+    for ims, boxes, _, owners in calls:
+        samples += len(boxes)
+        if group_size is None:
+            for o in owners:
+                h, w = ims[o].shape[-2:]
+                total += 3 * h * w * size[1] + size[0] * h * 3 * size[1]
+            continue
+        _, groups = crop_groups(boxes, group_size, (256 << 20) // 12, size[1])
+        total += sum((b - a) * (3 * tall * wide * size[1] + size[0] * tall * 3 * size[1]) for a, b, tall, wide in groups)
+    return total / samples
 
 
 def main():
@@ -113,16 +156,26 @@ def main():
             a = resample_weights(b[:, axis], b[:, axis + 2], size, 224, "bicubic")
             diff = max(diff, float((a - dense_weights(b[:, axis], b[:, axis + 2], size, 224, "bicubic")).abs().max()))
 
-    def crops():
-        for ims, b, f, owners in calls:
-            resized_crops(ims, b, f, (224, 224), "bicubic", owners=owners)
+    def crops(group_size=32, fn=None):
+        def go():
+            for ims, b, f, owners in calls:
+                if fn is not None:
+                    fn(ims, b, f, (224, 224), "bicubic", owners)
+                else:
+                    resized_crops(ims, b, f, (224, 224), "bicubic", owners=owners, group_size=group_size)
+        return go
 
-    fp32 = best(crops)
+    group_sizes = (32, 16, 64)  # the default first
+    grouped = {g: best(crops(g)) for g in group_sizes}
+    previous = best(crops(fn=previous_crops))
+    levels = torch.cat([(resized_crops(ims, b, f, (224, 224), "bicubic", owners=o).int()
+                         - previous_crops(ims, b, f, (224, 224), "bicubic", o).int()).abs().flatten()
+                        for ims, b, f, o in calls])
     import dr_hf.resample as resample
 
     resample.float32_precision = lambda tf32: float32_precision(tf32=True)  # the TF32 reference row only
     try:
-        tf32 = best(crops)
+        tf32 = best(crops())
         tf32_out = resized_crops(images[0], boxes[0], flips[0], (224, 224), "bicubic")
     finally:
         resample.float32_precision = float32_precision
@@ -133,16 +186,27 @@ def main():
              f"{len(images)} real ImageNet images (imagenet-sample), 64 `imagenet+rrc` samples each, {per_call} images' "
              f"{64 * per_call} samples a call (the job's teacher batch at N=64), 224 px, bicubic, "
              f"on {name} (torch {torch.__version__}), best of 5.", "",
-             "| what | ms per 64 samples | samples/s |", "|---|---|---|"]
-    for label, seconds in (("matrices, the filter at each output pixel's taps (`resample_weights`)", taps),
-                           ("matrices, the filter at every input pixel (the previous code)", dense),
-                           ("`resized_crops` whole (matrices, float32 products, rounding)", fp32),
-                           ("`resized_crops` whole, TF32 products (reference only)", tf32)):
-        lines.append(f"| {label} | {1000 * seconds / len(images):.3f} | {samples / seconds:,.0f} |")
+             "| what | ms per 64 samples | samples/s | products' multiply-adds a sample |", "|---|---|---|---|"]
+    rows = [("matrices, the filter at each output pixel's taps (`resample_weights`)", taps, None),
+            ("matrices, the filter at every input pixel (the previous code)", dense, None)]
+    rows += [(f"`resized_crops` whole, windows in groups of {g}" + (" (the default)" if g == 32 else ""), grouped[g],
+              multiply_adds(calls, (224, 224), g)) for g in group_sizes]
+    rows += [("`resized_crops` previous code: products over whole images, image by image", previous,
+              multiply_adds(calls, (224, 224))),
+             ("`resized_crops` whole, groups of 32, TF32 products (reference only)", tf32, None)]
+    for label, seconds, macs in rows:
+        lines.append(f"| {label} | {1000 * seconds / len(images):.3f} | {samples / seconds:,.0f} | "
+                     + (f"{macs / 1e6:.0f} M" if macs else "") + " |")
     lines += ["", f"Matrices: taps only / every pixel = **{dense / taps:.1f}x** faster; largest difference of a weight "
-              f"{diff:.1e} (float rounding of the sums). TF32 products against float32: {float(tf32_levels.float().mean()):.3f} "
-              f"grey levels on average, {int(tf32_levels.max())} at most, {float((tf32_levels > 0).float().mean()):.2%} of "
-              "pixels differ (one image's 64 crops).", "",
+              f"{diff:.1e} (float rounding of the sums).", "",
+              f"Crops: windows in groups of 32 / products over whole images = **{previous / grouped[32]:.2f}x** faster, "
+              f"{multiply_adds(calls, (224, 224)) / multiply_adds(calls, (224, 224), 32):.2f}x fewer multiply-adds; "
+              f"their pixels differ by {float(levels.float().mean()):.4f} grey levels on average, {int(levels.max())} "
+              f"at most ({float((levels > 0).float().mean()):.3%} of pixels: half-level ties, float sums of another "
+              "length).", "",
+              f"TF32 products against float32: {float(tf32_levels.float().mean()):.3f} grey levels on average, "
+              f"{int(tf32_levels.max())} at most, {float((tf32_levels > 0).float().mean()):.2%} of pixels differ (one "
+              "image's 64 crops).", "",
               "Command: `python scripts/bench_resample.py" + (f" --device {args.device}" if args.device != "cpu" else "") + "`."]
     write_markdown(args.out, lines)
 

@@ -11,7 +11,7 @@ from dr_hf import make_pipeline
 from dr_hf.augment import PRESETS, Context, InputSpec
 from dr_hf.images import decode
 from dr_hf.augment import empty_batch, normalise_pixels
-from dr_hf.resample import resample_weights, resized_crop, resized_crops
+from dr_hf.resample import crop_groups, resample_weights, resized_crop, resized_crops
 
 MODES = {"bilinear": InterpolationMode.BILINEAR, "bicubic": InterpolationMode.BICUBIC}
 
@@ -71,20 +71,62 @@ def test_resampling_matrix_rows_are_torchs_own_weights(interpolation):
             assert not got[s, :, :start].any() and not got[s, :, start + length:].any(), s
 
 
-def test_crops_of_many_images_in_one_call_are_each_images_own_crops():
-    """A teacher batch's crops come from several rows' images of different sizes in one call (matrices padded to the
-    largest image): exactly the crops of each image alone, written into a given (channels-last) batch."""
+def test_crops_of_many_images_in_one_call_are_each_images_own_crops(monkeypatch):
+    """A teacher batch's crops come from several rows' images of different sizes in one call (padded to the largest
+    image): exactly the crops of each image alone, written into a given (channels-last) batch; memory the call
+    allocates without filling (poisoned here: NaN, 255) never reaches a crop."""
     rng = np.random.default_rng(3)
     images = [torch.from_numpy(rng.integers(0, 256, (3, h, w), dtype=np.uint8)) for h, w in ((40, 30), (25, 61), (52, 52))]
     owners = [0] * 5 + [2] * 4 + [1] * 6 + [0] * 2  # runs, one image twice
     boxes = [random_boxes(rng, *images[o].shape[-2:], 1)[0] for o in owners]
     flips = rng.integers(0, 2, len(owners))
     into = torch.empty((len(owners), 16, 16, 3), dtype=torch.uint8).permute(0, 3, 1, 2)
+    empty = torch.empty
+
+    def poisoned(*args, **kwargs):
+        t = empty(*args, **kwargs)
+        return t.fill_(float("nan") if t.is_floating_point() else 255)
+
+    monkeypatch.setattr(torch, "empty", poisoned)
     got = resized_crops(images, boxes, flips, (16, 16), "bicubic", owners=owners, into=into)
+    monkeypatch.undo()
     assert got is into
     for k, o in enumerate(owners):
         alone = resized_crops(images[o], boxes[k:k + 1], flips[k:k + 1], (16, 16), "bicubic")[0]
         assert torch.equal(got[k], alone), k
+
+
+def test_boxes_are_cropped_in_groups_of_similar_size_through_windows_that_hold_them():
+    """Groups partition the boxes, ordered by their longer side; each group's window is its largest height by its
+    largest width; a group ends at group_size boxes or at the value budget (a box too large for it goes alone). Crops
+    of a mix of tiny and whole-image boxes from two images, cut through such windows (at the padded images' far
+    edges too), are each box's crop alone."""
+    rng = np.random.default_rng(11)
+    boxes = np.array([(0, 0, 60, 90), (2, 3, 4, 5), (59, 89, 1, 1), (10, 0, 50, 7), (0, 80, 9, 10)] * 7)
+    order, groups = crop_groups(boxes, 4, 2000, 16)
+    assert sorted(order.tolist()) == list(range(len(boxes)))
+    longer = np.maximum(boxes[order, 2], boxes[order, 3])
+    assert (np.diff(longer) >= 0).all()
+    assert [a for a, _, _, _ in groups] == [0] + [b for _, b, _, _ in groups[:-1]] and groups[-1][1] == len(boxes)
+    for a, b, tall, wide in groups:
+        assert 1 <= b - a <= 4
+        assert (tall, wide) == (boxes[order[a:b], 2].max(), boxes[order[a:b], 3].max())
+        assert b - a == 1 or (b - a) * tall * max(wide, 16) <= 2000
+    assert any(b - a == 1 for a, b, _, _ in groups) and any(b - a == 4 for a, b, _, _ in groups)
+
+    images = [torch.from_numpy(rng.integers(0, 256, (3, h, w), dtype=np.uint8)) for h, w in ((60, 90), (64, 20))]
+    owners = np.array([0] * len(boxes) + [1] * 6)
+    boxes = np.concatenate([boxes, [(0, 0, 64, 20), (63, 19, 1, 1), (40, 10, 24, 10), (0, 0, 3, 20), (5, 5, 5, 5),
+                                    (60, 0, 4, 20)]])
+    flips = rng.integers(0, 2, len(boxes))
+    for group_size, chunk in ((4, 1 << 14), (32, 256 << 20)):
+        got = resized_crops(images, boxes, flips, (16, 16), "bilinear", owners=owners, group_size=group_size,
+                            chunk_bytes=chunk)
+        for k, (o, box, flip) in enumerate(zip(owners, boxes, flips)):
+            ref = F.resized_crop(images[o].float(), *box.tolist(), [16, 16], antialias=True)
+            ref = ref.round().clamp(0, 255).to(torch.uint8)
+            ref = ref.flip(-1) if flip else ref
+            assert (got[k].int() - ref.int()).abs().max() <= 1, (k, group_size)
 
 
 @needs_shared("imagenet-sample")
