@@ -207,14 +207,16 @@ class Reinforcer:
         def render(item):
             keep, (images, row_params), js = item
             inputs = {}
-            for o, out in enumerate(outputs):
-                inputs[o] = self.buffers.take(len(keep) * len(js), out.size, self.render_device)
-                self.render_rows(images, row_params, js, out, inputs[o])
+            with torch.profiler.record_function("dr_hf.render"):  # named in a profile (scripts/profile_job.py)
+                for o, out in enumerate(outputs):
+                    inputs[o] = self.buffers.take(len(keep) * len(js), out.size, self.render_device)
+                    self.render_rows(images, row_params, js, out, inputs[o])
             return inputs
 
         per_row: Dict[int, List[Tuple[torch.Tensor, ...]]] = {}
         for (keep, _, js), inputs in prefetched(teacher_batches(), render, self.render_threads):
-            logp = self.teachers.log_probs(inputs, on_device=True)
+            with torch.profiler.record_function("dr_hf.teacher"):
+                logp = self.teachers.log_probs(inputs, on_device=True)
             finite = bool(torch.isfinite(logp).all())  # waits for the teachers to be done with the inputs
             self.buffers.give(*inputs.values())
             if not finite:

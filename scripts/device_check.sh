@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # The GPU checks, as one short script for a lent GPU machine (no internet there): the reinforce job against the bare
-# bf16 teacher forward (bench_gpu --job-only), the batched crops' parts (bench_resample), then the training loader
-# with replay_on_device decoding and rendering on the GPU, and its fidelity (bench_loader --device cuda). Figures
-# land in $OUT (default results/gpu).
+# bf16 teacher forward (bench_gpu --job-only), the batched crops' parts (bench_resample, the previous crops side by
+# side), where the compiled job's GPU time goes (profile_job --profiler torch: kernels by device time, the render's
+# and the teacher's share), then the training loader with replay_on_device decoding and rendering on the GPU, and
+# its fidelity (bench_loader --device cuda). Figures land in $OUT (default results/gpu).
 #
 #   bash scripts/device_check.sh DATASET [WHEELS]
 #   DEVICE=cpu OUT=/tmp/dry bash scripts/device_check.sh DATASET   # a dry run on a CPU
@@ -27,14 +28,18 @@ nvidia-smi --query-gpu=name,memory.total --format=csv,noheader || true
 python -c "import torch, torchcodec; print('torch', torch.__version__, 'torchcodec', torchcodec.__version__)" \
   || echo "no torchcodec here: replay_on_device hands over decoded pixels instead of JPEG bytes"
 gpu=(--device cuda) loader=(--device cuda --epochs 3) crops=(--device cuda)
-if [ "${DEVICE:-cuda}" = cpu ]; then  # DEVICE=cpu: a dry run of both steps (no figures worth reading)
+profile=(--device cuda --rows 128 --compile reduce-overhead)
+if [ "${DEVICE:-cuda}" = cpu ]; then  # DEVICE=cpu: a dry run of every step (no figures worth reading)
   gpu=(--device cpu --rows 8) loader=(--device cpu --epochs 1 --repeat 1) crops=(--device cpu --images 4)
+  profile=(--device cpu --rows 4)
 fi
 status=0
-timeout 330 python scripts/bench_gpu.py --dataset "$dataset" --job-only "${gpu[@]}" --out "$out/bench_gpu.md" || status=$?
+timeout 240 python scripts/bench_gpu.py --dataset "$dataset" --job-only "${gpu[@]}" --out "$out/bench_gpu.md" || status=$?
 timeout 60 python scripts/bench_resample.py --dataset "$dataset" "${crops[@]}" --out "$out/bench_resample.md" \
   || status=$?
-timeout 200 python scripts/bench_loader.py --dataset "$dataset" --rows 63 "${loader[@]}" --out "$out/bench_loader.md" \
+timeout 120 python scripts/profile_job.py --dataset "$dataset" --profiler torch "${profile[@]}" \
+  --out-prefix "$out/profile" || status=$?
+timeout 150 python scripts/bench_loader.py --dataset "$dataset" --rows 63 "${loader[@]}" --out "$out/bench_loader.md" \
   || status=$?
 cat "$out"/*.md
 exit $status

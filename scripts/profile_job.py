@@ -3,6 +3,10 @@ rendering batched on the GPU, rows prepared as by default (threads, on a GPU).
 
 * ``--profiler cprofile`` (default): cProfile of the main thread; prints the 28 most expensive functions by own time.
 * ``--profiler none``: the timing alone.
+* ``--profiler torch``: torch.profiler (CPU and, on a GPU, CUDA activity) of the timed job: the ops and kernels by
+  own device time, and where the GPU's time goes: its kernels' busy time against the job's wall time, and the device
+  time of the kernels the job's render (``dr_hf.render``) and teacher (``dr_hf.teacher``) ranges launched;
+  ``PREFIX.trace.json.gz`` holds the timeline (chrome://tracing, Perfetto). Use few rows (``--rows 256``).
 * ``--profiler py-spy``: py-spy (``pip install py-spy``) attached to the timed job alone (after the warm-up and any
   compilation), sampling every thread without pausing it: ``PREFIX.threads.txt`` holds what each thread runs,
   ``PREFIX.gil.txt`` only the thread holding the GIL (the host's single lane, in a job whose threads all need it), both
@@ -11,6 +15,7 @@ rendering batched on the GPU, rows prepared as by default (threads, on a GPU).
 
     python scripts/profile_job.py --dataset PATH [--device cuda] [--compile reduce-overhead]
     python scripts/profile_job.py --dataset PATH --profiler py-spy --out-prefix /tmp/job
+    python scripts/profile_job.py --dataset PATH --profiler torch --rows 256 --out-prefix /tmp/job
 """
 
 import argparse
@@ -73,6 +78,30 @@ def summarise(path: str, top: int = 24) -> None:
         print(f"{count / total:7.1%}  {name}")
 
 
+def summarise_torch(profile, seconds: float, gpu: bool, prefix: str) -> None:
+    """The top ops and kernels by own time (device time on a GPU), the GPU's busy share of the job's wall time, and
+    the device time of what the job's render and teacher ranges launched."""
+    def own(event):  # own device time (us), under either of torch's names for it
+        return getattr(event, "self_device_time_total", None) or getattr(event, "self_cuda_time_total", 0)
+
+    def total(event):
+        return getattr(event, "device_time_total", None) or getattr(event, "cuda_time_total", 0)
+
+    events = profile.key_averages()
+    sort = ("self_device_time_total" if hasattr(events[0], "self_device_time_total") else "self_cuda_time_total") \
+        if gpu else "self_cpu_time_total"
+    print(events.table(sort_by=sort, row_limit=30, max_name_column_width=60))
+    ranges = {e.key: e for e in events if e.key in ("dr_hf.render", "dr_hf.teacher")}
+    if gpu:
+        busy = sum(own(e) for e in events) / 1e6
+        print(f"GPU busy {busy:.2f} s of the job's {seconds:.2f} s ({busy / seconds:.0%}); kernels launched by "
+              + ", ".join(f"{k} {total(e) / 1e6:.2f} s" for k, e in sorted(ranges.items())))
+    print("host time in " + ", ".join(f"{k} {e.cpu_time_total / 1e6:.2f} s ({e.count} calls)"
+                                      for k, e in sorted(ranges.items())))
+    profile.export_chrome_trace(f"{prefix}.trace.json.gz")  # (gzipped when the name says so)
+    print(f"timeline: {prefix}.trace.json.gz")
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--dataset", default=os.path.join(ROOT, "..", "shared", "datasets", "imagenet-sample"))
@@ -80,9 +109,9 @@ def main():
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--compile", default=None, help="the teacher's torch.compile mode (e.g. reduce-overhead)")
     ap.add_argument("--prepare-threads", type=int, default=None, help="default: the job's")
-    ap.add_argument("--profiler", choices=("cprofile", "py-spy", "none"), default="cprofile")
+    ap.add_argument("--profiler", choices=("cprofile", "py-spy", "torch", "none"), default="cprofile")
     ap.add_argument("--out-prefix", default=os.path.join(tempfile.gettempdir(), "profile_job"),
-                    help="py-spy: where its two collapsed-stack files go")
+                    help="py-spy: where its two collapsed-stack files go; torch: its trace")
     ap.add_argument("--rate", type=int, default=250, help="py-spy samples per second")
     args = ap.parse_args()
 
@@ -106,6 +135,16 @@ def main():
     elif args.profiler == "cprofile":
         profile = cProfile.Profile()
         profile.enable()
+    elif args.profiler == "torch":
+        activities = [torch.profiler.ProfilerActivity.CPU]
+        if torch.device(args.device).type == "cuda":
+            activities.append(torch.profiler.ProfilerActivity.CUDA)
+        try:  # the render thread's ops too (torch >= 2.7 or so; before, the main thread's and the GPU's only)
+            config = dict(experimental_config=torch._C._profiler._ExperimentalConfig(profile_all_threads=True))
+        except TypeError:
+            config = {}
+        profile = torch.profiler.profile(activities=activities, **config)
+        profile.start()
     t0 = time.perf_counter()
     reinforce(rows, config, teachers, os.path.join(tmp, "job"), **job)
     if torch.cuda.is_available():
@@ -115,6 +154,8 @@ def main():
         stop_py_spy(spies)
     elif args.profiler == "cprofile":
         profile.disable()
+    elif args.profiler == "torch":
+        profile.stop()
     print(f"{args.rows} rows x 64 samples in {seconds:.2f} s: {args.rows * 64 / seconds:,.0f} samples/s "
           f"(compile {args.compile}, prepare threads {args.prepare_threads if args.prepare_threads is not None else 'default'})")
     if args.profiler == "py-spy":
@@ -122,6 +163,8 @@ def main():
             summarise(f"{args.out_prefix}.{kind}.txt")
     elif args.profiler == "cprofile":
         pstats.Stats(profile).sort_stats("tottime").print_stats(28)
+    elif args.profiler == "torch":
+        summarise_torch(profile, seconds, gpu=torch.device(args.device).type == "cuda", prefix=args.out_prefix)
 
 
 if __name__ == "__main__":
