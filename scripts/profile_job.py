@@ -140,10 +140,10 @@ def main():
         if torch.device(args.device).type == "cuda":
             activities.append(torch.profiler.ProfilerActivity.CUDA)
         try:  # the render thread's ops too (torch >= 2.7 or so; before, the main thread's and the GPU's only)
-            config = dict(experimental_config=torch._C._profiler._ExperimentalConfig(profile_all_threads=True))
+            threads = dict(experimental_config=torch._C._profiler._ExperimentalConfig(profile_all_threads=True))
         except TypeError:
-            config = {}
-        profile = torch.profiler.profile(activities=activities, **config)
+            threads = {}
+        profile = torch.profiler.profile(activities=activities, **threads)
         profile.start()
     t0 = time.perf_counter()
     reinforce(rows, config, teachers, os.path.join(tmp, "job"), **job)
