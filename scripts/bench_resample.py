@@ -11,7 +11,10 @@ call (a teacher batch of the job at N=64: one call, matrices padded to the large
   products in float32 over the windows, rounding) at its default group size and two others, against the previous
   code (products over whole images, one image's boxes at a time; kept here as the reference), with the products'
   multiply-adds per sample (what a GPU's time for the crops follows) and how the pixels differ;
-* the same with TF32 matrix products (for reference: the job keeps float32, the pixels training replays).
+* the same with TF32 matrix products (for reference: the job keeps float32, the pixels training replays);
+* a training batch under ``replay_on_device``: one view of each of the images, every image its own: the aten ops
+  (each a kernel launch or a view on a GPU: the host's part) and the time of one call, windows against the previous
+  code.
 
     python scripts/bench_resample.py [--device cuda]    # -> results/bench_resample.md
 """
@@ -70,6 +73,22 @@ def previous_crops(images, boxes, flips, size, interpolation, owners):
             crops = torch.bmm(wy[a:b, :, :h], rows).view(b - a, size[0], channels, size[1]).permute(0, 2, 1, 3)
             out[a:b] = crops.round_().clamp_(0, 255)
     return out
+
+
+def count_ops(fn) -> int:
+    """The aten ops one call of ``fn`` dispatches."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Count(TorchDispatchMode):
+        ops = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            Count.ops += 1
+            return func(*args, **(kwargs or {}))
+
+    with Count():
+        fn()
+    return Count.ops
 
 
 def multiply_adds(calls, size, group_size=None):
@@ -182,6 +201,12 @@ def main():
     levels = torch.cat([(resized_crops(ims, b, f, (224, 224), "bicubic", owners=o).int()
                          - previous_crops(ims, b, f, (224, 224), "bicubic", o).int()).abs().flatten()
                         for ims, b, f, o in calls])
+    # a replay_on_device training batch: one view of each image, each image its own
+    views = (images, np.stack([b[0] for b in boxes]), np.array([f[0] for f in flips]), np.arange(len(images)))
+    replay = {"windows": lambda: resized_crops(*views[:3], (224, 224), "bicubic", owners=views[3]),
+              "previous": lambda: previous_crops(*views[:3], (224, 224), "bicubic", views[3])}
+    replay_ops = {name: count_ops(fn) for name, fn in replay.items()}
+    replay_time = {name: best(fn) for name, fn in replay.items()}
     import dr_hf.resample as resample
 
     resample.float32_precision = lambda tf32: float32_precision(tf32=True)  # the TF32 reference row only
@@ -215,6 +240,11 @@ def main():
               f"their pixels differ by {float(levels.float().mean()):.4f} grey levels on average, {int(levels.max())} "
               f"at most ({float((levels > 0).float().mean()):.3%} of pixels: half-level ties, float sums of another "
               "length).", "",
+              f"A `replay_on_device` training batch, one view of each of the {len(images)} images: "
+              f"{replay_ops['windows']} aten ops (launches or views) against {replay_ops['previous']} for the previous "
+              f"code (**{replay_ops['previous'] / replay_ops['windows']:.1f}x** fewer: it ran each image's products on "
+              f"their own), {1000 * replay_time['windows']:.1f} ms a call against {1000 * replay_time['previous']:.1f}.",
+              "",
               f"TF32 products against float32: {float(tf32_levels.float().mean()):.3f} grey levels on average, "
               f"{int(tf32_levels.max())} at most, {float((tf32_levels > 0).float().mean()):.2%} of pixels differ (one "
               "image's 64 crops).", "",
