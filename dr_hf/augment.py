@@ -65,11 +65,17 @@ def box_to_pixels(box: Sequence[int], height: int, width: int) -> Tuple[int, int
     return top, left, h, w
 
 
+def to_device(array: np.ndarray, device) -> torch.Tensor:
+    """A host array as a tensor on ``device``, copied without waiting for the device: a blocking copy to a GPU waits
+    for all the work queued before it (the teacher's forward, in a reinforce job) before the host may queue more."""
+    return torch.from_numpy(np.ascontiguousarray(array)).to(device, non_blocking=True)
+
+
 def box_masks(boxes: np.ndarray, height: int, width: int, device=None) -> torch.Tensor:
     """(M, 1, H, W) bool masks of stored boxes (M, 4) at ``height`` x ``width`` (an all-zero box: no pixel)."""
     boxes = np.asarray(boxes)
     px = np.where(((boxes[:, 2] > 0) & (boxes[:, 3] > 0))[:, None], boxes_to_pixels(boxes, height, width), 0)
-    b = torch.from_numpy(px).to(device)
+    b = to_device(px, device)
     ys, xs = torch.arange(height, device=device), torch.arange(width, device=device)
     rows = (ys >= b[:, :1]) & (ys < b[:, :1] + b[:, 2:3])
     cols = (xs >= b[:, 1:2]) & (xs < b[:, 1:2] + b[:, 3:4])
@@ -339,18 +345,24 @@ class RandAugment(ReplayableTransform):
         return image
 
     def apply_batch(self, images: torch.Tensor, params: Dict[str, np.ndarray]) -> torch.Tensor:
-        """:meth:`apply` to a batch (M, 3, H, W) of uint8 images, with each field of ``params`` (M, ...): each op, one
-        slot at a time, runs once on all the images that drew it (torchvision's ops treat a batch image by image, the
-        same pixels as one at a time; tested), so a batch costs a few dozen calls, not M * ``num_ops``."""
+        """:meth:`apply` to a batch (M, 3, H, W) of uint8 images, with each field of ``params`` (M, ...): each op slot
+        sorts the batch by (op, signed bin), then each op runs once on the run of images that drew it, in place
+        (torchvision's ops treat a batch image by image, the same pixels as one at a time; tested), so a batch costs
+        a few dozen calls, not M * ``num_ops``, and one index transfer a slot."""
         ops, bins = np.asarray(params["ra_ops"]), np.asarray(params["ra_bins"]).astype(np.int64)
         self._check_ops(ops)
-        images = images.clone()
         for slot in range(ops.shape[1]):
-            keys = ops[:, slot].astype(np.int64) * 256 + bins[:, slot] + 128  # (op, signed bin) as one number
-            for key in np.unique(keys[ops[:, slot] != 255]):
-                index = torch.from_numpy(np.flatnonzero(keys == key)).to(images.device)
-                op, signed_bin = divmod(int(key), 256)
-                images.index_copy_(0, index, self._op(images.index_select(0, index), op, signed_bin - 128))
+            keys = np.where(ops[:, slot] == 255, -1, ops[:, slot].astype(np.int64) * 256 + bins[:, slot] + 128)
+            if (keys < 0).all():
+                continue
+            order = np.argsort(keys, kind="stable")
+            index = to_device(order, images.device)
+            x = images.index_select(0, index)  # by (op, signed bin): each run a slice
+            for key, a, b in runs(keys[order]):
+                if key >= 0:
+                    op, signed_bin = divmod(key, 256)
+                    x[a:b] = self._op(x[a:b], op, signed_bin - 128)
+            images = torch.empty_like(x).index_copy_(0, index, x)  # back in the batch's order
         return images
 
 
@@ -456,9 +468,9 @@ class MixUpCutMix(ReplayableTransform):
         """:meth:`apply_mix` to a batch: ``x`` and ``partner`` (P, 3, H, W), each field of ``params`` (P, ...); samples
         that are not mixed come back unchanged. The same arithmetic as one at a time, so the same floats (tested)."""
         q = np.asarray(params["mix_lam"]).astype(np.int64)
-        mixup = torch.from_numpy(q > 0).to(x.device)[:, None, None, None]
+        mixup = to_device(q > 0, x.device)[:, None, None, None]
         lam = torch.from_numpy(np.where(q > 0, q / Q16, 1.0))  # float64, as Python computes 1 - lam
-        own, other = lam.to(x.dtype).to(x.device), (1.0 - lam).to(x.dtype).to(x.device)
+        own, other = (w.to(x.dtype).to(x.device, non_blocking=True) for w in (lam, 1.0 - lam))
         x = torch.where(mixup, x * own[:, None, None, None] + partner * other[:, None, None, None], x)
         return torch.where(box_masks(params["mix_box"], x.shape[-2], x.shape[-1], x.device), partner, x)
 
@@ -592,7 +604,7 @@ class AugmentPipeline:
         x = F.to_dtype(x.contiguous(), torch.float32, scale=True)
         for t in floats:
             x = t.apply(x, params, out)
-        x = F.normalize(x, list(out.mean), list(out.std))
+        x = normalize(x, out)
         return into.copy_(x) if into is not None else x
 
     def crops_in_batches(self, out: InputSpec) -> bool:
@@ -697,17 +709,18 @@ class AugmentPipeline:
         if not normalise:  # (renders_uint8: erasing to black, the same on uint8 pixels)
             for t in floats:
                 pixels = t.apply_batch(pixels, gather(row_params, keys, t.fields))
-            return batch.copy_(pixels[[where[pick] for pick in picks]])
+            return batch.copy_(pixels.index_select(0, to_device([where[pick] for pick in picks], pixels.device)))
         if floats:  # render's float path: to [0, 1], erase, normalise
             x = F.to_dtype(pixels, torch.float32, scale=True)
             for t in floats:
                 x = t.apply_batch(x, gather(row_params, keys, t.fields))
-            x = F.normalize(x, list(out.mean), list(out.std))
+            x = normalize(x, out)
         else:
             x = normalise_pixels(pixels, out, self)
-        own = x[[where[pick] for pick in picks]]
+        own = x.index_select(0, to_device([where[pick] for pick in picks], x.device))
         if mix is not None:
-            own = mix.apply_mix_batch(own, x[[where[key] for key in partner_keys]], mixing)
+            partner = x.index_select(0, to_device([where[key] for key in partner_keys], x.device))
+            own = mix.apply_mix_batch(own, partner, mixing)
         return batch.copy_(own)
 
 
@@ -717,7 +730,7 @@ def normalise_pixels(pixels: torch.Tensor, out: InputSpec, pipeline: "AugmentPip
     ``render`` returns, bit for bit, on the pixels' device (the trainer normalises on the GPU); ``render`` itself
     normalises through here when it has no float stage."""
     if pipeline.stage("float"):  # render's float path: to [0, 1], (erase), normalise
-        return F.normalize(F.to_dtype(pixels, torch.float32, scale=True), list(out.mean), list(out.std))
+        return normalize(F.to_dtype(pixels, torch.float32, scale=True), out)
     # (x / 255 - mean) / std as x * scale + bias
     y = into if into is not None else torch.empty_like(pixels, dtype=torch.float32)  # in the pixels' layout
     y.copy_(pixels)
@@ -747,6 +760,17 @@ def empty_batch(n: int, size: Sequence[int], dtype: torch.dtype = torch.float32,
 _NORMALISATION: Dict[Tuple, Tuple[torch.Tensor, torch.Tensor]] = {}
 
 
+def normalize(x: torch.Tensor, out: InputSpec) -> torch.Tensor:
+    """``F.normalize(x, out.mean, out.std)`` (the same floats) with the constants kept on ``x``'s device: torchvision's
+    makes them from lists on every call, two blocking copies to a GPU."""
+    key = ("mean-std", out.mean, out.std, str(x.device), x.dtype)
+    if key not in _NORMALISATION:
+        _NORMALISATION[key] = tuple(torch.tensor(v, dtype=x.dtype).view(-1, 1, 1).to(x.device, non_blocking=True)
+                                    for v in (out.mean, out.std))
+    mean, std = _NORMALISATION[key]
+    return x.sub(mean).div_(std)
+
+
 def _affine_normalisation(out: InputSpec, device: torch.device, tiled: int = 0) -> Tuple[torch.Tensor, torch.Tensor]:
     """Per-channel (scale, bias) with ``x * scale + bias == (x / 255 - mean) / std``, on ``device``: shaped (3, 1, 1),
     or with ``tiled`` = W, repeated along a channels-last row of W pixels, (3 * W,)."""
@@ -758,7 +782,7 @@ def _affine_normalisation(out: InputSpec, device: torch.device, tiled: int = 0) 
             scale, bias = scale.repeat(tiled), bias.repeat(tiled)
         else:
             scale, bias = scale[:, None, None], bias[:, None, None]
-        _NORMALISATION[key] = (scale.to(device), bias.to(device))
+        _NORMALISATION[key] = (scale.to(device, non_blocking=True), bias.to(device, non_blocking=True))
     return _NORMALISATION[key]
 
 

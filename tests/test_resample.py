@@ -234,6 +234,47 @@ def test_batched_render_is_per_sample_render_within_stated_tolerance(interpolati
     assert a.dtype == b.dtype == torch.uint8 and (a.int() - b.int()).abs().max() <= (1 if interpolation == "bilinear" else 255)
 
 
+def test_a_teacher_batch_renders_without_waiting_for_the_device():
+    """Every host-to-device copy the batched render makes is queued without blocking: a blocking copy to a GPU waits
+    for all work queued before it (a reinforce job's teacher forward) before the host may queue more. Checked on the
+    meta device, where the render runs op by op without data: also no op needs a value back on the host. Every preset
+    the batched crop renders (RandAugment's ops by key, erasing and mixing masks, mixing weights, picks of views),
+    normalised and uint8. (Tensors made from Python lists on the device copy below what this mode sees: torchvision's
+    affine matrices for RandAugment's geometric ops still do; its normalize did, hence ``augment.normalize``.)"""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class HostToDevice(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.blocking = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            kwargs = kwargs or {}
+            if func is torch.ops.aten._to_copy.default and args[0].device.type == "cpu" \
+                    and torch.device(kwargs.get("device") or "cpu").type == "meta":
+                self.blocking += [] if kwargs.get("non_blocking") else [tuple(args[0].shape)]
+            return func(*args, **kwargs)
+
+    spec = InputSpec(size=(8, 8), interpolation="bicubic")
+    rendered = 0
+    for preset in sorted(PRESETS):
+        pipe = make_pipeline(preset)
+        if not pipe.crops_in_batches(spec):
+            continue
+        g = pipe.group_size
+        rows, per_row = (4, 16) if g == 1 else (2 * g, 8)
+        images = [torch.zeros((3, 24 + r, 32), dtype=torch.uint8, device="meta") for r in range(rows)]
+        params = [pipe.sample(0, r, per_row, Context(24 + r, 32, r % g, g, per_row)) for r in range(rows)]
+        picks = [(r, j) for r in range(rows) for j in range(per_row)]
+        for normalise in (True, False) if pipe.renders_uint8 else (True,):
+            with HostToDevice() as copies:
+                batch = pipe.render_samples(images, params, picks, spec, normalise=normalise, batched=True)
+            assert batch.shape == (len(picks), 3, 8, 8) and batch.device.type == "meta"
+            assert copies.blocking == [], (preset, normalise, copies.blocking)
+            rendered += 1
+    assert rendered >= 5
+
+
 def test_batched_job_is_recorded_and_verifies(tmp_path, capsys, image_dataset, image_dataset_dir, teachers, tiny_teacher_spec):
     """`dr-hf reinforce --render batched` records the mode (config, card); verify replays it the same way (and passes);
     its teacher targets are the per-sample job's to within the rounding of a grey level; resuming with the other mode is
