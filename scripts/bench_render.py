@@ -53,9 +53,12 @@ def tiny_vit(folder):
 
 
 def host_cost(preset: str, mode: str, repeats: int):
-    """(aten ops, ms) per 64 samples of rendering a teacher batch of 256 samples (4 rows x 64, or 8 rows x 32 in
-    MixUp/CutMix groups of 8) with 8x8 crops of small images, where the host's work is all there is. ``mode``:
-    "per sample" (the CPU path), "batched, row by row", "batched" (the GPU path, one call per teacher batch)."""
+    """(aten ops, ms, blocking copies) per 64 samples of rendering a teacher batch of 256 samples (4 rows x 64, or 8
+    rows x 32 in MixUp/CutMix groups of 8) with 8x8 crops of small images, where the host's work is all there is.
+    ``mode``: "per sample" (the CPU path), "batched, row by row", "batched" (the GPU path, one call per teacher batch).
+    Blocking copies (batched modes): host-to-device copies that wait for the device, counted on the meta device after
+    a first batch (each would wait for the teacher's queued forward on a GPU; copies made from Python lists are not
+    seen)."""
     from torch.utils._python_dispatch import TorchDispatchMode
 
     from dr_hf import make_pipeline
@@ -63,11 +66,15 @@ def host_cost(preset: str, mode: str, repeats: int):
     from dr_hf.inputs import InputSpec
 
     class Count(TorchDispatchMode):
-        ops = 0
+        ops = blocking = 0
 
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):
             Count.ops += 1
-            return func(*args, **(kwargs or {}))
+            kwargs = kwargs or {}
+            if func is torch.ops.aten._to_copy.default and args[0].device.type == "cpu" \
+                    and torch.device(kwargs.get("device") or "cpu").type != "cpu" and not kwargs.get("non_blocking"):
+                Count.blocking += 1
+            return func(*args, **kwargs)
 
     pipe, out = make_pipeline(preset), InputSpec(size=(8, 8), interpolation="bicubic")
     g = pipe.group_size
@@ -77,7 +84,7 @@ def host_cost(preset: str, mode: str, repeats: int):
     params = [pipe.sample(0, r, per_row, Context(24 + r, 32, r % g, g, per_row)) for r in range(rows)]
     batch = empty_batch(256, out.size)
 
-    def render():
+    def render(images=images, batch=batch):
         if mode == "batched, row by row":
             for r in range(rows):
                 pipe.render_samples(images[r:r + 1], params[r:r + 1], [(0, j) for j in range(per_row)], out,
@@ -89,13 +96,22 @@ def host_cost(preset: str, mode: str, repeats: int):
     render()
     with Count():
         render()
+    ops = Count.ops
+    blocking = None
+    if mode != "per sample":
+        Count.blocking = 0
+        on_meta = [im.to("meta") for im in images], torch.empty(batch.shape, device="meta")
+        render(*on_meta)  # constants cached per device on the first batch
+        with Count():
+            render(*on_meta)
+        blocking = Count.blocking / 4
     best = float("inf")
     for _ in range(repeats):
         t0 = time.perf_counter()
         for _ in range(5):
             render()
         best = min(best, (time.perf_counter() - t0) / 5)
-    return Count.ops / 4, best / 4 * 1e3
+    return ops / 4, best / 4 * 1e3, blocking
 
 
 def main():
@@ -301,9 +317,11 @@ def main():
               "8 rows x 32 in MixUp/CutMix groups) on this CPU with 8x8 crops of small images, so that the host's work is "
               "all there is. Per sample: the CPU path; batched: the GPU path (every stage on the whole batch, one call "
               "per teacher batch).", "",
-              "| preset | rendered | kernel launches (aten ops) per 64 samples | host ms per 64 samples |",
-              "|---|---|---|---|"]
-    lines += [f"| `{preset}` | {mode} | {ops:.0f} | {ms:.2f} |" for (preset, mode), (ops, ms) in host.items()]
+              "| preset | rendered | kernel launches (aten ops) per 64 samples | host ms per 64 samples | blocking "
+              "host-to-device copies per 64 samples |",
+              "|---|---|---|---|---|"]
+    lines += [f"| `{preset}` | {mode} | {ops:.0f} | {ms:.2f} | {'' if blocking is None else f'{blocking:g}'} |"
+              for (preset, mode), (ops, ms, blocking) in host.items()]
     lines += ["",
               "Command: `python scripts/bench_render.py`."]
     write_markdown(args.out, lines)
