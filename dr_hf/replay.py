@@ -88,9 +88,12 @@ class DeviceReplay:
                                [int(self.rows[b]) for b in jpegs], self.column)
         for b, image in zip(jpegs, decoded):
             out[b] = image
-        for b in np.flatnonzero(~self.encoded):
-            offset, size, height, width = (int(v) for v in self.spans[b])
-            out[b] = self.data[offset:offset + size].view(height, width, 3).permute(2, 0, 1).to(device)
+        decoded = np.flatnonzero(~self.encoded)
+        if len(decoded):  # the batch's buffer in one copy that does not wait for the device, then a view an image
+            data = self.data.to(device, non_blocking=True)
+            for b in decoded:
+                offset, size, height, width = (int(v) for v in self.spans[b])
+                out[b] = data[offset:offset + size].view(height, width, 3).permute(2, 0, 1)
         return out
 
     def render(self, pipeline: AugmentPipeline, out: InputSpec, device, batched: Optional[bool] = None) -> torch.Tensor:

@@ -12,6 +12,7 @@ from dr_hf.augment import PRESETS, Context, InputSpec
 from dr_hf.images import decode
 from dr_hf.augment import empty_batch, normalise_pixels
 from dr_hf.resample import crop_groups, resample_weights, resized_crop, resized_crops
+from torch.utils._python_dispatch import TorchDispatchMode
 
 MODES = {"bilinear": InterpolationMode.BILINEAR, "bicubic": InterpolationMode.BICUBIC}
 
@@ -234,6 +235,23 @@ def test_batched_render_is_per_sample_render_within_stated_tolerance(interpolati
     assert a.dtype == b.dtype == torch.uint8 and (a.int() - b.int()).abs().max() <= (1 if interpolation == "bilinear" else 255)
 
 
+class HostToDevice(TorchDispatchMode):
+    """Records host-to-device copies (to the meta device, which runs ops without data): each copy's shape, and those
+    that block."""
+
+    def __init__(self):
+        super().__init__()
+        self.copies, self.blocking = [], []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is torch.ops.aten._to_copy.default and args[0].device.type == "cpu" \
+                and torch.device(kwargs.get("device") or "cpu").type == "meta":
+            self.copies.append(tuple(args[0].shape))
+            self.blocking += [] if kwargs.get("non_blocking") else [tuple(args[0].shape)]
+        return func(*args, **kwargs)
+
+
 def test_a_teacher_batch_renders_without_waiting_for_the_device():
     """Every host-to-device copy the batched render makes is queued without blocking: a blocking copy to a GPU waits
     for all work queued before it (a reinforce job's teacher forward) before the host may queue more. Checked on the
@@ -241,20 +259,6 @@ def test_a_teacher_batch_renders_without_waiting_for_the_device():
     the batched crop renders (RandAugment's ops by key, erasing and mixing masks, mixing weights, picks of views),
     normalised and uint8. (Tensors made from Python lists on the device copy below what this mode sees: torchvision's
     affine matrices for RandAugment's geometric ops still do; its normalize did, hence ``augment.normalize``.)"""
-    from torch.utils._python_dispatch import TorchDispatchMode
-
-    class HostToDevice(TorchDispatchMode):
-        def __init__(self):
-            super().__init__()
-            self.blocking = []
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            kwargs = kwargs or {}
-            if func is torch.ops.aten._to_copy.default and args[0].device.type == "cpu" \
-                    and torch.device(kwargs.get("device") or "cpu").type == "meta":
-                self.blocking += [] if kwargs.get("non_blocking") else [tuple(args[0].shape)]
-            return func(*args, **kwargs)
-
     spec = InputSpec(size=(8, 8), interpolation="bicubic")
     rendered = 0
     for preset in sorted(PRESETS):
@@ -273,6 +277,24 @@ def test_a_teacher_batch_renders_without_waiting_for_the_device():
             assert copies.blocking == [], (preset, normalise, copies.blocking)
             rendered += 1
     assert rendered >= 5
+
+
+def test_replayed_decoded_images_reach_the_device_in_one_copy_that_does_not_wait():
+    """replay_on_device: images handed over decoded (without TorchCodec, or not JPEGs) go to the device in one copy
+    of the batch's buffer, queued without blocking (not one blocking copy an image), each its own pixels there."""
+    from dr_hf.replay import DeviceReplay
+
+    rng = np.random.default_rng(5)
+    images = [torch.from_numpy(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).permute(2, 0, 1)
+              for h, w in ((20, 30), (31, 17), (8, 8))]
+    params = make_pipeline("rrc+flip").sample(0, 0, 1, Context(20, 30, num_samples=1))
+    replay = DeviceReplay.of(images, [[{name: value[0] for name, value in params.items()}]] * 3, rows=[0, 1, 2])
+    with HostToDevice() as copies:
+        on_meta = replay.images("meta")
+    assert copies.blocking == [] and copies.copies == [(replay.data.numel(),)]
+    assert [t.shape for t in on_meta] == [im.shape for im in images] and on_meta[0].device.type == "meta"
+    for got, image in zip(replay.images("cpu"), images):
+        assert torch.equal(got, image)
 
 
 def test_batched_job_is_recorded_and_verifies(tmp_path, capsys, image_dataset, image_dataset_dir, teachers, tiny_teacher_spec):
