@@ -28,7 +28,7 @@ from torchvision.transforms.v2 import InterpolationMode
 from torchvision.transforms.v2 import functional as F
 
 from .inputs import InputSpec
-from .resample import FILTERS, resized_crop, resized_crops, runs
+from .resample import FILTERS, resized_crop, resized_crops, runs, to_device
 
 Q_BOX = 4096  # box coordinates (relative to the image side) are stored as round(x * Q_BOX) in uint16
 Q16 = 65535  # MixUp weights are stored as round(lam * Q16) in uint16
@@ -63,12 +63,6 @@ def box_to_pixels(box: Sequence[int], height: int, width: int) -> Tuple[int, int
     h = min(max(int(round(int(box[2]) * height / Q_BOX)), 1), height - top)
     w = min(max(int(round(int(box[3]) * width / Q_BOX)), 1), width - left)
     return top, left, h, w
-
-
-def to_device(array: np.ndarray, device) -> torch.Tensor:
-    """A host array as a tensor on ``device``, copied without waiting for the device: a blocking copy to a GPU waits
-    for all the work queued before it (the teacher's forward, in a reinforce job) before the host may queue more."""
-    return torch.from_numpy(np.ascontiguousarray(array)).to(device, non_blocking=True)
 
 
 def box_masks(boxes: np.ndarray, height: int, width: int, device=None) -> torch.Tensor:
@@ -758,16 +752,17 @@ def empty_batch(n: int, size: Sequence[int], dtype: torch.dtype = torch.float32,
 
 
 _NORMALISATION: Dict[Tuple, Tuple[torch.Tensor, torch.Tensor]] = {}
+_MEAN_STD: Dict[Tuple, Tuple[torch.Tensor, torch.Tensor]] = {}
 
 
 def normalize(x: torch.Tensor, out: InputSpec) -> torch.Tensor:
     """``F.normalize(x, out.mean, out.std)`` (the same floats) with the constants kept on ``x``'s device: torchvision's
     makes them from lists on every call, two blocking copies to a GPU."""
-    key = ("mean-std", out.mean, out.std, str(x.device), x.dtype)
-    if key not in _NORMALISATION:
-        _NORMALISATION[key] = tuple(torch.tensor(v, dtype=x.dtype).view(-1, 1, 1).to(x.device, non_blocking=True)
-                                    for v in (out.mean, out.std))
-    mean, std = _NORMALISATION[key]
+    key = (out.mean, out.std, str(x.device), x.dtype)
+    if key not in _MEAN_STD:
+        _MEAN_STD[key] = tuple(torch.tensor(v, dtype=x.dtype).view(-1, 1, 1).to(x.device, non_blocking=True)
+                               for v in (out.mean, out.std))
+    mean, std = _MEAN_STD[key]
     return x.sub(mean).div_(std)
 
 

@@ -88,10 +88,10 @@ class DeviceReplay:
                                [int(self.rows[b]) for b in jpegs], self.column)
         for b, image in zip(jpegs, decoded):
             out[b] = image
-        decoded = np.flatnonzero(~self.encoded)
-        if len(decoded):  # the batch's buffer in one copy that does not wait for the device, then a view an image
+        raw = np.flatnonzero(~self.encoded)  # handed over decoded
+        if len(raw):  # the batch's buffer in one copy that does not wait for the device, then a view an image
             data = self.data.to(device, non_blocking=True)
-            for b in decoded:
+            for b in raw:
                 offset, size, height, width = (int(v) for v in self.spans[b])
                 out[b] = data[offset:offset + size].view(height, width, 3).permute(2, 0, 1)
         return out

@@ -92,6 +92,12 @@ def resample_weights(starts: torch.Tensor, lengths: torch.Tensor, in_size: int, 
     return matrix.scatter_(2, column, w)[:, :, :in_size]
 
 
+def to_device(array, device) -> torch.Tensor:
+    """A host array as a tensor on ``device``, copied without waiting for the device: a blocking copy to a GPU waits
+    for all the work queued before it (the teacher's forward, in a reinforce job) before the host may queue more."""
+    return torch.from_numpy(np.ascontiguousarray(array)).to(device, non_blocking=True)
+
+
 def resized_crops(images, boxes, flips, size: Tuple[int, int], interpolation: str = "bilinear",
                   owners: Optional[Sequence[int]] = None, chunk_bytes: int = 256 << 20,
                   into: Optional[torch.Tensor] = None, group_size: int = 32) -> torch.Tensor:
@@ -128,7 +134,7 @@ def resized_crops(images, boxes, flips, size: Tuple[int, int], interpolation: st
     # each group's window rows (in the table of all images' rows, below) and window columns, a run a group
     lines = [(first_row[order[a:b], None] + np.arange(tall)).ravel() for a, b, tall, _ in groups]
     columns = [(origin[order[a:b], 1, None] + np.arange(wide)).ravel() for a, b, _, wide in groups]
-    sent = torch.from_numpy(np.concatenate([table.ravel(), order, *lines, *columns])).to(device, non_blocking=True)
+    sent = to_device(np.concatenate([table.ravel(), order, *lines, *columns]), device)
     sent = sent.split([table.size, len(order), *map(len, lines), *map(len, columns)])
     in_top, in_left, heights, widths, flip = sent[0].view(table.shape).unbind(1)
     slot, lines, columns = sent[1], sent[2:2 + len(groups)], sent[2 + len(groups):]
