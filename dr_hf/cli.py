@@ -143,13 +143,23 @@ def cmd_demo(args) -> int:
     return 0
 
 
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Each option's default after its help, unless the help already says it or there is none to say (a required
+    option, an unset one, an off flag)."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if "default" in text or action.required or action.default in (None, False, argparse.SUPPRESS):
+            return text
+        return super()._get_help_string(action)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dr-hf", description="Dataset Reinforcement for Hugging Face datasets")
     sub = parser.add_subparsers(dest="command", required=True)
-    _add = sub.add_parser
-    sub.add_parser = lambda *a, **kw: _add(*a, formatter_class=argparse.ArgumentDefaultsHelpFormatter, **kw)  # show defaults
 
-    r = sub.add_parser("reinforce", help="add augmentation-parameter and sparse teacher-output columns to an image dataset")
+    r = sub.add_parser("reinforce", formatter_class=HelpFormatter,
+                       help="add augmentation-parameter and sparse teacher-output columns to an image dataset")
     r.add_argument("dataset", help="anything datasets.load_dataset accepts: Hub id, local folder, image folder")
     r.add_argument("--output", required=True, help="output folder (Hub layout: README.md + data/*.parquet)")
     r.add_argument("--teacher", action="append", required=True,
@@ -213,7 +223,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--quiet", action="store_true", help="no progress bar or log lines")
     r.set_defaults(func=cmd_reinforce)
 
-    v = sub.add_parser("verify", help="check a reinforced dataset's values and replay rows through its recorded teachers")
+    v = sub.add_parser("verify", formatter_class=HelpFormatter,
+                       help="check a reinforced dataset's values and replay rows through its recorded teachers")
     v.add_argument("path", help="a local reinforced folder")
     v.add_argument("--teacher", action="append", default=None,
                    help="optional: must match the recorded teachers (verify replays those by default)")
@@ -225,7 +236,8 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     v.set_defaults(func=cmd_verify)
 
-    p = sub.add_parser("push", help="upload a reinforced folder to a Hub dataset repo (resumable, one commit per batch of files)")
+    p = sub.add_parser("push", formatter_class=HelpFormatter,
+                       help="upload a reinforced folder to a Hub dataset repo (resumable, one commit per batch of files)")
     p.add_argument("folder", help="a reinforced folder (dr-hf reinforce --output)")
     p.add_argument("repo_id", help="org/name, e.g. org/imagenet-plus")
     p.add_argument("--private", action="store_true", help="create the repo private")
@@ -235,7 +247,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true", help="no log lines")
     p.set_defaults(func=cmd_push)
 
-    pv = sub.add_parser("preview", help="render a grid of replayed samples with the teacher's top classes (PNG)")
+    pv = sub.add_parser("preview", formatter_class=HelpFormatter,
+                        help="render a grid of replayed samples with the teacher's top classes (PNG)")
     pv.add_argument("folder", help="a reinforced folder (dr-hf reinforce --output)")
     pv.add_argument("--out", default=None, help="default: FOLDER/preview.png")
     pv.add_argument("--rows", type=int, default=4, help="rows shown (grid rows)")
@@ -245,7 +258,8 @@ def build_parser() -> argparse.ArgumentParser:
     pv.add_argument("--seed", type=int, default=0, help="picks which rows and samples are shown")
     pv.set_defaults(func=cmd_preview)
 
-    d = sub.add_parser("demo", help="reinforce an embedded set of photos end to end, load it back and verify it")
+    d = sub.add_parser("demo", formatter_class=HelpFormatter,
+                       help="reinforce an embedded set of photos end to end, load it back and verify it")
     d.add_argument("--output", default="out/demo-plus", help="the reinforced folder (the source goes to OUTPUT-source)")
     d.add_argument("--teacher", default="efficientnet-lite0", help="teacher spec")
     d.set_defaults(func=cmd_demo)

@@ -122,11 +122,21 @@ def test_newcomer_first_hour(tmp_path, capsys, image_dataset_dir, tiny_teacher_s
 
 
 def test_every_option_has_help():
+    """Every option says what it does, and its default once: not where its help already says it, nor for a
+    required option, an unset one or an off flag ("(default: None)" would tell a user nothing)."""
     from dr_hf.cli import build_parser
 
     parser = build_parser()
     for name, sub in parser._subparsers._group_actions[0].choices.items():
         assert all(a.help for a in sub._actions), (name, [a.dest for a in sub._actions if not a.help])
+        text = " ".join(sub.format_help().split())
+        assert "(default: None)" not in text and "(default: False)" not in text, name
+        for action in sub._actions:
+            shown = " ".join(sub._get_formatter()._expand_help(action).split()) if action.help else ""
+            assert shown.count("default") <= 1 or "default:" not in shown, (name, action.dest, shown)
+    reinforce = parser._subparsers._group_actions[0].choices["reinforce"]
+    text = " ".join(reinforce.format_help().split())
+    assert "rows per MixUp/CutMix partner group (default 8)" in text and "(default 8) (default" not in text
 
 
 def test_demo_says_where_it_wrote_and_what_next(tmp_path, capsys):
