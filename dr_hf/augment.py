@@ -784,9 +784,9 @@ def _affine_normalisation(out: InputSpec, device: torch.device, tiled: int = 0) 
 def gather(row_params: Sequence[Mapping[str, Any]], picks: Sequence[Tuple[int, int]], names) -> Dict[str, np.ndarray]:
     """Fields ``names`` of the stored parameters of samples ``picks`` = [(row, sample index), ...]: each
     (len(picks), ...), one numpy lookup per run of picks of one row."""
-    rows = np.array([r for r, _ in picks], dtype=np.int64)
-    samples = np.array([j for _, j in picks], dtype=np.int64)
-    return {name: np.concatenate([np.asarray(row_params[r][name])[samples[a:b]] for r, a, b in runs(rows)])
+    rows, samples = np.array(picks, dtype=np.int64).reshape(-1, 2).T
+    spans = list(runs(rows))
+    return {name: np.concatenate([np.asarray(row_params[r][name])[samples[a:b]] for r, a, b in spans])
             for name in names}
 
 

@@ -33,7 +33,7 @@ def _filter(x: torch.Tensor, interpolation: str) -> torch.Tensor:
     a = -0.5
     near = ((a + 2.0) * x - (a + 3.0)) * x * x + 1.0
     far = (((x - 5.0) * x + 8.0) * x - 4.0) * a
-    return torch.where(x < 1.0, near, torch.where(x < 2.0, far, torch.zeros_like(x)))
+    return torch.where(x < 1.0, near, torch.where(x < 2.0, far, 0.0))
 
 
 def resized_crop(image: torch.Tensor, top: int, left: int, height: int, width: int, size: Sequence[int],
@@ -74,8 +74,8 @@ def resample_weights(starts: torch.Tensor, lengths: torch.Tensor, in_size: int, 
     lengths = lengths.to(torch.float32)[:, None, None]
     scale = lengths / out_size  # torch's area_pixel_compute_scale (align_corners=False)
     downscale = scale >= 1.0
-    support = torch.where(downscale, _SUPPORT[interpolation] * scale, torch.full_like(scale, _SUPPORT[interpolation]))
-    invscale = torch.where(downscale, 1.0 / scale, torch.ones_like(scale))
+    support = torch.where(downscale, _SUPPORT[interpolation] * scale, _SUPPORT[interpolation])
+    invscale = torch.where(downscale, 1.0 / scale, 1.0)
     center = scale * (torch.arange(out_size, device=device, dtype=torch.float32)[None, :, None] + 0.5)
     # torch's taps: [trunc(center - support + 0.5), trunc(center + support + 0.5)), clipped to the crop
     lo = torch.clamp(torch.trunc(center - support + 0.5), min=0.0)
@@ -83,7 +83,7 @@ def resample_weights(starts: torch.Tensor, lengths: torch.Tensor, in_size: int, 
     x = lo + torch.arange(taps, device=device, dtype=torch.float32)  # (S, out, taps): crop coordinates
     w = _filter((x - center + 0.5) * invscale, interpolation) * (x < hi)
     total = w.sum(-1, keepdim=True)
-    w = w.div_(torch.where(total == 0, torch.ones_like(total), total))
+    w = w.div_(torch.where(total == 0, 1.0, total))
     column = (x + starts).to(torch.int64)  # < in_size + taps: past-the-end taps (weight 0) land in the padding
     if flips is not None:
         mirrored = flips.to(torch.bool)[:, None, None]
@@ -109,9 +109,9 @@ def resized_crops(images, boxes, flips, size: Tuple[int, int], interpolation: st
     Boxes are taken in groups of up to ``group_size`` of similar size (whatever their images): each box's window, a
     group's largest height by its largest width, is cut out of its image, and the group's crops are two batched
     matrix products over those windows, so the products' length is the group's crop size, not the image's (1.6x fewer
-    multiply-adds than over whole images for RandomResizedCrop's boxes). All matrices are computed together,
-    and boxes, flips and windows reach the device in one transfer: the kernel launches per box fall with S, which is
-    what a GPU job's host has time for. A group's float windows and products stay under ``chunk_bytes``."""
+    multiply-adds than over whole images for RandomResizedCrop's boxes). All matrices, both axes', are computed in
+    one call (for a square output), and boxes, flips and windows reach the device in one transfer: the kernel
+    launches per box fall with S, which is what a GPU job's host has time for. A group's float windows and products stay under ``chunk_bytes``."""
     images = [images] if isinstance(images, torch.Tensor) else list(images)
     boxes = np.asarray(boxes, dtype=np.int64).reshape(-1, 4)
     flips = np.zeros(len(boxes), dtype=np.int64) if flips is None else np.asarray(flips, dtype=np.int64).reshape(-1)
@@ -130,19 +130,28 @@ def resized_crops(images, boxes, flips, size: Tuple[int, int], interpolation: st
         window[order[a:b]] = tall, wide
     origin = np.minimum(boxes[:, :2], [height, width] - window)  # each window's (top, left), inside the padded images
     first_row = owners * height + origin[:, 0]
-    table = np.concatenate([boxes[:, :2] - origin, boxes[:, 2:], flips[:, None]], axis=1)[order]
+    # each matrix's crop in its window: the vertical ones', then the horizontal ones' (only those mirror)
+    table = np.stack([(boxes[:, :2] - origin)[order].T.ravel(), boxes[order][:, 2:].T.ravel(),
+                      np.concatenate([np.zeros_like(flips), flips[order]])])
     # each group's window rows (in the table of all images' rows, below) and window columns, a run a group
     lines = [(first_row[order[a:b], None] + np.arange(tall)).ravel() for a, b, tall, _ in groups]
     columns = [(origin[order[a:b], 1, None] + np.arange(wide)).ravel() for a, b, _, wide in groups]
     sent = to_device(np.concatenate([table.ravel(), order, *lines, *columns]), device)
     sent = sent.split([table.size, len(order), *map(len, lines), *map(len, columns)])
-    in_top, in_left, heights, widths, flip = sent[0].view(table.shape).unbind(1)
+    starts, lengths, flip = sent[0].view(table.shape).unbind(0)
     slot, lines, columns = sent[1], sent[2:2 + len(groups)], sent[2 + len(groups):]
-    # every box's matrices at once, over the longest window (a group's windows are a prefix of it)
-    wy = resample_weights(in_top, heights, int(window[:, 0].max()), size[0], interpolation,
-                          max_length=int(boxes[:, 2].max()))
-    wx = resample_weights(in_left, widths, int(window[:, 1].max()), size[1], interpolation, flips=flip,
-                          max_length=int(boxes[:, 3].max()))
+    # every box's matrices at once, over the longest window (a group's windows are a prefix of it): both axes in one
+    # call where the output is square (the kernel launches per call are what a GPU job's host pays)
+    s, window_h, window_w = len(boxes), int(window[:, 0].max()), int(window[:, 1].max())
+    if size[0] == size[1]:
+        both = resample_weights(starts, lengths, max(window_h, window_w), size[0], interpolation, flips=flip,
+                                max_length=int(boxes[:, 2:].max()))
+        wy, wx = both[:s], both[s:]
+    else:
+        wy = resample_weights(starts[:s], lengths[:s], window_h, size[0], interpolation,
+                              max_length=int(boxes[:, 2].max()))
+        wx = resample_weights(starts[s:], lengths[s:], window_w, size[1], interpolation, flips=flip[s:],
+                              max_length=int(boxes[:, 3].max()))
     # the images as one uint8 table of (R * H) rows of C * W values, padded to the largest (windows read padding with
     # weight 0; uint8 is finite, whatever the memory held)
     pixels = torch.empty((len(images), height, channels, width), dtype=torch.uint8, device=device)
@@ -169,22 +178,24 @@ def crop_groups(boxes: np.ndarray, group_size: int, max_values: int, out_width: 
     height and width. A group ends at ``group_size`` boxes, or before its windows or horizontal pass (``max(width,
     out_width)`` values a window row) would hold more than ``max_values`` values (one box at least)."""
     order = np.argsort(np.maximum(boxes[:, 2], boxes[:, 3]), kind="stable")
-    groups, start, tall, wide = [], 0, 0, 0
-    for k, s in enumerate(order):
-        t, w = max(tall, int(boxes[s, 2])), max(wide, int(boxes[s, 3]))
-        if k > start and (k - start == group_size or (k - start + 1) * t * max(w, out_width) > max_values):
-            groups.append((start, k, tall, wide))
-            start, t, w = k, int(boxes[s, 2]), int(boxes[s, 3])
-        tall, wide = t, w
-    if len(order):
-        groups.append((start, len(order), tall, wide))
+    heights, widths = boxes[order, 2], boxes[order, 3]
+    groups, start = [], 0
+    while start < len(order):  # a few numpy calls a group, not a Python step a box (a GPU job's host runs this)
+        tall = np.maximum.accumulate(heights[start:start + group_size])
+        wide = np.maximum.accumulate(widths[start:start + group_size])
+        over = np.arange(1, len(tall) + 1) * tall * np.maximum(wide, out_width) > max_values
+        over[0] = False
+        size = int(np.argmax(over)) if over.any() else len(tall)
+        groups.append((start, start + size, int(tall[size - 1]), int(wide[size - 1])))
+        start += size
     return order, groups
 
 
 def runs(values: Sequence[int]) -> Iterator[Tuple[int, int, int]]:
     """(value, start, stop) of each run of equal consecutive ``values``."""
-    start = 0
-    for k in range(1, len(values) + 1):
-        if k == len(values) or values[k] != values[start]:
-            yield int(values[start]), start, k
-            start = k
+    values = np.asarray(values)
+    if not values.size:
+        return
+    bounds = np.concatenate([[0], np.flatnonzero(values[1:] != values[:-1]) + 1, [values.size]])
+    for start, stop in zip(bounds[:-1].tolist(), bounds[1:].tolist()):
+        yield int(values[start]), start, stop

@@ -114,6 +114,9 @@ def test_boxes_are_cropped_in_groups_of_similar_size_through_windows_that_hold_t
         assert (tall, wide) == (boxes[order[a:b], 2].max(), boxes[order[a:b], 3].max())
         assert b - a == 1 or (b - a) * tall * max(wide, 16) <= 2000
     assert any(b - a == 1 for a, b, _, _ in groups) and any(b - a == 4 for a, b, _, _ in groups)
+    for (a, b, tall, wide), _ in zip(groups, groups[1:]):  # each group is as large as it may be: the next box breaks it
+        t, w = max(tall, boxes[order[b], 2]), max(wide, boxes[order[b], 3])
+        assert b - a == 4 or (b - a + 1) * t * max(w, 16) > 2000, (a, b)
 
     images = [torch.from_numpy(rng.integers(0, 256, (3, h, w), dtype=np.uint8)) for h, w in ((60, 90), (64, 20))]
     owners = np.array([0] * len(boxes) + [1] * 6)
