@@ -464,7 +464,7 @@ class MixUpCutMix(ReplayableTransform):
         q = np.asarray(params["mix_lam"]).astype(np.int64)
         mixup = to_device(q > 0, x.device)[:, None, None, None]
         lam = torch.from_numpy(np.where(q > 0, q / Q16, 1.0))  # float64, as Python computes 1 - lam
-        own, other = (w.to(x.dtype).to(x.device, non_blocking=True) for w in (lam, 1.0 - lam))
+        own, other = (to_device(w.to(x.dtype), x.device) for w in (lam, 1.0 - lam))
         x = torch.where(mixup, x * own[:, None, None, None] + partner * other[:, None, None, None], x)
         return torch.where(box_masks(params["mix_box"], x.shape[-2], x.shape[-1], x.device), partner, x)
 
@@ -760,7 +760,7 @@ def normalize(x: torch.Tensor, out: InputSpec) -> torch.Tensor:
     makes them from lists on every call, two blocking copies to a GPU."""
     key = (out.mean, out.std, str(x.device), x.dtype)
     if key not in _MEAN_STD:
-        _MEAN_STD[key] = tuple(torch.tensor(v, dtype=x.dtype).view(-1, 1, 1).to(x.device, non_blocking=True)
+        _MEAN_STD[key] = tuple(to_device(torch.tensor(v, dtype=x.dtype).view(-1, 1, 1), x.device)
                                for v in (out.mean, out.std))
     mean, std = _MEAN_STD[key]
     return x.sub(mean).div_(std)
@@ -777,7 +777,7 @@ def _affine_normalisation(out: InputSpec, device: torch.device, tiled: int = 0) 
             scale, bias = scale.repeat(tiled), bias.repeat(tiled)
         else:
             scale, bias = scale[:, None, None], bias[:, None, None]
-        _NORMALISATION[key] = (scale.to(device, non_blocking=True), bias.to(device, non_blocking=True))
+        _NORMALISATION[key] = (to_device(scale, device), to_device(bias, device))
     return _NORMALISATION[key]
 
 

@@ -29,6 +29,7 @@ from .augment import AugmentPipeline, Context, empty_batch
 from .format import (DR_FINGERPRINT, DR_INDEX, DR_PARAMS, DR_TOPK_INDICES, DR_TOPK_LOGPROBS, ReinforceConfig, index_dtype,
                      reinforcement_features)
 from .images import BadImageError, decode, fingerprint
+from .resample import to_device
 from .teacher import TeacherEnsemble
 
 
@@ -195,7 +196,7 @@ class Reinforcer:
             for block in self._blocks(batch, indices, stored):
                 keep = [pos for group_keep, _ in block for pos in group_keep]
                 rows = [row for _, group_rows in block for row in group_rows]  # whole groups, in order
-                images = [row.image.to(self.render_device, non_blocking=True) for row in rows]  # once per image
+                images = [to_device(row.image, self.render_device) for row in rows]  # once per image, not waiting
                 for pos, row in zip(keep, rows):
                     params[pos] = row.params
                 per_chunk = max(1, self.config.teacher_batch_size // len(keep))

@@ -24,6 +24,7 @@ from .augment import AugmentPipeline
 from .batch_memory import batch_empty, handed_over
 from .images import EncodedJpeg, decode_jpegs, image_size
 from .inputs import InputSpec
+from .resample import to_device
 
 
 @dataclass
@@ -90,7 +91,7 @@ class DeviceReplay:
             out[b] = image
         raw = np.flatnonzero(~self.encoded)  # handed over decoded
         if len(raw):  # the batch's buffer in one copy that does not wait for the device, then a view an image
-            data = self.data.to(device, non_blocking=True)
+            data = to_device(self.data, device)
             for b in raw:
                 offset, size, height, width = (int(v) for v in self.spans[b])
                 out[b] = data[offset:offset + size].view(height, width, 3).permute(2, 0, 1)

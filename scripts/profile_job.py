@@ -78,6 +78,10 @@ def summarise(path: str, top: int = 24) -> None:
         print(f"{count / total:7.1%}  {name}")
 
 
+WAITING_OPS = ("aten::_local_scalar_dense", "aten::item", "aten::is_nonzero", "aten::copy_", "aten::_to_copy",
+               "aten::pin_memory", "aten::_pin_memory")
+
+
 def summarise_torch(profile, seconds: float, gpu: bool, prefix: str) -> None:
     """The top ops and kernels by own time (device time on a GPU), the GPU's busy share of the job's wall time, and
     the device time of what the job's render and teacher ranges launched."""
@@ -98,6 +102,13 @@ def summarise_torch(profile, seconds: float, gpu: bool, prefix: str) -> None:
               + ", ".join(f"{k} {total(e) / 1e6:.2f} s" for k, e in sorted(ranges.items())))
     print("host time in " + ", ".join(f"{k} {e.cpu_time_total / 1e6:.2f} s ({e.count} calls)"
                                       for k, e in sorted(ranges.items())))
+    # Where host threads wait for the device: CUDA runtime calls (a copy from pageable memory, a synchronize) and the
+    # ops that read a value back (bool(), .item(), .cpu()), by their host time, all threads together.
+    waits = [e for e in events if e.key.startswith(("cuda", "cu")) or e.key in WAITING_OPS]
+    waits.sort(key=lambda e: e.self_cpu_time_total, reverse=True)
+    print("host waits and CUDA runtime calls: " + (", ".join(
+        f"{e.key} {e.self_cpu_time_total / 1e3:.1f} ms ({e.count} calls)" for e in waits[:12] if e.self_cpu_time_total)
+        or "none recorded"))
     profile.export_chrome_trace(f"{prefix}.trace.json.gz")  # (gzipped when the name says so)
     print(f"timeline: {prefix}.trace.json.gz")
 

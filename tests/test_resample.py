@@ -300,6 +300,48 @@ def test_replayed_decoded_images_reach_the_device_in_one_copy_that_does_not_wait
         assert torch.equal(got, image)
 
 
+def test_copies_to_a_gpu_go_through_pinned_memory(monkeypatch):
+    """A non-blocking copy to a GPU from pageable memory can still make the host wait for the device (CUDA stages it
+    through its own pinned buffers), so ``to_device`` copies to a GPU from a pinned copy of the data, which the caller
+    may then change. No GPU here: torch's ``pin_memory`` and ``to`` are watched, and a "cuda" copy stays on the CPU;
+    replay's decoded images take that way, one pinned copy of the batch's buffer."""
+    from dr_hf.replay import DeviceReplay
+    from dr_hf.resample import to_device
+
+    calls, real_to = [], torch.Tensor.to
+
+    def pin_memory(self):
+        calls.append("pin")
+        pinned = self.clone()
+        pinned.pinned = True
+        return pinned
+
+    def to(self, *args, **kwargs):
+        target = args[0] if args else kwargs.get("device")
+        if isinstance(target, (str, torch.device)) and torch.device(target).type == "cuda":
+            calls.append(("copy", getattr(self, "pinned", False), kwargs.get("non_blocking", False)))
+            return self
+        return real_to(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.Tensor, "pin_memory", pin_memory)
+    monkeypatch.setattr(torch.Tensor, "to", to)
+    array = np.arange(6)
+    sent = to_device(array, "cuda")
+    array[:] = 0  # the caller's array may change at once: the copy reads the pinned one
+    assert calls == ["pin", ("copy", True, True)] and sent.tolist() == list(range(6))
+    calls.clear()
+    assert to_device(np.arange(3), "cpu").tolist() == [0, 1, 2] and to_device(np.arange(3), "meta").is_meta
+    assert calls == []  # only copies to a GPU are pinned
+
+    images = [torch.from_numpy(np.full((h, w, 3), k, dtype=np.uint8)).permute(2, 0, 1)
+              for k, (h, w) in enumerate(((5, 7), (6, 4)))]
+    params = make_pipeline("rrc+flip").sample(0, 0, 1, Context(5, 7, num_samples=1))
+    replay = DeviceReplay.of(images, [[{name: value[0] for name, value in params.items()}]] * 2, rows=[0, 1])
+    got = replay.images("cuda")
+    assert calls == ["pin", ("copy", True, True)]
+    assert all(torch.equal(g, im) for g, im in zip(got, images))
+
+
 def test_batched_job_is_recorded_and_verifies(tmp_path, capsys, image_dataset, image_dataset_dir, teachers, tiny_teacher_spec):
     """`dr-hf reinforce --render batched` records the mode (config, card); verify replays it the same way (and passes);
     its teacher targets are the per-sample job's to within the rounding of a grey level; resuming with the other mode is
