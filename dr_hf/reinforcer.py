@@ -81,6 +81,8 @@ class Reinforcer:
         self.schema = Features({**reinforcement_features(self.pipeline, config.num_samples, config.topk,
                                                          config.num_classes), SKIP_COLUMN: Value("bool")}).arrow_schema
         self.render_device = torch.device(render_device)
+        # read each teacher batch's results back after queuing the next forward (the same values; see compute)
+        self.read_back_late = str(teachers.device).startswith("cuda")
         self.pool = pool
         self.buffers = Buffers()
         self.block_rows = teacher_block_rows(config) if block_rows is None else block_rows
@@ -215,20 +217,42 @@ class Reinforcer:
             return inputs
 
         per_row: Dict[int, List[Tuple[torch.Tensor, ...]]] = {}
-        for (keep, _, js), inputs in prefetched(teacher_batches(), render, self.render_threads):
-            with torch.profiler.record_function("dr_hf.teacher"):
-                logp = self.teachers.log_probs(inputs, on_device=True)
-            finite = bool(torch.isfinite(logp).all())  # waits for the teachers to be done with the inputs
-            self.buffers.give(*inputs.values())
-            if not finite:
+
+        def collect(keep, js, inputs, finite, parts, done):
+            if done is not None:
+                done.synchronize()  # this batch's results are on the host (the next batch's forward runs on)
+            self.buffers.give(*inputs.values())  # (on a GPU, later renders into them queue behind this forward)
+            if not bool(finite):
                 raise FloatingPointError(f"the teacher produced NaN/inf outputs for rows {indices[keep[0]]}.."
                                          f"{indices[keep[-1]]}, sample indices {js.start}..{js.stop - 1}")
-            parts = tuple(torch.topk(logp, topk, dim=-1)) if topk else (logp,)
-            parts = [part.cpu().view(len(keep), len(js), -1) for part in parts]
+            parts = [part.view(len(keep), len(js), -1) for part in parts]
             for r, pos in enumerate(keep):
                 per_row.setdefault(pos, []).append(tuple(part[r] for part in parts))
             if self.progress and js.stop == n:  # these rows are done
                 self.progress(len(keep))
+
+        # read_back_late (on a GPU): each batch's results are read back after the next batch's forward is queued, so
+        # that the GPU does not wait for the host between forwards: the reductions and copies to the host queue behind
+        # a batch's forward and an event marks them done. (On a CPU they are done at once, and read back at once.)
+        waiting = None
+        for (keep, _, js), inputs in prefetched(teacher_batches(), render, self.render_threads):
+            with torch.profiler.record_function("dr_hf.teacher"):
+                logp = self.teachers.log_probs(inputs, on_device=True)
+            finite = torch.isfinite(logp).all()
+            parts = tuple(torch.topk(logp, topk, dim=-1)) if topk else (logp,)
+            finite, *parts = (t.to("cpu", non_blocking=True) for t in (finite, *parts))
+            done = torch.cuda.Event() if logp.is_cuda else None
+            if done is not None:
+                done.record()
+            if waiting is not None:
+                collect(*waiting)
+                waiting = None
+            if self.read_back_late:
+                waiting = (keep, js, inputs, finite, parts, done)
+            else:
+                collect(keep, js, inputs, finite, parts, done)
+        if waiting is not None:
+            collect(*waiting)
         for pos, chunks in per_row.items():
             joined = tuple(torch.cat(part) for part in zip(*chunks))
             logps[pos] = joined if topk else joined[0]

@@ -142,6 +142,40 @@ def test_teacher_batches_hold_whole_blocks_of_rows(image_dataset, teachers, monk
         job.compute(tail, list(range(8, 24)))
 
 
+def test_results_are_read_back_one_forward_late_on_a_gpu(image_dataset, teachers, monkeypatch):
+    """With teachers on a GPU (``read_back_late``) a teacher batch's results are read back once the next batch's
+    forward is queued, so that the GPU does not wait for the host between forwards: the same values and parameters,
+    rows reported done in the same order, one forward later; a NaN batch is still named. (Set here on the CPU.)"""
+    config = make_config(teachers, teacher_batch_size=32)  # blocks of 8 rows x N=4: three forwards for 24 rows
+    events = []
+    log_probs = teachers.log_probs
+    poisoned = {"forward": None}
+
+    def watched(inputs, **kw):
+        events.append("forward")
+        out = log_probs(inputs, **kw)
+        return torch.full_like(out, float("nan")) if events.count("forward") == poisoned["forward"] else out
+
+    monkeypatch.setattr(teachers, "log_probs", watched)
+    batch = image_dataset.cast_column("image", datasets.Image(decode=False))[:]
+    results = {}
+    for late in (False, True):
+        events.clear()
+        job = Reinforcer(config, teachers, num_rows=24, progress=events.append)
+        assert job.read_back_late is False  # the default on a CPU
+        job.read_back_late = late
+        results[late] = job.compute(batch, list(range(24)), topk=3)
+        assert events == (["forward", "forward", 8, "forward", 8, 8] if late else ["forward", 8] * 3)
+    (_, params, tops), (_, params_late, tops_late) = results[False], results[True]
+    assert all(torch.equal(a, b) for row, row_late in zip(tops, tops_late) for a, b in zip(row, row_late))
+    assert all(np.array_equal(a[f], b[f]) for a, b in zip(params, params_late) for f in a)
+    poisoned["forward"], events[:] = 2, []
+    job = Reinforcer(config, teachers, num_rows=24)
+    job.read_back_late = True
+    with pytest.raises(FloatingPointError, match=r"rows 8\.\.15, sample indices 0\.\.3"):
+        job.compute(batch, list(range(24)))
+
+
 def test_preparation_threads_and_workers_change_nothing(tmp_path, image_dataset, teachers, monkeypatch):
     """Rows decoded and sampled ahead of the teacher by 3 threads (a GPU job's default) or 2 spawned worker processes:
     the same shards byte for byte as inline, and a corrupt row is named and skipped with its MixUp/CutMix group, or
