@@ -28,7 +28,8 @@ from torchvision.transforms.v2 import InterpolationMode
 from torchvision.transforms.v2 import functional as F
 
 from .inputs import InputSpec
-from .resample import FILTERS, resized_crop, resized_crops, runs, to_device
+from .resample import FILTERS, resized_crop, resized_crops, runs
+from .transfer import to_device
 
 Q_BOX = 4096  # box coordinates (relative to the image side) are stored as round(x * Q_BOX) in uint16
 Q16 = 65535  # MixUp weights are stored as round(lam * Q16) in uint16

@@ -24,7 +24,7 @@ from .augment import AugmentPipeline
 from .batch_memory import batch_empty, handed_over
 from .images import EncodedJpeg, decode_jpegs, image_size
 from .inputs import InputSpec
-from .resample import to_device
+from .transfer import to_device
 
 
 @dataclass

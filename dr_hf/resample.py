@@ -20,6 +20,7 @@ from torchvision.transforms.v2 import InterpolationMode
 from torchvision.transforms.v2 import functional as F
 
 from .teacher import float32_precision
+from .transfer import to_device
 
 FILTERS = ("bilinear", "bicubic")
 _SUPPORT = {"bilinear": 1.0, "bicubic": 2.0}  # half the filter width at scale 1 (torch's interp_size / 2)
@@ -90,18 +91,6 @@ def resample_weights(starts: torch.Tensor, lengths: torch.Tensor, in_size: int, 
         w, column = torch.where(mirrored, w.flip(1), w), torch.where(mirrored, column.flip(1), column)
     matrix = torch.zeros((len(w), out_size, in_size + taps), dtype=torch.float32, device=device)
     return matrix.scatter_(2, column, w)[:, :, :in_size]
-
-
-def to_device(data, device) -> torch.Tensor:
-    """A host array or tensor on ``device``, copied without making the host wait for the device: a blocking copy to a
-    GPU waits for all the work queued before it (the teacher's forward, in a reinforce job), and so, for a large
-    tensor, may a non-blocking one from pageable memory, which CUDA stages through its own pinned buffers. So a copy
-    to a GPU goes through a pinned copy of ``data`` (torch's pinned-memory cache keeps it until the transfer is done;
-    ``data`` may change at once) and the transfer does not wait: the one way every host-to-device copy is made."""
-    tensor = data if isinstance(data, torch.Tensor) else torch.from_numpy(np.ascontiguousarray(data))
-    if torch.device(device).type == "cuda" and tensor.device.type == "cpu":
-        tensor = tensor.pin_memory()
-    return tensor.to(device, non_blocking=True)
 
 
 def resized_crops(images, boxes, flips, size: Tuple[int, int], interpolation: str = "bilinear",

@@ -33,6 +33,7 @@ import torch
 from torch import nn
 
 from .inputs import InputSpec, resolve_input_spec
+from .transfer import to_device
 
 PRECISIONS = ("fp32", "tf32", "bf16")
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune")  # torch.compile's modes
@@ -344,7 +345,7 @@ class TeacherEnsemble:
         outputs = self.outputs()
         per_teacher = []
         for t, forward in zip(self.teachers, self._forwards):
-            x = inputs[outputs.index(t.output)].to(self.device, non_blocking=True)
+            x = to_device(inputs[outputs.index(t.output)], self.device)
             if self.device.type == "cuda":
                 x = x.contiguous(memory_format=torch.channels_last)
             rows = x.shape[0]

@@ -306,7 +306,7 @@ def test_copies_to_a_gpu_go_through_pinned_memory(monkeypatch):
     may then change. No GPU here: torch's ``pin_memory`` and ``to`` are watched, and a "cuda" copy stays on the CPU;
     replay's decoded images take that way, one pinned copy of the batch's buffer."""
     from dr_hf.replay import DeviceReplay
-    from dr_hf.resample import to_device
+    from dr_hf.transfer import to_device
 
     calls, real_to = [], torch.Tensor.to
 
