@@ -29,8 +29,8 @@ from .augment import AugmentPipeline, Context, empty_batch
 from .format import (DR_FINGERPRINT, DR_INDEX, DR_PARAMS, DR_TOPK_INDICES, DR_TOPK_LOGPROBS, ReinforceConfig, index_dtype,
                      reinforcement_features)
 from .images import BadImageError, decode, fingerprint
-from .transfer import to_device
 from .teacher import TeacherEnsemble
+from .transfer import to_device
 
 
 class Reinforcer:

@@ -106,7 +106,8 @@ def resized_crops(images, boxes, flips, size: Tuple[int, int], interpolation: st
     matrix products over those windows, so the products' length is the group's crop size, not the image's (1.6x fewer
     multiply-adds than over whole images for RandomResizedCrop's boxes). All matrices, both axes', are computed in
     one call (for a square output), and boxes, flips and windows reach the device in one transfer: the kernel
-    launches per box fall with S, which is what a GPU job's host has time for. A group's float windows and products stay under ``chunk_bytes``."""
+    launches per box fall with S, which is what a GPU job's host has time for. A group's float windows and products
+    stay under ``chunk_bytes``."""
     images = [images] if isinstance(images, torch.Tensor) else list(images)
     boxes = np.asarray(boxes, dtype=np.int64).reshape(-1, 4)
     flips = np.zeros(len(boxes), dtype=np.int64) if flips is None else np.asarray(flips, dtype=np.int64).reshape(-1)
