@@ -10,8 +10,10 @@ batches, and batched rendering's speed and fidelity on the device, side by side 
   compiled (``--compile reduce-overhead``: each forward one CUDA graph);
 * job: ``dr_hf.reinforce`` end to end (decode, render, teacher, top-k, parquet), rendering on the GPU (batched) with
   rows prepared (decoded, parameters drawn) inline on the main thread or by threads ahead of the teacher (the
-  default on a GPU), the latter also with the teacher compiled, and on the CPU (per sample, one render thread ahead
-  of the teacher); whole-job rates include writing the card, shard rates (from the job's log) do not.
+  default on a GPU), the latter also with the teacher compiled, once more with each batch's results read back
+  before the next forward is queued (``read_back_late`` off, as the job did before; the two jobs' top-K must agree to
+  the bit), and on the CPU (per sample, one render thread ahead of the teacher); whole-job rates include writing the
+  card, shard rates (from the job's log) do not.
 
 The teacher is timm's ``tf_efficientnet_lite0`` with random weights unless ``--weights`` gives a safetensors file: the
 speed is the architecture's, the weights only change the numbers it writes.
@@ -21,6 +23,7 @@ speed is the architecture's, the weights only change the numbers it writes.
 """
 
 import argparse
+import glob
 import json
 import os
 import sys
@@ -227,8 +230,18 @@ def main():
     variants = (("gpu_batched_inline", device, "batched", 0, gpu_rows, bf16),
                 ("gpu_batched_threads", device, "batched", threads, gpu_rows, bf16),
                 ("gpu_batched_threads_compiled", device, "batched", threads, gpu_rows, compiled),
+                ("gpu_batched_threads_compiled_read_back_at_once", device, "batched", threads, gpu_rows, compiled),
                 ("cpu_per_sample_threads", "cpu", "per-sample", threads, args.rows, bf16))
+    from dr_hf.reinforcer import Reinforcer
+
+    init = Reinforcer.__init__
+
+    def read_back_at_once(self, *a, **kw):  # as the job did before read_back_late: each batch's results, then the next
+        init(self, *a, **kw)
+        self.read_back_late = False
+
     for name, render_device, mode, prepare, count, ensemble in variants:
+        Reinforcer.__init__ = read_back_at_once if name.endswith("read_back_at_once") else init
         config = ReinforceConfig(augment="imagenet+rrc", augmentations=make_pipeline("imagenet+rrc").config(),
                                  teachers=bf16.specs, num_samples=n, topk=10, seed=0, num_classes=1000,
                                  precision="bf16", render=mode)
@@ -243,7 +256,17 @@ def main():
         shard[name] = shard_rates[-1] if shard_rates else float("nan")
         results["job_samples_per_s"], results["job_shard_samples_per_s"] = job, shard
         save()
+    Reinforcer.__init__ = init
     results["job_samples_per_s"] = job
+
+    def top_k(name):  # the stored teacher outputs of a job's shards
+        import pyarrow.parquet as pq
+        files = sorted(glob.glob(os.path.join(tmp, f"job-{name}", "data", "*.parquet")))
+        return [pq.read_table(f, columns=["dr_topk_indices", "dr_topk_logprobs"]) for f in files]
+
+    # the same compiled teacher and renders, results read back late or at once: the same values, to the bit
+    late, at_once = top_k("gpu_batched_threads_compiled"), top_k("gpu_batched_threads_compiled_read_back_at_once")
+    results["read_back_late_same_outputs"] = bool(late) and late == at_once
     best = max(("gpu_batched_inline", "gpu_batched_threads"), key=lambda name: shard[name])
     results["job_over_teacher"] = shard[best] / teacher[256]  # the job's teacher batches hold 256 samples at N=64
     results["job_over_teacher_variant"] = best
@@ -267,6 +290,8 @@ def main():
     labels = {"gpu_batched_inline": "job, rendering on the GPU (batched), rows prepared inline (`--prepare-threads 0`)",
               "gpu_batched_threads": f"job, rendering on the GPU (batched), rows prepared by {threads} threads (the default)",
               "gpu_batched_threads_compiled": f"the same, teacher compiled (`--compile {compile_mode}`)",
+              "gpu_batched_threads_compiled_read_back_at_once": "the same, each batch's results read back before the "
+                                                                "next forward is queued (as before `read_back_late`)",
               "cpu_per_sample_threads": f"job, rendering on the CPU (per sample, 1 render thread), {threads} prepare threads"}
     log("")
     log("| job | rows | whole job, samples/s | its shard, samples/s |")
@@ -278,7 +303,9 @@ def main():
         f"**{results['job_over_teacher']:.2f}** (goal >= 0.8). With the teacher compiled: "
         f"**{results['compiled_job_over_teacher']:.2f}** of the bare eager forward, "
         f"{results['compiled_job_over_compiled_teacher']:.2f} of the bare compiled one. "
-        f"Decoding (PIL or TorchCodec on the CPU) costs {results['decode_ms_per_image']:.2f} ms an image here.")
+        f"Decoding (PIL or TorchCodec on the CPU) costs {results['decode_ms_per_image']:.2f} ms an image here. "
+        f"Results read back late and at once gave {'the same' if results['read_back_late_same_outputs'] else 'DIFFERENT'} "
+        f"top-K values and classes, bit for bit.")
     if render:
         log("")
         log("Rendering teacher batches of 256 samples as the job does (samples/s):")
