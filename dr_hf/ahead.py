@@ -1,11 +1,14 @@
 """Work computed ahead of its consumer on a thread pool, in order, with a bound on what is held: the reinforce job's
-preparing and render threads, and the trainer's rendering on the device (:class:`~dr_hf.replay.RenderedAhead`)."""
+preparing and render threads, and the trainer's rendering on the device (:class:`~dr_hf.replay.RenderedAhead`); and
+GPU work queued on a stream of its own (:class:`SideStream`)."""
 
 from __future__ import annotations
 
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, Callable, Deque, Iterable, Iterator, Tuple
+from typing import Any, Callable, Deque, Iterable, Iterator, Optional, Sequence, Tuple
+
+import torch
 
 
 def prefetched(items: Iterable[Any], fn: Callable[[Any], Any], threads: int) -> Iterator[Tuple[Any, Any]]:
@@ -33,3 +36,29 @@ def computed_ahead(items: Iterable[Any], fn: Callable[[Any], Any], ahead: int, p
     finally:
         for future in pending:
             future.cancel()
+
+
+class SideStream:
+    """Work queued on a CUDA stream of its own, so that its copies and kernels wait only for each other, not for the
+    work on the caller's stream (on other devices, or with ``enabled`` off, the caller's stream: a no-op).
+    ``with side.queue():`` queues work there (from any thread); :meth:`done` marks what was queued; :meth:`hand_over`
+    makes the caller's stream wait for a mark before it uses the ``tensors`` made there, and tells torch's allocator
+    that they are used there too."""
+
+    def __init__(self, device, enabled: bool = True):
+        self.stream = torch.cuda.Stream(device) if enabled and torch.device(device).type == "cuda" else None
+
+    def queue(self):
+        return torch.cuda.stream(self.stream)  # (a no-op for None)
+
+    def done(self) -> Optional[torch.cuda.Event]:
+        return self.stream.record_event() if self.stream is not None else None
+
+    @staticmethod
+    def hand_over(event: Optional[torch.cuda.Event], tensors: Sequence[torch.Tensor]) -> None:
+        if event is None:
+            return
+        stream = torch.cuda.current_stream(tensors[0].device)
+        stream.wait_event(event)
+        for t in tensors:
+            t.record_stream(stream)

@@ -24,7 +24,7 @@ import torch
 from datasets import Features, Value
 from datasets.features.features import numpy_to_pyarrow_listarray
 
-from .ahead import computed_ahead, prefetched
+from .ahead import SideStream, computed_ahead, prefetched
 from .augment import AugmentPipeline, Context, empty_batch
 from .format import (DR_FINGERPRINT, DR_INDEX, DR_PARAMS, DR_TOPK_INDICES, DR_TOPK_LOGPROBS, ReinforceConfig, index_dtype,
                      reinforcement_features)
@@ -49,6 +49,10 @@ class Reinforcer:
     where it is slower); verify replays with the recorded mode.
     ``pool`` (:func:`preparation_pool`): threads or processes that decode rows and draw their parameters ahead of the
     teacher (the CPU work a GPU job's main thread would otherwise do while the GPU waits); the same values as without.
+    ``render_stream``: on a GPU, images are copied and rendered on a CUDA stream of their own, the teacher's stream
+    waiting for each batch (:class:`~dr_hf.ahead.SideStream`, as ``replay_on_device`` renders in training), so that
+    rendering's kernels and copies need not queue behind the teacher's forward; off by default until measured on a GPU
+    (``scripts/bench_gpu.py`` runs the job both ways); the same values either way.
     ``progress(rows)`` is told of rows as they are done: kept rows when their teacher block is, skipped rows at the
     end of their map batch.
     """
@@ -65,6 +69,7 @@ class Reinforcer:
         render_device: str = "cpu",
         pool=None,
         block_rows: Optional[int] = None,
+        render_stream: bool = False,
     ):
         if on_bad_row not in BAD_ROW_POLICIES:
             raise ValueError(f"--on-bad-row must be one of {BAD_ROW_POLICIES}, got {on_bad_row!r}")
@@ -81,6 +86,7 @@ class Reinforcer:
         self.schema = Features({**reinforcement_features(self.pipeline, config.num_samples, config.topk,
                                                          config.num_classes), SKIP_COLUMN: Value("bool")}).arrow_schema
         self.render_device = torch.device(render_device)
+        self.side = SideStream(self.render_device, enabled=render_stream)
         # read each teacher batch's results back after queuing the next forward (the same values; see compute)
         self.read_back_late = str(teachers.device).startswith("cuda")
         self.pool = pool
@@ -198,7 +204,8 @@ class Reinforcer:
             for block in self._blocks(batch, indices, stored):
                 keep = [pos for group_keep, _ in block for pos in group_keep]
                 rows = [row for _, group_rows in block for row in group_rows]  # whole groups, in order
-                images = [to_device(row.image, self.render_device) for row in rows]  # once per image, not waiting
+                with self.side.queue():  # once per image, not waiting, where the render runs
+                    images = [to_device(row.image, self.render_device) for row in rows]
                 for pos, row in zip(keep, rows):
                     params[pos] = row.params
                 per_chunk = max(1, self.config.teacher_batch_size // len(keep))
@@ -210,11 +217,11 @@ class Reinforcer:
         def render(item):
             keep, (images, row_params), js = item
             inputs = {}
-            with torch.profiler.record_function("dr_hf.render"):  # named in a profile (scripts/profile_job.py)
+            with torch.profiler.record_function("dr_hf.render"), self.side.queue():  # (named in scripts/profile_job.py)
                 for o, out in enumerate(outputs):
                     inputs[o] = self.buffers.take(len(keep) * len(js), out.size, self.render_device)
                     self.render_rows(images, row_params, js, out, inputs[o])
-            return inputs
+                return inputs, self.side.done()
 
         per_row: Dict[int, List[Tuple[torch.Tensor, ...]]] = {}
 
@@ -235,7 +242,8 @@ class Reinforcer:
         # that the GPU does not wait for the host between forwards: the reductions and copies to the host queue behind
         # a batch's forward and an event marks them done. (On a CPU they are done at once, and read back at once.)
         waiting = None
-        for (keep, _, js), inputs in prefetched(teacher_batches(), render, self.render_threads):
+        for (keep, _, js), (inputs, rendered) in prefetched(teacher_batches(), render, self.render_threads):
+            SideStream.hand_over(rendered, list(inputs.values()))
             with torch.profiler.record_function("dr_hf.teacher"):
                 logp = self.teachers.log_probs(inputs, on_device=True)
             finite = torch.isfinite(logp).all()

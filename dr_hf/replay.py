@@ -10,7 +10,6 @@ at a time, as the workers would: the same pixels.)
 
 from __future__ import annotations
 
-import contextlib
 import itertools
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -19,7 +18,7 @@ from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Unio
 import numpy as np
 import torch
 
-from .ahead import computed_ahead
+from .ahead import SideStream, computed_ahead
 from .augment import AugmentPipeline
 from .batch_memory import batch_empty, handed_over
 from .images import EncodedJpeg, decode_jpegs, image_size
@@ -117,24 +116,21 @@ class RenderedAhead:
                  ahead: int = 1):
         self.source = batches
         self._render = render
-        self._stream = torch.cuda.Stream(device) if torch.device(device).type == "cuda" else None
+        self._side = SideStream(device)
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="dr-hf-replay")
         self._rendered = computed_ahead(batches, self._render_one, ahead, self._pool)
 
     def _render_one(self, batch: Dict[str, Any]):
-        with torch.cuda.stream(self._stream) if self._stream is not None else contextlib.nullcontext():
+        with self._side.queue():
             pixels = self._render(batch)
-            return batch, pixels, (self._stream.record_event() if self._stream is not None else None)
+            return batch, pixels, self._side.done()
 
     def take(self, count: int) -> List[Dict[str, Any]]:
         """The next ``count`` batches (fewer at the end of the epoch), rendered, ``replay`` replaced by
         ``pixel_values``."""
         out = []
         for batch, pixels, event in itertools.islice(self._rendered, count):
-            if event is not None:
-                stream = torch.cuda.current_stream(pixels.device)
-                stream.wait_event(event)
-                pixels.record_stream(stream)
+            SideStream.hand_over(event, [pixels])
             out.append({**{k: v for k, v in batch.items() if k != "replay"}, "pixel_values": pixels})
         return out
 

@@ -11,8 +11,8 @@ batches, and batched rendering's speed and fidelity on the device, side by side 
 * job: ``dr_hf.reinforce`` end to end (decode, render, teacher, top-k, parquet), rendering on the GPU (batched) with
   rows prepared (decoded, parameters drawn) inline on the main thread or by threads ahead of the teacher (the
   default on a GPU), the latter also with the teacher compiled, once more with each batch's results read back
-  before the next forward is queued (``read_back_late`` off, as the job did before; the two jobs' top-K must agree to
-  the bit), and on the CPU (per sample, one render thread ahead of the teacher); whole-job rates include writing the
+  before the next forward is queued (``read_back_late`` off, as the job did before), and once more rendering on a CUDA
+  stream of its own (``render_stream``; each job's top-K must agree with the compiled job's to the bit), and on the CPU (per sample, one render thread ahead of the teacher); whole-job rates include writing the
   card, shard rates (from the job's log) do not.
 
 The teacher is timm's ``tf_efficientnet_lite0`` with random weights unless ``--weights`` gives a safetensors file: the
@@ -231,6 +231,7 @@ def main():
                 ("gpu_batched_threads", device, "batched", threads, gpu_rows, bf16),
                 ("gpu_batched_threads_compiled", device, "batched", threads, gpu_rows, compiled),
                 ("gpu_batched_threads_compiled_read_back_at_once", device, "batched", threads, gpu_rows, compiled),
+                ("gpu_batched_threads_compiled_render_stream", device, "batched", threads, gpu_rows, compiled),
                 ("cpu_per_sample_threads", "cpu", "per-sample", threads, args.rows, bf16))
     from dr_hf.reinforcer import Reinforcer
 
@@ -240,8 +241,12 @@ def main():
         init(self, *a, **kw)
         self.read_back_late = False
 
+    def render_stream(self, *a, **kw):  # rendering on a CUDA stream of its own (Reinforcer(render_stream=True))
+        init(self, *a, **{**kw, "render_stream": True})
+
     for name, render_device, mode, prepare, count, ensemble in variants:
-        Reinforcer.__init__ = read_back_at_once if name.endswith("read_back_at_once") else init
+        Reinforcer.__init__ = {"read_back_at_once": read_back_at_once, "render_stream": render_stream}.get(
+            name.rsplit("compiled_", 1)[-1], init)
         config = ReinforceConfig(augment="imagenet+rrc", augmentations=make_pipeline("imagenet+rrc").config(),
                                  teachers=bf16.specs, num_samples=n, topk=10, seed=0, num_classes=1000,
                                  precision="bf16", render=mode)
@@ -264,9 +269,11 @@ def main():
         files = sorted(glob.glob(os.path.join(tmp, f"job-{name}", "data", "*.parquet")))
         return [pq.read_table(f, columns=["dr_topk_indices", "dr_topk_logprobs"]) for f in files]
 
-    # the same compiled teacher and renders, results read back late or at once: the same values, to the bit
-    late, at_once = top_k("gpu_batched_threads_compiled"), top_k("gpu_batched_threads_compiled_read_back_at_once")
-    results["read_back_late_same_outputs"] = bool(late) and late == at_once
+    # the same compiled teacher and renders, results read back late or at once, rendered on the teacher's stream or
+    # one of their own: the same values, to the bit
+    late = top_k("gpu_batched_threads_compiled")
+    for variant in ("read_back_at_once", "render_stream"):
+        results[f"{variant}_same_outputs"] = bool(late) and late == top_k(f"gpu_batched_threads_compiled_{variant}")
     best = max(("gpu_batched_inline", "gpu_batched_threads"), key=lambda name: shard[name])
     results["job_over_teacher"] = shard[best] / teacher[256]  # the job's teacher batches hold 256 samples at N=64
     results["job_over_teacher_variant"] = best
@@ -292,6 +299,8 @@ def main():
               "gpu_batched_threads_compiled": f"the same, teacher compiled (`--compile {compile_mode}`)",
               "gpu_batched_threads_compiled_read_back_at_once": "the same, each batch's results read back before the "
                                                                 "next forward is queued (as before `read_back_late`)",
+              "gpu_batched_threads_compiled_render_stream": "the compiled job, rendering on a CUDA stream of its own "
+                                                            "(`Reinforcer(render_stream=True)`)",
               "cpu_per_sample_threads": f"job, rendering on the CPU (per sample, 1 render thread), {threads} prepare threads"}
     log("")
     log("| job | rows | whole job, samples/s | its shard, samples/s |")
@@ -304,8 +313,9 @@ def main():
         f"**{results['compiled_job_over_teacher']:.2f}** of the bare eager forward, "
         f"{results['compiled_job_over_compiled_teacher']:.2f} of the bare compiled one. "
         f"Decoding (PIL or TorchCodec on the CPU) costs {results['decode_ms_per_image']:.2f} ms an image here. "
-        f"Results read back late and at once gave {'the same' if results['read_back_late_same_outputs'] else 'DIFFERENT'} "
-        f"top-K values and classes, bit for bit.")
+        f"Against the compiled job, results read back at once gave "
+        f"{'the same' if results['read_back_at_once_same_outputs'] else 'DIFFERENT'} top-K values and classes, bit for "
+        f"bit, and rendering on a stream of its own {'the same' if results['render_stream_same_outputs'] else 'DIFFERENT'}.")
     if render:
         log("")
         log("Rendering teacher batches of 256 samples as the job does (samples/s):")
