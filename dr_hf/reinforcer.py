@@ -52,7 +52,8 @@ class Reinforcer:
     ``render_stream``: on a GPU, images are copied and rendered on a CUDA stream of their own, the teacher's stream
     waiting for each batch (:class:`~dr_hf.ahead.SideStream`, as ``replay_on_device`` renders in training), so that
     rendering's kernels and copies need not queue behind the teacher's forward; off by default until measured on a GPU
-    (``scripts/bench_gpu.py`` runs the job both ways); the same values either way.
+    (``scripts/bench_gpu.py`` runs the job both ways); the same values either way. ``read_back_late`` (an attribute,
+    on with teachers on a GPU): each teacher batch's results are read back once the next forward is queued.
     ``progress(rows)`` is told of rows as they are done: kept rows when their teacher block is, skipped rows at the
     end of their map batch.
     """
