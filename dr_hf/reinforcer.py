@@ -52,8 +52,8 @@ class Reinforcer:
     ``render_stream``: on a GPU, images are copied and rendered on a CUDA stream of their own, the teacher's stream
     waiting for each batch (:class:`~dr_hf.ahead.SideStream`, as ``replay_on_device`` renders in training), so that
     rendering's kernels and copies need not queue behind the teacher's forward; off by default until measured on a GPU
-    (``scripts/bench_gpu.py`` runs the job both ways); the same values either way. ``read_back_late`` (an attribute,
-    on with teachers on a GPU): each teacher batch's results are read back once the next forward is queued.
+    (``scripts/bench_gpu.py`` runs the job both ways); the same values either way. ``read_back_late`` (default: with
+    teachers on a GPU): each teacher batch's results are read back once the next forward is queued (see compute).
     ``progress(rows)`` is told of rows as they are done: kept rows when their teacher block is, skipped rows at the
     end of their map batch.
     """
@@ -71,6 +71,7 @@ class Reinforcer:
         pool=None,
         block_rows: Optional[int] = None,
         render_stream: bool = False,
+        read_back_late: Optional[bool] = None,
     ):
         if on_bad_row not in BAD_ROW_POLICIES:
             raise ValueError(f"--on-bad-row must be one of {BAD_ROW_POLICIES}, got {on_bad_row!r}")
@@ -88,8 +89,7 @@ class Reinforcer:
                                                          config.num_classes), SKIP_COLUMN: Value("bool")}).arrow_schema
         self.render_device = torch.device(render_device)
         self.side = SideStream(self.render_device, enabled=render_stream)
-        # read each teacher batch's results back after queuing the next forward (the same values; see compute)
-        self.read_back_late = str(teachers.device).startswith("cuda")
+        self.read_back_late = str(teachers.device).startswith("cuda") if read_back_late is None else read_back_late
         self.pool = pool
         self.buffers = Buffers()
         self.block_rows = teacher_block_rows(config) if block_rows is None else block_rows

@@ -238,8 +238,7 @@ def main():
     init = Reinforcer.__init__
 
     def read_back_at_once(self, *a, **kw):  # as the job did before read_back_late: each batch's results, then the next
-        init(self, *a, **kw)
-        self.read_back_late = False
+        init(self, *a, **{**kw, "read_back_late": False})
 
     def render_stream(self, *a, **kw):  # rendering on a CUDA stream of its own (Reinforcer(render_stream=True))
         init(self, *a, **{**kw, "render_stream": True})

@@ -145,7 +145,8 @@ def test_teacher_batches_hold_whole_blocks_of_rows(image_dataset, teachers, monk
 def test_results_are_read_back_one_forward_late_on_a_gpu(image_dataset, teachers, monkeypatch):
     """With teachers on a GPU (``read_back_late``) a teacher batch's results are read back once the next batch's
     forward is queued, so that the GPU does not wait for the host between forwards: the same values and parameters,
-    rows reported done in the same order, one forward later; a NaN batch is still named. (Set here on the CPU.)"""
+    rows reported done in the same order, one forward later; a NaN batch is still named. (Asked for here, on the
+    CPU.)"""
     config = make_config(teachers, teacher_batch_size=32)  # blocks of 8 rows x N=4: three forwards for 24 rows
     events = []
     log_probs = teachers.log_probs
@@ -161,17 +162,15 @@ def test_results_are_read_back_one_forward_late_on_a_gpu(image_dataset, teachers
     results = {}
     for late in (False, True):
         events.clear()
-        job = Reinforcer(config, teachers, num_rows=24, progress=events.append)
-        assert job.read_back_late is False  # the default on a CPU
-        job.read_back_late = late
+        assert Reinforcer(config, teachers, num_rows=24).read_back_late is False  # the default on a CPU
+        job = Reinforcer(config, teachers, num_rows=24, progress=events.append, read_back_late=late)
         results[late] = job.compute(batch, list(range(24)), topk=3)
         assert events == (["forward", "forward", 8, "forward", 8, 8] if late else ["forward", 8] * 3)
     (_, params, tops), (_, params_late, tops_late) = results[False], results[True]
     assert all(torch.equal(a, b) for row, row_late in zip(tops, tops_late) for a, b in zip(row, row_late))
     assert all(np.array_equal(a[f], b[f]) for a, b in zip(params, params_late) for f in a)
     poisoned["forward"], events[:] = 2, []
-    job = Reinforcer(config, teachers, num_rows=24)
-    job.read_back_late = True
+    job = Reinforcer(config, teachers, num_rows=24, read_back_late=True)
     with pytest.raises(FloatingPointError, match=r"rows 8\.\.15, sample indices 0\.\.3"):
         job.compute(batch, list(range(24)))
 
