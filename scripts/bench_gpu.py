@@ -10,10 +10,12 @@ batches, and batched rendering's speed and fidelity on the device, side by side 
   compiled (``--compile reduce-overhead``: each forward one CUDA graph);
 * job: ``dr_hf.reinforce`` end to end (decode, render, teacher, top-k, parquet), rendering on the GPU (batched) with
   rows prepared (decoded, parameters drawn) inline on the main thread or by threads ahead of the teacher (the
-  default on a GPU), the latter also with the teacher compiled, once more with each batch's results read back
-  before the next forward is queued (``read_back_late`` off, as the job did before), and once more rendering on a CUDA
-  stream of its own (``render_stream``; each job's top-K must agree with the compiled job's to the bit), and on the CPU (per sample, one render thread ahead of the teacher); whole-job rates include writing the
-  card, shard rates (from the job's log) do not.
+  default on a GPU), the latter also with the teacher compiled; the compiled job once more with each batch's results
+  read back before the next forward is queued (``read_back_late`` off, as the job did before), rendering on a CUDA
+  stream of its own (``render_stream``), and in map batches of 1024 rows (the pipeline drains between map batches;
+  256 by default), each job's top-K to agree with the compiled job's to the bit; and on the CPU (per sample, one
+  render thread ahead of the teacher). Whole-job rates include writing the card, shard rates (from the job's log)
+  do not.
 
 The teacher is timm's ``tf_efficientnet_lite0`` with random weights unless ``--weights`` gives a safetensors file: the
 speed is the architecture's, the weights only change the numbers it writes.
@@ -232,6 +234,7 @@ def main():
                 ("gpu_batched_threads_compiled", device, "batched", threads, gpu_rows, compiled),
                 ("gpu_batched_threads_compiled_read_back_at_once", device, "batched", threads, gpu_rows, compiled),
                 ("gpu_batched_threads_compiled_render_stream", device, "batched", threads, gpu_rows, compiled),
+                ("gpu_batched_threads_compiled_map_batches_1024", device, "batched", threads, gpu_rows, compiled),
                 ("cpu_per_sample_threads", "cpu", "per-sample", threads, args.rows, bf16))
     from dr_hf.reinforcer import Reinforcer
 
@@ -254,8 +257,9 @@ def main():
         rows_here = datasets.concatenate_datasets([encoded] * (count // args.rows))
         folder = os.path.join(tmp, f"job-{name}")
         shard_rates.clear()
+        map_batch = 1024 if name.endswith("map_batches_1024") else 256  # (256: the default; each map batch drains)
         seconds = synced(lambda: reinforce(rows_here, config, ensemble, folder, show_progress=False,
-                                           render_device=render_device, prepare_threads=prepare))
+                                           batch_size=map_batch, render_device=render_device, prepare_threads=prepare))
         job[name] = count * n / seconds
         shard[name] = shard_rates[-1] if shard_rates else float("nan")
         results["job_samples_per_s"], results["job_shard_samples_per_s"] = job, shard
@@ -269,9 +273,9 @@ def main():
         return [pq.read_table(f, columns=["dr_topk_indices", "dr_topk_logprobs"]) for f in files]
 
     # the same compiled teacher and renders, results read back late or at once, rendered on the teacher's stream or
-    # one of their own: the same values, to the bit
+    # one of their own, in map batches of 256 or 1024 rows: the same values, to the bit
     late = top_k("gpu_batched_threads_compiled")
-    for variant in ("read_back_at_once", "render_stream"):
+    for variant in ("read_back_at_once", "render_stream", "map_batches_1024"):
         results[f"{variant}_same_outputs"] = bool(late) and late == top_k(f"gpu_batched_threads_compiled_{variant}")
     best = max(("gpu_batched_inline", "gpu_batched_threads"), key=lambda name: shard[name])
     results["job_over_teacher"] = shard[best] / teacher[256]  # the job's teacher batches hold 256 samples at N=64
@@ -300,6 +304,8 @@ def main():
                                                                 "next forward is queued (as before `read_back_late`)",
               "gpu_batched_threads_compiled_render_stream": "the compiled job, rendering on a CUDA stream of its own "
                                                             "(`Reinforcer(render_stream=True)`)",
+              "gpu_batched_threads_compiled_map_batches_1024": "the compiled job in map batches of 1024 rows "
+                                                               "(`--batch-size 1024`; 256 by default)",
               "cpu_per_sample_threads": f"job, rendering on the CPU (per sample, 1 render thread), {threads} prepare threads"}
     log("")
     log("| job | rows | whole job, samples/s | its shard, samples/s |")
@@ -314,7 +320,8 @@ def main():
         f"Decoding (PIL or TorchCodec on the CPU) costs {results['decode_ms_per_image']:.2f} ms an image here. "
         f"Against the compiled job, results read back at once gave "
         f"{'the same' if results['read_back_at_once_same_outputs'] else 'DIFFERENT'} top-K values and classes, bit for "
-        f"bit, and rendering on a stream of its own {'the same' if results['render_stream_same_outputs'] else 'DIFFERENT'}.")
+        f"bit, rendering on a stream of its own {'the same' if results['render_stream_same_outputs'] else 'DIFFERENT'}, "
+        f"map batches of 1024 rows {'the same' if results['map_batches_1024_same_outputs'] else 'DIFFERENT'}.")
     if render:
         log("")
         log("Rendering teacher batches of 256 samples as the job does (samples/s):")
