@@ -465,7 +465,7 @@ class MixUpCutMix(ReplayableTransform):
         q = np.asarray(params["mix_lam"]).astype(np.int64)
         mixup = to_device(q > 0, x.device)[:, None, None, None]
         lam = torch.from_numpy(np.where(q > 0, q / Q16, 1.0))  # float64, as Python computes 1 - lam
-        own, other = (to_device(w.to(x.dtype), x.device) for w in (lam, 1.0 - lam))
+        own, other = to_device(torch.stack([lam, 1.0 - lam]).to(x.dtype), x.device)  # one transfer
         x = torch.where(mixup, x * own[:, None, None, None] + partner * other[:, None, None, None], x)
         return torch.where(box_masks(params["mix_box"], x.shape[-2], x.shape[-1], x.device), partner, x)
 

@@ -229,26 +229,22 @@ def main():
 
     threads = default_prepare_threads(bf16)
     gpu_rows = args.rows * args.gpu_repeat
-    variants = (("gpu_batched_inline", device, "batched", 0, gpu_rows, bf16),
-                ("gpu_batched_threads", device, "batched", threads, gpu_rows, bf16),
-                ("gpu_batched_threads_compiled", device, "batched", threads, gpu_rows, compiled),
-                ("gpu_batched_threads_compiled_read_back_at_once", device, "batched", threads, gpu_rows, compiled),
-                ("gpu_batched_threads_compiled_render_stream", device, "batched", threads, gpu_rows, compiled),
-                ("gpu_batched_threads_compiled_map_batches_1024", device, "batched", threads, gpu_rows, compiled),
-                ("cpu_per_sample_threads", "cpu", "per-sample", threads, args.rows, bf16))
+    # (name, render device, render mode, prepare threads, rows, teachers, Reinforcer options, map batch rows)
+    variants = (("gpu_batched_inline", device, "batched", 0, gpu_rows, bf16, {}, 256),
+                ("gpu_batched_threads", device, "batched", threads, gpu_rows, bf16, {}, 256),
+                ("gpu_batched_threads_compiled", device, "batched", threads, gpu_rows, compiled, {}, 256),
+                ("gpu_batched_threads_compiled_read_back_at_once", device, "batched", threads, gpu_rows, compiled,
+                 {"read_back_late": False}, 256),  # as the job did before: each batch's results, then the next
+                ("gpu_batched_threads_compiled_render_stream", device, "batched", threads, gpu_rows, compiled,
+                 {"render_stream": True}, 256),
+                ("gpu_batched_threads_compiled_map_batches_1024", device, "batched", threads, gpu_rows, compiled,
+                 {}, 1024),  # (256: the default; the pipeline drains between map batches)
+                ("cpu_per_sample_threads", "cpu", "per-sample", threads, args.rows, bf16, {}, 256))
     from dr_hf.reinforcer import Reinforcer
 
     init = Reinforcer.__init__
-
-    def read_back_at_once(self, *a, **kw):  # as the job did before read_back_late: each batch's results, then the next
-        init(self, *a, **{**kw, "read_back_late": False})
-
-    def render_stream(self, *a, **kw):  # rendering on a CUDA stream of its own (Reinforcer(render_stream=True))
-        init(self, *a, **{**kw, "render_stream": True})
-
-    for name, render_device, mode, prepare, count, ensemble in variants:
-        Reinforcer.__init__ = {"read_back_at_once": read_back_at_once, "render_stream": render_stream}.get(
-            name.rsplit("compiled_", 1)[-1], init)
+    for name, render_device, mode, prepare, count, ensemble, options, map_batch in variants:
+        Reinforcer.__init__ = lambda self, *a, options=options, **kw: init(self, *a, **{**kw, **options})
         config = ReinforceConfig(augment="imagenet+rrc", augmentations=make_pipeline("imagenet+rrc").config(),
                                  teachers=bf16.specs, num_samples=n, topk=10, seed=0, num_classes=1000,
                                  precision="bf16", render=mode)
@@ -257,7 +253,6 @@ def main():
         rows_here = datasets.concatenate_datasets([encoded] * (count // args.rows))
         folder = os.path.join(tmp, f"job-{name}")
         shard_rates.clear()
-        map_batch = 1024 if name.endswith("map_batches_1024") else 256  # (256: the default; each map batch drains)
         seconds = synced(lambda: reinforce(rows_here, config, ensemble, folder, show_progress=False,
                                            batch_size=map_batch, render_device=render_device, prepare_threads=prepare))
         job[name] = count * n / seconds
@@ -310,7 +305,7 @@ def main():
     log("")
     log("| job | rows | whole job, samples/s | its shard, samples/s |")
     log("|---|---|---|---|")
-    for name, _, _, _, count, _ in variants:
+    for name, _, _, _, count, _, _, _ in variants:
         log(f"| {labels[name]} | {count} | {job[name]:,.0f} | {shard[name]:,.0f} |")
     log("")
     log(f"Job (the faster GPU variant's shard rate) / bare teacher on the same batches of 256: "
