@@ -3,7 +3,8 @@
 # bf16 teacher forward (bench_gpu --job-only), the batched crops' parts (bench_resample, the previous crops side by
 # side), where the compiled job's GPU time goes (profile_job --profiler torch: kernels by device time, the render's
 # and the teacher's share), then the training loader with replay_on_device decoding and rendering on the GPU, and
-# its fidelity (bench_loader --device cuda). Figures land in $OUT (default results/gpu).
+# its fidelity (bench_loader --device cuda), and last nvJPEG decoding against the host's (bench_decode --device
+# cuda). Figures land in $OUT (default results/gpu).
 #
 #   bash scripts/device_check.sh DATASET [WHEELS]
 #   DEVICE=cpu OUT=/tmp/dry bash scripts/device_check.sh DATASET   # a dry run on a CPU
@@ -27,11 +28,11 @@ fi
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader || true
 python -c "import torch, torchcodec; print('torch', torch.__version__, 'torchcodec', torchcodec.__version__)" \
   || echo "no torchcodec here: replay_on_device hands over decoded pixels instead of JPEG bytes"
-gpu=(--device cuda) loader=(--device cuda --epochs 3) crops=(--device cuda)
+gpu=(--device cuda) loader=(--device cuda --epochs 3) crops=(--device cuda) decode=(--device cuda)
 profile=(--device cuda --rows 128 --compile reduce-overhead)
 if [ "${DEVICE:-cuda}" = cpu ]; then  # DEVICE=cpu: a dry run of every step (no figures worth reading)
   gpu=(--device cpu --rows 8) loader=(--device cpu --epochs 1 --repeat 1) crops=(--device cpu --images 4)
-  profile=(--device cpu --rows 4)
+  profile=(--device cpu --rows 4) decode=(--device cpu)
 fi
 status=0
 timeout 240 python scripts/bench_gpu.py --dataset "$dataset" --job-only "${gpu[@]}" --out "$out/bench_gpu.md" || status=$?
@@ -40,6 +41,8 @@ timeout 60 python scripts/bench_resample.py --dataset "$dataset" "${crops[@]}" -
 timeout 120 python scripts/profile_job.py --dataset "$dataset" --profiler torch "${profile[@]}" \
   --out-prefix "$out/profile" || status=$?
 timeout 150 python scripts/bench_loader.py --dataset "$dataset" --rows 63 "${loader[@]}" --out "$out/bench_loader.md" \
+  || status=$?
+timeout 30 python scripts/bench_decode.py --dataset "$dataset" --rows 64 "${decode[@]}" --out "$out/bench_decode.md" \
   || status=$?
 cat "$out"/*.md
 exit $status
