@@ -4,14 +4,19 @@ from __future__ import annotations
 
 import functools
 import io
+import logging
 import re
-from typing import Any, List, NamedTuple, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, List, NamedTuple, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import PIL.ExifTags
 import PIL.Image
 import PIL.ImageOps
 import torch
+
+from .transfer import to_device
+
+logger = logging.getLogger(__name__)
 
 
 class BadImageError(ValueError):
@@ -166,27 +171,49 @@ def decode_later(value: Any, row: Optional[int] = None, column: str = "image") -
     return _decode(value, row, column, keep_jpeg=True)
 
 
+_NO_DEVICE_DECODING: Dict[str, str] = {}  # devices TorchCodec was seen not to decode on: why
+
+
 def decode_jpegs(jpegs: Sequence[Union[bytes, torch.Tensor]], device, rows: Sequence[Optional[int]],
                  column: str = "image") -> List[torch.Tensor]:
     """JPEGs (:class:`EncodedJpeg` data, or 1-D uint8 CPU tensors of it) as RGB uint8 CHW tensors on ``device``, in
     one TorchCodec call (on CUDA, one batched nvJPEG decode). One that TorchCodec refuses is decoded by
-    :func:`decode` on the host, which names its row (``rows``) if PIL refuses it too."""
+    :func:`decode` on the host, which names its row (``rows``) if PIL refuses it too. Where TorchCodec cannot decode
+    on ``device`` at all (a build without that device's support), which shows as a JPEG it refuses there but
+    decodes on the host, it decodes on the host from then on and copies the pixels over, and says so once."""
     if not jpegs:
         return []
     tensors = [d if isinstance(d, torch.Tensor) else torch.frombuffer(bytearray(d), dtype=torch.uint8) for d in jpegs]
     decoder = _jpeg_decoder()
     if decoder is None:  # bytes from a process that had TorchCodec
-        return [decode(data.numpy().tobytes(), row, column).to(device) for data, row in zip(tensors, rows)]
+        return [to_device(decode(data.numpy().tobytes(), row, column), device) for data, row in zip(tensors, rows)]
+    device = torch.device(device)
+    on = torch.device("cpu") if str(device) in _NO_DEVICE_DECODING else device
     try:
-        return decoder(tensors, mode="RGB", device=device)
+        return [to_device(image, device) for image in decoder(tensors, mode="RGB", device=on)]
     except (RuntimeError, ValueError):
-        out = []
-        for data, row in zip(tensors, rows):
-            try:
-                out.append(decoder(data, mode="RGB", device=device))
-            except (RuntimeError, ValueError):
-                out.append(decode(data.numpy().tobytes(), row, column).to(device))
-        return out
+        pass
+    out = []
+    for data, row in zip(tensors, rows):
+        try:
+            out.append(to_device(decoder(data, mode="RGB", device=on), device))
+            continue
+        except (RuntimeError, ValueError) as exc:
+            if on.type != "cpu" and _decodes_on_host(decoder, data):  # the device, not the JPEG
+                _NO_DEVICE_DECODING[str(device)] = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0][:200]}"
+                logger.warning("TorchCodec cannot decode JPEGs on %s (%s); decoding them on the host instead", device,
+                               _NO_DEVICE_DECODING[str(device)])
+                return decode_jpegs(jpegs, device, rows, column)
+        out.append(to_device(decode(data.numpy().tobytes(), row, column), device))
+    return out
+
+
+def _decodes_on_host(decoder, data: torch.Tensor) -> bool:
+    try:
+        decoder(data, mode="RGB")
+        return True
+    except (RuntimeError, ValueError):
+        return False
 
 
 def image_bytes(value: Any, row: Optional[int] = None, column: str = "image") -> bytes:

@@ -168,6 +168,50 @@ def test_exif_orientation_is_applied_as_datasets_does(monkeypatch, torchcodec):
                 assert torch.equal(later, got)
 
 
+@pytest.mark.parametrize("device_decodes", [False, True])
+def test_a_device_torchcodec_cannot_decode_on_is_left_after_its_first_refusal(monkeypatch, caplog, device_decodes):
+    """replay_on_device hands JPEG bytes to TorchCodec on the training device. A TorchCodec without that device's
+    support refuses every JPEG there: the first JPEG it refuses there but decodes on the host marks the device, with
+    one warning, and from then on the JPEGs are decoded on the host and copied over (no failing call per batch and
+    per image). A corrupt JPEG, refused on the host too, marks nothing and is named by its row. ("meta" stands for
+    the GPU: a device without pixels, so the pixels are checked on the host path, by the other tests.)"""
+    import dr_hf.images as images
+
+    codec = _jpeg_decoder()
+    if codec is None:
+        pytest.skip("TorchCodec does not load here")
+    device_calls = []
+
+    def decoder(data, mode="RGB", device="cpu"):
+        if torch.device(device).type != "cpu":
+            device_calls.append(len(data) if isinstance(data, list) else 1)
+            if not device_decodes:
+                raise RuntimeError("Unsupported device: meta\n(a second line)")
+            out = codec(data, mode=mode)
+            return [o.to(device) for o in out] if isinstance(data, list) else out.to(device)
+        return codec(data, mode=mode)
+
+    monkeypatch.setattr(images, "_jpeg_decoder", lambda: decoder)
+    monkeypatch.setattr(images, "_NO_DEVICE_DECODING", {})
+    rng = np.random.default_rng(0)
+    jpegs = [jpeg_bytes(rng.integers(0, 256, (20 + k, 30, 3), dtype=np.uint8)) for k in range(3)]
+    with caplog.at_level("WARNING", logger="dr_hf.images"):
+        for attempt in range(3):
+            got = images.decode_jpegs(jpegs, "meta", [10, 11, 12])
+            assert [tuple(g.shape) for g in got] == [(3, 20 + k, 30) for k in range(3)]
+            assert all(g.device.type == "meta" for g in got)
+    # device refusing: one batched call and the first JPEG alone, then never again; decoding: one call a batch
+    assert device_calls == ([3, 3, 3] if device_decodes else [3, 1])
+    warned = [r.getMessage() for r in caplog.records if "cannot decode JPEGs on meta" in r.getMessage()]
+    assert warned == ([] if device_decodes else ["TorchCodec cannot decode JPEGs on meta (RuntimeError: Unsupported "
+                                                 "device: meta); decoding them on the host instead"])
+    assert ("meta" in images._NO_DEVICE_DECODING) == (not device_decodes)
+    monkeypatch.setattr(images, "_NO_DEVICE_DECODING", {})
+    with pytest.raises(BadImageError, match=r"row 12, column 'image': cannot decode"):
+        images.decode_jpegs(jpegs[:2] + [jpegs[2][: len(jpegs[2]) // 3]], "meta", [10, 11, 12])
+    assert ("meta" in images._NO_DEVICE_DECODING) == (not device_decodes)  # the device's refusal, seen on row 10
+
+
 def test_nan_teacher_is_refused_naming_rows(tmp_path, tiny_timm_dir):
     from safetensors.torch import load_file, save_file
 
