@@ -200,7 +200,8 @@ def decode_jpegs(jpegs: Sequence[Union[bytes, torch.Tensor]], device, rows: Sequ
             continue
         except (RuntimeError, ValueError) as exc:
             if on.type != "cpu" and _decodes_on_host(decoder, data):  # the device, not the JPEG
-                _NO_DEVICE_DECODING[str(device)] = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0][:200]}"
+                first_line = (str(exc).strip().splitlines() or [""])[0][:200]
+                _NO_DEVICE_DECODING[str(device)] = f"{type(exc).__name__}: {first_line}"
                 logger.warning("TorchCodec cannot decode JPEGs on %s (%s); decoding them on the host instead", device,
                                _NO_DEVICE_DECODING[str(device)])
                 return decode_jpegs(jpegs, device, rows, column)
