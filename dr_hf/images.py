@@ -177,10 +177,11 @@ _NO_DEVICE_DECODING: Dict[str, str] = {}  # devices TorchCodec was seen not to d
 def decode_jpegs(jpegs: Sequence[Union[bytes, torch.Tensor]], device, rows: Sequence[Optional[int]],
                  column: str = "image") -> List[torch.Tensor]:
     """JPEGs (:class:`EncodedJpeg` data, or 1-D uint8 CPU tensors of it) as RGB uint8 CHW tensors on ``device``, in
-    one TorchCodec call (on CUDA, one batched nvJPEG decode). One that TorchCodec refuses is decoded by
-    :func:`decode` on the host, which names its row (``rows``) if PIL refuses it too. Where TorchCodec cannot decode
-    on ``device`` at all (a build without that device's support), which shows as a JPEG it refuses there but
-    decodes on the host, it decodes on the host from then on and copies the pixels over, and says so once."""
+    one TorchCodec call (on CUDA, one batched nvJPEG decode). One that TorchCodec refuses there is decoded by
+    :func:`decode` on the host and copied over; :func:`decode` names its row (``rows``) if it is corrupt. Where
+    TorchCodec cannot decode on ``device`` at all (a build without that device's support), which shows as a batch
+    whose every JPEG it refuses there and the host decodes, the JPEGs are decoded on the host from then on, and a
+    warning says so once."""
     if not jpegs:
         return []
     tensors = [d if isinstance(d, torch.Tensor) else torch.frombuffer(bytearray(d), dtype=torch.uint8) for d in jpegs]
@@ -193,28 +194,20 @@ def decode_jpegs(jpegs: Sequence[Union[bytes, torch.Tensor]], device, rows: Sequ
         return [to_device(image, device) for image in decoder(tensors, mode="RGB", device=on)]
     except (RuntimeError, ValueError):
         pass
-    out = []
+    out, refusals = [], []
     for data, row in zip(tensors, rows):
         try:
             out.append(to_device(decoder(data, mode="RGB", device=on), device))
             continue
         except (RuntimeError, ValueError) as exc:
-            if on.type != "cpu" and _decodes_on_host(decoder, data):  # the device, not the JPEG
-                first_line = (str(exc).strip().splitlines() or [""])[0][:200]
-                _NO_DEVICE_DECODING[str(device)] = f"{type(exc).__name__}: {first_line}"
-                logger.warning("TorchCodec cannot decode JPEGs on %s (%s); decoding them on the host instead", device,
-                               _NO_DEVICE_DECODING[str(device)])
-                return decode_jpegs(jpegs, device, rows, column)
+            refusals.append(exc)
         out.append(to_device(decode(data.numpy().tobytes(), row, column), device))
+    if on.type != "cpu" and len(refusals) == len(tensors):  # all refused there, all decoded here: the device
+        first_line = (str(refusals[0]).strip().splitlines() or [""])[0][:200]
+        _NO_DEVICE_DECODING[str(device)] = f"{type(refusals[0]).__name__}: {first_line}"
+        logger.warning("TorchCodec cannot decode JPEGs on %s (%s); decoding them on the host instead", device,
+                       _NO_DEVICE_DECODING[str(device)])
     return out
-
-
-def _decodes_on_host(decoder, data: torch.Tensor) -> bool:
-    try:
-        decoder(data, mode="RGB")
-        return True
-    except (RuntimeError, ValueError):
-        return False
 
 
 def image_bytes(value: Any, row: Optional[int] = None, column: str = "image") -> bytes:

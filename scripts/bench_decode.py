@@ -164,7 +164,7 @@ def on_device(cells, device: torch.device, batch: int, decode) -> list:
     d = torch.cat(diffs).float()
     where = f"{device}" + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else "")
     return ["", f"On {where}: {name}, batches of {batch} JPEGs a call: **{1e3 * wall / len(jpegs):.3f} ms per image** "
-            f"(wall time, to the decoded batch on the device; {len(jpegs) * 1e-3 / wall * 1e3:.0f} images/s), of which "
+            f"(wall time, to the decoded batch on the device; {len(jpegs) / wall:.0f} images/s), of which "
             f"the calling thread's own CPU time is {1e3 * host / len(jpegs):.3f} ms; best of 3.", "",
             f"Its pixels against the host decoder's (the pixels the reinforce job renders from), {sizes} images: "
             f"{d.mean():.3f} grey levels on average, {np.percentile(d.numpy(), 99.9):.1f} at the 99.9th percentile, "

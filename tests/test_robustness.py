@@ -168,48 +168,49 @@ def test_exif_orientation_is_applied_as_datasets_does(monkeypatch, torchcodec):
                 assert torch.equal(later, got)
 
 
-@pytest.mark.parametrize("device_decodes", [False, True])
-def test_a_device_torchcodec_cannot_decode_on_is_left_after_its_first_refusal(monkeypatch, caplog, device_decodes):
+@pytest.mark.parametrize("refused", ["every JPEG", "one odd JPEG", "none"])
+def test_a_device_torchcodec_cannot_decode_on_is_left_after_a_batch_it_refuses(monkeypatch, caplog, refused):
     """replay_on_device hands JPEG bytes to TorchCodec on the training device. A TorchCodec without that device's
-    support refuses every JPEG there: the first JPEG it refuses there but decodes on the host marks the device, with
-    one warning, and from then on the JPEGs are decoded on the host and copied over (no failing call per batch and
-    per image). A corrupt JPEG, refused on the host too, marks nothing and is named by its row. ("meta" stands for
-    the GPU: a device without pixels, so the pixels are checked on the host path, by the other tests.)"""
+    support refuses every JPEG there: a batch whose every JPEG it refuses there and the host decodes marks the
+    device, with one warning, and from then on the JPEGs are decoded on the host and copied over (no failing call
+    per batch and per image). One odd JPEG the device refuses is decoded on the host alone and marks nothing, and a
+    corrupt JPEG is named by its row. ("meta" stands for the GPU: a device without pixels; the host path's pixels are
+    checked by the other tests.)"""
     import dr_hf.images as images
 
     codec = _jpeg_decoder()
     if codec is None:
         pytest.skip("TorchCodec does not load here")
+    rng = np.random.default_rng(0)
+    jpegs = [jpeg_bytes(rng.integers(0, 256, (20 + k, 30, 3), dtype=np.uint8)) for k in range(3)]
+    odd = {"every JPEG": set(map(len, jpegs)), "one odd JPEG": {len(jpegs[1])}, "none": set()}[refused]
     device_calls = []
 
     def decoder(data, mode="RGB", device="cpu"):
-        if torch.device(device).type != "cpu":
-            device_calls.append(len(data) if isinstance(data, list) else 1)
-            if not device_decodes:
-                raise RuntimeError("Unsupported device: meta\n(a second line)")
-            out = codec(data, mode=mode)
-            return [o.to(device) for o in out] if isinstance(data, list) else out.to(device)
-        return codec(data, mode=mode)
+        if torch.device(device).type == "cpu":
+            return codec(data, mode=mode)
+        device_calls.append(len(data) if isinstance(data, list) else 1)
+        if any(len(d) in odd for d in (data if isinstance(data, list) else [data])):
+            raise RuntimeError("Unsupported device: meta\n(a second line)")
+        out = codec(data, mode=mode)
+        return [o.to(device) for o in out] if isinstance(data, list) else out.to(device)
 
     monkeypatch.setattr(images, "_jpeg_decoder", lambda: decoder)
     monkeypatch.setattr(images, "_NO_DEVICE_DECODING", {})
-    rng = np.random.default_rng(0)
-    jpegs = [jpeg_bytes(rng.integers(0, 256, (20 + k, 30, 3), dtype=np.uint8)) for k in range(3)]
     with caplog.at_level("WARNING", logger="dr_hf.images"):
         for attempt in range(3):
             got = images.decode_jpegs(jpegs, "meta", [10, 11, 12])
             assert [tuple(g.shape) for g in got] == [(3, 20 + k, 30) for k in range(3)]
             assert all(g.device.type == "meta" for g in got)
-    # device refusing: one batched call and the first JPEG alone, then never again; decoding: one call a batch
-    assert device_calls == ([3, 3, 3] if device_decodes else [3, 1])
+    # every JPEG refused: the batch and each JPEG once, then never again; one refused: so in every batch; none: a call
+    assert device_calls == {"every JPEG": [3, 1, 1, 1], "one odd JPEG": [3, 1, 1, 1] * 3, "none": [3] * 3}[refused]
     warned = [r.getMessage() for r in caplog.records if "cannot decode JPEGs on meta" in r.getMessage()]
-    assert warned == ([] if device_decodes else ["TorchCodec cannot decode JPEGs on meta (RuntimeError: Unsupported "
-                                                 "device: meta); decoding them on the host instead"])
-    assert ("meta" in images._NO_DEVICE_DECODING) == (not device_decodes)
+    assert warned == (["TorchCodec cannot decode JPEGs on meta (RuntimeError: Unsupported device: meta); decoding "
+                       "them on the host instead"] if refused == "every JPEG" else [])
     monkeypatch.setattr(images, "_NO_DEVICE_DECODING", {})
     with pytest.raises(BadImageError, match=r"row 12, column 'image': cannot decode"):
         images.decode_jpegs(jpegs[:2] + [jpegs[2][: len(jpegs[2]) // 3]], "meta", [10, 11, 12])
-    assert ("meta" in images._NO_DEVICE_DECODING) == (not device_decodes)  # the device's refusal, seen on row 10
+    assert images._NO_DEVICE_DECODING == {}
 
 
 def test_nan_teacher_is_refused_naming_rows(tmp_path, tiny_timm_dir):
