@@ -6,7 +6,7 @@ The matrices hold exactly the weights of torch's antialiased ``interpolate`` (``
 bicubic; the same filter, support and edge renormalisation), so a crop equals ``F.resized_crop(...,
 antialias=True)`` up to float rounding: the same uint8 pixels, but for a rare half-grey-level tie. A horizontal
 flip is the horizontal matrix with its rows reversed, so it costs nothing. The products run in float32, TF32 off
-(under the flags' lock the teacher also takes).
+(under the flags' lock the teacher also takes; cuDNN's flag, which the products do not read, is left alone).
 """
 
 from __future__ import annotations
@@ -154,7 +154,7 @@ def resized_crops(images, boxes, flips, size: Tuple[int, int], interpolation: st
     for r, image in enumerate(images):
         pixels[r, :image.shape[-2], :, :image.shape[-1]] = image.permute(1, 0, 2)
     pixels = pixels.view(len(images) * height, channels * width)
-    with float32_precision(tf32=False):
+    with float32_precision(tf32=False, convolutions=False):
         for k, (a, b, tall, wide) in enumerate(groups):
             g = b - a
             cut = pixels.index_select(0, lines[k]).view(g, tall, channels, width)

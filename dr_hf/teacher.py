@@ -230,18 +230,27 @@ _PRECISION_FLAGS = threading.RLock()
 
 
 @contextlib.contextmanager
-def float32_precision(tf32: bool):
-    """TF32 on or off for the float32 matrix products and convolutions run inside. torch's flags are process-global,
-    so holders take turns: the reinforce job renders in one thread (TF32 off) while its teacher runs in another."""
+def float32_precision(tf32: bool, convolutions: bool = True):
+    """TF32 on or off for the float32 matrix products (and, with ``convolutions``, cuDNN's convolutions) run inside.
+    torch's flags are process-global, so holders take turns: the reinforce job renders in one thread (TF32 off) while
+    its teacher runs in another. Only a flag that differs is written, and put back after: threads that do not take
+    the lock (a bf16 teacher under autocast, a compiled forward checking its guards) then see no change, and on torch
+    >= 2.9 a legacy write is two writes, between which a reader raises ("mix of the legacy and new APIs")."""
     with _PRECISION_FLAGS:
-        saved = (torch.get_float32_matmul_precision(), torch.backends.cudnn.allow_tf32)
-        torch.set_float32_matmul_precision("high" if tf32 else "highest")
-        torch.backends.cudnn.allow_tf32 = tf32
+        wanted = "high" if tf32 else "highest"
+        products, cudnn = torch.get_float32_matmul_precision(), torch.backends.cudnn.allow_tf32
+        convolutions = convolutions and cudnn != tf32
+        if products != wanted:
+            torch.set_float32_matmul_precision(wanted)
+        if convolutions:
+            torch.backends.cudnn.allow_tf32 = tf32
         try:
             yield
         finally:
-            torch.set_float32_matmul_precision(saved[0])
-            torch.backends.cudnn.allow_tf32 = saved[1]
+            if products != wanted:
+                torch.set_float32_matmul_precision(products)
+            if convolutions:
+                torch.backends.cudnn.allow_tf32 = cudnn
 
 
 def _padded(x: torch.Tensor, rows: int) -> torch.Tensor:

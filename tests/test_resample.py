@@ -371,3 +371,36 @@ def test_batched_job_is_recorded_and_verifies(tmp_path, capsys, image_dataset, i
     assert "different job" in capsys.readouterr().err
     with pytest.raises(ValueError, match="--render"):
         run(image_dataset, tmp_path / "x", teachers, render="gpu")
+
+
+def test_batched_crops_leave_flags_already_right_unwritten(monkeypatch):
+    """A bf16 teacher runs beside the render thread without the flags' lock (autocast, compiled guards reading the
+    flags): with TF32 for products already off, a batch of crops writes no precision flag, and cuDNN's (which the
+    products do not read) never changes under a thread watching it."""
+    import threading
+
+    writes = []
+    setter = torch.set_float32_matmul_precision
+    monkeypatch.setattr(torch, "set_float32_matmul_precision", lambda p: (writes.append(p), setter(p)))
+    saved = torch.backends.cudnn.allow_tf32
+    torch.backends.cudnn.allow_tf32 = True
+    try:
+        assert torch.get_float32_matmul_precision() == "highest"
+        seen, done = set(), threading.Event()
+
+        def watch():
+            while not done.is_set():
+                seen.add((torch.get_float32_matmul_precision(), torch.backends.cudnn.allow_tf32))
+
+        watcher = threading.Thread(target=watch)
+        watcher.start()
+        try:
+            for _ in range(3):
+                resized_crops(torch.zeros((3, 256, 256), dtype=torch.uint8), [(0, 0, 200, 256)] * 64, [True] * 64,
+                              (64, 64))
+        finally:
+            done.set()
+            watcher.join()
+        assert writes == [] and seen == {("highest", True)}
+    finally:
+        torch.backends.cudnn.allow_tf32 = saved
