@@ -171,9 +171,10 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--num-samples", type=int, default=400, help="augmentations per image (N; paper: 400)")
     r.add_argument("--topk", type=int, default=10, help="teacher classes kept per sample (K; paper: 10)")
     r.add_argument("--seed", type=int, default=0, help="the reinforcement is a pure function of (seed, row, sample index)")
-    r.add_argument("--batch-size", type=int, default=256,
-                   help="images per map batch, rounded up to whole teacher blocks (does not change the output; the "
-                        "teacher's work drains between map batches, so larger ones keep a GPU busier)")
+    r.add_argument("--batch-size", type=int, default=None,
+                   help="images per map batch, rounded up to whole teacher blocks (default: 65,536 samples' worth, "
+                        "256 to 1024 rows; does not change the output; the teacher's work drains between map batches, "
+                        "so larger ones keep a GPU busier)")
     r.add_argument("--teacher-batch-size", type=int, default=None,
                    help="samples per teacher forward (default 256 on a GPU, 64 on a CPU): all N samples of as many rows "
                         "as fit (a power of two), or chunks of one row's (or MixUp/CutMix group's) samples")

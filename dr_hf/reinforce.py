@@ -110,7 +110,7 @@ def reinforce(
     teachers: TeacherEnsemble,
     output_dir: str,
     split: str = "train",
-    batch_size: int = 256,
+    batch_size: Optional[int] = None,
     show_progress: bool = True,
     command: Optional[str] = None,
     num_rows: Optional[int] = None,
@@ -130,6 +130,7 @@ def reinforce(
     writes the card once every shard exists; the output is the same for any number of processes. Rerunning
     skips complete shards, so an interrupted job resumes; a rerun with other settings into the folder is refused.
     ``num_rows`` gives a stream's length when its metadata lacks it (otherwise the stream is counted first).
+    ``batch_size``: rows per map batch (default :func:`default_batch_size`), rounded up to whole teacher blocks.
     ``render_threads``, ``render_device``: see :class:`Reinforcer`; by default (:func:`default_render`) inputs are
     rendered on the teachers' device when ``config.render`` is ``"batched"``, else on the CPU. ``prepare_threads``
     threads (default: :func:`default_prepare_threads`, 4 with teachers on a GPU, 0 on the CPU) or ``prepare_workers``
@@ -155,6 +156,7 @@ def reinforce(
         dataset = dataset._resolve_features()
     check_columns(dataset, config, teachers)
     block = teacher_block_rows(config)  # a multiple of the mixing group size
+    batch_size = default_batch_size(config.num_samples) if batch_size is None else batch_size
     batch_size = max(block, int(math.ceil(batch_size / block)) * block)
     per_shard = rows_per_shard(config)
 
@@ -448,6 +450,15 @@ def default_prepare_threads(teachers: TeacherEnsemble) -> int:
         return 0
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     return max(1, min(4, cores - 2))
+
+
+def default_batch_size(num_samples: int) -> int:
+    """Rows per map batch when not given: enough for 65,536 samples, from 256 rows (N >= 256, the paper's N=400
+    among them) to 1024 (N <= 64). The render pipeline drains between map batches (the last forward's read-back, the
+    next rows' preparation, the columns' conversion), so a GPU waits that long once a map batch: on the lent H100 map
+    batches of 1024 rows at N=64 ran 1.05x and 1.11x the samples/s of 256 in two runs (results/bench_gpu.md). The
+    cap bounds the encoded images a map batch holds."""
+    return min(1024, max(256, -(-65536 // num_samples)))
 
 
 def default_teacher_batch_size(teachers: TeacherEnsemble) -> int:

@@ -238,7 +238,7 @@ def main():
                 ("gpu_batched_threads_compiled_render_stream", device, "batched", threads, gpu_rows, compiled,
                  {"render_stream": True}, 256),
                 ("gpu_batched_threads_compiled_map_batches_1024", device, "batched", threads, gpu_rows, compiled,
-                 {}, 1024),  # (256: the default; the pipeline drains between map batches)
+                 {}, 1024),  # (the default at N=64, 256 at N >= 256; the pipeline drains between map batches)
                 ("cpu_per_sample_threads", "cpu", "per-sample", threads, args.rows, bf16, {}, 256))
     from dr_hf.reinforcer import Reinforcer
 
@@ -300,7 +300,8 @@ def main():
               "gpu_batched_threads_compiled_render_stream": "the compiled job, rendering on a CUDA stream of its own "
                                                             "(`Reinforcer(render_stream=True)`)",
               "gpu_batched_threads_compiled_map_batches_1024": "the compiled job in map batches of 1024 rows "
-                                                               "(`--batch-size 1024`; 256 by default)",
+                                                               "(the default at N=64; the rows above: 256, as at "
+                                                               "N >= 256)",
               "cpu_per_sample_threads": f"job, rendering on the CPU (per sample, 1 render thread), {threads} prepare threads"}
     log("")
     log("| job | rows | whole job, samples/s | its shard, samples/s |")
