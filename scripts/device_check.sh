@@ -11,7 +11,8 @@
 #
 # DATASET: an image dataset folder (e.g. 63 imagenet-sample rows as parquet); WHEELS: a folder of wheels the machine
 # lacks (installed with --no-deps into /tmp/site). Each step has its own time limit, so one that hangs leaves time
-# for the other.
+# for the other; the limits add up to 590 s (the whole ran in 250 s on the H100 on 2026-11-27, the loader then with
+# 8 batches an epoch, too short for its 2-worker rows to agree between runs: now 16).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 dataset=${1:?usage: device_check.sh DATASET [WHEELS]}
@@ -28,19 +29,19 @@ fi
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader || true
 python -c "import torch, torchcodec; print('torch', torch.__version__, 'torchcodec', torchcodec.__version__)" \
   || echo "no torchcodec here: replay_on_device hands over decoded pixels instead of JPEG bytes"
-gpu=(--device cuda) loader=(--device cuda --epochs 3) crops=(--device cuda) decode=(--device cuda)
+gpu=(--device cuda) loader=(--device cuda --epochs 3 --repeat 8) crops=(--device cuda) decode=(--device cuda)
 profile=(--device cuda --rows 128 --compile reduce-overhead)
 if [ "${DEVICE:-cuda}" = cpu ]; then  # DEVICE=cpu: a dry run of every step (no figures worth reading)
   gpu=(--device cpu --rows 8) loader=(--device cpu --epochs 1 --repeat 1) crops=(--device cpu --images 4)
   profile=(--device cpu --rows 4) decode=(--device cpu)
 fi
 status=0
-timeout 240 python scripts/bench_gpu.py --dataset "$dataset" --job-only "${gpu[@]}" --out "$out/bench_gpu.md" || status=$?
+timeout 200 python scripts/bench_gpu.py --dataset "$dataset" --job-only "${gpu[@]}" --out "$out/bench_gpu.md" || status=$?
 timeout 60 python scripts/bench_resample.py --dataset "$dataset" "${crops[@]}" --out "$out/bench_resample.md" \
   || status=$?
-timeout 120 python scripts/profile_job.py --dataset "$dataset" --profiler torch "${profile[@]}" \
+timeout 100 python scripts/profile_job.py --dataset "$dataset" --profiler torch "${profile[@]}" \
   --out-prefix "$out/profile" || status=$?
-timeout 150 python scripts/bench_loader.py --dataset "$dataset" --rows 63 "${loader[@]}" --out "$out/bench_loader.md" \
+timeout 200 python scripts/bench_loader.py --dataset "$dataset" --rows 63 "${loader[@]}" --out "$out/bench_loader.md" \
   || status=$?
 timeout 30 python scripts/bench_decode.py --dataset "$dataset" --rows 64 "${decode[@]}" --out "$out/bench_decode.md" \
   || status=$?
