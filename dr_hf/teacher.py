@@ -239,17 +239,17 @@ def float32_precision(tf32: bool, convolutions: bool = True):
     with _PRECISION_FLAGS:
         wanted = "high" if tf32 else "highest"
         products, cudnn = torch.get_float32_matmul_precision(), torch.backends.cudnn.allow_tf32
-        convolutions = convolutions and cudnn != tf32
-        if products != wanted:
+        set_products, set_cudnn = products != wanted, convolutions and cudnn != tf32
+        if set_products:
             torch.set_float32_matmul_precision(wanted)
-        if convolutions:
+        if set_cudnn:
             torch.backends.cudnn.allow_tf32 = tf32
         try:
             yield
         finally:
-            if products != wanted:
+            if set_products:
                 torch.set_float32_matmul_precision(products)
-            if convolutions:
+            if set_cudnn:
                 torch.backends.cudnn.allow_tf32 = cudnn
 
 
