@@ -218,7 +218,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "python scripts/bench_precision.py measures what it changes)")
     r.add_argument("--compile", default=None, choices=list(COMPILE_MODES), metavar="MODE",
                    help="torch.compile the teachers with this mode (" + ", ".join(COMPILE_MODES) + "; reduce-overhead "
-                        "replays each forward as one CUDA graph; use it on GPUs: it made the job 1.4-1.5x as fast on an H100). "
+                        "replays each forward as one CUDA graph; use it on GPUs: it made the job 1.4-1.6x as fast on an H100). "
                         "Changes only float rounding; compiling takes tens of seconds when the job starts "
                         "(python scripts/bench_compile.py measures both)")
     r.add_argument("--quiet", action="store_true", help="no progress bar or log lines")
