@@ -242,26 +242,29 @@ class Reinforcer:
         # read_back_late (on a GPU): each batch's results are read back after the next batch's forward is queued, so
         # that the GPU does not wait for the host between forwards: the reductions and copies to the host queue behind
         # a batch's forward and an event marks them done. (On a CPU they are done at once, and read back at once.)
+        # torch's TF32 flags are set once here, from the teachers' precision, and written by no thread while the
+        # forwards and the render threads run (the renders' float32 products follow them)
         waiting = None
-        for (keep, _, js), (inputs, rendered) in prefetched(teacher_batches(), render, self.render_threads):
-            SideStream.hand_over(rendered, list(inputs.values()))
-            with torch.profiler.record_function("dr_hf.teacher"):
-                logp = self.teachers.log_probs(inputs, on_device=True)
-            finite = torch.isfinite(logp).all()
-            parts = tuple(torch.topk(logp, topk, dim=-1)) if topk else (logp,)
-            finite, *parts = (t.to("cpu", non_blocking=True) for t in (finite, *parts))
-            done = torch.cuda.Event() if logp.is_cuda else None
-            if done is not None:
-                done.record()
+        with self.teachers.float32_flags():
+            for (keep, _, js), (inputs, rendered) in prefetched(teacher_batches(), render, self.render_threads):
+                SideStream.hand_over(rendered, list(inputs.values()))
+                with torch.profiler.record_function("dr_hf.teacher"):
+                    logp = self.teachers.log_probs(inputs, on_device=True)
+                finite = torch.isfinite(logp).all()
+                parts = tuple(torch.topk(logp, topk, dim=-1)) if topk else (logp,)
+                finite, *parts = (t.to("cpu", non_blocking=True) for t in (finite, *parts))
+                done = torch.cuda.Event() if logp.is_cuda else None
+                if done is not None:
+                    done.record()
+                if waiting is not None:
+                    collect(*waiting)
+                    waiting = None
+                if self.read_back_late:
+                    waiting = (keep, js, inputs, finite, parts, done)
+                else:
+                    collect(keep, js, inputs, finite, parts, done)
             if waiting is not None:
                 collect(*waiting)
-                waiting = None
-            if self.read_back_late:
-                waiting = (keep, js, inputs, finite, parts, done)
-            else:
-                collect(keep, js, inputs, finite, parts, done)
-        if waiting is not None:
-            collect(*waiting)
         for pos, chunks in per_row.items():
             joined = tuple(torch.cat(part) for part in zip(*chunks))
             logps[pos] = joined if topk else joined[0]

@@ -5,8 +5,12 @@ reinforce job renders on a GPU, where one small kernel per sample would leave it
 The matrices hold exactly the weights of torch's antialiased ``interpolate`` (``antialias=True``, bilinear or
 bicubic; the same filter, support and edge renormalisation), so a crop equals ``F.resized_crop(...,
 antialias=True)`` up to float rounding: the same uint8 pixels, but for a rare half-grey-level tie. A horizontal
-flip is the horizontal matrix with its rows reversed, so it costs nothing. The products run in float32, TF32 off
-(under the flags' lock the teacher also takes; cuDNN's flag, which the products do not read, is left alone).
+flip is the horizontal matrix with its rows reversed, so it costs nothing. The float32 products follow torch's TF32
+flag and write no flag (a render thread beside a teacher or a training step must not: on torch >= 2.9 a reader
+between the two halves of a legacy flag write raises). The reinforce job sets the flag from its teachers' precision
+(:meth:`dr_hf.teacher.TeacherEnsemble.float32_flags`); with TF32, as on an H100, the crops differ from float32's on
+about 2.4% of pixels by one grey level, and from the per-sample crops training replays on the CPU by 0.174 grey
+levels on average instead of 0.171 (``tests/test_resample.py``).
 """
 
 from __future__ import annotations
@@ -19,7 +23,6 @@ import torch.nn.functional as tnf
 from torchvision.transforms.v2 import InterpolationMode
 from torchvision.transforms.v2 import functional as F
 
-from .teacher import float32_precision
 from .transfer import to_device
 
 FILTERS = ("bilinear", "bicubic")
@@ -154,16 +157,15 @@ def resized_crops(images, boxes, flips, size: Tuple[int, int], interpolation: st
     for r, image in enumerate(images):
         pixels[r, :image.shape[-2], :, :image.shape[-1]] = image.permute(1, 0, 2)
     pixels = pixels.view(len(images) * height, channels * width)
-    with float32_precision(tf32=False, convolutions=False):
-        for k, (a, b, tall, wide) in enumerate(groups):
-            g = b - a
-            cut = pixels.index_select(0, lines[k]).view(g, tall, channels, width)
-            cut = cut.gather(3, columns[k].view(g, 1, 1, wide).expand(g, tall, channels, wide))  # the windows
-            # horizontal pass: (g, tall * C, wide) @ (g, wide, out_w); vertical: (g, out_h, tall) @ (g, tall, C * out_w)
-            across = torch.bmm(cut.view(g, tall * channels, wide).to(torch.float32), wx[a:b, :, :wide].transpose(1, 2))
-            crops = torch.bmm(wy[a:b, :, :tall], across.view(g, tall, channels * size[1]))
-            crops = crops.view(g, size[0], channels, size[1]).permute(0, 2, 1, 3).round_().clamp_(0, 255)
-            out.index_copy_(0, slot[a:b], crops.to(torch.uint8))  # each crop to its box's place
+    for k, (a, b, tall, wide) in enumerate(groups):
+        g = b - a
+        cut = pixels.index_select(0, lines[k]).view(g, tall, channels, width)
+        cut = cut.gather(3, columns[k].view(g, 1, 1, wide).expand(g, tall, channels, wide))  # the windows
+        # horizontal pass: (g, tall * C, wide) @ (g, wide, out_w); vertical: (g, out_h, tall) @ (g, tall, C * out_w)
+        across = torch.bmm(cut.view(g, tall * channels, wide).to(torch.float32), wx[a:b, :, :wide].transpose(1, 2))
+        crops = torch.bmm(wy[a:b, :, :tall], across.view(g, tall, channels * size[1]))
+        crops = crops.view(g, size[0], channels, size[1]).permute(0, 2, 1, 3).round_().clamp_(0, 255)
+        out.index_copy_(0, slot[a:b], crops.to(torch.uint8))  # each crop to its box's place
     return out
 
 

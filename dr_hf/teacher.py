@@ -232,10 +232,10 @@ _PRECISION_FLAGS = threading.RLock()
 @contextlib.contextmanager
 def float32_precision(tf32: bool, convolutions: bool = True):
     """TF32 on or off for the float32 matrix products (and, with ``convolutions``, cuDNN's convolutions) run inside.
-    torch's flags are process-global, so holders take turns: the reinforce job renders in one thread (TF32 off) while
-    its teacher runs in another. Only a flag that differs is written, and put back after: threads that do not take
-    the lock (a bf16 teacher under autocast, a compiled forward checking its guards) then see no change, and on torch
-    >= 2.9 a legacy write is two writes, between which a reader raises ("mix of the legacy and new APIs")."""
+    torch's flags are process-global, so holders take turns under a lock. Only a flag that differs is written, and put
+    back after: threads that do not take the lock (the reinforce job's render threads, a replay thread beside a
+    training step) see no change where the flags are already right, and on torch >= 2.9 a legacy write is two writes,
+    between which a reader raises ("mix of the legacy and new APIs")."""
     with _PRECISION_FLAGS:
         wanted = "high" if tf32 else "highest"
         products, cudnn = torch.get_float32_matmul_precision(), torch.backends.cudnn.allow_tf32
@@ -326,6 +326,16 @@ class TeacherEnsemble:
             if t.output not in seen:
                 seen.append(t.output)
         return seen
+
+    @contextlib.contextmanager
+    def float32_flags(self):
+        """torch's TF32 flags for this ensemble's precision (fp32: off; tf32: on; bf16: on, its own products being
+        bf16), set once for a run of forwards and the renders beside them (:meth:`dr_hf.reinforcer.Reinforcer.compute`):
+        the forwards then write no flag, and the batched renderer's float32 products, which follow the flags, run on
+        TF32 tensor cores with tf32 and bf16 teachers (1.38-1.44x the float32 crops on an H100,
+        results/bench_resample_h100.md)."""
+        with float32_precision(tf32=self.precision != "fp32"):
+            yield
 
     @contextlib.contextmanager
     def _precision(self):

@@ -254,6 +254,26 @@ def test_map_batches_hold_65536_samples_by_default_between_256_and_1024_rows(ima
     assert calls == [300]
 
 
+def test_tf32_flags_are_set_once_a_map_batch_not_written_per_forward(image_dataset, teachers, monkeypatch, tmp_path):
+    """The job sets torch's TF32 flags once for a map batch, from the teachers' precision (fp32 here: off), so no
+    thread writes them while forwards and batched renders run side by side (on torch >= 2.9 a reader between the
+    halves of a legacy write raises). Started with TF32 on, as a user's process may be: one write to turn it off, one
+    to turn it back on, for 12 forwards (each forward wrote both before)."""
+    setter, writes, forwards = torch.set_float32_matmul_precision, [], []
+    monkeypatch.setattr(torch, "set_float32_matmul_precision", lambda p: (writes.append(p), setter(p)))
+    log_probs = type(teachers).log_probs
+    monkeypatch.setattr(type(teachers), "log_probs", lambda self, *a, **kw: (forwards.append(1),
+                                                                            log_probs(self, *a, **kw))[1])
+    setter("high")
+    try:
+        run(image_dataset.select(range(24)), tmp_path / "a", teachers, batch_size=None, teacher_batch_size=8,
+            render="batched")
+        assert torch.get_float32_matmul_precision() == "high"
+    finally:
+        setter("highest")
+    assert len(forwards) == 12 and writes == ["highest", "high"]
+
+
 def test_samples_that_fill_several_batches_split_into_equal_ranges(image_dataset, teachers, monkeypatch):
     """Where one row's N samples (or a group's) need several forwards, they are split into equal sample ranges, not
     full batches and a short remainder: N=10 in 8-sample batches is 5 + 5 (a compiled teacher pads a short batch

@@ -8,7 +8,7 @@ from torchvision.transforms.v2 import functional as F
 
 from conftest import SHARED, needs_shared
 from dr_hf import make_pipeline
-from dr_hf.augment import PRESETS, Context, InputSpec
+from dr_hf.augment import PRESETS, Context, InputSpec, boxes_to_pixels
 from dr_hf.images import decode
 from dr_hf.augment import empty_batch, normalise_pixels
 from dr_hf.resample import crop_groups, resample_weights, resized_crop, resized_crops
@@ -164,33 +164,6 @@ def test_channels_last_crop_is_torchvisions_crop_and_normalises_alike(interpolat
     assert reference.is_contiguous() and torch.equal(floats, reference)
     textbook = F.normalize(pixels.float() / 255, list(spec.mean), list(spec.std))
     assert torch.allclose(floats, textbook, atol=1e-5)
-
-
-def test_exact_products_take_turns_with_the_teachers_precision_flags():
-    """torch's TF32 flags are process-global: the batched crop (TF32 off) and a tf32 teacher running in another thread
-    take turns under one lock, so neither sees the other's setting, and the flags end as they were."""
-    import threading
-    import time
-
-    from dr_hf.teacher import float32_precision
-
-    saved = torch.get_float32_matmul_precision()
-    seen, started = [], threading.Event()
-
-    def teacher_forward():
-        with float32_precision(tf32=True):
-            started.set()
-            for _ in range(100):
-                seen.append(torch.backends.cuda.matmul.allow_tf32)
-                time.sleep(0.002)
-
-    thread = threading.Thread(target=teacher_forward)
-    thread.start()
-    started.wait()
-    crops = resized_crops(torch.zeros((3, 256, 256), dtype=torch.uint8), [(0, 0, 256, 256)] * 64, [False] * 64, (64, 64))
-    thread.join()
-    assert crops.shape == (64, 3, 64, 64) and seen == [True] * 100
-    assert torch.get_float32_matmul_precision() == saved  # and only torch's new API was used (mixing both raises)
 
 
 def render_both(pipe, images, spec, num_samples=12):
@@ -373,34 +346,40 @@ def test_batched_job_is_recorded_and_verifies(tmp_path, capsys, image_dataset, i
         run(image_dataset, tmp_path / "x", teachers, render="gpu")
 
 
-def test_batched_crops_leave_flags_already_right_unwritten(monkeypatch):
-    """A bf16 teacher runs beside the render thread without the flags' lock (autocast, compiled guards reading the
-    flags): with TF32 for products already off, a batch of crops writes no precision flag, and cuDNN's (which the
-    products do not read) never changes under a thread watching it."""
-    import threading
+@needs_shared("imagenet-sample")
+def test_batched_crops_follow_the_tf32_flag_within_the_tolerance_of_what_training_replays(monkeypatch):
+    """The batched crops write no flag (a render thread runs beside a teacher or a training step) and follow torch's
+    TF32 flag for float32 products. TF32 tensor cores are emulated here as an H100 gives them (each factor rounded to
+    10 mantissa bits: this reproduces bench_resample's H100 row, 2.44% of pixels one level off). On real photos
+    TF32 moves 1-3% of pixels by one level, and the crops stay as far from the per-sample crops training replays on
+    the CPU as float32's: 0.17 grey levels on average, the same few pixels over one level (bicubic's uint8 kernel)."""
+    def tf32(x):
+        return ((x.contiguous().view(torch.int32) + 0x1000) & -8192).view(torch.float32)
 
-    writes = []
-    setter = torch.set_float32_matmul_precision
+    bmm, setter, writes = torch.bmm, torch.set_float32_matmul_precision, []
+    monkeypatch.setattr(torch, "bmm", lambda a, b: bmm(a, b) if torch.get_float32_matmul_precision() == "highest"
+                        else bmm(tf32(a), tf32(b)))
     monkeypatch.setattr(torch, "set_float32_matmul_precision", lambda p: (writes.append(p), setter(p)))
-    saved = torch.backends.cudnn.allow_tf32
-    torch.backends.cudnn.allow_tf32 = True
-    try:
-        assert torch.get_float32_matmul_precision() == "highest"
-        seen, done = set(), threading.Event()
-
-        def watch():
-            while not done.is_set():
-                seen.add((torch.get_float32_matmul_precision(), torch.backends.cudnn.allow_tf32))
-
-        watcher = threading.Thread(target=watch)
-        watcher.start()
-        try:
-            for _ in range(3):
-                resized_crops(torch.zeros((3, 256, 256), dtype=torch.uint8), [(0, 0, 200, 256)] * 64, [True] * 64,
-                              (64, 64))
-        finally:
-            done.set()
-            watcher.join()
-        assert writes == [] and seen == {("highest", True)}
-    finally:
-        torch.backends.cudnn.allow_tf32 = saved
+    rows = datasets.load_dataset(str(SHARED / "imagenet-sample"), split="train").select(range(4))
+    images = [decode(v) for v in rows.cast_column("image", datasets.Image(decode=False))["image"]]
+    pipe = make_pipeline("imagenet+rrc")
+    crops, replayed = {"highest": [], "high": []}, []
+    for i, image in enumerate(images):
+        params = pipe.sample(0, i, 64, Context(image.shape[-2], image.shape[-1], 0, 1, 64))
+        boxes, flips = boxes_to_pixels(params["crop"], *image.shape[-2:]), np.asarray(params["flip"])
+        for precision, got in crops.items():
+            setter(precision)
+            try:
+                got.append(resized_crops(image, boxes, flips, (224, 224), "bicubic"))
+            finally:
+                setter("highest")
+        replayed += [resized_crop(image, *map(int, box), (224, 224), "bicubic").flip(-1) if flip else
+                     resized_crop(image, *map(int, box), (224, 224), "bicubic") for box, flip in zip(boxes, flips)]
+    assert writes == []
+    fp32, tf = torch.cat(crops["highest"]), torch.cat(crops["high"])
+    moved = (tf.int() - fp32.int()).abs()
+    assert moved.max() == 1 and 0.01 < float((moved > 0).float().mean()) < 0.03
+    replayed = torch.stack(replayed)
+    off = {name: (got.int() - replayed.int()).abs().float() for name, got in (("fp32", fp32), ("tf32", tf))}
+    assert 0.1 < float(off["fp32"].mean()) < 0.2 and abs(float(off["tf32"].mean() - off["fp32"].mean())) < 0.01
+    assert float((off["tf32"] > 1).float().mean()) < 1e-4 and float((off["fp32"] > 1).float().mean()) < 1e-4
