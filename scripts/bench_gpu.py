@@ -32,6 +32,7 @@ import sys
 import tempfile
 import time
 
+import numpy as np
 import torch
 
 from results_md import write_markdown  # noqa: E402  (scripts/)
@@ -229,22 +230,27 @@ def main():
 
     threads = default_prepare_threads(bf16)
     gpu_rows = args.rows * args.gpu_repeat
-    # (name, render device, render mode, prepare threads, rows, teachers, Reinforcer options, map batch rows)
-    variants = (("gpu_batched_inline", device, "batched", 0, gpu_rows, bf16, {}, 256),
-                ("gpu_batched_threads", device, "batched", threads, gpu_rows, bf16, {}, 256),
-                ("gpu_batched_threads_compiled", device, "batched", threads, gpu_rows, compiled, {}, 256),
+    # (name, render device, render mode, prepare threads, rows, teachers, Reinforcer options, map batch rows, TF32
+    # flags of the job: None for the teachers' own, float32_flags; False: TF32 off, the crops' products in float32)
+    variants = (("gpu_batched_inline", device, "batched", 0, gpu_rows, bf16, {}, 256, None),
+                ("gpu_batched_threads", device, "batched", threads, gpu_rows, bf16, {}, 256, None),
+                ("gpu_batched_threads_compiled", device, "batched", threads, gpu_rows, compiled, {}, 256, None),
+                ("gpu_batched_threads_compiled_float32_crops", device, "batched", threads, gpu_rows, compiled, {}, 256,
+                 False),  # as the job rendered before its flags followed the teachers' precision
                 ("gpu_batched_threads_compiled_read_back_at_once", device, "batched", threads, gpu_rows, compiled,
-                 {"read_back_late": False}, 256),  # as the job did before: each batch's results, then the next
+                 {"read_back_late": False}, 256, None),  # as the job did before: each batch's results, then the next
                 ("gpu_batched_threads_compiled_render_stream", device, "batched", threads, gpu_rows, compiled,
-                 {"render_stream": True}, 256),
+                 {"render_stream": True}, 256, None),
                 ("gpu_batched_threads_compiled_map_batches_1024", device, "batched", threads, gpu_rows, compiled,
-                 {}, 1024),  # (the default at N=64, 256 at N >= 256; the pipeline drains between map batches)
-                ("cpu_per_sample_threads", "cpu", "per-sample", threads, args.rows, bf16, {}, 256))
+                 {}, 1024, None),  # (the default at N=64, 256 at N >= 256; the pipeline drains between map batches)
+                ("cpu_per_sample_threads", "cpu", "per-sample", threads, args.rows, bf16, {}, 256, None))
     from dr_hf.reinforcer import Reinforcer
+    from dr_hf.teacher import TeacherEnsemble, float32_precision
 
-    init = Reinforcer.__init__
-    for name, render_device, mode, prepare, count, ensemble, options, map_batch in variants:
+    init, flags = Reinforcer.__init__, TeacherEnsemble.float32_flags
+    for name, render_device, mode, prepare, count, ensemble, options, map_batch, tf32 in variants:
         Reinforcer.__init__ = lambda self, *a, options=options, **kw: init(self, *a, **{**kw, **options})
+        TeacherEnsemble.float32_flags = flags if tf32 is None else lambda self, tf32=tf32: float32_precision(tf32)
         config = ReinforceConfig(augment="imagenet+rrc", augmentations=make_pipeline("imagenet+rrc").config(),
                                  teachers=bf16.specs, num_samples=n, topk=10, seed=0, num_classes=1000,
                                  precision="bf16", render=mode)
@@ -259,7 +265,7 @@ def main():
         shard[name] = shard_rates[-1] if shard_rates else float("nan")
         results["job_samples_per_s"], results["job_shard_samples_per_s"] = job, shard
         save()
-    Reinforcer.__init__ = init
+    Reinforcer.__init__, TeacherEnsemble.float32_flags = init, flags
     results["job_samples_per_s"] = job
 
     def top_k(name):  # the stored teacher outputs of a job's shards
@@ -272,6 +278,14 @@ def main():
     late = top_k("gpu_batched_threads_compiled")
     for variant in ("read_back_at_once", "render_stream", "map_batches_1024"):
         results[f"{variant}_same_outputs"] = bool(late) and late == top_k(f"gpu_batched_threads_compiled_{variant}")
+    results["tf32_crops_speedup"] = shard["gpu_batched_threads_compiled"] / shard["gpu_batched_threads_compiled_float32_crops"]
+    float32_crops = top_k("gpu_batched_threads_compiled_float32_crops")  # other pixels at a few percent of pixels
+    if late and float32_crops:
+        import pyarrow as pa
+
+        first = [np.asarray(pa.concat_tables(t)["dr_topk_indices"].combine_chunks().flatten().flatten()).reshape(-1, 10)[:, 0]
+                 for t in (late, float32_crops)]
+        results["tf32_crops_same_top1"] = float(np.mean(first[0] == first[1]))
     best = max(("gpu_batched_inline", "gpu_batched_threads"), key=lambda name: shard[name])
     results["job_over_teacher"] = shard[best] / teacher[256]  # the job's teacher batches hold 256 samples at N=64
     results["job_over_teacher_variant"] = best
@@ -295,6 +309,8 @@ def main():
     labels = {"gpu_batched_inline": "job, rendering on the GPU (batched), rows prepared inline (`--prepare-threads 0`)",
               "gpu_batched_threads": f"job, rendering on the GPU (batched), rows prepared by {threads} threads (the default)",
               "gpu_batched_threads_compiled": f"the same, teacher compiled (`--compile {compile_mode}`)",
+              "gpu_batched_threads_compiled_float32_crops": "the compiled job with TF32 off, the crops' products in "
+                                                            "float32 (as before they followed the teachers' precision)",
               "gpu_batched_threads_compiled_read_back_at_once": "the same, each batch's results read back before the "
                                                                 "next forward is queued (as before `read_back_late`)",
               "gpu_batched_threads_compiled_render_stream": "the compiled job, rendering on a CUDA stream of its own "
@@ -306,7 +322,7 @@ def main():
     log("")
     log("| job | rows | whole job, samples/s | its shard, samples/s |")
     log("|---|---|---|---|")
-    for name, _, _, _, count, _, _, _ in variants:
+    for name, _, _, _, count, _, _, _, _ in variants:
         log(f"| {labels[name]} | {count} | {job[name]:,.0f} | {shard[name]:,.0f} |")
     log("")
     log(f"Job (the faster GPU variant's shard rate) / bare teacher on the same batches of 256: "
@@ -318,6 +334,10 @@ def main():
         f"{'the same' if results['read_back_at_once_same_outputs'] else 'DIFFERENT'} top-K values and classes, bit for "
         f"bit, rendering on a stream of its own {'the same' if results['render_stream_same_outputs'] else 'DIFFERENT'}, "
         f"map batches of 1024 rows {'the same' if results['map_batches_1024_same_outputs'] else 'DIFFERENT'}.")
+    log("")
+    log(f"The compiled job's crops on TF32 tensor cores (bf16 teachers' flags) / in float32: "
+        f"**{results['tf32_crops_speedup']:.2f}x**; the same top-1 class in "
+        f"{results.get('tf32_crops_same_top1', float('nan')):.2%} of samples.")
     if render:
         log("")
         log("Rendering teacher batches of 256 samples as the job does (samples/s):")
