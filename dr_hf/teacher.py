@@ -329,12 +329,12 @@ class TeacherEnsemble:
 
     @contextlib.contextmanager
     def float32_flags(self):
-        """torch's TF32 flags for this ensemble's precision (fp32: off; tf32: on; bf16: on, its own products being
+        """torch's TF32 flags for this ensemble's precision (tf32: on; fp32 and bf16: off, bf16's own products being
         bf16), set once for a run of forwards and the renders beside them (:meth:`dr_hf.reinforcer.Reinforcer.compute`):
-        the forwards then write no flag, and the batched renderer's float32 products, which follow the flags, run on
-        TF32 tensor cores with tf32 and bf16 teachers (1.38-1.44x the float32 crops on an H100,
-        results/bench_resample_h100.md)."""
-        with float32_precision(tf32=self.precision != "fp32"):
+        the forwards then write no flag, and the batched renderer's float32 products follow the flags. (TF32 crops
+        beside a bf16 teacher ran at 0.95x the float32 ones' job pace in one H100 run, results/bench_gpu.md, within
+        that run's noise: no gain to pay for their pixels with.)"""
+        with float32_precision(tf32=self.precision == "tf32"):
             yield
 
     @contextlib.contextmanager
