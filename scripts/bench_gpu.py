@@ -235,14 +235,15 @@ def main():
     variants = (("gpu_batched_inline", device, "batched", 0, gpu_rows, bf16, {}, 256, None),
                 ("gpu_batched_threads", device, "batched", threads, gpu_rows, bf16, {}, 256, None),
                 ("gpu_batched_threads_compiled", device, "batched", threads, gpu_rows, compiled, {}, 256, None),
+                ("gpu_batched_threads_compiled_map_batches_1024", device, "batched", threads, gpu_rows, compiled,
+                 {}, 1024, None),  # (the default at N=64, 256 at N >= 256; right after its 256-row twin: it ran last
+                #  in 2026-11-27's runs, where a later variant tended to run faster)
                 ("gpu_batched_threads_compiled_tf32_crops", device, "batched", threads, gpu_rows, compiled, {}, 256,
                  True),  # (0.95x the float32 crops in the first run, 2026-11-27)
                 ("gpu_batched_threads_compiled_read_back_at_once", device, "batched", threads, gpu_rows, compiled,
                  {"read_back_late": False}, 256, None),  # as the job did before: each batch's results, then the next
                 ("gpu_batched_threads_compiled_render_stream", device, "batched", threads, gpu_rows, compiled,
                  {"render_stream": True}, 256, None),
-                ("gpu_batched_threads_compiled_map_batches_1024", device, "batched", threads, gpu_rows, compiled,
-                 {}, 1024, None),  # (the default at N=64, 256 at N >= 256; the pipeline drains between map batches)
                 ("cpu_per_sample_threads", "cpu", "per-sample", threads, args.rows, bf16, {}, 256, None))
     from dr_hf.reinforcer import Reinforcer
     from dr_hf.teacher import TeacherEnsemble, float32_precision
@@ -316,8 +317,8 @@ def main():
               "gpu_batched_threads_compiled_render_stream": "the compiled job, rendering on a CUDA stream of its own "
                                                             "(`Reinforcer(render_stream=True)`)",
               "gpu_batched_threads_compiled_map_batches_1024": "the compiled job in map batches of 1024 rows "
-                                                               "(the default at N=64; the rows above: 256, as at "
-                                                               "N >= 256)",
+                                                               "(the default at N=64; the other GPU rows: 256, as "
+                                                               "at N >= 256)",
               "cpu_per_sample_threads": f"job, rendering on the CPU (per sample, 1 render thread), {threads} prepare threads"}
     log("")
     log("| job | rows | whole job, samples/s | its shard, samples/s |")
