@@ -230,8 +230,8 @@ _PRECISION_FLAGS = threading.RLock()
 
 
 @contextlib.contextmanager
-def float32_precision(tf32: bool, convolutions: bool = True):
-    """TF32 on or off for the float32 matrix products (and, with ``convolutions``, cuDNN's convolutions) run inside.
+def float32_precision(tf32: bool):
+    """TF32 on or off for the float32 matrix products and cuDNN's convolutions run inside.
     torch's flags are process-global, so holders take turns under a lock. Only a flag that differs is written, and put
     back after: threads that do not take the lock (the reinforce job's render threads, a replay thread beside a
     training step) see no change where the flags are already right, and on torch >= 2.9 a legacy write is two writes,
@@ -239,7 +239,7 @@ def float32_precision(tf32: bool, convolutions: bool = True):
     with _PRECISION_FLAGS:
         wanted = "high" if tf32 else "highest"
         products, cudnn = torch.get_float32_matmul_precision(), torch.backends.cudnn.allow_tf32
-        set_products, set_cudnn = products != wanted, convolutions and cudnn != tf32
+        set_products, set_cudnn = products != wanted, cudnn != tf32
         if set_products:
             torch.set_float32_matmul_precision(wanted)
         if set_cudnn:
