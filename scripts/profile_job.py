@@ -83,23 +83,13 @@ WAITING_OPS = ("aten::_local_scalar_dense", "aten::item", "aten::is_nonzero", "a
 
 
 def summarise_torch(profile, seconds: float, gpu: bool, prefix: str) -> None:
-    """The top ops and kernels by own time (device time on a GPU), the GPU's busy share of the job's wall time, and
-    the device time of what the job's render and teacher ranges launched."""
-    def own(event):  # own device time (us), under either of torch's names for it
-        return getattr(event, "self_device_time_total", None) or getattr(event, "self_cuda_time_total", 0)
-
-    def total(event):
-        return getattr(event, "device_time_total", None) or getattr(event, "cuda_time_total", 0)
-
+    """The top ops and kernels by own time (device time on a GPU), the host's time in the job's ranges and its waits
+    for the device, and on a GPU :func:`device_time` of the exported trace."""
     events = profile.key_averages()
     sort = ("self_device_time_total" if hasattr(events[0], "self_device_time_total") else "self_cuda_time_total") \
         if gpu else "self_cpu_time_total"
     print(events.table(sort_by=sort, row_limit=30, max_name_column_width=60))
-    ranges = {e.key: e for e in events if e.key in ("dr_hf.render", "dr_hf.teacher")}
-    if gpu:
-        busy = sum(own(e) for e in events) / 1e6
-        print(f"GPU busy {busy:.2f} s of the job's {seconds:.2f} s ({busy / seconds:.0%}); kernels launched by "
-              + ", ".join(f"{k} {total(e) / 1e6:.2f} s" for k, e in sorted(ranges.items())))
+    ranges = {e.key: e for e in events if e.key in RANGES}
     print("host time in " + ", ".join(f"{k} {e.cpu_time_total / 1e6:.2f} s ({e.count} calls)"
                                       for k, e in sorted(ranges.items())))
     # Where host threads wait for the device: CUDA runtime calls (a copy from pageable memory, a synchronize) and the
@@ -111,6 +101,47 @@ def summarise_torch(profile, seconds: float, gpu: bool, prefix: str) -> None:
         or "none recorded"))
     profile.export_chrome_trace(f"{prefix}.trace.json.gz")  # (gzipped when the name says so)
     print(f"timeline: {prefix}.trace.json.gz")
+    if gpu:
+        print(device_time(f"{prefix}.trace.json.gz", seconds))
+
+
+RANGES = ("dr_hf.render", "dr_hf.teacher")  # the job's record_function ranges (dr_hf.reinforcer)
+
+
+def device_time(trace: str, seconds: float) -> str:
+    """From a torch.profiler chrome trace: the GPU's busy time (the union of its kernels and copies) against the span
+    from the first to the last and against the job's wall time, and each of :data:`RANGES`' kernel time, each kernel
+    counted once, for the range whose host thread launched it (through the launch's correlation id). The profiler's
+    own table cannot give these: it lists ops beside the kernels they launched, and a range's device time there is
+    its span on the device, gaps and other threads' kernels included."""
+    import gzip
+    import json
+
+    with (gzip.open if trace.endswith(".gz") else open)(trace, "rt") as f:
+        events = json.load(f)["traceEvents"]
+    work = sorted((e["ts"], e["ts"] + e["dur"], e) for e in events if e.get("cat") in ("kernel", "gpu_memcpy", "gpu_memset"))
+    if not work:
+        return "no kernels recorded"
+    busy, start, end = 0.0, work[0][0], work[0][1]
+    for a, b, _ in work[1:]:
+        if a > end:
+            busy, start = busy + end - start, a
+        end = max(end, b)
+    busy += end - start
+    span = max(b for _, b, _ in work) - work[0][0]
+    launches = {e["args"].get("correlation"): e for e in events if e.get("cat") == "cuda_runtime"}
+    opened = collections.defaultdict(list)  # host thread: its ranges' (start, end, name)
+    for e in events:
+        if e.get("cat") == "user_annotation" and e["name"] in RANGES:
+            opened[e["tid"]].append((e["ts"], e["ts"] + e["dur"], e["name"]))
+    launched = collections.Counter()
+    for _, _, kernel in work:
+        launch = launches.get(kernel.get("args", {}).get("correlation"))
+        names = [n for a, b, n in opened.get(launch["tid"], ()) if a <= launch["ts"] <= b] if launch else []
+        launched[names[0] if names else "elsewhere"] += kernel["dur"]
+    return (f"GPU busy {busy / 1e6:.3f} s: {busy / span:.0%} of the {span / 1e6:.3f} s from its first kernel to its last, "
+            f"{busy / 1e6 / seconds:.0%} of the job's {seconds:.2f} s; kernel time by the range that launched it: "
+            + ", ".join(f"{name} {t / 1e6:.3f} s" for name, t in sorted(launched.items())))
 
 
 def main():
