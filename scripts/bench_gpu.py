@@ -240,6 +240,11 @@ def main():
                 #  in 2026-11-27's runs, where a later variant tended to run faster)
                 ("gpu_batched_threads_compiled_tf32_crops", device, "batched", threads, gpu_rows, compiled, {}, 256,
                  True),  # (0.95x the float32 crops in the first run, 2026-11-27)
+                ("gpu_batched_threads_compiled_render_threads_2", device, "batched", threads, gpu_rows, compiled,
+                 {"render_threads": 2}, 256, None),  # the render thread's host time (~11 ms a teacher batch on the
+                #  H100's host) matched the GPU's (~11 ms): a second one, alone and with the crops on TF32 cores
+                ("gpu_batched_threads_compiled_render_threads_2_tf32_crops", device, "batched", threads, gpu_rows,
+                 compiled, {"render_threads": 2}, 256, True),
                 ("gpu_batched_threads_compiled_read_back_at_once", device, "batched", threads, gpu_rows, compiled,
                  {"read_back_late": False}, 256, None),  # as the job did before: each batch's results, then the next
                 ("gpu_batched_threads_compiled_render_stream", device, "batched", threads, gpu_rows, compiled,
@@ -277,7 +282,7 @@ def main():
     # the same compiled teacher and renders, results read back late or at once, rendered on the teacher's stream or
     # one of their own, in map batches of 256 or 1024 rows: the same values, to the bit
     late = top_k("gpu_batched_threads_compiled")
-    for variant in ("read_back_at_once", "render_stream", "map_batches_1024"):
+    for variant in ("read_back_at_once", "render_stream", "map_batches_1024", "render_threads_2"):
         results[f"{variant}_same_outputs"] = bool(late) and late == top_k(f"gpu_batched_threads_compiled_{variant}")
     results["tf32_crops_speedup"] = shard["gpu_batched_threads_compiled_tf32_crops"] / shard["gpu_batched_threads_compiled"]
     tf32_crops = top_k("gpu_batched_threads_compiled_tf32_crops")  # other pixels at a few percent of pixels
@@ -312,8 +317,12 @@ def main():
               "gpu_batched_threads_compiled": f"the same, teacher compiled (`--compile {compile_mode}`)",
               "gpu_batched_threads_compiled_tf32_crops": "the compiled job with TF32 on, the crops' products on TF32 "
                                                          "tensor cores (`--precision tf32` teachers' flags)",
-              "gpu_batched_threads_compiled_read_back_at_once": "the same, each batch's results read back before the "
-                                                                "next forward is queued (as before `read_back_late`)",
+              "gpu_batched_threads_compiled_render_threads_2": "the compiled job with 2 render threads "
+                                                               "(`--render-threads 2`; 1 by default)",
+              "gpu_batched_threads_compiled_render_threads_2_tf32_crops": "the same, the crops on TF32 tensor cores",
+              "gpu_batched_threads_compiled_read_back_at_once": "the compiled job, each batch's results read back "
+                                                                "before the next forward is queued (as before "
+                                                                "`read_back_late`)",
               "gpu_batched_threads_compiled_render_stream": "the compiled job, rendering on a CUDA stream of its own "
                                                             "(`Reinforcer(render_stream=True)`)",
               "gpu_batched_threads_compiled_map_batches_1024": "the compiled job in map batches of 1024 rows "
@@ -338,7 +347,10 @@ def main():
     log("")
     log(f"The compiled job's crops on TF32 tensor cores / in float32 (bf16 teachers' flags): "
         f"**{results['tf32_crops_speedup']:.2f}x**; the same top-1 class in "
-        f"{results.get('tf32_crops_same_top1', float('nan')):.2%} of samples.")
+        f"{results.get('tf32_crops_same_top1', float('nan')):.2%} of samples. With 2 render threads / 1: "
+        f"**{shard['gpu_batched_threads_compiled_render_threads_2'] / shard['gpu_batched_threads_compiled']:.2f}x** "
+        f"(the same outputs, bit for bit: {results['render_threads_2_same_outputs']}); 2 render threads and TF32 crops "
+        f"/ 1 and float32: **{shard['gpu_batched_threads_compiled_render_threads_2_tf32_crops'] / shard['gpu_batched_threads_compiled']:.2f}x**.")
     if render:
         log("")
         log("Rendering teacher batches of 256 samples as the job does (samples/s):")

@@ -11,8 +11,8 @@
 #
 # DATASET: an image dataset folder (e.g. 63 imagenet-sample rows as parquet); WHEELS: a folder of wheels the machine
 # lacks (installed with --no-deps into /tmp/site). Each step has its own time limit, so one that hangs leaves time
-# for the other; the limits add up to 590 s (the whole ran in 250 s on the H100 on 2026-11-27, the loader then with
-# 8 batches an epoch, too short for its 2-worker rows to agree between runs: now 16).
+# for the other; the limits add up to 590 s (the whole ran in 250 s on the H100 on 2026-11-27, bench_gpu 110-150 s
+# of it, the loader then with 8 batches an epoch, too short for its 2-worker rows to agree between runs: now 16).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 dataset=${1:?usage: device_check.sh DATASET [WHEELS]}
@@ -36,12 +36,12 @@ if [ "${DEVICE:-cuda}" = cpu ]; then  # DEVICE=cpu: a dry run of every step (no 
   profile=(--device cpu --rows 4) decode=(--device cpu)
 fi
 status=0
-timeout 200 python scripts/bench_gpu.py --dataset "$dataset" --job-only "${gpu[@]}" --out "$out/bench_gpu.md" || status=$?
+timeout 240 python scripts/bench_gpu.py --dataset "$dataset" --job-only "${gpu[@]}" --out "$out/bench_gpu.md" || status=$?
 timeout 60 python scripts/bench_resample.py --dataset "$dataset" "${crops[@]}" --out "$out/bench_resample.md" \
   || status=$?
-timeout 100 python scripts/profile_job.py --dataset "$dataset" --profiler torch "${profile[@]}" \
+timeout 90 python scripts/profile_job.py --dataset "$dataset" --profiler torch "${profile[@]}" \
   --out-prefix "$out/profile" || status=$?
-timeout 200 python scripts/bench_loader.py --dataset "$dataset" --rows 63 "${loader[@]}" --out "$out/bench_loader.md" \
+timeout 170 python scripts/bench_loader.py --dataset "$dataset" --rows 63 "${loader[@]}" --out "$out/bench_loader.md" \
   || status=$?
 timeout 30 python scripts/bench_decode.py --dataset "$dataset" --rows 64 "${decode[@]}" --out "$out/bench_decode.md" \
   || status=$?
