@@ -12,9 +12,10 @@ batches, and batched rendering's speed and fidelity on the device, side by side 
   rows prepared (decoded, parameters drawn) inline on the main thread or by threads ahead of the teacher (the
   default on a GPU), the latter also with the teacher compiled; the compiled job once more with each batch's results
   read back before the next forward is queued (``read_back_late`` off, as the job did before), rendering on a CUDA
-  stream of its own (``render_stream``), and in map batches of 1024 rows (the pipeline drains between map batches;
-  256 by default), each job's top-K to agree with the compiled job's to the bit; and on the CPU (per sample, one
-  render thread ahead of the teacher). Whole-job rates include writing the card, shard rates (from the job's log)
+  stream of its own (``render_stream``), with 2 render threads, and in map batches of 1024 rows (the pipeline drains
+  between map batches; the default at N=64, the other variants use 256), each job's top-K to agree with the compiled
+  job's to the bit; with its crops on TF32 tensor cores (alone and with 2 render threads; top-1 agreement); and on
+  the CPU (per sample, one render thread ahead of the teacher). Whole-job rates include writing the card, shard rates (from the job's log)
   do not.
 
 The teacher is timm's ``tf_efficientnet_lite0`` with random weights unless ``--weights`` gives a safetensors file: the

@@ -12,7 +12,7 @@ call (a teacher batch of the job at N=64: one call, matrices padded to the large
   code (products over whole images, one image's boxes at a time; kept here as the reference), with the products'
   multiply-adds per sample (what a GPU's time for the crops follows) and how the pixels differ;
 * the same with TF32 matrix products (the crops follow torch's TF32 flag, which the reinforce job sets from its
-  teachers' precision: TF32 with bf16 and tf32 teachers, float32 with fp32 ones);
+  teachers' precision: TF32 with tf32 teachers, float32 with fp32 and bf16 ones);
 * a training batch under ``replay_on_device``: one view of each of the images, every image its own: the aten ops
   (each a kernel launch or a view on a GPU: the host's part) and the time of one call, windows against the previous
   code.
@@ -208,7 +208,7 @@ def main():
               "previous": lambda: previous_crops(*views[:3], (224, 224), "bicubic", views[3])}
     replay_ops = {name: count_ops(fn) for name, fn in replay.items()}
     replay_time = {name: best(fn) for name, fn in replay.items()}
-    with float32_precision(tf32=True):  # the TF32 row: the products follow the flag, as with bf16 or tf32 teachers
+    with float32_precision(tf32=True):  # the TF32 row: the products follow the flag, as with tf32 teachers
         tf32 = best(crops())
         tf32_out = resized_crops(images[0], boxes[0], flips[0], (224, 224), "bicubic")
     fp32_out = resized_crops(images[0], boxes[0], flips[0], (224, 224), "bicubic")
@@ -225,7 +225,7 @@ def main():
               multiply_adds(calls, (224, 224), g)) for g in group_sizes]
     rows += [("`resized_crops` previous code: products over whole images, image by image", previous,
               multiply_adds(calls, (224, 224))),
-             ("`resized_crops` whole, groups of 32, TF32 products (the job's, with bf16 or tf32 teachers)", tf32, None)]
+             ("`resized_crops` whole, groups of 32, TF32 products (the job's, with tf32 teachers)", tf32, None)]
     for label, seconds, macs in rows:
         lines.append(f"| {label} | {1000 * seconds / len(images):.3f} | {samples / seconds:,.0f} | "
                      + (f"{macs / 1e6:.0f} M" if macs else "") + " |")
