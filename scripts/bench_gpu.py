@@ -8,15 +8,12 @@ batches, and batched rendering's speed and fidelity on the device, side by side 
   the GPU (``--render batched``);
 * teacher: the bare bf16 forward at N (one row's samples) and at 256 (the job's teacher batches at N=64), and at 256
   compiled (``--compile reduce-overhead``: each forward one CUDA graph);
-* job: ``dr_hf.reinforce`` end to end (decode, render, teacher, top-k, parquet), rendering on the GPU (batched) with
-  rows prepared (decoded, parameters drawn) inline on the main thread or by threads ahead of the teacher (the
-  default on a GPU), the latter also with the teacher compiled; the compiled job once more with each batch's results
-  read back before the next forward is queued (``read_back_late`` off, as the job did before), rendering on a CUDA
-  stream of its own (``render_stream``), with 2 render threads, and in map batches of 1024 rows (the pipeline drains
-  between map batches; the default at N=64, the other variants use 256), each job's top-K to agree with the compiled
-  job's to the bit; with its crops on TF32 tensor cores (alone and with 2 render threads; top-1 agreement); and on
-  the CPU (per sample, one render thread ahead of the teacher). Whole-job rates include writing the card, shard rates (from the job's log)
-  do not.
+* job: ``dr_hf.reinforce`` end to end (decode, render, teacher, top-k, parquet) as its defaults run it (map batches
+  of 65,536 samples' worth of rows: 1024 at N=64), rendering on the GPU (batched) with rows prepared (decoded,
+  parameters drawn) inline on the main thread or by threads ahead of the teacher (the default on a GPU), the latter
+  also with the teacher compiled; and on the CPU (per sample, one render thread ahead of the teacher). Whole-job
+  rates include writing the card, shard rates (from the job's log) do not. Options that might beat these defaults
+  (more render threads, TF32 crops, a render stream, ...) run in ``bench_gpu_ab.py``, interleaved against them.
 
 The teacher is timm's ``tf_efficientnet_lite0`` with random weights unless ``--weights`` gives a safetensors file: the
 speed is the architecture's, the weights only change the numbers it writes.
@@ -26,14 +23,12 @@ speed is the architecture's, the weights only change the numbers it writes.
 """
 
 import argparse
-import glob
 import json
 import os
 import sys
 import tempfile
 import time
 
-import numpy as np
 import torch
 
 from results_md import write_markdown  # noqa: E402  (scripts/)
@@ -231,33 +226,13 @@ def main():
 
     threads = default_prepare_threads(bf16)
     gpu_rows = args.rows * args.gpu_repeat
-    # (name, render device, render mode, prepare threads, rows, teachers, Reinforcer options, map batch rows, TF32
-    # flags of the job: None for the teachers' own, float32_flags (off for bf16); True: on, the crops on TF32 cores)
-    variants = (("gpu_batched_inline", device, "batched", 0, gpu_rows, bf16, {}, 256, None),
-                ("gpu_batched_threads", device, "batched", threads, gpu_rows, bf16, {}, 256, None),
-                ("gpu_batched_threads_compiled", device, "batched", threads, gpu_rows, compiled, {}, 256, None),
-                ("gpu_batched_threads_compiled_map_batches_1024", device, "batched", threads, gpu_rows, compiled,
-                 {}, 1024, None),  # (the default at N=64, 256 at N >= 256; right after its 256-row twin: it ran last
-                #  in 2026-11-27's runs, where a later variant tended to run faster)
-                ("gpu_batched_threads_compiled_tf32_crops", device, "batched", threads, gpu_rows, compiled, {}, 256,
-                 True),  # (0.95x the float32 crops in the first run, 2026-11-27)
-                ("gpu_batched_threads_compiled_render_threads_2", device, "batched", threads, gpu_rows, compiled,
-                 {"render_threads": 2}, 256, None),  # the render thread's host time (~11 ms a teacher batch on the
-                #  H100's host) matched the GPU's (~11 ms): a second one, alone and with the crops on TF32 cores
-                ("gpu_batched_threads_compiled_render_threads_2_tf32_crops", device, "batched", threads, gpu_rows,
-                 compiled, {"render_threads": 2}, 256, True),
-                ("gpu_batched_threads_compiled_read_back_at_once", device, "batched", threads, gpu_rows, compiled,
-                 {"read_back_late": False}, 256, None),  # as the job did before: each batch's results, then the next
-                ("gpu_batched_threads_compiled_render_stream", device, "batched", threads, gpu_rows, compiled,
-                 {"render_stream": True}, 256, None),
-                ("cpu_per_sample_threads", "cpu", "per-sample", threads, args.rows, bf16, {}, 256, None))
-    from dr_hf.reinforcer import Reinforcer
-    from dr_hf.teacher import TeacherEnsemble, float32_precision
-
-    init, flags = Reinforcer.__init__, TeacherEnsemble.float32_flags
-    for name, render_device, mode, prepare, count, ensemble, options, map_batch, tf32 in variants:
-        Reinforcer.__init__ = lambda self, *a, options=options, **kw: init(self, *a, **{**kw, **options})
-        TeacherEnsemble.float32_flags = flags if tf32 is None else lambda self, tf32=tf32: float32_precision(tf32)
+    # (name, render device, render mode, prepare threads, rows, teachers), each job with its map batch's default
+    # (1024 rows at N=64). Options that might beat the defaults run in bench_gpu_ab.py, interleaved against them.
+    variants = (("gpu_batched_inline", device, "batched", 0, gpu_rows, bf16),
+                ("gpu_batched_threads", device, "batched", threads, gpu_rows, bf16),
+                ("gpu_batched_threads_compiled", device, "batched", threads, gpu_rows, compiled),
+                ("cpu_per_sample_threads", "cpu", "per-sample", threads, args.rows, bf16))
+    for name, render_device, mode, prepare, count, ensemble in variants:
         config = ReinforceConfig(augment="imagenet+rrc", augmentations=make_pipeline("imagenet+rrc").config(),
                                  teachers=bf16.specs, num_samples=n, topk=10, seed=0, num_classes=1000,
                                  precision="bf16", render=mode)
@@ -267,32 +242,12 @@ def main():
         folder = os.path.join(tmp, f"job-{name}")
         shard_rates.clear()
         seconds = synced(lambda: reinforce(rows_here, config, ensemble, folder, show_progress=False,
-                                           batch_size=map_batch, render_device=render_device, prepare_threads=prepare))
+                                           render_device=render_device, prepare_threads=prepare))
         job[name] = count * n / seconds
         shard[name] = shard_rates[-1] if shard_rates else float("nan")
         results["job_samples_per_s"], results["job_shard_samples_per_s"] = job, shard
         save()
-    Reinforcer.__init__, TeacherEnsemble.float32_flags = init, flags
-    results["job_samples_per_s"] = job
 
-    def top_k(name):  # the stored teacher outputs of a job's shards
-        import pyarrow.parquet as pq
-        files = sorted(glob.glob(os.path.join(tmp, f"job-{name}", "data", "*.parquet")))
-        return [pq.read_table(f, columns=["dr_topk_indices", "dr_topk_logprobs"]) for f in files]
-
-    # the same compiled teacher and renders, results read back late or at once, rendered on the teacher's stream or
-    # one of their own, in map batches of 256 or 1024 rows: the same values, to the bit
-    late = top_k("gpu_batched_threads_compiled")
-    for variant in ("read_back_at_once", "render_stream", "map_batches_1024", "render_threads_2"):
-        results[f"{variant}_same_outputs"] = bool(late) and late == top_k(f"gpu_batched_threads_compiled_{variant}")
-    results["tf32_crops_speedup"] = shard["gpu_batched_threads_compiled_tf32_crops"] / shard["gpu_batched_threads_compiled"]
-    tf32_crops = top_k("gpu_batched_threads_compiled_tf32_crops")  # other pixels at a few percent of pixels
-    if late and tf32_crops:
-        import pyarrow as pa
-
-        first = [np.asarray(pa.concat_tables(t)["dr_topk_indices"].combine_chunks().flatten().flatten()).reshape(-1, 10)[:, 0]
-                 for t in (late, tf32_crops)]
-        results["tf32_crops_same_top1"] = float(np.mean(first[0] == first[1]))
     best = max(("gpu_batched_inline", "gpu_batched_threads"), key=lambda name: shard[name])
     results["job_over_teacher"] = shard[best] / teacher[256]  # the job's teacher batches hold 256 samples at N=64
     results["job_over_teacher_variant"] = best
@@ -316,24 +271,11 @@ def main():
     labels = {"gpu_batched_inline": "job, rendering on the GPU (batched), rows prepared inline (`--prepare-threads 0`)",
               "gpu_batched_threads": f"job, rendering on the GPU (batched), rows prepared by {threads} threads (the default)",
               "gpu_batched_threads_compiled": f"the same, teacher compiled (`--compile {compile_mode}`)",
-              "gpu_batched_threads_compiled_tf32_crops": "the compiled job with TF32 on, the crops' products on TF32 "
-                                                         "tensor cores (`--precision tf32` teachers' flags)",
-              "gpu_batched_threads_compiled_render_threads_2": "the compiled job with 2 render threads "
-                                                               "(`--render-threads 2`; 1 by default)",
-              "gpu_batched_threads_compiled_render_threads_2_tf32_crops": "the same, the crops on TF32 tensor cores",
-              "gpu_batched_threads_compiled_read_back_at_once": "the compiled job, each batch's results read back "
-                                                                "before the next forward is queued (as before "
-                                                                "`read_back_late`)",
-              "gpu_batched_threads_compiled_render_stream": "the compiled job, rendering on a CUDA stream of its own "
-                                                            "(`Reinforcer(render_stream=True)`)",
-              "gpu_batched_threads_compiled_map_batches_1024": "the compiled job in map batches of 1024 rows "
-                                                               "(the default at N=64; the other GPU rows: 256, as "
-                                                               "at N >= 256)",
               "cpu_per_sample_threads": f"job, rendering on the CPU (per sample, 1 render thread), {threads} prepare threads"}
     log("")
     log("| job | rows | whole job, samples/s | its shard, samples/s |")
     log("|---|---|---|---|")
-    for name, _, _, _, count, _, _, _, _ in variants:
+    for name, _, _, _, count, _ in variants:
         log(f"| {labels[name]} | {count} | {job[name]:,.0f} | {shard[name]:,.0f} |")
     log("")
     log(f"Job (the faster GPU variant's shard rate) / bare teacher on the same batches of 256: "
@@ -341,17 +283,7 @@ def main():
         f"**{results['compiled_job_over_teacher']:.2f}** of the bare eager forward, "
         f"{results['compiled_job_over_compiled_teacher']:.2f} of the bare compiled one. "
         f"Decoding (PIL or TorchCodec on the CPU) costs {results['decode_ms_per_image']:.2f} ms an image here. "
-        f"Against the compiled job, results read back at once gave "
-        f"{'the same' if results['read_back_at_once_same_outputs'] else 'DIFFERENT'} top-K values and classes, bit for "
-        f"bit, rendering on a stream of its own {'the same' if results['render_stream_same_outputs'] else 'DIFFERENT'}, "
-        f"map batches of 1024 rows {'the same' if results['map_batches_1024_same_outputs'] else 'DIFFERENT'}.")
-    log("")
-    log(f"The compiled job's crops on TF32 tensor cores / in float32 (bf16 teachers' flags): "
-        f"**{results['tf32_crops_speedup']:.2f}x**; the same top-1 class in "
-        f"{results.get('tf32_crops_same_top1', float('nan')):.2%} of samples. With 2 render threads / 1: "
-        f"**{shard['gpu_batched_threads_compiled_render_threads_2'] / shard['gpu_batched_threads_compiled']:.2f}x** "
-        f"(the same outputs, bit for bit: {results['render_threads_2_same_outputs']}); 2 render threads and TF32 crops "
-        f"/ 1 and float32: **{shard['gpu_batched_threads_compiled_render_threads_2_tf32_crops'] / shard['gpu_batched_threads_compiled']:.2f}x**.")
+        f"Options that might beat the defaults: `scripts/bench_gpu_ab.py`.")
     if render:
         log("")
         log("Rendering teacher batches of 256 samples as the job does (samples/s):")

@@ -1,0 +1,177 @@
+"""On a GPU: the compiled reinforce job's candidate options against its defaults, in interleaved rounds.
+
+``bench_gpu.py`` runs each variant once, one after another; on the lent H100 a run's figures moved by 5-10% with the
+variants' order and the machine's pace, as much as the candidates could gain. Here each round runs every arm (the
+job as its defaults run it, and each candidate) once, in an order rotated from round to round, and each candidate's
+figure is its shard rate over the default's *in the same round*: the median and the range of those ratios say
+whether a candidate gains more than the noise. Each candidate's stored top-K must be the default's, bit for bit
+(TF32 crops: the share of samples with the same top-1 class).
+
+The job: EfficientNet-Lite0 (random weights: the architecture's speed) in bf16, compiled (``--compile
+reduce-overhead``), N=64, ``imagenet+rrc``, 4 preparing threads, the default map batch (1024 rows at N=64).
+
+    python scripts/bench_gpu_ab.py --dataset PATH      # -> results/bench_gpu_ab.md, results/bench_gpu_ab.json
+"""
+
+import argparse
+import glob
+import json
+import logging
+import os
+import re
+import statistics
+import sys
+import tempfile
+
+import numpy as np
+import torch
+
+from bench_gpu import lite0_spec, repeated_rows, synced  # noqa: E402  (scripts/)
+from results_md import write_markdown  # noqa: E402
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+# name: (Reinforcer options, TF32 flags: None for the teachers' own (off for bf16), True: on, the crops on TF32 cores;
+# reinforce() options)
+ARMS = {
+    "default": ({}, None, {}),
+    "render_threads_2": ({"render_threads": 2}, None, {}),
+    "tf32_crops": ({}, True, {}),
+    "render_threads_2_tf32_crops": ({"render_threads": 2}, True, {}),
+    "render_stream": ({"render_stream": True}, None, {}),
+    "read_back_at_once": ({"read_back_late": False}, None, {}),
+    "map_batches_256": ({}, None, {"batch_size": 256}),
+}
+LABELS = {
+    "default": "the compiled job as its defaults run it (1 render thread, float32 crops, the teacher's stream)",
+    "render_threads_2": "2 render threads (`--render-threads 2`)",
+    "tf32_crops": "the crops' products on TF32 tensor cores (TF32 flags on, as `--precision tf32` teachers set them)",
+    "render_threads_2_tf32_crops": "2 render threads and TF32 crops",
+    "render_stream": "rendering on a CUDA stream of its own (`Reinforcer(render_stream=True)`)",
+    "read_back_at_once": "each batch's results read back before the next forward is queued "
+                         "(`Reinforcer(read_back_late=False)`)",
+    "map_batches_256": "map batches of 256 rows (`--batch-size 256`; the default at N=400)",
+}
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--dataset", default=os.path.join(ROOT, "..", "shared", "datasets", "imagenet-sample"))
+    ap.add_argument("--rows", type=int, default=1024, help="rows of each timed job (the dataset repeated)")
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--arms", default="render_threads_2,tf32_crops,render_threads_2_tf32_crops,render_stream",
+                    help=f"candidates, comma-separated, among {', '.join(a for a in ARMS if a != 'default')}")
+    ap.add_argument("--num-samples", type=int, default=64)
+    ap.add_argument("--device", default="cuda", help="cpu: a dry run (no figures worth reading)")
+    ap.add_argument("--out", default=os.path.join(ROOT, "results", "bench_gpu_ab.md"))
+    args = ap.parse_args()
+    arms = ["default"] + [a for a in args.arms.split(",") if a]
+    unknown = [a for a in arms if a not in ARMS]
+    if unknown:
+        sys.exit(f"--arms: unknown {unknown}; choose among {list(ARMS)}")
+    dry = not args.device.startswith("cuda")
+    if not dry and not torch.cuda.is_available():
+        sys.exit("bench_gpu_ab needs a CUDA GPU (--device cpu: a dry run)")
+
+    import datasets
+
+    from dr_hf import ReinforceConfig, make_pipeline
+    from dr_hf.reinforce import default_prepare_threads, reinforce
+    from dr_hf.reinforcer import Reinforcer
+    from dr_hf.teacher import TeacherEnsemble, float32_precision
+
+    datasets.disable_progress_bars()
+    encoded = repeated_rows(args.dataset, args.rows)
+    tmp = tempfile.mkdtemp()
+    spec = lite0_spec(tmp)
+    teachers = TeacherEnsemble.from_specs([spec], device=args.device, precision="bf16",
+                                          compile_mode="default" if dry else "reduce-overhead")
+    config = ReinforceConfig(augment="imagenet+rrc", augmentations=make_pipeline("imagenet+rrc").config(),
+                             teachers=teachers.specs, num_samples=args.num_samples, topk=10, seed=0,
+                             num_classes=1000, precision="bf16", render="batched")
+    threads = default_prepare_threads(teachers)
+
+    rates = []
+
+    class ShardRate(logging.Handler):
+        def emit(self, record):
+            found = re.search(r"shard .* ([0-9.]+) samples/s", record.getMessage())
+            if found:
+                rates.append(float(found.group(1)))
+
+    job_logger = logging.getLogger("dr_hf.reinforce")
+    job_logger.setLevel(logging.INFO)
+    job_logger.addHandler(ShardRate())
+
+    init, flags = Reinforcer.__init__, TeacherEnsemble.float32_flags
+    results = {"device": torch.cuda.get_device_name() if not dry else "cpu (dry run)", "torch": torch.__version__,
+               "rows": args.rows, "num_samples": args.num_samples, "prepare_threads": threads, "rounds": []}
+    base = os.path.splitext(args.out)[0]
+
+    def run(arm, rows, folder):
+        options, tf32, job_options = ARMS[arm]
+        Reinforcer.__init__ = lambda self, *a, **kw: init(self, *a, **{**kw, **options})
+        TeacherEnsemble.float32_flags = flags if tf32 is None else lambda self: float32_precision(tf32)
+        try:
+            rates.clear()
+            synced(lambda: reinforce(rows, config, teachers, folder, show_progress=False,
+                                     render_device=args.device, prepare_threads=threads, **job_options))
+            return rates[-1] if rates else float("nan")
+        finally:
+            Reinforcer.__init__, TeacherEnsemble.float32_flags = init, flags
+
+    for arm in arms:  # warm each arm (the compiled graphs, the render threads' first kernels)
+        run(arm, encoded.select(range(min(64, args.rows))), os.path.join(tmp, f"warm-{arm}"))
+    for r in range(args.rounds):
+        order = arms[r % len(arms):] + arms[:r % len(arms)]
+        shard = {arm: run(arm, encoded, os.path.join(tmp, f"job-{r}-{arm}")) for arm in order}
+        results["rounds"].append({"order": order, "shard_samples_per_s": shard})
+        with open(base + ".json", "w") as f:
+            json.dump(results, f, indent=1)
+
+    def top_k(folder):
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        files = sorted(glob.glob(os.path.join(tmp, folder, "data", "*.parquet")))
+        table = pa.concat_tables([pq.read_table(f, columns=["dr_topk_indices", "dr_topk_logprobs"]) for f in files])
+        return table
+
+    reference = top_k("job-0-default")
+    ratios = {}
+    for arm in arms[1:]:
+        per_round = [rd["shard_samples_per_s"][arm] / rd["shard_samples_per_s"]["default"] for rd in results["rounds"]]
+        other = top_k(f"job-0-{arm}")
+        same = reference.equals(other)
+        top1 = [np.asarray(t["dr_topk_indices"].combine_chunks().flatten().flatten()).reshape(-1, 10)[:, 0]
+                for t in (reference, other)]
+        ratios[arm] = {"per_round": per_round, "median": statistics.median(per_round),
+                       "same_outputs": same, "same_top1": float(np.mean(top1[0] == top1[1]))}
+    results["ratios"] = ratios
+    with open(base + ".json", "w") as f:
+        json.dump(results, f, indent=1)
+
+    lines = ["# The compiled GPU job's candidate options, interleaved rounds", "",
+             f"{results['device']}, torch {results['torch']}. Real ImageNet images (imagenet-sample, repeated to "
+             f"{args.rows} rows), N={args.num_samples}, `imagenet+rrc`, timm `tf_efficientnet_lite0` (random weights) "
+             f"in bf16 at 224 px, compiled (`--compile reduce-overhead`), {threads} preparing threads, the default map "
+             f"batch. {args.rounds} rounds; each runs every arm once, in an order rotated from round to round.", "",
+             "| arm | shard samples/s, each round | / the default in the same round: median (range) | "
+             "outputs against the default's |", "|---|---|---|---|"]
+    for arm in arms:
+        figures = ", ".join(f"{rd['shard_samples_per_s'][arm]:,.0f}" for rd in results["rounds"])
+        if arm == "default":
+            lines.append(f"| {LABELS[arm]} | {figures} | 1 | |")
+            continue
+        v = ratios[arm]
+        outputs = "the same, bit for bit" if v["same_outputs"] else f"the same top-1 class in {v['same_top1']:.2%}"
+        lines.append(f"| {LABELS[arm]} | {figures} | **{v['median']:.2f}x** ({min(v['per_round']):.2f}-"
+                     f"{max(v['per_round']):.2f}) | {outputs} |")
+    lines += ["", f"Command: `python scripts/bench_gpu_ab.py --arms {','.join(arms[1:])} --rounds {args.rounds}` (on a "
+                  "machine with a CUDA GPU)."]
+    write_markdown(args.out, lines)
+
+
+if __name__ == "__main__":
+    main()
