@@ -54,6 +54,26 @@ def synced(fn, repeats=1):
     return best
 
 
+def logged_shard_rates() -> list:
+    """A list that fills with each shard's samples/s as the reinforce job logs it (its shard rate leaves out the card
+    and its preview, which a whole-job time includes)."""
+    import logging
+    import re
+
+    rates = []
+
+    class ShardRate(logging.Handler):
+        def emit(self, record):
+            found = re.search(r"shard .* ([0-9.]+) samples/s", record.getMessage())
+            if found:
+                rates.append(float(found.group(1)))
+
+    job_logger = logging.getLogger("dr_hf.reinforce")
+    job_logger.setLevel(logging.INFO)
+    job_logger.addHandler(ShardRate())
+    return rates
+
+
 def repeated_rows(dataset: str, rows: int):
     """``rows`` rows (image, label) of a dataset folder, repeated if it has fewer, images left encoded."""
     import datasets
@@ -207,20 +227,7 @@ def main():
     save()
 
     # -- the job, end to end -----------------------------------------------------------------------------------------
-    import logging
-    import re
-
-    shard_rates = []
-
-    class ShardRate(logging.Handler):
-        def emit(self, record):
-            found = re.search(r"shard .* ([0-9.]+) samples/s", record.getMessage())
-            if found:
-                shard_rates.append(float(found.group(1)))
-
-    job_logger = logging.getLogger("dr_hf.reinforce")
-    job_logger.setLevel(logging.INFO)
-    job_logger.addHandler(ShardRate())
+    shard_rates = logged_shard_rates()
     job, shard = {}, {}
     from dr_hf.reinforce import default_prepare_threads
 

@@ -16,9 +16,7 @@ reduce-overhead``), N=64, ``imagenet+rrc``, 4 preparing threads, the default map
 import argparse
 import glob
 import json
-import logging
 import os
-import re
 import statistics
 import sys
 import tempfile
@@ -26,7 +24,7 @@ import tempfile
 import numpy as np
 import torch
 
-from bench_gpu import lite0_spec, repeated_rows, synced  # noqa: E402  (scripts/)
+from bench_gpu import lite0_spec, logged_shard_rates, repeated_rows, synced  # noqa: E402  (scripts/)
 from results_md import write_markdown  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -92,17 +90,7 @@ def main():
                              num_classes=1000, precision="bf16", render="batched")
     threads = default_prepare_threads(teachers)
 
-    rates = []
-
-    class ShardRate(logging.Handler):
-        def emit(self, record):
-            found = re.search(r"shard .* ([0-9.]+) samples/s", record.getMessage())
-            if found:
-                rates.append(float(found.group(1)))
-
-    job_logger = logging.getLogger("dr_hf.reinforce")
-    job_logger.setLevel(logging.INFO)
-    job_logger.addHandler(ShardRate())
+    rates = logged_shard_rates()
 
     init, flags = Reinforcer.__init__, TeacherEnsemble.float32_flags
     results = {"device": torch.cuda.get_device_name() if not dry else "cpu (dry run)", "torch": torch.__version__,
