@@ -34,9 +34,9 @@ sys.path.insert(0, ROOT)
 # reinforce() options)
 ARMS = {
     "default": ({}, None, {}),
-    "render_threads_2": ({"render_threads": 2}, None, {}),
+    "render_threads_2": ({}, None, {"render_threads": 2}),
     "tf32_crops": ({}, True, {}),
-    "render_threads_2_tf32_crops": ({"render_threads": 2}, True, {}),
+    "render_threads_2_tf32_crops": ({}, True, {"render_threads": 2}),
     "render_stream": ({"render_stream": True}, None, {}),
     "read_back_at_once": ({"read_back_late": False}, None, {}),
     "map_batches_256": ({}, None, {"batch_size": 256}),
