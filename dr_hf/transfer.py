@@ -13,8 +13,16 @@ import torch
 
 def to_device(data, device) -> torch.Tensor:
     """A host array or tensor on ``device``, without waiting for the device: to a GPU from a pinned copy of ``data``
-    (which torch's pinned-memory cache keeps until the transfer is done, so ``data`` may change at once)."""
+    (which torch's pinned-memory cache keeps until the transfer is done, so ``data`` may change at once), or from
+    ``data`` itself where it is pinned already (:func:`pinned`)."""
     tensor = data if isinstance(data, torch.Tensor) else torch.from_numpy(np.ascontiguousarray(data))
+    return pinned(tensor, device).to(device, non_blocking=True)
+
+
+def pinned(tensor: torch.Tensor, device) -> torch.Tensor:
+    """``tensor`` in pinned host memory when it is bound for a GPU: a copy made by the calling thread (``tensor``
+    itself when already pinned), so that a thread other than the one queuing the GPU's work can make it; else
+    ``tensor``."""
     if torch.device(device).type == "cuda" and tensor.device.type == "cpu":
-        tensor = tensor.pin_memory()
-    return tensor.to(device, non_blocking=True)
+        return tensor.pin_memory()  # (torch returns a pinned tensor as it is)
+    return tensor

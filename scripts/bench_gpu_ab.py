@@ -31,15 +31,17 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 # name: (Reinforcer options, TF32 flags: None for the teachers' own (off for bf16), True: on, the crops on TF32 cores;
-# reinforce() options)
+# reinforce() options; what prepares a row in a preparing thread, None for dr_hf.reinforcer.prepare_pinned)
 ARMS = {
-    "default": ({}, None, {}),
-    "render_threads_2": ({}, None, {"render_threads": 2}),
-    "tf32_crops": ({}, True, {}),
-    "render_threads_2_tf32_crops": ({}, True, {"render_threads": 2}),
-    "render_stream": ({"render_stream": True}, None, {}),
-    "read_back_at_once": ({"read_back_late": False}, None, {}),
-    "map_batches_256": ({}, None, {"batch_size": 256}),
+    "default": ({}, None, {}, None),
+    "render_threads_2": ({}, None, {"render_threads": 2}, None),
+    "tf32_crops": ({}, True, {}, None),
+    "render_threads_2_tf32_crops": ({}, True, {"render_threads": 2}, None),
+    "render_stream": ({"render_stream": True}, None, {}, None),
+    "read_back_at_once": ({"read_back_late": False}, None, {}, None),
+    "map_batches_256": ({}, None, {"batch_size": 256}, None),
+    # the image pinned by the thread that queues the GPU's work, as before prepare_pinned
+    "pin_on_main_thread": ({}, None, {}, lambda preparer, device, item: preparer(item)),
 }
 LABELS = {
     "default": "the compiled job as its defaults run it (1 render thread, float32 crops, the teacher's stream)",
@@ -50,6 +52,8 @@ LABELS = {
     "read_back_at_once": "each batch's results read back before the next forward is queued "
                          "(`Reinforcer(read_back_late=False)`)",
     "map_batches_256": "map batches of 256 rows (`--batch-size 256`; the default at N=400)",
+    "pin_on_main_thread": "each image copied to pinned memory by the thread that queues the GPU's work, not by the "
+                          "preparing thread that decoded it",
 }
 
 
@@ -92,22 +96,25 @@ def main():
 
     rates = logged_shard_rates()
 
-    init, flags = Reinforcer.__init__, TeacherEnsemble.float32_flags
+    import dr_hf.reinforcer
+
+    init, flags, prepare = Reinforcer.__init__, TeacherEnsemble.float32_flags, dr_hf.reinforcer.prepare_pinned
     results = {"device": torch.cuda.get_device_name() if not dry else "cpu (dry run)", "torch": torch.__version__,
                "rows": args.rows, "num_samples": args.num_samples, "prepare_threads": threads, "rounds": []}
     base = os.path.splitext(args.out)[0]
 
     def run(arm, rows, folder):
-        options, tf32, job_options = ARMS[arm]
+        options, tf32, job_options, preparing = ARMS[arm]
         Reinforcer.__init__ = lambda self, *a, **kw: init(self, *a, **{**kw, **options})
         TeacherEnsemble.float32_flags = flags if tf32 is None else lambda self: float32_precision(tf32)
+        dr_hf.reinforcer.prepare_pinned = preparing or prepare
         try:
             rates.clear()
             synced(lambda: reinforce(rows, config, teachers, folder, show_progress=False,
                                      render_device=args.device, prepare_threads=threads, **job_options))
             return rates[-1] if rates else float("nan")
         finally:
-            Reinforcer.__init__, TeacherEnsemble.float32_flags = init, flags
+            Reinforcer.__init__, TeacherEnsemble.float32_flags, dr_hf.reinforcer.prepare_pinned = init, flags, prepare
 
     for arm in arms:  # warm each arm (the compiled graphs, the render threads' first kernels)
         run(arm, encoded.select(range(min(64, args.rows))), os.path.join(tmp, f"warm-{arm}"))

@@ -273,18 +273,26 @@ def test_replayed_decoded_images_reach_the_device_in_one_copy_that_does_not_wait
         assert torch.equal(got, image)
 
 
-def test_copies_to_a_gpu_go_through_pinned_memory(monkeypatch):
+def test_copies_to_a_gpu_go_through_pinned_memory(monkeypatch, image_dataset, teachers):
     """A non-blocking copy to a GPU from pageable memory can still make the host wait for the device (CUDA stages it
     through its own pinned buffers), so ``to_device`` copies to a GPU from a pinned copy of the data, which the caller
     may then change. No GPU here: torch's ``pin_memory`` and ``to`` are watched, and a "cuda" copy stays on the CPU;
-    replay's decoded images take that way, one pinned copy of the batch's buffer."""
+    replay's decoded images take that way, one pinned copy of the batch's buffer. A GPU job's preparing threads pin
+    each decoded image where they decode it, so the thread that queues the GPU's work copies it without pinning."""
+    import threading
+
+    from dr_hf.reinforcer import Reinforcer, preparation_pool
     from dr_hf.replay import DeviceReplay
     from dr_hf.transfer import to_device
+    from test_reinforce import make_config
 
-    calls, real_to = [], torch.Tensor.to
+    calls, pinned_by, real_to = [], [], torch.Tensor.to
 
     def pin_memory(self):
+        if getattr(self, "pinned", False):
+            return self  # as torch does
         calls.append("pin")
+        pinned_by.append(threading.current_thread().name)
         pinned = self.clone()
         pinned.pinned = True
         return pinned
@@ -313,6 +321,19 @@ def test_copies_to_a_gpu_go_through_pinned_memory(monkeypatch):
     got = replay.images("cuda")
     assert calls == ["pin", ("copy", True, True)]
     assert all(torch.equal(g, im) for g, im in zip(got, images))
+
+    calls.clear(), pinned_by.clear()
+    batch = image_dataset.cast_column("image", datasets.Image(decode=False))[:8]
+    job = Reinforcer(make_config(teachers), teachers, num_rows=8, render_device="cuda",
+                     pool=preparation_pool(threads=2))
+    rows = list(job._prepared(batch, list(range(8))))
+    assert calls == ["pin"] * 8 and all(name.startswith("dr-prepare") for name in pinned_by), pinned_by
+    cpu_rows = list(Reinforcer(make_config(teachers), teachers, num_rows=8)._prepared(batch, list(range(8))))
+    assert all(r.image.pinned and torch.equal(r.image, c.image) and r.image.stride() == c.image.stride()
+               for r, c in zip(rows, cpu_rows))
+    calls.clear()
+    to_device(rows[0].image, "cuda")
+    assert calls == [("copy", True, True)]  # pinned already: copied as it is
 
 
 def test_batched_job_is_recorded_and_verifies(tmp_path, capsys, image_dataset, image_dataset_dir, teachers, tiny_teacher_spec):
