@@ -89,9 +89,6 @@ def summarise_torch(profile, seconds: float, gpu: bool, prefix: str) -> None:
     sort = ("self_device_time_total" if hasattr(events[0], "self_device_time_total") else "self_cuda_time_total") \
         if gpu else "self_cpu_time_total"
     print(events.table(sort_by=sort, row_limit=30, max_name_column_width=60))
-    ranges = {e.key: e for e in events if e.key in RANGES}
-    print("host time in " + ", ".join(f"{k} {e.cpu_time_total / 1e6:.2f} s ({e.count} calls)"
-                                      for k, e in sorted(ranges.items())))
     # Where host threads wait for the device: CUDA runtime calls (a copy from pageable memory, a synchronize) and the
     # ops that read a value back (bool(), .item(), .cpu()), by their host time, all threads together.
     waits = [e for e in events if e.key.startswith(("cuda", "cu")) or e.key in WAITING_OPS]
@@ -101,24 +98,49 @@ def summarise_torch(profile, seconds: float, gpu: bool, prefix: str) -> None:
         or "none recorded"))
     profile.export_chrome_trace(f"{prefix}.trace.json.gz")  # (gzipped when the name says so)
     print(f"timeline: {prefix}.trace.json.gz")
+    events = trace_events(f"{prefix}.trace.json.gz")
+    print(host_ranges(events))
     if gpu:
-        print(device_time(f"{prefix}.trace.json.gz", seconds))
+        print(device_time(events, seconds))
 
 
 RANGES = ("dr_hf.render", "dr_hf.teacher")  # the job's record_function ranges (dr_hf.reinforcer)
 
 
-def device_time(trace: str, seconds: float) -> str:
+def trace_events(trace: str) -> list:
+    """The events of a torch.profiler chrome trace (gzipped when its name ends in .gz)."""
+    import gzip
+    import json
+
+    with (gzip.open if trace.endswith(".gz") else open)(trace, "rt") as f:
+        return json.load(f)["traceEvents"]
+
+
+def host_ranges(events: list) -> str:
+    """Each of :data:`RANGES`' host time from a trace's events: in all, per call, and on which thread (the
+    profiler's table shows a range's CPU time as 0 when the GPU is profiled too); and the host's time pinning
+    memory, per thread."""
+    spans = collections.defaultdict(list)
+    for e in events:
+        if e.get("cat") == "user_annotation" and e["name"] in RANGES:
+            spans[e["name"]].append(e)
+    pins = collections.Counter()
+    for e in events:
+        if e.get("ph") == "X" and e.get("name") == "aten::pin_memory":
+            pins[e["tid"]] += e["dur"]
+    ranges = ", ".join(f"{name} {sum(e['dur'] for e in found) / 1e6:.3f} s ({len(found)} calls, "
+                       f"{sum(e['dur'] for e in found) / len(found) / 1e3:.2f} ms each, thread "
+                       f"{sorted(set(e['tid'] for e in found))})" for name, found in sorted(spans.items()))
+    pinned = ", ".join(f"thread {tid} {t / 1e3:.1f} ms" for tid, t in pins.most_common()) or "none"
+    return f"host time in {ranges or 'no range recorded'}; pinning memory: {pinned}"
+
+
+def device_time(events: list, seconds: float) -> str:
     """From a torch.profiler chrome trace: the GPU's busy time (the union of its kernels and copies) against the span
     from the first to the last and against the job's wall time, and each of :data:`RANGES`' kernel time, each kernel
     counted once, for the range whose host thread launched it (through the launch's correlation id). The profiler's
     own table cannot give these: it lists ops beside the kernels they launched, and a range's device time there is
     its span on the device, gaps and other threads' kernels included."""
-    import gzip
-    import json
-
-    with (gzip.open if trace.endswith(".gz") else open)(trace, "rt") as f:
-        events = json.load(f)["traceEvents"]
     work = sorted((e["ts"], e["ts"] + e["dur"], e) for e in events if e.get("cat") in ("kernel", "gpu_memcpy", "gpu_memset"))
     if not work:
         return "no kernels recorded"
