@@ -15,6 +15,7 @@ reduce-overhead``), N=64, ``imagenet+rrc``, 4 preparing threads, the default map
 
 import argparse
 import glob
+import importlib
 import json
 import os
 import statistics
@@ -30,18 +31,31 @@ from results_md import write_markdown  # noqa: E402
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
+
+def _on_main_thread(preparer, device, item):  # a row prepared as before prepare_pinned: its image pinned at its copy
+    return preparer(item)
+
+
+def _crops_in_groups_of_64(*args, **kwargs):
+    from dr_hf.resample import resized_crops
+
+    return resized_crops(*args, **kwargs, group_size=64)
+
+
 # name: (Reinforcer options, TF32 flags: None for the teachers' own (off for bf16), True: on, the crops on TF32 cores;
-# reinforce() options; what prepares a row in a preparing thread, None for dr_hf.reinforcer.prepare_pinned)
+# reinforce() options; library functions replaced for the arm's runs, "module.name": function)
 ARMS = {
-    "default": ({}, None, {}, None),
-    "render_threads_2": ({}, None, {"render_threads": 2}, None),
-    "tf32_crops": ({}, True, {}, None),
-    "render_threads_2_tf32_crops": ({}, True, {"render_threads": 2}, None),
-    "render_stream": ({"render_stream": True}, None, {}, None),
-    "read_back_at_once": ({"read_back_late": False}, None, {}, None),
-    "map_batches_256": ({}, None, {"batch_size": 256}, None),
-    # the image pinned by the thread that queues the GPU's work, as before prepare_pinned
-    "pin_on_main_thread": ({}, None, {}, lambda preparer, device, item: preparer(item)),
+    "default": ({}, None, {}, {}),
+    "render_threads_2": ({}, None, {"render_threads": 2}, {}),
+    "tf32_crops": ({}, True, {}, {}),
+    "render_threads_2_tf32_crops": ({}, True, {"render_threads": 2}, {}),
+    "render_stream": ({"render_stream": True}, None, {}, {}),
+    "read_back_at_once": ({"read_back_late": False}, None, {}, {}),
+    "map_batches_256": ({}, None, {"batch_size": 256}, {}),
+    "pin_on_main_thread": ({}, None, {}, {"dr_hf.reinforcer.prepare_pinned": _on_main_thread}),
+    # a teacher batch's crops in groups of 64 boxes, not 32: 181 aten ops a batch of 256 instead of 269 (imagenet+rrc,
+    # 224 px, results/bench_resample.md), at about the same GPU time in bench_resample (0.95-1.04x, three H100 runs)
+    "crop_groups_64": ({}, None, {}, {"dr_hf.augment.resized_crops": _crops_in_groups_of_64}),
 }
 LABELS = {
     "default": "the compiled job as its defaults run it (1 render thread, float32 crops, the teacher's stream)",
@@ -54,6 +68,7 @@ LABELS = {
     "map_batches_256": "map batches of 256 rows (`--batch-size 256`; the default at N=400)",
     "pin_on_main_thread": "each image copied to pinned memory by the thread that queues the GPU's work, not by the "
                           "preparing thread that decoded it",
+    "crop_groups_64": "the batched crops in groups of up to 64 boxes (32 by default)",
 }
 
 
@@ -96,25 +111,30 @@ def main():
 
     rates = logged_shard_rates()
 
-    import dr_hf.reinforcer
-
-    init, flags, prepare = Reinforcer.__init__, TeacherEnsemble.float32_flags, dr_hf.reinforcer.prepare_pinned
+    init, flags = Reinforcer.__init__, TeacherEnsemble.float32_flags
     results = {"device": torch.cuda.get_device_name() if not dry else "cpu (dry run)", "torch": torch.__version__,
                "rows": args.rows, "num_samples": args.num_samples, "prepare_threads": threads, "rounds": []}
     base = os.path.splitext(args.out)[0]
 
     def run(arm, rows, folder):
-        options, tf32, job_options, preparing = ARMS[arm]
+        options, tf32, job_options, patches = ARMS[arm]
         Reinforcer.__init__ = lambda self, *a, **kw: init(self, *a, **{**kw, **options})
         TeacherEnsemble.float32_flags = flags if tf32 is None else lambda self: float32_precision(tf32)
-        dr_hf.reinforcer.prepare_pinned = preparing or prepare
+        replaced = {}
+        for where, value in patches.items():
+            module, name = where.rsplit(".", 1)
+            module = importlib.import_module(module)
+            replaced[module, name] = getattr(module, name)
+            setattr(module, name, value)
         try:
             rates.clear()
             synced(lambda: reinforce(rows, config, teachers, folder, show_progress=False,
                                      render_device=args.device, prepare_threads=threads, **job_options))
             return rates[-1] if rates else float("nan")
         finally:
-            Reinforcer.__init__, TeacherEnsemble.float32_flags, dr_hf.reinforcer.prepare_pinned = init, flags, prepare
+            Reinforcer.__init__, TeacherEnsemble.float32_flags = init, flags
+            for (module, name), original in replaced.items():
+                setattr(module, name, original)
 
     for arm in arms:  # warm each arm (the compiled graphs, the render threads' first kernels)
         run(arm, encoded.select(range(min(64, args.rows))), os.path.join(tmp, f"warm-{arm}"))

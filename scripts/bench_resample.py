@@ -13,6 +13,7 @@ call (a teacher batch of the job at N=64: one call, matrices padded to the large
   multiply-adds per sample (what a GPU's time for the crops follows) and how the pixels differ;
 * the same with TF32 matrix products (the crops follow torch's TF32 flag, which the reinforce job sets from its
   teachers' precision: TF32 with tf32 teachers, float32 with fp32 and bf16 ones);
+* the aten ops (kernel launches or views) of a call, per group size: what a GPU job's render thread dispatches;
 * a training batch under ``replay_on_device``: one view of each of the images, every image its own: the aten ops
   (each a kernel launch or a view on a GPU: the host's part) and the time of one call, windows against the previous
   code.
@@ -199,6 +200,10 @@ def main():
             timings[name].append(time.perf_counter() - t0)
     grouped = {g: min(timings[g]) for g in group_sizes}
     previous = min(timings["previous"])
+    ims, b, f, owners = calls[0]  # a teacher batch's aten ops (kernel launches or views), what a GPU job's host pays
+    batch_ops = {g: count_ops(lambda: resized_crops(ims, b, f, (224, 224), "bicubic", owners=owners, group_size=g))
+                 for g in group_sizes}
+    batch_ops["previous"] = count_ops(lambda: previous_crops(ims, b, f, (224, 224), "bicubic", owners))
     levels = torch.cat([(resized_crops(ims, b, f, (224, 224), "bicubic", owners=o).int()
                          - previous_crops(ims, b, f, (224, 224), "bicubic", o).int()).abs().flatten()
                         for ims, b, f, o in calls])
@@ -218,17 +223,18 @@ def main():
              f"{len(images)} real ImageNet images (imagenet-sample), 64 `imagenet+rrc` samples each, {per_call} images' "
              f"{64 * per_call} samples a call (the job's teacher batch at N=64), 224 px, bicubic, "
              f"on {name} (torch {torch.__version__}), best of 5 (crops: alternating).", "",
-             "| what | ms per 64 samples | samples/s | products' multiply-adds a sample |", "|---|---|---|---|"]
-    rows = [("matrices, the filter at each output pixel's taps (`resample_weights`)", taps, None),
-            ("matrices, the filter at every input pixel (the previous code)", dense, None)]
+             "| what | ms per 64 samples | samples/s | products' multiply-adds a sample | aten ops a call |",
+             "|---|---|---|---|---|"]
+    rows = [("matrices, the filter at each output pixel's taps (`resample_weights`)", taps, None, None),
+            ("matrices, the filter at every input pixel (the previous code)", dense, None, None)]
     rows += [(f"`resized_crops` whole, windows in groups of {g}" + (" (the default)" if g == 32 else ""), grouped[g],
-              multiply_adds(calls, (224, 224), g)) for g in group_sizes]
+              multiply_adds(calls, (224, 224), g), batch_ops[g]) for g in group_sizes]
     rows += [("`resized_crops` previous code: products over whole images, image by image", previous,
-              multiply_adds(calls, (224, 224))),
-             ("`resized_crops` whole, groups of 32, TF32 products (the job's, with tf32 teachers)", tf32, None)]
-    for label, seconds, macs in rows:
+              multiply_adds(calls, (224, 224)), batch_ops["previous"]),
+             ("`resized_crops` whole, groups of 32, TF32 products (the job's, with tf32 teachers)", tf32, None, None)]
+    for label, seconds, macs, ops in rows:
         lines.append(f"| {label} | {1000 * seconds / len(images):.3f} | {samples / seconds:,.0f} | "
-                     + (f"{macs / 1e6:.0f} M" if macs else "") + " |")
+                     + (f"{macs / 1e6:.0f} M" if macs else "") + " | " + (f"{ops}" if ops else "") + " |")
     lines += ["", f"Matrices: taps only / every pixel = **{dense / taps:.1f}x** faster; largest difference of a weight "
               f"{diff:.1e} (float rounding of the sums).", "",
               f"Crops: windows in groups of 32 / products over whole images = **{previous / grouped[32]:.2f}x** faster, "

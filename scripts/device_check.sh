@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # The GPU checks, as one short script for a lent GPU machine (no internet there): the reinforce job as its defaults
 # run it against the bare bf16 teacher forward (bench_gpu --job-only), the job against options in interleaved rounds
-# (bench_gpu_ab: images pinned by the main thread, as before prepare_pinned, and 2 render threads, now that the main
-# thread pins nothing), the batched crops' parts (bench_resample, the previous crops side by side), where the compiled job's GPU time
+# (bench_gpu_ab: images pinned by the main thread, as before prepare_pinned; the crops in groups of 64 boxes, fewer
+# host operations; 2 render threads, now that the main thread pins nothing), the batched crops' parts (bench_resample, the previous crops side by side), where the compiled job's GPU time
 # goes (profile_job --profiler torch: kernels by device time, the render's and the teacher's share), then the
 # training loader with replay_on_device decoding and rendering on the GPU, and its fidelity (bench_loader --device
 # cuda), and last nvJPEG decoding against the host's (bench_decode --device cuda). Figures land in $OUT (default
@@ -38,14 +38,14 @@ if [ "${DEVICE:-cuda}" = cpu ]; then  # DEVICE=cpu: a dry run of every step (no 
   profile=(--device cpu --rows 4) decode=(--device cpu)
 fi
 status=0
-timeout 150 python scripts/bench_gpu.py --dataset "$dataset" --job-only "${gpu[@]}" --out "$out/bench_gpu.md" || status=$?
-timeout 150 python scripts/bench_gpu_ab.py --dataset "$dataset" --arms pin_on_main_thread,render_threads_2 "${ab[@]}" \
+timeout 110 python scripts/bench_gpu.py --dataset "$dataset" --job-only "${gpu[@]}" --out "$out/bench_gpu.md" || status=$?
+timeout 200 python scripts/bench_gpu_ab.py --dataset "$dataset" --arms pin_on_main_thread,crop_groups_64,render_threads_2 "${ab[@]}" \
   --out "$out/bench_gpu_ab.md" || status=$?
 timeout 45 python scripts/bench_resample.py --dataset "$dataset" "${crops[@]}" --out "$out/bench_resample.md" \
   || status=$?
 timeout 80 python scripts/profile_job.py --dataset "$dataset" --profiler torch "${profile[@]}" \
   --out-prefix "$out/profile" || status=$?
-timeout 140 python scripts/bench_loader.py --dataset "$dataset" --rows 63 "${loader[@]}" --out "$out/bench_loader.md" \
+timeout 130 python scripts/bench_loader.py --dataset "$dataset" --rows 63 "${loader[@]}" --out "$out/bench_loader.md" \
   || status=$?
 timeout 25 python scripts/bench_decode.py --dataset "$dataset" --rows 64 "${decode[@]}" --out "$out/bench_decode.md" \
   || status=$?
