@@ -110,7 +110,8 @@ def resized_crops(images, boxes, flips, size: Tuple[int, int], interpolation: st
     multiply-adds than over whole images for RandomResizedCrop's boxes). All matrices, both axes', are computed in
     one call (for a square output), and boxes, flips and windows reach the device in one transfer: the kernel
     launches per box fall with S, which is what a GPU job's host has time for. A group's float windows and products
-    stay under ``chunk_bytes``."""
+    stay under ``chunk_bytes``, and so do the float crops, which are rounded and placed together: up to
+    ``chunk_bytes`` of them at once (every crop of a teacher batch of 256 at 224 px), not group by group."""
     images = [images] if isinstance(images, torch.Tensor) else list(images)
     boxes = np.asarray(boxes, dtype=np.int64).reshape(-1, 4)
     flips = np.zeros(len(boxes), dtype=np.int64) if flips is None else np.asarray(flips, dtype=np.int64).reshape(-1)
@@ -157,15 +158,28 @@ def resized_crops(images, boxes, flips, size: Tuple[int, int], interpolation: st
     for r, image in enumerate(images):
         pixels[r, :image.shape[-2], :, :image.shape[-1]] = image.permute(1, 0, 2)
     pixels = pixels.view(len(images) * height, channels * width)
+    # the groups' float crops gather in one buffer (in the boxes' sorted order) and are rounded, converted and placed
+    # together, once the buffer holds ``chunk_bytes`` or the call ends: per group, only the cut and the two products
+    span = max(chunk_bytes // (4 * channels * size[0] * size[1]), max(b - a for a, b, _, _ in groups))
+    done = torch.empty((min(span, len(boxes)), size[0], channels, size[1]), dtype=torch.float32, device=device)
+    first = 0  # the first sorted box not yet placed
+
+    def place(stop: int) -> None:  # sorted boxes [first, stop): rounded as torchvision rounds, to their places
+        crops = done[:stop - first].permute(0, 2, 1, 3).round_().clamp_(0, 255)
+        out.index_copy_(0, slot[first:stop], crops.to(torch.uint8))
+
     for k, (a, b, tall, wide) in enumerate(groups):
+        if b - first > len(done):
+            place(a)
+            first = a
         g = b - a
         cut = pixels.index_select(0, lines[k]).view(g, tall, channels, width)
         cut = cut.gather(3, columns[k].view(g, 1, 1, wide).expand(g, tall, channels, wide))  # the windows
         # horizontal pass: (g, tall * C, wide) @ (g, wide, out_w); vertical: (g, out_h, tall) @ (g, tall, C * out_w)
         across = torch.bmm(cut.view(g, tall * channels, wide).to(torch.float32), wx[a:b, :, :wide].transpose(1, 2))
-        crops = torch.bmm(wy[a:b, :, :tall], across.view(g, tall, channels * size[1]))
-        crops = crops.view(g, size[0], channels, size[1]).permute(0, 2, 1, 3).round_().clamp_(0, 255)
-        out.index_copy_(0, slot[a:b], crops.to(torch.uint8))  # each crop to its box's place
+        torch.bmm(wy[a:b, :, :tall], across.view(g, tall, channels * size[1]),
+                  out=done[a - first:b - first].view(g, size[0], channels * size[1]))
+    place(len(boxes))
     return out
 
 

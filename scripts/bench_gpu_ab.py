@@ -53,7 +53,7 @@ ARMS = {
     "read_back_at_once": ({"read_back_late": False}, None, {}, {}),
     "map_batches_256": ({}, None, {"batch_size": 256}, {}),
     "pin_on_main_thread": ({}, None, {}, {"dr_hf.reinforcer.prepare_pinned": _on_main_thread}),
-    # a teacher batch's crops in groups of 64 boxes, not 32: 181 aten ops a batch of 256 instead of 269 (imagenet+rrc,
+    # a teacher batch's crops in groups of 64 boxes, not 32: 169 aten ops a batch of 256 instead of 237 (imagenet+rrc,
     # 224 px, results/bench_resample.md), at about the same GPU time in bench_resample (0.95-1.04x, three H100 runs)
     "crop_groups_64": ({}, None, {}, {"dr_hf.augment.resized_crops": _crops_in_groups_of_64}),
 }

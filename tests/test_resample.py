@@ -133,6 +133,25 @@ def test_boxes_are_cropped_in_groups_of_similar_size_through_windows_that_hold_t
             assert (got[k].int() - ref.int()).abs().max() <= 1, (k, group_size)
 
 
+def test_float_crops_placed_in_several_passes_are_the_crops_placed_at_once():
+    """The groups' float crops are rounded and placed together once ``chunk_bytes`` of them gather: a budget that
+    holds 5 crops of 16 x 16 (so a pass every group of 4 or so) gives the same groups and, bit for bit, the same
+    crops as one pass for all 40, into a channels-last batch too."""
+    rng = np.random.default_rng(5)
+    images = [torch.from_numpy(rng.integers(0, 256, (3, h, w), dtype=np.uint8)) for h, w in ((30, 20), (17, 33))]
+    owners = rng.integers(0, 2, 40)
+    boxes = np.array([random_boxes(rng, *images[o].shape[-2:], 1)[0] for o in owners])
+    boxes[:, 2:] = np.minimum(boxes[:, 2:], 8)  # windows small enough that the budget does not split groups
+    flips = rng.integers(0, 2, len(owners))
+    small, large = 5 * 3 * 16 * 16 * 4, 256 << 20
+    assert crop_groups(boxes, 4, small // 12, 16)[1] == crop_groups(boxes, 4, large // 12, 16)[1]
+    once = resized_crops(images, boxes, flips, (16, 16), "bicubic", owners=owners, group_size=4, chunk_bytes=large)
+    into = torch.empty((40, 16, 16, 3), dtype=torch.uint8).permute(0, 3, 1, 2)
+    passes = resized_crops(images, boxes, flips, (16, 16), "bicubic", owners=owners, group_size=4, chunk_bytes=small,
+                           into=into)
+    assert passes is into and torch.equal(passes, once)
+
+
 @needs_shared("imagenet-sample")
 @pytest.mark.parametrize("interpolation", sorted(MODES))
 def test_channels_last_crop_is_torchvisions_crop_and_normalises_alike(interpolation):
@@ -378,8 +397,8 @@ def test_batched_crops_follow_the_tf32_flag_within_the_tolerance_of_what_trainin
         return ((x.contiguous().view(torch.int32) + 0x1000) & -8192).view(torch.float32)
 
     bmm, setter, writes = torch.bmm, torch.set_float32_matmul_precision, []
-    monkeypatch.setattr(torch, "bmm", lambda a, b: bmm(a, b) if torch.get_float32_matmul_precision() == "highest"
-                        else bmm(tf32(a), tf32(b)))
+    monkeypatch.setattr(torch, "bmm", lambda a, b, **kw: bmm(a, b, **kw) if torch.get_float32_matmul_precision()
+                        == "highest" else bmm(tf32(a), tf32(b), **kw))
     monkeypatch.setattr(torch, "set_float32_matmul_precision", lambda p: (writes.append(p), setter(p)))
     rows = datasets.load_dataset(str(SHARED / "imagenet-sample"), split="train").select(range(4))
     images = [decode(v) for v in rows.cast_column("image", datasets.Image(decode=False))["image"]]
