@@ -116,14 +116,18 @@ def trace_events(trace: str) -> list:
         return json.load(f)["traceEvents"]
 
 
+def job_ranges(events: list) -> list:
+    """A trace's host events of :data:`RANGES` (each call of a range on the thread that ran it)."""
+    return [e for e in events if e.get("cat") == "user_annotation" and e["name"] in RANGES]
+
+
 def host_ranges(events: list) -> str:
     """Each of :data:`RANGES`' host time from a trace's events: in all, per call, and on which thread (the
     profiler's table shows a range's CPU time as 0 when the GPU is profiled too); and the host's time pinning
     memory, per thread."""
     spans = collections.defaultdict(list)
-    for e in events:
-        if e.get("cat") == "user_annotation" and e["name"] in RANGES:
-            spans[e["name"]].append(e)
+    for e in job_ranges(events):
+        spans[e["name"]].append(e)
     pins = collections.Counter()
     for e in events:
         if e.get("ph") == "X" and e.get("name") == "aten::pin_memory":
@@ -153,9 +157,8 @@ def device_time(events: list, seconds: float) -> str:
     span = max(b for _, b, _ in work) - work[0][0]
     launches = {e["args"].get("correlation"): e for e in events if e.get("cat") == "cuda_runtime"}
     opened = collections.defaultdict(list)  # host thread: its ranges' (start, end, name)
-    for e in events:
-        if e.get("cat") == "user_annotation" and e["name"] in RANGES:
-            opened[e["tid"]].append((e["ts"], e["ts"] + e["dur"], e["name"]))
+    for e in job_ranges(events):
+        opened[e["tid"]].append((e["ts"], e["ts"] + e["dur"], e["name"]))
     launched = collections.Counter()
     for _, _, kernel in work:
         launch = launches.get(kernel.get("args", {}).get("correlation"))
