@@ -456,8 +456,8 @@ def default_batch_size(num_samples: int) -> int:
     """Rows per map batch when not given: enough for 65,536 samples, from 256 rows (N >= 256, the paper's N=400
     among them) to 1024 (N <= 64). The render pipeline drains between map batches (the last forward's read-back, the
     next rows' preparation, the columns' conversion), so a GPU waits that long once a map batch: on the lent H100 map
-    batches of 1024 rows at N=64 ran 1.05x, 1.11x and 1.24x the samples/s of 256 in three runs (results/bench_gpu.md;
-    each time after the 256-row job). The cap bounds the encoded images a map batch holds."""
+    batches of 256 rows at N=64 ran at a median 0.94x the samples/s of 1024 over 3 interleaved rounds
+    (results/bench_gpu_ab_defaults.md). The cap bounds the encoded images a map batch holds."""
     return min(1024, max(256, -(-65536 // num_samples)))
 
 

@@ -52,7 +52,7 @@ class Reinforcer:
     ``render_stream``: on a GPU, images are copied and rendered on a CUDA stream of their own, the teacher's stream
     waiting for each batch (:class:`~dr_hf.ahead.SideStream`, as ``replay_on_device`` renders in training), so that
     rendering's kernels and copies need not queue behind the teacher's forward; off by default, as on the H100 it gave
-    1.03x and 0.99x the job's pace (results/bench_gpu.md); the same values either way. ``read_back_late`` (default: with
+    a median 1.01x the job's pace over 4 interleaved rounds (results/bench_gpu_ab.md); the same values either way. ``read_back_late`` (default: with
     teachers on a GPU): each teacher batch's results are read back once the next forward is queued (see compute).
     ``progress(rows)`` is told of rows as they are done: kept rows when their teacher block is, skipped rows at the
     end of their map batch.

@@ -332,8 +332,8 @@ class TeacherEnsemble:
         """torch's TF32 flags for this ensemble's precision (tf32: on; fp32 and bf16: off, bf16's own products being
         bf16), set once for a run of forwards and the renders beside them (:meth:`dr_hf.reinforcer.Reinforcer.compute`):
         the forwards then write no flag, and the batched renderer's float32 products follow the flags. (TF32 crops
-        beside a bf16 teacher ran at 0.95x the float32 ones' job pace in one H100 run, results/bench_gpu.md, within
-        that run's noise: no gain to pay for their pixels with.)"""
+        beside a bf16 teacher ran at a median 1.02x the float32 ones' job pace, 0.88-1.13x, over 4 interleaved rounds
+        on an H100, results/bench_gpu_ab.md: no gain to pay for their pixels with.)"""
         with float32_precision(tf32=self.precision == "tf32"):
             yield
 
