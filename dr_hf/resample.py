@@ -11,11 +11,16 @@ between the two halves of a legacy flag write raises). The reinforce job sets th
 (:meth:`dr_hf.teacher.TeacherEnsemble.float32_flags`: on only for tf32 teachers); with TF32, as on an H100, the crops
 differ from float32's on about 2.4% of pixels by one grey level, and from the per-sample crops training replays on the
 CPU by 0.174 grey levels on average instead of 0.171 (``tests/test_resample.py``).
+
+The host plans a call's groups with numpy; its tensor work, a few hundred ops for a teacher batch, runs as one
+TorchScript call (:func:`crop_windows`), without the GIL: a render thread beside threads that hold it (:data:`SCRIPTED`).
 """
 
 from __future__ import annotations
 
-from typing import Iterator, List, Optional, Sequence, Tuple
+import math
+import warnings
+from typing import Callable, Iterator, List, NamedTuple, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -26,7 +31,11 @@ from torchvision.transforms.v2 import functional as F
 from .transfer import to_device
 
 FILTERS = ("bilinear", "bicubic")
-_SUPPORT = {"bilinear": 1.0, "bicubic": 2.0}  # half the filter width at scale 1 (torch's interp_size / 2)
+
+
+def _support(interpolation: str) -> float:
+    """Half the filter's width at scale 1 (torch's interp_size / 2)."""
+    return 1.0 if interpolation == "bilinear" else 2.0
 
 
 def _filter(x: torch.Tensor, interpolation: str) -> torch.Tensor:
@@ -68,19 +77,19 @@ def resample_weights(starts: torch.Tensor, lengths: torch.Tensor, in_size: int, 
     Only each output pixel's taps are computed (at most ``2 * support + 1`` of them, ``support`` the filter's half
     width at the largest crop's scale: ``max_length``, at least the longest of ``lengths``, which it defaults to), then
     scattered into the zero matrix: the work per matrix falls from ``out_size * in_size`` to ``out_size * taps``."""
-    if interpolation not in FILTERS:
-        raise ValueError(f"interpolation must be one of {FILTERS}, got {interpolation!r}")
+    if interpolation not in ["bilinear", "bicubic"]:  # (FILTERS; TorchScript reads no global tuple)
+        raise ValueError("interpolation must be one of ('bilinear', 'bicubic'), got '" + interpolation + "'")
     device = starts.device
     if max_length is None:  # (a sync on a GPU: resized_crops passes it from the host's boxes)
         max_length = int(lengths.max()) if len(lengths) else 1
-    taps = int(np.ceil(2.0 * _SUPPORT[interpolation] * max(1.0, max_length / out_size))) + 1
-    starts = starts.to(torch.float32)[:, None, None]
-    lengths = lengths.to(torch.float32)[:, None, None]
+    taps = int(math.ceil(2.0 * _support(interpolation) * max(1.0, max_length / out_size))) + 1
+    starts = starts.to(torch.float32).view(-1, 1, 1)
+    lengths = lengths.to(torch.float32).view(-1, 1, 1)
     scale = lengths / out_size  # torch's area_pixel_compute_scale (align_corners=False)
     downscale = scale >= 1.0
-    support = torch.where(downscale, _SUPPORT[interpolation] * scale, _SUPPORT[interpolation])
+    support = torch.where(downscale, _support(interpolation) * scale, _support(interpolation))
     invscale = torch.where(downscale, 1.0 / scale, 1.0)
-    center = scale * (torch.arange(out_size, device=device, dtype=torch.float32)[None, :, None] + 0.5)
+    center = scale * (torch.arange(out_size, device=device, dtype=torch.float32).view(1, -1, 1) + 0.5)
     # torch's taps: [trunc(center - support + 0.5), trunc(center + support + 0.5)), clipped to the crop
     lo = torch.clamp(torch.trunc(center - support + 0.5), min=0.0)
     hi = torch.minimum(torch.trunc(center + support + 0.5), lengths)
@@ -90,10 +99,10 @@ def resample_weights(starts: torch.Tensor, lengths: torch.Tensor, in_size: int, 
     w = w.div_(torch.where(total == 0, 1.0, total))
     column = (x + starts).to(torch.int64)  # < in_size + taps: past-the-end taps (weight 0) land in the padding
     if flips is not None:
-        mirrored = flips.to(torch.bool)[:, None, None]
+        mirrored = flips.to(torch.bool).view(-1, 1, 1)
         w, column = torch.where(mirrored, w.flip(1), w), torch.where(mirrored, column.flip(1), column)
     matrix = torch.zeros((len(w), out_size, in_size + taps), dtype=torch.float32, device=device)
-    return matrix.scatter_(2, column, w)[:, :, :in_size]
+    return matrix.scatter_(2, column, w).narrow(2, 0, in_size)
 
 
 def resized_crops(images, boxes, flips, size: Tuple[int, int], interpolation: str = "bilinear",
@@ -111,7 +120,10 @@ def resized_crops(images, boxes, flips, size: Tuple[int, int], interpolation: st
     one call (for a square output), and boxes, flips and windows reach the device in one transfer: the kernel
     launches per box fall with S, which is what a GPU job's host has time for. A group's float windows and products
     stay under ``chunk_bytes``, and so do the float crops, which are rounded and placed together: up to
-    ``chunk_bytes`` of them at once (every crop of a teacher batch of 256 at 224 px), not group by group."""
+    ``chunk_bytes`` of them at once (every crop of a teacher batch of 256 at 224 px), not group by group.
+
+    The host plans the groups with numpy; the tensor work, a few hundred ops a teacher batch, runs as one TorchScript
+    call (:func:`crop_windows`, see :data:`SCRIPTED`)."""
     images = [images] if isinstance(images, torch.Tensor) else list(images)
     boxes = np.asarray(boxes, dtype=np.int64).reshape(-1, 4)
     flips = np.zeros(len(boxes), dtype=np.int64) if flips is None else np.asarray(flips, dtype=np.int64).reshape(-1)
@@ -133,54 +145,108 @@ def resized_crops(images, boxes, flips, size: Tuple[int, int], interpolation: st
     # each matrix's crop in its window: the vertical ones', then the horizontal ones' (only those mirror)
     table = np.stack([(boxes[:, :2] - origin)[order].T.ravel(), boxes[order][:, 2:].T.ravel(),
                       np.concatenate([np.zeros_like(flips), flips[order]])])
-    # each group's window rows (in the table of all images' rows, below) and window columns, a run a group
+    # each group's window rows (in the table of all images' rows) and window columns, a run a group
     lines = [(first_row[order[a:b], None] + np.arange(tall)).ravel() for a, b, tall, _ in groups]
     columns = [(origin[order[a:b], 1, None] + np.arange(wide)).ravel() for a, b, _, wide in groups]
     sent = to_device(np.concatenate([table.ravel(), order, *lines, *columns]), device)
-    sent = sent.split([table.size, len(order), *map(len, lines), *map(len, columns)])
-    starts, lengths, flip = sent[0].view(table.shape).unbind(0)
-    slot, lines, columns = sent[1], sent[2:2 + len(groups)], sent[2 + len(groups):]
+    # the float crops gather in a buffer of up to chunk_bytes (at least a group's)
+    span = max(chunk_bytes // (4 * channels * size[0] * size[1]), max(b - a for a, b, _, _ in groups))
+    plan = CropPlan(sent, [table.size, len(order), *map(len, lines), *map(len, columns)], groups,
+                    (int(window[:, 0].max()), int(window[:, 1].max())), (int(boxes[:, 2].max()), int(boxes[:, 3].max())),
+                    (height, width), span)
+    return _crop_windows(images, plan, list(size), interpolation, out)
+
+
+class CropPlan(NamedTuple):
+    """What the host's numpy planning of :func:`resized_crops` hands to :func:`crop_windows`: ``sent``, on the images'
+    device, holds the split ``sizes`` of [the matrices' (start, length, flip) table, each sorted box's slot, each
+    group's window rows, each group's window columns]; ``groups`` (first, stop, height, width) in sorted boxes;
+    ``window`` the longest window (height, width); ``longest`` box (height, width); ``padded`` image (height, width);
+    ``span`` float crops placed at once."""
+    sent: torch.Tensor
+    sizes: List[int]
+    groups: List[Tuple[int, int, int, int]]
+    window: Tuple[int, int]
+    longest: Tuple[int, int]
+    padded: Tuple[int, int]
+    span: int
+
+
+def crop_windows(images: List[torch.Tensor], plan: CropPlan, size: List[int], interpolation: str,
+                 out: torch.Tensor) -> torch.Tensor:
+    """:func:`resized_crops`' tensor work on its plan: every box's matrices, the images as one padded table of rows,
+    then per group the windows' cut and two batched products; the float crops rounded and placed into ``out``. Written
+    for TorchScript (no numpy, typed)."""
+    channels = images[0].shape[0]
+    device = images[0].device
+    parts = plan.sent.split(plan.sizes)
+    s, n = plan.sizes[1], len(plan.groups)
+    starts, lengths, flip = parts[0].view(3, 2 * s).unbind(0)
+    slot, lines, columns = parts[1], parts[2:2 + n], parts[2 + n:]
+    window_h, window_w = plan.window
     # every box's matrices at once, over the longest window (a group's windows are a prefix of it): both axes in one
     # call where the output is square (the kernel launches per call are what a GPU job's host pays)
-    s, window_h, window_w = len(boxes), int(window[:, 0].max()), int(window[:, 1].max())
     if size[0] == size[1]:
         both = resample_weights(starts, lengths, max(window_h, window_w), size[0], interpolation, flips=flip,
-                                max_length=int(boxes[:, 2:].max()))
+                                max_length=max(plan.longest))
         wy, wx = both[:s], both[s:]
     else:
-        wy = resample_weights(starts[:s], lengths[:s], window_h, size[0], interpolation,
-                              max_length=int(boxes[:, 2].max()))
+        wy = resample_weights(starts[:s], lengths[:s], window_h, size[0], interpolation, max_length=plan.longest[0])
         wx = resample_weights(starts[s:], lengths[s:], window_w, size[1], interpolation, flips=flip[s:],
-                              max_length=int(boxes[:, 3].max()))
+                              max_length=plan.longest[1])
     # the images as one uint8 table of (R * H) rows of C * W values, padded to the largest (windows read padding with
     # weight 0; uint8 is finite, whatever the memory held)
+    height, width = plan.padded
     pixels = torch.empty((len(images), height, channels, width), dtype=torch.uint8, device=device)
     for r, image in enumerate(images):
-        pixels[r, :image.shape[-2], :, :image.shape[-1]] = image.permute(1, 0, 2)
+        pixels[r].narrow(0, 0, image.shape[-2]).narrow(2, 0, image.shape[-1]).copy_(image.permute(1, 0, 2))
     pixels = pixels.view(len(images) * height, channels * width)
     # the groups' float crops gather in one buffer (in the boxes' sorted order) and are rounded, converted and placed
-    # together, once the buffer holds ``chunk_bytes`` or the call ends: per group, only the cut and the two products
-    span = max(chunk_bytes // (4 * channels * size[0] * size[1]), max(b - a for a, b, _, _ in groups))
-    done = torch.empty((min(span, len(boxes)), size[0], channels, size[1]), dtype=torch.float32, device=device)
+    # together, once the buffer is full or the call ends: per group, only the cut and the two products
+    done = torch.empty((min(plan.span, s), size[0], channels, size[1]), dtype=torch.float32, device=device)
     first = 0  # the first sorted box not yet placed
-
-    def place(stop: int) -> None:  # sorted boxes [first, stop): rounded as torchvision rounds, to their places
-        crops = done[:stop - first].permute(0, 2, 1, 3).round_().clamp_(0, 255)
-        out.index_copy_(0, slot[first:stop], crops.to(torch.uint8))
-
-    for k, (a, b, tall, wide) in enumerate(groups):
-        if b - first > len(done):
-            place(a)
+    for k, (a, b, tall, wide) in enumerate(plan.groups):
+        if b - first > done.shape[0]:
+            _place(done, slot, first, a, out)
             first = a
         g = b - a
         cut = pixels.index_select(0, lines[k]).view(g, tall, channels, width)
         cut = cut.gather(3, columns[k].view(g, 1, 1, wide).expand(g, tall, channels, wide))  # the windows
         # horizontal pass: (g, tall * C, wide) @ (g, wide, out_w); vertical: (g, out_h, tall) @ (g, tall, C * out_w)
-        across = torch.bmm(cut.view(g, tall * channels, wide).to(torch.float32), wx[a:b, :, :wide].transpose(1, 2))
-        torch.bmm(wy[a:b, :, :tall], across.view(g, tall, channels * size[1]),
+        across = torch.bmm(cut.view(g, tall * channels, wide).to(torch.float32), wx[a:b].narrow(2, 0, wide).transpose(1, 2))
+        torch.bmm(wy[a:b].narrow(2, 0, tall), across.view(g, tall, channels * size[1]),
                   out=done[a - first:b - first].view(g, size[0], channels * size[1]))
-    place(len(boxes))
+    _place(done, slot, first, s, out)
     return out
+
+
+def _place(done: torch.Tensor, slot: torch.Tensor, first: int, stop: int, out: torch.Tensor) -> None:
+    """Sorted boxes [first, stop), whose float crops ``done`` holds from its start: rounded as torchvision rounds, to
+    their places ``slot`` in ``out``."""
+    crops = done[:stop - first].permute(0, 2, 1, 3).round_().clamp_(0, 255)
+    out.index_copy_(0, slot[first:stop], crops.to(torch.uint8))
+
+
+SCRIPTED = True
+"""Whether :func:`resized_crops` runs :func:`crop_windows` compiled by TorchScript (the default) or op by op from
+Python. Called from Python, each op lets go of the GIL and must take it back: beside threads that hold the GIL (a GPU
+job's preparing threads drawing parameters, its main thread), every op of a render thread can wait for it, and a
+teacher batch's crops are a few hundred ops. TorchScript runs them all in C++ without the GIL, the same ops in the
+same order (the same pixels, bit for bit; tested), unoptimised (no fusion: the ops torch runs eagerly)."""
+
+_SCRIPTED: List[Callable] = []
+
+
+def _crop_windows(images: List[torch.Tensor], plan: CropPlan, size: List[int], interpolation: str,
+                  out: torch.Tensor) -> torch.Tensor:
+    if not SCRIPTED:
+        return crop_windows(images, plan, size, interpolation, out)
+    if not _SCRIPTED:
+        with warnings.catch_warnings():  # torch >= 2.10 marks TorchScript deprecated; it is still torch's GIL-free way
+            warnings.simplefilter("ignore", FutureWarning)
+            _SCRIPTED.append(torch.jit.script(crop_windows))
+    with torch.jit.optimized_execution(False):  # (this thread only)
+        return _SCRIPTED[0](images, plan, size, interpolation, out)
 
 
 def crop_groups(boxes: np.ndarray, group_size: int, max_values: int, out_width: int

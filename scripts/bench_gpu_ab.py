@@ -43,7 +43,7 @@ def _crops_in_groups_of_64(*args, **kwargs):
 
 
 # name: (Reinforcer options, TF32 flags: None for the teachers' own (off for bf16), True: on, the crops on TF32 cores;
-# reinforce() options; library functions replaced for the arm's runs, "module.name": function)
+# reinforce() options; library names replaced for the arm's runs, "module.name": function or value)
 ARMS = {
     "default": ({}, None, {}, {}),
     "render_threads_2": ({}, None, {"render_threads": 2}, {}),
@@ -56,6 +56,9 @@ ARMS = {
     # a teacher batch's crops in groups of 64 boxes, not 32: 169 aten ops a batch of 256 instead of 237 (imagenet+rrc,
     # 224 px, results/bench_resample.md), at about the same GPU time in bench_resample (0.95-1.04x, three H100 runs)
     "crop_groups_64": ({}, None, {}, {"dr_hf.augment.resized_crops": _crops_in_groups_of_64}),
+    # the crops' tensor work op by op from Python, as before it ran as one TorchScript call without the GIL (beside a
+    # thread drawing parameters, 8-px crops took several times as long so on a CPU, results/bench_resample.md)
+    "crops_from_python": ({}, None, {}, {"dr_hf.resample.SCRIPTED": False}),
 }
 LABELS = {
     "default": "the compiled job as its defaults run it (1 render thread, float32 crops, the teacher's stream)",
@@ -69,6 +72,8 @@ LABELS = {
     "pin_on_main_thread": "each image copied to pinned memory by the thread that queues the GPU's work, not by the "
                           "preparing thread that decoded it",
     "crop_groups_64": "the batched crops in groups of up to 64 boxes (32 by default)",
+    "crops_from_python": "the batched crops' tensor work op by op from Python (`dr_hf.resample.SCRIPTED = False`), "
+                         "not as one TorchScript call",
 }
 
 

@@ -16,7 +16,10 @@ call (a teacher batch of the job at N=64: one call, matrices padded to the large
 * the aten ops (kernel launches or views) of a call, per group size: what a GPU job's render thread dispatches;
 * a training batch under ``replay_on_device``: one view of each of the images, every image its own: the aten ops
   (each a kernel launch or a view on a GPU: the host's part) and the time of one call, windows against the previous
-  code.
+  code;
+* a teacher batch's crops alone and beside a thread drawing rows' parameters (Python and numpy that hold the GIL, as
+  a GPU job's preparing threads do beside its render thread), the tensor work run op by op from Python or as one
+  TorchScript call (the default), for the real crops and for 8-px crops, where the host's work is all there is.
 
     python scripts/bench_resample.py [--device cuda]    # -> results/bench_resample.md
 """
@@ -37,13 +40,13 @@ sys.path.insert(0, ROOT)
 
 def dense_weights(starts, lengths, in_size, out_size, interpolation):
     """The previous resample_weights: the filter evaluated at every input pixel of every output pixel's row."""
-    from dr_hf.resample import _SUPPORT, _filter
+    from dr_hf.resample import _filter, _support
 
     starts = starts.to(torch.float32)[:, None, None]
     lengths = lengths.to(torch.float32)[:, None, None]
     scale = lengths / out_size
     downscale = scale >= 1.0
-    support = torch.where(downscale, _SUPPORT[interpolation] * scale, torch.full_like(scale, _SUPPORT[interpolation]))
+    support = torch.where(downscale, _support(interpolation) * scale, torch.full_like(scale, _support(interpolation)))
     invscale = torch.where(downscale, 1.0 / scale, torch.ones_like(scale))
     center = scale * (torch.arange(out_size, device=starts.device, dtype=torch.float32)[None, :, None] + 0.5)
     x = torch.arange(in_size, device=starts.device, dtype=torch.float32)[None, None, :] - starts
@@ -93,6 +96,39 @@ def count_ops(fn) -> int:
     return Count.ops
 
 
+def beside_drawing(fn, drain, threads: int, seconds: float):
+    """(ms a call of ``fn``, rows/s the others drew): ``fn`` called over and over for ``seconds`` while ``threads``
+    other threads draw rows' parameters in a loop (``imagenet+rare+mix``, N=64: numpy and Python that hold the GIL),
+    as a GPU job's preparing threads do beside its render thread."""
+    import threading
+
+    from dr_hf import make_pipeline
+    from dr_hf.augment import Context
+
+    pipe, stop, drawn = make_pipeline("imagenet+rare+mix"), threading.Event(), [0] * threads
+
+    def draw(k):
+        while not stop.is_set():
+            pipe.sample(0, drawn[k], 64, Context(375, 500, 0, 8, 64))
+            drawn[k] += 1
+
+    others = [threading.Thread(target=draw, args=(k,)) for k in range(threads)]
+    for t in others:
+        t.start()
+    try:
+        calls, t0 = 0, time.perf_counter()
+        while time.perf_counter() - t0 < seconds or not calls:
+            fn()
+            drain()
+            calls += 1
+        elapsed = time.perf_counter() - t0
+    finally:
+        stop.set()
+        for t in others:
+            t.join()
+    return 1000 * elapsed / calls, sum(drawn) / elapsed
+
+
 def multiply_adds(calls, size, group_size=None):
     """The two passes' multiply-adds per sample: over whole images (the previous code) or over each group's windows."""
     from dr_hf.resample import crop_groups
@@ -115,6 +151,8 @@ def main():
     ap.add_argument("--dataset", default=os.path.join(ROOT, "..", "shared", "datasets", "imagenet-sample"))
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--images", type=int, default=16)
+    ap.add_argument("--contention-seconds", type=float, default=1.0,
+                    help="how long each contended measurement calls the crops (best of 3, alternating)")
     ap.add_argument("--out", default=os.path.join(ROOT, "results", "bench_resample.md"))
     args = ap.parse_args()
 
@@ -123,6 +161,7 @@ def main():
     from dr_hf import make_pipeline
     from dr_hf.augment import Context, boxes_to_pixels
     from dr_hf.images import decode
+    from dr_hf import resample
     from dr_hf.resample import resample_weights, resized_crops
     from dr_hf.teacher import float32_precision
 
@@ -218,6 +257,27 @@ def main():
         tf32_out = resized_crops(images[0], boxes[0], flips[0], (224, 224), "bicubic")
     fp32_out = resized_crops(images[0], boxes[0], flips[0], (224, 224), "bicubic")
     tf32_levels = (tf32_out.int() - fp32_out.int()).abs()
+    # a teacher batch's crops, from Python op by op or as one TorchScript call, alone and beside a thread drawing
+    # parameters; also with small crops (8 px from 16x20 images), where the host's work is all there is, as on a GPU
+    rng = np.random.default_rng(0)
+    small = ([torch.from_numpy(rng.integers(0, 256, (16, 20, 3), dtype=np.uint8)).permute(2, 0, 1).to(device)
+              for _ in range(per_call)],
+             np.array([(0, 0, 16, 20), (2, 3, 9, 11), (5, 0, 11, 17), (1, 8, 6, 12)] * 64), rng.integers(0, 2, 256),
+             np.repeat(np.arange(per_call), 64), (8, 8))
+    real = (*calls[0], (224, 224))
+    contention, threads_before = {}, torch.get_num_threads()
+    torch.set_num_threads(1)  # (on a CPU: one intra-op thread, as a GPU's render thread computes nothing itself)
+    for _ in range(3):  # alternating, best of 3
+        for scripted in (False, True):
+            resample.SCRIPTED = scripted
+            for label, (ims, b, f, o, size) in (("224 px crops of real images", real), ("8 px crops", small)):
+                for threads in (0, 1):
+                    ms, rows = beside_drawing(lambda: resized_crops(ims, b, f, size, "bicubic", owners=o), drain,
+                                              threads, args.contention_seconds)
+                    key = (label, threads, scripted)
+                    contention[key] = min(contention.get(key, (ms, rows)), (ms, rows))
+    resample.SCRIPTED = True
+    torch.set_num_threads(threads_before)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
     lines = ["# Batched crops: resampling matrices and matrix products", "",
              f"{len(images)} real ImageNet images (imagenet-sample), 64 `imagenet+rrc` samples each, {per_call} images' "
@@ -250,6 +310,20 @@ def main():
               f"TF32 products against float32: {float(tf32_levels.float().mean()):.3f} grey levels on average, "
               f"{int(tf32_levels.max())} at most, {float((tf32_levels > 0).float().mean()):.2%} of pixels differ (one "
               "image's 64 crops).", "",
+              "A teacher batch's 256 crops (one call), alone and beside one thread drawing rows' parameters in a loop "
+              "(numpy and Python that hold the GIL, as a GPU job's preparing threads do beside its render thread), their "
+              "tensor work run op by op from Python or as one TorchScript call (`dr_hf.resample.SCRIPTED`, the "
+              f"default); one intra-op thread; best of 3 alternating runs of {args.contention_seconds:g} s each:", "",
+              "| crops | tensor work | ms a call, alone | ms a call, beside a drawing thread | slowed | "
+              "rows/s the thread drew |", "|---|---|---|---|---|---|"]
+    for label in ("224 px crops of real images", "8 px crops"):
+        for scripted in (False, True):
+            alone, beside = contention[(label, 0, scripted)][0], contention[(label, 1, scripted)]
+            lines.append(f"| {label} | {'TorchScript' if scripted else 'Python, op by op'} | {alone:.2f} | "
+                         f"{beside[0]:.2f} | {beside[0] / alone:.2f}x | {beside[1]:,.0f} |")
+    slow = {s: contention[("8 px crops", 1, s)][0] for s in (False, True)}
+    lines += ["", f"Beside a drawing thread, 8 px crops (the host's work alone, as on a GPU) take "
+              f"**{slow[False] / slow[True]:.1f}x** as long from Python as scripted.", "",
               "Command: `python scripts/bench_resample.py" + (f" --device {args.device}" if args.device != "cpu" else "") + "`."]
     write_markdown(args.out, lines)
 

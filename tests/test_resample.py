@@ -11,6 +11,7 @@ from dr_hf import make_pipeline
 from dr_hf.augment import PRESETS, Context, InputSpec, boxes_to_pixels
 from dr_hf.images import decode
 from dr_hf.augment import empty_batch, normalise_pixels
+from dr_hf import resample
 from dr_hf.resample import crop_groups, resample_weights, resized_crop, resized_crops
 from torch.utils._python_dispatch import TorchDispatchMode
 
@@ -88,6 +89,7 @@ def test_crops_of_many_images_in_one_call_are_each_images_own_crops(monkeypatch)
         t = empty(*args, **kwargs)
         return t.fill_(float("nan") if t.is_floating_point() else 255)
 
+    monkeypatch.setattr(resample, "SCRIPTED", False)  # op by op from Python, where the poison reaches every empty
     monkeypatch.setattr(torch, "empty", poisoned)
     got = resized_crops(images, boxes, flips, (16, 16), "bicubic", owners=owners, into=into)
     monkeypatch.undo()
@@ -95,6 +97,30 @@ def test_crops_of_many_images_in_one_call_are_each_images_own_crops(monkeypatch)
     for k, o in enumerate(owners):
         alone = resized_crops(images[o], boxes[k:k + 1], flips[k:k + 1], (16, 16), "bicubic")[0]
         assert torch.equal(got[k], alone), k
+
+
+def test_scripted_crops_are_the_eager_crops_bit_for_bit_and_run_without_python(monkeypatch):
+    """The crops' tensor work runs as one TorchScript call: the same ops as op by op from Python, so the same pixels
+    bit for bit (square and oblong outputs, both filters, several placing passes), and no op of it goes back through
+    Python (a Python-level torch.bmm is never called), which is what lets it run without the GIL."""
+    rng = np.random.default_rng(8)
+    images = [torch.from_numpy(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).permute(2, 0, 1)
+              for h, w in ((37, 50), (64, 29), (20, 20))]
+    owners = rng.integers(0, 3, 90)
+    boxes = np.array([random_boxes(rng, *images[o].shape[-2:], 1)[0] for o in owners])
+    flips = rng.integers(0, 2, len(boxes))
+    bmm, calls = torch.bmm, []
+    monkeypatch.setattr(torch, "bmm", lambda *a, **kw: (calls.append(1), bmm(*a, **kw))[1])
+    for size, interpolation, chunk in (((16, 16), "bicubic", 256 << 20), ((12, 20), "bilinear", 1 << 14),
+                                       ((24, 24), "bilinear", 6 * 3 * 24 * 24 * 4)):
+        crops = {}
+        for scripted in (False, True):
+            monkeypatch.setattr(resample, "SCRIPTED", scripted)
+            del calls[:]
+            crops[scripted] = resized_crops(images, boxes, flips, size, interpolation, owners=owners,
+                                            group_size=8, chunk_bytes=chunk)
+            assert bool(calls) != scripted, (scripted, len(calls))
+        assert torch.equal(crops[True], crops[False]), (size, interpolation)
 
 
 def test_boxes_are_cropped_in_groups_of_similar_size_through_windows_that_hold_them():
@@ -397,6 +423,7 @@ def test_batched_crops_follow_the_tf32_flag_within_the_tolerance_of_what_trainin
         return ((x.contiguous().view(torch.int32) + 0x1000) & -8192).view(torch.float32)
 
     bmm, setter, writes = torch.bmm, torch.set_float32_matmul_precision, []
+    monkeypatch.setattr(resample, "SCRIPTED", False)  # the products from Python, where the emulation reaches them
     monkeypatch.setattr(torch, "bmm", lambda a, b, **kw: bmm(a, b, **kw) if torch.get_float32_matmul_precision()
                         == "highest" else bmm(tf32(a), tf32(b), **kw))
     monkeypatch.setattr(torch, "set_float32_matmul_precision", lambda p: (writes.append(p), setter(p)))
