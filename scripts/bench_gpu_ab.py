@@ -10,7 +10,14 @@ whether a candidate gains more than the noise. Each candidate's stored top-K mus
 The job: EfficientNet-Lite0 (random weights: the architecture's speed) in bf16, compiled (``--compile
 reduce-overhead``), N=64, ``imagenet+rrc``, 4 preparing threads, the default map batch (1024 rows at N=64).
 
+``--host-proxy``: the same job's host on a CPU, where the host's work is most of what there is: CIFAR-10's 32-px
+images, a 1-layer ViT with 8-px patches at 32 px (fp32, eager), the GPU job's batched render on CPU tensors, its
+render thread and 4 preparing threads, one intra-op thread. A proxy for options that change the host's work (how the
+render thread's ops take the GIL, how many it dispatches), not for the GPU's.
+
     python scripts/bench_gpu_ab.py --dataset PATH      # -> results/bench_gpu_ab.md, results/bench_gpu_ab.json
+    python scripts/bench_gpu_ab.py --host-proxy --arms crops_from_python,render_threads_2,crop_groups_64
+                                                       # -> results/bench_gpu_ab_host_proxy.md
 """
 
 import argparse
@@ -30,6 +37,18 @@ from results_md import write_markdown  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+
+
+def tiny_vit_32(folder: str) -> str:
+    """The host proxy's teacher: a 1-layer transformers ViT at 32 px, 8-px patches, hidden 16, CIFAR-10's classes."""
+    from transformers import ViTConfig, ViTForImageClassification, ViTImageProcessor
+
+    torch.manual_seed(0)
+    config = ViTConfig(image_size=32, patch_size=8, hidden_size=16, num_hidden_layers=1, num_attention_heads=1,
+                       intermediate_size=32, num_labels=10)
+    ViTForImageClassification(config).save_pretrained(folder)
+    ViTImageProcessor(size={"height": 32, "width": 32}, resample=3).save_pretrained(folder)
+    return f"hf:{folder}"
 
 
 def _on_main_thread(preparer, device, item):  # a row prepared as before prepare_pinned: its image pinned at its copy
@@ -61,7 +80,8 @@ ARMS = {
     "crops_from_python": ({}, None, {}, {"dr_hf.resample.SCRIPTED": False}),
 }
 LABELS = {
-    "default": "the compiled job as its defaults run it (1 render thread, float32 crops, the teacher's stream)",
+    "default": "the job as its defaults run it (1 render thread, float32 crops as one TorchScript call, the teacher's "
+               "stream)",
     "render_threads_2": "2 render threads (`--render-threads 2`)",
     "tf32_crops": "the crops' products on TF32 tensor cores (TF32 flags on, as `--precision tf32` teachers set them)",
     "render_threads_2_tf32_crops": "2 render threads and TF32 crops",
@@ -79,21 +99,30 @@ LABELS = {
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--dataset", default=os.path.join(ROOT, "..", "shared", "datasets", "imagenet-sample"))
+    ap.add_argument("--dataset", default=None, help="default: imagenet-sample (CIFAR-10 with --host-proxy)")
     ap.add_argument("--rows", type=int, default=1024, help="rows of each timed job (the dataset repeated)")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--arms", default="render_threads_2,tf32_crops,render_threads_2_tf32_crops,render_stream",
                     help=f"candidates, comma-separated, among {', '.join(a for a in ARMS if a != 'default')}")
     ap.add_argument("--num-samples", type=int, default=64)
     ap.add_argument("--device", default="cuda", help="cpu: a dry run (no figures worth reading)")
-    ap.add_argument("--out", default=os.path.join(ROOT, "results", "bench_gpu_ab.md"))
+    ap.add_argument("--host-proxy", action="store_true",
+                    help="the GPU job's host on this CPU with 32-px images and a tiny teacher (see above)")
+    ap.add_argument("--out", default=None, help="default: results/bench_gpu_ab.md (bench_gpu_ab_host_proxy.md)")
     args = ap.parse_args()
+    shared = os.path.join(ROOT, "..", "shared", "datasets")
+    args.dataset = args.dataset or os.path.join(shared, "cifar10" if args.host_proxy else "imagenet-sample")
+    args.out = args.out or os.path.join(ROOT, "results", "bench_gpu_ab_host_proxy.md" if args.host_proxy
+                                        else "bench_gpu_ab.md")
+    if args.host_proxy:
+        args.device = "cpu"
+        torch.set_num_threads(1)
     arms = ["default"] + [a for a in args.arms.split(",") if a]
     unknown = [a for a in arms if a not in ARMS]
     if unknown:
         sys.exit(f"--arms: unknown {unknown}; choose among {list(ARMS)}")
-    dry = not args.device.startswith("cuda")
-    if not dry and not torch.cuda.is_available():
+    dry = not args.device.startswith("cuda") and not args.host_proxy
+    if not dry and not args.host_proxy and not torch.cuda.is_available():
         sys.exit("bench_gpu_ab needs a CUDA GPU (--device cpu: a dry run)")
 
     import datasets
@@ -106,18 +135,23 @@ def main():
     datasets.disable_progress_bars()
     encoded = repeated_rows(args.dataset, args.rows)
     tmp = tempfile.mkdtemp()
-    spec = lite0_spec(tmp)
-    teachers = TeacherEnsemble.from_specs([spec], device=args.device, precision="bf16",
-                                          compile_mode="default" if dry else "reduce-overhead")
+    base_options = {}
+    if args.host_proxy:  # a GPU job's render thread and preparing threads (on a CPU the job has neither by default)
+        teachers = TeacherEnsemble.from_specs([tiny_vit_32(tmp)], device="cpu")
+        threads, classes, precision, base_options = 4, 10, "fp32", {"render_threads": 1}
+    else:
+        teachers = TeacherEnsemble.from_specs([lite0_spec(tmp)], device=args.device, precision="bf16",
+                                              compile_mode="default" if dry else "reduce-overhead")
+        threads, classes, precision = default_prepare_threads(teachers), 1000, "bf16"
     config = ReinforceConfig(augment="imagenet+rrc", augmentations=make_pipeline("imagenet+rrc").config(),
-                             teachers=teachers.specs, num_samples=args.num_samples, topk=10, seed=0,
-                             num_classes=1000, precision="bf16", render="batched")
-    threads = default_prepare_threads(teachers)
+                             teachers=teachers.specs, num_samples=args.num_samples, topk=min(10, classes), seed=0,
+                             num_classes=classes, precision=precision, render="batched")
 
     rates = logged_shard_rates()
 
     init, flags = Reinforcer.__init__, TeacherEnsemble.float32_flags
-    results = {"device": torch.cuda.get_device_name() if not dry else "cpu (dry run)", "torch": torch.__version__,
+    device_name = "CPU (host proxy)" if args.host_proxy else "CPU (dry run)" if dry else torch.cuda.get_device_name()
+    results = {"device": device_name, "torch": torch.__version__,
                "rows": args.rows, "num_samples": args.num_samples, "prepare_threads": threads, "rounds": []}
     base = os.path.splitext(args.out)[0]
 
@@ -134,7 +168,7 @@ def main():
         try:
             rates.clear()
             synced(lambda: reinforce(rows, config, teachers, folder, show_progress=False,
-                                     render_device=args.device, prepare_threads=threads, **job_options))
+                                     render_device=args.device, prepare_threads=threads, **{**base_options, **job_options}))
             return rates[-1] if rates else float("nan")
         finally:
             Reinforcer.__init__, TeacherEnsemble.float32_flags = init, flags
@@ -164,7 +198,7 @@ def main():
         per_round = [rd["shard_samples_per_s"][arm] / rd["shard_samples_per_s"]["default"] for rd in results["rounds"]]
         other = top_k(f"job-0-{arm}")
         same = reference.equals(other)
-        top1 = [np.asarray(t["dr_topk_indices"].combine_chunks().flatten().flatten()).reshape(-1, 10)[:, 0]
+        top1 = [np.asarray(t["dr_topk_indices"].combine_chunks().flatten().flatten()).reshape(-1, config.topk)[:, 0]
                 for t in (reference, other)]
         ratios[arm] = {"per_round": per_round, "median": statistics.median(per_round),
                        "same_outputs": same, "same_top1": float(np.mean(top1[0] == top1[1]))}
@@ -172,11 +206,19 @@ def main():
     with open(base + ".json", "w") as f:
         json.dump(results, f, indent=1)
 
-    lines = ["# The compiled GPU job's candidate options, interleaved rounds", "",
-             f"{results['device']}, torch {results['torch']}. Real ImageNet images (imagenet-sample, repeated to "
-             f"{args.rows} rows), N={args.num_samples}, `imagenet+rrc`, timm `tf_efficientnet_lite0` (random weights) "
-             f"in bf16 at 224 px, compiled (`--compile reduce-overhead`), {threads} preparing threads, the default map "
-             f"batch. {args.rounds} rounds; each runs every arm once, in an order rotated from round to round.", "",
+    if args.host_proxy:
+        job = (f"The GPU job's host on this CPU, one intra-op thread: CIFAR-10's 32-px images ({args.rows} rows), "
+               f"N={args.num_samples}, `imagenet+rrc` at 32 px, a 1-layer ViT with 8-px patches (fp32, eager), the "
+               f"batched render on CPU tensors in a render thread, {threads} preparing threads, the default map batch.")
+        title = "The GPU job's host on a CPU: candidate options, interleaved rounds"
+    else:
+        job = (f"Real ImageNet images (imagenet-sample, repeated to {args.rows} rows), N={args.num_samples}, "
+               "`imagenet+rrc`, timm `tf_efficientnet_lite0` (random weights) in bf16 at 224 px, compiled (`--compile "
+               f"reduce-overhead`), {threads} preparing threads, the default map batch.")
+        title = "The compiled GPU job's candidate options, interleaved rounds"
+    lines = [f"# {title}", "",
+             f"{results['device']}, torch {results['torch']}. {job} {args.rounds} rounds; each runs every arm once, "
+             "in an order rotated from round to round.", "",
              "| arm | shard samples/s, each round | / the default in the same round: median (range) | "
              "outputs against the default's |", "|---|---|---|---|"]
     for arm in arms:
@@ -188,8 +230,9 @@ def main():
         outputs = "the same, bit for bit" if v["same_outputs"] else f"the same top-1 class in {v['same_top1']:.2%}"
         lines.append(f"| {LABELS[arm]} | {figures} | **{v['median']:.2f}x** ({min(v['per_round']):.2f}-"
                      f"{max(v['per_round']):.2f}) | {outputs} |")
-    lines += ["", f"Command: `python scripts/bench_gpu_ab.py --arms {','.join(arms[1:])} --rounds {args.rounds}` (on a "
-                  "machine with a CUDA GPU)."]
+    where = "" if args.host_proxy else " (on a machine with a CUDA GPU)"
+    lines += ["", f"Command: `python scripts/bench_gpu_ab.py{' --host-proxy' if args.host_proxy else ''} --arms "
+                  f"{','.join(arms[1:])} --rounds {args.rounds}`{where}."]
     write_markdown(args.out, lines)
 
 
