@@ -242,9 +242,15 @@ def _crop_windows(images: List[torch.Tensor], plan: CropPlan, size: List[int], i
     if not SCRIPTED:
         return crop_windows(images, plan, size, interpolation, out)
     if not _SCRIPTED:
-        with warnings.catch_warnings():  # torch >= 2.10 marks TorchScript deprecated; it is still torch's GIL-free way
-            warnings.simplefilter("ignore", FutureWarning)
-            _SCRIPTED.append(torch.jit.script(crop_windows))
+        try:
+            with warnings.catch_warnings():  # torch >= 2.10 marks TorchScript deprecated: still its GIL-free way
+                warnings.simplefilter("ignore", FutureWarning)
+                _SCRIPTED.append(torch.jit.script(crop_windows))
+        except Exception as error:  # (a torch without TorchScript): the same function, from Python
+            warnings.warn(f"TorchScript could not compile dr_hf.resample.crop_windows ({type(error).__name__}: "
+                          f"{error}); the batched crops run op by op from Python, the same pixels, more host time "
+                          "beside other threads", RuntimeWarning)
+            _SCRIPTED.append(crop_windows)
     with torch.jit.optimized_execution(False):  # (this thread only)
         return _SCRIPTED[0](images, plan, size, interpolation, out)
 

@@ -109,6 +109,9 @@ def test_scripted_crops_are_the_eager_crops_bit_for_bit_and_run_without_python(m
     owners = rng.integers(0, 3, 90)
     boxes = np.array([random_boxes(rng, *images[o].shape[-2:], 1)[0] for o in owners])
     flips = rng.integers(0, 2, len(boxes))
+    monkeypatch.setattr(resample, "_SCRIPTED", [])  # compiled here, on first use, while torch.bmm is torch's
+    resized_crops(images[0], boxes[:1], flips[:1], (8, 8))
+    assert resample._SCRIPTED and isinstance(resample._SCRIPTED[0], torch.jit.ScriptFunction)
     bmm, calls = torch.bmm, []
     monkeypatch.setattr(torch, "bmm", lambda *a, **kw: (calls.append(1), bmm(*a, **kw))[1])
     for size, interpolation, chunk in (((16, 16), "bicubic", 256 << 20), ((12, 20), "bilinear", 1 << 14),
@@ -121,6 +124,13 @@ def test_scripted_crops_are_the_eager_crops_bit_for_bit_and_run_without_python(m
                                             group_size=8, chunk_bytes=chunk)
             assert bool(calls) != scripted, (scripted, len(calls))
         assert torch.equal(crops[True], crops[False]), (size, interpolation)
+    # a torch that cannot script it: a warning that says so, then the same crops from Python
+    monkeypatch.setattr(resample, "_SCRIPTED", [])
+    monkeypatch.setattr(torch.jit, "script", lambda fn: (_ for _ in ()).throw(RuntimeError("no TorchScript here")))
+    with pytest.warns(RuntimeWarning, match="no TorchScript here"):
+        fallback = resized_crops(images, boxes, flips, (24, 24), "bilinear", owners=owners, group_size=8,
+                                 chunk_bytes=6 * 3 * 24 * 24 * 4)
+    assert torch.equal(fallback, crops[True]) and resample._SCRIPTED == [resample.crop_windows]
 
 
 def test_boxes_are_cropped_in_groups_of_similar_size_through_windows_that_hold_them():
