@@ -19,6 +19,7 @@ TorchScript call (:func:`crop_windows`), without the GIL: a render thread beside
 from __future__ import annotations
 
 import math
+import threading
 import warnings
 from typing import Callable, Iterator, List, NamedTuple, Optional, Sequence, Tuple
 
@@ -235,6 +236,7 @@ teacher batch's crops are a few hundred ops. TorchScript runs them all in C++ wi
 same order (the same pixels, bit for bit; tested), unoptimised (no fusion: the ops torch runs eagerly)."""
 
 _SCRIPTED: List[Callable] = []
+_SCRIPTING = threading.Lock()
 
 
 def _crop_windows(images: List[torch.Tensor], plan: CropPlan, size: List[int], interpolation: str,
@@ -242,17 +244,23 @@ def _crop_windows(images: List[torch.Tensor], plan: CropPlan, size: List[int], i
     if not SCRIPTED:
         return crop_windows(images, plan, size, interpolation, out)
     if not _SCRIPTED:
-        try:
-            with warnings.catch_warnings():  # torch >= 2.10 marks TorchScript deprecated: still its GIL-free way
-                warnings.simplefilter("ignore", FutureWarning)
-                _SCRIPTED.append(torch.jit.script(crop_windows))
-        except Exception as error:  # (a torch without TorchScript): the same function, from Python
-            warnings.warn(f"TorchScript could not compile dr_hf.resample.crop_windows ({type(error).__name__}: "
-                          f"{error}); the batched crops run op by op from Python, the same pixels, more host time "
-                          "beside other threads", RuntimeWarning)
-            _SCRIPTED.append(crop_windows)
+        with _SCRIPTING:  # (render threads may start together: compiled once)
+            if not _SCRIPTED:
+                _script_crop_windows()
     with torch.jit.optimized_execution(False):  # (this thread only)
         return _SCRIPTED[0](images, plan, size, interpolation, out)
+
+
+def _script_crop_windows() -> None:
+    try:
+        with warnings.catch_warnings():  # torch >= 2.10 marks TorchScript deprecated: still its GIL-free way
+            warnings.simplefilter("ignore", FutureWarning)
+            _SCRIPTED.append(torch.jit.script(crop_windows))
+    except Exception as error:  # (a torch without TorchScript): the same function, from Python
+        warnings.warn(f"TorchScript could not compile dr_hf.resample.crop_windows ({type(error).__name__}: {error}); "
+                      "the batched crops run op by op from Python, the same pixels, more host time beside other "
+                      "threads", RuntimeWarning)
+        _SCRIPTED.append(crop_windows)
 
 
 def crop_groups(boxes: np.ndarray, group_size: int, max_values: int, out_width: int

@@ -8,7 +8,7 @@ whether a candidate gains more than the noise. Each candidate's stored top-K mus
 (TF32 crops: the share of samples with the same top-1 class).
 
 The job: EfficientNet-Lite0 (random weights: the architecture's speed) in bf16, compiled (``--compile
-reduce-overhead``), N=64, ``imagenet+rrc``, 4 preparing threads, the default map batch (1024 rows at N=64).
+reduce-overhead``), N=64, ``imagenet+rrc`` (``--augment``), 4 preparing threads, the default map batch (1024 rows at N=64).
 
 ``--host-proxy``: the same job's host on a CPU, where the host's work is most of what there is: CIFAR-10's 32-px
 images, a 1-layer ViT with 8-px patches at 32 px (fp32, eager), the GPU job's batched render on CPU tensors, its
@@ -72,9 +72,12 @@ ARMS = {
     "read_back_at_once": ({"read_back_late": False}, None, {}, {}),
     "map_batches_256": ({}, None, {"batch_size": 256}, {}),
     "pin_on_main_thread": ({}, None, {}, {"dr_hf.reinforcer.prepare_pinned": _on_main_thread}),
-    # a teacher batch's crops in groups of 64 boxes, not 32: 169 aten ops a batch of 256 instead of 237 (imagenet+rrc,
+    # a teacher batch's crops in groups of 64 boxes, not 32: 170 aten ops a batch of 256 instead of 238 (imagenet+rrc,
     # 224 px, results/bench_resample.md), at about the same GPU time in bench_resample (0.95-1.04x, three H100 runs)
     "crop_groups_64": ({}, None, {}, {"dr_hf.augment.resized_crops": _crops_in_groups_of_64}),
+    # rows prepared by 4 spawned processes instead of 4 threads: no GIL shared with the render thread, a copy of each
+    # decoded image between processes
+    "prepare_workers_4": ({}, None, {"prepare_workers": 4, "prepare_threads": 0}, {}),
     # the crops' tensor work op by op from Python, as before it ran as one TorchScript call without the GIL (beside a
     # thread drawing parameters, 8-px crops took several times as long so on a CPU, results/bench_resample.md)
     "crops_from_python": ({}, None, {}, {"dr_hf.resample.SCRIPTED": False}),
@@ -92,6 +95,7 @@ LABELS = {
     "pin_on_main_thread": "each image copied to pinned memory by the thread that queues the GPU's work, not by the "
                           "preparing thread that decoded it",
     "crop_groups_64": "the batched crops in groups of up to 64 boxes (32 by default)",
+    "prepare_workers_4": "rows prepared by 4 processes (`--prepare-workers 4`), not 4 threads",
     "crops_from_python": "the batched crops' tensor work op by op from Python (`dr_hf.resample.SCRIPTED = False`), "
                          "not as one TorchScript call",
 }
@@ -105,6 +109,7 @@ def main():
     ap.add_argument("--arms", default="render_threads_2,tf32_crops,render_threads_2_tf32_crops,render_stream",
                     help=f"candidates, comma-separated, among {', '.join(a for a in ARMS if a != 'default')}")
     ap.add_argument("--num-samples", type=int, default=64)
+    ap.add_argument("--augment", default="imagenet+rrc", help="the preset the job draws and renders")
     ap.add_argument("--device", default="cuda", help="cpu: a dry run (no figures worth reading)")
     ap.add_argument("--host-proxy", action="store_true",
                     help="the GPU job's host on this CPU with 32-px images and a tiny teacher (see above)")
@@ -143,7 +148,7 @@ def main():
         teachers = TeacherEnsemble.from_specs([lite0_spec(tmp)], device=args.device, precision="bf16",
                                               compile_mode="default" if dry else "reduce-overhead")
         threads, classes, precision = default_prepare_threads(teachers), 1000, "bf16"
-    config = ReinforceConfig(augment="imagenet+rrc", augmentations=make_pipeline("imagenet+rrc").config(),
+    config = ReinforceConfig(augment=args.augment, augmentations=make_pipeline(args.augment).config(),
                              teachers=teachers.specs, num_samples=args.num_samples, topk=min(10, classes), seed=0,
                              num_classes=classes, precision=precision, render="batched")
 
@@ -168,7 +173,7 @@ def main():
         try:
             rates.clear()
             synced(lambda: reinforce(rows, config, teachers, folder, show_progress=False,
-                                     render_device=args.device, prepare_threads=threads, **{**base_options, **job_options}))
+                                     render_device=args.device, **{"prepare_threads": threads, **base_options, **job_options}))
             return rates[-1] if rates else float("nan")
         finally:
             Reinforcer.__init__, TeacherEnsemble.float32_flags = init, flags
@@ -208,12 +213,12 @@ def main():
 
     if args.host_proxy:
         job = (f"The GPU job's host on this CPU, one intra-op thread: CIFAR-10's 32-px images ({args.rows} rows), "
-               f"N={args.num_samples}, `imagenet+rrc` at 32 px, a 1-layer ViT with 8-px patches (fp32, eager), the "
+               f"N={args.num_samples}, `{args.augment}` at 32 px, a 1-layer ViT with 8-px patches (fp32, eager), the "
                f"batched render on CPU tensors in a render thread, {threads} preparing threads, the default map batch.")
         title = "The GPU job's host on a CPU: candidate options, interleaved rounds"
     else:
         job = (f"Real ImageNet images (imagenet-sample, repeated to {args.rows} rows), N={args.num_samples}, "
-               "`imagenet+rrc`, timm `tf_efficientnet_lite0` (random weights) in bf16 at 224 px, compiled (`--compile "
+               f"`{args.augment}`, timm `tf_efficientnet_lite0` (random weights) in bf16 at 224 px, compiled (`--compile "
                f"reduce-overhead`), {threads} preparing threads, the default map batch.")
         title = "The compiled GPU job's candidate options, interleaved rounds"
     lines = [f"# {title}", "",
@@ -231,7 +236,8 @@ def main():
         lines.append(f"| {LABELS[arm]} | {figures} | **{v['median']:.2f}x** ({min(v['per_round']):.2f}-"
                      f"{max(v['per_round']):.2f}) | {outputs} |")
     where = "" if args.host_proxy else " (on a machine with a CUDA GPU)"
-    lines += ["", f"Command: `python scripts/bench_gpu_ab.py{' --host-proxy' if args.host_proxy else ''} --arms "
+    preset = f" --augment {args.augment}" if args.augment != "imagenet+rrc" else ""
+    lines += ["", f"Command: `python scripts/bench_gpu_ab.py{' --host-proxy' if args.host_proxy else ''}{preset} --arms "
                   f"{','.join(arms[1:])} --rounds {args.rounds}`{where}."]
     write_markdown(args.out, lines)
 
