@@ -27,6 +27,7 @@ import torch
 from torchvision.transforms.v2 import InterpolationMode
 from torchvision.transforms.v2 import functional as F
 
+from . import script
 from .inputs import InputSpec
 from .resample import FILTERS, resized_crop, resized_crops, runs
 from .transfer import to_device
@@ -281,6 +282,72 @@ RANDAUGMENT_BINS = 31  # torchvision's num_magnitude_bins (ml-dr: the default)
 RANDAUGMENT_SIGNED = np.array([_randaugment()._AUGMENTATION_SPACE[op][1] for op in RANDAUGMENT_OPS])  # random sign?
 
 
+def randaugment_op(image: torch.Tensor, op: str, magnitude: float) -> torch.Tensor:
+    """torchvision's RandAugment op ``op`` (a name of its table) at ``magnitude`` on uint8 or float (..., C, H, W)
+    ``image``: what its ``_apply_image_or_video_transform`` does, with RandAugment's defaults (nearest
+    interpolation, no fill: black), through the same functional ops (tested against it, op by op). Written for
+    TorchScript, so that :func:`randaugment_runs` runs without the GIL."""
+    if op == "Identity":
+        return image
+    if op == "ShearX" or op == "ShearY":  # (torchvision: shear by degrees(atan(magnitude)), about the corner)
+        degrees = math.degrees(math.atan(magnitude))
+        shear = [degrees, 0.0] if op == "ShearX" else [0.0, degrees]
+        return F.affine(image, angle=0.0, translate=[0.0, 0.0], scale=1.0, shear=shear,
+                        interpolation=InterpolationMode.NEAREST, fill=None, center=[0.0, 0.0])
+    if op == "TranslateX" or op == "TranslateY":
+        shift = float(int(magnitude))
+        translate = [shift, 0.0] if op == "TranslateX" else [0.0, shift]
+        return F.affine(image, angle=0.0, translate=translate, scale=1.0, shear=[0.0, 0.0],
+                        interpolation=InterpolationMode.NEAREST, fill=None)
+    if op == "Rotate":
+        return F.rotate(image, angle=magnitude, interpolation=InterpolationMode.NEAREST, fill=None)
+    if op == "Brightness":
+        return F.adjust_brightness(image, brightness_factor=1.0 + magnitude)
+    if op == "Color":
+        return F.adjust_saturation(image, saturation_factor=1.0 + magnitude)
+    if op == "Contrast":
+        return F.adjust_contrast(image, contrast_factor=1.0 + magnitude)
+    if op == "Sharpness":
+        return F.adjust_sharpness(image, sharpness_factor=1.0 + magnitude)
+    if op == "Posterize":
+        return F.posterize(image, bits=int(magnitude))
+    if op == "Solarize":  # (torchvision: the dtype's largest value times the magnitude)
+        if image.dtype != torch.uint8 and not image.is_floating_point():
+            raise ValueError("RandAugment's Solarize takes uint8 or float images")
+        return F.solarize(image, threshold=(255.0 if image.dtype == torch.uint8 else 1.0) * magnitude)
+    if op == "AutoContrast":
+        return _autocontrast(image)
+    if op == "Equalize":
+        return F.equalize(image)
+    raise ValueError("no RandAugment op named '" + op + "'")
+
+
+def _autocontrast(image: torch.Tensor) -> torch.Tensor:
+    """torchvision's ``autocontrast_image`` (the same floats), with its two scalar fills as selections: in TorchScript
+    each fill would make a 0-dim tensor on the device, a copy that waits for it (tested against torchvision's op)."""
+    bound = 255.0 if image.dtype == torch.uint8 else 1.0
+    if image.dtype != torch.uint8 and not image.is_floating_point():
+        raise ValueError("RandAugment's AutoContrast takes uint8 or float images")
+    float_image = image if image.is_floating_point() else image.to(torch.float32)
+    minimum = float_image.amin(dim=(-2, -1), keepdim=True)
+    maximum = float_image.amax(dim=(-2, -1), keepdim=True)
+    flat = maximum == minimum
+    inv_scale = torch.where(flat, 1.0, maximum.sub_(minimum).mul_(1.0 / bound))
+    minimum = torch.where(flat, 0.0, minimum)
+    diff = float_image.sub(minimum) if image.is_floating_point() else float_image.sub_(minimum)
+    return diff.div_(inv_scale).clamp_(0, bound).to(image.dtype)
+
+
+def randaugment_runs(images: torch.Tensor, runs: List[Tuple[int, int, str, float]]) -> torch.Tensor:
+    """RandAugment's ops on runs of a batch, in place: run (first, stop, op, magnitude) applies
+    :func:`randaugment_op` to ``images[first:stop]`` (torchvision's ops treat a batch image by image). Written for
+    TorchScript: one call, without the GIL, for all the runs of an op slot."""
+    for first, stop, op, magnitude in runs:
+        part = images[first:stop]
+        part.copy_(randaugment_op(part, op, magnitude))
+    return images
+
+
 @dataclass
 class RandAugment(ReplayableTransform):
     """torchvision's ``RandAugment`` (as ml-dr uses it): ``num_ops`` ops drawn uniformly from torchvision's table,
@@ -325,27 +392,24 @@ class RandAugment(ReplayableTransform):
         if bad.size:
             raise ValueError(f"dr_params.ra_ops holds {int(bad[0])}, but only {len(RANDAUGMENT_OPS)} RandAugment ops exist")
 
-    def _op(self, images: torch.Tensor, op: int, signed_bin: int) -> torch.Tensor:
-        tv = _randaugment()(interpolation=InterpolationMode.NEAREST)
-        name = RANDAUGMENT_OPS[op]
-        mag = self.magnitude_of(name, signed_bin, images.shape[-2], images.shape[-1])
-        return tv._apply_image_or_video_transform(images, name, mag, interpolation=tv.interpolation, fill=tv._fill)
-
     def apply(self, image, params, out):
         ops = np.asarray(params["ra_ops"])
         self._check_ops(ops)
         for op, b in zip(ops, params["ra_bins"]):
             if op != 255:
-                image = self._op(image, int(op), int(b))
+                name = RANDAUGMENT_OPS[op]
+                image = randaugment_op(image, name, self.magnitude_of(name, int(b), *image.shape[-2:]))
         return image
 
     def apply_batch(self, images: torch.Tensor, params: Dict[str, np.ndarray]) -> torch.Tensor:
         """:meth:`apply` to a batch (M, 3, H, W) of uint8 images, with each field of ``params`` (M, ...): each op slot
         sorts the batch by (op, signed bin), then each op runs once on the run of images that drew it, in place
         (torchvision's ops treat a batch image by image, the same pixels as one at a time; tested), so a batch costs
-        a few dozen calls, not M * ``num_ops``, and one index transfer a slot."""
+        a few dozen ops' calls, not M * ``num_ops``, one TorchScript call (:func:`randaugment_runs`) and one index
+        transfer a slot."""
         ops, bins = np.asarray(params["ra_ops"]), np.asarray(params["ra_bins"]).astype(np.int64)
         self._check_ops(ops)
+        height, width = images.shape[-2:]
         for slot in range(ops.shape[1]):
             keys = np.where(ops[:, slot] == 255, -1, ops[:, slot].astype(np.int64) * 256 + bins[:, slot] + 128)
             if (keys < 0).all():
@@ -353,10 +417,13 @@ class RandAugment(ReplayableTransform):
             order = np.argsort(keys, kind="stable")
             index = to_device(order, images.device)
             x = images.index_select(0, index)  # by (op, signed bin): each run a slice
+            todo = []
             for key, a, b in runs(keys[order]):
                 if key >= 0:
                     op, signed_bin = divmod(key, 256)
-                    x[a:b] = self._op(x[a:b], op, signed_bin - 128)
+                    name = RANDAUGMENT_OPS[op]
+                    todo.append((a, b, name, self.magnitude_of(name, signed_bin - 128, height, width)))
+            x = script.call(randaugment_runs, x, todo)
             images = torch.empty_like(x).index_copy_(0, index, x)  # back in the batch's order
         return images
 

@@ -13,15 +13,14 @@ differ from float32's on about 2.4% of pixels by one grey level, and from the pe
 CPU by 0.174 grey levels on average instead of 0.171 (``tests/test_resample.py``).
 
 The host plans a call's groups with numpy; its tensor work, a few hundred ops for a teacher batch, runs as one
-TorchScript call (:func:`crop_windows`), without the GIL: a render thread beside threads that hold it (:data:`SCRIPTED`).
+TorchScript call (:func:`crop_windows`, :mod:`dr_hf.script`), without the GIL, which a render thread shares with
+threads that hold it.
 """
 
 from __future__ import annotations
 
 import math
-import threading
-import warnings
-from typing import Callable, Iterator, List, NamedTuple, Optional, Sequence, Tuple
+from typing import Iterator, List, NamedTuple, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -29,6 +28,7 @@ import torch.nn.functional as tnf
 from torchvision.transforms.v2 import InterpolationMode
 from torchvision.transforms.v2 import functional as F
 
+from . import script
 from .transfer import to_device
 
 FILTERS = ("bilinear", "bicubic")
@@ -124,7 +124,7 @@ def resized_crops(images, boxes, flips, size: Tuple[int, int], interpolation: st
     ``chunk_bytes`` of them at once (every crop of a teacher batch of 256 at 224 px), not group by group.
 
     The host plans the groups with numpy; the tensor work, a few hundred ops a teacher batch, runs as one TorchScript
-    call (:func:`crop_windows`, see :data:`SCRIPTED`)."""
+    call without the GIL (:func:`crop_windows`, :mod:`dr_hf.script`)."""
     images = [images] if isinstance(images, torch.Tensor) else list(images)
     boxes = np.asarray(boxes, dtype=np.int64).reshape(-1, 4)
     flips = np.zeros(len(boxes), dtype=np.int64) if flips is None else np.asarray(flips, dtype=np.int64).reshape(-1)
@@ -155,7 +155,7 @@ def resized_crops(images, boxes, flips, size: Tuple[int, int], interpolation: st
     plan = CropPlan(sent, [table.size, len(order), *map(len, lines), *map(len, columns)], groups,
                     (int(window[:, 0].max()), int(window[:, 1].max())), (int(boxes[:, 2].max()), int(boxes[:, 3].max())),
                     (height, width), span)
-    return _crop_windows(images, plan, list(size), interpolation, out)
+    return script.call(crop_windows, images, plan, list(size), interpolation, out)
 
 
 class CropPlan(NamedTuple):
@@ -226,41 +226,6 @@ def _place(done: torch.Tensor, slot: torch.Tensor, first: int, stop: int, out: t
     their places ``slot`` in ``out``."""
     crops = done[:stop - first].permute(0, 2, 1, 3).round_().clamp_(0, 255)
     out.index_copy_(0, slot[first:stop], crops.to(torch.uint8))
-
-
-SCRIPTED = True
-"""Whether :func:`resized_crops` runs :func:`crop_windows` compiled by TorchScript (the default) or op by op from
-Python. Called from Python, each op lets go of the GIL and must take it back: beside threads that hold the GIL (a GPU
-job's preparing threads drawing parameters, its main thread), every op of a render thread can wait for it, and a
-teacher batch's crops are a few hundred ops. TorchScript runs them all in C++ without the GIL, the same ops in the
-same order (the same pixels, bit for bit; tested), unoptimised (no fusion: the ops torch runs eagerly)."""
-
-_SCRIPTED: List[Callable] = []
-_SCRIPTING = threading.Lock()
-
-
-def _crop_windows(images: List[torch.Tensor], plan: CropPlan, size: List[int], interpolation: str,
-                  out: torch.Tensor) -> torch.Tensor:
-    if not SCRIPTED:
-        return crop_windows(images, plan, size, interpolation, out)
-    if not _SCRIPTED:
-        with _SCRIPTING:  # (render threads may start together: compiled once)
-            if not _SCRIPTED:
-                _script_crop_windows()
-    with torch.jit.optimized_execution(False):  # (this thread only)
-        return _SCRIPTED[0](images, plan, size, interpolation, out)
-
-
-def _script_crop_windows() -> None:
-    try:
-        with warnings.catch_warnings():  # torch >= 2.10 marks TorchScript deprecated: still its GIL-free way
-            warnings.simplefilter("ignore", FutureWarning)
-            _SCRIPTED.append(torch.jit.script(crop_windows))
-    except Exception as error:  # (a torch without TorchScript): the same function, from Python
-        warnings.warn(f"TorchScript could not compile dr_hf.resample.crop_windows ({type(error).__name__}: {error}); "
-                      "the batched crops run op by op from Python, the same pixels, more host time beside other "
-                      "threads", RuntimeWarning)
-        _SCRIPTED.append(crop_windows)
 
 
 def crop_groups(boxes: np.ndarray, group_size: int, max_values: int, out_width: int

@@ -16,7 +16,7 @@ render thread and 4 preparing threads, one intra-op thread. A proxy for options 
 render thread's ops take the GIL, how many it dispatches), not for the GPU's.
 
     python scripts/bench_gpu_ab.py --dataset PATH      # -> results/bench_gpu_ab.md, results/bench_gpu_ab.json
-    python scripts/bench_gpu_ab.py --host-proxy --arms crops_from_python,render_threads_2,crop_groups_64
+    python scripts/bench_gpu_ab.py --host-proxy --arms script_off,render_threads_2,crop_groups_64
                                                        # -> results/bench_gpu_ab_host_proxy.md
 """
 
@@ -78,13 +78,14 @@ ARMS = {
     # rows prepared by 4 spawned processes instead of 4 threads: no GIL shared with the render thread, a copy of each
     # decoded image between processes
     "prepare_workers_4": ({}, None, {"prepare_workers": 4, "prepare_threads": 0}, {}),
-    # the crops' tensor work op by op from Python, as before it ran as one TorchScript call without the GIL (beside a
-    # thread drawing parameters, 8-px crops took several times as long so on a CPU, results/bench_resample.md)
-    "crops_from_python": ({}, None, {}, {"dr_hf.resample.SCRIPTED": False}),
+    # the batched render's tensor work (the crops, RandAugment's ops) op by op from Python, as before it ran as
+    # TorchScript calls without the GIL (beside a thread drawing parameters, 8-px crops took several times as long so
+    # on a CPU, results/bench_resample.md)
+    "script_off": ({}, None, {}, {"dr_hf.script.ENABLED": False}),
 }
 LABELS = {
-    "default": "the job as its defaults run it (1 render thread, float32 crops as one TorchScript call, the teacher's "
-               "stream)",
+    "default": "the job as its defaults run it (1 render thread, float32 crops, the render's tensor work as TorchScript "
+               "calls, the teacher's stream)",
     "render_threads_2": "2 render threads (`--render-threads 2`)",
     "tf32_crops": "the crops' products on TF32 tensor cores (TF32 flags on, as `--precision tf32` teachers set them)",
     "render_threads_2_tf32_crops": "2 render threads and TF32 crops",
@@ -96,8 +97,8 @@ LABELS = {
                           "preparing thread that decoded it",
     "crop_groups_64": "the batched crops in groups of up to 64 boxes (32 by default)",
     "prepare_workers_4": "rows prepared by 4 processes (`--prepare-workers 4`), not 4 threads",
-    "crops_from_python": "the batched crops' tensor work op by op from Python (`dr_hf.resample.SCRIPTED = False`), "
-                         "not as one TorchScript call",
+    "script_off": "the batched render's tensor work (crops, RandAugment) op by op from Python "
+                  "(`dr_hf.script.ENABLED = False`), not as TorchScript calls",
 }
 
 

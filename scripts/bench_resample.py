@@ -161,7 +161,7 @@ def main():
     from dr_hf import make_pipeline
     from dr_hf.augment import Context, boxes_to_pixels
     from dr_hf.images import decode
-    from dr_hf import resample
+    from dr_hf import script
     from dr_hf.resample import resample_weights, resized_crops
     from dr_hf.teacher import float32_precision
 
@@ -269,14 +269,14 @@ def main():
     torch.set_num_threads(1)  # (on a CPU: one intra-op thread, as a GPU's render thread computes nothing itself)
     for _ in range(3):  # alternating, best of 3
         for scripted in (False, True):
-            resample.SCRIPTED = scripted
+            script.ENABLED = scripted
             for label, (ims, b, f, o, size) in (("224 px crops of real images", real), ("8 px crops", small)):
                 for threads in (0, 1):
                     ms, rows = beside_drawing(lambda: resized_crops(ims, b, f, size, "bicubic", owners=o), drain,
                                               threads, args.contention_seconds)
                     key = (label, threads, scripted)
                     contention[key] = min(contention.get(key, (ms, rows)), (ms, rows))
-    resample.SCRIPTED = True
+    script.ENABLED = True
     torch.set_num_threads(threads_before)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
     lines = ["# Batched crops: resampling matrices and matrix products", "",
@@ -312,7 +312,7 @@ def main():
               "image's 64 crops).", "",
               "A teacher batch's 256 crops (one call), alone and beside one thread drawing rows' parameters in a loop "
               "(numpy and Python that hold the GIL, as a GPU job's preparing threads do beside its render thread), their "
-              "tensor work run op by op from Python or as one TorchScript call (`dr_hf.resample.SCRIPTED`, the "
+              "tensor work run op by op from Python or as one TorchScript call (`dr_hf.script.ENABLED`, the "
               f"default); one intra-op thread; best of 3 alternating runs of {args.contention_seconds:g} s each:", "",
               "| crops | tensor work | ms a call, alone | ms a call, beside a drawing thread | slowed | "
               "rows/s the thread drew |", "|---|---|---|---|---|---|"]

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The GPU checks, as one short script for a lent GPU machine (no internet there): the reinforce job as its defaults
 # run it against the bare bf16 teacher forward (bench_gpu --job-only), the job against options in interleaved rounds
-# (bench_gpu_ab: the crops' tensor work op by op from Python, as before it ran as one TorchScript call without the
+# (bench_gpu_ab: the render's tensor work op by op from Python, as before it ran as TorchScript calls without the
 # GIL; images pinned by the main thread, as before prepare_pinned; the crops in groups of 64 boxes, fewer host
 # operations; 2 render threads, now that the crops let go of the GIL), the batched crops' parts (bench_resample, the
 # previous crops side by side, and beside a thread drawing parameters), where the compiled job's GPU time
@@ -44,7 +44,7 @@ fi
 status=0
 timeout 110 python scripts/bench_gpu.py --dataset "$dataset" --job-only "${gpu[@]}" --out "$out/bench_gpu.md" || status=$?
 timeout 215 python scripts/bench_gpu_ab.py --dataset "$dataset" \
-  --arms crops_from_python,pin_on_main_thread,crop_groups_64,render_threads_2 "${ab[@]}" \
+  --arms script_off,pin_on_main_thread,crop_groups_64,render_threads_2 "${ab[@]}" \
   --out "$out/bench_gpu_ab.md" || status=$?
 timeout 60 python scripts/bench_resample.py --dataset "$dataset" "${crops[@]}" --out "$out/bench_resample.md" \
   || status=$?

@@ -20,7 +20,9 @@ from dr_hf.augment import (
     boxes_to_pixels,
     make_pipeline,
     params_at,
+    randaugment_runs,
 )
+from dr_hf import script
 
 OUT = InputSpec(size=(24, 24), mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5), interpolation="bilinear")
 
@@ -309,6 +311,21 @@ def test_decoded_layout_does_not_change_a_render(preset):
         assert torch.equal(pipe.render(view, p, OUT), pipe.render(contiguous, p, OUT)), (preset, j)
 
 
+def test_autocontrast_is_torchvisions_on_flat_and_float_images():
+    """RandAugment's AutoContrast is written out (torchvision's fills become selections, which run in TorchScript
+    without a copy to the device): torchvision's own floats, for uint8 and float batches, flat images included."""
+    from torchvision.transforms.v2 import functional as F
+
+    from dr_hf.augment import _autocontrast
+
+    g = torch.Generator().manual_seed(0)
+    im = torch.randint(60, 140, (40, 3, 9, 7), generator=g, dtype=torch.uint8)
+    im[:5] = 77  # flat: no contrast to stretch
+    for x in (im, im.float() / 255):
+        assert torch.equal(_autocontrast(x.clone()), F.autocontrast(x.clone()))
+        assert torch.equal(script.call(randaugment_runs, x.clone(), [(0, 40, "AutoContrast", 0.0)]), F.autocontrast(x))
+
+
 def test_batched_stages_equal_one_sample_at_a_time():
     """RandAugment, RandomErasing and MixUp/CutMix on a batch (the GPU path) give exactly what they give one sample at
     a time, for drawn parameters: every RandAugment op, skipped ones, channels-last input, unmixed samples."""
@@ -319,8 +336,9 @@ def test_batched_stages_equal_one_sample_at_a_time():
     ra = RandAugment(p=0.9)
     params = ra.sample(Draws(0, 0, 300), Context(20, 24))
     assert set(params["ra_ops"].ravel()) == set(range(len(RANDAUGMENT_OPS))) | {255}
-    one = torch.stack([ra.apply(x[k], params_at(params, k), OUT) for k in range(300)])
-    assert torch.equal(ra.apply_batch(x, params), one)
+    one = torch.stack([ra.apply(x[k], params_at(params, k), OUT) for k in range(300)])  # (from Python)
+    assert torch.equal(ra.apply_batch(x, params), one)  # (one TorchScript call an op slot)
+    assert isinstance(script._COMPILED[randaugment_runs], torch.jit.ScriptFunction)
     params["ra_ops"][7, 1] = 99
     with pytest.raises(ValueError, match="ra_ops holds 99"):
         ra.apply_batch(x, params)
