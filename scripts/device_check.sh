@@ -36,8 +36,9 @@ python -c "import torch, torchcodec; print('torch', torch.__version__, 'torchcod
   || echo "no torchcodec here: replay_on_device hands over decoded pixels instead of JPEG bytes"
 gpu=(--device cuda) ab=(--device cuda --rounds 3) loader=(--device cuda --epochs 3 --repeat 8) decode=(--device cuda)
 crops=(--device cuda --contention-seconds 0.5)
-profile=(--device cuda --rows 128 --compile reduce-overhead)
+profile=(--device cuda --rows 128 --compile reduce-overhead) crops_limit=60
 if [ "${DEVICE:-cuda}" = cpu ]; then  # DEVICE=cpu: a dry run of every step (no figures worth reading)
+  crops_limit=180  # (a CPU computes 224-px crops slowly)
   gpu=(--device cpu --rows 8 --gpu-repeat 1 --num-samples 4) ab=(--device cpu --rows 8 --rounds 1 --num-samples 4) loader=(--device cpu --epochs 1 --repeat 1) crops=(--device cpu --images 4 --contention-seconds 0.1)
   profile=(--device cpu --rows 4) decode=(--device cpu)
 fi
@@ -46,7 +47,7 @@ timeout 110 python scripts/bench_gpu.py --dataset "$dataset" --job-only "${gpu[@
 timeout 215 python scripts/bench_gpu_ab.py --dataset "$dataset" \
   --arms script_off,pin_on_main_thread,crop_groups_64,render_threads_2 "${ab[@]}" \
   --out "$out/bench_gpu_ab.md" || status=$?
-timeout 60 python scripts/bench_resample.py --dataset "$dataset" "${crops[@]}" --out "$out/bench_resample.md" \
+timeout $crops_limit python scripts/bench_resample.py --dataset "$dataset" "${crops[@]}" --out "$out/bench_resample.md" \
   || status=$?
 timeout 80 python scripts/profile_job.py --dataset "$dataset" --profiler torch "${profile[@]}" \
   --out-prefix "$out/profile" || status=$?
