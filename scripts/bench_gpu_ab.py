@@ -33,22 +33,11 @@ import numpy as np
 import torch
 
 from bench_gpu import lite0_spec, logged_shard_rates, repeated_rows, synced  # noqa: E402  (scripts/)
+from bench_render import tiny_vit  # noqa: E402
 from results_md import write_markdown  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-
-
-def tiny_vit_32(folder: str) -> str:
-    """The host proxy's teacher: a 1-layer transformers ViT at 32 px, 8-px patches, hidden 16, CIFAR-10's classes."""
-    from transformers import ViTConfig, ViTForImageClassification, ViTImageProcessor
-
-    torch.manual_seed(0)
-    config = ViTConfig(image_size=32, patch_size=8, hidden_size=16, num_hidden_layers=1, num_attention_heads=1,
-                       intermediate_size=32, num_labels=10)
-    ViTForImageClassification(config).save_pretrained(folder)
-    ViTImageProcessor(size={"height": 32, "width": 32}, resample=3).save_pretrained(folder)
-    return f"hf:{folder}"
 
 
 def _on_main_thread(preparer, device, item):  # a row prepared as before prepare_pinned: its image pinned at its copy
@@ -143,7 +132,8 @@ def main():
     tmp = tempfile.mkdtemp()
     base_options = {}
     if args.host_proxy:  # a GPU job's render thread and preparing threads (on a CPU the job has neither by default)
-        teachers = TeacherEnsemble.from_specs([tiny_vit_32(tmp)], device="cpu")
+        # a 1-layer ViT at 32 px, 8-px patches, CIFAR-10's classes
+        teachers = TeacherEnsemble.from_specs([tiny_vit(tmp, size=32, patch=8, classes=10, resample=3)], device="cpu")
         threads, classes, precision, base_options = 4, 10, "fp32", {"render_threads": 1}
     else:
         teachers = TeacherEnsemble.from_specs([lite0_spec(tmp)], device=args.device, precision="bf16",
