@@ -26,6 +26,8 @@ import numpy as np
 import torch
 from torchvision.transforms.v2 import InterpolationMode
 from torchvision.transforms.v2 import functional as F
+# torchvision's own helpers for its affine kernels, so that RandAugment's geometric ops give its exact floats
+from torchvision.transforms.v2.functional._geometry import _apply_grid_transform, _get_inverse_affine_matrix
 
 from . import script
 from .inputs import InputSpec
@@ -282,25 +284,63 @@ RANDAUGMENT_BINS = 31  # torchvision's num_magnitude_bins (ml-dr: the default)
 RANDAUGMENT_SIGNED = np.array([_randaugment()._AUGMENTATION_SPACE[op][1] for op in RANDAUGMENT_OPS])  # random sign?
 
 
-def randaugment_op(image: torch.Tensor, op: str, magnitude: float) -> torch.Tensor:
-    """torchvision's RandAugment op ``op`` (a name of its table) at ``magnitude`` on uint8 or float (..., C, H, W)
-    ``image``: what its ``_apply_image_or_video_transform`` does, with RandAugment's defaults (nearest
-    interpolation, no fill: black), through the same functional ops (tested against it, op by op). Written for
-    TorchScript, so that :func:`randaugment_runs` runs without the GIL."""
-    if op == "Identity":
-        return image
-    if op == "ShearX" or op == "ShearY":  # (torchvision: shear by degrees(atan(magnitude)), about the corner)
+RA_CONSTANTS = 17
+"""Values :func:`randaugment_constants` gives an op: its inverse affine matrix (6), its grid's scale (2), the
+sharpening kernel (9)."""
+
+
+def randaugment_constants(op: str, magnitude: float, height: int, width: int) -> List[float]:
+    """The constants torchvision's RandAugment op ``op`` at ``magnitude`` builds on the device from Python lists, for
+    an image of ``height`` x ``width``, computed here on the host (:data:`RA_CONSTANTS` values, zero where the op has
+    none), so that a batch's reach its device in one copy that does not wait (torchvision makes a blocking copy of
+    each, run after run): a geometric op's inverse affine matrix (torchvision's own function computes it) and grid
+    scale, sharpness' kernel."""
+    values = [0.0] * RA_CONSTANTS
+    matrix: List[float] = []
+    if op in ("ShearX", "ShearY"):  # (torchvision: shear by degrees(atan(magnitude)) about the corner)
         degrees = math.degrees(math.atan(magnitude))
         shear = [degrees, 0.0] if op == "ShearX" else [0.0, degrees]
-        return F.affine(image, angle=0.0, translate=[0.0, 0.0], scale=1.0, shear=shear,
-                        interpolation=InterpolationMode.NEAREST, fill=None, center=[0.0, 0.0])
-    if op == "TranslateX" or op == "TranslateY":
+        matrix = _get_inverse_affine_matrix([0.0 - width * 0.5, 0.0 - height * 0.5], 0.0, [0.0, 0.0], 1.0, shear)
+    elif op in ("TranslateX", "TranslateY"):
         shift = float(int(magnitude))
         translate = [shift, 0.0] if op == "TranslateX" else [0.0, shift]
-        return F.affine(image, angle=0.0, translate=translate, scale=1.0, shear=[0.0, 0.0],
-                        interpolation=InterpolationMode.NEAREST, fill=None)
-    if op == "Rotate":
-        return F.rotate(image, angle=magnitude, interpolation=InterpolationMode.NEAREST, fill=None)
+        matrix = _get_inverse_affine_matrix([0.0, 0.0], 0.0, translate, 1.0, [0.0, 0.0])
+    elif op == "Rotate" and not rotation_path(op, magnitude, height, width):
+        matrix = _get_inverse_affine_matrix([0.0, 0.0], -(magnitude % 360), [0.0, 0.0], 1.0, [0.0, 0.0])
+    elif op == "Sharpness":
+        a, b = 1.0 / 13.0, 5.0 / 13.0
+        values[8:17] = [a, a, a, a, b, a, a, a, a]
+    if matrix:
+        values[:6] = matrix
+        values[6:8] = [0.5 * width, 0.5 * height]
+    return values
+
+
+def rotation_path(op: str, magnitude: float, height: int, width: int) -> int:
+    """Which way torchvision's ``rotate_image`` turns an image of ``height`` x ``width`` by ``magnitude`` degrees: 0
+    by its matrix, 1 not at all (a copy), 2, 3, 4 by a quarter, half or three-quarter turn (0 for other ops)."""
+    if op != "Rotate":
+        return 0
+    angle = magnitude % 360
+    quarter = {90: 2, 270: 4}.get(angle, 0) if height == width else 0
+    return {0: 1, 180: 3}.get(angle, quarter)
+
+
+def randaugment_op(image: torch.Tensor, op: str, magnitude: float, constants: torch.Tensor,
+                   path: int = 0) -> torch.Tensor:
+    """torchvision's RandAugment op ``op`` (a name of its table) at ``magnitude`` on uint8 or float (..., C, H, W)
+    ``image``: what its ``_apply_image_or_video_transform`` does with RandAugment's defaults (nearest interpolation,
+    no fill: black), the same floats (tested op by op against it), but with the constants it would copy to the device
+    given, on ``image``'s device (:func:`randaugment_constants`), and a rotation's ``path`` (:func:`rotation_path`).
+    Written for TorchScript, so that :func:`randaugment_runs` runs without the GIL."""
+    if op == "Identity":
+        return image
+    if op in ["ShearX", "ShearY", "TranslateX", "TranslateY", "Rotate"]:
+        if path == 1:
+            return image.clone()
+        if path > 1:
+            return torch.rot90(image, k=path - 1, dims=(-2, -1))
+        return _affine(image, constants[:6].view(1, 2, 3), constants[6:8])
     if op == "Brightness":
         return F.adjust_brightness(image, brightness_factor=1.0 + magnitude)
     if op == "Color":
@@ -308,13 +348,11 @@ def randaugment_op(image: torch.Tensor, op: str, magnitude: float) -> torch.Tens
     if op == "Contrast":
         return F.adjust_contrast(image, contrast_factor=1.0 + magnitude)
     if op == "Sharpness":
-        return F.adjust_sharpness(image, sharpness_factor=1.0 + magnitude)
+        return _sharpen(image, 1.0 + magnitude, constants[8:17].view(3, 3))
     if op == "Posterize":
         return F.posterize(image, bits=int(magnitude))
     if op == "Solarize":  # (torchvision: the dtype's largest value times the magnitude)
-        if image.dtype != torch.uint8 and not image.is_floating_point():
-            raise ValueError("RandAugment's Solarize takes uint8 or float images")
-        return F.solarize(image, threshold=(255.0 if image.dtype == torch.uint8 else 1.0) * magnitude)
+        return F.solarize(image, threshold=_bound(image) * magnitude)
     if op == "AutoContrast":
         return _autocontrast(image)
     if op == "Equalize":
@@ -322,12 +360,51 @@ def randaugment_op(image: torch.Tensor, op: str, magnitude: float) -> torch.Tens
     raise ValueError("no RandAugment op named '" + op + "'")
 
 
+def _bound(image: torch.Tensor) -> float:
+    if image.dtype != torch.uint8 and not image.is_floating_point():
+        raise ValueError("RandAugment's ops take uint8 or float images")
+    return 255.0 if image.dtype == torch.uint8 else 1.0
+
+
+def _affine(image: torch.Tensor, theta: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """torchvision's ``affine_image`` / ``rotate_image`` from the inverse matrix ``theta`` (1, 2, 3) and grid scale
+    (2,) on the image's device: its ``_affine_grid`` (an image-sized grid) and ``_apply_grid_transform`` (nearest, no
+    fill)."""
+    height, width = image.shape[-2], image.shape[-1]
+    dtype = image.dtype if image.is_floating_point() else torch.float32
+    theta = theta.to(dtype)
+    base_grid = torch.empty(1, height, width, 3, dtype=dtype, device=image.device)
+    base_grid[..., 0].copy_(torch.linspace((1.0 - width) * 0.5, (width - 1.0) * 0.5, steps=width, device=image.device))
+    base_grid[..., 1].copy_(torch.linspace((1.0 - height) * 0.5, (height - 1.0) * 0.5, steps=height,
+                                           device=image.device).unsqueeze_(-1))
+    base_grid[..., 2].fill_(1)
+    rescaled_theta = theta.transpose(1, 2).div(scale.to(dtype))
+    grid = base_grid.view(1, height * width, 3).bmm(rescaled_theta).view(1, height, width, 2)
+    return _apply_grid_transform(image, grid, "nearest", None)
+
+
+def _sharpen(image: torch.Tensor, factor: float, kernel: torch.Tensor) -> torch.Tensor:
+    """torchvision's ``adjust_sharpness_image`` with its 3x3 smoothing ``kernel`` given on the image's device."""
+    channels, height, width = image.shape[-3], image.shape[-2], image.shape[-1]
+    if image.numel() == 0 or height <= 2 or width <= 2:
+        return image
+    bound, fp, shape = _bound(image), image.is_floating_point(), image.shape
+    image = image.reshape(-1, channels, height, width)
+    kernel_dtype = image.dtype if fp else torch.float32
+    output = image.to(dtype=kernel_dtype, copy=True)
+    blurred = torch.nn.functional.conv2d(output, kernel.to(kernel_dtype).expand(channels, 1, 3, 3), groups=channels)
+    if not fp:
+        blurred = blurred.round_()
+    view = output[..., 1:-1, 1:-1]
+    view.add_(blurred.sub_(view), alpha=(1.0 - factor))
+    output = output.clamp_(0, bound)
+    return (output if fp else output.to(image.dtype)).reshape(shape)
+
+
 def _autocontrast(image: torch.Tensor) -> torch.Tensor:
     """torchvision's ``autocontrast_image`` (the same floats), with its two scalar fills as selections: in TorchScript
     each fill would make a 0-dim tensor on the device, a copy that waits for it (tested against torchvision's op)."""
-    bound = 255.0 if image.dtype == torch.uint8 else 1.0
-    if image.dtype != torch.uint8 and not image.is_floating_point():
-        raise ValueError("RandAugment's AutoContrast takes uint8 or float images")
+    bound = _bound(image)
     float_image = image if image.is_floating_point() else image.to(torch.float32)
     minimum = float_image.amin(dim=(-2, -1), keepdim=True)
     maximum = float_image.amax(dim=(-2, -1), keepdim=True)
@@ -338,13 +415,14 @@ def _autocontrast(image: torch.Tensor) -> torch.Tensor:
     return diff.div_(inv_scale).clamp_(0, bound).to(image.dtype)
 
 
-def randaugment_runs(images: torch.Tensor, runs: List[Tuple[int, int, str, float]]) -> torch.Tensor:
-    """RandAugment's ops on runs of a batch, in place: run (first, stop, op, magnitude) applies
-    :func:`randaugment_op` to ``images[first:stop]`` (torchvision's ops treat a batch image by image). Written for
-    TorchScript: one call, without the GIL, for all the runs of an op slot."""
-    for first, stop, op, magnitude in runs:
+def randaugment_runs(images: torch.Tensor, runs: List[Tuple[int, int, str, float, int]],
+                     constants: torch.Tensor) -> torch.Tensor:
+    """RandAugment's ops on runs of a batch, in place: run k = (first, stop, op, magnitude, path) applies
+    :func:`randaugment_op` with ``constants[k]`` to ``images[first:stop]`` (torchvision's ops treat a batch image by
+    image). Written for TorchScript: one call, without the GIL, for all the runs of an op slot."""
+    for k, (first, stop, op, magnitude, path) in enumerate(runs):
         part = images[first:stop]
-        part.copy_(randaugment_op(part, op, magnitude))
+        part.copy_(randaugment_op(part, op, magnitude, constants[k], path))
     return images
 
 
@@ -397,16 +475,18 @@ class RandAugment(ReplayableTransform):
         self._check_ops(ops)
         for op, b in zip(ops, params["ra_bins"]):
             if op != 255:
-                name = RANDAUGMENT_OPS[op]
-                image = randaugment_op(image, name, self.magnitude_of(name, int(b), *image.shape[-2:]))
+                name, (height, width) = RANDAUGMENT_OPS[op], image.shape[-2:]
+                magnitude = self.magnitude_of(name, int(b), height, width)
+                constants = torch.tensor(randaugment_constants(name, magnitude, height, width), device=image.device)
+                image = randaugment_op(image, name, magnitude, constants, rotation_path(name, magnitude, height, width))
         return image
 
     def apply_batch(self, images: torch.Tensor, params: Dict[str, np.ndarray]) -> torch.Tensor:
         """:meth:`apply` to a batch (M, 3, H, W) of uint8 images, with each field of ``params`` (M, ...): each op slot
         sorts the batch by (op, signed bin), then each op runs once on the run of images that drew it, in place
         (torchvision's ops treat a batch image by image, the same pixels as one at a time; tested), so a batch costs
-        a few dozen ops' calls, not M * ``num_ops``, one TorchScript call (:func:`randaugment_runs`) and one index
-        transfer a slot."""
+        a few dozen ops' calls, not M * ``num_ops``, one TorchScript call (:func:`randaugment_runs`) and two transfers
+        that do not wait a slot (the index, the ops' constants)."""
         ops, bins = np.asarray(params["ra_ops"]), np.asarray(params["ra_bins"]).astype(np.int64)
         self._check_ops(ops)
         height, width = images.shape[-2:]
@@ -422,8 +502,11 @@ class RandAugment(ReplayableTransform):
                 if key >= 0:
                     op, signed_bin = divmod(key, 256)
                     name = RANDAUGMENT_OPS[op]
-                    todo.append((a, b, name, self.magnitude_of(name, signed_bin - 128, height, width)))
-            x = script.call(randaugment_runs, x, todo)
+                    magnitude = self.magnitude_of(name, signed_bin - 128, height, width)
+                    todo.append((a, b, name, magnitude, rotation_path(name, magnitude, height, width)))
+            constants = to_device(np.array([randaugment_constants(name, m, height, width) for _, _, name, m, _ in todo],
+                                           dtype=np.float32).reshape(-1, RA_CONSTANTS), images.device)
+            x = script.call(randaugment_runs, x, todo, constants)
             images = torch.empty_like(x).index_copy_(0, index, x)  # back in the batch's order
         return images
 

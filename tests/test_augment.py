@@ -16,6 +16,7 @@ from dr_hf.augment import (
     RandomErasing,
     RandomResizedCrop,
     RANDAUGMENT_OPS,
+    RA_CONSTANTS,
     box_to_pixels,
     boxes_to_pixels,
     make_pipeline,
@@ -311,6 +312,34 @@ def test_decoded_layout_does_not_change_a_render(preset):
         assert torch.equal(pipe.render(view, p, OUT), pipe.render(contiguous, p, OUT)), (preset, j)
 
 
+@pytest.mark.parametrize("name", ["ShearX", "ShearY", "TranslateX", "TranslateY", "Rotate", "Sharpness"])
+def test_ops_with_constants_are_torchvisions_at_every_magnitude(name):
+    """The ops whose constants dr-hf computes on the host (affine matrices and grid scales, the sharpening kernel,
+    the rotation's path) give torchvision's pixels at every signed bin, on square and oblong images, uint8 and float,
+    run from Python and in one TorchScript call."""
+    from torchvision.transforms.v2 import RandAugment as TV
+
+    from dr_hf.augment import randaugment_constants, randaugment_op, rotation_path
+
+    tv = TV(num_ops=1)
+    for h, w in ((16, 16), (13, 22)):
+        im = image(h, w, seed=h)
+        for x in (im, im.float() / 255):
+            runs, expected = [], []
+            for signed_bin in range(-30, 31):
+                magnitude = RandAugment.magnitude_of(name, signed_bin, h, w)
+                constants = torch.tensor(randaugment_constants(name, magnitude, h, w))
+                path = rotation_path(name, magnitude, h, w)
+                want = tv._apply_image_or_video_transform(x, name, magnitude, interpolation=tv.interpolation,
+                                                          fill=tv._fill)
+                assert torch.equal(randaugment_op(x, name, magnitude, constants, path), want), (name, h, w, signed_bin)
+                runs.append((len(runs), len(runs) + 1, name, magnitude, path))
+                expected.append(want)
+            table = torch.tensor([randaugment_constants(name, m, h, w) for _, _, _, m, _ in runs])
+            batch = x[None].repeat(len(runs), 1, 1, 1)
+            assert torch.equal(script.call(randaugment_runs, batch, runs, table), torch.stack(expected)), (name, h, w)
+
+
 def test_autocontrast_is_torchvisions_on_flat_and_float_images():
     """RandAugment's AutoContrast is written out (torchvision's fills become selections, which run in TorchScript
     without a copy to the device): torchvision's own floats, for uint8 and float batches, flat images included."""
@@ -323,7 +352,8 @@ def test_autocontrast_is_torchvisions_on_flat_and_float_images():
     im[:5] = 77  # flat: no contrast to stretch
     for x in (im, im.float() / 255):
         assert torch.equal(_autocontrast(x.clone()), F.autocontrast(x.clone()))
-        assert torch.equal(script.call(randaugment_runs, x.clone(), [(0, 40, "AutoContrast", 0.0)]), F.autocontrast(x))
+        runs = [(0, 40, "AutoContrast", 0.0, 0)]
+        assert torch.equal(script.call(randaugment_runs, x.clone(), runs, torch.zeros(1, RA_CONSTANTS)), F.autocontrast(x))
 
 
 def test_batched_stages_equal_one_sample_at_a_time():
