@@ -1,23 +1,23 @@
 #!/usr/bin/env bash
-# The GPU checks, as one short script for a lent GPU machine (no internet there): the reinforce job as its defaults
-# run it against the bare bf16 teacher forward (bench_gpu --job-only), the job against options in interleaved rounds
-# (bench_gpu_ab: the render's tensor work op by op from Python, as before it ran as TorchScript calls without the
-# GIL; images pinned by the main thread, as before prepare_pinned; the crops in groups of 64 boxes, fewer host
-# operations; 2 render threads, now that the crops let go of the GIL), the batched crops' parts (bench_resample, the
-# previous crops side by side, and beside a thread drawing parameters), where the compiled job's GPU time
-# goes (profile_job --profiler torch: kernels by device time, the render's and the teacher's share), then the
-# training loader with replay_on_device decoding and rendering on the GPU, and its fidelity (bench_loader --device
-# cuda), and last nvJPEG decoding against the host's (bench_decode --device cuda). Figures land in $OUT (default
-# results/gpu).
+# The GPU checks, as one short script for a lent GPU machine (no internet there), most wanted first: the reinforce
+# job as its defaults run it against the bare bf16 teacher forward (bench_gpu --job-only); the job against options
+# in interleaved rounds (bench_gpu_ab: the render's tensor work op by op from Python, as before it ran as TorchScript
+# calls without the GIL; images pinned by the main thread, as before prepare_pinned; the crops in groups of 64
+# boxes); the same with imagenet+rare (RandAugment, erasing: the render's tensor work from Python, 2 render threads);
+# the batched crops' parts (bench_resample, the previous crops side by side, and beside a thread drawing
+# parameters); where the compiled job's GPU time goes (profile_job --profiler torch: kernels by device time, the
+# render's and the teacher's share); then the training loader with replay_on_device decoding and rendering on the
+# GPU, and its fidelity (bench_loader --device cuda), and last nvJPEG decoding against the host's (bench_decode
+# --device cuda). Figures land in $OUT (default results/gpu), each step's file as it ends.
 #
 #   bash scripts/device_check.sh DATASET [WHEELS]
 #   DEVICE=cpu OUT=/tmp/dry bash scripts/device_check.sh DATASET   # a dry run on a CPU
 #
 # DATASET: an image dataset folder (e.g. 63 imagenet-sample rows as parquet); WHEELS: a folder of wheels the machine
 # lacks (installed with --no-deps into /tmp/site). Each step has its own time limit, so one that hangs leaves time
-# for the other; the limits add up to 600 s (on the H100 on 2026-11-27 the whole ran in 250-323 s with bench_gpu
-# running 10 variants, 110-150 s of it; it now runs 4, the other options in bench_gpu_ab: 5 arms in 4 rounds took
-# 243 s there).
+# for the others. The first five steps' limits add up to 560 s; the loader and decoding steps (both measured on the
+# H100 on 2026-11-27, results/bench_loader_h100_host.md, bench_decode_h100.md) run in what a 600-s call has left
+# (on the H100 on 2026-11-27 bench_gpu_ab ran 5 arms in 4 rounds in 243 s, the whole of this script 250-323 s).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 dataset=${1:?usage: device_check.sh DATASET [WHEELS]}
@@ -35,18 +35,20 @@ nvidia-smi --query-gpu=name,memory.total --format=csv,noheader || true
 python -c "import torch, torchcodec; print('torch', torch.__version__, 'torchcodec', torchcodec.__version__)" \
   || echo "no torchcodec here: replay_on_device hands over decoded pixels instead of JPEG bytes"
 gpu=(--device cuda) ab=(--device cuda --rounds 3) loader=(--device cuda --epochs 3 --repeat 8) decode=(--device cuda)
+ab_rare=(--device cuda --rounds 3 --rows 512)
 crops=(--device cuda --contention-seconds 0.5)
 profile=(--device cuda --rows 128 --compile reduce-overhead) crops_limit=60
 if [ "${DEVICE:-cuda}" = cpu ]; then  # DEVICE=cpu: a dry run of every step (no figures worth reading)
   crops_limit=180  # (a CPU computes 224-px crops slowly)
   gpu=(--device cpu --rows 8 --gpu-repeat 1 --num-samples 4) ab=(--device cpu --rows 8 --rounds 1 --num-samples 4) loader=(--device cpu --epochs 1 --repeat 1) crops=(--device cpu --images 4 --contention-seconds 0.1)
-  profile=(--device cpu --rows 4) decode=(--device cpu)
+  profile=(--device cpu --rows 4) decode=(--device cpu) ab_rare=("${ab[@]}")
 fi
 status=0
 timeout 110 python scripts/bench_gpu.py --dataset "$dataset" --job-only "${gpu[@]}" --out "$out/bench_gpu.md" || status=$?
-timeout 215 python scripts/bench_gpu_ab.py --dataset "$dataset" \
-  --arms script_off,pin_on_main_thread,crop_groups_64,render_threads_2 "${ab[@]}" \
-  --out "$out/bench_gpu_ab.md" || status=$?
+timeout 170 python scripts/bench_gpu_ab.py --dataset "$dataset" --arms script_off,pin_on_main_thread,crop_groups_64 \
+  "${ab[@]}" --out "$out/bench_gpu_ab.md" || status=$?
+timeout 140 python scripts/bench_gpu_ab.py --dataset "$dataset" --augment imagenet+rare --arms script_off,render_threads_2 \
+  "${ab_rare[@]}" --out "$out/bench_gpu_ab_rare.md" || status=$?
 timeout $crops_limit python scripts/bench_resample.py --dataset "$dataset" "${crops[@]}" --out "$out/bench_resample.md" \
   || status=$?
 timeout 80 python scripts/profile_job.py --dataset "$dataset" --profiler torch "${profile[@]}" \
