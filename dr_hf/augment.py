@@ -475,11 +475,17 @@ class RandAugment(ReplayableTransform):
         self._check_ops(ops)
         for op, b in zip(ops, params["ra_bins"]):
             if op != 255:
-                name, (height, width) = RANDAUGMENT_OPS[op], image.shape[-2:]
-                magnitude = self.magnitude_of(name, int(b), height, width)
-                constants = torch.tensor(randaugment_constants(name, magnitude, height, width), device=image.device)
-                image = randaugment_op(image, name, magnitude, constants, rotation_path(name, magnitude, height, width))
+                name, magnitude, constants, path = self._run(int(op), int(b), *image.shape[-2:])
+                image = randaugment_op(image, name, magnitude, torch.tensor(constants, device=image.device), path)
         return image
+
+    def _run(self, op: int, signed_bin: int, height: int, width: int) -> Tuple[str, float, List[float], int]:
+        """What :func:`randaugment_op` takes for op ``op`` at ``signed_bin`` on an image of this size: its name,
+        magnitude, constants (host values) and rotation path."""
+        name = RANDAUGMENT_OPS[op]
+        magnitude = self.magnitude_of(name, signed_bin, height, width)
+        return (name, magnitude, randaugment_constants(name, magnitude, height, width),
+                rotation_path(name, magnitude, height, width))
 
     def apply_batch(self, images: torch.Tensor, params: Dict[str, np.ndarray]) -> torch.Tensor:
         """:meth:`apply` to a batch (M, 3, H, W) of uint8 images, with each field of ``params`` (M, ...): each op slot
@@ -497,15 +503,14 @@ class RandAugment(ReplayableTransform):
             order = np.argsort(keys, kind="stable")
             index = to_device(order, images.device)
             x = images.index_select(0, index)  # by (op, signed bin): each run a slice
-            todo = []
+            todo, constants = [], []
             for key, a, b in runs(keys[order]):
                 if key >= 0:
                     op, signed_bin = divmod(key, 256)
-                    name = RANDAUGMENT_OPS[op]
-                    magnitude = self.magnitude_of(name, signed_bin - 128, height, width)
-                    todo.append((a, b, name, magnitude, rotation_path(name, magnitude, height, width)))
-            constants = to_device(np.array([randaugment_constants(name, m, height, width) for _, _, name, m, _ in todo],
-                                           dtype=np.float32).reshape(-1, RA_CONSTANTS), images.device)
+                    name, magnitude, values, path = self._run(op, signed_bin - 128, height, width)
+                    todo.append((a, b, name, magnitude, path))
+                    constants.append(values)
+            constants = to_device(np.array(constants, dtype=np.float32).reshape(-1, RA_CONSTANTS), images.device)
             x = script.call(randaugment_runs, x, todo, constants)
             images = torch.empty_like(x).index_copy_(0, index, x)  # back in the batch's order
         return images
