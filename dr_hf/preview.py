@@ -42,6 +42,21 @@ def _caption(draw, font, x, y, lines):
         draw.text((x + 3, y + 2 + k * LINE), text[:30], fill=(20, 20, 20), font=font)
 
 
+class _Lazy:
+    """Row r's ``make(r)``, made on first use and kept."""
+
+    def __init__(self, make, n: int):
+        self.make, self.n, self.cache = make, n, {}
+
+    def __len__(self):
+        return self.n
+
+    def __getitem__(self, r: int):
+        if r not in self.cache:
+            self.cache[r] = self.make(r)
+        return self.cache[r]
+
+
 def render_preview(folder: str, out: Optional[str] = None, rows: int = 4, samples: int = 4, split: str = "train",
                    source: Optional[str] = None, seed: int = 0) -> str:
     """Replay ``samples`` stored samples of ``rows`` rows of the first shard (mixed samples first, so MixUp/CutMix
@@ -49,6 +64,7 @@ def render_preview(folder: str, out: Optional[str] = None, rows: int = 4, sample
     import PIL.Image
     import PIL.ImageDraw
     import PIL.ImageFont
+    import pyarrow.compute as pc
     import pyarrow.parquet as pq
     from datasets import Features
 
@@ -75,31 +91,20 @@ def render_preview(folder: str, out: Optional[str] = None, rows: int = 4, sample
     n_rows = table.num_rows
     rng = np.random.default_rng(seed)
     chosen = sorted(rng.choice(n_rows, size=min(rows, n_rows), replace=False).tolist())
-    data = table.select([c for c in (DR_INDEX, DR_PARAMS, DR_TOPK_INDICES, DR_TOPK_LOGPROBS)]).to_pylist()
+    columns = table.select([DR_INDEX, DR_PARAMS, DR_TOPK_INDICES, DR_TOPK_LOGPROBS])
+    data = _Lazy(lambda r: columns.slice(r, 1).to_pylist()[0], n_rows)  # a shard holds many rows; the grid a few
 
     def image(r):
         cell = cells[r][config.image_column] if cells is not None else table.column(config.image_column)[r].as_py()
         return decode(cell, row=data[r][DR_INDEX], column=config.image_column)
 
-    class Images:  # decoded on first use: render_samples reaches partners by row
-        def __init__(self):
-            self.cache = {}
-
-        def __len__(self):
-            return n_rows
-
-        def __getitem__(self, r):
-            if r not in self.cache:
-                self.cache[r] = image(r)
-            return self.cache[r]
-
-    images = Images()
-
-    row_params = [row[DR_PARAMS] for row in data]
+    images = _Lazy(image, n_rows)  # render_samples reaches mixing partners by row
+    row_params = _Lazy(lambda r: data[r][DR_PARAMS], n_rows)
 
     font = PIL.ImageFont.load_default()
     cell_h = TILE + CAPTION_LINES * LINE + 6
-    samples = max(1, min(samples, min(len(r[DR_TOPK_INDICES]) for r in data)))  # no more columns than stored samples
+    stored = pc.min(pc.list_value_length(table.column(DR_TOPK_INDICES))).as_py()
+    samples = max(1, min(samples, stored))  # no more columns than stored samples
     grid = PIL.Image.new("RGB", (samples * TILE + (samples - 1) * 4, len(chosen) * cell_h), (255, 255, 255))
     draw = PIL.ImageDraw.Draw(grid)
     for gi, r in enumerate(chosen):
