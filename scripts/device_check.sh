@@ -13,8 +13,9 @@
 #   bash scripts/device_check.sh DATASET [WHEELS]
 #   DEVICE=cpu OUT=/tmp/dry bash scripts/device_check.sh DATASET   # a dry run on a CPU
 #
-# DATASET: an image dataset folder (e.g. 63 imagenet-sample rows as parquet); WHEELS: a folder of wheels the machine
-# lacks (installed with --no-deps into /tmp/site). Each step has its own time limit, so one that hangs leaves time
+# DATASET: an image dataset folder (e.g. 64 imagenet-sample rows as parquet); WHEELS: a folder of wheels the machine
+# lacks (installed with --no-deps into /tmp/site). scripts/device_prepare.sh builds both here (.gpudata/imagenet64,
+# .whl), to carry to the machine. Each step has its own time limit, so one that hangs leaves time
 # for the others. The first five steps' limits add up to 560 s; the loader and decoding steps (both measured on the
 # H100 on 2026-11-27, results/bench_loader_h100_host.md, bench_decode_h100.md) run in what a 600-s call has left
 # (on the H100 on 2026-11-27 bench_gpu_ab ran 5 arms in 4 rounds in 243 s, the whole of this script 250-323 s).

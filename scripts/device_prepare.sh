@@ -1,0 +1,22 @@
+#!/usr/bin/env bash
+# What scripts/device_check.sh needs on a lent GPU machine (no internet there), built here: 64 imagenet-sample rows as
+# parquet (.gpudata/imagenet64) and the wheels of this checkout's datasets, pyarrow, dill and multiprocess (.whl; the
+# machine's own are older). Both folders are git-ignored and travel with the run as `carry` (under 64 MiB together).
+#
+#   bash scripts/device_prepare.sh        # then: run `bash scripts/device_check.sh .gpudata/imagenet64 .whl`
+#                                         #       with carry [".gpudata", ".whl"]
+set -euo pipefail
+cd "$(dirname "$0")/.."
+python=${PYTHON:-.venv/bin/python}
+rm -rf .gpudata/imagenet64 .whl
+mkdir -p .gpudata .whl
+"$python" - <<'PY'
+import datasets
+rows = datasets.load_dataset("../shared/datasets/imagenet-sample", split="train").select(range(64))
+rows.to_parquet(".gpudata/imagenet64/train.parquet")
+print(f"{len(rows)} rows -> .gpudata/imagenet64")
+PY
+versions=$("$python" -c "import datasets, pyarrow, dill, multiprocess as m
+print(f'datasets=={datasets.__version__} pyarrow=={pyarrow.__version__} dill=={dill.__version__} multiprocess=={m.__version__}')")
+"$python" -m pip download -q --no-deps -d .whl $versions
+du -sh .gpudata .whl
