@@ -34,7 +34,7 @@ import torch
 
 from bench_gpu import lite0_spec, logged_shard_rates, repeated_rows, synced  # noqa: E402  (scripts/)
 from bench_render import tiny_vit  # noqa: E402
-from results_md import write_markdown  # noqa: E402
+from results_md import host, write_markdown  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
@@ -146,7 +146,7 @@ def main():
     rates = logged_shard_rates()
 
     init, flags = Reinforcer.__init__, TeacherEnsemble.float32_flags
-    device_name = "CPU (host proxy)" if args.host_proxy else "CPU (dry run)" if dry else torch.cuda.get_device_name()
+    device_name = f"CPU (host proxy: {host()})" if args.host_proxy else "CPU (dry run)" if dry else torch.cuda.get_device_name()
     results = {"device": device_name, "torch": torch.__version__,
                "rows": args.rows, "num_samples": args.num_samples, "prepare_threads": threads, "rounds": []}
     base = os.path.splitext(args.out)[0]

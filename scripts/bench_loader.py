@@ -21,7 +21,7 @@ import time
 import torch
 
 from bench_render import tiny_vit  # noqa: E402  (scripts/)
-from results_md import write_markdown  # noqa: E402  (scripts/)
+from results_md import host, write_markdown  # noqa: E402  (scripts/)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FRESH = "ReinforcedTrainer, fresh shared memory a batch (no BatchPool)"
@@ -149,7 +149,7 @@ def main():
     lines = ["# The training loader", "",
              f"{args.rows} real ImageNet images (imagenet-sample, median 500x375 JPEG), reinforced with N="
              f"{args.num_samples} samples each (K=10, `imagenet+rrc`), each read {args.repeat} times an epoch, 224 px, "
-             f"{args.interpolation} on both, batch {args.batch}, {os.cpu_count()} CPU cores, best of {args.epochs} "
+             f"{args.interpolation} on both, batch {args.batch}, {host()}, best of {args.epochs} "
              "alternating epochs, each timed from its first batch (steady state; the last column times the whole "
              "epoch).", "",
              "| loader | workers | images/s | whole epoch, start-up included |", "|---|---|---|---|"]

@@ -35,7 +35,7 @@ import time
 
 import torch
 
-from results_md import write_markdown  # noqa: E402  (scripts/)
+from results_md import host, write_markdown  # noqa: E402  (scripts/)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
@@ -274,17 +274,17 @@ def main():
                 times[t].append(time.perf_counter() - t0)
         ahead.update({(n, t): args.rows * n / min(ts) for t, ts in times.items()})
     print(ahead)
-    host = {(preset, mode): host_cost(preset, mode, args.repeats)
+    costs = {(preset, mode): host_cost(preset, mode, args.repeats)
             for preset in ("imagenet+rrc", "imagenet+mix", "imagenet+rare", "imagenet+rare+mix")
             for mode in ("per sample", "batched") + (("batched, row by row",) if preset == "imagenet+rrc" else ())}
-    print(host)
+    print(costs)
     print({name: [round(samples / t) for t in ts] for name, ts in timings.items()})
     naive_rate, job_rate, teacher_rate, ceiling_rate = rate.values()
     render_share = 1 - job_rate / teacher_rate
     lines = ["# Rendering in the reinforce job", "",
              f"{args.rows} real ImageNet images (imagenet-sample), N={args.num_samples} samples each, `{args.augment}`, "
              f"224 px, tiny ViT teacher (1 layer, 32-px patches, hidden 16), 1 intra-op thread, best of {args.repeats} "
-             "alternating runs, CPU.", "", "| path | samples/s |", "|---|---|"]
+             f"alternating runs, CPU ({host()}).", "", "| path | samples/s |", "|---|---|"]
     lines += [f"| {name} | {r:.0f} |" for name, r in rate.items()]
     lines += ["", f"dr-hf job / naive = **{job_rate / naive_rate:.2f}x** (goal >= 3x); the job's time is "
               f"{render_share:.0%} rendering and sampling, {1 - render_share:.0%} teacher.", "",
@@ -324,7 +324,7 @@ def main():
               "host-to-device copies per 64 samples |",
               "|---|---|---|---|---|"]
     lines += [f"| `{preset}` | {mode} | {ops:.0f} | {ms:.2f} | {'' if blocking is None else f'{blocking:g}'} |"
-              for (preset, mode), (ops, ms, blocking) in host.items()]
+              for (preset, mode), (ops, ms, blocking) in costs.items()]
     lines += ["",
               "Command: `python scripts/bench_render.py`."]
     write_markdown(args.out, lines)

@@ -32,7 +32,7 @@ import time
 import numpy as np
 import torch
 
-from results_md import write_markdown  # noqa: E402  (scripts/)
+from results_md import host, write_markdown  # noqa: E402  (scripts/)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
@@ -278,7 +278,7 @@ def main():
                     contention[key] = min(contention.get(key, (ms, rows)), (ms, rows))
     script.ENABLED = True
     torch.set_num_threads(threads_before)
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({host()})"
     lines = ["# Batched crops: resampling matrices and matrix products", "",
              f"{len(images)} real ImageNet images (imagenet-sample), 64 `imagenet+rrc` samples each, {per_call} images' "
              f"{64 * per_call} samples a call (the job's teacher batch at N=64), 224 px, bicubic, "
