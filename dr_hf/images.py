@@ -46,10 +46,17 @@ def to_rgb(image: PIL.Image.Image) -> PIL.Image.Image:
 
 @functools.lru_cache(maxsize=None)
 def _jpeg_decoder():
-    """TorchCodec's libjpeg-turbo JPEG decoder, or ``None`` where it cannot load (then PIL decodes everything)."""
+    """TorchCodec's libjpeg-turbo JPEG decoder, or ``None`` where it cannot load (then PIL decodes everything, the same
+    pixels, more slowly; said once where TorchCodec is installed but cannot load, e.g. built for another torch)."""
     try:
         from torchcodec.decoders import decode_jpeg
-    except (ImportError, OSError, RuntimeError):  # not installed, or built for another torch
+    except ImportError:  # not installed
+        return None
+    except (OSError, RuntimeError) as exc:
+        logger.warning("TorchCodec is installed but cannot load with torch %s (%s: %s): JPEGs are decoded by PIL "
+                       "instead (the same pixels, about 1.3x slower). Install the torchcodec release made for your torch "
+                       "(TorchCodec's README has the table).", torch.__version__, type(exc).__name__,
+                       str(exc).splitlines()[0] if str(exc) else "")
         return None
     return decode_jpeg
 

@@ -100,6 +100,34 @@ def test_odd_and_hostile_images(monkeypatch):
         decode(jpeg_bytes(np.zeros((64, 64, 3), dtype=np.uint8)), row=9)
 
 
+def test_a_torchcodec_that_cannot_load_is_said_once_and_pil_decodes(monkeypatch, caplog):
+    """TorchCodec installed but built for another torch (its import raises OSError, as a CUDA 13 build does beside a
+    CUDA 12 torch): one warning naming torch's version and the fix, then PIL decodes the JPEG to the same pixels."""
+    import sys
+    import types
+
+    import dr_hf.images as images
+
+    class Broken(types.ModuleType):
+        def __getattr__(self, name):
+            raise OSError("libnvrtc.so.13: cannot open shared object file: No such file or directory")
+
+    data = jpeg_bytes(np.random.default_rng(3).integers(0, 256, (24, 32, 3), dtype=np.uint8))
+    want = decode(data, row=0)  # this environment's decoder
+    images._jpeg_decoder.cache_clear()
+    monkeypatch.setitem(sys.modules, "torchcodec.decoders", Broken("torchcodec.decoders"))
+    try:
+        with caplog.at_level("WARNING", logger="dr_hf.images"):
+            got = [decode(data, row=0) for _ in range(3)]
+            assert images._jpeg_decoder() is None
+    finally:
+        images._jpeg_decoder.cache_clear()
+    warnings = [r.getMessage() for r in caplog.records if "TorchCodec" in r.getMessage()]
+    assert len(warnings) == 1 and torch.__version__ in warnings[0] and "libnvrtc.so.13" in warnings[0]
+    assert "decoded by PIL" in warnings[0] and "made for your torch" in warnings[0]
+    assert all(torch.equal(g, want) for g in got)
+
+
 @needs_shared("imagenet-sample")
 def test_jpeg_fast_path_gives_pils_pixels(tmp_path):
     """JPEGs are decoded by TorchCodec's decoder: on real ImageNet files (RGB and grayscale, baseline and
@@ -108,7 +136,7 @@ def test_jpeg_fast_path_gives_pils_pixels(tmp_path):
     ds = datasets.load_dataset(str(SHARED / "imagenet-sample"), split="train").cast_column(
         "image", datasets.Image(decode=False))
     cells = [ds[i]["image"] for i in range(0, 1000, 9)]
-    assert _jpeg_decoder() is not None, "torchcodec is a dependency: it must load"
+    assert _jpeg_decoder() is not None, "torchcodec is a dependency: the release made for this torch must load"
     modes = set()
     for cell in cells:
         pil = PIL.Image.open(io.BytesIO(cell["bytes"]))
