@@ -12,7 +12,7 @@ import os
 import subprocess
 import sys
 
-from results_md import write_markdown  # noqa: E402  (scripts/)
+from results_md import host, write_markdown  # noqa: E402  (scripts/)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -78,7 +78,7 @@ def main():
                     best[(mode, name)] = m
     names = list(dict.fromkeys(name for _, name in best))
     lines = ["# A CPU teacher and the C allocator", "",
-             f"EfficientNet-Lite0 (real weights) on this CPU ({os.cpu_count()} cores, torch's default threads), glibc's "
+             f"EfficientNet-Lite0 (real weights) on this CPU ({host()}, torch's default threads), glibc's "
              "default handling of large freed blocks against `dr_hf.memory.reuse_freed_memory()` (what `dr-hf` sets), "
              f"fresh processes alternating, best of {args.repeats}; `reinforce()` on real ImageNet rows "
              "(imagenet-sample, `imagenet+rrc`, N=32, teacher batches of 256).", "",

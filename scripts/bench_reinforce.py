@@ -18,7 +18,7 @@ import sys
 import tempfile
 import time
 
-from results_md import write_markdown  # noqa: E402  (scripts/)
+from results_md import host, write_markdown  # noqa: E402  (scripts/)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DATASET = os.path.join(ROOT, "..", "shared", "datasets", "imagenet-sample")
@@ -159,7 +159,7 @@ def main():
     lines = [
         "# The reinforce job: memory and throughput",
         "",
-        f"`python scripts/bench_reinforce.py` on this machine ({os.cpu_count()} CPU cores, torch {torch.__version__}, "
+        f"`python scripts/bench_reinforce.py` on this machine ({host()}, torch {torch.__version__}, "
         f"{torch.get_num_threads()} intra-op threads, no GPU); real images from `imagenet-sample`, teacher `{args.teacher}`, "
         f"preset `{args.augment}`.",
         "",

@@ -17,7 +17,7 @@ import time
 import torch
 
 from bench_render import tiny_vit  # noqa: E402  (scripts/)
-from results_md import write_markdown  # noqa: E402  (scripts/)
+from results_md import host, write_markdown  # noqa: E402  (scripts/)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
@@ -131,7 +131,7 @@ def main():
              "`imagenet+rare+mix` for the groups; K=10), 1 thread, best of 3.", "", "| reading a row | ms per row |", "|---|---|"]
     lines += [f"| {name} | {ms:.3f} |" for name, ms in rows.items()]
     lines += ["", "A 2-worker DataLoader handing over empty 32 x 3 x 224 x 224 batches (2,048 images, best of 2 epochs, "
-              f"{os.cpu_count()} CPU cores):", "", "| batch dtype | images/s |", "|---|---|"]
+              f"{host()}):", "", "| batch dtype | images/s |", "|---|---|"]
     lines += [f"| {name} | {rate:.0f} |" for name, rate in handoff.items()]
     lines += ["", "Command: `python scripts/bench_rows.py`."]
     write_markdown(args.out, lines)

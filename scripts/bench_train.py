@@ -27,7 +27,7 @@ from transformers import ResNetConfig, ResNetForImageClassification, Trainer, Tr
 from dr_hf import ReinforcedTrainer, ReinforcedTrainingArguments
 from dr_hf.images import decode
 
-from results_md import write_markdown  # noqa: E402  (scripts/)
+from results_md import host, write_markdown  # noqa: E402  (scripts/)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -109,7 +109,7 @@ def main():
             train_dataset=plain_ds, callbacks=[t]).train()
         timers["online KD (Lite0/1/2)"] = rate(t, args.batch)
 
-    device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU ({os.cpu_count()} cores)"
+    device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU ({host()})"
     r, p, o = timers["ReinforcedTrainer"], timers["plain Trainer"], timers["online KD (Lite0/1/2)"]
     lines = [
         "# Training throughput: reinforced vs plain vs online KD",

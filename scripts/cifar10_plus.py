@@ -26,7 +26,7 @@ import time
 import numpy as np
 import torch
 
-from results_md import write_markdown  # noqa: E402  (scripts/)
+from results_md import host, write_markdown  # noqa: E402  (scripts/)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CIFAR_MEAN, CIFAR_STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
@@ -251,7 +251,7 @@ def write_report(args, teachers, ensemble_acc, reinforced, rows, seconds):
     lines = [
         "# CIFAR-10+: reinforced vs plain vs online distillation, on real CIFAR-10",
         "",
-        f"`{cmd.strip()}` on {os.cpu_count()} CPU cores (torch {torch.__version__}), {seconds / 60:.0f} min in all.",
+        f"`{cmd.strip()}` on {host()} (torch {torch.__version__}), {seconds / 60:.0f} min in all.",
         "",
         f"- Data: `../shared/datasets/cifar10` (50,000 real training images). Held out: a stratified validation split of "
         f"{args.val_rows} images (seed 0); training split: the other {args.train_rows or 50000 - args.val_rows} (shuffled, "

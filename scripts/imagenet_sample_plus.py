@@ -16,6 +16,8 @@ import subprocess
 import sys
 import time
 
+from results_md import host  # (scripts/)
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -52,7 +54,7 @@ def main():
     lines = [
         "# ImageNet-sample+: real ImageNet images, real ImageNet teachers",
         "",
-        f"`python scripts/imagenet_sample_plus.py` ran `{shown}` on {os.cpu_count()} CPU cores.",
+        f"`python scripts/imagenet_sample_plus.py` ran `{shown}` on {host()}.",
         "",
         "| | |",
         "|---|---|",

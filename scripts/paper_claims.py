@@ -34,7 +34,7 @@ import numpy as np
 import torch
 
 from cifar10_plus import accuracy, load_test, log, make_model  # noqa: E402  (scripts/: the CIFAR-10+ run's pieces)
-from results_md import write_markdown  # noqa: E402  (scripts/)
+from results_md import host, write_markdown  # noqa: E402  (scripts/)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 EASY, HARD = "imagenet+rrc", "imagenet+rare+mix"
@@ -497,7 +497,7 @@ def write_report(args, report, seconds):
     cmd = "python scripts/paper_claims.py " + " ".join(shlex.quote(a) for a in sys.argv[1:])
     test_name = os.path.basename(args.test_dataset.rstrip("/")) if args.test_dataset else None
     lines = ["# The paper's five claims at CPU scale, on real CIFAR-10", "",
-             f"`{cmd.strip()}` on {os.cpu_count()} CPU cores (torch {torch.__version__}); this run {seconds / 60:.0f} min "
+             f"`{cmd.strip()}` on {host()} (torch {torch.__version__}); this run {seconds / 60:.0f} min "
              "(stages cached by earlier runs are read back, not re-timed).", "",
              f"- Data: `../shared/datasets/cifar10`: a stratified validation hold-out of {args.val_rows} images (seed 0) "
              f"is the only thing choices were made on; claims 1-4 train on a stratified {args.train_rows}-image subset of "
