@@ -5,7 +5,9 @@ The teacher is a 1-layer transformers ViT with 32-px patches (hidden 16) at 224 
 CPU core as EfficientNet-Lite0 is on a GPU, so the job is bound by everything but the teacher, as on a GPU.
 
 * naive: decode each image once, then per sample `v2.RandomResizedCrop(224, antialias=True)` + flip + normalise,
-  stacked into teacher batches of 256;
+  stacked into teacher batches of 256 (the issue's baseline: uint8 tensors, torch's antialiased kernel);
+* naive on PIL images, for context: the same transforms on each image decoded once as a PIL image (what `datasets`'
+  `Image` feature gives and the classic torchvision pipeline takes: Pillow's resize, then `v2.ToImage`);
 * dr-hf: `Reinforcer.compute` (parameter sampling, the pipeline's batched rendering, the teacher) on the same rows;
 * teacher only: the bare forward on the same number of samples, in the job's batch layout;
 * ceiling: decoding, torch's antialiased crop kernel alone per sample (no flip, no normalisation, no float batch to
@@ -28,11 +30,13 @@ CPU core as EfficientNet-Lite0 is on a GPU, so the job is bound by everything bu
 
 import argparse
 import dataclasses
+import io
 import os
 import sys
 import tempfile
 import time
 
+import PIL.Image
 import torch
 
 from results_md import host, write_markdown  # noqa: E402  (scripts/)
@@ -161,6 +165,16 @@ def main():
         for k in range(0, len(xs), 256):
             teachers.log_probs({0: torch.stack(xs[k:k + 256])})
 
+    pil_naive = v2.Compose([v2.RandomResizedCrop(spec.size, interpolation=v2.InterpolationMode.BILINEAR),
+                            v2.RandomHorizontalFlip(), v2.ToImage(), v2.ToDtype(torch.float32, scale=True),
+                            v2.Normalize(spec.mean, spec.std)])
+
+    def run_naive_pil():
+        images = [PIL.Image.open(io.BytesIO(v["bytes"])).convert("RGB") for v in batch["image"]]
+        xs = [pil_naive(im) for im in images for _ in range(args.num_samples)]
+        for k in range(0, len(xs), 256):
+            teachers.log_probs({0: torch.stack(xs[k:k + 256])})
+
     def run_job():
         job.compute(batch, list(range(args.rows)))
 
@@ -185,8 +199,9 @@ def main():
         run_teacher()
 
     timings = {"naive per-sample torchvision + teacher": [], "dr-hf job (render + teacher)": [], "teacher forward only": [],
-               "ceiling: decode + crop kernel alone + teacher": []}
-    fns = dict(zip(timings, (run_naive, run_job, run_teacher, run_ceiling)))
+               "ceiling: decode + crop kernel alone + teacher": [],
+               "naive per-sample torchvision on PIL images + teacher (context)": []}
+    fns = dict(zip(timings, (run_naive, run_job, run_teacher, run_ceiling, run_naive_pil)))
     for _ in range(args.repeats):  # alternating, best of N
         for name, fn in fns.items():
             t0 = time.perf_counter()
@@ -279,7 +294,7 @@ def main():
             for mode in ("per sample", "batched") + (("batched, row by row",) if preset == "imagenet+rrc" else ())}
     print(costs)
     print({name: [round(samples / t) for t in ts] for name, ts in timings.items()})
-    naive_rate, job_rate, teacher_rate, ceiling_rate = rate.values()
+    naive_rate, job_rate, teacher_rate, ceiling_rate, pil_rate = rate.values()
     render_share = 1 - job_rate / teacher_rate
     lines = ["# Rendering in the reinforce job", "",
              f"{args.rows} real ImageNet images (imagenet-sample), N={args.num_samples} samples each, `{args.augment}`, "
@@ -293,6 +308,10 @@ def main():
               f"write, run at {ceiling_rate:.0f} samples/s: **{ceiling_rate / naive_rate:.2f}x** the naive render, the "
               f"most a job that crops with this kernel can reach here; the job reaches {job_rate / ceiling_rate:.0%} "
               "of it.", "",
+              f"For context, the same naive transforms on PIL images (each image decoded once by Pillow, as `datasets`' "
+              f"`Image` feature and the classic torchvision pipeline have it: Pillow's resize, then `v2.ToImage`) run at "
+              f"{pil_rate:.0f} samples/s: the job is **{job_rate / pil_rate:.2f}x** that. The goal above is judged "
+              "against the uint8-tensor naive render, the faster of the two.", "",
               "Parameter sampling alone (part of the job; a row's N samples at once): "
               + ", ".join(f"{us:.1f} us a sample with `{p}`" for p, us in sampling.items()) + ".", "",
               f"Whole job (`reinforce()` on {args.job_rows} rows in 4 shards: map, top-K, parquet shards written while the "
