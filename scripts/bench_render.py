@@ -156,24 +156,23 @@ def main():
                              teacher_batch_size=args.teacher_batch_size)
     job = Reinforcer(config, teachers, num_rows=len(rows))
     samples = args.rows * args.num_samples
+    to_input = [v2.ToDtype(torch.float32, scale=True), v2.Normalize(spec.mean, spec.std)]
     naive = v2.Compose([v2.RandomResizedCrop(spec.size, antialias=True, interpolation=v2.InterpolationMode.BILINEAR),
-                        v2.RandomHorizontalFlip(), v2.ToDtype(torch.float32, scale=True), v2.Normalize(spec.mean, spec.std)])
+                        v2.RandomHorizontalFlip(), *to_input])
+    pil_naive = v2.Compose([v2.RandomResizedCrop(spec.size, interpolation=v2.InterpolationMode.BILINEAR),
+                            v2.RandomHorizontalFlip(), v2.ToImage(), *to_input])
+
+    def naive_render(decoder, transform):
+        images = [decoder(v) for v in batch["image"]]
+        xs = [transform(im) for im in images for _ in range(args.num_samples)]
+        for k in range(0, len(xs), 256):
+            teachers.log_probs({0: torch.stack(xs[k:k + 256])})
 
     def run_naive():
-        images = [decode(v) for v in batch["image"]]
-        xs = [naive(im) for im in images for _ in range(args.num_samples)]
-        for k in range(0, len(xs), 256):
-            teachers.log_probs({0: torch.stack(xs[k:k + 256])})
-
-    pil_naive = v2.Compose([v2.RandomResizedCrop(spec.size, interpolation=v2.InterpolationMode.BILINEAR),
-                            v2.RandomHorizontalFlip(), v2.ToImage(), v2.ToDtype(torch.float32, scale=True),
-                            v2.Normalize(spec.mean, spec.std)])
+        naive_render(decode, naive)
 
     def run_naive_pil():
-        images = [PIL.Image.open(io.BytesIO(v["bytes"])).convert("RGB") for v in batch["image"]]
-        xs = [pil_naive(im) for im in images for _ in range(args.num_samples)]
-        for k in range(0, len(xs), 256):
-            teachers.log_probs({0: torch.stack(xs[k:k + 256])})
+        naive_render(lambda v: PIL.Image.open(io.BytesIO(v["bytes"])).convert("RGB"), pil_naive)
 
     def run_job():
         job.compute(batch, list(range(args.rows)))
