@@ -37,6 +37,10 @@ DR_COLUMNS = (DR_INDEX, DR_PARAMS, DR_TOPK_INDICES, DR_TOPK_LOGPROBS)
 # one generator per transform and row, not per sample), so a fresh draw of format-2 data differs (verify skips it)
 FORMAT_VERSION = 3
 METADATA_KEY = b"dr_hf"
+AGREEMENT_KEY = b"dr_hf_agreement"
+"""Schema metadata of a shard written without its source's label column (``--no-images``): the teacher's top-1
+hits on the labels and the unmixed samples counted, as JSON ``{"hits": h, "samples": n}``, so that its card still
+reports the agreement."""
 
 
 def index_dtype(num_classes: int) -> str:

@@ -8,6 +8,7 @@ The output does not depend on ``--batch-size``, on processing order, or on the n
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import math
 import os
@@ -17,6 +18,7 @@ from dataclasses import dataclass
 from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
 
 from .format import (
+    AGREEMENT_KEY,
     DR_PARAMS,
     DR_TOPK_LOGPROBS,
     METADATA_KEY,
@@ -40,8 +42,9 @@ logger = logging.getLogger(__name__)
 # Writing
 
 
-def write_parquet(dataset, path: str, config: ReinforceConfig) -> None:
-    """Write ``dataset`` to ``path`` atomically (tmp file + rename), zstd, with the config in the schema metadata."""
+def write_parquet(dataset, path: str, config: ReinforceConfig, agreement: Optional[Tuple[int, int]] = None) -> None:
+    """Write ``dataset`` to ``path`` atomically (tmp file + rename), zstd, with the config in the schema metadata
+    (and ``agreement`` = (hits, samples), the teacher's agreement with labels the shard does not hold, beside it)."""
     import pyarrow.parquet as pq
     from datasets import config as ds_config
     from datasets.features.features import require_storage_embed
@@ -51,7 +54,10 @@ def write_parquet(dataset, path: str, config: ReinforceConfig) -> None:
     if any(require_storage_embed(f) for f in dataset.features.values()):
         table = embed_table_storage(table)
     schema = dataset.features.arrow_schema
-    schema = schema.with_metadata({**(schema.metadata or {}), METADATA_KEY: config.to_json().encode()})
+    metadata = {**(schema.metadata or {}), METADATA_KEY: config.to_json().encode()}
+    if agreement is not None:
+        metadata[AGREEMENT_KEY] = json.dumps({"hits": agreement[0], "samples": agreement[1]}).encode()
+    schema = schema.with_metadata(metadata)
     table = table.cast(schema)
     has_images = any(type(f).__name__ in ("Image", "Video") for f in dataset.features.values())
     row_group = ds_config.PARQUET_ROW_GROUP_SIZE_FOR_IMAGE_DATASETS if has_images else 10_000
@@ -187,7 +193,7 @@ def _run_shards(decoded, dataset, config, teachers, output_dir, split, batch_siz
     import datasets
 
     from .card import write_card
-    from .stats import summarize
+    from .stats import agreement_counts, summarize
 
     pipeline = config.pipeline()
     data_dir = os.path.join(output_dir, "data")
@@ -230,18 +236,25 @@ def _run_shards(decoded, dataset, config, teachers, output_dir, split, batch_siz
                              render_device=render_device, pool=pool)
             columns = part.map(job, batched=True, batch_size=batch_size, with_indices=True, keep_in_memory=True,
                                load_from_cache_file=False, new_fingerprint=f"dr-{s}-{time.time_ns()}")
-            out = datasets.concatenate_datasets([part, columns], axis=1) if config.keep_source else columns
+            # without the source's columns, its labels stay until the teacher's agreement with them is counted
+            labels = [] if config.keep_source or config.label_column not in part.column_names else [config.label_column]
+            kept = part if config.keep_source else part.select_columns(labels)
+            out = datasets.concatenate_datasets([kept, columns], axis=1) if kept.column_names else columns
             if job.bad_rows:
                 out = out.filter(lambda skip: not skip, input_columns=SKIP_COLUMN, keep_in_memory=True)
                 logger.warning("%s: shard %d/%d: %d row(s) skipped (listed in %s)", procs, s + 1, count,
                                len(job.bad_rows), error_report_path(output_dir, paths[s]))
             out = out.remove_columns(SKIP_COLUMN)
+            agreement = None
+            if labels:
+                agreement = agreement_counts(out.with_format("arrow")[:], config.label_column, config.topk)
+                out = out.remove_columns(labels)
             write_error_report(output_dir, paths[s], job.bad_rows)
             if config.keep_source and out.features[config.image_column] != features[config.image_column]:
                 out = out.cast_column(config.image_column, features[config.image_column])
             if written is not None:
                 written.result()  # the previous shard is on disk (or its error raised here)
-            written = writer.submit(write_parquet, out, paths[s], config)
+            written = writer.submit(write_parquet, out, paths[s], config, agreement)
             dt = time.time() - t_shard
             done_rows += len(out)
             logger.info("%s: shard %d/%d, %d images in %.1fs: %.2f images/s, %.1f samples/s", procs, s + 1, count,

@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import glob
+import json
 import os
-from typing import Any, Dict, List
+from typing import Any, Dict, List, Tuple
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.compute as pc
 
-from .format import DR_PARAMS, DR_TOPK_INDICES, config_from_parquet
+from .format import AGREEMENT_KEY, DR_PARAMS, DR_TOPK_INDICES, config_from_parquet
 from .shards import shard_paths
 
 
@@ -39,6 +41,25 @@ def _count_lines(path: str) -> int:
         return sum(1 for line in f if line.strip())
 
 
+def agreement_counts(table: pa.Table, label: str, topk: int) -> Tuple[int, int]:
+    """(hits, samples): of ``table``'s unmixed samples with a label, how many the teacher's top-1 class names;
+    ``table`` holds the ``dr_topk_indices`` and ``dr_params`` columns and ``label``. Vectorised over the flattened
+    samples; a damaged table (ragged N) counts nothing rather than failing."""
+    col = table.column(DR_TOPK_INDICES).combine_chunks()
+    counts = pc.list_value_length(col).to_numpy(zero_copy_only=False).astype(np.int64)
+    top1 = col.flatten().flatten().to_numpy(zero_copy_only=False)[::topk].astype(np.int64)
+    labels = pc.fill_null(table.column(label).combine_chunks(), -1).to_numpy(zero_copy_only=False).astype(np.int64)
+    labels = np.repeat(labels, counts)
+    unmixed = np.ones_like(top1, dtype=bool)
+    params = table.column(DR_PARAMS).combine_chunks()
+    if "mix_partner" in [params.type.field(i).name for i in range(params.type.num_fields)]:
+        unmixed = params.field("mix_partner").flatten().to_numpy(zero_copy_only=False) == 0
+    if not (len(top1) == len(labels) == len(unmixed)):
+        return 0, 0
+    valid = unmixed & (labels >= 0)
+    return int(((top1 == labels) & valid).sum()), int(valid.sum())
+
+
 def summarize(output_dir: str, split: str = "train") -> Dict[str, Any]:
     """Rows, N, K, bytes per augmentation sample, and top-1 agreement with labels on the unmixed samples."""
     import pyarrow.parquet as pq
@@ -64,27 +85,15 @@ def summarize(output_dir: str, split: str = "train") -> Dict[str, Any]:
     label = config.label_column
     hits = total = 0
     for path in paths:
-        names = pq.read_schema(path).names
-        columns = [DR_TOPK_INDICES] + ([label] if label and label in names else [])
-        table = pq.read_table(path, columns=columns + [DR_PARAMS])
-        if not label or label not in names:
-            break
-        # vectorised over the flattened samples (ragged N tolerated: stats must not choke on a damaged file)
-        col = table.column(DR_TOPK_INDICES).combine_chunks()
-        counts = pc.list_value_length(col).to_numpy(zero_copy_only=False).astype(np.int64)
-        samples = col.flatten()
-        top1 = samples.flatten().to_numpy(zero_copy_only=False)[:: config.topk].astype(np.int64)
-        labels = pc.fill_null(table.column(label).combine_chunks(), -1).to_numpy(zero_copy_only=False).astype(np.int64)
-        labels = np.repeat(labels, counts)
-        unmixed = np.ones_like(top1, dtype=bool)
-        params = table.column(DR_PARAMS).combine_chunks()
-        if "mix_partner" in [params.type.field(i).name for i in range(params.type.num_fields)]:
-            unmixed = params.field("mix_partner").flatten().to_numpy(zero_copy_only=False) == 0
-        if not (len(top1) == len(labels) == len(unmixed)):
+        schema = pq.read_schema(path)
+        if label and label in schema.names:
+            h, t = agreement_counts(pq.read_table(path, columns=[DR_TOPK_INDICES, DR_PARAMS, label]), label, config.topk)
+        elif AGREEMENT_KEY in (schema.metadata or {}):  # written without its labels: counted when it was written
+            counted = json.loads(schema.metadata[AGREEMENT_KEY])
+            h, t = int(counted["hits"]), int(counted["samples"])
+        else:
             continue
-        valid = unmixed & (labels >= 0)
-        hits += int(((top1 == labels) & valid).sum())
-        total += int(valid.sum())
+        hits, total = hits + h, total + t
     if total:
         stats["teacher_top1_agreement"] = round(hits / total, 4)
         stats["agreement_samples"] = total

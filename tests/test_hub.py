@@ -16,6 +16,7 @@ import pytest
 from dr_hf.cli import main
 from dr_hf.reinforce import reinforce
 from dr_hf.source import FingerprintMismatch, join_source
+from dr_hf.stats import summarize
 
 from conftest import jpeg_bytes, source_folder
 from hub_standin import HubStandIn
@@ -175,7 +176,13 @@ def test_reinforcement_only_repo_joins_its_source_and_refuses_a_tampered_row(tmp
     assert table.column_names == ["dr_index", "dr_fingerprint", "dr_params", "dr_topk_indices", "dr_topk_logprobs"]
     code, _, err = cli_here(hub, monkeypatch, capsys, "push", reinforcement_only, "org/imagenet-plus-ronly", "--quiet")
     assert code == 0, err
-    assert "Reinforcement-only" in (reinforcement_only / "README.md").read_text()
+    card = (reinforcement_only / "README.md").read_text()
+    assert "Reinforcement-only" in card
+    # the teacher's agreement with the labels the shards do not hold: counted as they were written, as the full folder's
+    full, only = summarize(str(plus)), summarize(str(reinforcement_only))
+    assert only["agreement_samples"] == full["agreement_samples"] > 0
+    assert only["teacher_top1_agreement"] == full["teacher_top1_agreement"]
+    assert f"{full['teacher_top1_agreement']:.1%} of {full['agreement_samples']} samples" in card
     # a copy of the source whose row 5 differs (re-encoded), in the user's hands
     tampered = tmp_path / "tampered"
     (tampered / "data").mkdir(parents=True)
