@@ -97,7 +97,7 @@ def cmd_verify(args) -> int:
     from .verify import verify
 
     report = verify(args.path, teachers=args.teacher, rows=args.rows, split=args.split, seed=args.seed,
-                    atol=args.atol, rtol=args.rtol, device=args.device)
+                    atol=args.atol, rtol=args.rtol, device=args.device, source=args.source)
     print(f"schema: {report.rows} rows checked" + ("" if not report.problems else f", {len(report.problems)} problem(s)"))
     if report.replayed_rows:
         print(f"replayed {report.replayed_rows} row(s): largest |log-prob difference| = {report.max_abs_diff:.3g}, "
@@ -235,6 +235,8 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--atol", type=float, default=1e-3, help="absolute log-prob tolerance")
     v.add_argument("--rtol", type=float, default=2e-3, help="relative log-prob tolerance (covers one float16 step)")
     v.add_argument("--device", default=None, help="default: cuda if available, else cpu")
+    v.add_argument("--source", default=None,
+                   help="the base dataset, to replay a reinforcement-only (--no-images) folder's rows")
     v.set_defaults(func=cmd_verify)
 
     p = sub.add_parser("push", formatter_class=HelpFormatter,

@@ -76,15 +76,13 @@ def render_preview(folder: str, out: Optional[str] = None, rows: int = 4, sample
     features = Features.from_arrow_schema(table.schema)
     cells = None
     if config.image_column not in table.column_names:
-        if source is None:
-            raise ValueError(f"{folder} holds no images (a reinforcement-only dataset): pass --source with the base dataset")
         import datasets
 
-        from .source import join_source, load_source
+        from .source import base_of, join_source
 
-        base = load_source(source, config.source.get("split") or split, config.source.get("name"))
-        joined = join_source(datasets.Dataset(table), base, image_column=config.image_column)
+        joined = join_source(datasets.Dataset(table), base_of(folder, config, source, split), config.image_column)
         cells = joined.cast_column(config.image_column, datasets.Image(decode=False))
+        features = joined.features  # the class names are the source's
     names = class_names(features, config.label_column, config.num_classes)
     pipeline = config.pipeline()
     display = InputSpec(size=(TILE, TILE), mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0), interpolation="bilinear")  # [0, 1]

@@ -36,6 +36,15 @@ def load_source(path: str, split: str, name: Optional[str] = None, revision: Opt
     return ds
 
 
+def base_of(folder: str, config: ReinforceConfig, source: Optional[str], split: str = "train"):
+    """The base dataset that a reinforcement-only ``folder`` (written with ``--no-images``) replays its images from:
+    ``source`` loaded at the recorded split and config name; join rows to it with :func:`join_source`."""
+    if source is None:
+        raise ValueError(f"{folder} holds no images (a reinforcement-only dataset): pass the base dataset as source "
+                         "(--source)")
+    return load_source(source, config.source.get("split") or split, config.source.get("name"))
+
+
 def check_hub_dataset(path: str, revision: Optional[str] = None) -> None:
     """Fail at once, naming both readings, when ``path`` is neither a local folder nor a Hub dataset one can reach
     (instead of ``datasets`` retrying the Hub for half a minute)."""

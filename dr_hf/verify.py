@@ -98,14 +98,16 @@ def _rows(paths: Sequence[str], wanted: Sequence[int]):
 
 
 def verify(path: str, teachers: Optional[Sequence[str]] = None, rows: int = 8, split: str = "train", seed: int = 0,
-           atol: float = 1e-3, rtol: float = 2e-3, device: Optional[str] = None) -> VerifyReport:
+           atol: float = 1e-3, rtol: float = 2e-3, device: Optional[str] = None,
+           source: Optional[str] = None) -> VerifyReport:
     """Check the schema and values of a local reinforced folder, then replay ``rows`` random rows: render their
     stored parameters, re-run the teachers recorded in the data at the recorded precision and compare with the stored
     outputs, and draw the parameters afresh and compare with the stored ones (format 3 on: older data was drawn by
     another sampler, so only its outputs are checked); ``rows=0`` checks only the schema and values.
 
     ``teachers`` (optional) must name the recorded teachers (e.g. local copies of their weights can be given by the
-    same specs); a list that differs is refused, naming the recorded ones. The tolerance (``atol + rtol * |x|``)
+    same specs); a list that differs is refused, naming the recorded ones. A reinforcement-only folder (no images)
+    replays its rows joined to ``source``, its base dataset (by ``dr_index``, fingerprints checked). The tolerance (``atol + rtol * |x|``)
     covers one float16 step of the stored log-probabilities, which is what differs between intra-op thread counts.
     The parquet files are read directly (never through a cache), one batch at a time.
     """
@@ -154,6 +156,11 @@ def verify(path: str, teachers: Optional[Sequence[str]] = None, rows: int = 8, s
                          "(verify replays the recorded teachers; omit --teacher)")
     if rows <= 0 or report.problems:
         return report
+    images_from = None
+    if config.image_column not in pq.read_schema(paths[0]).names:
+        from .source import base_of, join_source
+
+        images_from = base_of(path, config, source, split)
 
     ensemble = TeacherEnsemble.from_specs(config.teachers, device=device, precision=config.precision)
     replay_config = config
@@ -168,6 +175,8 @@ def verify(path: str, teachers: Optional[Sequence[str]] = None, rows: int = 8, s
     for group in sorted({i // g for i in picked}):
         members = [i for i in range(group * g, min((group + 1) * g, num_rows)) if i in seen]
         ds = _rows(paths, members)
+        if images_from is not None:
+            ds = join_source(ds, images_from, image_column=config.image_column)
         if isinstance(ds.features.get(config.image_column), datasets.Image):
             ds = ds.cast_column(config.image_column, datasets.Image(decode=False))
         batch = ds[:]

@@ -17,6 +17,7 @@ from dr_hf.cli import main
 from dr_hf.reinforce import reinforce
 from dr_hf.source import FingerprintMismatch, join_source
 from dr_hf.stats import summarize
+from dr_hf.verify import verify
 
 from conftest import jpeg_bytes, source_folder
 from hub_standin import HubStandIn
@@ -227,3 +228,29 @@ def test_join_refuses_mismatched_inputs(reinforcement_only, source_dir):
         join_source(src, src)
     with pytest.raises(ValueError, match="no image column 'image'"):
         join_source(ronly, src.rename_column("image", "img"))
+
+
+def test_a_reinforcement_only_folder_verifies_and_previews_from_its_source(tmp_path, plus, reinforcement_only,
+                                                                          source_dir, capsys):
+    """verify and preview replay its rows joined to the base dataset (--source), refuse without one, naming the flag,
+    and name the row whose image in the given source is not the one reinforced."""
+    report = verify(str(reinforcement_only), rows=3, source=str(source_dir))
+    assert report.ok and report.replayed_rows == 3 and report.params_mismatches == 0, report.problems
+    assert report.max_abs_diff <= 1e-3 and report.agreement == summarize(str(plus))["teacher_top1_agreement"]
+    assert main(["verify", str(reinforcement_only), "--rows", "0"]) == 0  # values only: no images needed
+    for command in ("verify", "preview"):
+        assert main([command, str(reinforcement_only)]) == 2
+        err = capsys.readouterr().err
+        assert f"dr-hf {command}: error: {reinforcement_only} holds no images" in err and "(--source)" in err
+    grids = {name: tmp_path / f"{name}.png" for name in ("joined", "full")}
+    assert main(["preview", str(reinforcement_only), "--source", str(source_dir), "--out", str(grids["joined"]),
+                 "--rows", "2"]) == 0
+    assert main(["preview", str(plus), "--out", str(grids["full"]), "--rows", "2"]) == 0
+    joined, full = (np.asarray(PIL.Image.open(grids[name])) for name in ("joined", "full"))
+    assert np.array_equal(joined, full)  # the same rows, samples and captions as the folder that holds the images
+    shuffled = tmp_path / "shuffled"
+    (shuffled / "data").mkdir(parents=True)
+    src = datasets.load_dataset(str(source_dir), split="train")
+    src.select(list(range(1, 24)) + [0]).to_parquet(str(shuffled / "data" / "train-00000-of-00001.parquet"))
+    with pytest.raises(FingerprintMismatch, match=r"dr_index"):
+        verify(str(reinforcement_only), rows=24, source=str(shuffled))
