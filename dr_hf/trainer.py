@@ -270,6 +270,9 @@ class ReinforcedTrainer(Trainer):
         if names is None:
             return
         if args.image_column not in names:
+            if DR_FINGERPRINT in names and all(n.startswith("dr_") for n in names):  # written with --no-images
+                raise ValueError(f"train_dataset is a reinforcement-only dataset (columns: {names}): join it to its "
+                                 "source first, dr_hf.load_reinforced(path, source=...) or dr_hf.join_source")
             raise ValueError(f"train_dataset has no image column {args.image_column!r} (columns: {names}); "
                              "set ReinforcedTrainingArguments(image_column=...)")
         if fields is None:

@@ -230,6 +230,17 @@ def test_join_refuses_mismatched_inputs(reinforcement_only, source_dir):
         join_source(ronly, src.rename_column("image", "img"))
 
 
+def test_the_trainer_asks_for_a_reinforcement_only_dataset_to_be_joined_first(tmp_path, reinforcement_only):
+    import timm
+
+    from dr_hf import ReinforcedTrainer, ReinforcedTrainingArguments
+
+    args = ReinforcedTrainingArguments(str(tmp_path), max_steps=1, report_to=[], use_cpu=True)
+    ronly = datasets.load_dataset(str(reinforcement_only), split="train")
+    with pytest.raises(ValueError, match=r"reinforcement-only dataset .*load_reinforced\(path, source=...\)"):
+        ReinforcedTrainer(model=timm.create_model("resnet10t", num_classes=10), args=args, train_dataset=ronly)
+
+
 def test_a_reinforcement_only_folder_verifies_and_previews_from_its_source(tmp_path, plus, reinforcement_only,
                                                                           source_dir, capsys):
     """verify and preview replay its rows joined to the base dataset (--source), refuse without one, naming the flag,
