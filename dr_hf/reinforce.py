@@ -444,7 +444,11 @@ def check_output_dir(data_dir: str, config: ReinforceConfig, split: str, num_sha
         except Exception as exc:
             raise ValueError(f"{path} is not readable as a reinforced shard ({exc}); use an empty --output") from exc
         parsed = parse_shard_name(name)
-        same_layout = parsed is None or parsed[0] != split or parsed[2] == num_shards
+        if parsed is not None and parsed[0] != split:
+            raise ValueError(f"{os.path.dirname(data_dir)} already holds the {parsed[0]!r} split ({name}): a reinforced "
+                             f"folder holds one split (its card, stats and preview describe it); reinforce {split!r} "
+                             "into another --output")
+        same_layout = parsed is None or parsed[2] == num_shards
         differs = existing is not None and existing.identity() != config.identity()
         if existing is None or differs or not same_layout:
             raise ValueError(

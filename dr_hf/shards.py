@@ -95,14 +95,30 @@ def card_config(folder: str) -> Optional[ReinforceConfig]:
     return ReinforceConfig.from_dict(data)
 
 
+def _settings(config: ReinforceConfig) -> Dict[str, object]:
+    """A configuration's identity with nested settings under dotted names (``source.split``), so that a difference
+    names the setting itself, not the whole block around it."""
+    flat: Dict[str, object] = {}
+
+    def walk(prefix: str, value) -> None:
+        if isinstance(value, dict):
+            for k, v in value.items():
+                walk(f"{prefix}.{k}" if prefix else k, v)
+        else:
+            flat[prefix] = value
+
+    walk("", config.identity())
+    return flat
+
+
 def _differences(a: ReinforceConfig, b: ReinforceConfig) -> List[str]:
-    x, y = a.identity(), b.identity()
+    x, y = _settings(a), _settings(b)
     return sorted(k for k in set(x) | set(y) if x.get(k) != y.get(k))
 
 
 def describe_differences(stored: ReinforceConfig, new: ReinforceConfig) -> str:
     """The settings in which two configurations differ, with both values: ``seed 0 there, 1 here; ...``."""
-    x, y = stored.identity(), new.identity()
+    x, y = _settings(stored), _settings(new)
 
     def short(value) -> str:
         text = json.dumps(value, sort_keys=True)

@@ -336,6 +336,14 @@ def test_resume_skips_complete_shards_and_refuses_other_settings(tmp_path, image
         run(image_dataset, tmp_path, teachers, rows_per_shard=8, seed=1)
     with pytest.raises(ValueError, match=r"different job \(train-00000-of-00003.parquet: rows_per_shard 8 there, 16 "):
         run(image_dataset, tmp_path, teachers, rows_per_shard=16)
+    with pytest.raises(ValueError, match=r"different job \(train-00000-of-00003.parquet: source.split null there, "
+                                         r"\"train\" here\)"):  # a nested setting is named, not its whole block
+        run(image_dataset, tmp_path, teachers, rows_per_shard=8, source={"split": "train"})
+    validation = tmp_path / "validation"
+    reinforce(image_dataset, make_config(teachers, rows_per_shard=8), teachers, str(validation), split="validation",
+              batch_size=8, show_progress=False)
+    with pytest.raises(ValueError, match=r"already holds the 'validation' split .* reinforce 'train' into another --output"):
+        run(image_dataset, validation, teachers, rows_per_shard=8)
 
 
 def test_odd_images_are_handled(tmp_path, teachers):
