@@ -47,20 +47,26 @@ def base_of(folder: str, config: ReinforceConfig, source: Optional[str], split: 
 
 def check_hub_dataset(path: str, revision: Optional[str] = None) -> None:
     """Fail at once, naming both readings, when ``path`` is neither a local folder nor a Hub dataset one can reach
-    (instead of ``datasets`` retrying the Hub for half a minute)."""
+    (instead of ``datasets`` retrying the Hub for half a minute). Offline (``HF_HUB_OFFLINE``), ``datasets`` reads
+    its cache, as a cluster's compute nodes without a network do, and says itself when the dataset is not there."""
+    import datasets
     from huggingface_hub import HfApi, constants
+    from huggingface_hub.errors import RepositoryNotFoundError, RevisionNotFoundError
 
     where = os.path.abspath(os.path.expanduser(path))
     looks_local = path.startswith((".", "/", "~")) or path.endswith("/") or path.count("/") > 1
     if looks_local:
         raise FileNotFoundError(f"no local folder {path!r} ({where} does not exist)")
-    if constants.HF_HUB_OFFLINE:
-        raise FileNotFoundError(f"{path!r}: no local folder of that name ({where}), and the Hub is off (HF_HUB_OFFLINE)")
+    if constants.HF_HUB_OFFLINE or datasets.config.HF_HUB_OFFLINE:
+        return
     try:
         HfApi().dataset_info(path, revision=revision, timeout=10)
     except Exception as exc:  # not found, private, or no network: say which, once
+        answered = isinstance(exc, (RepositoryNotFoundError, RevisionNotFoundError))
+        hint = "" if answered else "; if it is in your local cache, set HF_HUB_OFFLINE=1 to read it from there"
         raise FileNotFoundError(f"{path!r}: no local folder of that name ({where}), and the Hub has no dataset of that "
-                                f"name that can be reached ({type(exc).__name__}: {str(exc).splitlines()[0][:200]})") from None
+                                f"name that can be reached ({type(exc).__name__}: {str(exc).splitlines()[0][:200]}){hint}"
+                                ) from None
 
 
 def reinforcement_config(path: str, split: str = "train", revision: Optional[str] = None) -> ReinforceConfig:

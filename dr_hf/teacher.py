@@ -125,6 +125,12 @@ def _read_state_dict(path: str) -> Dict[str, torch.Tensor]:
     return state
 
 
+def _first_line(exc: BaseException) -> str:
+    """``Type: message`` of an exception, its message's first line only (the Hub's errors run to paragraphs)."""
+    lines = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {lines[0][:300] if lines else ''}"
+
+
 def _imagenet_names() -> Optional[List[str]]:
     try:
         from timm.data import ImageNetInfo
@@ -145,8 +151,8 @@ def _timm_teacher(spec: str) -> Teacher:
             model = timm.create_model(name, pretrained=True)
         except Exception as exc:  # offline, unknown name, ...
             raise RuntimeError(
-                f"teacher {spec!r}: could not load timm's pretrained weights ({type(exc).__name__}: {exc}). "
-                f"Offline, pass a local file: 'timm:{name}@weights.safetensors'"
+                f"teacher {spec!r}: could not load timm's pretrained weights ({_first_line(exc)}). Offline, pass a "
+                f"local file: 'timm:{name}@weights.safetensors', or set HF_HUB_OFFLINE=1 with the weights in the cache"
             ) from exc
     else:
         state = _read_state_dict(weights)
@@ -165,7 +171,14 @@ def _hf_teacher(spec: str) -> Teacher:
     from transformers import AutoImageProcessor, AutoModelForImageClassification
 
     path = spec.split(":", 1)[1]
-    model = AutoModelForImageClassification.from_pretrained(path, trust_remote_code=False)
+    try:
+        model = AutoModelForImageClassification.from_pretrained(path, trust_remote_code=False)
+    except Exception as exc:  # no such folder or repo, offline, not an image classifier
+        raise RuntimeError(
+            f"teacher {spec!r}: could not load a transformers image classifier from {path!r} ({_first_line(exc)}). "
+            "Give a local folder (save_pretrained's) or a Hub id; offline, set HF_HUB_OFFLINE=1 with the model in the "
+            "cache"
+        ) from exc
     try:
         processor = AutoImageProcessor.from_pretrained(path, trust_remote_code=False)
     except (OSError, ValueError):

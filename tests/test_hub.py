@@ -171,6 +171,33 @@ def test_interrupted_push_resumes(tmp_path, hub, plus, monkeypatch, capsys):
     assert answer["same"]
 
 
+def test_a_hub_source_in_the_local_cache_reinforces_offline(tmp_path, hub, source_dir, tiny_teacher_spec):
+    """As on a cluster's compute nodes without a network: the source, loaded once into HF_HOME's cache, reinforces
+    with HF_HUB_OFFLINE=1 and nothing is asked of the Hub; online with the Hub out of reach, the refusal says how to
+    read the cache instead."""
+    home = tmp_path / "home"
+    assert fresh_python(hub, home, f"""
+        import json, datasets
+        datasets.load_dataset({str(source_dir)!r}, split="train").push_to_hub("org/plain-src", token={TOKEN!r})
+        print(json.dumps(len(datasets.load_dataset("org/plain-src", split="train"))))
+    """) == 24
+    asked = len(hub.state.requests)
+    env = {**os.environ, **hub.env(str(home)), "HF_HUB_OFFLINE": "1", "HF_DATASETS_DISABLE_PROGRESS_BARS": "1"}
+
+    def reinforce_cli(out):
+        return subprocess.run([sys.executable, "-m", "dr_hf", "reinforce", "org/plain-src", "--output", str(out),
+                               "--teacher", tiny_teacher_spec, "--num-samples", "2", "--topk", "3"],
+                              capture_output=True, text=True, env=env)
+
+    proc = reinforce_cli(tmp_path / "plus")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert len(hub.state.requests) == asked
+    assert datasets.load_dataset(str(tmp_path / "plus"), split="train").num_rows == 24
+    env.update(HF_HUB_OFFLINE="0", HF_ENDPOINT="http://127.0.0.1:9")  # a port nothing listens on
+    proc = reinforce_cli(tmp_path / "unreachable")
+    assert proc.returncode == 2 and "set HF_HUB_OFFLINE=1 to read it from there" in proc.stderr, proc.stderr[-3000:]
+
+
 def test_reinforcement_only_repo_joins_its_source_and_refuses_a_tampered_row(tmp_path, hub, plus, reinforcement_only,
                                                                             source_dir, monkeypatch, capsys):
     table = pq.read_table(str(reinforcement_only / "data"))

