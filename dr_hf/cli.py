@@ -18,6 +18,7 @@ def cmd_reinforce(args) -> int:
     from .format import ReinforceConfig, public_source
     from .processes import current_processes, finish
     from .reinforce import default_render, default_teacher_batch_size, reinforce, stream_length
+    from .shards import shard_paths
     from .source import load_source
     from .teacher import TeacherEnsemble, expand_specs
 
@@ -73,8 +74,10 @@ def cmd_reinforce(args) -> int:
     if not procs.is_main:
         return 0
     s = result.stats
-    print(f"wrote {result.output_dir}: {s['rows']} rows x {s['num_samples']} samples, top-{s['topk']} "
-          f"({result.shards_written} shard(s) written, {result.shards_skipped} already complete)")
+    who = f" by this process of {result.world}" if result.world > 1 else ""
+    print(f"wrote {result.output_dir}: {s['rows']} rows x {s['num_samples']} samples, top-{s['topk']} in "
+          f"{len(shard_paths(result.output_dir, args.split))} shard(s) ({result.shards_written} written{who}, "
+          f"{result.shards_skipped} already complete)")
     print(f"storage: {s['bytes_per_sample']} bytes per augmentation sample "
           f"(params {s['bytes_per_sample_params']}, top-K {s['bytes_per_sample_topk']})")
     if s.get("skipped_rows"):

@@ -56,7 +56,7 @@ def test_kill_9_at_a_random_moment_then_rerun(tmp_path, source_dir, tiny_teacher
     assert not (out / "README.md").exists()  # the card is written last
     rerun = run_cli(reinforce_args(source_dir, out, tiny_teacher_spec))
     assert rerun.returncode == 0, rerun.stderr
-    assert f"{5 - before} shard(s) written, {before} already complete" in rerun.stdout  # resumed, not redone
+    assert f"in 5 shard(s) ({5 - before} written, {before} already complete)" in rerun.stdout  # resumed, not redone
     assert not [n for n in os.listdir(out / "data") if n.endswith(".tmp")]
     result = table(out)
     assert result.num_rows == reference.num_rows == 40  # no row lost, none duplicated
