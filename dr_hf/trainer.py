@@ -63,7 +63,9 @@ class ReinforcedTrainingArguments(TrainingArguments):
         "help": "Student normalisation std; default: the processing_class, else the model, else ImageNet's."})
     interpolation: Optional[str] = field(default=None, metadata={
         "help": "Resize interpolation: nearest, bilinear or bicubic; default: the processing_class, else the model."})
-    image_column: str = field(default="image", metadata={"help": "The dataset's image column."})
+    image_column: Optional[str] = field(default=None, metadata={
+        "help": "The dataset's image column; default: its one column of type datasets.Image ('img' in some Hub "
+                "copies of CIFAR), else 'image'."})
     label_column: str = field(default="label", metadata={"help": "The dataset's label column ('' for none)."})
     shuffle_buffer_size: int = field(default=1000, metadata={
         "help": "Streaming: shuffle buffer, in examples (in groups of rows for MixUp/CutMix data)."})
@@ -176,6 +178,15 @@ def encoded_images(dataset, column: str):
     return dataset
 
 
+def image_column_of(dataset) -> str:
+    """A dataset's one column of type ``datasets.Image``, else ``"image"``."""
+    import datasets
+
+    features = getattr(dataset, "features", None) or {}
+    images = [name for name, feature in features.items() if isinstance(feature, datasets.Image)]
+    return images[0] if len(images) == 1 else "image"
+
+
 class ReinforcedTrainer(Trainer):
     """A ``transformers.Trainer`` for reinforced datasets (see the module docstring); a drop-in for ``Trainer``.
 
@@ -198,6 +209,8 @@ class ReinforcedTrainer(Trainer):
             if not isinstance(args, TrainingArguments):
                 raise TypeError(f"args must be TrainingArguments or ReinforcedTrainingArguments, got {type(args).__name__}")
             args = ReinforcedTrainingArguments.from_training_arguments(args)
+        self.image_column = args.image_column or image_column_of(train_dataset if train_dataset is not None
+                                                                 else eval_dataset)
         self.student_output = student_output(model, args, processing_class)
         self.num_classes = num_classes_of(model)
         self.teachers = None
@@ -212,7 +225,7 @@ class ReinforcedTrainer(Trainer):
         pipeline = None
         if train_dataset is not None:
             self._check_train_dataset(train_dataset, fields, args)
-            train_dataset = encoded_images(train_dataset, args.image_column)
+            train_dataset = encoded_images(train_dataset, self.image_column)
             pipeline = AugmentPipeline.from_fields(fields) if fields is not None else None  # refuses other formats
             if pipeline is not None and pipeline.mix is not None:
                 self.group_size = pipeline.group_size
@@ -237,7 +250,7 @@ class ReinforcedTrainer(Trainer):
                 # then shards a datasets.IterableDataset by its files (n_shards >= processes), else keeps every
                 # world_size-th batch of the shared stream.
                 args.accelerator_config.dispatch_batches = False
-        common = dict(output=self.student_output, image_column=args.image_column,
+        common = dict(output=self.student_output, image_column=self.image_column,
                       label_column=args.label_column or None, num_classes=self.num_classes)
         self.replay_pipeline = pipeline
         self._rendered_ahead: Optional[RenderedAhead] = None
@@ -269,11 +282,11 @@ class ReinforcedTrainer(Trainer):
         names = getattr(dataset, "column_names", None)
         if names is None:
             return
-        if args.image_column not in names:
+        if self.image_column not in names:
             if DR_FINGERPRINT in names and all(n.startswith("dr_") for n in names):  # written with --no-images
                 raise ValueError(f"train_dataset is a reinforcement-only dataset (columns: {names}): join it to its "
                                  "source first, dr_hf.load_reinforced(path, source=...) or dr_hf.join_source")
-            raise ValueError(f"train_dataset has no image column {args.image_column!r} (columns: {names}); "
+            raise ValueError(f"train_dataset has no image column {self.image_column!r} (columns: {names}); "
                              "set ReinforcedTrainingArguments(image_column=...)")
         if fields is None:
             if not args.augment:
@@ -322,7 +335,7 @@ class ReinforcedTrainer(Trainer):
     def _set_signature_columns_if_needed(self):
         """Keep what the collators read (image, label, reinforcement columns) with ``remove_unused_columns=True``."""
         super()._set_signature_columns_if_needed()
-        keep = [self.args.image_column, self.args.label_column, DR_FINGERPRINT, *DR_COLUMNS]
+        keep = [self.image_column, self.args.label_column, DR_FINGERPRINT, *DR_COLUMNS]
         self._signature_columns += [c for c in keep if c and c not in self._signature_columns]
 
     def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
@@ -367,7 +380,7 @@ class ReinforcedTrainer(Trainer):
             return dataset
         if isinstance(dataset, dict):
             return {name: self._own_eval_rows(part) for name, part in dataset.items()}
-        return encoded_images(dataset, self.args.image_column)
+        return encoded_images(dataset, self.image_column)
 
     def get_eval_dataloader(self, eval_dataset=None):
         with self._collating_with(self.eval_collator):

@@ -258,6 +258,25 @@ def test_plain_and_online_kd_use_the_same_trainer(tmp_path, reinforced, sharp_te
     assert all(np.isfinite(losses(online)))
 
 
+@pytest.mark.parametrize("streaming", [False, True])
+def test_the_image_column_is_found_by_its_type(tmp_path, reinforced, streaming):
+    """Images in a column named otherwise ('img', as in some Hub copies of CIFAR) replay with the default arguments,
+    the same batches as under 'image'; an image_column given is used as given."""
+    _, _, folders = reinforced
+    batches = {}
+    for name in ("image", "img"):
+        train = datasets.load_dataset(str(folders["rrc+flip"]), split="train", streaming=streaming)
+        if name != "image":  # (a streamed rename re-encodes decoded JPEGs, lossily: renamed as bytes)
+            train = train.cast_column("image", datasets.Image(decode=False)).rename_column("image", name)
+        trainer = ReinforcedTrainer(model=tiny_timm(), args=args(tmp_path), train_dataset=train)
+        assert trainer.image_column == name
+        batches[name] = next(iter(trainer.get_train_dataloader()))
+    assert torch.equal(batches["image"]["pixel_values"], batches["img"]["pixel_values"])
+    with pytest.raises(ValueError, match="train_dataset has no image column 'picture'"):
+        ReinforcedTrainer(model=tiny_timm(), args=args(tmp_path, image_column="picture"),
+                          train_dataset=datasets.load_dataset(str(folders["rrc+flip"]), split="train"))
+
+
 def test_clear_errors(tmp_path, reinforced):
     ds, _, folders = reinforced
     with pytest.raises(ValueError, match="not a reinforced dataset"):
