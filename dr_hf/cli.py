@@ -16,6 +16,7 @@ from .teacher import COMPILE_MODES
 def cmd_reinforce(args) -> int:
     from .augment import make_pipeline
     from .format import ReinforceConfig, public_source
+    from .images import image_column_of
     from .processes import current_processes, finish
     from .reinforce import default_render, default_teacher_batch_size, reinforce, stream_length
     from .shards import shard_paths
@@ -33,6 +34,7 @@ def cmd_reinforce(args) -> int:
         pipeline.mix.group_size = args.group_size
     ds = load_source(args.dataset, args.split, args.name, args.revision, None if args.streaming else args.limit,
                      streaming=args.streaming)
+    args.image_column = args.image_column or image_column_of(ds)
     if args.streaming:
         num_rows = args.num_rows or stream_length(ds, args.split, args.label_column or args.image_column)
         if args.limit:
@@ -186,7 +188,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--split", default="train", help="the source split (also the output split's name)")
     r.add_argument("--name", default=None, help="dataset config name")
     r.add_argument("--revision", default=None, help="the source's Hub revision (branch, tag or commit)")
-    r.add_argument("--image-column", default="image", help="the source's image column")
+    r.add_argument("--image-column", default=None,
+                   help="the source's image column (default: its one column of type datasets.Image, else image)")
     r.add_argument("--label-column", default="label", help="'' for unlabelled data")
     r.add_argument("--limit", type=int, default=None, help="only the first M rows (for trials)")
     r.add_argument("--streaming", action="store_true", help="stream the source (sets that do not fit on disk); dr_index = position in the stream")

@@ -240,3 +240,12 @@ def fingerprint(value: Any, row: Optional[int] = None, column: str = "image") ->
     import hashlib
 
     return hashlib.blake2b(image_bytes(value, row, column), digest_size=16).hexdigest()
+
+
+def image_column_of(dataset) -> str:
+    """A dataset's one column of type ``datasets.Image``, else ``"image"``."""
+    import datasets
+
+    features = getattr(dataset, "features", None) or {}
+    images = [name for name, feature in features.items() if isinstance(feature, datasets.Image)]
+    return images[0] if len(images) == 1 else "image"

@@ -21,6 +21,7 @@ from .augment import PRESETS, AugmentPipeline, normalise_pixels
 from .collator import AugmentCollator, EvalCollator, ReinforcedCollator
 from .inputs import INTERPOLATION_NAMES, InputSpec, resolve_input_spec
 from .format import DR_COLUMNS, DR_FINGERPRINT, DR_PARAMS, require_reinforced
+from .images import image_column_of
 from .shards import data_files_of, name_bad_files
 from .loss import dense_teacher_log_probs, distillation_loss, one_hot_target
 from .replay import RenderedAhead
@@ -176,15 +177,6 @@ def encoded_images(dataset, column: str):
     if isinstance(feature, datasets.Image) and feature.decode:
         return dataset.cast_column(column, datasets.Image(mode=feature.mode, decode=False))
     return dataset
-
-
-def image_column_of(dataset) -> str:
-    """A dataset's one column of type ``datasets.Image``, else ``"image"``."""
-    import datasets
-
-    features = getattr(dataset, "features", None) or {}
-    images = [name for name, feature in features.items() if isinstance(feature, datasets.Image)]
-    return images[0] if len(images) == 1 else "image"
 
 
 class ReinforcedTrainer(Trainer):

@@ -93,6 +93,17 @@ def test_cli_errors_name_the_option(tmp_path, image_dataset_dir, tiny_teacher_sp
     assert code == 2 and "not a reinforced dataset" in err
 
 
+def test_the_image_column_is_found_by_its_type(tmp_path, image_dataset, tiny_teacher_spec, capsys):
+    """A source whose images are in 'img' reinforces without --image-column, and the data records it."""
+    source = tmp_path / "src"
+    (source / "data").mkdir(parents=True)
+    image_dataset.select(range(8)).rename_column("image", "img").to_parquet(str(source / "data" / "train.parquet"))
+    code, _, err = here(capsys, "reinforce", source, "--output", tmp_path / "out", "--teacher", tiny_teacher_spec,
+                        "--num-samples", 2, "--topk", 3, "--quiet")
+    assert code == 0, err
+    assert config_from_parquet(shard_paths(str(tmp_path / "out"))[0]).image_column == "img"
+
+
 def test_newcomer_first_hour(tmp_path, capsys, image_dataset_dir, tiny_teacher_spec, monkeypatch):
     """verify replays the recorded teachers by default and names them when another list is given; a missing source
     folder fails at once, saying so; --help shows the defaults (in-process: no subprocess needed)."""
