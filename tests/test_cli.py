@@ -121,6 +121,7 @@ def test_newcomer_first_hour(tmp_path, capsys, image_dataset_dir, tiny_teacher_s
     assert "differs from the teachers recorded" in err and tiny_teacher_spec in err
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
     monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", False)
+    monkeypatch.setattr("datasets.config.HF_HUB_OFFLINE", False)  # (offline, datasets would read its cache instead)
     start = time.time()
     assert main(["reinforce", "no_such_folder", "--output", str(tmp_path / "x"), "--teacher", tiny_teacher_spec]) == 2
     err = capsys.readouterr().err
