@@ -77,6 +77,10 @@ def from_processor(processor: Any) -> dict:
         found["interpolation"] = _PIL_RESAMPLE.get(int(getattr(resample, "value", resample)), "bilinear")
     if getattr(processor, "crop_pct", None):
         found["crop_pct"] = float(processor.crop_pct)
+    elif size:  # its own evaluation view: resized to `size`, then center-cropped to `crop_size`, or not cropped
+        resized = _pair(getattr(processor, "size", None))
+        cropped = _pair(getattr(processor, "crop_size", None)) if getattr(processor, "do_center_crop", False) else None
+        found["crop_pct"] = min(1.0, cropped[0] / resized[0]) if cropped and resized else 1.0
     return found
 
 

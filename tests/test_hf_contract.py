@@ -102,7 +102,8 @@ def test_student_sees_its_image_processors_normalisation(tmp_path, plus, vit_dir
     model, processor = vit(vit_dir)
     trainer = ReinforcedTrainer(model=model, args=base_args(tmp_path, uint8_pixels=True), processing_class=processor,
                                 train_dataset=load(folders["imagenet+rrc"]))
-    assert trainer.student_output == InputSpec(size=(32, 32), mean=(0.5,) * 3, std=(0.5,) * 3, interpolation="bilinear")
+    assert trainer.student_output == InputSpec(size=(32, 32), mean=(0.5,) * 3, std=(0.5,) * 3, interpolation="bilinear",
+                                               crop_pct=1.0)  # a ViT's processor resizes to its input, cropping nothing
     batch = next(iter(trainer.get_train_dataloader()))
     assert batch["pixel_values"].dtype == torch.uint8  # uint8_pixels (as on a GPU): normalised by the trainer
     pixels = trainer.pixel_values(batch)
@@ -122,6 +123,13 @@ def test_one_resolver_for_models_processors_and_arguments():
     spec = resolve_input_spec(resnet, processor)
     assert spec.size == (48, 48) and spec.mean == (0.1, 0.2, 0.3) and spec.crop_pct == 0.9
     assert resolve_input_spec(resnet, processor, size=24, mean=(0, 0, 0)).size == (24, 24)
+    # the evaluation view is the processor's own: resized to `size`, center-cropped to `crop_size` when it crops
+    from transformers import CLIPImageProcessor, DeiTImageProcessor, ViTImageProcessor
+
+    assert resolve_input_spec(resnet, DeiTImageProcessor(size={"height": 256, "width": 256})).crop_pct == 224 / 256
+    assert resolve_input_spec(resnet, CLIPImageProcessor(size={"shortest_edge": 64},
+                                                         crop_size={"height": 48, "width": 48})).crop_pct == 0.75
+    assert resolve_input_spec(resnet, ViTImageProcessor(size={"height": 48, "width": 48})).crop_pct == 1.0
     cfg = timm.create_model("resnet10t", num_classes=10, pretrained_cfg_overlay=dict(
         input_size=(3, 40, 40), mean=(0.2, 0.2, 0.2), std=(0.3, 0.3, 0.3), interpolation="bilinear", crop_pct=0.95))
     assert resolve_input_spec(cfg) == InputSpec((40, 40), (0.2,) * 3, (0.3,) * 3, "bilinear", 0.95)
