@@ -127,7 +127,8 @@ def cmd_push(args) -> int:
     result = push(args.folder, args.repo_id, private=True if args.private else None, revision=args.revision,
                   token=args.token, files_per_commit=args.files_per_commit)
     print(f"pushed {args.folder} to {result.url} ({result.revision}): {len(result.uploaded)} file(s) in "
-          f"{result.commits} commit(s), {len(result.skipped)} already there")
+          f"{result.commits} commit(s), {len(result.skipped)} already there"
+          + (f", {len(result.removed)} file(s) of an earlier push removed" if result.removed else ""))
     print(f'load it with: datasets.load_dataset("{args.repo_id}", split="train")  (or streaming=True)')
     return 0
 

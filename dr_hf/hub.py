@@ -5,7 +5,9 @@ Only the public ``huggingface_hub`` API is used (``create_repo``, ``create_branc
 A rerun after an interruption skips every file the repo already holds with the same content (LFS sha256 or git
 blob sha1), and within a batch ``upload_folder`` skips LFS objects the server already has; with ``hf_xet``
 installed it also batches and resumes on its own. Shards go first and the card last, so a repo only advertises
-a dataset once all of it is there. The token is passed through, never printed or written.
+a dataset once all of it is there; shards an earlier push left that this folder does not hold (another job, other
+shard names) are removed in that last commit, so the repo never ends holding two jobs' rows. The token is passed
+through, never printed or written.
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ class PushResult:
     skipped: List[str]
     commits: int
     url: str
+    removed: List[str]
 
 
 def local_files(folder: str) -> List[str]:
@@ -103,13 +106,15 @@ def push(
     remote = remote_files(api, repo_id, branch)
 
     todo, skipped = [], []
-    for rel in local_files(folder):
+    ours = local_files(folder)
+    shards = (f"{DATA_DIR}/", f"{ERRORS_DIR}/")
+    stale = sorted(p for p in remote if p.startswith(shards) and p not in ours)  # an earlier push's, not this folder's
+    for rel in ours:
         same = rel in remote and same_content(os.path.join(folder, rel), remote[rel])
         (skipped if same else todo).append(rel)
     if skipped:
         logger.info("%d file(s) already on %s@%s with the same content: skipped", len(skipped), repo_id, branch)
 
-    shards = (f"{DATA_DIR}/", f"{ERRORS_DIR}/")
     data = [f for f in todo if f.startswith(shards)]
     last = [f for f in todo if not f.startswith(shards)]  # the card (and its preview) once every shard is there
     batches = [data[i:i + files_per_commit] for i in range(0, len(data), files_per_commit)]
@@ -118,6 +123,13 @@ def push(
     for k, batch in enumerate(batches):
         message = commit_message if len(batches) == 1 else f"{commit_message} (part {k + 1}/{len(batches)})"
         logger.info("commit %d/%d: %d file(s)", k + 1, len(batches), len(batch))
+        final = k == len(batches) - 1  # (file names hold no glob characters: each pattern is one path)
         api.upload_folder(repo_id=repo_id, repo_type="dataset", folder_path=folder, revision=branch,
-                          allow_patterns=batch, commit_message=message)
-    return PushResult(repo_id, branch, todo, skipped, len(batches), url)
+                          allow_patterns=batch, delete_patterns=stale if final and stale else None,
+                          commit_message=message)
+    if stale and not batches:
+        api.delete_files(repo_id, stale, repo_type="dataset", revision=branch,
+                         commit_message=f"{commit_message}: shards of an earlier push removed")
+    if stale:
+        logger.info("%d file(s) of an earlier push removed from %s@%s", len(stale), repo_id, branch)
+    return PushResult(repo_id, branch, todo, skipped, len(batches) + (1 if stale and not batches else 0), url, stale)

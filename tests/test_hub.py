@@ -171,6 +171,26 @@ def test_interrupted_push_resumes(tmp_path, hub, plus, monkeypatch, capsys):
     assert answer["same"]
 
 
+def test_a_push_over_an_earlier_one_leaves_only_this_folders_shards(tmp_path, hub, teachers, source_dir, plus,
+                                                                     monkeypatch, capsys):
+    """The same repo pushed again from a folder with other shard names (another --rows-per-shard): the shards of
+    the earlier push go in the final commit, so the repo never ends holding two jobs' rows."""
+    code, _, err = cli_here(hub, monkeypatch, capsys, "push", plus, "org/repushed", "--quiet")
+    assert code == 0, err
+    other = tmp_path / "other"
+    config = make_config(teachers, augment="imagenet+rare+mix", n=4, k=3, rows_per_shard=16,
+                         source={"path": str(source_dir), "split": "train"})
+    reinforce(datasets.load_dataset(str(source_dir), split="train"), config, teachers, str(other), show_progress=False)
+    code, out, err = cli_here(hub, monkeypatch, capsys, "push", other, "org/repushed", "--quiet")
+    assert code == 0, err
+    assert "3 file(s) of an earlier push removed" in out
+    repo = hub.state.repos[("dataset", "org/repushed")]
+    held = sorted(p for p in repo.commits[repo.branches["main"]] if p.startswith("data/"))
+    assert held == [f"data/{n}" for n in sorted(os.listdir(other / "data"))] == \
+        ["data/train-00000-of-00002.parquet", "data/train-00001-of-00002.parquet"]
+    assert repo.log[-1].startswith("Upload reinforced dataset with dr-hf")  # one final commit: the card and removals
+
+
 def test_a_hub_source_in_the_local_cache_reinforces_offline(tmp_path, hub, source_dir, tiny_teacher_spec):
     """As on a cluster's compute nodes without a network: the source, loaded once into HF_HOME's cache, reinforces
     with HF_HUB_OFFLINE=1 and nothing is asked of the Hub; online with the Hub out of reach, the refusal says how to
