@@ -58,6 +58,15 @@ def source_license(source: str) -> Optional[str]:
     return None
 
 
+REPO_PLACEHOLDER = "org/name-plus"
+"""The repo id the card's code names until ``dr-hf push`` publishes it under its own (:func:`published_card`)."""
+
+
+def published_card(text: str, repo_id: str) -> str:
+    """A card's text as published to ``repo_id``: its code snippets load that repo instead of the placeholder."""
+    return text.replace(py_str(REPO_PLACEHOLDER), py_str(repo_id))
+
+
 RENDER_TEXT = {
     "per-sample": "per sample, by torch's antialiased crop+resize (`--render per-sample`)",
     "batched": "each image's samples at once by resampling matrices (`--render batched`, the GPU path): within about "
@@ -95,7 +104,7 @@ def write_card(output_dir: str, config: ReinforceConfig, stats: Dict[str, Any], 
     agreement = stats.get("teacher_top1_agreement")
     source = config.source.get("path", "?")
     split_name = config.source.get("split") or split
-    repo = repo_id or "org/name-plus"
+    repo = repo_id or REPO_PLACEHOLDER
     # Everything a user or a source controls goes through an escaper: code spans, code blocks, string literals.
     card = DatasetCard.from_template(
         data,

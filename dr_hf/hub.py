@@ -56,8 +56,13 @@ def _file_digest(path: str, h) -> str:
     return h.hexdigest()
 
 
-def same_content(path: str, remote) -> bool:
-    """Whether a local file equals a repo file: LFS files by sha256, regular ones by git blob sha1."""
+def same_content(path: str, remote, data: Optional[bytes] = None) -> bool:
+    """Whether a local file (or ``data``, what is published in its place) equals a repo file: LFS files by sha256,
+    regular ones by git blob sha1."""
+    if data is not None:
+        if remote.lfs is not None:
+            return remote.lfs.sha256 == hashlib.sha256(data).hexdigest()
+        return remote.blob_id == hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest()
     if remote.lfs is not None:
         return remote.lfs.sha256 == _file_digest(path, hashlib.sha256())
     return remote.blob_id == _file_digest(path, hashlib.sha1(b"blob %d\0" % os.path.getsize(path)))
@@ -81,8 +86,9 @@ def push(
     commit_message: str = "Upload reinforced dataset with dr-hf",
 ) -> PushResult:
     """Upload ``folder`` (written by ``dr-hf reinforce``) to the dataset repo ``repo_id``."""
-    from huggingface_hub import HfApi
+    from huggingface_hub import CommitOperationAdd, CommitOperationDelete, HfApi
 
+    from .card import published_card
     from .shards import check_folder, raise_if, shard_paths, splits
 
     if "/" not in repo_id:
@@ -109,8 +115,10 @@ def push(
     ours = local_files(folder)
     shards = (f"{DATA_DIR}/", f"{ERRORS_DIR}/")
     stale = sorted(p for p in remote if p.startswith(shards) and p not in ours)  # an earlier push's, not this folder's
+    with open(os.path.join(folder, CARD), encoding="utf-8") as f:
+        card = published_card(f.read(), repo_id).encode()  # its snippets load this repo
     for rel in ours:
-        same = rel in remote and same_content(os.path.join(folder, rel), remote[rel])
+        same = rel in remote and same_content(os.path.join(folder, rel), remote[rel], card if rel == CARD else None)
         (skipped if same else todo).append(rel)
     if skipped:
         logger.info("%d file(s) already on %s@%s with the same content: skipped", len(skipped), repo_id, branch)
@@ -123,13 +131,17 @@ def push(
     for k, batch in enumerate(batches):
         message = commit_message if len(batches) == 1 else f"{commit_message} (part {k + 1}/{len(batches)})"
         logger.info("commit %d/%d: %d file(s)", k + 1, len(batches), len(batch))
-        final = k == len(batches) - 1  # (file names hold no glob characters: each pattern is one path)
-        api.upload_folder(repo_id=repo_id, repo_type="dataset", folder_path=folder, revision=branch,
-                          allow_patterns=batch, delete_patterns=stale if final and stale else None,
-                          commit_message=message)
+        if k < len(batches) - 1:
+            api.upload_folder(repo_id=repo_id, repo_type="dataset", folder_path=folder, revision=branch,
+                              allow_patterns=batch, commit_message=message)
+            continue
+        # the last commit: the card as published, and the removal of an earlier push's shards
+        api.create_commit(repo_id, repo_type="dataset", revision=branch, commit_message=message, operations=[
+            CommitOperationAdd(rel, card if rel == CARD else os.path.join(folder, rel)) for rel in batch
+        ] + [CommitOperationDelete(rel) for rel in stale])
     if stale and not batches:
-        api.delete_files(repo_id, stale, repo_type="dataset", revision=branch,
-                         commit_message=f"{commit_message}: shards of an earlier push removed")
+        api.create_commit(repo_id, repo_type="dataset", revision=branch, operations=[
+            CommitOperationDelete(rel) for rel in stale], commit_message=f"{commit_message}: shards of an earlier push removed")
     if stale:
         logger.info("%d file(s) of an earlier push removed from %s@%s", len(stale), repo_id, branch)
     return PushResult(repo_id, branch, todo, skipped, len(batches) + (1 if stale and not batches else 0), url, stale)

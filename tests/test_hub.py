@@ -136,12 +136,15 @@ def test_push_then_load_in_a_fresh_process_map_style_and_streaming(tmp_path, hub
         files = HfApi().list_repo_files("org/imagenet-plus", repo_type="dataset")
         print(json.dumps({{"rows": len(hub), "streamed": len(streamed), "same_map": same_map, "same_stream": same_stream,
                           "columns": hub.column_names, "label": str(hub.features["label"]),
-                          "reinforcement": card.data.to_dict()["reinforcement"]["topk"], "files": files}}))
+                          "reinforcement": card.data.to_dict()["reinforcement"]["topk"], "files": files,
+                          "snippet": 'load_dataset("org/imagenet-plus", split="train")' in card.text}}))
     """)
     assert answer["rows"] == answer["streamed"] == 24
     assert answer["same_map"] and answer["same_stream"]
     assert answer["columns"][:3] == ["image", "label", "note"] and "ClassLabel" in answer["label"]
     assert answer["reinforcement"] == 3 and "preview.png" in answer["files"]
+    assert answer["snippet"]  # the published card's code loads the repo it is in (the local one: a placeholder)
+    assert '"org/name-plus"' in (plus / "README.md").read_text()
     again = cli(hub, tmp_path / "home-push", "push", plus, "org/imagenet-plus", "--token", TOKEN)
     assert again.returncode == 0 and "0 file(s) in 0 commit(s), 5 already there" in again.stdout
 
