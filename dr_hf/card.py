@@ -62,9 +62,11 @@ REPO_PLACEHOLDER = "org/name-plus"
 """The repo id the card's code names until ``dr-hf push`` publishes it under its own (:func:`published_card`)."""
 
 
-def published_card(text: str, repo_id: str) -> str:
-    """A card's text as published to ``repo_id``: its code snippets load that repo instead of the placeholder."""
-    return text.replace(py_str(REPO_PLACEHOLDER), py_str(repo_id))
+def published_card(text: str, repo_id: str, revision: Optional[str] = None) -> str:
+    """A card's text as published to ``repo_id`` (at a branch ``revision``): its code snippets load that repo, at
+    that revision, instead of the placeholder."""
+    where = py_str(repo_id) + (f", revision={py_str(revision)}" if revision else "")
+    return text.replace(py_str(REPO_PLACEHOLDER), where)
 
 
 RENDER_TEXT = {

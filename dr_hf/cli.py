@@ -129,7 +129,8 @@ def cmd_push(args) -> int:
     print(f"pushed {args.folder} to {result.url} ({result.revision}): {len(result.uploaded)} file(s) in "
           f"{result.commits} commit(s), {len(result.skipped)} already there"
           + (f", {len(result.removed)} file(s) of an earlier push removed" if result.removed else ""))
-    print(f'load it with: datasets.load_dataset("{args.repo_id}", split="train")  (or streaming=True)')
+    at = f', revision="{args.revision}"' if args.revision else ""
+    print(f'load it with: datasets.load_dataset("{args.repo_id}"{at}, split="train")  (or streaming=True)')
     return 0
 
 

@@ -116,7 +116,7 @@ def push(
     shards = (f"{DATA_DIR}/", f"{ERRORS_DIR}/")
     stale = sorted(p for p in remote if p.startswith(shards) and p not in ours)  # an earlier push's, not this folder's
     with open(os.path.join(folder, CARD), encoding="utf-8") as f:
-        card = published_card(f.read(), repo_id).encode()  # its snippets load this repo
+        card = published_card(f.read(), repo_id, revision).encode()  # its snippets load this repo
     for rel in ours:
         same = rel in remote and same_content(os.path.join(folder, rel), remote[rel], card if rel == CARD else None)
         (skipped if same else todo).append(rel)

@@ -95,6 +95,10 @@ def test_card_and_preview(plus):
         assert section in text
     assert "](preview.png)" in text and "dr-hf reinforce src --output plus" in text and "faghri2023reinforce" in text
     assert "streaming=True" in text and "ReinforcedTrainer" in text
+    from dr_hf.card import published_card  # as dr-hf push publishes it to a branch of a repo
+
+    branch = published_card((plus / "README.md").read_text(), "org/x", "v1")
+    assert 'load_dataset("org/x", revision="v1", split="train")' in branch and "org/name-plus" not in branch
     image = PIL.Image.open(plus / "preview.png")
     assert image.size[0] >= 4 * 176 and image.size[1] >= 4 * 176
     # the tiles are the replayed samples, not blank: real variation across the grid
