@@ -975,9 +975,10 @@ PRESET_HELP = {
 }
 
 
-def make_pipeline(preset: str, crop_scale: Optional[float] = None) -> AugmentPipeline:
+def make_pipeline(preset: str, crop_scale: Optional[float] = None, group_size: Optional[int] = None) -> AugmentPipeline:
     """A preset by name (see :data:`PRESET_HELP`). ``crop_scale`` sets RandomResizedCrop's smallest area fraction
-    (default 0.08; small images such as CIFAR's 32x32 want about 0.35)."""
+    (default 0.08; small images such as CIFAR's 32x32 want about 0.35); ``group_size`` the rows of a MixUp/CutMix
+    partner group (default 8)."""
     if preset not in PRESETS:
         raise ValueError(f"--augment {preset!r} is not a preset; choose one of {sorted(PRESETS)}")
     pipeline = PRESETS[preset]()
@@ -988,4 +989,11 @@ def make_pipeline(preset: str, crop_scale: Optional[float] = None) -> AugmentPip
         if crop is None:
             raise ValueError(f"--crop-scale applies to RandomResizedCrop, which --augment {preset!r} does not use")
         crop.scale = (float(crop_scale), 1.0)
+    if group_size is not None:
+        if pipeline.mix is None:
+            raise ValueError(f"--group-size applies to MixUp/CutMix partner groups, which --augment {preset!r} does not use")
+        try:
+            pipeline.mix.group_size = dataclasses.replace(pipeline.mix, group_size=group_size).group_size  # checked
+        except ValueError as exc:
+            raise ValueError(f"--group-size: {exc}") from None
     return pipeline

@@ -29,9 +29,7 @@ def cmd_reinforce(args) -> int:
     if not args.quiet:
         logging.basicConfig(format=f"%(asctime)s [{procs}] %(message)s", level=logging.WARNING)
         logging.getLogger("dr_hf").setLevel(logging.INFO)
-    pipeline = make_pipeline(args.augment, crop_scale=args.crop_scale)
-    if args.group_size and pipeline.mix:
-        pipeline.mix.group_size = args.group_size
+    pipeline = make_pipeline(args.augment, crop_scale=args.crop_scale, group_size=args.group_size)
     ds = load_source(args.dataset, args.split, args.name, args.revision, None if args.streaming else args.limit,
                      streaming=args.streaming)
     args.image_column = args.image_column or image_column_of(ds)
@@ -186,7 +184,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="samples per teacher forward (default 256 on a GPU, 64 on a CPU): all N samples of as many rows "
                         "as fit (a power of two), or chunks of one row's (or MixUp/CutMix group's) samples")
     r.add_argument("--rows-per-shard", type=int, default=2048, help="rows per parquet shard (the unit of resume)")
-    r.add_argument("--group-size", type=int, default=0, help="rows per MixUp/CutMix partner group (default 8)")
+    r.add_argument("--group-size", type=int, default=None, help="rows per MixUp/CutMix partner group (default 8)")
     r.add_argument("--split", default="train", help="the source split (also the output split's name)")
     r.add_argument("--name", default=None, help="dataset config name")
     r.add_argument("--revision", default=None, help="the source's Hub revision (branch, tag or commit)")

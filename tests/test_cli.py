@@ -91,6 +91,12 @@ def test_cli_errors_name_the_option(tmp_path, image_dataset_dir, tiny_teacher_sp
     assert code == 2 and "--teacher-batch-size must be >= 1, got 0" in err
     code, _, err = here(capsys, "verify", image_dataset_dir)
     assert code == 2 and "not a reinforced dataset" in err
+    for augment, size, said in (("imagenet+rrc", 4, "--group-size applies to MixUp/CutMix partner groups, which "
+                                 "--augment 'imagenet+rrc' does not use"),
+                                ("imagenet+mix", 200, "--group-size: group_size must be in [1, 127], got 200")):
+        code, _, err = here(capsys, "reinforce", image_dataset_dir, "--output", tmp_path / "x", "--teacher",
+                            tiny_teacher_spec, "--augment", augment, "--group-size", size)
+        assert code == 2 and said in err, err
 
 
 def test_the_image_column_is_found_by_its_type(tmp_path, image_dataset, tiny_teacher_spec, capsys):
