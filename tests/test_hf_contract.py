@@ -57,7 +57,8 @@ def vit(path):
 
 # -- arguments ----------------------------------------------------------------------------------------
 
-def test_accepts_none_plain_training_arguments_and_its_own(tmp_path, plus, vit_dir):
+def test_accepts_none_plain_training_arguments_and_its_own(tmp_path, plus, vit_dir, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # args=None writes to ./reinforced-trainer, as Trainer's to ./tmp_trainer
     _, folders = plus
     model, processor = vit(vit_dir)
     plain = base_args(tmp_path, TrainingArguments, learning_rate=1e-3, seed=3, hub_token="secret-token")
