@@ -1,9 +1,9 @@
 """``dr-hf push``: a reinforced folder to a Hub dataset repo, in commits of a batch of files each, resumable.
 
 Only the public ``huggingface_hub`` API is used (``create_repo``, ``create_branch``, ``list_repo_tree``,
-``upload_folder``), so the same code runs against the Hub and against a local stand-in (``HF_ENDPOINT``).
+``create_commit``), so the same code runs against the Hub and against a local stand-in (``HF_ENDPOINT``).
 A rerun after an interruption skips every file the repo already holds with the same content (LFS sha256 or git
-blob sha1), and within a batch ``upload_folder`` skips LFS objects the server already has; with ``hf_xet``
+blob sha1), and within a batch ``create_commit`` skips LFS objects the server already has; with ``hf_xet``
 installed it also batches and resumes on its own. Shards go first and the card last, so a repo only advertises
 a dataset once all of it is there; shards an earlier push left that this folder does not hold (another job, other
 shard names) are removed in that last commit, so the repo never ends holding two jobs' rows. The token is passed
@@ -17,7 +17,7 @@ import hashlib
 import logging
 import os
 from dataclasses import dataclass
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Union
 
 from .shards import CARD, DATA_DIR, ERRORS_DIR, PREVIEW
 
@@ -48,24 +48,24 @@ def local_files(folder: str) -> List[str]:
     return sorted(out)
 
 
-def _file_digest(path: str, h) -> str:
-    """``h`` (a hashlib object) fed the file's bytes, in chunks."""
-    with open(path, "rb") as f:
+def _digest(local: Union[str, bytes], h) -> str:
+    """``h`` (a hashlib object) fed ``local``: bytes, or a file's bytes read in chunks."""
+    if isinstance(local, bytes):
+        h.update(local)
+        return h.hexdigest()
+    with open(local, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
     return h.hexdigest()
 
 
-def same_content(path: str, remote, data: Optional[bytes] = None) -> bool:
-    """Whether a local file (or ``data``, what is published in its place) equals a repo file: LFS files by sha256,
-    regular ones by git blob sha1."""
-    if data is not None:
-        if remote.lfs is not None:
-            return remote.lfs.sha256 == hashlib.sha256(data).hexdigest()
-        return remote.blob_id == hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest()
+def same_content(local: Union[str, bytes], remote) -> bool:
+    """Whether a local file (its path, or the bytes published in its place) equals a repo file: LFS files by
+    sha256, regular ones by git blob sha1."""
     if remote.lfs is not None:
-        return remote.lfs.sha256 == _file_digest(path, hashlib.sha256())
-    return remote.blob_id == _file_digest(path, hashlib.sha1(b"blob %d\0" % os.path.getsize(path)))
+        return remote.lfs.sha256 == _digest(local, hashlib.sha256())
+    size = len(local) if isinstance(local, bytes) else os.path.getsize(local)
+    return remote.blob_id == _digest(local, hashlib.sha1(b"blob %d\0" % size))
 
 
 def remote_files(api, repo_id: str, revision: str) -> Dict[str, object]:
@@ -117,8 +117,9 @@ def push(
     stale = sorted(p for p in remote if p.startswith(shards) and p not in ours)  # an earlier push's, not this folder's
     with open(os.path.join(folder, CARD), encoding="utf-8") as f:
         card = published_card(f.read(), repo_id, revision).encode()  # its snippets load this repo
+    published = {rel: card if rel == CARD else os.path.join(folder, rel) for rel in ours}
     for rel in ours:
-        same = rel in remote and same_content(os.path.join(folder, rel), remote[rel], card if rel == CARD else None)
+        same = rel in remote and same_content(published[rel], remote[rel])
         (skipped if same else todo).append(rel)
     if skipped:
         logger.info("%d file(s) already on %s@%s with the same content: skipped", len(skipped), repo_id, branch)
@@ -126,22 +127,15 @@ def push(
     data = [f for f in todo if f.startswith(shards)]
     last = [f for f in todo if not f.startswith(shards)]  # the card (and its preview) once every shard is there
     batches = [data[i:i + files_per_commit] for i in range(0, len(data), files_per_commit)]
-    if last:
+    if last or (stale and not batches):
         batches.append(last)
     for k, batch in enumerate(batches):
         message = commit_message if len(batches) == 1 else f"{commit_message} (part {k + 1}/{len(batches)})"
         logger.info("commit %d/%d: %d file(s)", k + 1, len(batches), len(batch))
-        if k < len(batches) - 1:
-            api.upload_folder(repo_id=repo_id, repo_type="dataset", folder_path=folder, revision=branch,
-                              allow_patterns=batch, commit_message=message)
-            continue
-        # the last commit: the card as published, and the removal of an earlier push's shards
-        api.create_commit(repo_id, repo_type="dataset", revision=branch, commit_message=message, operations=[
-            CommitOperationAdd(rel, card if rel == CARD else os.path.join(folder, rel)) for rel in batch
-        ] + [CommitOperationDelete(rel) for rel in stale])
-    if stale and not batches:
-        api.create_commit(repo_id, repo_type="dataset", revision=branch, operations=[
-            CommitOperationDelete(rel) for rel in stale], commit_message=f"{commit_message}: shards of an earlier push removed")
+        operations = [CommitOperationAdd(rel, published[rel]) for rel in batch]
+        if k == len(batches) - 1:  # with the card: an earlier push's shards go
+            operations += [CommitOperationDelete(rel) for rel in stale]
+        api.create_commit(repo_id, repo_type="dataset", revision=branch, operations=operations, commit_message=message)
     if stale:
         logger.info("%d file(s) of an earlier push removed from %s@%s", len(stale), repo_id, branch)
-    return PushResult(repo_id, branch, todo, skipped, len(batches) + (1 if stale and not batches else 0), url, stale)
+    return PushResult(repo_id, branch, todo, skipped, len(batches), url, stale)
