@@ -19,10 +19,11 @@ def cmd_reinforce(args) -> int:
     from .images import image_column_of
     from .processes import current_processes, finish
     from .reinforce import default_render, default_teacher_batch_size, reinforce, stream_length
-    from .shards import shard_paths
+    from .shards import check_split_name, shard_paths
     from .source import load_source
     from .teacher import TeacherEnsemble, expand_specs
 
+    check_split_name(args.split)
     if args.prepare_workers and args.prepare_threads:
         raise ValueError("--prepare-workers and --prepare-threads: give one of them (processes or threads)")
     procs = current_processes(args.device)

@@ -29,8 +29,8 @@ from .format import (
 from .joblock import output_lock
 from .processes import Processes, current_processes
 from .reinforcer import BAD_ROW_POLICIES, SKIP_COLUMN, Reinforcer, preparation_pool, teacher_block_rows
-from .shards import (describe_differences, error_report_path, num_shards, parse_shard_name, rows_per_shard, shard_name,
-                     shard_rows)
+from .shards import (check_split_name, describe_differences, error_report_path, num_shards, parse_shard_name,
+                     rows_per_shard, shard_name, shard_rows)
 from .teacher import TeacherEnsemble
 
 __all__ = ["Reinforcer", "reinforce", "ReinforceResult", "StreamError"]
@@ -156,6 +156,7 @@ def reinforce(
 
     if on_bad_row not in BAD_ROW_POLICIES:
         raise ValueError(f"--on-bad-row must be one of {BAD_ROW_POLICIES}, got {on_bad_row!r}")
+    check_split_name(split)
     procs = processes or current_processes()
     streaming = isinstance(dataset, datasets.IterableDataset)
     if streaming and dataset.features is None:

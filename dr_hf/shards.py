@@ -30,6 +30,14 @@ PREVIEW = "preview.png"
 _NAME = re.compile(r"^(?P<split>.+)-(?P<shard>\d{5})-of-(?P<count>\d{5})\.parquet$")
 
 
+def check_split_name(split: str) -> None:
+    """Refuse a split that cannot name shards and the card's split (``datasets``' rule for split names): a slice
+    such as ``train[:1000]`` is not one."""
+    if not re.match(r"^\w+(\.\w+)*$", split):
+        raise ValueError(f"--split {split!r} is not a split name (a slice is not one): give the split, and --limit M "
+                         "for its first M rows")
+
+
 def shard_name(split: str, shard: int, num_shards: int) -> str:
     return f"{split}-{shard:05d}-of-{num_shards:05d}.parquet"
 

@@ -91,6 +91,10 @@ def test_cli_errors_name_the_option(tmp_path, image_dataset_dir, tiny_teacher_sp
     assert code == 2 and "--teacher-batch-size must be >= 1, got 0" in err
     code, _, err = here(capsys, "verify", image_dataset_dir)
     assert code == 2 and "not a reinforced dataset" in err
+    code, _, err = here(capsys, "reinforce", image_dataset_dir, "--output", tmp_path / "x", "--teacher",
+                        tiny_teacher_spec, "--split", "train[:16]")
+    assert code == 2 and "--split 'train[:16]' is not a split name" in err and "--limit" in err
+    assert not (tmp_path / "x").exists()  # refused before anything is written
     for augment, size, said in (("imagenet+rrc", 4, "--group-size applies to MixUp/CutMix partner groups, which "
                                  "--augment 'imagenet+rrc' does not use"),
                                 ("imagenet+mix", 200, "--group-size: group_size must be in [1, 127], got 200")):
