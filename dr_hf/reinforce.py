@@ -22,6 +22,7 @@ from .format import (
     DR_PARAMS,
     DR_TOPK_LOGPROBS,
     METADATA_KEY,
+    NewerFormatError,
     ReinforceConfig,
     config_from_parquet,
     reinforcement_features,
@@ -29,8 +30,8 @@ from .format import (
 from .joblock import output_lock
 from .processes import Processes, current_processes
 from .reinforcer import BAD_ROW_POLICIES, SKIP_COLUMN, Reinforcer, preparation_pool, teacher_block_rows
-from .shards import (check_split_name, describe_differences, error_report_path, num_shards, parse_shard_name,
-                     rows_per_shard, shard_name, shard_rows)
+from .shards import (card_config, check_split_name, describe_differences, error_report_path, num_shards,
+                     parse_shard_name, rows_per_shard, shard_name, shard_rows)
 from .teacher import TeacherEnsemble
 
 __all__ = ["Reinforcer", "reinforce", "ReinforceResult", "StreamError"]
@@ -198,10 +199,10 @@ def _run_shards(decoded, dataset, config, teachers, output_dir, split, batch_siz
 
     pipeline = config.pipeline()
     data_dir = os.path.join(output_dir, "data")
-    os.makedirs(data_dir, exist_ok=True)
     mine = procs.shards(count)
     paths = [os.path.join(data_dir, shard_name(split, s, count)) for s in range(count)]
     check_output_dir(data_dir, config, split, count, remove_tmp=[paths[s] + ".tmp" for s in mine])
+    os.makedirs(data_dir, exist_ok=True)
     existing = {s for s in range(count) if os.path.exists(paths[s])}
     todo = [s for s in mine if s not in existing]
 
@@ -430,8 +431,18 @@ def check_columns(dataset, config: ReinforceConfig, teachers: TeacherEnsemble) -
 
 def check_output_dir(data_dir: str, config: ReinforceConfig, split: str, num_shards: int,
                      remove_tmp: Optional[Sequence[str]] = None) -> None:
-    """Refuse to mix two different jobs' shards in one folder; remove this process's half-written shards
-    (``remove_tmp``; all of them when ``None``): they are redone."""
+    """Refuse to mix two different jobs' shards in one folder, or to write the card over a README.md that is not
+    one; remove this process's half-written shards (``remove_tmp``; all of them when ``None``): they are redone."""
+    folder = os.path.dirname(data_dir)
+    try:
+        card_config(folder)
+    except NewerFormatError:
+        raise
+    except Exception:  # no `reinforcement:` block, or no YAML a card has
+        raise ValueError(f"{folder} holds a README.md that is not a dr-hf card, which the job would write its card "
+                         "over: choose a new or empty --output") from None
+    if not os.path.isdir(data_dir):
+        return
     for name in sorted(os.listdir(data_dir)):
         path = os.path.join(data_dir, name)
         if name.endswith(".tmp"):

@@ -264,6 +264,14 @@ def test_output_folder_of_another_kind_is_refused(tmp_path, teachers):
     (tmp_path / "data" / "train-00000-of-00001.parquet").write_bytes(b"PAR1 garbage")
     with pytest.raises(ValueError, match="not readable as a reinforced shard"):
         reinforce(make_image_dataset(8), make_config(teachers), teachers, str(tmp_path), show_progress=False)
+    # a folder of the user's own, whose README.md the card would replace: refused, the README and folder untouched
+    project = tmp_path / "project"
+    project.mkdir()
+    for text in ("# my notes\n", "---\nlicense: mit\n---\n# a dataset card, not a reinforced one\n"):
+        (project / "README.md").write_text(text)
+        with pytest.raises(ValueError, match="holds a README.md that is not a dr-hf card"):
+            reinforce(make_image_dataset(8), make_config(teachers), teachers, str(project), show_progress=False)
+        assert (project / "README.md").read_text() == text and not (project / "data").exists()
 
 
 def _rewrite(path, table, meta=None):
