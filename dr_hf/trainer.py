@@ -274,6 +274,9 @@ class ReinforcedTrainer(Trainer):
         names = getattr(dataset, "column_names", None)
         if names is None:
             return
+        if isinstance(names, dict):  # a DatasetDict: load_dataset without split=
+            raise ValueError(f"train_dataset holds the splits {sorted(names)} (a DatasetDict): pass one of them, e.g. "
+                             f"train_dataset=dataset[{sorted(names)[0]!r}], or load_dataset(..., split=...)")
         if self.image_column not in names:
             if DR_FINGERPRINT in names and all(n.startswith("dr_") for n in names):  # written with --no-images
                 raise ValueError(f"train_dataset is a reinforcement-only dataset (columns: {names}): join it to its "

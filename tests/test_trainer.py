@@ -281,6 +281,8 @@ def test_clear_errors(tmp_path, reinforced):
     ds, _, folders = reinforced
     with pytest.raises(ValueError, match="not a reinforced dataset"):
         ReinforcedTrainer(model=tiny_timm(), args=args(tmp_path, augment=None), train_dataset=ds)
+    with pytest.raises(ValueError, match=r"train_dataset holds the splits \['train'\] \(a DatasetDict\): pass one"):
+        ReinforcedTrainer(model=tiny_timm(), args=args(tmp_path), train_dataset=datasets.load_dataset(str(folders["rrc+flip"])))
     import timm
 
     with pytest.raises(ValueError, match="student predicts 7 classes, column 'label' has 10"):
