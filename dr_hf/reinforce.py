@@ -411,6 +411,9 @@ def check_columns(dataset, config: ReinforceConfig, teachers: TeacherEnsemble) -
     """Fail early, naming the option, if the dataset lacks a column or its label space differs from the teacher's."""
     from datasets import ClassLabel
 
+    if isinstance(dataset.column_names, dict):  # a DatasetDict: load_dataset without split=
+        raise ValueError(f"the dataset holds the splits {sorted(dataset.column_names)} (a DatasetDict): reinforce one "
+                         f"of them, e.g. dataset[{sorted(dataset.column_names)[0]!r}] (--split)")
     cols = list(dataset.column_names)
     if config.image_column not in cols:
         raise ValueError(f"--image-column {config.image_column!r} is not a column of the dataset (columns: {cols})")

@@ -385,6 +385,8 @@ def test_bad_inputs_give_clear_errors(tmp_path, image_dataset, teachers):
         run(image_dataset.rename_column("image", "img"), tmp_path / "col", teachers)
     with pytest.raises(ValueError, match="--label-column 'label'"):
         run(image_dataset.remove_columns("label"), tmp_path / "nolabel", teachers)
+    with pytest.raises(ValueError, match=r"holds the splits \['train'\] \(a DatasetDict\): reinforce one"):
+        run(datasets.DatasetDict(train=image_dataset), tmp_path / "dict", teachers)
     eleven = image_dataset.cast_column("label", datasets.ClassLabel(names=[f"k{i}" for i in range(11)]))
     with pytest.raises(ValueError, match="label space mismatch: column 'label' has 11 classes"):
         run(eleven, tmp_path / "mismatch", teachers)
