@@ -417,6 +417,9 @@ def check_columns(dataset, config: ReinforceConfig, teachers: TeacherEnsemble) -
     cols = list(dataset.column_names)
     if config.image_column not in cols:
         raise ValueError(f"--image-column {config.image_column!r} is not a column of the dataset (columns: {cols})")
+    if getattr(dataset.features.get(config.image_column), "dtype", None) in ("string", "large_string"):
+        raise ValueError(f"--image-column {config.image_column!r} holds strings, not images (file paths?): cast it "
+                         f"first, dataset.cast_column({config.image_column!r}, datasets.Image())")
     clash = [c for c in cols if c.startswith("dr_")]
     if clash:
         raise ValueError(f"the dataset already has reinforcement column(s) {clash}; reinforce the source dataset instead")

@@ -387,6 +387,9 @@ def test_bad_inputs_give_clear_errors(tmp_path, image_dataset, teachers):
         run(image_dataset.remove_columns("label"), tmp_path / "nolabel", teachers)
     with pytest.raises(ValueError, match=r"holds the splits \['train'\] \(a DatasetDict\): reinforce one"):
         run(datasets.DatasetDict(train=image_dataset), tmp_path / "dict", teachers)
+    paths = datasets.Dataset.from_dict({"image": ["a.jpg"] * 8, "label": [0] * 8})
+    with pytest.raises(ValueError, match=r"--image-column 'image' holds strings, not images \(file paths\?\): cast"):
+        run(paths, tmp_path / "paths", teachers)
     eleven = image_dataset.cast_column("label", datasets.ClassLabel(names=[f"k{i}" for i in range(11)]))
     with pytest.raises(ValueError, match="label space mismatch: column 'label' has 11 classes"):
         run(eleven, tmp_path / "mismatch", teachers)
