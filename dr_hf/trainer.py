@@ -370,12 +370,17 @@ class ReinforcedTrainer(Trainer):
             self.data_collator = saved
 
     def _own_eval_rows(self, dataset):
-        """Evaluation rows left encoded for the default collator; a collator of your own gets them decoded."""
+        """Evaluation rows left encoded for the default collator, their images under the training set's column name
+        (an evaluation set of another naming: its one ``datasets.Image`` column); a collator of your own gets them
+        as they are."""
         if not isinstance(self.eval_collator, EvalCollator):
             return dataset
         if isinstance(dataset, dict):
             return {name: self._own_eval_rows(part) for name, part in dataset.items()}
-        return encoded_images(dataset, self.image_column)
+        names = getattr(dataset, "column_names", None) or []
+        column = self.image_column if self.image_column in names or not names else image_column_of(dataset)
+        dataset = encoded_images(dataset, column)  # (then renamed as bytes: a streamed rename re-encodes decoded images)
+        return dataset.rename_column(column, self.image_column) if column != self.image_column else dataset
 
     def get_eval_dataloader(self, eval_dataset=None):
         with self._collating_with(self.eval_collator):

@@ -242,6 +242,13 @@ def test_evaluation_with_compute_metrics_on_a_plain_dataset(tmp_path, reinforced
                                 eval_dataset=ds.select(range(16)))
     metrics = trainer.evaluate()
     assert 0.0 <= metrics["eval_accuracy"] <= 1.0 and np.isfinite(metrics["eval_loss"])
+    # trained from images in 'img', evaluated on a set that keeps them in 'image': the same figures
+    renamed = datasets.load_dataset(str(folders["rrc+flip"]), split="train").rename_column("image", "img")
+    trainer = ReinforcedTrainer(model=trainer.model, args=args(tmp_path, max_steps=2), compute_metrics=accuracy,
+                                train_dataset=renamed, eval_dataset=ds.select(range(16)))
+    again = trainer.evaluate()
+    assert trainer.image_column == "img"
+    assert (again["eval_loss"], again["eval_accuracy"]) == (metrics["eval_loss"], metrics["eval_accuracy"])
 
 
 def test_plain_and_online_kd_use_the_same_trainer(tmp_path, reinforced, sharp_teacher_dir):
