@@ -107,8 +107,9 @@ def verify(path: str, teachers: Optional[Sequence[str]] = None, rows: int = 8, s
 
     ``teachers`` (optional) must name the recorded teachers (e.g. local copies of their weights can be given by the
     same specs); a list that differs is refused, naming the recorded ones. A reinforcement-only folder (no images)
-    replays its rows joined to ``source``, its base dataset (by ``dr_index``, fingerprints checked). The tolerance (``atol + rtol * |x|``)
-    covers one float16 step of the stored log-probabilities, which is what differs between intra-op thread counts.
+    replays its rows joined to ``source``, its base dataset (by ``dr_index``, fingerprints checked). The tolerance
+    (``atol + rtol * |x|``) covers one float16 step of the stored log-probabilities, which is what differs between
+    intra-op thread counts.
     The parquet files are read directly (never through a cache), one batch at a time.
     """
     import datasets
