@@ -14,6 +14,7 @@ import PIL.Image
 import PIL.ImageOps
 import torch
 
+from .errors import said
 from .transfer import to_device
 
 logger = logging.getLogger(__name__)
@@ -53,10 +54,9 @@ def _jpeg_decoder():
     except ImportError:  # not installed
         return None
     except (OSError, RuntimeError) as exc:
-        logger.warning("TorchCodec is installed but cannot load with torch %s (%s: %s): JPEGs are decoded by PIL "
+        logger.warning("TorchCodec is installed but cannot load with torch %s (%s): JPEGs are decoded by PIL "
                        "instead (the same pixels, about 1.3x slower). Install the torchcodec release made for your torch "
-                       "(TorchCodec's README has the table).", torch.__version__, type(exc).__name__,
-                       str(exc).splitlines()[0] if str(exc) else "")
+                       "(TorchCodec's README has the table).", torch.__version__, said(exc))
         return None
     return decode_jpeg
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 from typing import Any, Dict, Iterator, Optional
 
+from .errors import said
 from .format import DR_FINGERPRINT, DR_INDEX, ReinforceConfig, config_from_parquet, require_reinforced
 from .images import fingerprint
 
@@ -65,7 +66,7 @@ def check_hub_dataset(path: str, revision: Optional[str] = None) -> None:
         answered = isinstance(exc, (RepositoryNotFoundError, RevisionNotFoundError))
         hint = "" if answered else "; if it is in your local cache, set HF_HUB_OFFLINE=1 to read it from there"
         raise FileNotFoundError(f"{path!r}: no local folder of that name ({where}), and the Hub has no dataset of that "
-                                f"name that can be reached ({type(exc).__name__}: {str(exc).splitlines()[0][:200]}){hint}"
+                                f"name that can be reached ({said(exc, 300)}){hint}"
                                 ) from None
 
 

@@ -32,6 +32,7 @@ from typing import Callable, Dict, List, Optional, Sequence
 import torch
 from torch import nn
 
+from .errors import said
 from .inputs import InputSpec, resolve_input_spec
 from .transfer import to_device
 
@@ -125,12 +126,6 @@ def _read_state_dict(path: str) -> Dict[str, torch.Tensor]:
     return state
 
 
-def _said(exc: BaseException) -> str:
-    """``Type: message`` of an exception on one line, at most 400 characters (the Hub's errors run to paragraphs)."""
-    text = " ".join(str(exc).split())
-    return f"{type(exc).__name__}: {text if len(text) <= 400 else text[:397] + '...'}"
-
-
 def _imagenet_names() -> Optional[List[str]]:
     try:
         from timm.data import ImageNetInfo
@@ -151,7 +146,7 @@ def _timm_teacher(spec: str) -> Teacher:
             model = timm.create_model(name, pretrained=True)
         except Exception as exc:  # offline, unknown name, ...
             raise RuntimeError(
-                f"teacher {spec!r}: could not load timm's pretrained weights ({_said(exc)}). Offline, pass a "
+                f"teacher {spec!r}: could not load timm's pretrained weights ({said(exc)}). Offline, pass a "
                 f"local file: 'timm:{name}@weights.safetensors', or set HF_HUB_OFFLINE=1 with the weights in the cache"
             ) from exc
     else:
@@ -175,10 +170,10 @@ def _hf_teacher(spec: str) -> Teacher:
         model = AutoModelForImageClassification.from_pretrained(path, trust_remote_code=False)
     except Exception as exc:  # no such folder or repo, offline, not an image classifier, a model of its own code
         if "trust_remote_code" in str(exc):
-            raise RuntimeError(f"teacher {spec!r}: the model needs its own Python code to load ({_said(exc)}); dr-hf "
+            raise RuntimeError(f"teacher {spec!r}: the model needs its own Python code to load ({said(exc)}); dr-hf "
                                "never runs a model's code (trust_remote_code stays off)") from exc
         raise RuntimeError(
-            f"teacher {spec!r}: could not load a transformers image classifier from {path!r} ({_said(exc)}). "
+            f"teacher {spec!r}: could not load a transformers image classifier from {path!r} ({said(exc)}). "
             "Give a local folder (save_pretrained's) or a Hub id; offline, set HF_HUB_OFFLINE=1 with the model in the "
             "cache"
         ) from exc
