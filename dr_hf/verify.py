@@ -129,9 +129,11 @@ def verify(path: str, teachers: Optional[Sequence[str]] = None, rows: int = 8, s
     if not paths:
         raise FileNotFoundError(f"no {split} shards in {path}/data")
     try:
-        require_reinforced(pq.read_schema(paths[0]).names, path)
+        columns = pq.read_schema(paths[0]).names
     except (OSError, pa.ArrowException):
-        pass  # an unreadable first shard: check_folder names it
+        columns = None  # an unreadable first shard: check_folder names it
+    if columns is not None:
+        require_reinforced(columns, path)
     consistency = check_folder(path, split)
     if consistency:  # a card that lies about its shards, mixed jobs, unreadable files: nothing else is meaningful
         return VerifyReport(rows=0, problems=consistency)
@@ -158,7 +160,7 @@ def verify(path: str, teachers: Optional[Sequence[str]] = None, rows: int = 8, s
     if rows <= 0 or report.problems:
         return report
     images_from = None
-    if config.image_column not in pq.read_schema(paths[0]).names:
+    if config.image_column not in columns:
         from .source import base_of, join_source
 
         images_from = base_of(path, config, source, split)
