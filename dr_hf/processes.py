@@ -15,7 +15,6 @@ class Processes:
 
     rank: int = 0
     world: int = 1
-    local_rank: int = 0
     device: Optional[str] = None
 
     @property
@@ -59,7 +58,7 @@ def current_processes(device: Optional[str] = None) -> Processes:
     dev = device if device and not device.startswith("cuda") else str(state.device)
     if dev.startswith("cpu"):
         dev = "cpu"
-    return Processes(rank=state.process_index, world=state.num_processes, local_rank=state.local_process_index, device=dev)
+    return Processes(rank=state.process_index, world=state.num_processes, device=dev)
 
 
 def finish() -> None:
