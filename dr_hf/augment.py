@@ -572,9 +572,9 @@ class MixUpCutMix(ReplayableTransform):
 
     def __post_init__(self):
         if self.mixup_div_by < 1.0:
-            raise ValueError(f"mixup_div_by must be >= 1, got {self.mixup_div_by}")
+            raise ValueError(f"`mixup_div_by` must be >= 1, got {self.mixup_div_by}")
         if not 1 <= self.group_size <= 127:
-            raise ValueError(f"group_size must be in [1, 127], got {self.group_size}")
+            raise ValueError(f"`group_size` must be in [1, 127], got {self.group_size}")
 
     def sample(self, draws, ctx):
         u = draws.uniform(self.name, 6)  # partner offset, partner sample, MixUp?, CutMix?, CutMix centre (y, x)
@@ -980,20 +980,17 @@ def make_pipeline(preset: str, crop_scale: Optional[float] = None, group_size: O
     (default 0.08; small images such as CIFAR's 32x32 want about 0.35); ``group_size`` the rows of a MixUp/CutMix
     partner group (default 8)."""
     if preset not in PRESETS:
-        raise ValueError(f"--augment {preset!r} is not a preset; choose one of {sorted(PRESETS)}")
+        raise ValueError(f"`preset` {preset!r} is not a preset; choose one of {sorted(PRESETS)}")
     pipeline = PRESETS[preset]()
     if crop_scale is not None:
         if not 0.0 < crop_scale <= 1.0:
-            raise ValueError(f"--crop-scale must be in (0, 1], got {crop_scale}")
+            raise ValueError(f"`crop_scale` must be in (0, 1], got {crop_scale}")
         crop = pipeline.get("random_resized_crop")
         if crop is None:
-            raise ValueError(f"--crop-scale applies to RandomResizedCrop, which --augment {preset!r} does not use")
+            raise ValueError(f"`crop_scale` applies to RandomResizedCrop, which `preset` {preset!r} does not use")
         crop.scale = (float(crop_scale), 1.0)
     if group_size is not None:
         if pipeline.mix is None:
-            raise ValueError(f"--group-size applies to MixUp/CutMix partner groups, which --augment {preset!r} does not use")
-        try:
-            pipeline.mix.group_size = dataclasses.replace(pipeline.mix, group_size=group_size).group_size  # checked
-        except ValueError as exc:
-            raise ValueError(f"--group-size: {exc}") from None
+            raise ValueError(f"`group_size` applies to MixUp/CutMix partner groups, which `preset` {preset!r} does not use")
+        pipeline.mix.group_size = dataclasses.replace(pipeline.mix, group_size=group_size).group_size  # checked
     return pipeline

@@ -7,9 +7,10 @@ import logging
 import os
 import shlex
 import sys
-from typing import List, Optional
+from typing import Dict, List, Optional
 
 from .augment import PRESET_HELP, PRESETS
+from .errors import with_flags
 from .teacher import COMPILE_MODES
 
 
@@ -19,13 +20,13 @@ def cmd_reinforce(args) -> int:
     from .images import image_column_of
     from .processes import current_processes, finish
     from .reinforce import default_render, default_teacher_batch_size, reinforce, stream_length
+    from .reinforcer import check_preparation
     from .shards import check_split_name, shard_paths
     from .source import load_source
     from .teacher import TeacherEnsemble, expand_specs
 
     check_split_name(args.split)
-    if args.prepare_workers and args.prepare_threads:
-        raise ValueError("--prepare-workers and --prepare-threads: give one of them (processes or threads)")
+    check_preparation(args.prepare_workers, args.prepare_threads)
     procs = current_processes(args.device)
     if not args.quiet:
         logging.basicConfig(format=f"%(asctime)s [{procs}] %(message)s", level=logging.WARNING)
@@ -160,6 +161,18 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
         return super()._get_help_string(action)
 
 
+# library parameters whose flags have other names (``--output`` is ``reinforce(output_dir=...)``)
+FLAG_OF_PARAMETER = {"output_dir": "--output", "teachers": "--teacher", "preset": "--augment",
+                     "compile_mode": "--compile", "keep_source": "--no-images"}
+
+
+def flags_of(parser: argparse.ArgumentParser) -> Dict[str, str]:
+    """Parameter name -> flag for a command's options: its own (``num_samples`` -> ``--num-samples``) and the
+    library's other names for them (:data:`FLAG_OF_PARAMETER`)."""
+    flags = {a.dest: max(a.option_strings, key=len) for a in parser._actions if a.option_strings}
+    return {**flags, **{p: f for p, f in FLAG_OF_PARAMETER.items() if f in flags.values()}}
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dr-hf", description="Dataset Reinforcement for Hugging Face datasets")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -273,6 +286,8 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--output", default="out/demo-plus", help="the reinforced folder (the source goes to OUTPUT-source)")
     d.add_argument("--teacher", default="efficientnet-lite0", help="teacher spec")
     d.set_defaults(func=cmd_demo)
+    for command in sub.choices.values():
+        command.set_defaults(flags=flags_of(command))
     return parser
 
 
@@ -283,8 +298,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     reuse_freed_memory()  # CPU teachers: activations reused between forwards, not page-faulted in again (dr_hf.memory)
     try:
         return args.func(args)
-    except (ValueError, OSError, ImportError, RuntimeError, ArithmeticError) as exc:
-        print(f"dr-hf {args.command}: error: {exc}", file=sys.stderr)
+    except (ValueError, OSError, ImportError, RuntimeError, ArithmeticError) as exc:  # named by flags, not parameters
+        print(f"dr-hf {args.command}: error: {with_flags(str(exc), args.flags)}", file=sys.stderr)
         return 2
 
 

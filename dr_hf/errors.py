@@ -1,6 +1,10 @@
-"""How dr-hf quotes another library's exception inside its own one-line messages."""
+"""How dr-hf words errors: another library's exception quoted on one line, and parameters named as flags on the
+command line."""
 
 from __future__ import annotations
+
+import re
+from typing import Mapping
 
 
 def said(exc: BaseException, limit: int = 400) -> str:
@@ -10,3 +14,13 @@ def said(exc: BaseException, limit: int = 400) -> str:
     if len(text) > limit:
         text = text[:limit - 3] + "..."
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+_PARAMETER = re.compile(r"`([A-Za-z_]\w*)`")
+
+
+def with_flags(message: str, flags: Mapping[str, str]) -> str:
+    """A library message as a command line says it: each parameter it names in backquotes (```num_samples```)
+    written as its flag (``flags``: parameter -> flag, e.g. ``--num-samples``); a parameter without one keeps its
+    quotes. Library errors name parameters this way, so that the CLI names flags without a message of its own."""
+    return _PARAMETER.sub(lambda m: flags.get(m.group(1), m.group(0)), message)

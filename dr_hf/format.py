@@ -110,15 +110,19 @@ class ReinforceConfig:
 
             self.dr_hf_version = __version__
         if self.num_samples < 1 or self.num_samples > 65535:
-            raise ValueError(f"--num-samples must be in [1, 65535], got {self.num_samples}")
+            raise ValueError(f"`num_samples` must be in [1, 65535], got {self.num_samples}")
         if self.topk < 1:
-            raise ValueError(f"--topk must be >= 1, got {self.topk}")
+            raise ValueError(f"`topk` must be >= 1, got {self.topk}")
+        if self.seed < 0:  # (numpy's seeds are non-negative)
+            raise ValueError(f"`seed` must be >= 0, got {self.seed}")
+        if self.rows_per_shard < 1:
+            raise ValueError(f"`rows_per_shard` must be >= 1, got {self.rows_per_shard}")
         if self.teacher_batch_size < 1:
-            raise ValueError(f"--teacher-batch-size must be >= 1, got {self.teacher_batch_size}")
+            raise ValueError(f"`teacher_batch_size` must be >= 1, got {self.teacher_batch_size}")
         if self.render not in RENDER_MODES:
-            raise ValueError(f"--render must be one of {RENDER_MODES}, got {self.render!r}")
+            raise ValueError(f"`render` must be one of {RENDER_MODES}, got {self.render!r}")
         if self.num_classes and self.topk > self.num_classes:
-            raise ValueError(f"--topk {self.topk} exceeds the teacher's {self.num_classes} classes")
+            raise ValueError(f"`topk` {self.topk} exceeds the teacher's {self.num_classes} classes")
 
         if self.source.get("path") and "local" not in self.source:
             self.source = {**self.source, **public_source(self.source["path"], self.source.get("revision"))}

@@ -100,7 +100,7 @@ def push(
     if any(n.endswith(".tmp") for n in os.listdir(os.path.join(folder, DATA_DIR))):
         raise ValueError(f"{folder}/data holds half-written shards (*.tmp): rerun `dr-hf reinforce` to finish it first")
     if files_per_commit < 1:
-        raise ValueError(f"--files-per-commit must be >= 1, got {files_per_commit}")
+        raise ValueError(f"`files_per_commit` must be >= 1, got {files_per_commit}")
     for split in splits(folder):  # never publish a card that lies about its shards, or a mix of two jobs
         raise_if(check_folder(folder, split), f"refusing to push {folder}")
 

@@ -51,8 +51,8 @@ def output_lock(folder: str, procs: Processes, wait: bool = False) -> Iterator[N
             lock.acquire(timeout=0)
         except Timeout:
             if not wait:
-                raise FolderInUse(f"--output {folder} is in use by another dr-hf job ({holder(folder)}); wait for it "
-                                  "(--wait), or choose another --output") from None
+                raise FolderInUse(f"`output_dir` {folder} is in use by another dr-hf job ({holder(folder)}); wait for it "
+                                  "(`wait`), or choose another `output_dir`") from None
             logger.info("--output %s is in use (%s): waiting for it", folder, holder(folder))
             lock.acquire()
         info = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.strftime("%Y-%m-%d %H:%M:%S"),

@@ -29,7 +29,8 @@ from .format import (
 )
 from .joblock import output_lock
 from .processes import Processes, current_processes
-from .reinforcer import BAD_ROW_POLICIES, SKIP_COLUMN, Reinforcer, preparation_pool, teacher_block_rows
+from .reinforcer import (SKIP_COLUMN, Reinforcer, check_on_bad_row, check_preparation, preparation_pool,
+                         teacher_block_rows)
 from .shards import (card_config, check_split_name, describe_differences, error_report_path, num_shards,
                      parse_shard_name, rows_per_shard, shard_name, shard_rows)
 from .teacher import TeacherEnsemble
@@ -155,8 +156,10 @@ def reinforce(
     import datasets
     from datasets import Image
 
-    if on_bad_row not in BAD_ROW_POLICIES:
-        raise ValueError(f"--on-bad-row must be one of {BAD_ROW_POLICIES}, got {on_bad_row!r}")
+    check_on_bad_row(on_bad_row)
+    check_preparation(prepare_workers, prepare_threads)
+    if batch_size is not None and batch_size < 1:
+        raise ValueError(f"`batch_size` must be >= 1, got {batch_size}")
     check_split_name(split)
     procs = processes or current_processes()
     streaming = isinstance(dataset, datasets.IterableDataset)
@@ -348,9 +351,9 @@ def pending_shards(decoded, todo: Sequence[int], per_shard: int, n: int, streami
             if s >= last:
                 break
     if pos < min(n, (last + 1) * per_shard):
-        raise ValueError(f"the stream ended after {pos} rows, but {n} were expected (pass the right --num-rows)")
+        raise ValueError(f"the stream ended after {pos} rows, but {n} were expected (pass the right `num_rows`)")
     if pos == n and next(it, None) is not None:
-        raise ValueError(f"the stream holds more than the {n} rows expected (pass the right --num-rows)")
+        raise ValueError(f"the stream holds more than the {n} rows expected (pass the right `num_rows`)")
 
 
 class StreamError(RuntimeError):
@@ -413,20 +416,20 @@ def check_columns(dataset, config: ReinforceConfig, teachers: TeacherEnsemble) -
 
     if isinstance(dataset.column_names, dict):  # a DatasetDict: load_dataset without split=
         raise ValueError(f"the dataset holds the splits {sorted(dataset.column_names)} (a DatasetDict): reinforce one "
-                         f"of them, e.g. dataset[{sorted(dataset.column_names)[0]!r}] (--split)")
+                         f"of them, e.g. dataset[{sorted(dataset.column_names)[0]!r}] (`split`)")
     cols = list(dataset.column_names)
     if config.image_column not in cols:
-        raise ValueError(f"--image-column {config.image_column!r} is not a column of the dataset (columns: {cols})")
+        raise ValueError(f"`image_column` {config.image_column!r} is not a column of the dataset (columns: {cols})")
     if getattr(dataset.features.get(config.image_column), "dtype", None) in ("string", "large_string"):
-        raise ValueError(f"--image-column {config.image_column!r} holds strings, not images (file paths?): cast it "
+        raise ValueError(f"`image_column` {config.image_column!r} holds strings, not images (file paths?): cast it "
                          f"first, dataset.cast_column({config.image_column!r}, datasets.Image())")
     clash = [c for c in cols if c.startswith("dr_")]
     if clash:
         raise ValueError(f"the dataset already has reinforcement column(s) {clash}; reinforce the source dataset instead")
     if config.label_column:
         if config.label_column not in cols:
-            raise ValueError(f"--label-column {config.label_column!r} is not a column of the dataset (columns: {cols}); "
-                             "pass --label-column '' for unlabelled data")
+            raise ValueError(f"`label_column` {config.label_column!r} is not a column of the dataset (columns: {cols}); "
+                             "pass `label_column` '' for unlabelled data")
         feature = dataset.features[config.label_column]
         if isinstance(feature, ClassLabel) and feature.num_classes != teachers.num_classes:
             raise ValueError(
@@ -446,7 +449,7 @@ def check_output_dir(data_dir: str, config: ReinforceConfig, split: str, num_sha
         raise
     except Exception:  # no `reinforcement:` block, or no YAML a card has
         raise ValueError(f"{folder} holds a README.md that is not a dr-hf card, which the job would write its card "
-                         "over: choose a new or empty --output") from None
+                         "over: choose a new or empty `output_dir`") from None
     if not os.path.isdir(data_dir):
         return
     for name in sorted(os.listdir(data_dir)):
@@ -460,19 +463,19 @@ def check_output_dir(data_dir: str, config: ReinforceConfig, split: str, num_sha
         try:
             existing = config_from_parquet(path)
         except Exception as exc:
-            raise ValueError(f"{path} is not readable as a reinforced shard ({exc}); use an empty --output") from exc
+            raise ValueError(f"{path} is not readable as a reinforced shard ({exc}); use an empty `output_dir`") from exc
         parsed = parse_shard_name(name)
         if parsed is not None and parsed[0] != split:
             raise ValueError(f"{os.path.dirname(data_dir)} already holds the {parsed[0]!r} split ({name}): a reinforced "
                              f"folder holds one split (its card, stats and preview describe it); reinforce {split!r} "
-                             "into another --output")
+                             "into another `output_dir`")
         same_layout = parsed is None or parsed[2] == num_shards
         differs = existing is not None and existing.identity() != config.identity()
         if existing is None or differs or not same_layout:
             raise ValueError(
                 f"{os.path.dirname(data_dir)} already holds data of a different job "
                 f"({name}{': ' + describe_differences(existing, config) if differs else ''}); "
-                "rerun with the same settings to resume, or choose another --output"
+                "rerun with the same settings to resume, or choose another `output_dir`"
             )
 
 

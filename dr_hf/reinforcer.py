@@ -73,8 +73,7 @@ class Reinforcer:
         render_stream: bool = False,
         read_back_late: Optional[bool] = None,
     ):
-        if on_bad_row not in BAD_ROW_POLICIES:
-            raise ValueError(f"--on-bad-row must be one of {BAD_ROW_POLICIES}, got {on_bad_row!r}")
+        check_on_bad_row(on_bad_row)
         self.on_bad_row = on_bad_row
         self.bad_rows: List[Dict[str, Any]] = []  # with on_bad_row="skip": what was skipped, and why
         self.config = config
@@ -357,6 +356,12 @@ BAD_ROW_POLICIES = ("fail", "skip")
 SKIP_COLUMN = "_dr_skip"
 
 
+def check_on_bad_row(on_bad_row: str) -> None:
+    """Refuse an ``on_bad_row`` policy other than :data:`BAD_ROW_POLICIES`."""
+    if on_bad_row not in BAD_ROW_POLICIES:
+        raise ValueError(f"`on_bad_row` must be one of {BAD_ROW_POLICIES}, got {on_bad_row!r}")
+
+
 class BadRowError(ValueError):
     """A row that cannot be reinforced (its label is outside the teacher's classes); the message names it."""
 
@@ -430,13 +435,19 @@ def unpack(row: Prepared) -> Prepared:
     return row if row.image is None else row._replace(image=torch.from_numpy(row.image).permute(2, 0, 1))
 
 
+def check_preparation(workers: int = 0, threads: Optional[int] = 0) -> None:
+    """Refuse negative counts, or both processes and threads, for preparing rows (:func:`preparation_pool`)."""
+    if workers < 0 or (threads or 0) < 0:
+        raise ValueError(f"`prepare_workers` and `prepare_threads` must be >= 0, got {workers} and {threads}")
+    if workers and threads:
+        raise ValueError(f"`prepare_workers` {workers} and `prepare_threads` {threads}: give one of them (processes or "
+                         "threads)")
+
+
 def preparation_pool(workers: int = 0, threads: int = 0):
     """What prepares rows ahead of the teacher: ``threads`` threads (JPEG decoding releases the GIL, and nothing is
     copied between processes) or ``workers`` processes (spawned: safe next to CUDA); ``None`` for neither."""
-    if workers < 0 or threads < 0:
-        raise ValueError(f"prepare_workers and prepare_threads must be >= 0, got {workers} and {threads}")
-    if workers and threads:
-        raise ValueError(f"prepare_workers={workers} and prepare_threads={threads}: choose processes or threads, not both")
+    check_preparation(workers, threads)
     if threads:
         return ThreadPoolExecutor(threads, thread_name_prefix="dr-prepare")
     if not workers:

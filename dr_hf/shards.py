@@ -34,7 +34,7 @@ def check_split_name(split: str) -> None:
     """Refuse a split that cannot name shards and the card's split (``datasets``' rule for split names): a slice
     such as ``train[:1000]`` is not one."""
     if not re.match(r"^\w+(\.\w+)*$", split):
-        raise ValueError(f"--split {split!r} is not a split name (a slice is not one): give the split, and --limit M "
+        raise ValueError(f"`split` {split!r} is not a split name (a slice is not one): give the split, and `limit` M "
                          "for its first M rows")
 
 

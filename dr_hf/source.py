@@ -32,7 +32,7 @@ def load_source(path: str, split: str, name: Optional[str] = None, revision: Opt
         ds = datasets.load_dataset(path, name, **kwargs)
     if limit is not None:
         if limit < 1:
-            raise ValueError(f"--limit must be >= 1, got {limit}")
+            raise ValueError(f"`limit` must be >= 1, got {limit}")
         ds = ds.take(limit) if streaming else ds.select(range(min(limit, len(ds))))
     return ds
 
@@ -41,8 +41,8 @@ def base_of(folder: str, config: ReinforceConfig, source: Optional[str], split: 
     """The base dataset that a reinforcement-only ``folder`` (written with ``--no-images``) replays its images from:
     ``source`` loaded at the recorded split and config name; join rows to it with :func:`join_source`."""
     if source is None:
-        raise ValueError(f"{folder} holds no images (a reinforcement-only dataset): pass the base dataset as source "
-                         "(--source)")
+        raise ValueError(f"{folder} holds no images (a reinforcement-only dataset): pass the base dataset as "
+                         "`source`")
     return load_source(source, config.source.get("split") or split, config.source.get("name"))
 
 

@@ -106,7 +106,7 @@ def check_distinct(specs: Sequence[str]) -> None:
         if spec.startswith("timm:") and "@" not in spec and not spec.startswith("timm:local-dir:"):
             key = "timm:" + timm_canonical_name(spec.split(":", 1)[1])
         if key in seen:
-            raise ValueError(f"--teacher {seen[key]!r} and --teacher {spec!r} are the same model ({key}); timm's old "
+            raise ValueError(f"the teachers {seen[key]!r} and {spec!r} are the same model ({key}); timm's old "
                              "ig_resnext101_32x*d names all resolve to the 32x8d weights: use full names, e.g. the "
                              "set 'ml-dr-imagenet'")
         seen[key] = spec
@@ -223,7 +223,7 @@ def load_teacher(spec: str) -> Teacher:
     prefix = spec.split(":", 1)[0] if ":" in spec else None
     if prefix in _PREFIXES:
         return _PREFIXES[prefix](spec)
-    raise ValueError(f"--teacher {spec!r}: unknown teacher; use one of {list_teachers()}")
+    raise ValueError(f"teacher {spec!r}: unknown teacher; use one of {list_teachers()}")
 
 
 def default_device() -> torch.device:
@@ -292,18 +292,18 @@ class TeacherEnsemble:
     def __init__(self, teachers: Sequence[Teacher], device: Optional[torch.device] = None, precision: str = "fp32",
                  compile_mode: Optional[str] = None):
         if not teachers:
-            raise ValueError("at least one --teacher is needed")
+            raise ValueError("at least one teacher is needed")
         if precision not in PRECISIONS:
-            raise ValueError(f"--precision must be one of {PRECISIONS}, got {precision!r}")
+            raise ValueError(f"`precision` must be one of {PRECISIONS}, got {precision!r}")
         if compile_mode is not None and compile_mode not in COMPILE_MODES:
-            raise ValueError(f"--compile must be one of {COMPILE_MODES}, got {compile_mode!r}")
+            raise ValueError(f"`compile_mode` must be one of {COMPILE_MODES}, got {compile_mode!r}")
         classes = {t.num_classes for t in teachers}
         if len(classes) != 1:
             raise ValueError("teachers disagree on the number of classes: " + ", ".join(f"{t.spec}={t.num_classes}" for t in teachers))
         for i, a in enumerate(teachers):
             for b in teachers[i + 1 :]:
                 if _same_weights(a.model, b.model):
-                    raise ValueError(f"--teacher {a.spec!r} and --teacher {b.spec!r} have identical weights: an ensemble "
+                    raise ValueError(f"the teachers {a.spec!r} and {b.spec!r} have identical weights: an ensemble "
                                      "of copies is one teacher")
         self.teachers = list(teachers)
         self.num_classes = classes.pop()
@@ -365,8 +365,8 @@ class TeacherEnsemble:
         except TorchDynamoException as exc:  # compiling failed: say which option did it, and what to do
             lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
             cause = " ".join(lines[:2]) or type(exc).__name__  # e.g. "backend='inductor' raised: <the error>"
-            raise RuntimeError(f"--compile {self.compile_mode}: torch.compile failed on teacher {teacher.spec!r} "
-                               f"({cause}); run without --compile") from exc
+            raise RuntimeError(f"torch.compile (`compile_mode` {self.compile_mode!r}) failed on teacher {teacher.spec!r} "
+                               f"({cause}); run without `compile_mode`") from exc
 
     @torch.inference_mode()
     def log_probs(self, inputs: Dict[int, torch.Tensor], on_device: bool = False) -> torch.Tensor:

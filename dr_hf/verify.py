@@ -155,8 +155,8 @@ def verify(path: str, teachers: Optional[Sequence[str]] = None, rows: int = 8, s
         report.problems.append(f"{DR_INDEX}: {len(dupes)} duplicate row index(es), first {min(dupes)}")
     report.agreement = summarize(path, split).get("teacher_top1_agreement")
     if teachers and list(teachers) != list(config.teachers):
-        raise ValueError(f"--teacher {list(teachers)} differs from the teachers recorded in {path}: {config.teachers} "
-                         "(verify replays the recorded teachers; omit --teacher)")
+        raise ValueError(f"`teachers` {list(teachers)} differs from the teachers recorded in {path}: {config.teachers} "
+                         "(verify replays the recorded teachers; omit `teachers`)")
     if rows <= 0 or report.problems:
         return report
     images_from = None

@@ -85,7 +85,7 @@ def test_cli_errors_name_the_option(tmp_path, image_dataset_dir, tiny_teacher_sp
     assert code == 2 and "unknown teacher" in err
     code, _, err = here(capsys, "reinforce", image_dataset_dir, "--output", tmp_path / "x", "--teacher",
                         tiny_teacher_spec, "--prepare-workers", 2, "--prepare-threads", 2)
-    assert code == 2 and "--prepare-workers and --prepare-threads: give one of them" in err
+    assert code == 2 and "--prepare-workers 2 and --prepare-threads 2: give one of them" in err
     code, _, err = here(capsys, "reinforce", image_dataset_dir, "--output", tmp_path / "x", "--teacher",
                         tiny_teacher_spec, "--teacher-batch-size", 0)
     assert code == 2 and "--teacher-batch-size must be >= 1, got 0" in err
@@ -97,10 +97,17 @@ def test_cli_errors_name_the_option(tmp_path, image_dataset_dir, tiny_teacher_sp
     assert not (tmp_path / "x").exists()  # refused before anything is written
     for augment, size, said in (("imagenet+rrc", 4, "--group-size applies to MixUp/CutMix partner groups, which "
                                  "--augment 'imagenet+rrc' does not use"),
-                                ("imagenet+mix", 200, "--group-size: group_size must be in [1, 127], got 200")):
+                                ("imagenet+mix", 200, "--group-size must be in [1, 127], got 200")):
         code, _, err = here(capsys, "reinforce", image_dataset_dir, "--output", tmp_path / "x", "--teacher",
                             tiny_teacher_spec, "--augment", augment, "--group-size", size)
         assert code == 2 and said in err, err
+    for flag, value, said in (("--seed", -1, "--seed must be >= 0, got -1"),
+                              ("--rows-per-shard", 0, "--rows-per-shard must be >= 1, got 0"),
+                              ("--batch-size", -3, "--batch-size must be >= 1, got -3")):  # (once taken silently)
+        code, _, err = here(capsys, "reinforce", image_dataset_dir, "--output", tmp_path / "x", "--teacher",
+                            tiny_teacher_spec, flag, value)
+        assert code == 2 and said in err, err
+    assert not (tmp_path / "x").exists()
 
 
 def test_the_image_column_is_found_by_its_type(tmp_path, image_dataset, tiny_teacher_spec, capsys):

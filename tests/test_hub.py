@@ -306,7 +306,7 @@ def test_a_reinforcement_only_folder_verifies_and_previews_from_its_source(tmp_p
     for command in ("verify", "preview"):
         assert main([command, str(reinforcement_only)]) == 2
         err = capsys.readouterr().err
-        assert f"dr-hf {command}: error: {reinforcement_only} holds no images" in err and "(--source)" in err
+        assert f"dr-hf {command}: error: {reinforcement_only} holds no images" in err and "pass the base dataset as --source" in err
     grids = {name: tmp_path / f"{name}.png" for name in ("joined", "full")}
     assert main(["preview", str(reinforcement_only), "--source", str(source_dir), "--out", str(grids["joined"]),
                  "--rows", "2"]) == 0

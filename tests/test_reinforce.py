@@ -207,7 +207,7 @@ def test_preparation_threads_and_workers_change_nothing(tmp_path, image_dataset,
             with pytest.raises(ValueError, match=r"row 5, column 'image'"):
                 reinforce(broken, make_config(teachers), teachers, str(tmp_path / f"fail-{name}"),
                           show_progress=False, **how)
-    with pytest.raises(ValueError, match="prepare_workers=2 and prepare_threads=3: choose processes or threads"):
+    with pytest.raises(ValueError, match=r"`prepare_workers` 2 and `prepare_threads` 3: give one of them \(processes or threads\)"):
         reinforce(broken, make_config(teachers), teachers, str(tmp_path / "both"), show_progress=False,
                   prepare_workers=2, prepare_threads=3)
 
@@ -342,7 +342,7 @@ def test_resume_skips_complete_shards_and_refuses_other_settings(tmp_path, image
     validation = tmp_path / "validation"
     reinforce(image_dataset, make_config(teachers, rows_per_shard=8), teachers, str(validation), split="validation",
               batch_size=8, show_progress=False)
-    with pytest.raises(ValueError, match=r"already holds the 'validation' split .* reinforce 'train' into another --output"):
+    with pytest.raises(ValueError, match=r"already holds the 'validation' split .* reinforce 'train' into another `output_dir`"):
         run(image_dataset, validation, teachers, rows_per_shard=8)
 
 
@@ -381,14 +381,14 @@ def test_bad_inputs_give_clear_errors(tmp_path, image_dataset, teachers):
         with_indices=True).cast_column("image", datasets.Image())
     with pytest.raises(ValueError, match=r"row 5, column 'image'"):
         run(broken, tmp_path / "broken", teachers)
-    with pytest.raises(ValueError, match="--image-column 'image' is not a column"):
+    with pytest.raises(ValueError, match="`image_column` 'image' is not a column"):
         run(image_dataset.rename_column("image", "img"), tmp_path / "col", teachers)
-    with pytest.raises(ValueError, match="--label-column 'label'"):
+    with pytest.raises(ValueError, match="`label_column` 'label' is not a column"):
         run(image_dataset.remove_columns("label"), tmp_path / "nolabel", teachers)
     with pytest.raises(ValueError, match=r"holds the splits \['train'\] \(a DatasetDict\): reinforce one"):
         run(datasets.DatasetDict(train=image_dataset), tmp_path / "dict", teachers)
     paths = datasets.Dataset.from_dict({"image": ["a.jpg"] * 8, "label": [0] * 8})
-    with pytest.raises(ValueError, match=r"--image-column 'image' holds strings, not images \(file paths\?\): cast"):
+    with pytest.raises(ValueError, match=r"`image_column` 'image' holds strings, not images \(file paths\?\): cast"):
         run(paths, tmp_path / "paths", teachers)
     eleven = image_dataset.cast_column("label", datasets.ClassLabel(names=[f"k{i}" for i in range(11)]))
     with pytest.raises(ValueError, match="label space mismatch: column 'label' has 11 classes"):
@@ -396,9 +396,9 @@ def test_bad_inputs_give_clear_errors(tmp_path, image_dataset, teachers):
     far = image_dataset.cast_column("label", datasets.Value("int64")).map(lambda x, i: {"label": 12 if i == 7 else x["label"]}, with_indices=True)
     with pytest.raises(ValueError, match=r"row 7, column 'label': label 12 is outside"):
         run(far, tmp_path / "far", teachers)
-    with pytest.raises(ValueError, match="--topk 11 exceeds"):
+    with pytest.raises(ValueError, match="`topk` 11 exceeds"):
         make_config(teachers, k=11)
-    with pytest.raises(ValueError, match="--num-samples"):
+    with pytest.raises(ValueError, match=r"`num_samples` must be in \[1, 65535\], got 0"):
         make_config(teachers, n=0)
 
 

@@ -420,7 +420,7 @@ def test_batched_job_is_recorded_and_verifies(tmp_path, capsys, image_dataset, i
                      tiny_teacher_spec, "--augment", "imagenet+mix", "--num-samples", "4", "--topk", "3",
                      "--quiet"]) == 2  # per-sample into a batched folder
     assert "different job" in capsys.readouterr().err
-    with pytest.raises(ValueError, match="--render"):
+    with pytest.raises(ValueError, match="`render` must be one of"):
         run(image_dataset, tmp_path / "x", teachers, render="gpu")
 
 

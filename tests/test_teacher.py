@@ -118,7 +118,7 @@ def test_precision_is_an_option_defaulting_to_fp32(tiny_teacher_spec):
     a, b = fp32.log_probs(x), bf16.log_probs(x)
     assert a.dtype == b.dtype == torch.float32 and not torch.equal(a, b) and torch.allclose(a, b, atol=0.1)
     assert torch.equal(TeacherEnsemble.from_specs([tiny_teacher_spec], precision="tf32").log_probs(x), a)  # CPU: fp32
-    with pytest.raises(ValueError, match="--precision must be one of"):
+    with pytest.raises(ValueError, match="`precision` must be one of"):
         TeacherEnsemble.from_specs([tiny_teacher_spec], precision="fp16")
 
 
@@ -153,7 +153,7 @@ def test_compiled_teachers_write_what_eager_ones_write_and_compile_once(tmp_path
     full = ensemble.log_probs({0: x})
     assert torch.allclose(ensemble.log_probs({0: x[:2]}), full[:2], atol=1e-5)
     assert torch.allclose(full, TeacherEnsemble.from_specs([spec]).log_probs({0: x}), atol=1e-5)
-    with pytest.raises(ValueError, match="--compile must be one of"):
+    with pytest.raises(ValueError, match="`compile_mode` must be one of"):
         TeacherEnsemble.from_specs([spec], compile_mode="fast")
 
 
@@ -166,8 +166,8 @@ def test_a_teacher_that_cannot_compile_names_the_option(tiny_teacher_spec, monke
     compile_ = torch.compile
     monkeypatch.setattr(torch, "compile", lambda model, **kw: compile_(model, backend=failing_backend, dynamic=False))
     ensemble = TeacherEnsemble.from_specs([tiny_teacher_spec], compile_mode="default")
-    with pytest.raises(RuntimeError, match=r"--compile default: torch.compile failed on teacher 'timm:local-dir:.*"
-                                           r"no C\+\+ compiler found.*run without --compile"):
+    with pytest.raises(RuntimeError, match=r"torch.compile \(`compile_mode` 'default'\) failed on teacher 'timm:local-dir:.*"
+                                           r"no C\+\+ compiler found.*run without `compile_mode`"):
         ensemble.log_probs({0: torch.randn(2, 3, 32, 32)})
 
 
