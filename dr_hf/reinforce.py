@@ -33,7 +33,7 @@ from .reinforcer import (SKIP_COLUMN, Reinforcer, check_on_bad_row, check_prepar
                          teacher_block_rows)
 from .shards import (card_config, check_split_name, describe_differences, error_report_path, num_shards,
                      parse_shard_name, rows_per_shard, shard_name, shard_rows)
-from .teacher import TeacherEnsemble
+from .teacher import TeacherEnsemble, usable_device
 
 __all__ = ["Reinforcer", "reinforce", "ReinforceResult", "StreamError"]
 
@@ -158,8 +158,13 @@ def reinforce(
 
     check_on_bad_row(on_bad_row)
     check_preparation(prepare_workers, prepare_threads)
-    if batch_size is not None and batch_size < 1:
-        raise ValueError(f"`batch_size` must be >= 1, got {batch_size}")
+    for name, value in (("batch_size", batch_size), ("num_rows", num_rows)):
+        if value is not None and value < 1:
+            raise ValueError(f"`{name}` must be >= 1, got {value}")
+    if render_threads is not None and render_threads < 0:
+        raise ValueError(f"`render_threads` must be >= 0, got {render_threads}")
+    if render_device is not None:
+        usable_device(render_device, "render_device")
     check_split_name(split)
     procs = processes or current_processes()
     streaming = isinstance(dataset, datasets.IterableDataset)

@@ -29,7 +29,7 @@ from .augment import AugmentPipeline, Context, empty_batch
 from .format import (DR_FINGERPRINT, DR_INDEX, DR_PARAMS, DR_TOPK_INDICES, DR_TOPK_LOGPROBS, ReinforceConfig, index_dtype,
                      reinforcement_features)
 from .images import BadImageError, decode, fingerprint
-from .teacher import TeacherEnsemble
+from .teacher import TeacherEnsemble, usable_device
 from .transfer import pinned, to_device
 
 
@@ -86,7 +86,7 @@ class Reinforcer:
         self.fields = self.pipeline.param_fields()
         self.schema = Features({**reinforcement_features(self.pipeline, config.num_samples, config.topk,
                                                          config.num_classes), SKIP_COLUMN: Value("bool")}).arrow_schema
-        self.render_device = torch.device(render_device)
+        self.render_device = usable_device(render_device, "render_device")
         self.side = SideStream(self.render_device, enabled=render_stream)
         self.read_back_late = str(teachers.device).startswith("cuda") if read_back_late is None else read_back_late
         self.pool = pool

@@ -230,6 +230,18 @@ def default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
+def usable_device(device, parameter: str = "device") -> torch.device:
+    """``device`` as a ``torch.device`` this machine has (a CUDA one only where torch sees it), or a ValueError
+    naming ``parameter``, before any work (torch would say "no NVIDIA driver" at the first copy)."""
+    try:
+        found = torch.device(device)
+    except (RuntimeError, TypeError) as exc:
+        raise ValueError(f"`{parameter}` {device!r} is not a device ({said(exc, 200)})") from None
+    if found.type == "cuda" and (not torch.cuda.is_available() or (found.index or 0) >= torch.cuda.device_count()):
+        raise ValueError(f"`{parameter}` {device!r}: torch sees {torch.cuda.device_count()} CUDA device(s) here")
+    return found
+
+
 def _same_weights(a: nn.Module, b: nn.Module) -> bool:
     sa, sb = a.state_dict(), b.state_dict()
     if sa.keys() != sb.keys() or any(sa[k].shape != sb[k].shape for k in sa):
@@ -324,7 +336,8 @@ class TeacherEnsemble:
                    compile_mode: Optional[str] = None) -> "TeacherEnsemble":
         specs = expand_specs(specs)
         check_distinct(specs)
-        return cls([load_teacher(s) for s in specs], torch.device(device) if device else None, precision, compile_mode)
+        device = usable_device(device) if device else None
+        return cls([load_teacher(s) for s in specs], device, precision, compile_mode)
 
     @property
     def specs(self) -> List[str]:

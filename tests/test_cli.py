@@ -101,11 +101,15 @@ def test_cli_errors_name_the_option(tmp_path, image_dataset_dir, tiny_teacher_sp
         code, _, err = here(capsys, "reinforce", image_dataset_dir, "--output", tmp_path / "x", "--teacher",
                             tiny_teacher_spec, "--augment", augment, "--group-size", size)
         assert code == 2 and said in err, err
-    for flag, value, said in (("--seed", -1, "--seed must be >= 0, got -1"),
+    for flag, value, said in (("--seed", -1, "--seed must be >= 0, got -1"),  # (the next four were taken silently)
                               ("--rows-per-shard", 0, "--rows-per-shard must be >= 1, got 0"),
-                              ("--batch-size", -3, "--batch-size must be >= 1, got -3")):  # (once taken silently)
+                              ("--batch-size", -3, "--batch-size must be >= 1, got -3"),
+                              ("--render-threads", -1, "--render-threads must be >= 0, got -1"),
+                              ("--num-rows", -5, "--num-rows must be >= 1, got -5"),
+                              ("--device", "nope", "--device 'nope' is not a device (RuntimeError: "),
+                              ("--render-device", "cuda:99", "--render-device 'cuda:99': torch sees ")):
         code, _, err = here(capsys, "reinforce", image_dataset_dir, "--output", tmp_path / "x", "--teacher",
-                            tiny_teacher_spec, flag, value)
+                            tiny_teacher_spec, flag, value, *(["--streaming"] if flag == "--num-rows" else []))
         assert code == 2 and said in err, err
     assert not (tmp_path / "x").exists()
 

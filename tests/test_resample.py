@@ -381,6 +381,7 @@ def test_copies_to_a_gpu_go_through_pinned_memory(monkeypatch, image_dataset, te
 
     calls.clear(), pinned_by.clear()
     batch = image_dataset.cast_column("image", datasets.Image(decode=False))[:8]
+    monkeypatch.setattr("dr_hf.reinforcer.usable_device", lambda device, parameter: torch.device(device))  # (no GPU)
     job = Reinforcer(make_config(teachers), teachers, num_rows=8, render_device="cuda",
                      pool=preparation_pool(threads=2))
     rows = list(job._prepared(batch, list(range(8))))
