@@ -24,3 +24,10 @@ def with_flags(message: str, flags: Mapping[str, str]) -> str:
     written as its flag (``flags``: parameter -> flag, e.g. ``--num-samples``); a parameter without one keeps its
     quotes. Library errors name parameters this way, so that the CLI names flags without a message of its own."""
     return _PARAMETER.sub(lambda m: flags.get(m.group(1), m.group(0)), message)
+
+
+def require_at_least(minimum: float, **values) -> None:
+    """Refuse the first of ``values`` (parameter=value; ``None`` is not given) below ``minimum``, naming it."""
+    for name, value in values.items():
+        if value is not None and value < minimum:
+            raise ValueError(f"`{name}` must be >= {minimum}, got {value}")

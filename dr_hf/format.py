@@ -26,6 +26,7 @@ from typing import Any, Dict, List, Mapping, Optional
 from datasets import Features, List as ListFeature, Value
 
 from .augment import AugmentPipeline
+from .errors import require_at_least
 
 DR_INDEX = "dr_index"
 DR_FINGERPRINT = "dr_fingerprint"
@@ -111,14 +112,8 @@ class ReinforceConfig:
             self.dr_hf_version = __version__
         if self.num_samples < 1 or self.num_samples > 65535:
             raise ValueError(f"`num_samples` must be in [1, 65535], got {self.num_samples}")
-        if self.topk < 1:
-            raise ValueError(f"`topk` must be >= 1, got {self.topk}")
-        if self.seed < 0:  # (numpy's seeds are non-negative)
-            raise ValueError(f"`seed` must be >= 0, got {self.seed}")
-        if self.rows_per_shard < 1:
-            raise ValueError(f"`rows_per_shard` must be >= 1, got {self.rows_per_shard}")
-        if self.teacher_batch_size < 1:
-            raise ValueError(f"`teacher_batch_size` must be >= 1, got {self.teacher_batch_size}")
+        require_at_least(1, topk=self.topk, teacher_batch_size=self.teacher_batch_size, rows_per_shard=self.rows_per_shard)
+        require_at_least(0, seed=self.seed)  # (numpy's seeds are non-negative)
         if self.render not in RENDER_MODES:
             raise ValueError(f"`render` must be one of {RENDER_MODES}, got {self.render!r}")
         if self.num_classes and self.topk > self.num_classes:

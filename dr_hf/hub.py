@@ -19,6 +19,7 @@ import os
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Union
 
+from .errors import require_at_least
 from .shards import CARD, DATA_DIR, ERRORS_DIR, PREVIEW
 
 logger = logging.getLogger(__name__)
@@ -91,6 +92,7 @@ def push(
     from .card import published_card
     from .shards import check_folder, raise_if, shard_paths, splits
 
+    require_at_least(1, files_per_commit=files_per_commit)
     if "/" not in repo_id:
         raise ValueError(f"repo id {repo_id!r}: use the form org/name, e.g. org/imagenet-plus")
     if not os.path.isfile(os.path.join(folder, CARD)) or not os.path.isdir(os.path.join(folder, DATA_DIR)):
@@ -99,8 +101,6 @@ def push(
         raise FileNotFoundError(f"{folder}/data holds no parquet shards")
     if any(n.endswith(".tmp") for n in os.listdir(os.path.join(folder, DATA_DIR))):
         raise ValueError(f"{folder}/data holds half-written shards (*.tmp): rerun `dr-hf reinforce` to finish it first")
-    if files_per_commit < 1:
-        raise ValueError(f"`files_per_commit` must be >= 1, got {files_per_commit}")
     for split in splits(folder):  # never publish a card that lies about its shards, or a mix of two jobs
         raise_if(check_folder(folder, split), f"refusing to push {folder}")
 

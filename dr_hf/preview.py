@@ -9,6 +9,7 @@ import numpy as np
 import torch
 
 from .augment import params_at
+from .errors import require_at_least
 from .format import DR_INDEX, DR_PARAMS, DR_TOPK_INDICES, DR_TOPK_LOGPROBS
 from .images import decode
 from .inputs import InputSpec
@@ -71,6 +72,8 @@ def render_preview(folder: str, out: Optional[str] = None, rows: int = 4, sample
     from .source import reinforcement_config
     from .shards import shard_paths
 
+    require_at_least(1, rows=rows, samples=samples)
+    require_at_least(0, seed=seed)
     config = reinforcement_config(folder, split)
     table = pq.read_table(shard_paths(folder, split)[0])
     features = Features.from_arrow_schema(table.schema)

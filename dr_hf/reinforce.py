@@ -27,6 +27,7 @@ from .format import (
     config_from_parquet,
     reinforcement_features,
 )
+from .errors import require_at_least
 from .joblock import output_lock
 from .processes import Processes, current_processes
 from .reinforcer import (SKIP_COLUMN, Reinforcer, check_on_bad_row, check_preparation, preparation_pool,
@@ -158,11 +159,8 @@ def reinforce(
 
     check_on_bad_row(on_bad_row)
     check_preparation(prepare_workers, prepare_threads)
-    for name, value in (("batch_size", batch_size), ("num_rows", num_rows)):
-        if value is not None and value < 1:
-            raise ValueError(f"`{name}` must be >= 1, got {value}")
-    if render_threads is not None and render_threads < 0:
-        raise ValueError(f"`render_threads` must be >= 0, got {render_threads}")
+    require_at_least(1, batch_size=batch_size, num_rows=num_rows)
+    require_at_least(0, render_threads=render_threads)
     if render_device is not None:
         usable_device(render_device, "render_device")
     check_split_name(split)

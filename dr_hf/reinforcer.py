@@ -29,6 +29,7 @@ from .augment import AugmentPipeline, Context, empty_batch
 from .format import (DR_FINGERPRINT, DR_INDEX, DR_PARAMS, DR_TOPK_INDICES, DR_TOPK_LOGPROBS, ReinforceConfig, index_dtype,
                      reinforcement_features)
 from .images import BadImageError, decode, fingerprint
+from .errors import require_at_least
 from .teacher import TeacherEnsemble, usable_device
 from .transfer import pinned, to_device
 
@@ -437,8 +438,7 @@ def unpack(row: Prepared) -> Prepared:
 
 def check_preparation(workers: int = 0, threads: Optional[int] = 0) -> None:
     """Refuse negative counts, or both processes and threads, for preparing rows (:func:`preparation_pool`)."""
-    if workers < 0 or (threads or 0) < 0:
-        raise ValueError(f"`prepare_workers` and `prepare_threads` must be >= 0, got {workers} and {threads}")
+    require_at_least(0, prepare_workers=workers, prepare_threads=threads)
     if workers and threads:
         raise ValueError(f"`prepare_workers` {workers} and `prepare_threads` {threads}: give one of them (processes or "
                          "threads)")

@@ -6,7 +6,7 @@ from __future__ import annotations
 import os
 from typing import Any, Dict, Iterator, Optional
 
-from .errors import said
+from .errors import require_at_least, said
 from .format import DR_FINGERPRINT, DR_INDEX, ReinforceConfig, config_from_parquet, require_reinforced
 from .images import fingerprint
 
@@ -21,6 +21,7 @@ def load_source(path: str, split: str, name: Optional[str] = None, revision: Opt
     ``limit`` rows."""
     import datasets
 
+    require_at_least(1, limit=limit)
     kwargs: Dict[str, Any] = {"split": split, "streaming": streaming}
     if revision:
         kwargs["revision"] = revision
@@ -31,8 +32,6 @@ def load_source(path: str, split: str, name: Optional[str] = None, revision: Opt
     else:
         ds = datasets.load_dataset(path, name, **kwargs)
     if limit is not None:
-        if limit < 1:
-            raise ValueError(f"`limit` must be >= 1, got {limit}")
         ds = ds.take(limit) if streaming else ds.select(range(min(limit, len(ds))))
     return ds
 

@@ -9,6 +9,7 @@ from typing import Dict, List, Optional, Sequence
 import numpy as np
 import pyarrow as pa
 
+from .errors import require_at_least
 from .format import (
     DR_COLUMNS,
     DR_INDEX,
@@ -123,6 +124,7 @@ def verify(path: str, teachers: Optional[Sequence[str]] = None, rows: int = 8, s
     from .stats import summarize
     from .teacher import TeacherEnsemble
 
+    require_at_least(0, rows=rows, seed=seed, atol=atol, rtol=rtol)
     if not os.path.isdir(path):
         raise ValueError(f"verify reads a local folder; {path!r} is not one (download a Hub repo first)")
     paths = shard_paths(path, split)

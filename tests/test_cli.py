@@ -111,6 +111,12 @@ def test_cli_errors_name_the_option(tmp_path, image_dataset_dir, tiny_teacher_sp
         code, _, err = here(capsys, "reinforce", image_dataset_dir, "--output", tmp_path / "x", "--teacher",
                             tiny_teacher_spec, flag, value, *(["--streaming"] if flag == "--num-rows" else []))
         assert code == 2 and said in err, err
+    for command, flag, value, said in (("verify", "--rows", -1, "--rows must be >= 0, got -1"),
+                                       ("verify", "--atol", -1, "--atol must be >= 0, got -1.0"),
+                                       ("preview", "--samples", 0, "--samples must be >= 1, got 0"),
+                                       ("push", "--files-per-commit", 0, "--files-per-commit must be >= 1, got 0")):
+        code, _, err = here(capsys, command, image_dataset_dir, *(["org/x"] if command == "push" else []), flag, value)
+        assert code == 2 and f"dr-hf {command}: error: {said}" in err, err
     assert not (tmp_path / "x").exists()
 
 
