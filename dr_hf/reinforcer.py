@@ -101,6 +101,8 @@ class Reinforcer:
             raise ValueError(f"the teachers have {teachers.num_classes} classes, the config says {config.num_classes}")
         if teachers.precision != config.precision:
             raise ValueError(f"the teachers run at precision {teachers.precision!r}, the config says {config.precision!r}")
+        if teachers.specs != list(config.teachers):  # the data would name teachers that did not make it
+            raise ValueError(f"the teachers are {teachers.specs}, the config records {list(config.teachers)}")
 
     # -- one teacher batch --------------------------------------------------------------------------
     def render_rows(self, images: Sequence[torch.Tensor], params: Sequence[Dict[str, Any]], js: Sequence[int], out,

@@ -1,3 +1,4 @@
+import dataclasses
 import glob
 import os
 import threading
@@ -400,6 +401,12 @@ def test_bad_inputs_give_clear_errors(tmp_path, image_dataset, teachers):
         make_config(teachers, k=11)
     with pytest.raises(ValueError, match=r"`num_samples` must be in \[1, 65535\], got 0"):
         make_config(teachers, n=0)
+    # a config that records other teachers than the ones that run: the data would name the wrong ones
+    for change, said in (({"teachers": ["efficientnet-lite0"]}, r"the teachers are \['timm:local-dir:.*'\], the config "
+                          r"records \['efficientnet-lite0'\]"), ({"precision": "bf16"}, "the config says 'bf16'"),
+                         ({"num_classes": 11}, "the config says 11")):
+        with pytest.raises(ValueError, match=said):
+            Reinforcer(dataclasses.replace(make_config(teachers), **change), teachers, num_rows=8)
 
 
 def test_unlabelled_data(tmp_path, image_dataset, teachers):
