@@ -8,6 +8,7 @@ The output does not depend on ``--batch-size``, on processing order, or on the n
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import logging
 import math
@@ -180,6 +181,11 @@ def reinforce(
     n = len(dataset) if not streaming else (num_rows or stream_length(decoded, split, config.label_column or config.image_column))
     if n < 1:
         raise ValueError("the dataset is empty: nothing to reinforce")
+    recorded = config.source.get("num_rows")
+    if recorded is None:  # recorded, so that verify checks every shard's row range and no row goes missing unseen
+        config = dataclasses.replace(config, source={**config.source, "num_rows": n})
+    elif recorded != n:
+        raise ValueError(f"`config` records {recorded} source rows (source['num_rows']), but the dataset holds {n}")
     count = num_shards(config, n)
     if render_device is None:
         render_device = default_render(teachers, render=config.render)[0]

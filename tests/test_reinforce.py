@@ -16,7 +16,7 @@ from dr_hf.format import DR_FINGERPRINT, config_from_parquet, reinforcement_feat
 from dr_hf.images import decode
 from dr_hf.reinforce import default_batch_size, default_prepare_threads, default_render, reinforce
 from dr_hf.reinforcer import Reinforcer, RowPreparer, preparation_pool, teacher_block_rows
-from dr_hf.shards import shard_paths
+from dr_hf.shards import check_folder, shard_paths
 from dr_hf.stats import reinforcement_bytes
 
 
@@ -413,6 +413,22 @@ def test_unlabelled_data(tmp_path, image_dataset, teachers):
     config = make_config(teachers, label_column=None)
     result = reinforce(image_dataset.remove_columns("label"), config, teachers, str(tmp_path), show_progress=False)
     assert "teacher_top1_agreement" not in result.stats and result.stats["rows"] == len(image_dataset)
+
+
+def test_a_library_job_records_its_row_count_so_a_lost_row_is_found(tmp_path, image_dataset, teachers):
+    """reinforce() given a config without the source's row count (as a library caller builds one) records it, so
+    that verify checks each shard's row range and names a row lost from a shard; a config that records another count
+    is refused before any work."""
+    run(image_dataset, tmp_path / "out", teachers)
+    path, n = shard_paths(str(tmp_path / "out"))[0], len(image_dataset)
+    assert config_from_parquet(path).source["num_rows"] == n
+    table = pq.read_table(path)
+    pq.write_table(table.slice(0, n - 1), path)  # (the schema's metadata, the configuration, is kept)
+    assert check_folder(str(tmp_path / "out")) == [f"{os.path.basename(path)}: 1 row(s) of its range neither stored "
+                                                   f"nor listed as skipped, first {n - 1}"]
+    with pytest.raises(ValueError, match=f"`config` records 99 source rows .*, but the dataset holds {n}"):
+        run(image_dataset, tmp_path / "other", teachers, source={"num_rows": 99})
+    assert not (tmp_path / "other").exists()
 
 
 def test_bytes_per_sample_is_measured_from_the_parquet_footer(tmp_path, image_dataset, teachers):
