@@ -273,13 +273,16 @@ class Reinforcer:
             logps[pos] = joined if topk else joined[0]
         return indices, params, logps
 
-    def __call__(self, batch: Dict[str, List[Any]], indices: List[int]) -> pa.Table:
+    def __call__(self, batch: Dict[str, List[Any]], indices: Optional[List[int]] = None) -> pa.Table:
         """The batch's reinforcement columns, as an Arrow table with one row per input row (``Dataset.map`` then
         gives a dataset of them alone; :func:`~dr_hf.reinforce.reinforce` joins it to the source with
         ``concatenate_datasets(..., axis=1)``). Skipped rows get placeholders and ``_dr_skip`` = True (the driver drops
         them). The top-K is taken where the teachers run, and the columns are built for the whole batch at once (Arrow
         arrays from stacked NumPy arrays): between map batches a GPU waits for this work, and for ``datasets`` to
         write what the map returns."""
+        if indices is None or isinstance(indices, int):  # map(..) without with_indices=True, or without batched=True
+            raise TypeError("Reinforcer is a batched map function that needs each row's index (its seeds derive from "
+                            "it): Dataset.map(reinforcer, batched=True, with_indices=True)")
         cfg = self.config
         fingerprints = self._fingerprints(batch[cfg.image_column], [i + self.index_offset for i in indices])
         rows, n, k = len(indices), cfg.num_samples, cfg.topk

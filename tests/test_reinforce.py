@@ -224,6 +224,9 @@ def test_the_map_function_gives_the_typed_reinforcement_columns(tmp_path, image_
     assert out.features == datasets.Features({**expected, "_dr_skip": datasets.Value("bool")})
     reinforce(image_dataset, config, teachers, str(tmp_path), show_progress=False)
     assert out.select_columns(list(expected)).data.table.equals(dr_table(tmp_path).select(list(expected)))
+    for forgotten in ({"batched": True}, {"with_indices": True}):  # (TypeErrors about a missing argument, an int)
+        with pytest.raises(TypeError, match=r"Dataset.map\(reinforcer, batched=True, with_indices=True\)"):
+            ds.select(range(2)).map(Reinforcer(config, teachers, num_rows=len(ds)), **forgotten)
 
 
 def test_job_defaults_follow_the_teachers_device(teachers):
