@@ -10,6 +10,8 @@ from __future__ import annotations
 import os
 import shutil
 
+from .shards import DATA_DIR, shard_name
+
 # (file in skimage/data, ImageNet-1k label or -1)
 PHOTOS = [
     ("chelsea.png", 281),  # tabby cat
@@ -40,8 +42,8 @@ def write_source(folder: str) -> str:
         rows["name"].append(os.path.splitext(name)[0])
     features = datasets.Features({"image": datasets.Image(), "label": datasets.Value("int64"), "name": datasets.Value("string")})
     ds = datasets.Dataset.from_dict(rows, features=features)
-    os.makedirs(os.path.join(folder, "data"), exist_ok=True)
-    ds.to_parquet(os.path.join(folder, "data", "train-00000-of-00001.parquet"))
+    os.makedirs(os.path.join(folder, DATA_DIR), exist_ok=True)
+    ds.to_parquet(os.path.join(folder, DATA_DIR, shard_name("train", 0, 1)))  # a Hub-layout folder, as the output
     return folder
 
 
