@@ -53,7 +53,7 @@ def output_lock(folder: str, procs: Processes, wait: bool = False) -> Iterator[N
             if not wait:
                 raise FolderInUse(f"`output_dir` {folder} is in use by another dr-hf job ({holder(folder)}); wait for it "
                                   "(`wait`), or choose another `output_dir`") from None
-            logger.info("--output %s is in use (%s): waiting for it", folder, holder(folder))
+            logger.info("%s is in use (%s): waiting for it", folder, holder(folder))
             lock.acquire()
         info = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.strftime("%Y-%m-%d %H:%M:%S"),
                 "command": " ".join(["dr-hf", *sys.argv[1:]]) if sys.argv[1:2] == ["reinforce"] else "dr_hf.reinforce()"}
