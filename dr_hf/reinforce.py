@@ -443,7 +443,9 @@ def check_columns(dataset, config: ReinforceConfig, teachers: TeacherEnsemble) -
         if isinstance(feature, ClassLabel) and feature.num_classes != teachers.num_classes:
             raise ValueError(
                 f"label space mismatch: column {config.label_column!r} has {feature.num_classes} classes, "
-                f"the teacher(s) {teachers.specs} predict {teachers.num_classes}"
+                f"the teacher(s) {teachers.specs} predict {teachers.num_classes}: use teachers trained on these classes "
+                "(e.g. timm:NAME@FILE.safetensors with your fine-tuned weights), or pass `label_column` '' to keep the "
+                "teachers' own classes without the labels"
             )
 
 
