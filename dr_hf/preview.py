@@ -69,7 +69,7 @@ def render_preview(folder: str, out: Optional[str] = None, rows: int = 4, sample
     import pyarrow.parquet as pq
     from datasets import Features
 
-    from .source import reinforcement_config
+    from .source import needs_source, reinforcement_config
     from .shards import shard_paths
 
     require_at_least(1, rows=rows, samples=samples)
@@ -78,7 +78,7 @@ def render_preview(folder: str, out: Optional[str] = None, rows: int = 4, sample
     table = pq.read_table(shard_paths(folder, split)[0])
     features = Features.from_arrow_schema(table.schema)
     cells = None
-    if config.image_column not in table.column_names:
+    if needs_source(folder, config, table.column_names, source):
         import datasets
 
         from .source import base_of, join_source

@@ -36,6 +36,18 @@ def load_source(path: str, split: str, name: Optional[str] = None, revision: Opt
     return ds
 
 
+def needs_source(path: str, config: ReinforceConfig, columns, source: Optional[str]) -> bool:
+    """Whether ``path``, whose shards hold ``columns``, is reinforcement-only (its images come from a source); a
+    ``source`` given for one that holds its images is refused: it would go unused while the caller believes the rows
+    were checked against it."""
+    if config.image_column not in columns:
+        return True
+    if source is not None:
+        raise ValueError(f"{path} holds its images ({config.image_column!r}); `source` is for a reinforcement-only "
+                         "dataset (written with --no-images): leave it out")
+    return False
+
+
 def base_of(folder: str, config: ReinforceConfig, source: Optional[str], split: str = "train"):
     """The base dataset that a reinforcement-only ``folder`` (written with ``--no-images``) replays its images from:
     ``source`` loaded at the recorded split and config name; join rows to it with :func:`join_source`."""
@@ -182,7 +194,7 @@ def load_reinforced(path: str, split: str = "train", source: Optional[str] = Non
             raise
         raise name_bad_files(shard_paths(path, split), exc) from exc
     config = reinforcement_config(path, split=split, revision=revision)
-    if config.image_column in (ds.column_names or []):
+    if not needs_source(path, config, ds.column_names or [], source):
         return ds
     src = source or (None if config.source.get("local") else config.source.get("path"))
     if not src:

@@ -121,6 +121,7 @@ def verify(path: str, teachers: Optional[Sequence[str]] = None, rows: int = 8, s
     from .reinforce import default_render
     from .reinforcer import Reinforcer
     from .shards import BadShardError, check_folder, checked_batches, shard_paths
+    from .source import base_of, join_source, needs_source
     from .stats import summarize
     from .teacher import TeacherEnsemble
 
@@ -161,11 +162,7 @@ def verify(path: str, teachers: Optional[Sequence[str]] = None, rows: int = 8, s
                          "(verify replays the recorded teachers; omit `teachers`)")
     if rows <= 0 or report.problems:
         return report
-    images_from = None
-    if config.image_column not in columns:
-        from .source import base_of, join_source
-
-        images_from = base_of(path, config, source, split)
+    images_from = base_of(path, config, source, split) if needs_source(path, config, columns, source) else None
 
     ensemble = TeacherEnsemble.from_specs(config.teachers, device=device, precision=config.precision)
     replay_config = config

@@ -298,7 +298,15 @@ def test_the_trainer_asks_for_a_reinforcement_only_dataset_to_be_joined_first(tm
 def test_a_reinforcement_only_folder_verifies_and_previews_from_its_source(tmp_path, plus, reinforcement_only,
                                                                           source_dir, capsys):
     """verify and preview replay its rows joined to the base dataset (--source), refuse without one, naming the flag,
-    and name the row whose image in the given source is not the one reinforced."""
+    and name the row whose image in the given source is not the one reinforced. A folder that holds its images is
+    not joined: load_reinforced refuses a source for it, which would go unused."""
+    from dr_hf import load_reinforced
+
+    with pytest.raises(ValueError, match=r"holds its images \('image'\); `source` is for a reinforcement-only"):
+        load_reinforced(str(plus), source=str(source_dir))
+    for command in ("verify", "preview"):
+        assert main([command, str(plus), "--source", str(source_dir)]) == 2
+        assert "holds its images ('image'); --source is for a reinforcement-only" in capsys.readouterr().err
     report = verify(str(reinforcement_only), rows=3, source=str(source_dir))
     assert report.ok and report.replayed_rows == 3 and report.params_mismatches == 0, report.problems
     assert report.max_abs_diff <= 1e-3 and report.agreement == summarize(str(plus))["teacher_top1_agreement"]
