@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import logging
 import math
 import os
 from dataclasses import dataclass, field
@@ -27,6 +28,7 @@ from .loss import dense_teacher_log_probs, distillation_loss, one_hot_target
 from .replay import RenderedAhead
 from .rows import ReplayRows
 
+logger = logging.getLogger(__name__)
 
 OUTSIDE_TOPK = ("uniform", "renormalize")
 
@@ -205,14 +207,20 @@ class ReinforcedTrainer(Trainer):
                                                                  else eval_dataset)
         self.student_output = student_output(model, args, processing_class)
         self.num_classes = num_classes_of(model)
+        fields = _dr_param_fields(train_dataset)
+        plain_only = [name for name in ("augment", "online_teachers", "crop_scale") if getattr(args, name)]
+        if fields is not None and plain_only:  # (one set of arguments may serve plain and reinforced runs alike)
+            dr = [c for c in train_dataset.features if c.startswith("dr_")]
+            logger.warning("train_dataset is reinforced: it replays its stored samples and teacher outputs, so %s, "
+                           "which apply to a plain dataset (fresh augmentations, online teachers), are not used; to "
+                           "train plainly on its images, pass train_dataset.remove_columns(%s)", ", ".join(plain_only), dr)
         self.teachers = None
-        if args.online_teachers:
+        if args.online_teachers and fields is None:  # (a reinforced dataset's targets are stored: none are loaded)
             from .teacher import TeacherEnsemble
 
             self.teachers = TeacherEnsemble.from_specs(args.online_teachers)
             if self.teachers.num_classes != self.num_classes:
                 raise ValueError(f"the online teachers predict {self.teachers.num_classes} classes, the student {self.num_classes}")
-        fields = _dr_param_fields(train_dataset)
         self.group_size = 1
         pipeline = None
         if train_dataset is not None:

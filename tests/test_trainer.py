@@ -284,7 +284,7 @@ def test_the_image_column_is_found_by_its_type(tmp_path, reinforced, streaming):
                           train_dataset=datasets.load_dataset(str(folders["rrc+flip"]), split="train"))
 
 
-def test_clear_errors(tmp_path, reinforced):
+def test_clear_errors(tmp_path, reinforced, caplog):
     ds, _, folders = reinforced
     with pytest.raises(ValueError, match="not a reinforced dataset"):
         ReinforcedTrainer(model=tiny_timm(), args=args(tmp_path, augment=None), train_dataset=ds)
@@ -300,6 +300,19 @@ def test_clear_errors(tmp_path, reinforced):
                                 train_dataset=unlabelled)
     with pytest.raises(ValueError, match="the student's 7 classes"):
         trainer.train()
+    plus = datasets.load_dataset(str(folders["rrc+flip"]), split="train")
+    for given, said in ((dict(augment="rrc+flip", crop_scale=0.5), "augment, crop_scale"),
+                        (dict(augment="rrc+flip", online_teachers=["efficientnet-lite0"]), "augment, online_teachers")):
+        # unused with reinforced data (one set of arguments may serve plain and reinforced runs): said, and the online
+        # teachers (1000 classes, where the student has 10) are not loaded
+        caplog.clear()
+        with caplog.at_level("WARNING", logger="dr_hf.trainer"):
+            trainer = ReinforcedTrainer(model=tiny_timm(), args=args(tmp_path, **given), train_dataset=plus)
+        assert trainer.teachers is None and isinstance(trainer.train_collator, ReinforcedCollator)
+        assert [r.getMessage() for r in caplog.records] == [
+            f"train_dataset is reinforced: it replays its stored samples and teacher outputs, so {said}, which apply to "
+            "a plain dataset (fresh augmentations, online teachers), are not used; to train plainly on its images, pass "
+            f"train_dataset.remove_columns({[c for c in plus.column_names if c.startswith('dr_')]})"]
     with pytest.raises(ValueError, match="another dr-hf version"):
         bad = datasets.load_dataset(str(folders["rrc+flip"]), split="train")
         bad = bad.map(lambda r: {"dr_params": {**r["dr_params"], "warp": [0, 0, 0, 0]}})
