@@ -27,6 +27,8 @@ def cmd_reinforce(args) -> int:
 
     check_split_name(args.split)
     check_preparation(args.prepare_workers, args.prepare_threads)
+    if args.num_rows is not None and not args.streaming:
+        raise ValueError("--num-rows gives a --streaming source's length; a source read whole has its own")
     procs = current_processes(args.device)
     if not args.quiet:
         logging.basicConfig(format=f"%(asctime)s [{procs}] %(message)s", level=logging.WARNING)

@@ -178,6 +178,8 @@ def reinforce(
     decoded = dataset
     if isinstance(dataset.features.get(config.image_column), Image):
         decoded = dataset.cast_column(config.image_column, Image(decode=False))
+    if not streaming and num_rows not in (None, len(dataset)):
+        raise ValueError(f"`num_rows` {num_rows} is for a streamed dataset; this one holds {len(dataset)} rows")
     n = len(dataset) if not streaming else (num_rows or stream_length(decoded, split, config.label_column or config.image_column))
     if n < 1:
         raise ValueError("the dataset is empty: nothing to reinforce")

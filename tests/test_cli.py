@@ -101,15 +101,16 @@ def test_cli_errors_name_the_option(tmp_path, image_dataset_dir, tiny_teacher_sp
         code, _, err = here(capsys, "reinforce", image_dataset_dir, "--output", tmp_path / "x", "--teacher",
                             tiny_teacher_spec, "--augment", augment, "--group-size", size)
         assert code == 2 and said in err, err
-    for flag, value, said in (("--seed", -1, "--seed must be >= 0, got -1"),  # (the next four were taken silently)
-                              ("--rows-per-shard", 0, "--rows-per-shard must be >= 1, got 0"),
-                              ("--batch-size", -3, "--batch-size must be >= 1, got -3"),
-                              ("--render-threads", -1, "--render-threads must be >= 0, got -1"),
-                              ("--num-rows", -5, "--num-rows must be >= 1, got -5"),
-                              ("--device", "nope", "--device 'nope' is not a device (RuntimeError: "),
-                              ("--render-device", "cuda:99", "--render-device 'cuda:99': torch sees ")):
+    for options, said in ((["--seed", -1], "--seed must be >= 0, got -1"),  # (taken silently, or misreported)
+                          (["--rows-per-shard", 0], "--rows-per-shard must be >= 1, got 0"),
+                          (["--batch-size", -3], "--batch-size must be >= 1, got -3"),
+                          (["--render-threads", -1], "--render-threads must be >= 0, got -1"),
+                          (["--num-rows", -5, "--streaming"], "--num-rows must be >= 1, got -5"),
+                          (["--num-rows", 4], "--num-rows gives a --streaming source's length"),
+                          (["--device", "nope"], "--device 'nope' is not a device (RuntimeError: "),
+                          (["--render-device", "cuda:99"], "--render-device 'cuda:99': torch sees ")):
         code, _, err = here(capsys, "reinforce", image_dataset_dir, "--output", tmp_path / "x", "--teacher",
-                            tiny_teacher_spec, flag, value, *(["--streaming"] if flag == "--num-rows" else []))
+                            tiny_teacher_spec, *options)
         assert code == 2 and said in err, err
     for command, flag, value, said in (("verify", "--rows", -1, "--rows must be >= 0, got -1"),
                                        ("verify", "--atol", -1, "--atol must be >= 0, got -1.0"),

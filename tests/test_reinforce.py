@@ -431,6 +431,8 @@ def test_a_library_job_records_its_row_count_so_a_lost_row_is_found(tmp_path, im
                                                    f"nor listed as skipped, first {n - 1}"]
     with pytest.raises(ValueError, match=f"`config` records 99 source rows .*, but the dataset holds {n}"):
         run(image_dataset, tmp_path / "other", teachers, source={"num_rows": 99})
+    with pytest.raises(ValueError, match=f"`num_rows` 99 is for a streamed dataset; this one holds {n} rows"):
+        reinforce(image_dataset, make_config(teachers), teachers, str(tmp_path / "other"), num_rows=99)
     assert not (tmp_path / "other").exists()
 
 
