@@ -22,6 +22,9 @@ def load_source(path: str, split: str, name: Optional[str] = None, revision: Opt
     import datasets
 
     require_at_least(1, limit=limit)
+    if revision and os.path.exists(path):  # datasets would read the folder as it is, and the card claim the revision
+        raise ValueError(f"`revision` {revision!r} names a Hub revision (branch, tag or commit), but {path} is a local "
+                         "folder, read as it is")
     kwargs: Dict[str, Any] = {"split": split, "streaming": streaming}
     if revision:
         kwargs["revision"] = revision

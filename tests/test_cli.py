@@ -107,6 +107,7 @@ def test_cli_errors_name_the_option(tmp_path, image_dataset_dir, tiny_teacher_sp
                           (["--render-threads", -1], "--render-threads must be >= 0, got -1"),
                           (["--num-rows", -5, "--streaming"], "--num-rows must be >= 1, got -5"),
                           (["--num-rows", 4], "--num-rows gives a --streaming source's length"),
+                          (["--revision", "v2"], "--revision 'v2' names a Hub revision (branch, tag or commit), but "),
                           (["--device", "nope"], "--device 'nope' is not a device (RuntimeError: "),
                           (["--render-device", "cuda:99"], "--render-device 'cuda:99': torch sees ")):
         code, _, err = here(capsys, "reinforce", image_dataset_dir, "--output", tmp_path / "x", "--teacher",
