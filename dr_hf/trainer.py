@@ -263,7 +263,9 @@ class ReinforcedTrainer(Trainer):
         else:
             self.train_collator = AugmentCollator(augment=args.augment, crop_scale=args.crop_scale,
                                                   teacher_outputs=self.teachers.outputs() if self.teachers else (), **common)
-        self.eval_collator = data_collator or EvalCollator(**common)
+        # evaluation reads an evaluation set's labels also after unlabelled training (label_column=''): the default
+        # column, or the set's one ClassLabel column under another name (_own_eval_rows)
+        self.eval_collator = data_collator or EvalCollator(**{**common, "label_column": args.label_column or "label"})
         # compute_loss applies label_smoothing_factor itself; the Trainer's own label smoother is not used, and its
         # set-up reads model.config, which a timm student has not
         smoothing, args.label_smoothing_factor = args.label_smoothing_factor, 0.0
@@ -379,8 +381,10 @@ class ReinforcedTrainer(Trainer):
 
     def _own_eval_rows(self, dataset):
         """Evaluation rows left encoded for the default collator, their images under the training set's column name
-        (an evaluation set of another naming: its one ``datasets.Image`` column); a collator of your own gets them
-        as they are."""
+        and their labels under the label column (an evaluation set of another naming: its one ``datasets.Image``
+        column, its one ``ClassLabel`` column); a collator of your own gets them as they are."""
+        import datasets
+
         if not isinstance(self.eval_collator, EvalCollator):
             return dataset
         if isinstance(dataset, dict):
@@ -388,7 +392,13 @@ class ReinforcedTrainer(Trainer):
         names = getattr(dataset, "column_names", None) or []
         column = self.image_column if self.image_column in names or not names else image_column_of(dataset)
         dataset = encoded_images(dataset, column)  # (then renamed as bytes: a streamed rename re-encodes decoded images)
-        return dataset.rename_column(column, self.image_column) if column != self.image_column else dataset
+        if column != self.image_column:
+            dataset = dataset.rename_column(column, self.image_column)
+        label = self.eval_collator.label_column
+        classes = [n for n, f in (getattr(dataset, "features", None) or {}).items() if isinstance(f, datasets.ClassLabel)]
+        if names and label not in names and len(classes) == 1:  # its labels under another name ('fine_label')
+            dataset = dataset.rename_column(classes[0], label)
+        return dataset
 
     def get_eval_dataloader(self, eval_dataset=None):
         with self._collating_with(self.eval_collator):

@@ -249,6 +249,16 @@ def test_evaluation_with_compute_metrics_on_a_plain_dataset(tmp_path, reinforced
     again = trainer.evaluate()
     assert trainer.image_column == "img"
     assert (again["eval_loss"], again["eval_accuracy"]) == (metrics["eval_loss"], metrics["eval_accuracy"])
+    # trained without labels (label_column=''), evaluated on a labelled set: its labels are read (they were all -1, the
+    # loss 0), also from its one ClassLabel column under another name
+    val = ds.select(range(16))
+    names = [f"k{i}" for i in range(10)]
+    fine = val.cast_column("label", datasets.ClassLabel(names=names)).rename_column("label", "fine")
+    unlabelled = ReinforcedTrainer(model=trainer.model, args=args(tmp_path, label_column=""), compute_metrics=accuracy,
+                                   train_dataset=renamed.remove_columns("label"))
+    for eval_set in (val, fine):
+        assert unlabelled.predict(eval_set).label_ids.tolist() == val["label"]
+    assert unlabelled.evaluate(fine)["eval_loss"] == pytest.approx(metrics["eval_loss"])
 
 
 def test_plain_and_online_kd_use_the_same_trainer(tmp_path, reinforced, sharp_teacher_dir):
