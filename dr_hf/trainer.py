@@ -398,6 +398,10 @@ class ReinforcedTrainer(Trainer):
         classes = [n for n, f in (getattr(dataset, "features", None) or {}).items() if isinstance(f, datasets.ClassLabel)]
         if names and label not in names and len(classes) == 1:  # its labels under another name ('fine_label')
             dataset = dataset.rename_column(classes[0], label)
+        feature = (getattr(dataset, "features", None) or {}).get(label)
+        if isinstance(feature, datasets.ClassLabel) and feature.num_classes != self.num_classes:
+            raise ValueError(f"the evaluation set's {label!r} has {feature.num_classes} classes, the student predicts "
+                             f"{self.num_classes}: its accuracy and loss would compare unrelated classes")
         return dataset
 
     def get_eval_dataloader(self, eval_dataset=None):

@@ -259,6 +259,8 @@ def test_evaluation_with_compute_metrics_on_a_plain_dataset(tmp_path, reinforced
     for eval_set in (val, fine):
         assert unlabelled.predict(eval_set).label_ids.tolist() == val["label"]
     assert unlabelled.evaluate(fine)["eval_loss"] == pytest.approx(metrics["eval_loss"])
+    with pytest.raises(ValueError, match="the evaluation set's 'label' has 11 classes, the student predicts 10"):
+        unlabelled.evaluate(fine.cast_column("fine", datasets.ClassLabel(names=names + ["k10"])))
 
 
 def test_plain_and_online_kd_use_the_same_trainer(tmp_path, reinforced, sharp_teacher_dir):
