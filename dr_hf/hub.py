@@ -106,6 +106,10 @@ def push(
 
     api = HfApi(token=token)
     url = str(api.create_repo(repo_id, repo_type="dataset", private=private, exist_ok=True))
+    if private and not api.dataset_info(repo_id).private:  # create_repo leaves an existing repo as it is
+        raise ValueError(f"{repo_id} exists and is public: `private` makes a new repo private, not an existing one; "
+                         f"make it private first (HfApi().update_repo_settings({repo_id!r}, private=True, "
+                         "repo_type='dataset')) or push to a new repo")
     branch = revision or "main"
     if revision:
         api.create_branch(repo_id, repo_type="dataset", branch=revision, exist_ok=True)

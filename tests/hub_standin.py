@@ -201,7 +201,8 @@ class Handler(BaseHTTPRequestHandler):
         if key in self.state.repos:
             return self._json({"error": "You already created this repo", "url": self._url(repo_type, repo_id)}, 409)
         sha = _new_sha()
-        repo = Repo(repo_type, repo_id, private=bool(body.get("private")), branches={"main": sha}, commits={sha: {}})
+        private = bool(body.get("private")) or body.get("visibility") == "private"  # (huggingface_hub 2.x sends the latter)
+        repo = Repo(repo_type, repo_id, private=private, branches={"main": sha}, commits={sha: {}})
         repo.log.append("initial commit")
         self.state.repos[key] = repo
         self._json({"url": self._url(repo_type, repo_id), "name": repo_id, "id": repo_id})

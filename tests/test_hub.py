@@ -176,6 +176,13 @@ def test_interrupted_push_resumes(tmp_path, hub, plus, monkeypatch, capsys):
                                     == datasets.load_dataset({str(plus)!r}, split="train").to_list()}}))
     """)
     assert answer["same"]
+    # --private on the repo that now exists, public: refused before anything is uploaded (create_repo leaves it public)
+    commits = len(repo.commits)
+    code, _, err = cli_here(hub, monkeypatch, capsys, "push", plus, repo_id, "--private", "--quiet")
+    assert code == 2 and f"{repo_id} exists and is public: --private makes a new repo private, not an existing" in err
+    assert len(repo.commits) == commits and not repo.private
+    code, _, err = cli_here(hub, monkeypatch, capsys, "push", plus, "org/imagenet-plus-private", "--private", "--quiet")
+    assert code == 0 and hub.state.repos[("dataset", "org/imagenet-plus-private")].private, err
 
 
 def test_a_push_over_an_earlier_one_leaves_only_this_folders_shards(tmp_path, hub, teachers, source_dir, plus,
