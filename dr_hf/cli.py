@@ -104,7 +104,7 @@ def cmd_verify(args) -> int:
     from .verify import verify
 
     report = verify(args.path, teachers=args.teacher, rows=args.rows, split=args.split, seed=args.seed,
-                    atol=args.atol, rtol=args.rtol, device=args.device, source=args.source)
+                    atol=args.atol, rtol=args.rtol, device=args.device, source=args.source, revision=args.revision)
     print(f"schema: {report.rows} rows checked" + ("" if not report.problems else f", {len(report.problems)} problem(s)"))
     if report.replayed_rows:
         print(f"replayed {report.replayed_rows} row(s): largest |log-prob difference| = {report.max_abs_diff:.3g}, "
@@ -248,7 +248,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     v = sub.add_parser("verify", formatter_class=HelpFormatter,
                        help="check a reinforced dataset's values and replay rows through its recorded teachers")
-    v.add_argument("path", help="a local reinforced folder")
+    v.add_argument("path", help="a reinforced folder or Hub dataset id (downloaded to the Hugging Face cache first)")
+    v.add_argument("--revision", default=None, help="the Hub dataset's revision (branch, tag or commit)")
     v.add_argument("--teacher", action="append", default=None,
                    help="optional: must match the recorded teachers (verify replays those by default)")
     v.add_argument("--rows", type=int, default=8, help="rows to replay through the recorded teachers (0: schema and values only)")

@@ -15,6 +15,13 @@ class FingerprintMismatch(ValueError):
     """A source row differs from the one that was reinforced."""
 
 
+def check_revision(path: str, revision: Optional[str]) -> None:
+    """Refuse a Hub ``revision`` for a local folder: it would be read as it is, while the revision is recorded."""
+    if revision and os.path.exists(path):
+        raise ValueError(f"`revision` {revision!r} names a Hub revision (branch, tag or commit), but {path} is a local "
+                         "folder, read as it is")
+
+
 def load_source(path: str, split: str, name: Optional[str] = None, revision: Optional[str] = None,
                 limit: Optional[int] = None, streaming: bool = False):
     """Anything ``datasets.load_dataset`` accepts (Hub id, local folder, a plain image folder), optionally its first
@@ -22,9 +29,7 @@ def load_source(path: str, split: str, name: Optional[str] = None, revision: Opt
     import datasets
 
     require_at_least(1, limit=limit)
-    if revision and os.path.exists(path):  # datasets would read the folder as it is, and the card claim the revision
-        raise ValueError(f"`revision` {revision!r} names a Hub revision (branch, tag or commit), but {path} is a local "
-                         "folder, read as it is")
+    check_revision(path, revision)
     kwargs: Dict[str, Any] = {"split": split, "streaming": streaming}
     if revision:
         kwargs["revision"] = revision

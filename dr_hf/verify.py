@@ -100,8 +100,9 @@ def _rows(paths: Sequence[str], wanted: Sequence[int]):
 
 def verify(path: str, teachers: Optional[Sequence[str]] = None, rows: int = 8, split: str = "train", seed: int = 0,
            atol: float = 1e-3, rtol: float = 2e-3, device: Optional[str] = None,
-           source: Optional[str] = None) -> VerifyReport:
-    """Check the schema and values of a local reinforced folder, then replay ``rows`` random rows: render their
+           source: Optional[str] = None, revision: Optional[str] = None) -> VerifyReport:
+    """Check the schema and values of a reinforced folder (or Hub dataset, at ``revision``: its card and shards are
+    downloaded to the Hugging Face cache first, as ``huggingface_hub.snapshot_download`` does), then replay ``rows`` random rows: render their
     stored parameters, re-run the teachers recorded in the data at the recorded precision and compare with the stored
     outputs, and draw the parameters afresh and compare with the stored ones (format 3 on: older data was drawn by
     another sampler, so only its outputs are checked); ``rows=0`` checks only the schema and values.
@@ -111,7 +112,7 @@ def verify(path: str, teachers: Optional[Sequence[str]] = None, rows: int = 8, s
     replays its rows joined to ``source``, its base dataset (by ``dr_index``, fingerprints checked). The tolerance
     (``atol + rtol * |x|``) covers one float16 step of the stored log-probabilities, which is what differs between
     intra-op thread counts.
-    The parquet files are read directly (never through a cache), one batch at a time.
+    The parquet files are read directly (never through ``datasets``' Arrow cache), one batch at a time.
     """
     import datasets
     import pyarrow.parquet as pq
@@ -121,13 +122,21 @@ def verify(path: str, teachers: Optional[Sequence[str]] = None, rows: int = 8, s
     from .reinforce import default_render
     from .reinforcer import Reinforcer
     from .shards import BadShardError, check_folder, checked_batches, shard_paths
-    from .source import base_of, join_source, needs_source
+    from .source import base_of, check_hub_dataset, check_revision, join_source, needs_source
     from .stats import summarize
     from .teacher import TeacherEnsemble
 
     require_at_least(0, rows=rows, seed=seed, atol=atol, rtol=rtol)
     if not os.path.isdir(path):
-        raise ValueError(f"verify reads a local folder; {path!r} is not one (download a Hub repo first)")
+        from huggingface_hub import snapshot_download
+
+        from .shards import CARD, DATA_DIR, ERRORS_DIR
+
+        check_hub_dataset(path, revision)  # neither a folder nor a reachable Hub dataset: said at once
+        path = snapshot_download(path, repo_type="dataset", revision=revision,
+                                 allow_patterns=[CARD, f"{DATA_DIR}/*", f"{ERRORS_DIR}/*"])
+    else:
+        check_revision(path, revision)
     paths = shard_paths(path, split)
     if not paths:
         raise FileNotFoundError(f"no {split} shards in {path}/data")

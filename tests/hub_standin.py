@@ -465,10 +465,12 @@ class HubStandIn:
 
     def point_here(self, monkeypatch) -> None:
         """Point this process's ``HfApi`` clients at the stand-in (what :meth:`env` does for a new process): its
-        endpoint, no Xet, online. For ``dr-hf push`` in-process; ``datasets`` reads its own settings at import."""
+        endpoint (also in file URLs, which huggingface_hub builds from it at import), no Xet, online. For ``dr-hf push``
+        and ``dr-hf verify ORG/NAME`` in-process; ``datasets`` reads its own settings at import."""
         from huggingface_hub import constants
 
         monkeypatch.setattr(constants, "ENDPOINT", self.url)
+        monkeypatch.setattr(constants, "HUGGINGFACE_CO_URL_TEMPLATE", self.url + "/{repo_id}/resolve/{revision}/{filename}")
         monkeypatch.setattr(constants, "HF_HUB_DISABLE_XET", True)
         monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
 

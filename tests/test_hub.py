@@ -113,7 +113,7 @@ def test_preview_cli_captions_classes(tmp_path, plus, capsys):
     assert im.size == (3 * 176 + 2 * 4, 2 * (176 + 4 * 12 + 6))
 
 
-def test_push_then_load_in_a_fresh_process_map_style_and_streaming(tmp_path, hub, plus):
+def test_push_then_load_in_a_fresh_process_map_style_and_streaming(tmp_path, hub, plus, monkeypatch, capsys):
     push = cli(hub, tmp_path / "home-push", "push", plus, "org/imagenet-plus", "--token", TOKEN, "--files-per-commit", 2)
     assert push.returncode == 0, push.stderr
     assert TOKEN not in push.stdout + push.stderr  # passed through, never printed
@@ -151,6 +151,16 @@ def test_push_then_load_in_a_fresh_process_map_style_and_streaming(tmp_path, hub
     assert '"org/name-plus"' in (plus / "README.md").read_text()
     again = cli(hub, tmp_path / "home-push", "push", plus, "org/imagenet-plus", "--token", TOKEN)
     assert again.returncode == 0 and "0 file(s) in 0 commit(s), 5 already there" in again.stdout
+    # verify takes the Hub id as load_dataset does: the card and shards are downloaded to the cache, then replayed
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub-cache"))
+    code, out, err = cli_here(hub, monkeypatch, capsys, "verify", "org/imagenet-plus", "--rows", 2)
+    assert code == 0 and "schema: 24 rows checked" in out and "replayed 2 row(s)" in out and out.endswith("OK\n"), err
+    assert sorted(os.listdir(next((tmp_path / "hub-cache").glob("datasets--org--imagenet-plus/snapshots/*")))) == [
+        "README.md", "data"]  # (not the preview)
+    code, _, err = cli_here(hub, monkeypatch, capsys, "verify", plus, "--revision", "v1")
+    assert code == 2 and f"--revision 'v1' names a Hub revision (branch, tag or commit), but {plus} is a local" in err
 
 
 def test_interrupted_push_resumes(tmp_path, hub, plus, monkeypatch, capsys):
