@@ -74,6 +74,9 @@ def render_preview(folder: str, out: Optional[str] = None, rows: int = 4, sample
 
     require_at_least(1, rows=rows, samples=samples)
     require_at_least(0, seed=seed)
+    if not os.path.isdir(folder):
+        raise ValueError(f"preview renders a local folder; {folder!r} is not one (a Hub dataset's card embeds its "
+                         "preview; or download it first: huggingface_hub.snapshot_download(..., repo_type='dataset'))")
     config = reinforcement_config(folder, split)
     table = pq.read_table(shard_paths(folder, split)[0])
     features = Features.from_arrow_schema(table.schema)

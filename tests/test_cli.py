@@ -113,12 +113,14 @@ def test_cli_errors_name_the_option(tmp_path, image_dataset_dir, tiny_teacher_sp
         code, _, err = here(capsys, "reinforce", image_dataset_dir, "--output", tmp_path / "x", "--teacher",
                             tiny_teacher_spec, *options)
         assert code == 2 and said in err, err
-    for command, flag, value, said in (("verify", "--rows", -1, "--rows must be >= 0, got -1"),
-                                       ("verify", "--atol", -1, "--atol must be >= 0, got -1.0"),
-                                       ("preview", "--samples", 0, "--samples must be >= 1, got 0"),
-                                       ("push", "--files-per-commit", 0, "--files-per-commit must be >= 1, got 0")):
-        code, _, err = here(capsys, command, image_dataset_dir, *(["org/x"] if command == "push" else []), flag, value)
-        assert code == 2 and f"dr-hf {command}: error: {said}" in err, err
+    folder = str(image_dataset_dir)
+    for argv, said in ((["verify", folder, "--rows", -1], "--rows must be >= 0, got -1"),
+                       (["verify", folder, "--atol", -1], "--atol must be >= 0, got -1.0"),
+                       (["preview", folder, "--samples", 0], "--samples must be >= 1, got 0"),
+                       (["preview", "org/x"], "preview renders a local folder; 'org/x' is not one"),
+                       (["push", folder, "org/x", "--files-per-commit", 0], "--files-per-commit must be >= 1, got 0")):
+        code, _, err = here(capsys, *argv)
+        assert code == 2 and f"dr-hf {argv[0]}: error: {said}" in err, err
     assert not (tmp_path / "x").exists()
 
 
