@@ -102,10 +102,11 @@ def verify(path: str, teachers: Optional[Sequence[str]] = None, rows: int = 8, s
            atol: float = 1e-3, rtol: float = 2e-3, device: Optional[str] = None,
            source: Optional[str] = None, revision: Optional[str] = None) -> VerifyReport:
     """Check the schema and values of a reinforced folder (or Hub dataset, at ``revision``: its card and shards are
-    downloaded to the Hugging Face cache first, as ``huggingface_hub.snapshot_download`` does), then replay ``rows`` random rows: render their
-    stored parameters, re-run the teachers recorded in the data at the recorded precision and compare with the stored
-    outputs, and draw the parameters afresh and compare with the stored ones (format 3 on: older data was drawn by
-    another sampler, so only its outputs are checked); ``rows=0`` checks only the schema and values.
+    downloaded to the Hugging Face cache first, as ``huggingface_hub.snapshot_download`` does), then replay ``rows``
+    random rows: render their stored parameters, re-run the teachers recorded in the data at the recorded precision
+    and compare with the stored outputs, and draw the parameters afresh and compare with the stored ones (format 3 on:
+    older data was drawn by another sampler, so only its outputs are checked); ``rows=0`` checks only the schema and
+    values.
 
     ``teachers`` (optional) must name the recorded teachers (e.g. local copies of their weights can be given by the
     same specs); a list that differs is refused, naming the recorded ones. A reinforcement-only folder (no images)
