@@ -10,7 +10,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from dr_hf import DR_INDEX, DR_PARAMS, DR_TOPK_INDICES, DR_TOPK_LOGPROBS, ReinforceConfig, make_pipeline
+from dr_hf import DR_INDEX, DR_PARAMS, DR_TOPK_INDICES, DR_TOPK_LOGPROBS, ReinforceConfig, TeacherEnsemble, make_pipeline
 from dr_hf.augment import Context, params_at
 from dr_hf.format import DR_FINGERPRINT, config_from_parquet, reinforcement_features
 from dr_hf.images import decode
@@ -379,7 +379,7 @@ def test_odd_images_are_handled(tmp_path, teachers):
     assert decode(cells[6]).shape == (3, 1, 1)
 
 
-def test_bad_inputs_give_clear_errors(tmp_path, image_dataset, teachers):
+def test_bad_inputs_give_clear_errors(tmp_path, image_dataset, teachers, tiny_hf_dir):
     broken = image_dataset.cast_column("image", datasets.Image(decode=False)).map(
         lambda x, i: {"image": {"bytes": x["image"]["bytes"][:50] if i == 5 else x["image"]["bytes"], "path": None}},
         with_indices=True).cast_column("image", datasets.Image())
@@ -397,6 +397,15 @@ def test_bad_inputs_give_clear_errors(tmp_path, image_dataset, teachers):
     eleven = image_dataset.cast_column("label", datasets.ClassLabel(names=[f"k{i}" for i in range(11)]))
     with pytest.raises(ValueError, match="label space mismatch: column 'label' has 11 classes, .*: use teachers trained on these classes"):
         run(eleven, tmp_path / "mismatch", teachers)
+    # a teacher (transformers, id2label c0..c9) naming the dataset's classes in another order; aligned, it reinforces
+    hf = TeacherEnsemble.from_specs([f"hf:{tiny_hf_dir}"])
+    names = list(image_dataset.features["label"].names)
+    reordered = image_dataset.cast_column("label", datasets.ClassLabel(names=names[::-1]))
+    with pytest.raises(ValueError, match=r"column 'label' and the teachers name the same 10 classes in another order "
+                                         r"\(class 0 is 'c9' in the dataset, 'c0' for the teachers\)"):
+        run(reordered, tmp_path / "order", hf)
+    aligned = reordered.align_labels_with_mapping({n: i for i, n in enumerate(names)}, "label")
+    assert run(aligned.select(range(8)), tmp_path / "aligned", hf).stats["rows"] == 8
     far = image_dataset.cast_column("label", datasets.Value("int64")).map(lambda x, i: {"label": 12 if i == 7 else x["label"]}, with_indices=True)
     with pytest.raises(ValueError, match=r"row 7, column 'label': label 12 is outside"):
         run(far, tmp_path / "far", teachers)
