@@ -21,7 +21,7 @@ from __future__ import annotations
 import dataclasses
 import json
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Mapping, Optional
+from typing import Any, Dict, List, Mapping, Optional, Sequence
 
 from datasets import Features, List as ListFeature, Value
 
@@ -174,6 +174,19 @@ def _version() -> str:
     from . import __version__
 
     return __version__
+
+
+def check_class_order(label_column: str, labels: Sequence[str], names: Optional[Sequence[str]], whose: str) -> None:
+    """Refuse a ``ClassLabel``'s ``labels`` and a model's class ``names`` (``whose``: "the teachers", "the student")
+    that name the same classes in another order (compared lowercased, as ``datasets``' ``align_labels_with_mapping``
+    compares them): the class ids would silently not be the labels'."""
+    if not names or list(labels) == list(names) or sorted(map(str.lower, labels)) != sorted(map(str.lower, names)):
+        return
+    k = next(i for i, (a, b) in enumerate(zip(labels, names)) if a.lower() != b.lower())
+    raise ValueError(f"column {label_column!r} and {whose} name the same {len(names)} classes in another order (class "
+                     f"{k} is {labels[k]!r} in the dataset, {names[k]!r} for {whose}): the class ids would not be the "
+                     f"labels'; align them first, dataset.align_labels_with_mapping(label2id, {label_column!r}) with "
+                     f"the label2id of {whose}")
 
 
 def missing_columns(column_names) -> List[str]:

@@ -25,6 +25,7 @@ from .format import (
     METADATA_KEY,
     NewerFormatError,
     ReinforceConfig,
+    check_class_order,
     config_from_parquet,
     reinforcement_features,
 )
@@ -442,14 +443,8 @@ def check_columns(dataset, config: ReinforceConfig, teachers: TeacherEnsemble) -
             raise ValueError(f"`label_column` {config.label_column!r} is not a column of the dataset (columns: {cols}); "
                              "pass `label_column` '' for unlabelled data")
         feature = dataset.features[config.label_column]
-        named = teachers.class_names
-        if isinstance(feature, ClassLabel) and named and feature.names != list(named) and \
-                sorted(n.lower() for n in feature.names) == sorted(n.lower() for n in named):
-            k = next(i for i, (a, b) in enumerate(zip(feature.names, named)) if a.lower() != b.lower())
-            raise ValueError(f"column {config.label_column!r} and the teachers name the same {len(named)} classes in "
-                             f"another order (class {k} is {feature.names[k]!r} in the dataset, {named[k]!r} for the "
-                             "teachers): the stored class ids would not be the labels'; align them first, "
-                             f"dataset.align_labels_with_mapping(<the teachers' label2id>, {config.label_column!r})")
+        if isinstance(feature, ClassLabel):
+            check_class_order(config.label_column, feature.names, teachers.class_names, "the teachers")
         if isinstance(feature, ClassLabel) and feature.num_classes != teachers.num_classes:
             raise ValueError(
                 f"label space mismatch: column {config.label_column!r} has {feature.num_classes} classes, "

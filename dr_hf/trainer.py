@@ -21,7 +21,7 @@ from transformers import PreTrainedModel, Trainer, TrainerCallback, TrainingArgu
 from .augment import PRESETS, AugmentPipeline, normalise_pixels
 from .collator import AugmentCollator, EvalCollator, ReinforcedCollator
 from .inputs import INTERPOLATION_NAMES, InputSpec, resolve_input_spec
-from .format import DR_COLUMNS, DR_FINGERPRINT, DR_PARAMS, require_reinforced
+from .format import DR_COLUMNS, DR_FINGERPRINT, DR_PARAMS, check_class_order, require_reinforced
 from .images import image_column_of
 from .shards import data_files_of, name_bad_files
 from .loss import dense_teacher_log_probs, distillation_loss, one_hot_target
@@ -224,7 +224,7 @@ class ReinforcedTrainer(Trainer):
         self.group_size = 1
         pipeline = None
         if train_dataset is not None:
-            self._check_train_dataset(train_dataset, fields, args)
+            self._check_train_dataset(train_dataset, fields, args, model)
             train_dataset = encoded_images(train_dataset, self.image_column)
             pipeline = AugmentPipeline.from_fields(fields) if fields is not None else None  # refuses other formats
             if pipeline is not None and pipeline.mix is not None:
@@ -280,7 +280,7 @@ class ReinforcedTrainer(Trainer):
         self.model_accepts_loss_kwargs = False  # compute_loss returns a batch mean; the Trainer scales for accumulation
 
     # -- data ---------------------------------------------------------------------------------------
-    def _check_train_dataset(self, dataset, fields, args) -> None:
+    def _check_train_dataset(self, dataset, fields, args, model) -> None:
         names = getattr(dataset, "column_names", None)
         if names is None:
             return
@@ -303,6 +303,10 @@ class ReinforcedTrainer(Trainer):
         label = dataset.features.get(args.label_column) if dataset.features and args.label_column else None
         if isinstance(label, ClassLabel) and label.num_classes != self.num_classes:
             raise ValueError(f"the student predicts {self.num_classes} classes, column {args.label_column!r} has {label.num_classes}")
+        if isinstance(label, ClassLabel) and isinstance(model, PreTrainedModel):  # a classifier with its own names
+            id2label = model.config.id2label or {}
+            check_class_order(args.label_column, label.names, [id2label.get(i, "") for i in range(len(id2label))],
+                              "the student")
 
     def get_batch_samples(self, epoch_iterator, num_batches, device=None, *args, **kwargs):
         """The Trainer's batch fetching; a streamed shard that turns out unreadable mid-training is named. With

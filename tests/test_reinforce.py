@@ -402,7 +402,9 @@ def test_bad_inputs_give_clear_errors(tmp_path, image_dataset, teachers, tiny_hf
     names = list(image_dataset.features["label"].names)
     reordered = image_dataset.cast_column("label", datasets.ClassLabel(names=names[::-1]))
     with pytest.raises(ValueError, match=r"column 'label' and the teachers name the same 10 classes in another order "
-                                         r"\(class 0 is 'c9' in the dataset, 'c0' for the teachers\)"):
+                                         r"\(class 0 is 'c9' in the dataset, 'c0' for the teachers\): the class ids "
+                                         r"would not be the labels'; align them first, "
+                                         r"dataset.align_labels_with_mapping\(label2id, 'label'\)"):
         run(reordered, tmp_path / "order", hf)
     aligned = reordered.align_labels_with_mapping({n: i for i, n in enumerate(names)}, "label")
     assert run(aligned.select(range(8)), tmp_path / "aligned", hf).stats["rows"] == 8

@@ -325,6 +325,11 @@ def test_clear_errors(tmp_path, reinforced, caplog):
             f"train_dataset is reinforced: it replays its stored samples and teacher outputs, so {said}, which apply to "
             "a plain dataset (fresh augmentations, online teachers), are not used; to train plainly on its images, pass "
             f"train_dataset.remove_columns({[c for c in plus.column_names if c.startswith('dr_')]})"]
+    student = tiny_vit()  # a transformers classifier whose id2label names the data's classes in another order
+    student.config.id2label = dict(enumerate(plus.features["label"].names[::-1]))
+    with pytest.raises(ValueError, match=r"column 'label' and the student name the same 10 classes in another order "
+                                         r"\(class 0 is 'c0' in the dataset, 'c9' for the student\)"):
+        ReinforcedTrainer(model=student, args=args(tmp_path), train_dataset=plus)
     with pytest.raises(ValueError, match="another dr-hf version"):
         bad = datasets.load_dataset(str(folders["rrc+flip"]), split="train")
         bad = bad.map(lambda r: {"dr_params": {**r["dr_params"], "warp": [0, 0, 0, 0]}})
