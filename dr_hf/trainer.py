@@ -161,6 +161,12 @@ def num_classes_of(model) -> int:
     raise ValueError("cannot tell the student's number of classes (expected a transformers or timm classifier)")
 
 
+def student_class_names(model) -> Optional[List[str]]:
+    """A transformers classifier's class names (its ``id2label``), else ``None``."""
+    id2label = model.config.id2label if isinstance(model, PreTrainedModel) else None
+    return [id2label.get(i, "") for i in range(len(id2label))] if id2label else None
+
+
 def _dr_param_fields(dataset) -> Optional[List[str]]:
     features = getattr(dataset, "features", None)
     if not features or DR_PARAMS not in features:
@@ -303,10 +309,8 @@ class ReinforcedTrainer(Trainer):
         label = dataset.features.get(args.label_column) if dataset.features and args.label_column else None
         if isinstance(label, ClassLabel) and label.num_classes != self.num_classes:
             raise ValueError(f"the student predicts {self.num_classes} classes, column {args.label_column!r} has {label.num_classes}")
-        if isinstance(label, ClassLabel) and isinstance(model, PreTrainedModel):  # a classifier with its own names
-            id2label = model.config.id2label or {}
-            check_class_order(args.label_column, label.names, [id2label.get(i, "") for i in range(len(id2label))],
-                              "the student")
+        if isinstance(label, ClassLabel):
+            check_class_order(args.label_column, label.names, student_class_names(model), "the student")
 
     def get_batch_samples(self, epoch_iterator, num_batches, device=None, *args, **kwargs):
         """The Trainer's batch fetching; a streamed shard that turns out unreadable mid-training is named. With
@@ -406,6 +410,8 @@ class ReinforcedTrainer(Trainer):
         if isinstance(feature, datasets.ClassLabel) and feature.num_classes != self.num_classes:
             raise ValueError(f"the evaluation set's {label!r} has {feature.num_classes} classes, the student predicts "
                              f"{self.num_classes}: its accuracy and loss would compare unrelated classes")
+        if isinstance(feature, datasets.ClassLabel):
+            check_class_order(label, feature.names, student_class_names(self.model), "the student")
         return dataset
 
     def get_eval_dataloader(self, eval_dataset=None):

@@ -330,6 +330,10 @@ def test_clear_errors(tmp_path, reinforced, caplog):
     with pytest.raises(ValueError, match=r"column 'label' and the student name the same 10 classes in another order "
                                          r"\(class 0 is 'c0' in the dataset, 'c9' for the student\)"):
         ReinforcedTrainer(model=student, args=args(tmp_path), train_dataset=plus)
+    ordered = ReinforcedTrainer(model=tiny_vit(), args=args(tmp_path), train_dataset=plus)  # (id2label: LABEL_0, ...)
+    ordered.model.config.id2label = student.config.id2label  # and evaluated on the data's own order
+    with pytest.raises(ValueError, match="column 'label' and the student name the same 10 classes in another order"):
+        ordered.evaluate(ds.select(range(8)))
     with pytest.raises(ValueError, match="another dr-hf version"):
         bad = datasets.load_dataset(str(folders["rrc+flip"]), split="train")
         bad = bad.map(lambda r: {"dr_params": {**r["dr_params"], "warp": [0, 0, 0, 0]}})
