@@ -399,6 +399,9 @@ class ReinforcedTrainer(Trainer):
             return {name: self._own_eval_rows(part) for name, part in dataset.items()}
         names = getattr(dataset, "column_names", None) or []
         column = self.image_column if self.image_column in names or not names else image_column_of(dataset)
+        if names and column not in names:
+            raise ValueError(f"the evaluation set has no image column {self.image_column!r} and no datasets.Image "
+                             f"column (columns: {names})")
         dataset = encoded_images(dataset, column)  # (then renamed as bytes: a streamed rename re-encodes decoded images)
         if column != self.image_column:
             dataset = dataset.rename_column(column, self.image_column)

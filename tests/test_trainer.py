@@ -261,6 +261,9 @@ def test_evaluation_with_compute_metrics_on_a_plain_dataset(tmp_path, reinforced
     assert unlabelled.evaluate(fine)["eval_loss"] == pytest.approx(metrics["eval_loss"])
     with pytest.raises(ValueError, match="the evaluation set's 'label' has 11 classes, the student predicts 10"):
         unlabelled.evaluate(fine.cast_column("fine", datasets.ClassLabel(names=names + ["k10"])))
+    with pytest.raises(ValueError, match=r"the evaluation set has no image column 'img' and no datasets.Image column "
+                                         r"\(columns: \['note', 'label'\]\)"):  # (a bare KeyError before)
+        unlabelled.predict(val.remove_columns("image").select_columns(["note", "label"]))
 
 
 def test_plain_and_online_kd_use_the_same_trainer(tmp_path, reinforced, sharp_teacher_dir):
