@@ -163,6 +163,8 @@ def reinforce(
     check_preparation(prepare_workers, prepare_threads)
     require_at_least(1, batch_size=batch_size, num_rows=num_rows)
     require_at_least(0, render_threads=render_threads)
+    if os.path.exists(output_dir) and not os.path.isdir(output_dir):
+        raise ValueError(f"`output_dir` {output_dir} is a file, not a folder")
     if render_device is not None:
         usable_device(render_device, "render_device")
     check_split_name(split)

@@ -101,7 +101,9 @@ def test_cli_errors_name_the_option(tmp_path, image_dataset_dir, tiny_teacher_sp
         code, _, err = here(capsys, "reinforce", image_dataset_dir, "--output", tmp_path / "x", "--teacher",
                             tiny_teacher_spec, "--augment", augment, "--group-size", size)
         assert code == 2 and said in err, err
+    (tmp_path / "a-file").write_text("")
     for options, said in ((["--seed", -1], "--seed must be >= 0, got -1"),  # (taken silently, or misreported)
+                          (["--output", tmp_path / "a-file"], f"--output {tmp_path / 'a-file'} is a file, not a folder"),
                           (["--rows-per-shard", 0], "--rows-per-shard must be >= 1, got 0"),
                           (["--batch-size", -3], "--batch-size must be >= 1, got -3"),
                           (["--render-threads", -1], "--render-threads must be >= 0, got -1"),
