@@ -21,10 +21,12 @@ are refused. Precision (``fp32``, the faithful default as in ml-dr, ``tf32`` or 
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import importlib
 import math
 import os
+import re
 import threading
 from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional, Sequence
@@ -119,7 +121,15 @@ def _read_state_dict(path: str) -> Dict[str, torch.Tensor]:
         from safetensors.torch import load_file
 
         return load_file(path)
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    try:  # (argparse.Namespace: the arguments timm's train.py stores in its checkpoints, plain data)
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # pickle's UnpicklingError for any other Python object; a damaged file
+        found = re.search(r"Unsupported global: GLOBAL (\S+)", str(exc))
+        why = f"it holds a {found.group(1)} object, which" if found else f"{said(exc, 200)}; it"
+        raise ValueError(f"teacher weights {path!r}: {why} dr-hf does not unpickle (torch.load with weights_only=True): "
+                         "save the state_dict alone, torch.save(checkpoint['state_dict'], path), or as .safetensors"
+                         ) from None
     for key in ("state_dict", "model", "model_state_dict"):
         if isinstance(state, dict) and isinstance(state.get(key), dict):
             state = state[key]

@@ -67,6 +67,30 @@ def test_pickled_weights_are_refused_and_run_nothing(tmp_path):
     assert not sentinel.exists()
 
 
+def test_a_training_checkpoint_loads_only_as_plain_data(tmp_path):
+    """timm's train.py checkpoints (state_dict beside its arguments as an argparse.Namespace) load with
+    weights_only=True; one holding another Python object is refused, naming it, and how to save the weights alone."""
+    import argparse
+    import datetime
+
+    import timm
+    import torch
+
+    torch.manual_seed(0)
+    weights = timm.create_model("resnet10t", num_classes=10).state_dict()
+    checkpoint = tmp_path / "checkpoint.pth.tar"
+    torch.save({"epoch": 3, "arch": "resnet10t", "state_dict": weights, "args": argparse.Namespace(lr=0.1)}, checkpoint)
+    teacher = load_teacher(f"timm:resnet10t@{checkpoint}")
+    assert teacher.num_classes == 10
+    assert all(torch.equal(v, weights[k]) for k, v in teacher.model.state_dict().items())
+    dated = tmp_path / "dated.pth"
+    torch.save({"state_dict": weights, "saved": datetime.datetime(2026, 1, 1)}, dated)
+    with pytest.raises(ValueError, match=r"teacher weights '.*dated.pth': it holds a datetime.datetime object, which "
+                                         r"dr-hf does not unpickle \(torch.load with weights_only=True\): save the "
+                                         r"state_dict alone"):
+        load_teacher(f"timm:resnet10t@{dated}")
+
+
 def test_remote_code_in_a_teacher_folder_is_not_run(tmp_path):
     sentinel = tmp_path / "pwned"
     repo = tmp_path / "custom"
