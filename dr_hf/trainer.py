@@ -307,9 +307,10 @@ class ReinforcedTrainer(Trainer):
         from datasets import ClassLabel
 
         label = dataset.features.get(args.label_column) if dataset.features and args.label_column else None
-        if isinstance(label, ClassLabel) and label.num_classes != self.num_classes:
-            raise ValueError(f"the student predicts {self.num_classes} classes, column {args.label_column!r} has {label.num_classes}")
         if isinstance(label, ClassLabel):
+            if label.num_classes != self.num_classes:
+                raise ValueError(f"the student predicts {self.num_classes} classes, column {args.label_column!r} has "
+                                 f"{label.num_classes}")
             check_class_order(args.label_column, label.names, student_class_names(model), "the student")
 
     def get_batch_samples(self, epoch_iterator, num_batches, device=None, *args, **kwargs):
@@ -410,10 +411,10 @@ class ReinforcedTrainer(Trainer):
         if names and label not in names and len(classes) == 1:  # its labels under another name ('fine_label')
             dataset = dataset.rename_column(classes[0], label)
         feature = (getattr(dataset, "features", None) or {}).get(label)
-        if isinstance(feature, datasets.ClassLabel) and feature.num_classes != self.num_classes:
-            raise ValueError(f"the evaluation set's {label!r} has {feature.num_classes} classes, the student predicts "
-                             f"{self.num_classes}: its accuracy and loss would compare unrelated classes")
         if isinstance(feature, datasets.ClassLabel):
+            if feature.num_classes != self.num_classes:
+                raise ValueError(f"the evaluation set's {label!r} has {feature.num_classes} classes, the student "
+                                 f"predicts {self.num_classes}: its accuracy and loss would compare unrelated classes")
             check_class_order(label, feature.names, student_class_names(self.model), "the student")
         return dataset
 
