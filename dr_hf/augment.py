@@ -241,7 +241,8 @@ class ResizeRandomCrop(ReplayableTransform):
 
 @dataclass
 class CenterCrop(ReplayableTransform):
-    """Deterministic evaluation view: the central ``crop_pct`` of the shorter side (default: the spec's), resized."""
+    """Deterministic evaluation view: the central ``crop_pct`` (default: the spec's) of the shorter side, or of
+    each side where the spec's ``crop_mode`` is ``squash``, resized to the output size."""
 
     crop_pct: Optional[float] = None
     name = "center_crop"
@@ -253,9 +254,13 @@ class CenterCrop(ReplayableTransform):
 
     def apply(self, image, params, out: InputSpec):
         height, width = image.shape[-2:]
-        side = max(1, int(round(min(height, width) * (self.crop_pct or out.crop_pct))))
-        top, left = (height - side) // 2, (width - side) // 2
-        return resized_crop(image, top, left, side, side, out.size, out.interpolation)
+        kept = self.crop_pct or out.crop_pct
+        if out.crop_mode == "squash":
+            h, w = max(1, int(round(height * kept))), max(1, int(round(width * kept)))
+        else:
+            h = w = max(1, int(round(min(height, width) * kept)))
+        top, left = (height - h) // 2, (width - w) // 2
+        return resized_crop(image, top, left, h, w, out.size, out.interpolation)
 
 
 @dataclass

@@ -14,6 +14,7 @@ from typing import Any, Optional, Sequence, Tuple
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 INTERPOLATION_NAMES = ("nearest", "bilinear", "bicubic")
+CROP_MODES = ("center", "squash")
 # PIL resample codes: 0 NEAREST, 1 LANCZOS, 2 BILINEAR, 3 BICUBIC, 4 BOX, 5 HAMMING (the last three mapped to the
 # closest mode torch tensors support)
 _PIL_RESAMPLE = {0: "nearest", 1: "bicubic", 2: "bilinear", 3: "bicubic", 4: "bilinear", 5: "bicubic"}
@@ -21,14 +22,17 @@ _PIL_RESAMPLE = {0: "nearest", 1: "bicubic", 2: "bilinear", 3: "bicubic", 4: "bi
 
 @dataclass(frozen=True)
 class InputSpec:
-    """A model's input: ``size`` (h, w), ``crop_pct`` of the evaluation center crop, ``mean``/``std`` of the
-    normalisation, and the resize ``interpolation`` (``nearest``, ``bilinear`` or ``bicubic``)."""
+    """A model's input: ``size`` (h, w), ``mean``/``std`` of the normalisation, the resize ``interpolation``
+    (``nearest``, ``bilinear`` or ``bicubic``), and its evaluation view: the central ``crop_pct`` of the image,
+    a square of the shorter side (``crop_mode="center"``) or the whole image's aspect (``"squash"``, as timm's
+    crop mode and a processor that resizes to a height and width), resized to ``size``."""
 
     size: Tuple[int, int]
     mean: Tuple[float, float, float] = IMAGENET_MEAN
     std: Tuple[float, float, float] = IMAGENET_STD
     interpolation: str = "bicubic"
     crop_pct: float = 0.875
+    crop_mode: str = "center"
 
     def __post_init__(self):
         if self.interpolation not in INTERPOLATION_NAMES:
@@ -39,6 +43,8 @@ class InputSpec:
             raise ValueError(f"image mean/std must have 3 values each (std > 0), got {self.mean} / {self.std}")
         if not 0.0 < self.crop_pct <= 1.0:
             raise ValueError(f"crop_pct must be in (0, 1], got {self.crop_pct}")
+        if self.crop_mode not in CROP_MODES:
+            raise ValueError(f"crop_mode must be one of {CROP_MODES}, got {self.crop_mode!r}")
 
 
 def _pair(size: Any) -> Optional[Tuple[int, int]]:
@@ -75,13 +81,29 @@ def from_processor(processor: Any) -> dict:
     resample = getattr(processor, "resample", None)
     if resample is not None:
         found["interpolation"] = _PIL_RESAMPLE.get(int(getattr(resample, "value", resample)), "bilinear")
-    if getattr(processor, "crop_pct", None):
-        found["crop_pct"] = float(processor.crop_pct)
-    elif size:  # its own evaluation view: resized to `size`, then center-cropped to `crop_size`, or not cropped
-        resized = _pair(getattr(processor, "size", None))
-        cropped = _pair(getattr(processor, "crop_size", None)) if getattr(processor, "do_center_crop", False) else None
-        found["crop_pct"] = min(1.0, cropped[0] / resized[0]) if cropped and resized else 1.0
+    if size:
+        found["crop_pct"], found["crop_mode"] = _evaluation_view(processor)
     return found
+
+
+def _evaluation_view(processor: Any) -> Tuple[float, str]:
+    """``(crop_pct, crop_mode)`` of the processor's own evaluation view: resized to ``size`` (a height and width
+    squash the image, a ``shortest_edge`` keeps its aspect), then center-cropped to ``crop_size`` or by
+    ``crop_pct``, or not cropped."""
+    name = type(processor).__name__
+    size = getattr(processor, "size", None)
+    squash = bool(_pair(size)) and not (size.get("shortest_edge") if isinstance(size, dict)
+                                        else getattr(size, "shortest_edge", None))
+    resized = _pair(size)
+    if name.startswith("ConvNext") and resized and resized[0] >= 384:
+        return 1.0, "squash"  # ConvNeXt's processor warps to `size` from 384 px on, whatever its crop_pct
+    mode = "squash" if squash else "center"
+    if getattr(processor, "crop_pct", None):
+        return float(processor.crop_pct), mode
+    if name.startswith("Levit") and resized:
+        resized = (int(256 / 224 * resized[0]),) * 2  # LeViT's resize takes `shortest_edge` as 256/224 of it
+    cropped = _pair(getattr(processor, "crop_size", None)) if getattr(processor, "do_center_crop", False) else None
+    return (min(1.0, cropped[0] / resized[0]) if cropped and resized else 1.0), mode
 
 
 def from_model(model: Any) -> dict:
@@ -98,6 +120,8 @@ def from_model(model: Any) -> dict:
             found["interpolation"] = cfg["interpolation"]
         if cfg.get("crop_pct"):
             found["crop_pct"] = float(cfg["crop_pct"])
+        if cfg.get("crop_mode") in CROP_MODES:  # timm's third, "border", pads: its central crop is the nearest here
+            found["crop_mode"] = cfg["crop_mode"]
         return found
     config = getattr(model, "config", None)
     size = _pair(getattr(config, "image_size", None)) if config is not None else None

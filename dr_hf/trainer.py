@@ -192,7 +192,7 @@ class ReinforcedTrainer(Trainer):
 
     * ``args``: ``None``, a plain ``TrainingArguments`` (upgraded through ``to_dict()``) or
       :class:`ReinforcedTrainingArguments`.
-    * The student's input (size, mean/std, interpolation, crop_pct) comes from the arguments, then
+    * The student's input (size, mean/std, interpolation, evaluation crop) comes from the arguments, then
       ``processing_class`` (its image processor), then the model.
     * Training always uses the reinforced collator (or the plain/online-KD one when asked for); a ``data_collator``
       you pass is used for evaluation and prediction, as existing scripts need (default: the center-crop view).

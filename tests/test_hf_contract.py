@@ -7,11 +7,13 @@ import sys
 
 import datasets
 import numpy as np
+import PIL.Image
 import pytest
 import torch
 from transformers import TrainingArguments
 
 from dr_hf import ReinforceConfig, ReinforcedTrainer, ReinforcedTrainingArguments, make_pipeline
+from dr_hf.augment import CenterCrop
 from dr_hf.collator import EvalCollator, ReinforcedCollator
 from dr_hf.inputs import InputSpec, resolve_input_spec
 from dr_hf.reinforce import reinforce
@@ -104,12 +106,30 @@ def test_student_sees_its_image_processors_normalisation(tmp_path, plus, vit_dir
     trainer = ReinforcedTrainer(model=model, args=base_args(tmp_path, uint8_pixels=True), processing_class=processor,
                                 train_dataset=load(folders["imagenet+rrc"]))
     assert trainer.student_output == InputSpec(size=(32, 32), mean=(0.5,) * 3, std=(0.5,) * 3, interpolation="bilinear",
-                                               crop_pct=1.0)  # a ViT's processor resizes to its input, cropping nothing
+                                               crop_pct=1.0, crop_mode="squash")  # a ViT's processor squashes, crops nothing
     batch = next(iter(trainer.get_train_dataloader()))
     assert batch["pixel_values"].dtype == torch.uint8  # uint8_pixels (as on a GPU): normalised by the trainer
     pixels = trainer.pixel_values(batch)
     assert pixels.shape == (8, 3, 32, 32) and pixels.min() >= -1.0 - 1e-6 and pixels.max() <= 1.0 + 1e-6
     assert pixels.min() < -0.5 and pixels.max() > 0.5  # the whole range, not ImageNet's [-2.12, 2.64]
+
+
+def assert_same_view(processor, spec):
+    """dr-hf's evaluation view under `spec` is the processor's own (up to resampling), and another crop is not."""
+    yy, xx = np.mgrid[0:300, 0:400]
+    probe = np.stack([np.sin(xx / 23.0), np.cos(yy / 17.0), np.sin((xx + yy) / 31.0)], -1) * 127.5 + 127.5
+    theirs = processor(images=PIL.Image.fromarray(probe.astype(np.uint8)), return_tensors="pt")["pixel_values"][0]
+    image = torch.from_numpy(probe.astype(np.uint8)).permute(2, 0, 1)
+    mean, std = torch.tensor(spec.mean)[:, None, None], torch.tensor(spec.std)[:, None, None]
+
+    def gap(view, crop_pct):
+        ours = (CenterCrop(crop_pct).apply(image, {}, view).float() / 255 - mean) / std
+        return (ours - theirs).abs().mean().item()
+
+    other = dataclasses.replace(spec, crop_mode="center" if spec.crop_mode == "squash" else "squash")
+    right = gap(spec, spec.crop_pct)
+    wrong = min(gap(spec, 1.0 if spec.crop_pct < 1 else 0.875), gap(other, spec.crop_pct))
+    assert right < 0.1 and right < wrong / 4, (type(processor).__name__, right, wrong)
 
 
 def test_one_resolver_for_models_processors_and_arguments():
@@ -124,16 +144,27 @@ def test_one_resolver_for_models_processors_and_arguments():
     spec = resolve_input_spec(resnet, processor)
     assert spec.size == (48, 48) and spec.mean == (0.1, 0.2, 0.3) and spec.crop_pct == 0.9
     assert resolve_input_spec(resnet, processor, size=24, mean=(0, 0, 0)).size == (24, 24)
-    # the evaluation view is the processor's own: resized to `size`, center-cropped to `crop_size` when it crops
-    from transformers import CLIPImageProcessor, DeiTImageProcessor, ViTImageProcessor
+    # the evaluation view is the processor's own: resized to `size`, center-cropped to `crop_size` when it crops;
+    # a height and width squash the image, a shortest edge keeps its aspect; LeViT's processor resizes to 256/224
+    # of its `shortest_edge`, ConvNeXt's squashes without cropping from 384 px on: each spec is held against the
+    # processor's own output
+    from transformers import CLIPImageProcessor, DeiTImageProcessor, LevitImageProcessor, ViTImageProcessor
 
-    assert resolve_input_spec(resnet, DeiTImageProcessor(size={"height": 256, "width": 256})).crop_pct == 224 / 256
-    assert resolve_input_spec(resnet, CLIPImageProcessor(size={"shortest_edge": 64},
-                                                         crop_size={"height": 48, "width": 48})).crop_pct == 0.75
-    assert resolve_input_spec(resnet, ViTImageProcessor(size={"height": 48, "width": 48})).crop_pct == 1.0
+    for processor, crop_pct, crop_mode in (
+            (DeiTImageProcessor(size={"height": 256, "width": 256}), 224 / 256, "squash"),
+            (CLIPImageProcessor(size={"shortest_edge": 64}, crop_size={"height": 48, "width": 48}), 0.75, "center"),
+            (ViTImageProcessor(size={"height": 48, "width": 48}), 1.0, "squash"),
+            (LevitImageProcessor(), 224 / 256, "center"),
+            (ConvNextImageProcessor(size={"shortest_edge": 224}), 0.875, "center"),
+            (ConvNextImageProcessor(size={"shortest_edge": 384}), 1.0, "squash")):
+        spec = resolve_input_spec(resnet, processor)
+        assert (spec.crop_pct, spec.crop_mode) == (pytest.approx(crop_pct), crop_mode), type(processor).__name__
+        assert_same_view(processor, spec)
     cfg = timm.create_model("resnet10t", num_classes=10, pretrained_cfg_overlay=dict(
         input_size=(3, 40, 40), mean=(0.2, 0.2, 0.2), std=(0.3, 0.3, 0.3), interpolation="bilinear", crop_pct=0.95))
     assert resolve_input_spec(cfg) == InputSpec((40, 40), (0.2,) * 3, (0.3,) * 3, "bilinear", 0.95)
+    squash = timm.create_model("resnet10t", num_classes=10, pretrained_cfg_overlay=dict(crop_mode="squash"))
+    assert resolve_input_spec(squash).crop_mode == "squash"  # timm's own crop mode, as 137 of its pretrained models
 
 
 def test_a_resnet_without_image_size_trains_with_its_processor(tmp_path, plus):
