@@ -2,7 +2,8 @@
 
 __version__ = "0.2.0.dev0"
 
-from .augment import AugmentPipeline, InputSpec, make_pipeline, PRESETS  # noqa: E402
+from .inputs import InputSpec  # noqa: E402
+from .pipeline import AugmentPipeline, make_pipeline, PRESETS  # noqa: E402
 from .format import (  # noqa: E402
     DR_INDEX,
     DR_PARAMS,

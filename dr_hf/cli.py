@@ -9,13 +9,13 @@ import shlex
 import sys
 from typing import Dict, List, Optional
 
-from .augment import PRESET_HELP, PRESETS
+from .pipeline import PRESET_HELP, PRESETS
 from .errors import with_flags
 from .teacher import COMPILE_MODES
 
 
 def cmd_reinforce(args) -> int:
-    from .augment import make_pipeline
+    from .pipeline import make_pipeline
     from .format import ReinforceConfig, public_source
     from .images import image_column_of
     from .processes import current_processes, finish

@@ -23,7 +23,8 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from .augment import AugmentPipeline, Context, empty_batch, make_pipeline, params_at
+from .augment import Context
+from .pipeline import AugmentPipeline, empty_batch, make_pipeline, params_at
 from .batch_memory import batch_empty, handed_over, in_worker, worker_pool
 from .format import DR_INDEX, DR_PARAMS, DR_TOPK_INDICES, DR_TOPK_LOGPROBS, missing_columns
 from .images import EncodedJpeg, decode, decode_later, image_size
@@ -57,7 +58,7 @@ def _rows(example) -> List[Dict[str, Any]]:
 
 
 def _batch(n: int, size: Sequence[int], dtype: torch.dtype) -> torch.Tensor:
-    """A collated image batch (:func:`~dr_hf.augment.empty_batch`: channels-last); in a DataLoader worker in shared
+    """A collated image batch (:func:`~dr_hf.pipeline.empty_batch`: channels-last); in a DataLoader worker in shared
     memory, so it reaches the training process without another copy, in a block the training process has freed
     (:func:`~dr_hf.batch_memory.batch_empty`)."""
     return empty_batch(n, size, dtype, allocate=batch_empty)
@@ -202,7 +203,7 @@ class ReinforcedCollator(_Collator):
 
     ``uint8_pixels`` (pipelines that can, see :attr:`AugmentPipeline.renders_uint8`): ``pixel_values`` are the uint8
     pixels before normalisation, a quarter of the bytes to hand from DataLoader workers and to the GPU;
-    :func:`~dr_hf.augment.normalise_pixels` (the trainer, on the device) gives the float views bit for bit.
+    :func:`~dr_hf.pipeline.normalise_pixels` (the trainer, on the device) gives the float views bit for bit.
 
     ``on_device``: nothing is rendered here; the batch's ``replay`` (:class:`~dr_hf.replay.DeviceReplay`: the images
     as stored, JPEGs still encoded, and each view's parameters) is decoded and rendered by the training process on its

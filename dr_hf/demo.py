@@ -51,7 +51,7 @@ def run_demo(output: str, teacher: str = "efficientnet-lite0", num_samples: int 
     import datasets
     import numpy as np
 
-    from .augment import make_pipeline
+    from .pipeline import make_pipeline
     from .format import ReinforceConfig
     from .reinforce import reinforce
     from .teacher import TeacherEnsemble

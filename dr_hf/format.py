@@ -25,7 +25,7 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence
 
 from datasets import Features, List as ListFeature, Value
 
-from .augment import AugmentPipeline
+from .pipeline import AugmentPipeline
 from .errors import require_at_least
 
 DR_INDEX = "dr_index"

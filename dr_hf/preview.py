@@ -8,7 +8,7 @@ from typing import List, Optional
 import numpy as np
 import torch
 
-from .augment import params_at
+from .pipeline import params_at
 from .errors import require_at_least
 from .format import DR_INDEX, DR_PARAMS, DR_TOPK_INDICES, DR_TOPK_LOGPROBS
 from .images import decode

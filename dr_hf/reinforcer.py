@@ -25,7 +25,8 @@ from datasets import Features, Value
 from datasets.features.features import numpy_to_pyarrow_listarray
 
 from .ahead import SideStream, computed_ahead, prefetched
-from .augment import AugmentPipeline, Context, empty_batch
+from .augment import Context
+from .pipeline import AugmentPipeline, empty_batch
 from .format import (DR_FINGERPRINT, DR_INDEX, DR_PARAMS, DR_TOPK_INDICES, DR_TOPK_LOGPROBS, ReinforceConfig, index_dtype,
                      reinforcement_features)
 from .images import BadImageError, decode, fingerprint
@@ -344,7 +345,7 @@ class Buffers:
         self._lock = threading.Lock()
 
     def take(self, n: int, size: Sequence[int], device: torch.device) -> torch.Tensor:
-        """An (n, 3, *size) float32 batch (:func:`~dr_hf.augment.empty_batch`) on ``device``."""
+        """An (n, 3, *size) float32 batch (:func:`~dr_hf.pipeline.empty_batch`) on ``device``."""
         key = (n, tuple(size), str(device))
         with self._lock:
             free = self._free.get(key)

@@ -3,7 +3,7 @@
 DataLoader workers then only read rows: they pick each row's sample, check its teacher target and hand over the
 image as stored (a JPEG's bytes; other images decoded) with the parameters of the views to render. The training
 process decodes the batch's JPEGs on its device (TorchCodec: one batched nvJPEG call on CUDA) and renders every view
-at once with the reinforce job's batched renderer (:meth:`~dr_hf.augment.AugmentPipeline.render_samples`), so the
+at once with the reinforce job's batched renderer (:meth:`~dr_hf.pipeline.AugmentPipeline.render_samples`), so the
 host's cost per image is reading its row, not decoding and cropping it. (On a CPU device the views are rendered one
 at a time, as the workers would: the same pixels.)
 """
@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from .ahead import SideStream, computed_ahead
-from .augment import AugmentPipeline
+from .pipeline import AugmentPipeline
 from .batch_memory import batch_empty, handed_over
 from .images import EncodedJpeg, decode_jpegs, image_size
 from .inputs import InputSpec

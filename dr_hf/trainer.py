@@ -18,7 +18,7 @@ import pyarrow.parquet as pq
 import torch
 from transformers import PreTrainedModel, Trainer, TrainerCallback, TrainingArguments
 
-from .augment import PRESETS, AugmentPipeline, normalise_pixels
+from .pipeline import PRESETS, AugmentPipeline, normalise_pixels
 from .collator import AugmentCollator, EvalCollator, ReinforcedCollator
 from .inputs import INTERPOLATION_NAMES, InputSpec, resolve_input_spec
 from .format import DR_COLUMNS, DR_FINGERPRINT, DR_PARAMS, check_class_order, require_reinforced

@@ -48,7 +48,7 @@ def main():
     import datasets
 
     from dr_hf import ReinforceConfig, TeacherEnsemble, make_pipeline
-    from dr_hf.augment import empty_batch
+    from dr_hf.pipeline import empty_batch
     from dr_hf.reinforcer import Reinforcer
 
     rows = datasets.load_dataset(args.dataset, split="train").select(range(args.rows))

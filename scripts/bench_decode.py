@@ -39,7 +39,8 @@ def main():
     import datasets
     from PIL import Image
 
-    from dr_hf.augment import Context, box_to_pixels, make_pipeline, params_at
+    from dr_hf.augment import Context, box_to_pixels
+    from dr_hf.pipeline import make_pipeline, params_at
     from dr_hf.images import _jpeg_decoder, decode
     from dr_hf.inputs import InputSpec
 

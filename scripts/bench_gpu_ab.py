@@ -63,7 +63,7 @@ ARMS = {
     "pin_on_main_thread": ({}, None, {}, {"dr_hf.reinforcer.prepare_pinned": _on_main_thread}),
     # a teacher batch's crops in groups of 64 boxes, not 32: 170 aten ops a batch of 256 instead of 238 (imagenet+rrc,
     # 224 px, results/bench_resample.md), at about the same GPU time in bench_resample (0.95-1.04x, three H100 runs)
-    "crop_groups_64": ({}, None, {}, {"dr_hf.augment.resized_crops": _crops_in_groups_of_64}),
+    "crop_groups_64": ({}, None, {}, {"dr_hf.pipeline.resized_crops": _crops_in_groups_of_64}),
     # rows prepared by 4 spawned processes instead of 4 threads: no GIL shared with the render thread, a copy of each
     # decoded image between processes
     "prepare_workers_4": ({}, None, {"prepare_workers": 4, "prepare_threads": 0}, {}),

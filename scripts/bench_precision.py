@@ -19,7 +19,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 from dr_hf import TeacherEnsemble, make_pipeline  # noqa: E402
-from dr_hf.augment import Context, params_at  # noqa: E402
+from dr_hf.augment import Context  # noqa: E402
+from dr_hf.pipeline import params_at  # noqa: E402
 from dr_hf.images import decode  # noqa: E402
 
 

@@ -69,7 +69,8 @@ def host_cost(preset: str, mode: str, repeats: int):
     from torch.utils._python_dispatch import TorchDispatchMode
 
     from dr_hf import make_pipeline
-    from dr_hf.augment import Context, empty_batch
+    from dr_hf.augment import Context
+    from dr_hf.pipeline import empty_batch
     from dr_hf.inputs import InputSpec
 
     class Count(TorchDispatchMode):
@@ -139,7 +140,8 @@ def main():
     from torchvision.transforms import v2
 
     from dr_hf import ReinforceConfig, TeacherEnsemble, make_pipeline
-    from dr_hf.augment import Context, box_to_pixels, empty_batch
+    from dr_hf.augment import Context, box_to_pixels
+    from dr_hf.pipeline import empty_batch
     from dr_hf.images import decode
     from dr_hf.reinforce import reinforce
     from dr_hf.resample import resized_crop

@@ -43,14 +43,14 @@ def _empty_uint8(indices):
 
 
 def _shared_float(indices):  # fresh shared memory for each batch (channels-last), as default_collate allocates
-    from dr_hf.augment import empty_batch
+    from dr_hf.pipeline import empty_batch
     from dr_hf.batch_memory import shared_empty
 
     return empty_batch(len(indices), (224, 224), allocate=shared_empty).fill_(1.0)
 
 
 def _recycled_float(indices):  # as dr-hf's collators in a worker: a pooled block the training process has freed
-    from dr_hf.augment import empty_batch
+    from dr_hf.pipeline import empty_batch
     from dr_hf.batch_memory import batch_empty, handed_over
 
     return handed_over(empty_batch(len(indices), (224, 224), allocate=batch_empty).fill_(1.0))

@@ -222,7 +222,7 @@ def main():
 
 def evaluate_ensemble(specs, val):
     from dr_hf import TeacherEnsemble
-    from dr_hf.augment import AugmentPipeline
+    from dr_hf.pipeline import AugmentPipeline
     from dr_hf.images import decode
 
     ens = TeacherEnsemble.from_specs(specs)

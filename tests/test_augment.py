@@ -3,26 +3,11 @@ import pytest
 import torch
 from hypothesis import given, settings, strategies as st
 
-from dr_hf.augment import (
-    PRESETS,
-    Q16,
-    AugmentPipeline,
-    Context,
-    Draws,
-    HorizontalFlip,
-    MixUpCutMix,
-    InputSpec,
-    RandAugment,
-    RandomErasing,
-    RandomResizedCrop,
-    RANDAUGMENT_OPS,
-    RA_CONSTANTS,
-    box_to_pixels,
-    boxes_to_pixels,
-    make_pipeline,
-    params_at,
-    randaugment_runs,
-)
+from dr_hf.augment import (Q16, Context, Draws, HorizontalFlip, MixUpCutMix, RandAugment, RandomErasing,
+                           RandomResizedCrop, box_to_pixels, boxes_to_pixels)
+from dr_hf.inputs import InputSpec
+from dr_hf.pipeline import PRESETS, AugmentPipeline, make_pipeline, params_at
+from dr_hf.randaugment_ops import RANDAUGMENT_OPS, RA_CONSTANTS, randaugment_runs
 from dr_hf import script
 
 OUT = InputSpec(size=(24, 24), mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5), interpolation="bilinear")
@@ -319,7 +304,7 @@ def test_ops_with_constants_are_torchvisions_at_every_magnitude(name):
     run from Python and in one TorchScript call."""
     from torchvision.transforms.v2 import RandAugment as TV
 
-    from dr_hf.augment import randaugment_constants, randaugment_op, rotation_path
+    from dr_hf.randaugment_ops import randaugment_constants, randaugment_op, rotation_path
 
     tv = TV(num_ops=1)
     for h, w in ((16, 16), (13, 22)):
@@ -345,7 +330,7 @@ def test_autocontrast_is_torchvisions_on_flat_and_float_images():
     without a copy to the device): torchvision's own floats, for uint8 and float batches, flat images included."""
     from torchvision.transforms.v2 import functional as F
 
-    from dr_hf.augment import _autocontrast
+    from dr_hf.randaugment_ops import _autocontrast
 
     g = torch.Generator().manual_seed(0)
     im = torch.randint(60, 140, (40, 3, 9, 7), generator=g, dtype=torch.uint8)

@@ -9,7 +9,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from dr_hf import PRESETS, make_pipeline
-from dr_hf.augment import Context, InputSpec, params_at
+from dr_hf.augment import Context
+from dr_hf.inputs import InputSpec
+from dr_hf.pipeline import params_at
 from dr_hf.format import DR_PARAMS, params_features
 from dr_hf.loss import dense_teacher_log_probs, distillation_loss
 

@@ -11,7 +11,8 @@ import pytest
 import torch
 
 from dr_hf import DR_INDEX, DR_PARAMS, DR_TOPK_INDICES, DR_TOPK_LOGPROBS, ReinforceConfig, TeacherEnsemble, make_pipeline
-from dr_hf.augment import Context, params_at
+from dr_hf.augment import Context
+from dr_hf.pipeline import params_at
 from dr_hf.format import DR_FINGERPRINT, config_from_parquet, reinforcement_features
 from dr_hf.images import decode
 from dr_hf.reinforce import default_batch_size, default_prepare_threads, default_render, reinforce

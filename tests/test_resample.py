@@ -8,9 +8,11 @@ from torchvision.transforms.v2 import functional as F
 
 from conftest import SHARED, needs_shared
 from dr_hf import make_pipeline
-from dr_hf.augment import PRESETS, Context, InputSpec, boxes_to_pixels
+from dr_hf.augment import Context, boxes_to_pixels
+from dr_hf.inputs import InputSpec
+from dr_hf.pipeline import PRESETS
 from dr_hf.images import decode
-from dr_hf.augment import empty_batch, normalise_pixels
+from dr_hf.pipeline import empty_batch, normalise_pixels
 from dr_hf import resample, script
 from dr_hf.resample import crop_groups, resample_weights, resized_crop, resized_crops
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -291,7 +293,7 @@ def test_a_teacher_batch_renders_without_waiting_for_the_device():
     normalised and uint8. RandAugment's ops run in TorchScript, where this mode also sees tensors made on the device
     from Python lists (from Python they copy below it): torchvision's geometric ops and sharpness make their
     constants so, a blocking copy each, hence ``augment.randaugment_constants``, one copy a slot that does not wait
-    (torchvision's normalize did so too, hence ``augment.normalize``)."""
+    (torchvision's normalize did so too, hence ``pipeline.normalize``)."""
     spec = InputSpec(size=(8, 8), interpolation="bicubic")
     rendered = 0
     for preset in sorted(PRESETS):

@@ -130,7 +130,7 @@ def test_compiled_teachers_write_what_eager_ones_write_and_compile_once(tmp_path
     import pyarrow.parquet as pq
     from torch._dynamo.utils import counters
 
-    from dr_hf.augment import empty_batch
+    from dr_hf.pipeline import empty_batch
     from dr_hf.cli import main
 
     spec = f"hf:{tiny_hf_dir}"
