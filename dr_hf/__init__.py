@@ -12,6 +12,8 @@ from .format import (  # noqa: E402
     ReinforceConfig,
     reinforcement_features,
 )
+from .job import reinforce  # noqa: E402
+from .reinforcer import Reinforcer  # noqa: E402
 from .source import join_source, load_reinforced  # noqa: E402
 from .teacher import Teacher, TeacherEnsemble, load_teacher, register_teacher  # noqa: E402
 
@@ -31,6 +33,8 @@ __all__ = [
     "TeacherEnsemble",
     "load_teacher",
     "register_teacher",
+    "reinforce",
+    "Reinforcer",
     "join_source",
     "load_reinforced",
     "ReinforcedTrainer",

@@ -19,7 +19,7 @@ def cmd_reinforce(args) -> int:
     from .format import ReinforceConfig, public_source
     from .images import image_column_of
     from .processes import current_processes, finish
-    from .reinforce import default_render, default_teacher_batch_size, reinforce, stream_length
+    from .job import default_render, default_teacher_batch_size, reinforce, stream_length
     from .reinforcer import check_preparation
     from .shards import check_split_name, shard_paths
     from .source import load_source

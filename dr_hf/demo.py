@@ -53,7 +53,7 @@ def run_demo(output: str, teacher: str = "efficientnet-lite0", num_samples: int 
 
     from .pipeline import make_pipeline
     from .format import ReinforceConfig
-    from .reinforce import reinforce
+    from .job import reinforce
     from .teacher import TeacherEnsemble
     from .verify import verify
 

@@ -1,5 +1,5 @@
 """The reinforcement map function: ``Dataset.map(Reinforcer(...), batched=True, with_indices=True)`` computes the
-augmentation-parameter and sparse teacher-output columns of a dataset's rows (the job driver, :mod:`dr_hf.reinforce`,
+augmentation-parameter and sparse teacher-output columns of a dataset's rows (the job driver, :mod:`dr_hf.job`,
 joins them to the source and writes the shards).
 
 Determinism: the parameters of sample j of row i are a pure function of (seed, i, j) and the image; the
@@ -276,7 +276,7 @@ class Reinforcer:
 
     def __call__(self, batch: Dict[str, List[Any]], indices: Optional[List[int]] = None) -> pa.Table:
         """The batch's reinforcement columns, as an Arrow table with one row per input row (``Dataset.map`` then
-        gives a dataset of them alone; :func:`~dr_hf.reinforce.reinforce` joins it to the source with
+        gives a dataset of them alone; :func:`~dr_hf.job.reinforce` joins it to the source with
         ``concatenate_datasets(..., axis=1)``). Skipped rows get placeholders and ``_dr_skip`` = True (the driver drops
         them). The top-K is taken where the teachers run, and the columns are built for the whole batch at once (Arrow
         arrays from stacked NumPy arrays): between map batches a GPU waits for this work, and for ``datasets`` to

@@ -120,7 +120,7 @@ def verify(path: str, teachers: Optional[Sequence[str]] = None, rows: int = 8, s
     import torch
 
     from .images import decode
-    from .reinforce import default_render
+    from .job import default_render
     from .reinforcer import Reinforcer
     from .shards import BadShardError, check_folder, checked_batches, shard_paths
     from .source import base_of, check_hub_dataset, check_revision, join_source, needs_source

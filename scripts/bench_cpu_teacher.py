@@ -22,7 +22,7 @@ import torch
 import datasets
 from dr_hf import ReinforceConfig, TeacherEnsemble, make_pipeline
 from dr_hf.memory import reuse_freed_memory
-from dr_hf.reinforce import reinforce
+from dr_hf import reinforce
 
 mode, dataset, rows, seconds = sys.argv[1], sys.argv[2], int(sys.argv[3]), float(sys.argv[4])
 if mode == "reused":

@@ -68,7 +68,7 @@ def logged_shard_rates() -> list:
             if found:
                 rates.append(float(found.group(1)))
 
-    job_logger = logging.getLogger("dr_hf.reinforce")
+    job_logger = logging.getLogger("dr_hf.job")
     job_logger.setLevel(logging.INFO)
     job_logger.addHandler(ShardRate())
     return rates
@@ -119,7 +119,7 @@ def main():
     from dr_hf import ReinforceConfig, TeacherEnsemble, make_pipeline
     from dr_hf.augment import Context
     from dr_hf.images import decode
-    from dr_hf.reinforce import reinforce
+    from dr_hf import reinforce
 
     datasets.disable_progress_bars()
     results = {"device": torch.cuda.get_device_name() if device.startswith("cuda") else "cpu (dry run)", "torch": torch.__version__, "cpu_threads": torch.get_num_threads(),
@@ -229,7 +229,7 @@ def main():
     # -- the job, end to end -----------------------------------------------------------------------------------------
     shard_rates = logged_shard_rates()
     job, shard = {}, {}
-    from dr_hf.reinforce import default_prepare_threads
+    from dr_hf.job import default_prepare_threads
 
     threads = default_prepare_threads(bf16)
     gpu_rows = args.rows * args.gpu_repeat

@@ -123,7 +123,7 @@ def main():
     import datasets
 
     from dr_hf import ReinforceConfig, make_pipeline
-    from dr_hf.reinforce import default_prepare_threads, reinforce
+    from dr_hf.job import default_prepare_threads, reinforce
     from dr_hf.reinforcer import Reinforcer
     from dr_hf.teacher import TeacherEnsemble, float32_precision
 

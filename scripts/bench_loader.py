@@ -65,7 +65,7 @@ def main():
     from transformers import Trainer, TrainingArguments
 
     from dr_hf import ReinforceConfig, ReinforcedTrainer, ReinforcedTrainingArguments, TeacherEnsemble, make_pipeline
-    from dr_hf.reinforce import reinforce
+    from dr_hf import reinforce
 
     datasets.disable_progress_bars()
     source = datasets.load_dataset(args.dataset, split="train").select(range(args.rows))

@@ -64,7 +64,7 @@ def throughput(args):
     import torch
 
     from dr_hf import ReinforceConfig, TeacherEnsemble, make_pipeline
-    from dr_hf.reinforce import reinforce
+    from dr_hf import reinforce
     from dr_hf.reinforcer import Reinforcer
 
     teachers = TeacherEnsemble.from_specs([args.teacher])

@@ -143,7 +143,7 @@ def main():
     from dr_hf.augment import Context, box_to_pixels
     from dr_hf.pipeline import empty_batch
     from dr_hf.images import decode
-    from dr_hf.reinforce import reinforce
+    from dr_hf import reinforce
     from dr_hf.resample import resized_crop
     from dr_hf.reinforcer import Reinforcer, preparation_pool
 

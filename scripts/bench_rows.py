@@ -76,7 +76,7 @@ def main():
     import datasets
 
     from dr_hf import ReinforceConfig, TeacherEnsemble, make_pipeline
-    from dr_hf.reinforce import reinforce
+    from dr_hf import reinforce
     from dr_hf.rows import ReplayRows, rows_of
 
     datasets.disable_progress_bars()

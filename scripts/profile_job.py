@@ -185,7 +185,7 @@ def main():
     import datasets
 
     from dr_hf import ReinforceConfig, TeacherEnsemble, make_pipeline
-    from dr_hf.reinforce import reinforce
+    from dr_hf import reinforce
 
     datasets.disable_progress_bars()
     rows = repeated_rows(args.dataset, args.rows)

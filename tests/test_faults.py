@@ -13,7 +13,7 @@ import time
 import pyarrow.parquet as pq
 import pytest
 
-from dr_hf.reinforce import reinforce
+from dr_hf import reinforce
 from dr_hf.shards import shard_paths
 
 from conftest import make_image_dataset, source_folder

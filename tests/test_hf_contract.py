@@ -16,7 +16,7 @@ from dr_hf import ReinforceConfig, ReinforcedTrainer, ReinforcedTrainingArgument
 from dr_hf.augment import CenterCrop
 from dr_hf.collator import EvalCollator, ReinforcedCollator
 from dr_hf.inputs import InputSpec, resolve_input_spec
-from dr_hf.reinforce import reinforce
+from dr_hf import reinforce
 
 from conftest import REPO, make_image_dataset
 

@@ -14,7 +14,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from dr_hf.cli import main
-from dr_hf.reinforce import reinforce
+from dr_hf import reinforce
 from dr_hf.source import FingerprintMismatch, join_source
 from dr_hf.stats import summarize
 from dr_hf.verify import verify

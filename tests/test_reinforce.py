@@ -15,7 +15,7 @@ from dr_hf.augment import Context
 from dr_hf.pipeline import params_at
 from dr_hf.format import DR_FINGERPRINT, config_from_parquet, reinforcement_features
 from dr_hf.images import decode
-from dr_hf.reinforce import default_batch_size, default_prepare_threads, default_render, reinforce
+from dr_hf.job import default_batch_size, default_prepare_threads, default_render, reinforce
 from dr_hf.reinforcer import Reinforcer, RowPreparer, preparation_pool, teacher_block_rows
 from dr_hf.shards import check_folder, shard_paths
 from dr_hf.stats import reinforcement_bytes

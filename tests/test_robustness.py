@@ -18,7 +18,7 @@ from dr_hf.collator import ReinforcedCollator
 from dr_hf.inputs import InputSpec
 from dr_hf.format import DR_INDEX, DR_TOPK_INDICES, DR_TOPK_LOGPROBS, METADATA_KEY, config_from_parquet
 from dr_hf.images import BadImageError, _jpeg_decoder, decode
-from dr_hf.reinforce import reinforce
+from dr_hf import reinforce
 from dr_hf.shards import shard_paths
 from dr_hf.verify import verify
 

@@ -12,7 +12,7 @@ import pytest
 from dr_hf.cli import main
 from dr_hf.format import DR_COLUMNS, DR_FINGERPRINT
 from dr_hf.processes import Processes
-from dr_hf.reinforce import reinforce
+from dr_hf import reinforce
 from dr_hf.shards import shard_paths
 
 from conftest import make_image_dataset, source_folder

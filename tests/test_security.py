@@ -13,7 +13,7 @@ import pytest
 
 from dr_hf import TeacherEnsemble, load_teacher
 from dr_hf.format import METADATA_KEY, ReinforceConfig, config_from_parquet
-from dr_hf.reinforce import reinforce
+from dr_hf import reinforce
 from dr_hf.shards import shard_paths
 
 from conftest import make_image_dataset

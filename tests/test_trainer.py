@@ -9,7 +9,7 @@ import torch
 from dr_hf import ReinforceConfig, ReinforcedCollator, ReinforcedTrainer, ReinforcedTrainingArguments, TeacherEnsemble, make_pipeline
 from dr_hf.images import decode
 from dr_hf.loss import dense_teacher_log_probs, distillation_loss, one_hot_target
-from dr_hf.reinforce import reinforce
+from dr_hf import reinforce
 from dr_hf.reinforcer import Reinforcer
 
 from conftest import make_image_dataset, needs_cxx
