@@ -130,6 +130,7 @@ def cmd_push(args) -> int:
                   token=args.token, files_per_commit=args.files_per_commit)
     print(f"pushed {args.folder} to {result.url} ({result.revision}): {len(result.uploaded)} file(s) in "
           f"{result.commits} commit(s), {len(result.skipped)} already there"
+          + (f", merged from pull request #{result.pull_request}" if result.pull_request else "")
           + (f", {len(result.removed)} file(s) of an earlier push removed" if result.removed else ""))
     at = f', revision="{args.revision}"' if args.revision else ""
     print(f'load it with: datasets.load_dataset("{args.repo_id}"{at}, split="train")  (or streaming=True)')
@@ -269,7 +270,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--private", action="store_true", help="create the repo private")
     p.add_argument("--revision", default=None, help="branch to push to (created if missing; default main)")
     p.add_argument("--token", default=None, help="Hub token (default: HF_TOKEN or `hf auth login`); never printed")
-    p.add_argument("--files-per-commit", type=int, default=50, help="files per Hub commit (shards first, card last)")
+    p.add_argument("--files-per-commit", type=int, default=50, help="files per Hub commit (shards first, card last; several commits to main go to a pull request, merged at once)")
     p.add_argument("--quiet", action="store_true", help="no log lines")
     p.set_defaults(func=cmd_push)
 

@@ -1,15 +1,18 @@
-"""``dr-hf push``: a reinforced folder to a Hub dataset repo, in commits of a batch of files each, resumable.
+"""``dr-hf push``: a reinforced folder to a Hub dataset repo, in commits of a batch of files each, resumable, and
+published in one step.
 
 Only the public ``huggingface_hub`` API is used (``create_repo``, ``create_branch``, ``list_repo_tree``,
-``create_commit``), so the same code runs against the Hub and against a local stand-in (``HF_ENDPOINT``).
-A rerun after an interruption skips every file the repo already holds with the same content (LFS sha256 or git
-blob sha1), and within a batch ``create_commit`` skips LFS objects the server already has; with ``hf_xet``
-installed it also batches and resumes on its own. Shards go first and the card last, so a repo only advertises
-a dataset once all of it is there; shards an earlier push left that this folder does not hold (another job, other
-shard names) are removed in that last commit, so the repo never ends holding two jobs' rows. The token is passed
-through, never printed or written.
+``create_commit``, ``get_repo_discussions``, ``merge_pull_request``), so the same code runs against the Hub and
+against a local stand-in (``HF_ENDPOINT``). A push that fits one commit is one commit. A larger one to main goes to a
+pull request (shards first, then the card and preview, with the removal of shards an earlier push left that this
+folder does not hold), merged into main at once: readers of main see the earlier dataset, whole, until they see this
+one, whole, never a mix of two jobs' rows or shards without their card. A rerun after an interruption finds the
+pull request by its title (the commit message and a digest of the card, which names the job) and skips every file
+it already holds with the same content (LFS sha256 or git blob sha1); within a batch ``create_commit`` skips LFS
+objects the server already has, and with ``hf_xet`` installed it also batches and resumes on its own. The Hub opens
+pull requests against main only: a push to another branch (``revision``) commits to it directly, shards first and the
+card last. The token is passed through, never printed or written.
 """
-
 from __future__ import annotations
 
 import fnmatch
@@ -19,7 +22,7 @@ import os
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Union
 
-from .errors import require_at_least
+from .errors import require_at_least, said
 from .shards import CARD, DATA_DIR, ERRORS_DIR, PREVIEW
 
 logger = logging.getLogger(__name__)
@@ -36,6 +39,7 @@ class PushResult:
     commits: int
     url: str
     removed: List[str]
+    pull_request: Optional[int] = None  # the pull request the commits went to, merged into main
 
 
 def local_files(folder: str) -> List[str]:
@@ -113,33 +117,71 @@ def push(
     branch = revision or "main"
     if revision:
         api.create_branch(repo_id, repo_type="dataset", branch=revision, exist_ok=True)
-    remote = remote_files(api, repo_id, branch)
-
-    todo, skipped = [], []
     ours = local_files(folder)
-    shards = (f"{DATA_DIR}/", f"{ERRORS_DIR}/")
-    stale = sorted(p for p in remote if p.startswith(shards) and p not in ours)  # an earlier push's, not this folder's
     with open(os.path.join(folder, CARD), encoding="utf-8") as f:
         card = published_card(f.read(), repo_id, revision).encode()  # its snippets load this repo
     published = {rel: card if rel == CARD else os.path.join(folder, rel) for rel in ours}
-    for rel in ours:
-        same = rel in remote and same_content(published[rel], remote[rel])
-        (skipped if same else todo).append(rel)
-    if skipped:
-        logger.info("%d file(s) already on %s@%s with the same content: skipped", len(skipped), repo_id, branch)
-
-    data = [f for f in todo if f.startswith(shards)]
-    last = [f for f in todo if not f.startswith(shards)]  # the card (and its preview) once every shard is there
-    batches = [data[i:i + files_per_commit] for i in range(0, len(data), files_per_commit)]
-    if last or (stale and not batches):
-        batches.append(last)
+    plan = _plan(published, remote_files(api, repo_id, branch), files_per_commit)
+    removed = plan.stale  # what the branch loses, in its last commit or the merge
+    title = f"{commit_message} (dr-hf {hashlib.sha256(card).hexdigest()[:12]})"  # names this folder's job
+    pull = None
+    if branch == "main" and len(plan.batches) > 1:  # several commits: in a pull request, merged in one step
+        pull = next((d.num for d in api.get_repo_discussions(repo_id, repo_type="dataset", discussion_type="pull_request",
+                                                            discussion_status="open") if d.title == title), None)
+        if pull is not None:  # an interrupted push of this job: go on where it stopped
+            logger.info("resuming pull request #%d of %s", pull, repo_id)
+            plan = _plan(published, remote_files(api, repo_id, f"refs/pr/{pull}"), files_per_commit)
+    if plan.skipped:
+        logger.info("%d file(s) already on %s@%s with the same content: skipped", len(plan.skipped), repo_id,
+                    branch if pull is None else f"refs/pr/{pull}")
+    batches = plan.batches
     for k, batch in enumerate(batches):
         message = commit_message if len(batches) == 1 else f"{commit_message} (part {k + 1}/{len(batches)})"
         logger.info("commit %d/%d: %d file(s)", k + 1, len(batches), len(batch))
         operations = [CommitOperationAdd(rel, published[rel]) for rel in batch]
         if k == len(batches) - 1:  # with the card: an earlier push's shards go
-            operations += [CommitOperationDelete(rel) for rel in stale]
-        api.create_commit(repo_id, repo_type="dataset", revision=branch, operations=operations, commit_message=message)
-    if stale:
-        logger.info("%d file(s) of an earlier push removed from %s@%s", len(stale), repo_id, branch)
-    return PushResult(repo_id, branch, todo, skipped, len(batches), url, stale)
+            operations += [CommitOperationDelete(rel) for rel in plan.stale]
+        opens = branch == "main" and len(batches) > 1 and pull is None
+        info = api.create_commit(repo_id, repo_type="dataset", operations=operations,
+                                 revision=branch if pull is None else f"refs/pr/{pull}", create_pr=opens,
+                                 commit_message=title if opens else message)
+        if opens:
+            pull = int(info.pr_num)
+            logger.info("opened pull request #%d of %s: the commits go there, then it is merged", pull, repo_id)
+    if pull is not None:
+        try:
+            api.merge_pull_request(repo_id, pull, repo_type="dataset", comment="every file of the push is here")
+        except Exception as exc:
+            raise RuntimeError(f"{repo_id}: merging pull request #{pull}, which holds this push, failed ({said(exc)}); "
+                               f"main is as it was. Rerun to retry; if main changed meanwhile, close #{pull} on the Hub "
+                               "and push again") from exc
+        logger.info("merged pull request #%d into %s@main", pull, repo_id)
+    if removed:
+        logger.info("%d file(s) of an earlier push removed from %s@%s", len(removed), repo_id, branch)
+    return PushResult(repo_id, branch, plan.todo, plan.skipped, len(batches), url, removed, pull)
+
+
+@dataclass
+class _Plan:
+    todo: List[str]  # files to upload, shards first
+    skipped: List[str]  # already there with the same content
+    stale: List[str]  # shards an earlier push left that this folder does not hold
+    batches: List[List[str]]  # the commits: shards in batches, then the card and preview (with the removals)
+
+
+def _plan(published: Dict[str, Union[str, bytes]], remote: Dict[str, object], files_per_commit: int) -> _Plan:
+    """What a push of ``published`` (repo path -> local file or bytes) does to a repo holding ``remote``."""
+    todo, skipped = [], []
+    for rel in published:
+        same = rel in remote and same_content(published[rel], remote[rel])
+        (skipped if same else todo).append(rel)
+    shards = (f"{DATA_DIR}/", f"{ERRORS_DIR}/")
+    stale = sorted(p for p in remote if p.startswith(shards) and p not in published)  # an earlier push's
+    data = [f for f in todo if f.startswith(shards)]
+    last = [f for f in todo if not f.startswith(shards)]  # the card (and its preview) once every shard is there
+    if len(todo) <= files_per_commit:  # one commit: nothing to order
+        return _Plan(todo, skipped, stale, [data + last] if todo or stale else [])
+    batches = [data[i:i + files_per_commit] for i in range(0, len(data), files_per_commit)]
+    if last:
+        batches.append(last)
+    return _Plan(todo, skipped, stale, batches)

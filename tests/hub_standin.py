@@ -3,7 +3,8 @@ use to create a dataset repo, upload to it (LFS + NDJSON commits) and read it ba
 
 Start it with :func:`serve`; point clients at it with ``HF_ENDPOINT=<url>`` and ``HF_HUB_DISABLE_XET=1`` (otherwise
 huggingface_hub 2.x insists on Xet storage for uploads). State lives in memory, plus a folder for LFS objects. It is
-a test fixture, not a Hub: no auth checks beyond recording the tokens it was sent, no PRs, no pagination.
+a test fixture, not a Hub: no auth checks beyond recording the tokens it was sent, no pagination, and of discussions
+only pull requests: opened by a commit with ``create_pr``, committed to at ``refs/pr/N``, listed and merged.
 
 Run standalone (for trying dr-hf by hand): ``python tests/hub_standin.py --port 8000``.
 """
@@ -44,6 +45,7 @@ class Repo:
     branches: Dict[str, str] = field(default_factory=dict)
     commits: Dict[str, Dict[str, Entry]] = field(default_factory=dict)  # sha -> tree
     log: List[str] = field(default_factory=list)
+    pulls: Dict[int, dict] = field(default_factory=dict)  # num -> title, status, base (commit it started from)
 
 
 class HubState:
@@ -55,7 +57,7 @@ class HubState:
         self.requests: List[Tuple[str, str]] = []
         self.lfs_puts: List[str] = []
         self.fail_lfs_put_after: Optional[int] = None  # fault injection: refuse PUTs after this many
-        self.fail_commits: set = set()  # fault injection: answer these commit attempts (0-based) with a 500
+        self.fail_commits: set = set()  # fault injection: answer these commit attempts (0-based; a merge is one) with a 500
         self.commit_attempts = 0
         self.fail_reads_after: Optional[int] = None  # fault injection: drop the connection of ranged parquet reads...
         self.fail_reads_count: Optional[int] = None  # ...this many of them (None: every one from then on)
@@ -166,6 +168,8 @@ class Handler(BaseHTTPRequestHandler):
           (("preupload", "preupload"), ("commit", "commit"), ("branch", "create_branch"), ("paths-info", "paths_info"))],
         ("GET", API + r"/tree/(?P<rev>[^/]+)(?:/(?P<dir>.*))?$", "tree"),
         ("POST", r"^/api/validate-yaml$", "validate_yaml"),
+        ("GET", API + r"/discussions$", "discussions"),
+        ("POST", API + r"/discussions/(?P<num>\d+)/merge$", "merge"),
         ("POST", REPO + r"\.git/info/lfs/objects/batch$", "lfs_batch"),
         ("PUT", r"^/lfs-upload/(?P<t>models|datasets|spaces)/(?P<id>[^/]+/[^/]+)/(?P<oid>[0-9a-f]{64})$", "lfs_put"),
         *[(method, REPO + r"/resolve/(?P<rev>[^/]+)/(?P<path>.+)$", "resolve") for method in ("GET", "HEAD")],
@@ -304,11 +308,17 @@ class Handler(BaseHTTPRequestHandler):
             return self._json({"errors": [{"message": str(exc)}]}, 400)
         self._json({"errors": [], "warnings": []})
 
-    def do_commit(self, t, id, rev):
-        raw = self._body()
+    def _injected_failure(self) -> bool:
         attempt, self.state.commit_attempts = self.state.commit_attempts, self.state.commit_attempts + 1
         if attempt in self.state.fail_commits:
-            return self._error(500, "InjectedFailure", "hub stand-in: injected server error on commit")
+            self._error(500, "InjectedFailure", "hub stand-in: injected server error on commit")
+            return True
+        return False
+
+    def do_commit(self, t, id, rev):
+        raw = self._body()
+        if self._injected_failure():
+            return
         repo = self._repo(t, id)
         if repo is None:
             return
@@ -330,11 +340,12 @@ class Handler(BaseHTTPRequestHandler):
             elif key == "file":
                 data = base64.b64decode(value["content"]) if value.get("encoding") == "base64" else value["content"].encode()
                 tree[value["path"]] = Entry(size=len(data), oid=git_blob_sha(data), data=data)
-            elif key == "lfsFile":
+            elif key == "lfsFile":  # an upload, or a copy of a file the repo holds (no size then)
                 if not self.state.has_lfs(t, id, value["oid"]):
                     return self._error(422, "LfsObjectMissing", f"LFS object {value['oid']} of {value['path']} was never uploaded")
-                pointer = f"version https://git-lfs.github.com/spec/v1\noid sha256:{value['oid']}\nsize {value['size']}\n"
-                tree[value["path"]] = Entry(size=int(value["size"]), oid=git_blob_sha(pointer.encode()), lfs_sha256=value["oid"])
+                size = int(value.get("size") or os.path.getsize(self.state.lfs_path(t, id, value["oid"])))
+                pointer = f"version https://git-lfs.github.com/spec/v1\noid sha256:{value['oid']}\nsize {size}\n"
+                tree[value["path"]] = Entry(size=size, oid=git_blob_sha(pointer.encode()), lfs_sha256=value["oid"])
             elif key == "deletedFile":
                 tree.pop(value["path"], None)
             elif key == "deletedFolder":
@@ -343,10 +354,55 @@ class Handler(BaseHTTPRequestHandler):
                     del tree[p]
         sha = _new_sha()
         repo.commits[sha] = tree
+        answer = {"commitUrl": f"{self._url(t, id)}/commit/{sha}", "commitOid": sha, "success": True}
+        if self.query.get("create_pr", ["0"])[0] in ("1", "true"):  # a pull request against the branch, from parent
+            num = max(repo.pulls, default=0) + 1
+            repo.pulls[num] = {"title": header.get("summary", ""), "status": "open", "base": parent, "target": branch,
+                               "createdAt": time.strftime("%Y-%m-%dT%H:%M:%S.000Z", time.gmtime())}
+            branch = f"refs/pr/{num}"
+            answer["pullRequestUrl"] = f"{self._url(t, id)}/discussions/{num}"
         repo.branches[branch] = sha
         repo.log.append(header.get("summary", ""))
         self.state.commits_made += 1
-        self._json({"commitUrl": f"{self._url(t, id)}/commit/{sha}", "commitOid": sha, "success": True})
+        self._json(answer)
+
+    def do_discussions(self, t, id):
+        repo = self._repo(t, id)
+        if repo is None:
+            return
+        kind = self.query.get("type", ["all"])[0]
+        status = self.query.get("status", ["all"])[0]
+        found = [{"title": pr["title"], "num": num, "author": {"name": "user"}, "createdAt": pr["createdAt"],
+                  "status": pr["status"], "repo": {"name": id, "type": t}, "isPullRequest": True}
+                 for num, pr in sorted(repo.pulls.items(), reverse=True)
+                 if kind in ("all", "pull_request") and status in ("all", pr["status"])]
+        self._json({"discussions": found, "count": len(found), "start": 0, "numClosedDiscussions": 0})
+
+    def do_merge(self, t, id, num):
+        self._body()
+        if self._injected_failure():
+            return
+        repo = self._repo(t, id)
+        if repo is None:
+            return
+        pr = repo.pulls.get(int(num))
+        if pr is None or pr["status"] != "open":
+            return self._error(400 if pr else 404, "BadRequest", f"pull request #{num} is not open")
+        base, head = repo.commits[pr["base"]], repo.commits[repo.branches[f"refs/pr/{num}"]]
+        target = repo.commits[repo.branches[pr["target"]]]
+        changed = {p for p in set(base) | set(head) if base.get(p) != head.get(p)}
+        moved = {p for p in set(base) | set(target) if base.get(p) != target.get(p)}
+        conflicts = sorted(p for p in changed & moved if head.get(p) != target.get(p))
+        if conflicts:
+            return self._error(409, "MergeConflict", f"pull request #{num} conflicts with {pr['target']} in {conflicts}")
+        tree = {p: e for p, e in target.items() if p not in changed}
+        tree.update({p: head[p] for p in changed if p in head})
+        sha = _new_sha()
+        repo.commits[sha] = tree
+        repo.branches[pr["target"]] = sha
+        repo.log.append(f"Merge pull request #{num}: {pr['title']}")
+        pr["status"] = "merged"
+        self._json({})
 
     def do_tree(self, t, id, rev, dir=None):
         repo, sha = self._repo_at(t, id, rev)

@@ -118,9 +118,11 @@ def test_push_then_load_in_a_fresh_process_map_style_and_streaming(tmp_path, hub
     assert push.returncode == 0, push.stderr
     assert TOKEN not in push.stdout + push.stderr  # passed through, never printed
     assert TOKEN in hub.state.tokens_seen
-    assert "5 file(s) in 3 commit(s)" in push.stdout  # 3 shards in 2 commits, then the card and preview
+    # 3 shards in 2 commits, then the card and preview, in a pull request merged into main at once
+    assert "5 file(s) in 3 commit(s), 0 already there, merged from pull request #1" in push.stdout
     repo = hub.state.repos[("dataset", "org/imagenet-plus")]
-    assert repo.log[-1].endswith("(part 3/3)")
+    assert repo.log[-2].endswith("(part 3/3)") and repo.log[-1].startswith("Merge pull request #1")
+    assert repo.pulls[1]["status"] == "merged"
     assert sorted(repo.commits[repo.branches["main"]]) == sorted(
         ["README.md", "preview.png"] + [f"data/{n}" for n in os.listdir(plus / "data")])
     for path in plus.rglob("*"):
@@ -171,13 +173,15 @@ def test_interrupted_push_resumes(tmp_path, hub, plus, monkeypatch, capsys):
     hub.state.fail_lfs_put_after = len(hub.state.lfs_puts) + 2  # two more, then fail again
     assert cli_here(hub, monkeypatch, capsys, "push", plus, repo_id, "--files-per-commit", 1, "--quiet")[0] == 2
     repo = hub.state.repos[("dataset", repo_id)]
-    committed = set(repo.commits[repo.branches["main"]])
+    assert set(repo.commits[repo.branches["main"]]) == set()  # main shows nothing until the pull request is merged
+    committed = set(repo.commits[repo.branches["refs/pr/1"]])
     assert len(committed) == 2 and "README.md" not in committed  # the card comes last, only once all shards are there
     hub.state.fail_lfs_put_after = None
     puts_before = len(hub.state.lfs_puts)
     code, out, err = cli_here(hub, monkeypatch, capsys, "push", plus, repo_id, "--files-per-commit", 1, "--quiet")
     assert code == 0, err
-    assert "2 already there" in out
+    assert "2 already there, merged from pull request #1" in out  # the interrupted push's pull request, resumed
+    assert list(repo.pulls) == [1]
     assert len(hub.state.lfs_puts) - puts_before == 2  # the last shard and the preview: nothing uploaded twice
     assert len(hub.state.lfs_puts) == len(set(hub.state.lfs_puts))
     answer = fresh_python(hub, tmp_path / "home-load", f"""
@@ -193,26 +197,57 @@ def test_interrupted_push_resumes(tmp_path, hub, plus, monkeypatch, capsys):
     assert len(repo.commits) == commits and not repo.private
     code, _, err = cli_here(hub, monkeypatch, capsys, "push", plus, "org/imagenet-plus-private", "--private", "--quiet")
     assert code == 0 and hub.state.repos[("dataset", "org/imagenet-plus-private")].private, err
+    # to a branch (the Hub opens pull requests against main only): commits straight to it, main untouched
+    code, out, err = cli_here(hub, monkeypatch, capsys, "push", plus, repo_id, "--revision", "v1", "--files-per-commit",
+                              2, "--quiet")
+    assert code == 0 and "(v1): 1 file(s) in 1 commit(s), 4 already there" in out, err  # (its card loads v1)
+    code, out, err = cli_here(hub, monkeypatch, capsys, "push", plus, "org/imagenet-plus-branch", "--revision", "v1",
+                              "--files-per-commit", 2, "--quiet")
+    branched = hub.state.repos[("dataset", "org/imagenet-plus-branch")]
+    assert code == 0 and "5 file(s) in 3 commit(s)" in out and "pull request" not in out, err
+    assert branched.pulls == {} and branched.commits[branched.branches["main"]] == {}
+    assert len(branched.commits[branched.branches["v1"]]) == 5
 
 
 def test_a_push_over_an_earlier_one_leaves_only_this_folders_shards(tmp_path, hub, teachers, source_dir, plus,
                                                                      monkeypatch, capsys):
-    """The same repo pushed again from a folder with other shard names (another --rows-per-shard): the shards of
-    the earlier push go in the final commit, so the repo never ends holding two jobs' rows."""
-    code, _, err = cli_here(hub, monkeypatch, capsys, "push", plus, "org/repushed", "--quiet")
-    assert code == 0, err
+    """The same repo pushed again from a folder with other shard names (another --rows-per-shard): the push's commits
+    go to a pull request merged in one step, so main holds the earlier push, whole, until it holds this one, whole,
+    with the earlier push's shards gone; a push that fits one commit is one commit."""
+    code, out, err = cli_here(hub, monkeypatch, capsys, "push", plus, "org/repushed", "--quiet")
+    assert code == 0 and "5 file(s) in 1 commit(s), 0 already there\n" in out, err
+    repo = hub.state.repos[("dataset", "org/repushed")]
+    earlier = dict(repo.commits[repo.branches["main"]])
     other = tmp_path / "other"
     config = make_config(teachers, augment="imagenet+rare+mix", n=4, k=3, rows_per_shard=16,
                          source={"path": str(source_dir), "split": "train"})
     reinforce(datasets.load_dataset(str(source_dir), split="train"), config, teachers, str(other), show_progress=False)
-    code, out, err = cli_here(hub, monkeypatch, capsys, "push", other, "org/repushed", "--quiet")
+    hub.state.fail_commits = {hub.state.commit_attempts + 3}  # 2 shards, the card and preview, then the merge fails
+    code, out, err = cli_here(hub, monkeypatch, capsys, "push", other, "org/repushed", "--files-per-commit", "1", "--quiet")
+    hub.state.fail_commits = set()
+    assert code == 2 and "merging pull request #1, which holds this push, failed" in err and "main is as it was" in err
+    assert repo.commits[repo.branches["main"]] == earlier  # readers still get the earlier dataset, all of it
+    code, out, err = cli_here(hub, monkeypatch, capsys, "push", other, "org/repushed", "--files-per-commit", "1", "--quiet")
     assert code == 0, err
+    assert "0 file(s) in 0 commit(s), 4 already there, merged from pull request #1" in out
     assert "3 file(s) of an earlier push removed" in out
-    repo = hub.state.repos[("dataset", "org/repushed")]
     held = sorted(p for p in repo.commits[repo.branches["main"]] if p.startswith("data/"))
     assert held == [f"data/{n}" for n in sorted(os.listdir(other / "data"))] == \
         ["data/train-00000-of-00002.parquet", "data/train-00001-of-00002.parquet"]
-    assert repo.log[-1].startswith("Upload reinforced dataset with dr-hf")  # one final commit: the card and removals
+    # main changed by someone else between the interrupted push and its rerun: the merge is refused, main kept
+    hub.state.fail_commits = {hub.state.commit_attempts + 4}  # 3 shards, the card and preview, then the merge fails
+    code, out, err = cli_here(hub, monkeypatch, capsys, "push", plus, "org/repushed", "--files-per-commit", "1", "--quiet")
+    hub.state.fail_commits = set()
+    assert code == 2 and "merging pull request #2" in err, err
+    from huggingface_hub import HfApi
+
+    HfApi().upload_file(path_or_fileobj=b"---\nlicense: mit\n---\nedited\n", path_in_repo="README.md",
+                        repo_id="org/repushed", repo_type="dataset")
+    edited = dict(repo.commits[repo.branches["main"]])
+    code, out, err = cli_here(hub, monkeypatch, capsys, "push", plus, "org/repushed", "--files-per-commit", "1", "--quiet")
+    assert code == 2 and "merging pull request #2, which holds this push, failed" in err and "conflicts" in err, err
+    assert "if main changed meanwhile, close #2 on the Hub and push again" in err
+    assert repo.commits[repo.branches["main"]] == edited
 
 
 def test_a_hub_source_in_the_local_cache_reinforces_offline(tmp_path, hub, source_dir, tiny_teacher_spec):

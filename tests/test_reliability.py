@@ -248,21 +248,25 @@ def test_a_stream_that_drops_its_connection_is_reopened_and_a_stopped_job_resume
 # -- a push interrupted at each of its commits ------------------------------------------------------------
 
 def test_a_push_interrupted_at_each_commit_completes_and_never_advertises_early(hub, finished, monkeypatch, capsys):
-    commits = len(shard_paths(str(finished))) + 1  # one shard per commit, then the card with its preview
+    """One shard a commit, then the card with its preview, in a pull request, then its merge: a push failing at any
+    of these steps leaves main as it was (empty here), and its rerun resumes the pull request and merges it."""
+    shards = len(shard_paths(str(finished)))
     hub.point_here(monkeypatch)
-    for k in range(commits):
+    for k in range(shards + 2):
         repo_id = f"org/plus-{k}"
         hub.state.fail_commits = {hub.state.commit_attempts + k}
         capsys.readouterr()
         assert main(["push", str(finished), repo_id, "--files-per-commit", "1", "--quiet"]) == 2
         assert "500 Internal Server Error" in capsys.readouterr().err
         repo = hub.state.repos[("dataset", repo_id)]
-        files = set(repo.commits[repo.branches["main"]])
-        assert "README.md" not in files  # never a card before all of its shards
-        assert len([f for f in files if f.startswith("data/")]) == k
+        assert repo.commits[repo.branches["main"]] == {}  # nothing shown before all of it is there
+        pulled = set(repo.commits[repo.branches["refs/pr/1"]]) if k else set()  # (the first commit opens it)
+        assert len([f for f in pulled if f.startswith("data/")]) == min(k, shards)
+        assert ("README.md" in pulled) == (k == shards + 1)  # the card comes last
         assert main(["push", str(finished), repo_id, "--files-per-commit", "1", "--quiet"]) == 0
         files = set(repo.commits[repo.branches["main"]])
-        assert {"README.md", "preview.png"} <= files and len([f for f in files if f.startswith("data/")]) == commits - 1
+        assert {"README.md", "preview.png"} <= files and len([f for f in files if f.startswith("data/")]) == shards
+        assert list(repo.pulls) == [1] and repo.pulls[1]["status"] == "merged"
     hub.state.fail_commits = set()
 
 
