@@ -264,7 +264,7 @@ def build_parser() -> argparse.ArgumentParser:
     v.set_defaults(func=cmd_verify)
 
     p = sub.add_parser("push", formatter_class=HelpFormatter,
-                       help="upload a reinforced folder to a Hub dataset repo (resumable, one commit per batch of files)")
+                       help="upload a reinforced folder to a Hub dataset repo (resumable; main changes in one step)")
     p.add_argument("folder", help="a reinforced folder (dr-hf reinforce --output)")
     p.add_argument("repo_id", help="org/name, e.g. org/imagenet-plus")
     p.add_argument("--private", action="store_true", help="create the repo private")
