@@ -23,6 +23,8 @@ from dataclasses import dataclass
 from typing import Dict, List, Optional, Union
 
 from .errors import require_at_least, said
+from .joblock import FolderInUse, holder, output_lock
+from .processes import Processes
 from .shards import CARD, DATA_DIR, ERRORS_DIR, PREVIEW
 
 logger = logging.getLogger(__name__)
@@ -90,17 +92,30 @@ def push(
     files_per_commit: int = 50,
     commit_message: str = "Upload reinforced dataset with dr-hf",
 ) -> PushResult:
-    """Upload ``folder`` (written by ``dr-hf reinforce``) to the dataset repo ``repo_id``."""
-    from huggingface_hub import CommitOperationAdd, CommitOperationDelete, HfApi
-
-    from .card import published_card
-    from .shards import check_folder, raise_if, shard_paths, splits
-
+    """Upload ``folder`` (written by ``dr-hf reinforce``) to the dataset repo ``repo_id``, holding the folder's lock
+    (:mod:`dr_hf.joblock`): refused while a reinforce job writes it, and a job is refused while it is pushed."""
     require_at_least(1, files_per_commit=files_per_commit)
     if "/" not in repo_id:
         raise ValueError(f"repo id {repo_id!r}: use the form org/name, e.g. org/imagenet-plus")
     if not os.path.isfile(os.path.join(folder, CARD)) or not os.path.isdir(os.path.join(folder, DATA_DIR)):
         raise FileNotFoundError(f"{folder} is not a reinforced folder (README.md and data/ expected): run `dr-hf reinforce` first")
+    if not os.access(folder, os.W_OK):  # a read-only folder: no job writes it either
+        return _push(folder, repo_id, private, revision, token, files_per_commit, commit_message)
+    try:  # the folder as it is: no job writes it while it is read and uploaded
+        with output_lock(folder, Processes(), command=f"dr-hf push to {repo_id}"):
+            return _push(folder, repo_id, private, revision, token, files_per_commit, commit_message)
+    except FolderInUse:
+        raise FolderInUse(f"`folder` {folder} is in use by another dr-hf job ({holder(folder)}): push it once that "
+                          "ends") from None
+
+
+def _push(folder: str, repo_id: str, private: Optional[bool], revision: Optional[str], token: Optional[str],
+          files_per_commit: int, commit_message: str) -> PushResult:
+    from huggingface_hub import CommitOperationAdd, CommitOperationDelete, HfApi
+
+    from .card import published_card
+    from .shards import check_folder, raise_if, shard_paths, splits
+
     if not shard_paths(folder, "*"):
         raise FileNotFoundError(f"{folder}/data holds no parquet shards")
     if any(n.endswith(".tmp") for n in os.listdir(os.path.join(folder, DATA_DIR))):

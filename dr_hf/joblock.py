@@ -1,9 +1,10 @@
-"""One job per output folder: a lock the reinforce job holds for its whole run.
+"""One job per output folder: a lock the reinforce job holds for its whole run, and ``dr-hf push`` for its upload.
 
 The main process takes ``OUTPUT/.dr-hf.lock`` (``filelock``, as ``datasets`` and ``huggingface_hub`` use) and records
 who holds it in ``OUTPUT/.dr-hf.lock.json``; the other processes of the same ``accelerate``/``torchrun`` job wait at a
 barrier until it has, so the ranks of one job share the lock. A second job is refused at once, naming the folder and
-the holder, or waits for it (``wait=True``). The lock is an OS file lock: a job killed with ``kill -9`` releases it
+the holder, or waits for it (``wait=True``); so is a push while a job writes the folder, and a job while a push
+reads it (the record names the push's repo, never its arguments: they may hold a token). The lock is an OS file lock: a job killed with ``kill -9`` releases it
 with its process, so the rerun that resumes it is not blocked. (Network file systems without ``flock`` support are
 not covered.)
 """
@@ -17,7 +18,7 @@ import os
 import socket
 import sys
 import time
-from typing import Iterator
+from typing import Iterator, Optional
 
 from .processes import Processes
 
@@ -40,8 +41,10 @@ def holder(folder: str) -> str:
 
 
 @contextlib.contextmanager
-def output_lock(folder: str, procs: Processes, wait: bool = False) -> Iterator[None]:
-    """Hold the output folder's lock for the job (main process), with the job's other processes behind a barrier."""
+def output_lock(folder: str, procs: Processes, wait: bool = False, command: Optional[str] = None) -> Iterator[None]:
+    """Hold the output folder's lock for the job (main process), with the job's other processes behind a barrier.
+    ``command``: what the holder's record says it runs (default: the ``dr-hf reinforce`` command line, or
+    ``dr_hf.reinforce()``)."""
     from filelock import FileLock, Timeout
 
     os.makedirs(folder, exist_ok=True)
@@ -56,7 +59,8 @@ def output_lock(folder: str, procs: Processes, wait: bool = False) -> Iterator[N
             logger.info("%s is in use (%s): waiting for it", folder, holder(folder))
             lock.acquire()
         info = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.strftime("%Y-%m-%d %H:%M:%S"),
-                "command": " ".join(["dr-hf", *sys.argv[1:]]) if sys.argv[1:2] == ["reinforce"] else "dr_hf.reinforce()"}
+                "command": command or (" ".join(["dr-hf", *sys.argv[1:]]) if sys.argv[1:2] == ["reinforce"]
+                                       else "dr_hf.reinforce()")}
         with open(os.path.join(folder, LOCK + ".json"), "w") as f:
             json.dump(info, f)
     procs.wait()  # the other ranks start once the main process holds the folder

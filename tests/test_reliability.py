@@ -89,6 +89,14 @@ def test_a_held_folder_is_refused_at_once_waited_for_and_released_by_kill_9(tmp_
         holder.send_signal(signal.SIGKILL)  # a killed job's lock goes with its process
         holder.wait()
     assert main(job(source_dir, out, tiny_teacher_spec)) == 0
+    holder = hold_lock(out, 60)  # a job writing the finished folder (a rerun, say): it is not pushed meanwhile
+    try:
+        assert main(["push", str(out), "org/held", "--quiet"]) == 2
+        err = capsys.readouterr().err
+        assert f"`folder` {out} is in use by another dr-hf job (pid {holder.pid}" in err and "push it once that ends" in err
+    finally:
+        holder.send_signal(signal.SIGKILL)
+        holder.wait()
     short = hold_lock(tmp_path / "other", 3)
     start = time.time()
     assert main(job(source_dir, tmp_path / "other", tiny_teacher_spec, "--wait")) == 0
