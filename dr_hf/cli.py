@@ -19,11 +19,11 @@ def cmd_reinforce(args) -> int:
     from .format import ReinforceConfig, public_source
     from .images import image_column_of
     from .processes import current_processes, finish
-    from .job import default_render, default_teacher_batch_size, reinforce, stream_length
+    from .job import default_render, reinforce, stream_length
     from .reinforcer import check_preparation
     from .shards import check_split_name, shard_paths
     from .source import load_source
-    from .teacher import TeacherEnsemble, expand_specs
+    from .teacher import TeacherEnsemble
 
     check_split_name(args.split)
     check_preparation(args.prepare_workers, args.prepare_threads)
@@ -33,7 +33,7 @@ def cmd_reinforce(args) -> int:
     if not args.quiet:
         logging.basicConfig(format=f"%(asctime)s [{procs}] %(message)s", level=logging.WARNING)
         logging.getLogger("dr_hf").setLevel(logging.INFO)
-    pipeline = make_pipeline(args.augment, crop_scale=args.crop_scale, group_size=args.group_size)
+    make_pipeline(args.augment, crop_scale=args.crop_scale, group_size=args.group_size)  # its options, before loading
     ds = load_source(args.dataset, args.split, args.name, args.revision, None if args.streaming else args.limit,
                      streaming=args.streaming)
     args.image_column = args.image_column or image_column_of(ds)
@@ -46,24 +46,13 @@ def cmd_reinforce(args) -> int:
     teachers = TeacherEnsemble.from_specs(args.teacher, device=procs.device, precision=args.precision,
                                           compile_mode=args.compile)
     render_device, render = default_render(teachers, args.render_device, args.render)
-    config = ReinforceConfig(
-        augment=args.augment,
-        augmentations=pipeline.config(),
-        teachers=expand_specs(args.teacher),
-        precision=args.precision,
-        num_samples=args.num_samples,
-        topk=args.topk,
-        seed=args.seed,
-        num_classes=teachers.num_classes,
-        image_column=args.image_column,
-        label_column=args.label_column or None,
+    config = ReinforceConfig.for_teachers(
+        teachers, args.augment, num_samples=args.num_samples, topk=args.topk, seed=args.seed,
+        crop_scale=args.crop_scale, group_size=args.group_size, teacher_batch_size=args.teacher_batch_size,
+        render=render, image_column=args.image_column, label_column=args.label_column or None,
         source={**public_source(args.dataset, args.revision), "name": args.name, "split": args.split,
                 "limit": args.limit, "num_rows": num_rows},  # a local folder by its name only
-        teacher_batch_size=(default_teacher_batch_size(teachers) if args.teacher_batch_size is None
-                            else args.teacher_batch_size),
-        rows_per_shard=args.rows_per_shard,
-        keep_source=not args.no_images,
-        render=render,
+        rows_per_shard=args.rows_per_shard, keep_source=not args.no_images,
     )
     command = public_command(sys.argv[1:], {args.dataset: config.source["path"],
                                             args.output: os.path.basename(os.path.normpath(args.output))})

@@ -51,7 +51,6 @@ def run_demo(output: str, teacher: str = "efficientnet-lite0", num_samples: int 
     import datasets
     import numpy as np
 
-    from .pipeline import make_pipeline
     from .format import ReinforceConfig
     from .job import reinforce
     from .teacher import TeacherEnsemble
@@ -66,9 +65,8 @@ def run_demo(output: str, teacher: str = "efficientnet-lite0", num_samples: int 
     print(f"[1/4] embedded source dataset: {len(PHOTOS)} photos from scikit-image -> {source}")
     teachers = TeacherEnsemble.from_specs([teacher])
     preset = "imagenet+rrc"
-    config = ReinforceConfig(augment=preset, augmentations=make_pipeline(preset).config(), teachers=teachers.specs,
-                             num_samples=num_samples, topk=topk, seed=0, num_classes=teachers.num_classes,
-                             source={"path": source, "split": "train", "num_rows": len(PHOTOS)})
+    config = ReinforceConfig.for_teachers(teachers, preset, num_samples=num_samples, topk=topk, seed=0,
+                                          source={"path": source, "split": "train", "num_rows": len(PHOTOS)})
     command = (f"dr-hf reinforce {os.path.basename(source)} --output {os.path.basename(output)} --teacher {teacher} "
                f"--augment {preset} --num-samples {num_samples} --topk {topk} --seed 0")  # folder names only, as the CLI shows them
     reinforce(datasets.load_dataset(source, split="train"), config, teachers, output, show_progress=False, command=command)

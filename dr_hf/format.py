@@ -21,12 +21,15 @@ from __future__ import annotations
 import dataclasses
 import json
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Mapping, Optional, Sequence
+from typing import TYPE_CHECKING, Any, Dict, List, Mapping, Optional, Sequence
 
 from datasets import Features, List as ListFeature, Value
 
 from .pipeline import AugmentPipeline
 from .errors import require_at_least
+
+if TYPE_CHECKING:
+    from .teacher import TeacherEnsemble
 
 DR_INDEX = "dr_index"
 DR_FINGERPRINT = "dr_fingerprint"
@@ -121,6 +124,26 @@ class ReinforceConfig:
 
         if self.source.get("path") and "local" not in self.source:
             self.source = {**self.source, **public_source(self.source["path"], self.source.get("revision"))}
+
+    @classmethod
+    def for_teachers(cls, teachers: "TeacherEnsemble", augment: str = "imagenet+rrc", *, num_samples: int = 400,
+                     topk: int = 10, seed: int = 0, crop_scale: Optional[float] = None,
+                     group_size: Optional[int] = None, teacher_batch_size: Optional[int] = None,
+                     render: Optional[str] = None, **fields) -> "ReinforceConfig":
+        """The configuration of a job with ``teachers`` (a :class:`~dr_hf.teacher.TeacherEnsemble`) and the preset
+        ``augment`` (``crop_scale``, ``group_size``: as :func:`~dr_hf.pipeline.make_pipeline` takes them), the
+        paper's N=400 and top-10 by default: the preset's transforms with all their constants, the teachers' specs,
+        class count and precision are recorded, and ``teacher_batch_size`` and ``render`` default to what the
+        teachers' device wants (as ``dr-hf reinforce``: 64 samples and per-sample rendering on a CPU, 256 and batched
+        on a GPU). Other fields (``source``, ``image_column``, ``label_column``, ``rows_per_shard``, ...) as given."""
+        from .job import default_render, default_teacher_batch_size
+        from .pipeline import make_pipeline
+
+        pipeline = make_pipeline(augment, crop_scale=crop_scale, group_size=group_size)
+        return cls(augment=augment, augmentations=pipeline.config(), teachers=teachers.specs, num_samples=num_samples,
+                   topk=topk, seed=seed, num_classes=teachers.num_classes, precision=teachers.precision,
+                   teacher_batch_size=default_teacher_batch_size(teachers) if teacher_batch_size is None
+                   else teacher_batch_size, render=default_render(teachers)[1] if render is None else render, **fields)
 
     def pipeline(self) -> AugmentPipeline:
         return AugmentPipeline.from_config(self.augmentations)

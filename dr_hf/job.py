@@ -263,7 +263,8 @@ def _run_shards(decoded, dataset, config, teachers, output_dir, split, batch_siz
                 out = out.filter(lambda skip: not skip, input_columns=SKIP_COLUMN, keep_in_memory=True)
                 logger.warning("%s: shard %d/%d: %d row(s) skipped (listed in %s)", procs, s + 1, count,
                                len(job.bad_rows), error_report_path(output_dir, paths[s]))
-            out = out.remove_columns(SKIP_COLUMN)
+            if SKIP_COLUMN in out.column_names:
+                out = out.remove_columns(SKIP_COLUMN)
             agreement = None
             if labels:
                 agreement = agreement_counts(out.with_format("arrow")[:], config.label_column, config.topk)

@@ -86,8 +86,9 @@ class Reinforcer:
         self.progress = progress
         self.render_threads = (1 if str(teachers.device).startswith("cuda") else 0) if render_threads is None else render_threads
         self.fields = self.pipeline.param_fields()
+        skip = {SKIP_COLUMN: Value("bool")} if on_bad_row == "skip" else {}  # which rows to drop, only where some may be
         self.schema = Features({**reinforcement_features(self.pipeline, config.num_samples, config.topk,
-                                                         config.num_classes), SKIP_COLUMN: Value("bool")}).arrow_schema
+                                                         config.num_classes), **skip}).arrow_schema
         self.render_device = usable_device(render_device, "render_device")
         self.side = SideStream(self.render_device, enabled=render_stream)
         self.read_back_late = str(teachers.device).startswith("cuda") if read_back_late is None else read_back_late
@@ -277,8 +278,8 @@ class Reinforcer:
     def __call__(self, batch: Dict[str, List[Any]], indices: Optional[List[int]] = None) -> pa.Table:
         """The batch's reinforcement columns, as an Arrow table with one row per input row (``Dataset.map`` then
         gives a dataset of them alone; :func:`~dr_hf.job.reinforce` joins it to the source with
-        ``concatenate_datasets(..., axis=1)``). Skipped rows get placeholders and ``_dr_skip`` = True (the driver drops
-        them). The top-K is taken where the teachers run, and the columns are built for the whole batch at once (Arrow
+        ``concatenate_datasets(..., axis=1)``). With ``on_bad_row="skip"``, a column ``_dr_skip`` says which rows were
+        skipped (placeholders; the driver drops them). The top-K is taken where the teachers run, and the columns are built for the whole batch at once (Arrow
         arrays from stacked NumPy arrays): between map batches a GPU waits for this work, and for ``datasets`` to
         write what the map returns."""
         if indices is None or isinstance(indices, int):  # map(..) without with_indices=True, or without batched=True
@@ -307,8 +308,9 @@ class Reinforcer:
                                                   names=list(fields)),
             DR_TOPK_INDICES: numpy_to_pyarrow_listarray(top_indices),
             DR_TOPK_LOGPROBS: numpy_to_pyarrow_listarray(top_logprobs),
-            SKIP_COLUMN: pa.array(skipped, pa.bool_()),
         }
+        if self.on_bad_row == "skip":
+            columns[SKIP_COLUMN] = pa.array(skipped, pa.bool_())
         if self.progress and len(kept) < rows:  # skipped rows count as done at the end of their map batch
             self.progress(rows - len(kept))
         return pa.table(columns).cast(self.schema)  # the typed Features, e.g. List(..., length=K) per sample

@@ -12,7 +12,7 @@ import pytest
 import torch
 from transformers import TrainingArguments
 
-from dr_hf import ReinforceConfig, ReinforcedTrainer, ReinforcedTrainingArguments, make_pipeline
+from dr_hf import ReinforceConfig, ReinforcedTrainer, ReinforcedTrainingArguments
 from dr_hf.augment import CenterCrop
 from dr_hf.collator import EvalCollator, ReinforcedCollator
 from dr_hf.inputs import InputSpec, resolve_input_spec
@@ -28,8 +28,7 @@ def plus(tmp_path_factory, teachers):
     out = {}
     for preset in ("imagenet+rrc", "imagenet+mix"):
         folder = tmp_path_factory.mktemp(preset.replace("+", "_"))
-        config = ReinforceConfig(augment=preset, augmentations=make_pipeline(preset).config(), teachers=teachers.specs,
-                                 num_samples=2, topk=3, seed=0, num_classes=10)
+        config = ReinforceConfig.for_teachers(teachers, preset, num_samples=2, topk=3, seed=0)
         reinforce(ds, config, teachers, str(folder), show_progress=False)
         out[preset] = str(folder)
     return ds, out

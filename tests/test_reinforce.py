@@ -24,10 +24,9 @@ from dr_hf.stats import reinforcement_bytes
 DR = [DR_INDEX, DR_FINGERPRINT, DR_PARAMS, DR_TOPK_INDICES, DR_TOPK_LOGPROBS]
 
 
-def make_config(teachers, augment="rrc+flip", n=4, k=3, seed=0, rows_per_shard=2048, **kw):
-    pipe = make_pipeline(augment)
-    return ReinforceConfig(augment=augment, augmentations=pipe.config(), teachers=teachers.specs, num_samples=n, topk=k,
-                           seed=seed, num_classes=teachers.num_classes, rows_per_shard=rows_per_shard, **kw)
+def make_config(teachers, augment="rrc+flip", n=4, k=3, seed=0, rows_per_shard=2048, teacher_batch_size=256, **kw):
+    return ReinforceConfig.for_teachers(teachers, augment, num_samples=n, topk=k, seed=seed, rows_per_shard=rows_per_shard,
+                                        teacher_batch_size=teacher_batch_size, **kw)
 
 
 def run(ds, out, teachers, batch_size=8, **kw):
@@ -38,6 +37,19 @@ def run(ds, out, teachers, batch_size=8, **kw):
 def dr_table(out):
     return pq.read_table(shard_paths(str(out))[0] if len(shard_paths(str(out))) == 1 else os.path.join(out, "data"),
                          columns=DR)
+
+
+def test_a_config_for_teachers_records_them_the_preset_and_the_devices_defaults(teachers):
+    config = ReinforceConfig.for_teachers(teachers, "imagenet+mix", crop_scale=0.35, group_size=4, seed=3,
+                                          label_column=None)
+    assert config.teachers == teachers.specs and config.num_classes == teachers.num_classes
+    assert config.precision == teachers.precision and (config.num_samples, config.topk, config.seed) == (400, 10, 3)
+    assert (config.teacher_batch_size, config.render) == (64, "per-sample")  # a CPU's, as dr-hf reinforce gives
+    assert config.label_column is None and ReinforceConfig.from_dict(config.to_dict()).identity() == config.identity()
+    pipeline = config.pipeline()
+    assert pipeline.get("random_resized_crop").scale == (0.35, 1.0) and pipeline.group_size == 4
+    with pytest.raises(ValueError, match="`teacher_batch_size` must be >= 1, got 0"):
+        ReinforceConfig.for_teachers(teachers, teacher_batch_size=0)
 
 
 def test_output_schema_keeps_columns_and_loads_map_style_and_streaming(tmp_path, image_dataset, teachers):
@@ -221,8 +233,10 @@ def test_the_map_function_gives_the_typed_reinforcement_columns(tmp_path, image_
     ds = image_dataset.cast_column("image", datasets.Image(decode=False))
     out = ds.map(Reinforcer(config, teachers, num_rows=len(ds)), batched=True, batch_size=len(ds), with_indices=True)
     expected = reinforcement_features(config.pipeline(), config.num_samples, config.topk, config.num_classes)
-    assert out.column_names == [*expected, "_dr_skip"] and not any(out["_dr_skip"])
-    assert out.features == datasets.Features({**expected, "_dr_skip": datasets.Value("bool")})
+    assert out.column_names == list(expected) and out.features == expected
+    skipping = ds.map(Reinforcer(config, teachers, num_rows=len(ds), on_bad_row="skip"), batched=True,
+                      batch_size=len(ds), with_indices=True)  # which rows were skipped, only where rows may be
+    assert skipping.column_names == [*expected, "_dr_skip"] and not any(skipping["_dr_skip"])
     reinforce(image_dataset, config, teachers, str(tmp_path), show_progress=False)
     assert out.select_columns(list(expected)).data.table.equals(dr_table(tmp_path).select(list(expected)))
     for forgotten in ({"batched": True}, {"with_indices": True}):  # (TypeErrors about a missing argument, an int)

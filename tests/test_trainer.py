@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from dr_hf import ReinforceConfig, ReinforcedCollator, ReinforcedTrainer, ReinforcedTrainingArguments, TeacherEnsemble, make_pipeline
+from dr_hf import ReinforceConfig, ReinforcedCollator, ReinforcedTrainer, ReinforcedTrainingArguments, TeacherEnsemble
 from dr_hf.images import decode
 from dr_hf.loss import dense_teacher_log_probs, distillation_loss, one_hot_target
 from dr_hf import reinforce
@@ -39,9 +39,7 @@ def reinforced(tmp_path_factory, sharp_teacher_dir):
     out = {}
     for preset in ("rrc+flip", "imagenet+rare+mix"):
         folder = tmp_path_factory.mktemp(preset.replace("+", "_"))
-        pipe = make_pipeline(preset)
-        config = ReinforceConfig(augment=preset, augmentations=pipe.config(), teachers=ens.specs, num_samples=4, topk=5,
-                                 seed=0, num_classes=10)
+        config = ReinforceConfig.for_teachers(ens, preset, num_samples=4, topk=5, seed=0)
         reinforce(ds, config, ens, str(folder), show_progress=False)
         out[preset] = folder
     return ds, ens, out
@@ -137,8 +135,7 @@ def test_collator_tensor_equals_teacher_input_at_reinforce_time(reinforced, pres
     group = data[0:8]  # one mixing group, as the trainer feeds it
     torch.manual_seed(5)
     batch = collator([group])
-    config = ReinforceConfig(augment=preset, augmentations=make_pipeline(preset).config(), teachers=ens.specs,
-                             num_samples=4, topk=5, seed=0, num_classes=10)
+    config = ReinforceConfig.for_teachers(ens, preset, num_samples=4, topk=5, seed=0)
     job = Reinforcer(config, ens, num_rows=len(ds))
     images = [decode(ds[i]["image"]) for i in range(8)]
     params = group["dr_params"]  # per row, the stored layout
@@ -450,8 +447,7 @@ def test_uint8_pixels_normalise_to_the_float_batch(tmp_path, reinforced, preset)
     ds, ens, folders = reinforced
     if preset not in folders:
         folder = tmp_path / "rare"
-        config = ReinforceConfig(augment=preset, augmentations=make_pipeline(preset).config(), teachers=ens.specs,
-                                 num_samples=3, topk=5, seed=0, num_classes=10)
+        config = ReinforceConfig.for_teachers(ens, preset, num_samples=3, topk=5, seed=0)
         reinforce(ds.select(range(16)), config, ens, str(folder), show_progress=False)
         folders = {**folders, preset: folder}
     train = datasets.load_dataset(str(folders[preset]), split="train")
