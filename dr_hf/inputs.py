@@ -92,12 +92,11 @@ def _evaluation_view(processor: Any) -> Tuple[float, str]:
     ``crop_pct``, or not cropped."""
     name = type(processor).__name__
     size = getattr(processor, "size", None)
-    squash = bool(_pair(size)) and not (size.get("shortest_edge") if isinstance(size, dict)
-                                        else getattr(size, "shortest_edge", None))
     resized = _pair(size)
+    shortest = size.get("shortest_edge") if isinstance(size, dict) else getattr(size, "shortest_edge", None)
     if name.startswith("ConvNext") and resized and resized[0] >= 384:
         return 1.0, "squash"  # ConvNeXt's processor warps to `size` from 384 px on, whatever its crop_pct
-    mode = "squash" if squash else "center"
+    mode = "squash" if resized and not shortest else "center"
     if getattr(processor, "crop_pct", None):
         return float(processor.crop_pct), mode
     if name.startswith("Levit") and resized:
