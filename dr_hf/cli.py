@@ -259,7 +259,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--private", action="store_true", help="create the repo private")
     p.add_argument("--revision", default=None, help="branch to push to (created if missing; default main)")
     p.add_argument("--token", default=None, help="Hub token (default: HF_TOKEN or `hf auth login`); never printed")
-    p.add_argument("--files-per-commit", type=int, default=50, help="files per Hub commit (shards first, card last; several commits to main go to a pull request, merged at once)")
+    p.add_argument("--files-per-commit", type=int, default=50,
+                   help="files per Hub commit (shards first, card last; several commits to main go to a pull request, "
+                        "merged at once)")
     p.add_argument("--quiet", action="store_true", help="no log lines")
     p.set_defaults(func=cmd_push)
 

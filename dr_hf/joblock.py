@@ -4,9 +4,9 @@ The main process takes ``OUTPUT/.dr-hf.lock`` (``filelock``, as ``datasets`` and
 who holds it in ``OUTPUT/.dr-hf.lock.json``; the other processes of the same ``accelerate``/``torchrun`` job wait at a
 barrier until it has, so the ranks of one job share the lock. A second job is refused at once, naming the folder and
 the holder, or waits for it (``wait=True``); so is a push while a job writes the folder, and a job while a push
-reads it (the record names the push's repo, never its arguments: they may hold a token). The lock is an OS file lock: a job killed with ``kill -9`` releases it
-with its process, so the rerun that resumes it is not blocked. (Network file systems without ``flock`` support are
-not covered.)
+reads it (the record names the push's repo, never its arguments: they may hold a token). The lock is an OS file
+lock: a job killed with ``kill -9`` releases it with its process, so the rerun that resumes it is not blocked.
+(Network file systems without ``flock`` support are not covered.)
 """
 
 from __future__ import annotations
