@@ -16,6 +16,7 @@ card last. The token is passed through, never printed or written.
 from __future__ import annotations
 
 import fnmatch
+import functools
 import hashlib
 import logging
 import os
@@ -55,12 +56,19 @@ def local_files(folder: str) -> List[str]:
     return sorted(out)
 
 
-def _digest(local: Union[str, bytes], h) -> str:
-    """``h`` (a hashlib object) fed ``local``: bytes, or a file's bytes read in chunks."""
+def _digest(local: Union[str, bytes], algorithm: str, prefix: bytes = b"") -> str:
+    """The ``algorithm`` (``sha256``, ``sha1``) hex digest of ``prefix`` + ``local``: bytes, or a file's bytes. A
+    file's is computed once per content (path, size, modification time), however many plans of a push ask."""
     if isinstance(local, bytes):
-        h.update(local)
-        return h.hexdigest()
-    with open(local, "rb") as f:
+        return hashlib.new(algorithm, prefix + local).hexdigest()
+    stat = os.stat(local)
+    return _file_digest(os.path.abspath(local), stat.st_size, stat.st_mtime_ns, algorithm, prefix)
+
+
+@functools.lru_cache(maxsize=4096)
+def _file_digest(path: str, size: int, mtime_ns: int, algorithm: str, prefix: bytes) -> str:
+    h = hashlib.new(algorithm, prefix)
+    with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
     return h.hexdigest()
@@ -70,9 +78,9 @@ def same_content(local: Union[str, bytes], remote) -> bool:
     """Whether a local file (its path, or the bytes published in its place) equals a repo file: LFS files by
     sha256, regular ones by git blob sha1."""
     if remote.lfs is not None:
-        return remote.lfs.sha256 == _digest(local, hashlib.sha256())
+        return remote.lfs.sha256 == _digest(local, "sha256")
     size = len(local) if isinstance(local, bytes) else os.path.getsize(local)
-    return remote.blob_id == _digest(local, hashlib.sha1(b"blob %d\0" % size))
+    return remote.blob_id == _digest(local, "sha1", b"blob %d\0" % size)
 
 
 def remote_files(api, repo_id: str, revision: str) -> Dict[str, object]:
