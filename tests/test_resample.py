@@ -292,7 +292,7 @@ def test_a_teacher_batch_renders_without_waiting_for_the_device():
     the batched crop renders (RandAugment's ops by key, erasing and mixing masks, mixing weights, picks of views),
     normalised and uint8. RandAugment's ops run in TorchScript, where this mode also sees tensors made on the device
     from Python lists (from Python they copy below it): torchvision's geometric ops and sharpness make their
-    constants so, a blocking copy each, hence ``augment.randaugment_constants``, one copy a slot that does not wait
+    constants so, a blocking copy each, hence ``randaugment_ops.randaugment_constants``, one copy a slot that does not wait
     (torchvision's normalize did so too, hence ``pipeline.normalize``)."""
     spec = InputSpec(size=(8, 8), interpolation="bicubic")
     rendered = 0
