@@ -96,7 +96,7 @@ class AugmentPipeline:
     def sample(self, seed: int, index: int, n: int, ctx: Context) -> Dict[str, np.ndarray]:
         """Parameters of samples 0..n-1 of row ``index``, in the stored layout (each field an (n, ...) array of its
         dtype; :func:`params_at` picks one sample). Sample j is a pure function of (seed, index, j) and the image size
-        (:class:`Draws`); mixing also looks at whether the drawn partner exists, so only rows of a split's last,
+        (:class:`~dr_hf.augment.Draws`); mixing also looks at whether the drawn partner exists, so only rows of a split's last,
         partial group differ, and draws the partner's sample index below ``ctx.num_samples``."""
         draws = Draws(seed, index, n)
         params: Dict[str, np.ndarray] = {}
