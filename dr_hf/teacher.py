@@ -237,7 +237,12 @@ def load_teacher(spec: str) -> Teacher:
 
 
 def default_device() -> torch.device:
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    """A GPU where there is one: under ``accelerate launch`` or ``torchrun`` each process its own (``LOCAL_RANK``), as
+    ``dr-hf reinforce`` gives them, not all of them the first; else the CPU."""
+    if not torch.cuda.is_available():
+        return torch.device("cpu")
+    local_rank = os.environ.get("LOCAL_RANK")
+    return torch.device("cuda" if local_rank is None else f"cuda:{int(local_rank) % torch.cuda.device_count()}")
 
 
 def usable_device(device, parameter: str = "device") -> torch.device:

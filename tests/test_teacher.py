@@ -42,6 +42,21 @@ def test_hf_teacher_from_local_dir(tiny_hf_dir):
     assert t.logits(torch.zeros(1, 3, 32, 32)).shape == (1, 10)
 
 
+def test_each_launched_process_takes_its_own_gpu_by_default(monkeypatch):
+    """Teachers made in Python under accelerate/torchrun (LOCAL_RANK set) go to that process's GPU, as the CLI's do,
+    not every process to the first one. (The CUDA queries are the only thing replaced: this machine has no GPU.)"""
+    from dr_hf.teacher import default_device
+
+    monkeypatch.delenv("LOCAL_RANK", raising=False)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert default_device() == torch.device("cpu")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
+    assert default_device() == torch.device("cuda")  # one process: the current GPU, as before
+    monkeypatch.setenv("LOCAL_RANK", "5")  # (more processes on the node than GPUs: they share round-robin)
+    assert default_device() == torch.device("cuda:1")
+
+
 def test_ensemble_averages_probabilities(tiny_teacher_spec, tiny_hf_dir):
     ens = TeacherEnsemble.from_specs([tiny_teacher_spec, f"hf:{tiny_hf_dir}"])
     outs = ens.outputs()
