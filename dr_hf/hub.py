@@ -149,8 +149,12 @@ def _push(folder: str, repo_id: str, private: Optional[bool], revision: Optional
     title = f"{commit_message} (dr-hf {hashlib.sha256(card).hexdigest()[:12]})"  # names this folder's job
     pull = None
     if branch == "main" and len(plan.batches) > 1:  # several commits: in a pull request, merged in one step
-        pull = next((d.num for d in api.get_repo_discussions(repo_id, repo_type="dataset", discussion_type="pull_request",
-                                                            discussion_status="open") if d.title == title), None)
+        pulls = {d.num: d.title for d in api.get_repo_discussions(repo_id, repo_type="dataset",
+                                                                discussion_type="pull_request", discussion_status="open")}
+        pull = next((num for num, t in pulls.items() if t == title), None)
+        for num in sorted(n for n, t in pulls.items() if n != pull and t.startswith(f"{commit_message} (dr-hf ")):
+            logger.warning("pull request #%d of %s holds another dr-hf push, interrupted (another job's): close it "
+                           "if that push is abandoned", num, repo_id)
         if pull is not None:  # an interrupted push of this job: go on where it stopped
             logger.info("resuming pull request #%d of %s", pull, repo_id)
             plan = _plan(published, remote_files(api, repo_id, f"refs/pr/{pull}"), files_per_commit)

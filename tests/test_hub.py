@@ -210,7 +210,7 @@ def test_interrupted_push_resumes(tmp_path, hub, plus, monkeypatch, capsys):
 
 
 def test_a_push_over_an_earlier_one_leaves_only_this_folders_shards(tmp_path, hub, teachers, source_dir, plus,
-                                                                     monkeypatch, capsys):
+                                                                     monkeypatch, capsys, caplog):
     """The same repo pushed again from a folder with other shard names (another --rows-per-shard): the push's commits
     go to a pull request merged in one step, so main holds the earlier push, whole, until it holds this one, whole,
     with the earlier push's shards gone; a push that fits one commit is one commit."""
@@ -248,6 +248,14 @@ def test_a_push_over_an_earlier_one_leaves_only_this_folders_shards(tmp_path, hu
     assert code == 2 and "merging pull request #2, which holds this push, failed" in err and "conflicts" in err, err
     assert "if main changed meanwhile, close #2 on the Hub and push again" in err
     assert repo.commits[repo.branches["main"]] == edited
+    # an interrupted push's pull request left open: another job's push opens its own, and is told of the first
+    hub.state.fail_commits = {hub.state.commit_attempts + 4}  # (the merge)
+    assert cli_here(hub, monkeypatch, capsys, "push", plus, "org/stale", "--files-per-commit", "1", "--quiet")[0] == 2
+    hub.state.fail_commits = set()
+    with caplog.at_level("WARNING", logger="dr_hf.hub"):
+        code, out, err = cli_here(hub, monkeypatch, capsys, "push", other, "org/stale", "--files-per-commit", "1")
+    assert code == 0 and "merged from pull request #2" in out, err
+    assert "pull request #1 of org/stale holds another dr-hf push, interrupted (another job's)" in caplog.text
 
 
 def test_a_hub_source_in_the_local_cache_reinforces_offline(tmp_path, hub, source_dir, tiny_teacher_spec):
