@@ -277,8 +277,11 @@ def _run_shards(decoded, dataset, config, teachers, output_dir, split, batch_siz
             written = writer.submit(write_parquet, out, paths[s], config, agreement)
             dt = time.time() - t_shard
             done_rows += len(out)
-            logger.info("%s: shard %d/%d, %d images in %.1fs: %.2f images/s, %.1f samples/s", procs, s + 1, count,
-                        len(out), dt, len(out) / dt, len(out) * config.num_samples / dt)
+            left = sum(len(shard_rows(t, per_shard, n)) for t in todo[todo.index(s) + 1:])
+            eta = f"; {left} images left here, about {duration(left * (time.time() - t0) / done_rows)}" if left and \
+                done_rows else ""
+            logger.info("%s: shard %d/%d, %d images in %.1fs: %.2f images/s, %.1f samples/s%s", procs, s + 1, count,
+                        len(out), dt, len(out) / dt, len(out) * config.num_samples / dt, eta)
         if written is not None:
             written.result()
     finally:
@@ -335,6 +338,14 @@ def write_error_report(output_dir: str, shard_path: str, bad_rows: Sequence[Dict
         f.flush()
         os.fsync(f.fileno())
     os.replace(path + ".tmp", path)
+
+
+def duration(seconds: float) -> str:
+    """``seconds`` in words a log line can carry: ``45 s``, ``12 min``, ``3 h 05 min``."""
+    if seconds < 90:
+        return f"{seconds:.0f} s"
+    minutes = int(round(seconds / 60))
+    return f"{minutes} min" if minutes < 90 else f"{minutes // 60} h {minutes % 60:02d} min"
 
 
 def pending_shards(decoded, todo: Sequence[int], per_shard: int, n: int, streaming: bool, retries: int = 3):

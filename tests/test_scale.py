@@ -62,6 +62,7 @@ def test_two_accelerate_processes_write_what_one_process_writes(tmp_path, source
     first = [line for line in two.stderr.splitlines() if "shard 1/6" in line]
     last = [line for line in two.stderr.splitlines() if "shard 6/6" in line]
     assert "[process 0/2]" in first[0] and "[process 1/2]" in last[0]
+    assert "; 16 images left here, about " in first[0] and "left here" not in last[0]  # each process's own estimate
     assert "all 2 process(es)" in two.stderr
     assert "in 6 shard(s) (3 written by this process of 2, 0 already complete)" in two.stdout  # the main one's own
     assert [os.path.basename(p) for p in shard_paths(str(tmp_path / "one"))] == \
