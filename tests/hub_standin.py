@@ -340,12 +340,11 @@ class Handler(BaseHTTPRequestHandler):
             elif key == "file":
                 data = base64.b64decode(value["content"]) if value.get("encoding") == "base64" else value["content"].encode()
                 tree[value["path"]] = Entry(size=len(data), oid=git_blob_sha(data), data=data)
-            elif key == "lfsFile":  # an upload, or a copy of a file the repo holds (no size then)
+            elif key == "lfsFile":
                 if not self.state.has_lfs(t, id, value["oid"]):
                     return self._error(422, "LfsObjectMissing", f"LFS object {value['oid']} of {value['path']} was never uploaded")
-                size = int(value.get("size") or os.path.getsize(self.state.lfs_path(t, id, value["oid"])))
-                pointer = f"version https://git-lfs.github.com/spec/v1\noid sha256:{value['oid']}\nsize {size}\n"
-                tree[value["path"]] = Entry(size=size, oid=git_blob_sha(pointer.encode()), lfs_sha256=value["oid"])
+                pointer = f"version https://git-lfs.github.com/spec/v1\noid sha256:{value['oid']}\nsize {value['size']}\n"
+                tree[value["path"]] = Entry(size=int(value["size"]), oid=git_blob_sha(pointer.encode()), lfs_sha256=value["oid"])
             elif key == "deletedFile":
                 tree.pop(value["path"], None)
             elif key == "deletedFolder":
