@@ -255,6 +255,12 @@ def test_evaluation_with_compute_metrics_on_a_plain_dataset(tmp_path, reinforced
                                    train_dataset=renamed.remove_columns("label"))
     for eval_set in (val, fine):
         assert unlabelled.predict(eval_set).label_ids.tolist() == val["label"]
+    # several evaluation sets at once (the paper's ImageNet val, V2 and R), each under its name, as Trainer does
+    both = ReinforcedTrainer(model=trainer.model, args=args(tmp_path, max_steps=2), compute_metrics=accuracy,
+                             train_dataset=renamed, eval_dataset={"val": val, "fine": fine}).evaluate()
+    for name in ("val", "fine"):
+        assert (both[f"eval_{name}_loss"], both[f"eval_{name}_accuracy"]) == pytest.approx(
+            (metrics["eval_loss"], metrics["eval_accuracy"]))
     assert unlabelled.evaluate(fine)["eval_loss"] == pytest.approx(metrics["eval_loss"])
     with pytest.raises(ValueError, match="the evaluation set's 'label' has 11 classes, the student predicts 10"):
         unlabelled.evaluate(fine.cast_column("fine", datasets.ClassLabel(names=names + ["k10"])))
