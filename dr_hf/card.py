@@ -12,7 +12,7 @@ from typing import Any, Dict, Optional
 from huggingface_hub import DatasetCard, DatasetCardData
 
 from .format import ReinforceConfig, index_dtype
-from .shards import check_shards, data_files_pattern, raise_if
+from .shards import CARD, check_shards, data_files_pattern, raise_if, written_whole
 
 
 def md_code(text: Any) -> str:
@@ -136,5 +136,6 @@ def write_card(output_dir: str, config: ReinforceConfig, stats: Dict[str, Any], 
         preview=preview,
         keep_source=config.keep_source,
     )
-    card.save(os.path.join(output_dir, "README.md"))
+    with written_whole(os.path.join(output_dir, CARD)) as tmp:
+        card.save(tmp)
     return card

@@ -35,7 +35,7 @@ from .processes import Processes, current_processes
 from .reinforcer import (SKIP_COLUMN, Reinforcer, check_on_bad_row, check_preparation, preparation_pool,
                          teacher_block_rows)
 from .shards import (card_config, check_split_name, describe_differences, error_report_path, num_shards,
-                     parse_shard_name, rows_per_shard, shard_name, shard_rows)
+                     parse_shard_name, rows_per_shard, shard_name, shard_rows, written_whole)
 from .teacher import TeacherEnsemble, usable_device
 
 __all__ = ["Reinforcer", "reinforce", "ReinforceResult", "StreamError"]
@@ -66,24 +66,21 @@ def write_parquet(dataset, path: str, config: ReinforceConfig, agreement: Option
     table = table.cast(schema)
     has_images = any(type(f).__name__ in ("Image", "Video") for f in dataset.features.values())
     row_group = ds_config.PARQUET_ROW_GROUP_SIZE_FOR_IMAGE_DATASETS if has_images else 10_000
-    tmp = path + ".tmp"
     # The reinforcement columns are small and written once: compress them hard (zstd 19, byte-stream-split
     # floats and boxes, no dictionaries); other columns (often JPEG bytes) get a fast zstd level.
     leaves = list(_leaf_paths(table.schema))
     dr_leaves = [p for p in leaves if p.startswith("dr_")]
-    pq.write_table(
-        table,
-        tmp,
-        row_group_size=row_group,
-        compression="zstd",
-        compression_level={p: 19 if p.startswith("dr_") else 3 for p in leaves},
-        use_byte_stream_split=[p for p in dr_leaves if p.startswith((DR_TOPK_LOGPROBS, f"{DR_PARAMS}.crop", f"{DR_PARAMS}.erase", f"{DR_PARAMS}.mix_box"))],
-        use_dictionary=[p for p in leaves if not p.startswith("dr_")],
-        write_page_checksum=True,  # a flipped bit is then an error naming the file, never a silently wrong value
-    )
-    with open(tmp, "rb") as f:
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    with written_whole(path) as tmp:
+        pq.write_table(
+            table,
+            tmp,
+            row_group_size=row_group,
+            compression="zstd",
+            compression_level={p: 19 if p.startswith("dr_") else 3 for p in leaves},
+            use_byte_stream_split=[p for p in dr_leaves if p.startswith((DR_TOPK_LOGPROBS, f"{DR_PARAMS}.crop", f"{DR_PARAMS}.erase", f"{DR_PARAMS}.mix_box"))],
+            use_dictionary=[p for p in leaves if not p.startswith("dr_")],
+            write_page_checksum=True,  # a flipped bit is then an error naming the file, never a silently wrong value
+        )
 
 
 def _leaf_paths(schema):
@@ -332,12 +329,9 @@ def write_error_report(output_dir: str, shard_path: str, bad_rows: Sequence[Dict
             os.remove(path)
         return
     os.makedirs(os.path.dirname(path), exist_ok=True)
-    with open(path + ".tmp", "w") as f:
+    with written_whole(path) as tmp, open(tmp, "w") as f:
         for row in bad_rows:
             f.write(json.dumps(row) + "\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(path + ".tmp", path)
 
 
 def duration(seconds: float) -> str:

@@ -13,7 +13,7 @@ from .errors import require_at_least
 from .format import DR_INDEX, DR_PARAMS, DR_TOPK_INDICES, DR_TOPK_LOGPROBS
 from .images import decode
 from .inputs import InputSpec
-from .shards import PREVIEW
+from .shards import PREVIEW, written_whole
 
 TILE = 176
 CAPTION_LINES = 4
@@ -74,6 +74,10 @@ def render_preview(folder: str, out: Optional[str] = None, rows: int = 4, sample
 
     require_at_least(1, rows=rows, samples=samples)
     require_at_least(0, seed=seed)
+    out = out or os.path.join(folder, PREVIEW)
+    image_format = PIL.Image.registered_extensions().get(os.path.splitext(out)[1].lower())
+    if image_format is None:
+        raise ValueError(f"`out` {out!r}: name an image file (.png, .jpg, ...)")
     if not os.path.isdir(folder):
         raise ValueError(f"preview renders a local folder; {folder!r} is not one (a Hub dataset's card embeds its "
                          "preview; or download it first: huggingface_hub.snapshot_download(..., repo_type='dataset'))")
@@ -131,7 +135,7 @@ def render_preview(folder: str, out: Optional[str] = None, rows: int = 4, sample
                 kind = "cutmix" if p["mix_box"][2] and p["mix_box"][3] else "mixup"
                 head += f" {kind} {pipeline.mix.weight(p, TILE, TILE):.0%}"
             _caption(draw, font, x0, y0 + TILE, [head] + [f"{probs[k]:.0%} {names[int(top[k])]}" for k in range(min(3, len(top)))])
-    out = out or os.path.join(folder, PREVIEW)
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-    grid.save(out)
+    with written_whole(out) as tmp:
+        grid.save(tmp, format=image_format)
     return out

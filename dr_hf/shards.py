@@ -14,12 +14,13 @@ names each shard that disagrees (another configuration, rows outside its range, 
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import json
 import math
 import os
 import re
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 
 from .format import DR_INDEX, NewerFormatError, ReinforceConfig, config_from_parquet
 
@@ -28,6 +29,22 @@ ERRORS_DIR = "errors"
 CARD = "README.md"
 PREVIEW = "preview.png"
 _NAME = re.compile(r"^(?P<split>.+)-(?P<shard>\d{5})-of-(?P<count>\d{5})\.parquet$")
+
+
+@contextlib.contextmanager
+def written_whole(path: str) -> Iterator[str]:
+    """A temporary path beside ``path`` to write the file to; once written, it is flushed to disk and renamed onto
+    ``path``, so that a reader (``load_dataset``, a push, a resuming job) finds the old file or the new one, never a
+    part of one. A failure leaves ``path`` as it was and no temporary file."""
+    tmp = path + ".tmp"
+    try:
+        yield tmp
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
 
 
 def check_split_name(split: str) -> None:

@@ -90,7 +90,7 @@ def test_full_disk_while_writing_a_shard_leaves_no_visible_half_shard(tmp_path, 
         reinforce(ds, config, teachers, str(tmp_path / "out"), show_progress=False)
     visible = [os.path.basename(p) for p in shard_paths(str(tmp_path / "out"))]
     assert visible == ["train-00000-of-00003.parquet"]  # the half-written second shard is not visible as a shard
-    assert (tmp_path / "out" / "data" / "train-00001-of-00003.parquet.tmp").exists()
+    assert not (tmp_path / "out" / "data" / "train-00001-of-00003.parquet.tmp").exists()  # nor kept: space back
     assert not (tmp_path / "out" / "README.md").exists()
     # shards are written by a thread while the next one is computed; its error still stops the job
     assert calls["n"] == 2 and {t.split("_")[0] for t in calls["threads"]} == {"dr-write"}
