@@ -391,10 +391,8 @@ class TeacherEnsemble:
         try:
             return teacher.logits(x, forward)
         except TorchDynamoException as exc:  # compiling failed: say which option did it, and what to do
-            lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
-            cause = " ".join(lines[:2]) or type(exc).__name__  # e.g. "backend='inductor' raised: <the error>"
             raise RuntimeError(f"torch.compile (`compile_mode` {self.compile_mode!r}) failed on teacher {teacher.spec!r} "
-                               f"({cause}); run without `compile_mode`") from exc
+                               f"({said(exc)}); run without `compile_mode`") from exc
 
     @torch.inference_mode()
     def log_probs(self, inputs: Dict[int, torch.Tensor], on_device: bool = False) -> torch.Tensor:
