@@ -275,8 +275,9 @@ def _run_shards(decoded, dataset, config, teachers, output_dir, split, batch_siz
             dt = time.time() - t_shard
             done_rows += len(out)
             left = sum(len(shard_rows(t, per_shard, n)) for t in todo[todo.index(s) + 1:])
-            eta = f"; {left} images left here, about {duration(left * (time.time() - t0) / done_rows)}" if left and \
-                done_rows else ""
+            eta = ""
+            if left and done_rows:  # at this process's pace so far
+                eta = f"; {left} images left here, about {duration(left * (time.time() - t0) / done_rows)}"
             logger.info("%s: shard %d/%d, %d images in %.1fs: %.2f images/s, %.1f samples/s%s", procs, s + 1, count,
                         len(out), dt, len(out) / dt, len(out) * config.num_samples / dt, eta)
         if written is not None:

@@ -280,8 +280,8 @@ class Reinforcer:
         gives a dataset of them alone; :func:`~dr_hf.job.reinforce` joins it to the source with
         ``concatenate_datasets(..., axis=1)``). With ``on_bad_row="skip"``, a column ``_dr_skip`` says which rows were
         skipped (placeholders; the driver drops them). The top-K is taken where the teachers run, and the columns are
-        built for the whole batch at once (Arrow arrays from stacked NumPy arrays): between map batches a GPU waits for this work, and for ``datasets`` to
-        write what the map returns."""
+        built for the whole batch at once (Arrow arrays from stacked NumPy arrays): between map batches a GPU waits
+        for this work, and for ``datasets`` to write what the map returns."""
         if indices is None or isinstance(indices, int):  # map(..) without with_indices=True, or without batched=True
             raise TypeError("Reinforcer is a batched map function that needs each row's index (its seeds derive from "
                             "it): Dataset.map(reinforcer, batched=True, with_indices=True)")
