@@ -31,7 +31,7 @@ def cmd_reinforce(args) -> int:
         raise ValueError("--num-rows gives a --streaming source's length; a source read whole has its own")
     procs = current_processes(args.device)
     if not args.quiet:
-        logging.basicConfig(format=f"%(asctime)s [{procs}] %(message)s", level=logging.WARNING)
+        logging.basicConfig(format="%(asctime)s %(message)s", level=logging.WARNING)  # the job's lines name the process
         logging.getLogger("dr_hf").setLevel(logging.INFO)
     make_pipeline(args.augment, crop_scale=args.crop_scale, group_size=args.group_size)  # its options, before loading
     ds = load_source(args.dataset, args.split, args.name, args.revision, None if args.streaming else args.limit,

@@ -258,7 +258,7 @@ def _run_shards(decoded, dataset, config, teachers, output_dir, split, batch_siz
             out = datasets.concatenate_datasets([kept, columns], axis=1) if kept.column_names else columns
             if job.bad_rows:
                 out = out.filter(lambda skip: not skip, input_columns=SKIP_COLUMN, keep_in_memory=True)
-                logger.warning("%s: shard %d/%d: %d row(s) skipped (listed in %s)", procs, s + 1, count,
+                logger.warning(procs.tag("shard %d/%d: %d row(s) skipped (listed in %s)"), s + 1, count,
                                len(job.bad_rows), error_report_path(output_dir, paths[s]))
             if SKIP_COLUMN in out.column_names:
                 out = out.remove_columns(SKIP_COLUMN)
@@ -278,7 +278,7 @@ def _run_shards(decoded, dataset, config, teachers, output_dir, split, batch_siz
             eta = ""
             if left and done_rows:  # at this process's pace so far
                 eta = f"; {left} images left here, about {duration(left * (time.time() - t0) / done_rows)}"
-            logger.info("%s: shard %d/%d, %d images in %.1fs: %.2f images/s, %.1f samples/s%s", procs, s + 1, count,
+            logger.info(procs.tag("shard %d/%d, %d images in %.1fs: %.2f images/s, %.1f samples/s%s"), s + 1, count,
                         len(out), dt, len(out) / dt, len(out) * config.num_samples / dt, eta)
         if written is not None:
             written.result()
@@ -290,8 +290,8 @@ def _run_shards(decoded, dataset, config, teachers, output_dir, split, batch_siz
         if bar:
             bar.close()
     seconds = time.time() - t0
-    if todo:
-        logger.info("%s: %d images in %.1fs: %.2f images/s, %.1f samples/s", procs, done_rows, seconds,
+    if todo and procs.world > 1:  # one process's share; the job's total follows from the main process
+        logger.info(procs.tag("%d images in %.1fs: %.2f images/s, %.1f samples/s"), done_rows, seconds,
                     done_rows / seconds, done_rows * config.num_samples / seconds)
     if not procs.is_main:
         return ReinforceResult(output_dir, n, len(todo), len(mine) - len(todo), seconds, {}, procs.rank, procs.world)
@@ -305,8 +305,9 @@ def _run_shards(decoded, dataset, config, teachers, output_dir, split, batch_siz
         stats["images_per_second"] = round(new_rows / seconds, 2)
         stats["samples_per_second"] = round(new_rows * config.num_samples / seconds, 2)
         stats["processes"] = procs.world
-        logger.info("all %d process(es): %d images in %.1fs: %.2f images/s, %.1f samples/s", procs.world, new_rows,
-                    seconds, stats["images_per_second"], stats["samples_per_second"])
+        if procs.world > 1:  # (one process's figures are its shard lines' and the result's)
+            logger.info("all %d processes: %d images in %.1fs: %.2f images/s, %.1f samples/s", procs.world, new_rows,
+                        seconds, stats["images_per_second"], stats["samples_per_second"])
     preview = None
     if config.keep_source:
         from .preview import render_preview
@@ -425,7 +426,7 @@ def wait_for_shards(paths: Sequence[str], procs: Processes, poll: float = 2.0) -
     """On the main process: block until the other processes have written their shards."""
     missing = [p for p in paths if not os.path.exists(p)]
     if missing:
-        logger.info("%s: waiting for %d shard(s) from the other processes", procs, len(missing))
+        logger.info(procs.tag("waiting for %d shard(s) from the other processes"), len(missing))
     while missing:
         time.sleep(poll)
         missing = [p for p in missing if not os.path.exists(p)]

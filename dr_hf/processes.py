@@ -35,6 +35,10 @@ class Processes:
     def __str__(self) -> str:
         return f"process {self.rank}/{self.world}"
 
+    def tag(self, message: str) -> str:
+        """``message`` as this process says it: prefixed with ``process r/w: `` in a job of several processes."""
+        return f"{self}: {message}" if self.world > 1 else message
+
 
 def launched() -> bool:
     """True under ``accelerate launch``, ``torchrun`` or ``mpirun`` with more than one process."""

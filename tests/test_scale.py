@@ -57,13 +57,14 @@ def test_two_accelerate_processes_write_what_one_process_writes(tmp_path, source
                   env={"CUDA_VISIBLE_DEVICES": ""}, timeout=600)
     assert two.returncode == 0, two.stderr[-3000:]
     # both processes took part, each its own contiguous shards, and each logged its throughput
-    assert "[process 0/2]" in two.stderr and "[process 1/2]" in two.stderr, two.stderr[-3000:]
+    assert "process 0/2: shard" in two.stderr and "process 1/2: shard" in two.stderr, two.stderr[-3000:]
     assert "shard 1/6" in two.stderr and "shard 6/6" in two.stderr and "images/s" in two.stderr
     first = [line for line in two.stderr.splitlines() if "shard 1/6" in line]
     last = [line for line in two.stderr.splitlines() if "shard 6/6" in line]
-    assert "[process 0/2]" in first[0] and "[process 1/2]" in last[0]
+    assert "process 0/2: shard" in first[0] and "process 1/2: shard" in last[0]
     assert "; 16 images left here, about " in first[0] and "left here" not in last[0]  # each process's own estimate
-    assert "all 2 process(es)" in two.stderr
+    assert "all 2 processes: 48 images" in two.stderr
+    assert not [line for line in two.stderr.splitlines() if line.count("process ") > 1]  # each line names it once
     assert "in 6 shard(s) (3 written by this process of 2, 0 already complete)" in two.stdout  # the main one's own
     assert [os.path.basename(p) for p in shard_paths(str(tmp_path / "one"))] == \
            [os.path.basename(p) for p in shard_paths(str(tmp_path / "two"))]
