@@ -199,6 +199,17 @@ def _version() -> str:
     return __version__
 
 
+def check_classes(label_column: str, labels: Sequence[str], num_classes: int, names: Optional[Sequence[str]],
+                  whose: str, remedy: str, where: str = "column") -> None:
+    """Refuse a ``ClassLabel``'s ``labels`` that are not the classes a model predicts (``num_classes`` of them,
+    named ``names`` where the model names them): another count, saying ``remedy``, or the same names in another
+    order (:func:`check_class_order`). ``whose`` names the model, ``where`` the column's place."""
+    if len(labels) != num_classes:
+        raise ValueError(f"label space mismatch: {where} {label_column!r} has {len(labels)} classes, against "
+                         f"{num_classes} from {whose}: {remedy}")
+    check_class_order(label_column, labels, names, whose)
+
+
 def check_class_order(label_column: str, labels: Sequence[str], names: Optional[Sequence[str]], whose: str) -> None:
     """Refuse a ``ClassLabel``'s ``labels`` and a model's class ``names`` (``whose``: "the teachers", "the student")
     that name the same classes in another order (compared lowercased, as ``datasets``' ``align_labels_with_mapping``

@@ -25,7 +25,7 @@ from .format import (
     METADATA_KEY,
     NewerFormatError,
     ReinforceConfig,
-    check_class_order,
+    check_classes,
     config_from_parquet,
     reinforcement_features,
 )
@@ -454,14 +454,10 @@ def check_columns(dataset, config: ReinforceConfig, teachers: TeacherEnsemble) -
                              "pass `label_column` '' for unlabelled data")
         feature = dataset.features[config.label_column]
         if isinstance(feature, ClassLabel):
-            check_class_order(config.label_column, feature.names, teachers.class_names, "the teachers")
-            if feature.num_classes != teachers.num_classes:
-                raise ValueError(
-                    f"label space mismatch: column {config.label_column!r} has {feature.num_classes} classes, the "
-                    f"teacher(s) {teachers.specs} predict {teachers.num_classes}: use teachers trained on these classes "
-                    "(e.g. timm:NAME@FILE.safetensors with your fine-tuned weights), or pass `label_column` '' to keep "
-                    "the teachers' own classes without the labels"
-                )
+            check_classes(config.label_column, feature.names, teachers.num_classes, teachers.class_names,
+                          "the teachers", f"use teachers trained on these classes, not {teachers.specs} (e.g. "
+                          "timm:NAME@FILE.safetensors with your fine-tuned weights), or pass `label_column` '' to keep "
+                          "the teachers' own classes without the labels")
 
 
 def check_output_dir(data_dir: str, config: ReinforceConfig, split: str, num_shards: int,

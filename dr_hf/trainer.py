@@ -21,7 +21,7 @@ from transformers import PreTrainedModel, Trainer, TrainerCallback, TrainingArgu
 from .pipeline import PRESETS, AugmentPipeline, normalise_pixels
 from .collator import AugmentCollator, EvalCollator, ReinforcedCollator
 from .inputs import INTERPOLATION_NAMES, InputSpec, resolve_input_spec
-from .format import DR_COLUMNS, DR_FINGERPRINT, DR_PARAMS, check_class_order, require_reinforced
+from .format import DR_COLUMNS, DR_FINGERPRINT, DR_PARAMS, check_classes, require_reinforced
 from .images import image_column_of
 from .shards import data_files_of, name_bad_files
 from .loss import dense_teacher_log_probs, distillation_loss, one_hot_target
@@ -308,10 +308,9 @@ class ReinforcedTrainer(Trainer):
 
         label = dataset.features.get(args.label_column) if dataset.features and args.label_column else None
         if isinstance(label, ClassLabel):
-            if label.num_classes != self.num_classes:
-                raise ValueError(f"the student predicts {self.num_classes} classes, column {args.label_column!r} has "
-                                 f"{label.num_classes}")
-            check_class_order(args.label_column, label.names, student_class_names(model), "the student")
+            check_classes(args.label_column, label.names, self.num_classes, student_class_names(model), "the student",
+                          f"load it for these classes (from_pretrained(..., num_labels={label.num_classes}, "
+                          "id2label=..., ignore_mismatched_sizes=True)), or train on data labelled with its own")
 
     def get_batch_samples(self, epoch_iterator, num_batches, device=None, *args, **kwargs):
         """The Trainer's batch fetching; a streamed shard that turns out unreadable mid-training is named. With
@@ -412,10 +411,8 @@ class ReinforcedTrainer(Trainer):
             dataset = dataset.rename_column(classes[0], label)
         feature = (getattr(dataset, "features", None) or {}).get(label)
         if isinstance(feature, datasets.ClassLabel):
-            if feature.num_classes != self.num_classes:
-                raise ValueError(f"the evaluation set's {label!r} has {feature.num_classes} classes, the student "
-                                 f"predicts {self.num_classes}: its accuracy and loss would compare unrelated classes")
-            check_class_order(label, feature.names, student_class_names(self.model), "the student")
+            check_classes(label, feature.names, self.num_classes, student_class_names(self.model), "the student",
+                          "its accuracy and loss would compare unrelated classes", where="the evaluation set's column")
         return dataset
 
     def get_eval_dataloader(self, eval_dataset=None):

@@ -262,7 +262,7 @@ def test_evaluation_with_compute_metrics_on_a_plain_dataset(tmp_path, reinforced
         assert (both[f"eval_{name}_loss"], both[f"eval_{name}_accuracy"]) == pytest.approx(
             (metrics["eval_loss"], metrics["eval_accuracy"]))
     assert unlabelled.evaluate(fine)["eval_loss"] == pytest.approx(metrics["eval_loss"])
-    with pytest.raises(ValueError, match="the evaluation set's 'label' has 11 classes, the student predicts 10"):
+    with pytest.raises(ValueError, match="the evaluation set's column 'label' has 11 classes, against 10 from the student: its accuracy"):
         unlabelled.evaluate(fine.cast_column("fine", datasets.ClassLabel(names=names + ["k10"])))
     with pytest.raises(ValueError, match=r"the evaluation set has no image column 'img' and no datasets.Image column "
                                          r"\(columns: \['note', 'label'\]\)"):  # (a bare KeyError before)
@@ -310,7 +310,7 @@ def test_clear_errors(tmp_path, reinforced, caplog):
         ReinforcedTrainer(model=tiny_timm(), args=args(tmp_path), train_dataset=datasets.load_dataset(str(folders["rrc+flip"])))
     import timm
 
-    with pytest.raises(ValueError, match="student predicts 7 classes, column 'label' has 10"):
+    with pytest.raises(ValueError, match="column 'label' has 10 classes, against 7 from the student: load it for these classes .*num_labels=10"):
         ReinforcedTrainer(model=timm.create_model("resnet10t", num_classes=7), args=args(tmp_path),
                           train_dataset=datasets.load_dataset(str(folders["rrc+flip"]), split="train"))
     unlabelled = datasets.load_dataset(str(folders["rrc+flip"]), split="train").cast_column("label", datasets.Value("int64"))
