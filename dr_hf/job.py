@@ -51,7 +51,7 @@ def write_parquet(dataset, path: str, config: ReinforceConfig, agreement: Option
     """Write ``dataset`` to ``path`` atomically (tmp file + rename), zstd, with the config in the schema metadata
     (and ``agreement`` = (hits, samples), the teacher's agreement with labels the shard does not hold, beside it)."""
     import pyarrow.parquet as pq
-    from datasets import config as ds_config
+    from datasets.arrow_writer import get_writer_batch_size_from_data_size, get_writer_batch_size_from_features
     from datasets.features.features import require_storage_embed
     from datasets.table import embed_table_storage
 
@@ -64,8 +64,13 @@ def write_parquet(dataset, path: str, config: ReinforceConfig, agreement: Option
         metadata[AGREEMENT_KEY] = json.dumps({"hits": agreement[0], "samples": agreement[1]}).encode()
     schema = schema.with_metadata(metadata)
     table = table.cast(schema)
-    has_images = any(type(f).__name__ in ("Image", "Video") for f in dataset.features.values())
-    row_group = ds_config.PARQUET_ROW_GROUP_SIZE_FOR_IMAGE_DATASETS if has_images else 10_000
+    # Row groups as `datasets` writes them (push_to_hub, to_parquet): at most datasets.config.MAX_ROW_GROUP_SIZE
+    # (100 MB) of Arrow data each, so that a stream holds one such group at a time in each reader, the Hub's viewer
+    # reads them, and a stream can be split by row group (IterableDataset.reshard) across processes and workers.
+    row_group = get_writer_batch_size_from_features(dataset.features) or \
+        get_writer_batch_size_from_data_size(table.num_rows, table.nbytes)
+    group = config.pipeline().group_size  # whole MixUp/CutMix groups in each
+    row_group = max(group, row_group // group * group)
     # The reinforcement columns are small and written once: compress them hard (zstd 19, byte-stream-split
     # floats and boxes, no dictionaries); other columns (often JPEG bytes) get a fast zstd level.
     leaves = list(_leaf_paths(table.schema))

@@ -268,7 +268,7 @@ def data_files_of(dataset) -> List[str]:
     while e is not None:
         files = (getattr(e, "kwargs", None) or {}).get("files")
         if files:
-            return [f for f in files if isinstance(f, str) and os.path.isfile(f)]
+            return [f for f in dict.fromkeys(files) if isinstance(f, str) and os.path.isfile(f)]  # (once a file)
         e = getattr(e, "ex_iterable", None)
     return []
 

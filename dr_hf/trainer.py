@@ -238,6 +238,8 @@ class ReinforcedTrainer(Trainer):
                 if args.per_device_train_batch_size % self.group_size:
                     raise ValueError(f"per_device_train_batch_size={args.per_device_train_batch_size} must be a multiple of "
                                      f"the MixUp/CutMix group size {self.group_size} (partners are fed together)")
+            if isinstance(train_dataset, datasets.IterableDataset):
+                train_dataset = self._even_shares(train_dataset, args)
             if pipeline is not None and isinstance(train_dataset, datasets.Dataset):
                 train_dataset = ReplayRows(train_dataset, self.group_size)  # Arrow rows, one sample converted each
             elif pipeline is not None and pipeline.mix is not None:
@@ -371,6 +373,30 @@ class ReinforcedTrainer(Trainer):
         tags = kwargs.get("tags") or []
         kwargs["tags"] = ([tags] if isinstance(tags, str) else list(tags)) + ["dataset-reinforcement", "dr-hf"]
         return super().create_model_card(*args, **kwargs)
+
+    def _even_shares(self, dataset, args):
+        """A stream split so that its readers (processes x DataLoader workers) get equal shares. Readers get whole
+        shards (accelerate and ``datasets`` split a stream by its files), so where the count does not divide, some
+        read more rows than others, and within an epoch the others' rows are seen more often. Such a stream is split
+        by row group instead (``IterableDataset.reshard``; not MixUp/CutMix data, whose groups keep to their files);
+        where processes still get unequal shares, a warning says by how much."""
+        readers = args.world_size * max(1, args.dataloader_num_workers)
+        if dataset.n_shards % readers and self.group_size == 1:
+            try:
+                finer = dataset.reshard()
+            except NotImplementedError:  # a source that cannot be split further
+                finer = dataset
+            if finer.n_shards > dataset.n_shards:
+                logger.info("train_dataset: %d files split into %d row groups for %d reader(s)", dataset.n_shards,
+                            finer.n_shards, readers)
+                dataset = finer
+        shards, world = dataset.n_shards, args.world_size
+        if world > 1 and shards >= world and shards % world and shards // world < 20:
+            logger.warning("train_dataset streams %d shards to %d processes, %d or %d each: within an epoch the rows of "
+                           "those with %d are seen up to %.0f%% more often than the others'; write it in a number of "
+                           "shards (or row groups) that %d divides (dr-hf reinforce --rows-per-shard)", shards, world,
+                           shards // world, shards // world + 1, shards // world, 100 / (shards // world), world)
+        return dataset
 
     def _group(self, dataset, group_size: int, args):
         """Keep a stream's MixUp/CutMix groups together: each training example becomes one group of rows, an Arrow

@@ -88,6 +88,23 @@ def test_output_schema_keeps_columns_and_loads_map_style_and_streaming(tmp_path,
     assert result.stats["rows"] == len(image_dataset)
 
 
+def test_row_groups_are_datasets_size_in_whole_mixing_groups(tmp_path, image_dataset, teachers, monkeypatch):
+    """Shards are written in row groups of at most datasets.config.MAX_ROW_GROUP_SIZE, as `datasets` writes them
+    (a stream holds one at a time, and can be split by them), each holding whole MixUp/CutMix groups."""
+    run(image_dataset, tmp_path / "default", teachers)
+    shard = shard_paths(str(tmp_path / "default"))[0]
+    assert pq.read_metadata(shard).num_row_groups == 1  # 24 small rows: far under 100 MB
+    monkeypatch.setattr(datasets.config, "MAX_ROW_GROUP_SIZE", pq.read_table(shard).nbytes // 2)  # ~12 rows a group
+    for preset, sizes in (("rrc+flip", [12, 12]), ("imagenet+mix", [8, 8, 8])):  # (8: imagenet+mix's group size)
+        out = tmp_path / preset.replace("+", "_")
+        run(image_dataset, out, teachers, augment=preset)
+        meta = pq.read_metadata(shard_paths(str(out))[0])
+        assert [meta.row_group(i).num_rows for i in range(meta.num_row_groups)] == sizes
+        stream = datasets.load_dataset(str(out), split="train", streaming=True).reshard()  # split by row group
+        assert stream.n_shards == len(sizes)
+        assert [r[DR_INDEX] for r in stream] == list(range(24))
+
+
 def test_stored_logprobs_equal_teacher_on_replayed_params(tmp_path, image_dataset, teachers):
     """Replay: rendering the stored parameters and running the teacher reproduces the stored outputs."""
     run(image_dataset, tmp_path, teachers, augment="imagenet+rare+mix", n=3, k=4)

@@ -3,6 +3,7 @@ import threading
 
 import datasets
 import numpy as np
+import pyarrow.parquet as pq
 import pytest
 import torch
 
@@ -11,6 +12,7 @@ from dr_hf.images import decode
 from dr_hf.loss import dense_teacher_log_probs, distillation_loss, one_hot_target
 from dr_hf import reinforce
 from dr_hf.reinforcer import Reinforcer
+from dr_hf.shards import shard_paths
 
 from conftest import make_image_dataset, needs_cxx
 
@@ -346,17 +348,24 @@ def test_clear_errors(tmp_path, reinforced, caplog):
         ReinforcedTrainer(model=tiny_timm(), args=args(tmp_path), train_dataset=bad)
 
 
-def test_streaming_ddp_processes_get_distinct_rows(tmp_path, reinforced):
-    """Two CPU processes (torchrun, gloo): each streams its own rows, none repeats within the epoch."""
+def test_streaming_ddp_processes_get_distinct_rows(tmp_path, reinforced, monkeypatch, caplog):
+    """Two CPU processes (torchrun, gloo): each streams its own rows, as many as the other, none repeated within
+    the epoch, though the stream's 3 files do not split in two (accelerate would give one process 2 of them, the
+    other 1, which it would then read twice in the same steps): the trainer splits them by row group."""
     import json
     import subprocess
     import sys
 
-    _, _, folders = reinforced
+    ds, ens, _ = reinforced
+    folder = tmp_path / "three"
+    monkeypatch.setattr(datasets.config, "MAX_ROW_GROUP_SIZE", 1)  # row groups of one row
+    reinforce(ds, ReinforceConfig.for_teachers(ens, "rrc+flip", num_samples=2, topk=5, rows_per_shard=11), ens,
+              str(folder), show_progress=False)
+    assert [pq.read_metadata(p).num_row_groups for p in shard_paths(str(folder))] == [11, 11, 10]
     steps = 8  # 2 processes x 8 steps x 2 rows = the 32 rows, once
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
                            str(__import__("pathlib").Path(__file__).with_name("ddp_stream_worker.py")),
-                           str(folders["rrc+flip"]), str(tmp_path), str(steps)],
+                           str(folder), str(tmp_path), str(steps)],
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     ranks = [json.load(open(tmp_path / f"rank{r}.json")) for r in range(2)]
@@ -364,6 +373,21 @@ def test_streaming_ddp_processes_get_distinct_rows(tmp_path, reinforced):
     assert all(len(set(r)) == len(r) for r in ranks)  # no repeats within one process's epoch
     assert not set(ranks[0]) & set(ranks[1])  # distinct data per process
     assert set(ranks[0]) | set(ranks[1]) == set(range(32))
+    # one process's 2 DataLoader workers get the same equal split (the files alone would give them 2 and 1)
+    stream = datasets.load_dataset(str(folder), split="train", streaming=True)
+    trainer = ReinforcedTrainer(model=tiny_timm(), args=args(tmp_path, dataloader_num_workers=2), train_dataset=stream)
+    assert stream.n_shards == 3 and trainer.train_dataset.n_shards == 32
+    # files of one row group each cannot be split: two processes would read 1 and 2 of them, which is said
+    monkeypatch.undo()
+    whole = tmp_path / "whole"
+    reinforce(ds, ReinforceConfig.for_teachers(ens, "rrc+flip", num_samples=2, topk=5, rows_per_shard=11), ens,
+              str(whole), show_progress=False)
+    stream = datasets.load_dataset(str(whole), split="train", streaming=True)
+    with caplog.at_level("WARNING", logger="dr_hf.trainer"):
+        kept = trainer._even_shares(stream, __import__("types").SimpleNamespace(world_size=2, dataloader_num_workers=0))
+    assert kept.n_shards == 3
+    assert "streams 3 shards to 2 processes, 1 or 2 each: within an epoch the rows of those with 1 are seen up to " \
+           "100% more often" in caplog.text
 
 
 def test_decoding_and_replay_run_in_dataloader_workers(tmp_path, reinforced):
