@@ -375,27 +375,35 @@ class ReinforcedTrainer(Trainer):
         return super().create_model_card(*args, **kwargs)
 
     def _even_shares(self, dataset, args):
-        """A stream split so that its readers (processes x DataLoader workers) get equal shares. Readers get whole
-        shards (accelerate and ``datasets`` split a stream by its files), so where the count does not divide, some
-        read more rows than others, and within an epoch the others' rows are seen more often. Such a stream is split
-        by row group instead (``IterableDataset.reshard``; not MixUp/CutMix data, whose groups keep to their files);
-        where processes still get unequal shares, a warning says by how much."""
-        readers = args.world_size * max(1, args.dataloader_num_workers)
-        if dataset.n_shards % readers and self.group_size == 1:
+        """A stream whose readers get equal shares. Processes and their DataLoader workers get whole shards (accelerate
+        and ``datasets`` split a stream by its files; with fewer files than processes, each reads them all and keeps
+        its own batches), so where the files do not divide among the processes some read more rows than others, and
+        within an epoch the others' rows are seen more often; where a process has fewer files than workers, some
+        workers idle. Such a stream is split by row group instead (``IterableDataset.reshard``; not MixUp/CutMix
+        data, whose groups keep to their files) if that shares it better; an uneven split that remains is warned of."""
+        world, workers = args.world_size, max(1, args.dataloader_num_workers)
+
+        def shares(n):  # (how much more often the rows of the processes with fewer files are seen, idle workers)
+            if world == 1 or n < world:
+                return 0.0, max(0, workers - n)
+            return (1 / (n // world) if n % world else 0.0), max(0, workers - n // world)
+
+        if self.group_size == 1 and (shares(dataset.n_shards)[0] >= 0.05 or shares(dataset.n_shards)[1]):
             try:
                 finer = dataset.reshard()
             except NotImplementedError:  # a source that cannot be split further
                 finer = dataset
-            if finer.n_shards > dataset.n_shards:
-                logger.info("train_dataset: %d files split into %d row groups for %d reader(s)", dataset.n_shards,
-                            finer.n_shards, readers)
+            if shares(finer.n_shards) < shares(dataset.n_shards):
+                logger.info("train_dataset: %d files split into %d row groups for %d process(es) x %d worker(s)",
+                            dataset.n_shards, finer.n_shards, world, workers)
                 dataset = finer
-        shards, world = dataset.n_shards, args.world_size
-        if world > 1 and shards >= world and shards % world and shards // world < 20:
+        skew, _ = shares(dataset.n_shards)
+        if skew >= 0.05:
+            k = dataset.n_shards // world
             logger.warning("train_dataset streams %d shards to %d processes, %d or %d each: within an epoch the rows of "
                            "those with %d are seen up to %.0f%% more often than the others'; write it in a number of "
-                           "shards (or row groups) that %d divides (dr-hf reinforce --rows-per-shard)", shards, world,
-                           shards // world, shards // world + 1, shards // world, 100 / (shards // world), world)
+                           "shards (or row groups) that %d divides (dr-hf reinforce --rows-per-shard)",
+                           dataset.n_shards, world, k, k + 1, k, 100 * skew, world)
         return dataset
 
     def _group(self, dataset, group_size: int, args):

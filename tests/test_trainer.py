@@ -373,10 +373,13 @@ def test_streaming_ddp_processes_get_distinct_rows(tmp_path, reinforced, monkeyp
     assert all(len(set(r)) == len(r) for r in ranks)  # no repeats within one process's epoch
     assert not set(ranks[0]) & set(ranks[1])  # distinct data per process
     assert set(ranks[0]) | set(ranks[1]) == set(range(32))
-    # one process's 2 DataLoader workers get the same equal split (the files alone would give them 2 and 1)
+    # in one process, 2 DataLoader workers share the 3 files (each row is read once an epoch), and 4 would leave one
+    # idle: they share the row groups
     stream = datasets.load_dataset(str(folder), split="train", streaming=True)
-    trainer = ReinforcedTrainer(model=tiny_timm(), args=args(tmp_path, dataloader_num_workers=2), train_dataset=stream)
-    assert stream.n_shards == 3 and trainer.train_dataset.n_shards == 32
+    for workers, shards in ((2, 3), (4, 32)):
+        trainer = ReinforcedTrainer(model=tiny_timm(), args=args(tmp_path, dataloader_num_workers=workers),
+                                    train_dataset=stream)
+        assert trainer.train_dataset.n_shards == shards
     # files of one row group each cannot be split: two processes would read 1 and 2 of them, which is said
     monkeypatch.undo()
     whole = tmp_path / "whole"
