@@ -11,7 +11,10 @@ pull request by its title (the commit message and a digest of the card, which na
 it already holds with the same content (LFS sha256 or git blob sha1); within a batch ``create_commit`` skips LFS
 objects the server already has, and with ``hf_xet`` installed it also batches and resumes on its own. The Hub opens
 pull requests against main only: a push to another branch (``revision``) commits to it directly, shards first and the
-card last. The token is passed through, never printed or written.
+card last. Every commit to the branch names its parent (``parent_commit``), and the pull request starts from the
+commit the push was planned on, so a push that lands while another runs refuses the other's commit (or its merge,
+which then conflicts on the card) instead of leaving a mix of both. The token is passed through, never printed or
+written.
 """
 from __future__ import annotations
 
@@ -144,7 +147,8 @@ def _push(folder: str, repo_id: str, private: Optional[bool], revision: Optional
     with open(os.path.join(folder, CARD), encoding="utf-8") as f:
         card = published_card(f.read(), repo_id, revision).encode()  # its snippets load this repo
     published = {rel: card if rel == CARD else os.path.join(folder, rel) for rel in ours}
-    plan = _plan(published, remote_files(api, repo_id, branch), files_per_commit)
+    head = api.repo_info(repo_id, repo_type="dataset", revision=branch).sha  # what the push is planned against
+    plan = _plan(published, remote_files(api, repo_id, head), files_per_commit)
     removed = plan.stale  # what the branch loses, in its last commit or the merge
     title = f"{commit_message} (dr-hf {hashlib.sha256(card).hexdigest()[:12]})"  # names this folder's job
     pull = None
@@ -162,6 +166,7 @@ def _push(folder: str, repo_id: str, private: Optional[bool], revision: Optional
         logger.info("%d file(s) already on %s@%s with the same content: skipped", len(plan.skipped), repo_id,
                     branch if pull is None else f"refs/pr/{pull}")
     batches = plan.batches
+    parent = head  # each commit to the branch, and the pull request, start from the commit the plan was made on
     for k, batch in enumerate(batches):
         message = commit_message if len(batches) == 1 else f"{commit_message} (part {k + 1}/{len(batches)})"
         logger.info("commit %d/%d: %d file(s)", k + 1, len(batches), len(batch))
@@ -169,9 +174,18 @@ def _push(folder: str, repo_id: str, private: Optional[bool], revision: Optional
         if k == len(batches) - 1:  # with the card: an earlier push's shards go
             operations += [CommitOperationDelete(rel) for rel in plan.stale]
         opens = branch == "main" and len(batches) > 1 and pull is None
-        info = api.create_commit(repo_id, repo_type="dataset", operations=operations,
-                                 revision=branch if pull is None else f"refs/pr/{pull}", create_pr=opens,
-                                 commit_message=title if opens else message)
+        try:
+            info = api.create_commit(repo_id, repo_type="dataset", operations=operations,
+                                     revision=branch if pull is None else f"refs/pr/{pull}", create_pr=opens,
+                                     commit_message=title if opens else message,
+                                     parent_commit=parent if pull is None else None)
+        except Exception as exc:
+            if getattr(getattr(exc, "response", None), "status_code", None) == 412:  # the branch moved
+                raise RuntimeError(f"{repo_id}@{branch} changed while this push ran (another push, or an edit): its "
+                                   f"commit was refused, so {branch} holds no mix of the two; rerun to push onto "
+                                   "what it holds now") from exc
+            raise
+        parent = info.oid
         if opens:
             pull = int(info.pr_num)
             logger.info("opened pull request #%d of %s: the commits go there, then it is merged", pull, repo_id)

@@ -336,7 +336,12 @@ class Handler(BaseHTTPRequestHandler):
             if key == "header":
                 header = value
                 if value.get("parentCommit") and value["parentCommit"] != parent:
-                    return self._error(412, "PreconditionFailed", "parentCommit is not the head of the branch")
+                    if self.query.get("create_pr", ["0"])[0] not in ("1", "true"):
+                        return self._error(412, "PreconditionFailed", "parentCommit is not the head of the branch")
+                    if value["parentCommit"] not in repo.commits:
+                        return self._error(404, "RevisionNotFound", f"Invalid rev id: {value['parentCommit']}")
+                    parent = value["parentCommit"]  # a pull request is created from the given parent
+                    tree = dict(repo.commits[parent])
             elif key == "file":
                 data = base64.b64decode(value["content"]) if value.get("encoding") == "base64" else value["content"].encode()
                 tree[value["path"]] = Entry(size=len(data), oid=git_blob_sha(data), data=data)

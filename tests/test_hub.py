@@ -209,8 +209,18 @@ def test_interrupted_push_resumes(tmp_path, hub, plus, monkeypatch, capsys):
     assert len(branched.commits[branched.branches["v1"]]) == 5
 
 
-def test_a_push_over_an_earlier_one_leaves_only_this_folders_shards(tmp_path, hub, teachers, source_dir, plus,
-                                                                     monkeypatch, capsys, caplog):
+@pytest.fixture(scope="module")
+def other(tmp_path_factory, teachers, source_dir):
+    """The same rows as ``plus`` in other shards (--rows-per-shard 16: 2 of them, where ``plus`` has 3)."""
+    out = tmp_path_factory.mktemp("other")
+    config = make_config(teachers, augment="imagenet+rare+mix", n=4, k=3, rows_per_shard=16,
+                         source={"path": str(source_dir), "split": "train"})
+    reinforce(datasets.load_dataset(str(source_dir), split="train"), config, teachers, str(out), show_progress=False)
+    return out
+
+
+def test_a_push_over_an_earlier_one_leaves_only_this_folders_shards(tmp_path, hub, plus, other, monkeypatch, capsys,
+                                                                     caplog):
     """The same repo pushed again from a folder with other shard names (another --rows-per-shard): the push's commits
     go to a pull request merged in one step, so main holds the earlier push, whole, until it holds this one, whole,
     with the earlier push's shards gone; a push that fits one commit is one commit."""
@@ -218,10 +228,6 @@ def test_a_push_over_an_earlier_one_leaves_only_this_folders_shards(tmp_path, hu
     assert code == 0 and "5 file(s) in 1 commit(s), 0 already there\n" in out, err
     repo = hub.state.repos[("dataset", "org/repushed")]
     earlier = dict(repo.commits[repo.branches["main"]])
-    other = tmp_path / "other"
-    config = make_config(teachers, augment="imagenet+rare+mix", n=4, k=3, rows_per_shard=16,
-                         source={"path": str(source_dir), "split": "train"})
-    reinforce(datasets.load_dataset(str(source_dir), split="train"), config, teachers, str(other), show_progress=False)
     hub.state.fail_commits = {hub.state.commit_attempts + 3}  # 2 shards, the card and preview, then the merge fails
     code, out, err = cli_here(hub, monkeypatch, capsys, "push", other, "org/repushed", "--files-per-commit", "1", "--quiet")
     hub.state.fail_commits = set()
@@ -256,6 +262,37 @@ def test_a_push_over_an_earlier_one_leaves_only_this_folders_shards(tmp_path, hu
         code, out, err = cli_here(hub, monkeypatch, capsys, "push", other, "org/stale", "--files-per-commit", "1")
     assert code == 0 and "merged from pull request #2" in out, err
     assert "pull request #1 of org/stale holds another dr-hf push, interrupted (another job's)" in caplog.text
+
+
+def test_a_push_landing_while_another_runs_leaves_no_mix(hub, plus, other, monkeypatch):
+    """Another job's push lands after this one listed the repo: this one's commit is refused (its parent moved), or,
+    in a pull request, its merge (both changed the card); main holds the other push, whole; a rerun pushes over it."""
+    import dr_hf.hub as pushing
+
+    hub.point_here(monkeypatch)
+    listed = pushing.remote_files
+
+    def another_push_lands(api, repo_id, revision):
+        found = listed(api, repo_id, revision)
+        monkeypatch.setattr(pushing, "remote_files", listed)  # (once)
+        assert pushing.push(str(other), repo_id).commits == 1
+        return found
+
+    def data_on_main(repo_id):
+        repo = hub.state.repos[("dataset", repo_id)]
+        return sorted(p for p in repo.commits[repo.branches["main"]] if p.startswith("data/"))
+
+    theirs, ours = [sorted(f"data/{n}" for n in os.listdir(f / "data")) for f in (other, plus)]
+    for repo_id, per_commit, refused in (("org/race", 50, "org/race@main changed while this push ran"),
+                                         ("org/race-pr", 1, "merging pull request #1, which holds this push, failed")):
+        monkeypatch.setattr(pushing, "remote_files", another_push_lands)
+        with pytest.raises(RuntimeError, match=refused):
+            pushing.push(str(plus), repo_id, files_per_commit=per_commit)
+        assert data_on_main(repo_id) == theirs  # theirs alone, with their card
+        card = hub.state.repos[("dataset", repo_id)].commits[hub.state.repos[("dataset", repo_id)].branches["main"]]
+        assert b"rows_per_shard: 16" in card["README.md"].data
+    assert pushing.push(str(plus), "org/race").commits == 1  # the rerun: onto what main holds now
+    assert data_on_main("org/race") == ours
 
 
 def test_a_hub_source_in_the_local_cache_reinforces_offline(tmp_path, hub, source_dir, tiny_teacher_spec):
