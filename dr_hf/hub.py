@@ -12,9 +12,9 @@ it already holds with the same content (LFS sha256 or git blob sha1); within a b
 objects the server already has, and with ``hf_xet`` installed it also batches and resumes on its own. The Hub opens
 pull requests against main only: a push to another branch (``revision``) commits to it directly, shards first and the
 card last. Every commit to the branch names its parent (``parent_commit``), and the pull request starts from the
-commit the push was planned on, so a push that lands while another runs refuses the other's commit (or its merge,
-which then conflicts on the card) instead of leaving a mix of both. The token is passed through, never printed or
-written.
+commit the push was planned on, so of two pushes run at once the one that would land second is refused (its commit,
+or its merge, which then conflicts on the card) instead of leaving a mix of both. The token is passed through, never
+printed or written.
 """
 from __future__ import annotations
 
