@@ -32,6 +32,19 @@ class Processes:
 
             PartialState().wait_for_everyone()
 
+    def shared_token(self) -> int:
+        """A random number the main process draws and every process of the job receives (a tensor broadcast)."""
+        import secrets
+
+        if self.world == 1:
+            return secrets.randbits(62)
+        from accelerate import PartialState
+
+        value = torch.tensor([secrets.randbits(62) if self.is_main else 0], dtype=torch.int64,
+                             device=PartialState().device)
+        torch.distributed.broadcast(value, src=0)
+        return int(value.item())
+
     def __str__(self) -> str:
         return f"process {self.rank}/{self.world}"
 

@@ -15,6 +15,8 @@ import pytest
 
 from dr_hf.cli import main
 from dr_hf.format import METADATA_KEY
+from dr_hf.joblock import FolderNotShared, check_shared
+from dr_hf.processes import Processes
 from dr_hf.shards import BadShardError, check_folder, shard_paths
 from dr_hf.verify import verify
 
@@ -102,6 +104,37 @@ def test_a_held_folder_is_refused_at_once_waited_for_and_released_by_kill_9(tmp_
     assert main(job(source_dir, tmp_path / "other", tiny_teacher_spec, "--wait")) == 0
     assert time.time() - start > 1.5 and short.wait(timeout=30) == 0
     assert shard_seeds(tmp_path / "other") == {0} and verify(str(tmp_path / "other"), rows=0).ok
+
+
+class OneOfTwo(Processes):
+    """Process 0 of a two-process job, the other process simulated: its barrier returns at once, and the number
+    the main process draws is 7."""
+
+    def __init__(self):
+        super().__init__(rank=0, world=2)
+
+    def wait(self):
+        pass
+
+    def shared_token(self):
+        return 7
+
+
+def test_a_job_whose_processes_do_not_share_the_folder_is_refused_at_its_start(tmp_path):
+    """Processes on two machines, each writing to its own disk: the main process would wait for the other's shards
+    forever at the end; the job is refused at its start, naming the process it cannot see."""
+    elsewhere = tmp_path / "other-machine"  # where process 1 wrote its mark
+    elsewhere.mkdir()
+    (elsewhere / ".dr-hf.lock.process-1").write_text("7")
+    with pytest.raises(FolderNotShared, match=r"is not shared by the job's processes: process 0/2 does not see what "
+                                              r"process\(es\) \[1\] wrote there"):
+        check_shared(str(tmp_path), OneOfTwo(), patience=0.2)
+    (tmp_path / ".dr-hf.lock.process-1").write_text("6")  # a mark an earlier job left: not this job's
+    with pytest.raises(FolderNotShared):
+        check_shared(str(tmp_path), OneOfTwo(), patience=0.2)
+    (tmp_path / ".dr-hf.lock.process-1").write_text("7")  # shared: both marks seen, and this process's removed
+    check_shared(str(tmp_path), OneOfTwo(), patience=0.2)
+    assert not (tmp_path / ".dr-hf.lock.process-0").exists()
 
 
 # -- the card is a view of the shards -------------------------------------------------------------------

@@ -47,6 +47,38 @@ def table(out, columns=None):
     return pq.read_table(os.path.join(out, "data"), columns=columns)
 
 
+UNSHARED = """
+import os, sys, datasets
+from dr_hf import ReinforceConfig, TeacherEnsemble, joblock, reinforce
+from dr_hf.processes import finish
+joblock.SHARE_PATIENCE_S = 1.0
+source, out, teacher = sys.argv[1:4]
+teachers = TeacherEnsemble.from_specs([teacher], device="cpu")
+config = ReinforceConfig.for_teachers(teachers, "rrc+flip", num_samples=2, topk=3)
+try:  # each process its own folder, as on two machines writing to their own disks
+    reinforce(datasets.load_dataset(source, split="train"), config, teachers,
+              os.path.join(out, "machine" + os.environ["RANK"]), show_progress=False)
+except joblock.FolderNotShared as exc:
+    print("refused:", exc, flush=True)
+    finish()
+    sys.exit(3)
+"""
+
+
+def test_processes_that_do_not_share_the_output_folder_are_refused_at_the_start(tmp_path, source_dir,
+                                                                              tiny_teacher_spec):
+    script = tmp_path / "unshared.py"
+    script.write_text(UNSHARED)
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", str(script),
+                           str(source_dir), str(tmp_path), tiny_teacher_spec], capture_output=True, text=True,
+                          timeout=300, env={**os.environ, "CUDA_VISIBLE_DEVICES": ""})
+    assert proc.returncode != 0
+    for rank, other in ((0, 1), (1, 0)):
+        assert f"machine{rank} is not shared by the job's processes: process {rank}/2 does not see what " \
+               f"process(es) [{other}] wrote there" in proc.stdout, proc.stdout + proc.stderr[-3000:]
+        assert not shard_paths(str(tmp_path / f"machine{rank}"))  # refused before any work
+
+
 def test_two_accelerate_processes_write_what_one_process_writes(tmp_path, source_dir, tiny_teacher_spec):
     assert main(reinforce_args(source_dir, tmp_path / "one", tiny_teacher_spec)) == 0
     # accelerate's `--cpu` flag starts one process; `--multi_gpu` is its torchrun launcher, which on a machine
@@ -72,6 +104,7 @@ def test_two_accelerate_processes_write_what_one_process_writes(tmp_path, source
     assert a.num_rows == b.num_rows == 48
     assert a.equals(b)  # every column, every value, in source order
     assert a.column("dr_index").to_pylist() == list(range(48))
+    assert not list((tmp_path / "two").glob(".dr-hf.lock.process-*"))  # the processes' marks (they share it) are gone
     for folder in ("one", "two"):
         assert (tmp_path / folder / "README.md").is_file()
 
