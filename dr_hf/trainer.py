@@ -394,7 +394,7 @@ class ReinforcedTrainer(Trainer):
             except NotImplementedError:  # a source that cannot be split further
                 finer = dataset
             if shares(finer.n_shards) < shares(dataset.n_shards):
-                logger.info("train_dataset: %d files split into %d row groups for %d process(es) x %d worker(s)",
+                logger.info("train_dataset: %d file(s) split into %d row groups for %d process(es) x %d worker(s)",
                             dataset.n_shards, finer.n_shards, world, workers)
                 dataset = finer
         skew, _ = shares(dataset.n_shards)
