@@ -210,13 +210,22 @@ def check_classes(label_column: str, labels: Sequence[str], num_classes: int, na
     check_class_order(label_column, labels, names, whose)
 
 
+def reordered_class(a: Optional[Sequence[str]], b: Optional[Sequence[str]]) -> Optional[int]:
+    """The first class id at which two lists of class names that name the same classes (compared lowercased, as
+    ``datasets``' ``align_labels_with_mapping`` compares them) in another order differ; ``None`` when they are in the
+    same order, name other classes, or either is missing."""
+    if not a or not b or list(a) == list(b) or sorted(map(str.lower, a)) != sorted(map(str.lower, b)):
+        return None
+    return next((i for i, (x, y) in enumerate(zip(a, b)) if x.lower() != y.lower()), None)
+
+
 def check_class_order(label_column: str, labels: Sequence[str], names: Optional[Sequence[str]], whose: str) -> None:
     """Refuse a ``ClassLabel``'s ``labels`` and a model's class ``names`` (``whose``: "the teachers", "the student")
     that name the same classes in another order (compared lowercased, as ``datasets``' ``align_labels_with_mapping``
     compares them): the class ids would silently not be the labels'."""
-    if not names or list(labels) == list(names) or sorted(map(str.lower, labels)) != sorted(map(str.lower, names)):
+    k = reordered_class(labels, names)
+    if k is None:
         return
-    k = next(i for i, (a, b) in enumerate(zip(labels, names)) if a.lower() != b.lower())
     raise ValueError(f"column {label_column!r} and {whose} name the same {len(names)} classes in another order (class "
                      f"{k} is {labels[k]!r} in the dataset, {names[k]!r} for {whose}): the class ids would not be the "
                      f"labels'; align them first, dataset.align_labels_with_mapping(label2id, {label_column!r}) with "

@@ -35,6 +35,7 @@ import torch
 from torch import nn
 
 from .errors import said
+from .format import reordered_class
 from .inputs import InputSpec, resolve_input_spec
 from .transfer import to_device
 
@@ -327,6 +328,14 @@ class TeacherEnsemble:
         classes = {t.num_classes for t in teachers}
         if len(classes) != 1:
             raise ValueError("teachers disagree on the number of classes: " + ", ".join(f"{t.spec}={t.num_classes}" for t in teachers))
+        named = [t for t in teachers if t.class_names]
+        for b in named[1:]:
+            k = reordered_class(named[0].class_names, b.class_names)
+            if k is not None:
+                raise ValueError(f"the teachers {named[0].spec!r} and {b.spec!r} name the same {b.num_classes} classes "
+                                 f"in another order (class {k} is {named[0].class_names[k]!r} for the first, "
+                                 f"{b.class_names[k]!r} for the second): averaging their outputs would mix unrelated "
+                                 "classes; use teachers whose outputs share one class order")
         for i, a in enumerate(teachers):
             for b in teachers[i + 1 :]:
                 if _same_weights(a.model, b.model):

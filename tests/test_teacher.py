@@ -1,5 +1,6 @@
 
 import json
+import shutil
 import subprocess
 import sys
 
@@ -69,13 +70,27 @@ def test_ensemble_averages_probabilities(tiny_teacher_spec, tiny_hf_dir):
     assert torch.allclose(got.exp().sum(-1), torch.ones(3), atol=1e-5)
 
 
-def test_teacher_class_count_mismatch_in_ensemble(tiny_teacher_spec, tmp_path):
+def test_teachers_whose_classes_differ_are_not_averaged(tiny_teacher_spec, tiny_hf_dir, tmp_path):
     import timm
     from safetensors.torch import save_file
+    from transformers import ViTForImageClassification
 
     save_file(timm.create_model("resnet10t", num_classes=7).state_dict(), str(tmp_path / "w.safetensors"))
     with pytest.raises(ValueError, match="teachers disagree on the number of classes"):
         TeacherEnsemble.from_specs([tiny_teacher_spec, f"timm:resnet10t@{tmp_path / 'w.safetensors'}"])
+    # a second transformers teacher trained with the same 10 classes in another order (its id2label reversed)
+    model = ViTForImageClassification.from_pretrained(tiny_hf_dir)
+    names = [model.config.id2label[i] for i in range(10)]
+    model.config.id2label = dict(enumerate(reversed(names)))
+    model.config.label2id = {c: i for i, c in model.config.id2label.items()}
+    torch.nn.init.normal_(model.classifier.weight)  # (other weights: not a copy of the first)
+    model.save_pretrained(tmp_path / "reversed")
+    shutil.copy(tiny_hf_dir / "preprocessor_config.json", tmp_path / "reversed")
+    with pytest.raises(ValueError, match=rf"the teachers 'hf:{tiny_hf_dir}' and 'hf:{tmp_path / 'reversed'}' name the "
+                                         r"same 10 classes in another order \(class 0 is 'c0' for the first, 'c9' for "
+                                         r"the second\): averaging their outputs would mix unrelated classes"):
+        TeacherEnsemble.from_specs([f"hf:{tiny_hf_dir}", f"hf:{tmp_path / 'reversed'}"])
+    assert TeacherEnsemble.from_specs([tiny_teacher_spec, f"hf:{tiny_hf_dir}"]).num_classes == 10  # unnamed: not compared
 
 
 def test_unknown_spec_lists_known_ones():
@@ -104,8 +119,6 @@ def test_efficientnet_lite_teachers_load_real_imagenet_weights():
 
 
 def test_the_paper_ensemble_is_named_by_full_timm_names_and_copies_are_refused(tiny_timm_dir, tmp_path):
-    import shutil
-
     import timm
 
     from dr_hf.teacher import TEACHER_SETS, check_distinct, expand_specs
