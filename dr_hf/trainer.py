@@ -21,7 +21,7 @@ from transformers import PreTrainedModel, Trainer, TrainerCallback, TrainingArgu
 from .pipeline import PRESETS, AugmentPipeline, normalise_pixels
 from .collator import AugmentCollator, EvalCollator, ReinforcedCollator
 from .inputs import INTERPOLATION_NAMES, InputSpec, resolve_input_spec
-from .format import DR_COLUMNS, DR_FINGERPRINT, DR_PARAMS, check_classes, require_reinforced
+from .format import DR_COLUMNS, DR_FINGERPRINT, DR_PARAMS, check_classes, reordered_class, require_reinforced
 from .images import image_column_of
 from .shards import data_files_of, name_bad_files
 from .loss import dense_teacher_log_probs, distillation_loss, one_hot_target
@@ -301,18 +301,24 @@ class ReinforcedTrainer(Trainer):
                                  "source first, dr_hf.load_reinforced(path, source=...) or dr_hf.join_source")
             raise ValueError(f"train_dataset has no image column {self.image_column!r} (columns: {names}); "
                              "set ReinforcedTrainingArguments(image_column=...)")
-        if fields is None:
-            if not args.augment:
-                require_reinforced(names, "train_dataset")  # names the missing columns; plain training is opt-in
-            return
-        require_reinforced(names, "train_dataset")
+        if fields is not None or not args.augment:
+            require_reinforced(names, "train_dataset")  # names the missing columns; plain training is opt-in
         from datasets import ClassLabel
 
         label = dataset.features.get(args.label_column) if dataset.features and args.label_column else None
-        if isinstance(label, ClassLabel):
+        label = label if isinstance(label, ClassLabel) else None
+        if label is not None:
             check_classes(args.label_column, label.names, self.num_classes, student_class_names(model), "the student",
                           f"load it for these classes (from_pretrained(..., num_labels={label.num_classes}, "
                           "id2label=..., ignore_mismatched_sizes=True)), or train on data labelled with its own")
+        if self.teachers is not None:  # online KD: the teachers' targets in the student's (and the labels') order
+            own = student_class_names(model) or (label.names if label is not None else None)
+            k = reordered_class(own, self.teachers.class_names)
+            if k is not None:
+                raise ValueError(f"the online teachers name the student's {self.num_classes} classes in another order "
+                                 f"(class {k} is {own[k]!r} for the student, {self.teachers.class_names[k]!r} for the "
+                                 "teachers): their targets would train other classes; use teachers whose outputs are "
+                                 "in the student's class order")
 
     def get_batch_samples(self, epoch_iterator, num_batches, device=None, *args, **kwargs):
         """The Trainer's batch fetching; a streamed shard that turns out unreadable mid-training is named. With

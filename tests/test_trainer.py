@@ -304,7 +304,7 @@ def test_the_image_column_is_found_by_its_type(tmp_path, reinforced, streaming):
                           train_dataset=datasets.load_dataset(str(folders["rrc+flip"]), split="train"))
 
 
-def test_clear_errors(tmp_path, reinforced, caplog):
+def test_clear_errors(tmp_path, reinforced, caplog, tiny_hf_dir):
     ds, _, folders = reinforced
     with pytest.raises(ValueError, match="not a reinforced dataset"):
         ReinforcedTrainer(model=tiny_timm(), args=args(tmp_path, augment=None), train_dataset=ds)
@@ -338,6 +338,12 @@ def test_clear_errors(tmp_path, reinforced, caplog):
     with pytest.raises(ValueError, match=r"column 'label' and the student name the same 10 classes in another order "
                                          r"\(class 0 is 'c0' in the dataset, 'c9' for the student\)"):
         ReinforcedTrainer(model=student, args=args(tmp_path), train_dataset=plus)
+    with pytest.raises(ValueError, match=r"column 'label' and the student name the same 10 classes in another order"):
+        ReinforcedTrainer(model=student, args=args(tmp_path, augment="rrc+flip"), train_dataset=ds)  # plain data too
+    with pytest.raises(ValueError, match=r"the online teachers name the student's 10 classes in another order \(class 0 "
+                                         r"is 'c9' for the student, 'c0' for the teachers\)"):  # (no labels to check)
+        ReinforcedTrainer(model=student, args=args(tmp_path, augment="rrc+flip", label_column="",
+                                                   online_teachers=[f"hf:{tiny_hf_dir}"]), train_dataset=ds)
     ordered = ReinforcedTrainer(model=tiny_vit(), args=args(tmp_path), train_dataset=plus)  # (id2label: LABEL_0, ...)
     ordered.model.config.id2label = student.config.id2label  # and evaluated on the data's own order
     with pytest.raises(ValueError, match="column 'label' and the student name the same 10 classes in another order"):
