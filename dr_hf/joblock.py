@@ -82,10 +82,11 @@ SHARE_PATIENCE_S = 30.0  # how long check_shared waits for every process's mark 
 
 def check_shared(folder: str, procs: Processes, patience: Optional[float] = None) -> None:
     """Refuse a job whose processes do not share ``folder`` (processes on several machines writing to local disks:
-    the main process would wait for the others' shards to the end, and then forever). Each process writes a mark
-    with a number the main process drew, then looks for every process's (for ``patience`` seconds, default
-    ``SHARE_PATIENCE_S``: network file systems can show new files late)."""
-    if procs.world == 1:
+    the main process would wait for the others' shards to the end, and then forever). Only processes that run at once
+    (:attr:`~dr_hf.processes.Processes.together`) are checked; parts of a job run one at a time are not. Each process
+    writes a mark with a number the main process drew, then looks for every process's (for ``patience`` seconds,
+    default ``SHARE_PATIENCE_S``: network file systems can show new files late)."""
+    if not procs.together:  # (parts of a job run one at a time cannot see one another's marks)
         return
     token = str(procs.shared_token())
     patience = SHARE_PATIENCE_S if patience is None else patience

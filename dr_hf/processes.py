@@ -32,6 +32,12 @@ class Processes:
 
             PartialState().wait_for_everyone()
 
+    @property
+    def together(self) -> bool:
+        """Whether the job's processes run at once, in one process group (``accelerate launch``, ``torchrun``), rather
+        than one at a time (a ``Processes(rank, world)`` given for each part of a job, as array jobs run them)."""
+        return self.world > 1 and torch.distributed.is_available() and torch.distributed.is_initialized()
+
     def shared_token(self) -> int:
         """A random number the main process draws and every process of the job receives (a tensor broadcast)."""
         import secrets

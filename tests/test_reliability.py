@@ -113,6 +113,8 @@ class OneOfTwo(Processes):
     def __init__(self):
         super().__init__(rank=0, world=2)
 
+    together = True
+
     def wait(self):
         pass
 
