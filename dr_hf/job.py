@@ -142,6 +142,9 @@ def reinforce(
     Under ``accelerate launch``/``torchrun`` each process takes a contiguous range of shards and the main process
     writes the card once every shard exists; the output is the same for any number of processes. Rerunning
     skips complete shards, so an interrupted job resumes; a rerun with other settings into the folder is refused.
+    ``processes``: this process's part of the job (default: the launcher's, :func:`~dr_hf.processes.current_processes`);
+    a job can also run as parts one at a time (an array job), each given ``Processes(rank=r, world=W)``, the main part
+    (rank 0) last or beside the others: it waits for their shards to write the card.
     ``num_rows`` gives a stream's length when its metadata lacks it (otherwise the stream is counted first).
     ``batch_size``: rows per map batch (default :func:`default_batch_size`), rounded up to whole teacher blocks.
     ``render_threads``, ``render_device``: see :class:`Reinforcer`; by default (:func:`default_render`) inputs are
