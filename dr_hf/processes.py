@@ -39,11 +39,10 @@ class Processes:
         return self.world > 1 and torch.distributed.is_available() and torch.distributed.is_initialized()
 
     def shared_token(self) -> int:
-        """A random number the main process draws and every process of the job receives (a tensor broadcast)."""
+        """A random number the main process draws and every process of the job receives (a tensor broadcast, so only
+        for processes that run :attr:`together`)."""
         import secrets
 
-        if self.world == 1:
-            return secrets.randbits(62)
         from accelerate import PartialState
 
         value = torch.tensor([secrets.randbits(62) if self.is_main else 0], dtype=torch.int64,
