@@ -110,10 +110,10 @@ class OneOfTwo(Processes):
     """Process 0 of a two-process job, the other process simulated: its barrier returns at once, and the number
     the main process draws is 7."""
 
+    together = True  # (as under accelerate launch or torchrun)
+
     def __init__(self):
         super().__init__(rank=0, world=2)
-
-    together = True
 
     def wait(self):
         pass
