@@ -394,16 +394,17 @@ class ReinforcedTrainer(Trainer):
                 return 0.0, max(0, workers - n)
             return (1 / (n // world) if n % world else 0.0), max(0, workers - n // world)
 
-        if self.group_size == 1 and (shares(dataset.n_shards)[0] >= 0.05 or shares(dataset.n_shards)[1]):
+        skew, idle = shares(dataset.n_shards)
+        if self.group_size == 1 and (skew >= 0.05 or idle):
             try:
                 finer = dataset.reshard()
             except NotImplementedError:  # a source that cannot be split further
                 finer = dataset
-            if shares(finer.n_shards) < shares(dataset.n_shards):
+            if shares(finer.n_shards) < (skew, idle):
                 logger.info("train_dataset: %d file(s) split into %d row groups for %d process(es) x %d worker(s)",
                             dataset.n_shards, finer.n_shards, world, workers)
                 dataset = finer
-        skew, _ = shares(dataset.n_shards)
+                skew, idle = shares(dataset.n_shards)
         if skew >= 0.05:
             k = dataset.n_shards // world
             logger.warning("train_dataset streams %d shards to %d processes, %d or %d each: within an epoch the rows of "
