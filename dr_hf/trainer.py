@@ -413,6 +413,16 @@ class ReinforcedTrainer(Trainer):
                            dataset.n_shards, world, k, k + 1, k, 100 * skew, world)
         return dataset
 
+    def get_total_train_batch_size(self, args: TrainingArguments) -> int:
+        """Images per optimiser step, as ``Trainer`` reports them (its DataLoader's examples are MixUp/CutMix groups of
+        ``group_size`` rows: ``train_samples_per_second`` counts images)."""
+        return super().get_total_train_batch_size(args) * self.group_size
+
+    def num_examples(self, dataloader) -> int:
+        """Images in ``dataloader``'s dataset (the training set's examples are groups of rows)."""
+        dataset = getattr(dataloader, "dataset", None)
+        return len(dataset.dataset) if isinstance(dataset, ReplayRows) else super().num_examples(dataloader)
+
     def _group(self, dataset, group_size: int, args):
         """Keep a stream's MixUp/CutMix groups together: each training example becomes one group of rows, an Arrow
         table whose replayed samples alone are converted (dr_hf/rows.py)."""

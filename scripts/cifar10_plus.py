@@ -136,12 +136,9 @@ def train_student(args, method, seed, train, val, test, teacher_specs):
     from dr_hf import ReinforcedTrainer
 
     model = make_model(args.student_arch, seed=seed)
-    batch = args.batch_size
-    fields = train.features.get("dr_params") if hasattr(train, "features") else None
-    if fields is not None and "mix_partner" in fields:
-        batch //= 8  # mixing data: one example = a group of 8 rows, so the same images per step
+    # (per_device_train_batch_size counts images, MixUp/CutMix data's too: the same images per step for every set)
     sargs = training_args(args, os.path.join(args.work, "runs", f"{method}-{seed}"), seed, args.student_epochs,
-                          args.student_lr, batch)
+                          args.student_lr, args.batch_size)
     if method == "online-kd":
         sargs.online_teachers = list(teacher_specs)
     trainer = ReinforcedTrainer(model=model, args=sargs, train_dataset=train, eval_dataset=val, compute_metrics=accuracy)

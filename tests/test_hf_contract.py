@@ -227,6 +227,13 @@ def test_mixing_batches_count_images(tmp_path, plus, vit_dir):
                                 train_dataset=load(folders["imagenet+mix"]), processing_class=processor)
     batch = next(iter(trainer.get_train_dataloader()))
     assert batch["pixel_values"].shape[0] == 16 and "mix_lam" in batch
+    # transformers' throughput counts images too: by steps (max_steps) and by epochs (the set's 24 rows, 3 groups)
+    for kw in (dict(max_steps=2), dict(max_steps=-1, num_train_epochs=1)):
+        trainer = ReinforcedTrainer(model=model, args=base_args(tmp_path, per_device_train_batch_size=16, **kw),
+                                    train_dataset=load(folders["imagenet+mix"]), processing_class=processor)
+        metrics = trainer.train().metrics
+        images = metrics["train_samples_per_second"] * metrics["train_runtime"]
+        assert images == pytest.approx(32 if "num_train_epochs" not in kw else 24, rel=0.02), (kw, metrics)
     with pytest.raises(ValueError, match="multiple of the MixUp/CutMix group size 8"):
         ReinforcedTrainer(model=model, args=base_args(tmp_path, per_device_train_batch_size=12),
                           train_dataset=load(folders["imagenet+mix"]), processing_class=processor)
