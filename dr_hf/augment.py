@@ -403,6 +403,24 @@ class RandomErasing(ReplayableTransform):
         return x.masked_fill(box_masks(params["erase_box"], x.shape[-2], x.shape[-1], x.device), self.value)
 
 
+def misplaced_row(indices: np.ndarray, group_size: int) -> int:
+    """The first position in ``indices`` (rows' ``dr_index``, read in groups of ``group_size`` from the first, as the
+    trainer reads MixUp/CutMix data) whose row is not where its mixing group puts it, else -1: group ``g`` holds the
+    rows ``dr_index`` ``g * group_size`` ... ``g * group_size + group_size - 1``, in order."""
+    indices = np.asarray(indices, dtype=np.int64)
+    first = indices - np.arange(len(indices)) % group_size  # each row's group's first dr_index, were it in place
+    bad = np.flatnonzero((first % group_size != 0) | (first != np.repeat(first[::group_size], group_size)[:len(first)]))
+    return int(bad[0]) if bad.size else -1
+
+
+def whole_groups_advice(group_size: int) -> str:
+    """What to do with MixUp/CutMix rows that are not in whole groups (the end of the errors that find them)."""
+    return (f"MixUp/CutMix data is read in groups of {group_size} consecutive rows as stored, whose samples mix with "
+            "one another: pass its rows in stored order and whole groups (ReinforcedTrainer shuffles whole groups "
+            f"itself; hold out whole groups, e.g. dataset.filter(lambda i: i // {group_size} % 10 != 0, "
+            "input_columns='dr_index'))")
+
+
 @dataclass
 class MixUpCutMix(ReplayableTransform):
     """ml-dr's reinforcement mixing: MixUp (partner weight ~ Beta(``mixup_alpha``) / ``mixup_div_by``, so the own

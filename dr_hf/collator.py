@@ -23,7 +23,7 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from .augment import Context
+from .augment import Context, misplaced_row, whole_groups_advice
 from .pipeline import AugmentPipeline, empty_batch, make_pipeline, params_at
 from .batch_memory import batch_empty, handed_over, in_worker, worker_pool
 from .format import DR_INDEX, DR_PARAMS, DR_TOPK_INDICES, DR_TOPK_LOGPROBS, missing_columns
@@ -264,6 +264,12 @@ class ReinforcedCollator(_Collator):
         k = len(rows[0][DR_TOPK_INDICES][j])
         pos = {int(row[DR_INDEX]): r for r, row in enumerate(rows)}
         pipe = self.pipeline(rows[0][DR_PARAMS])
+        if pipe.mix is not None:
+            r = misplaced_row(list(pos), pipe.group_size)
+            if r >= 0 or len(pos) > pipe.group_size:
+                raise ValueError(f"a training example's rows (dr_index {list(pos)}) are not one MixUp/CutMix group "
+                                 f"(reordered or some dropped before the trainer: shuffle, filter, select); "
+                                 f"{whole_groups_advice(pipe.group_size)}")
         if self.on_device:  # the images as stored, for the training process to decode and render
             images = [decode_later(row[self.image_column], int(row[DR_INDEX]), self.image_column) for row in rows]
         else:
@@ -290,7 +296,7 @@ class ReinforcedCollator(_Collator):
                 target = index + int(p["mix_partner"])
                 if target not in pos:
                     raise ValueError(f"row {index}, sample {j}: its MixUp/CutMix partner row {target} is not in the same "
-                                     "example group; feed mixing datasets through ReinforcedTrainer, which groups rows")
+                                     f"example group; {whole_groups_advice(pipe.group_size)}")
                 partner = base + pos[target]
                 lam = pipe.mix.weight(p, *self.output.size)
             idx = np.asarray(row[DR_TOPK_INDICES][j], dtype=np.int64)

@@ -4,8 +4,6 @@ on any device (:meth:`AugmentPipeline.render_samples`), that the reinforce job, 
 
 from __future__ import annotations
 
-from __future__ import annotations
-
 import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
@@ -15,7 +13,8 @@ import torch
 from torchvision.transforms.v2 import functional as F
 
 from .augment import (STAGES, TRANSFORMS, CenterCrop, Context, Draws, HorizontalFlip, MixUpCutMix, RandAugment,
-                      RandomErasing, RandomResizedCrop, ReplayableTransform, ResizeRandomCrop, boxes_to_pixels)
+                      RandomErasing, RandomResizedCrop, ReplayableTransform, ResizeRandomCrop, boxes_to_pixels,
+                      whole_groups_advice)
 from .inputs import InputSpec
 from .resample import FILTERS, resized_crops, runs
 from .transfer import to_device
@@ -205,13 +204,12 @@ class AugmentPipeline:
             batch[k] = mix.apply_mix(base(r, j), base(partner, int(p["mix_sample"])), p)
         return batch
 
-    @staticmethod
-    def _check_partners(rows: np.ndarray, partners: np.ndarray, samples: np.ndarray, count: int) -> None:
+    def _check_partners(self, rows: np.ndarray, partners: np.ndarray, samples: np.ndarray, count: int) -> None:
         outside = np.flatnonzero((partners < 0) | (partners >= count))
         if outside.size:
             k = outside[0]
             raise ValueError(f"sample {samples[k]} of row {rows[k]} of the group is mixed with row {partners[k]}, which "
-                             "is not in the group; feed mixing datasets whole groups of rows")
+                             f"is not in the group; {whole_groups_advice(self.group_size)}")
 
     def _render_batched(self, images, row_params, picks, out, batch, normalise) -> torch.Tensor:
         """:meth:`render_samples`'s batched path: each stage once over all the (row, sample) views the picks need."""

@@ -17,6 +17,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import torch
 
+from .augment import misplaced_row, whole_groups_advice
 from .format import DR_INDEX, DR_PARAMS, DR_TOPK_INDICES, DR_TOPK_LOGPROBS
 
 
@@ -67,12 +68,38 @@ def rows_of(table: pa.Table) -> List[Dict[str, Any]]:
     return out
 
 
+def check_whole_groups(dataset, group_size: int, what: str = "train_dataset") -> None:
+    """Refuse a map-style MixUp/CutMix ``dataset`` whose rows are not whole mixing groups in stored order (shuffled,
+    filtered or selected out of them), naming the first row out of place; its last, partial group must hold every
+    partner its rows mix with. Reads ``dr_index`` and, for that last group, its partners' offsets."""
+    arrow = dataset.with_format("arrow")
+    indices = arrow[DR_INDEX].to_numpy()
+    r = misplaced_row(indices, group_size)
+    if r >= 0:
+        raise ValueError(f"{what}'s row {r} (dr_index {indices[r]}) is out of its MixUp/CutMix group (the rows were "
+                         f"reordered or some dropped: shuffle, filter, select); {whole_groups_advice(group_size)}")
+    tail = len(indices) % group_size
+    if not tail or "mix_partner" not in arrow.features[DR_PARAMS]:
+        return
+    partners = arrow[len(indices) - tail:].column(DR_PARAMS).combine_chunks().field("mix_partner").to_pylist()
+    for r, offsets in enumerate(partners):
+        for j, offset in enumerate(offsets or []):
+            if not 0 <= r + offset < tail:
+                row = len(indices) - tail + r
+                raise ValueError(f"{what}'s last {tail} rows are part of a MixUp/CutMix group whose other rows are "
+                                 f"missing (row {row}, dr_index {indices[row]}, sample {j}, mixes with dr_index "
+                                 f"{indices[row] + offset}); {whole_groups_advice(group_size)}")
+
+
 class ReplayRows(torch.utils.data.Dataset):
     """A map-style view of a reinforced ``datasets.Dataset`` for the reinforced collator: item ``g`` is the list of
-    rows of group ``g`` (``group_size`` consecutive rows: one row, or a whole MixUp/CutMix group), read as Arrow
-    with lazy reinforcement columns; ``__getitems__`` reads a whole batch in one take."""
+    rows of group ``g`` (``group_size`` consecutive rows: one row, or a whole MixUp/CutMix group, which must be in
+    place: :func:`check_whole_groups`), read as Arrow with lazy reinforcement columns; ``__getitems__`` reads a whole
+    batch in one take."""
 
     def __init__(self, dataset, group_size: int = 1):
+        if group_size > 1:
+            check_whole_groups(dataset, group_size)
         self.dataset, self.group_size = dataset, group_size
         self._arrow = dataset.with_format("arrow")
 

@@ -291,7 +291,17 @@ class ReinforcedTrainer(Trainer):
     def _check_train_dataset(self, dataset, fields, args, model) -> None:
         names = getattr(dataset, "column_names", None)
         if names is None:
-            return
+            if args.augment:  # plain training reads the image column, whatever the dataset declares
+                return
+            import datasets
+
+            if isinstance(dataset, datasets.IterableDataset):  # (IterableDataset.map without features=)
+                raise ValueError("train_dataset is a streamed dataset whose features are unknown, so its reinforcement "
+                                 "columns cannot be read: keep them through map, e.g. "
+                                 "dataset.map(fn, features=dataset.features)")
+            raise ValueError(f"train_dataset is a {type(dataset).__name__}, which names no columns: pass a reinforced "
+                             "datasets.Dataset or IterableDataset (load_dataset), or ask for plain training "
+                             "(augment=...)")
         if isinstance(names, dict):  # a DatasetDict: load_dataset without split=
             raise ValueError(f"train_dataset holds the splits {sorted(names)} (a DatasetDict): pass one of them, e.g. "
                              f"train_dataset=dataset[{sorted(names)[0]!r}], or load_dataset(..., split=...)")

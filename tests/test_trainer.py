@@ -352,6 +352,35 @@ def test_clear_errors(tmp_path, reinforced, caplog, tiny_hf_dir):
         bad = datasets.load_dataset(str(folders["rrc+flip"]), split="train")
         bad = bad.map(lambda r: {"dr_params": {**r["dr_params"], "warp": [0, 0, 0, 0]}})
         ReinforcedTrainer(model=tiny_timm(), args=args(tmp_path), train_dataset=bad)
+    stream = datasets.load_dataset(str(folders["rrc+flip"]), split="train", streaming=True)
+    with pytest.raises(ValueError, match=r"features are unknown.*dataset\.map\(fn, features=dataset\.features\)"):
+        ReinforcedTrainer(model=tiny_timm(), args=args(tmp_path), train_dataset=stream.map(lambda r: r))
+    with pytest.raises(ValueError, match=r"train_dataset is a TensorDataset, which names no columns: pass a reinforced"):
+        ReinforcedTrainer(model=tiny_timm(), args=args(tmp_path), train_dataset=torch.utils.data.TensorDataset(torch.zeros(4)))
+    kept = ReinforcedTrainer(model=tiny_timm(), args=args(tmp_path),
+                             train_dataset=stream.map(lambda r: r, features=stream.features))
+    assert next(iter(kept.get_train_dataloader()))["teacher_indices"].shape == (8, 5)
+
+
+def test_mixing_rows_out_of_their_groups_are_refused(tmp_path, reinforced):
+    """MixUp/CutMix partners are rows of one stored group of 8: rows shuffled, filtered or selected out of their groups
+    are refused, map-style when the trainer is made, streamed at their first batch, naming a row and the remedy."""
+    _, _, folders = reinforced
+    mix = datasets.load_dataset(str(folders["imagenet+rare+mix"]), split="train")  # 32 rows: 4 groups
+    remedy = r"pass its rows in stored order and whole groups"
+    for broken, said in ((mix.shuffle(seed=0), r"row \d+ \(dr_index \d+\) is out of its MixUp/CutMix group"),
+                         (mix.filter(lambda i: i != 3, input_columns="dr_index"), r"row 3 \(dr_index 4\) is out"),
+                         (mix.select(range(13)), r"last 5 rows are part of a MixUp/CutMix group whose other rows are "
+                                                 r"missing \(row (8|9|1[0-2]), dr_index \1, sample \d, mixes with dr_index")):
+        with pytest.raises(ValueError, match=f"train_dataset's {said}.*{remedy}"):
+            ReinforcedTrainer(model=tiny_timm(), args=args(tmp_path), train_dataset=broken)
+    held_out = mix.filter(lambda i: i // 8 % 2 != 0, input_columns="dr_index")  # whole groups held out: the advice
+    trainer = ReinforcedTrainer(model=tiny_timm(), args=args(tmp_path), train_dataset=held_out)
+    assert len(trainer.train_dataset) == 2 and next(iter(trainer.get_train_dataloader()))["pixel_values"].shape[0] == 8
+    stream = datasets.load_dataset(str(folders["imagenet+rare+mix"]), split="train", streaming=True)
+    trainer = ReinforcedTrainer(model=tiny_timm(), args=args(tmp_path), train_dataset=stream.shuffle(seed=0, buffer_size=32))
+    with pytest.raises(ValueError, match=rf"a training example's rows \(dr_index \[.*\]\) are not one MixUp/CutMix group.*{remedy}"):
+        next(iter(trainer.get_train_dataloader()))
 
 
 def test_streaming_ddp_processes_get_distinct_rows(tmp_path, reinforced, monkeypatch, caplog):
