@@ -161,7 +161,8 @@ class _Collator:
 
 
 class EvalCollator(_Collator):
-    """The evaluation view (center crop at the spec's ``crop_pct``) with labels, for plain and reinforced rows."""
+    """The evaluation view (center crop at the spec's ``crop_pct``) with labels, for plain and reinforced rows; rows
+    without the label column (an unlabelled test set) give a batch without ``labels``, as ``Trainer`` expects."""
 
     def __init__(self, output: InputSpec, image_column: str = "image", label_column: Optional[str] = "label", **kw):
         super().__init__(output, image_column, label_column, **kw)
@@ -172,7 +173,11 @@ class EvalCollator(_Collator):
             image = self.image(row)
             return Example([self.center.render(image, {}, spec) for spec in self.specs], self.label(row))
 
-        return self.collate(_map(view, [row for example in examples for row in _rows(example)]))
+        rows = [row for example in examples for row in _rows(example)]
+        batch = self.collate(_map(view, rows))
+        if not any(self.label_column in row for row in rows):
+            del batch["labels"]
+        return batch
 
 
 class AugmentCollator(_Collator):

@@ -526,6 +526,18 @@ class ReinforcedTrainer(Trainer):
             dense[original] = smooth.log()
         return dense
 
+    def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
+        """``Trainer``'s, and for a batch without labels (an unlabelled evaluation or test set) the logits alone, with
+        no loss and no label ids, as ``Trainer`` gives them, for any student (``Trainer`` would call
+        ``model(**inputs)``, which a timm model does not take)."""
+        if "labels" in inputs:
+            return super().prediction_step(model, inputs, prediction_loss_only, ignore_keys)
+        if prediction_loss_only:
+            return None, None, None
+        inputs = self._prepare_inputs(inputs)
+        with torch.no_grad(), self.compute_loss_context_manager():
+            return None, self._forward(model, self.pixel_values(inputs)).detach(), None
+
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         """KD (KL from the teacher to the student), optionally mixed with cross-entropy on the (mixed) labels."""
         logits = self._forward(model, self.pixel_values(inputs))

@@ -264,6 +264,11 @@ def test_evaluation_with_compute_metrics_on_a_plain_dataset(tmp_path, reinforced
         assert (both[f"eval_{name}_loss"], both[f"eval_{name}_accuracy"]) == pytest.approx(
             (metrics["eval_loss"], metrics["eval_accuracy"]))
     assert unlabelled.evaluate(fine)["eval_loss"] == pytest.approx(metrics["eval_loss"])
+    # an unlabelled test set: predictions alone, no loss or accuracy (they were 0.0 from labels -1), for a timm student
+    test = val.remove_columns("label")
+    predicted = trainer.predict(test)
+    assert predicted.label_ids is None and np.allclose(predicted.predictions, trainer.predict(val).predictions)
+    assert not {"eval_loss", "eval_accuracy"} & set(trainer.evaluate(test))
     with pytest.raises(ValueError, match="the evaluation set's column 'label' has 11 classes, against 10 from the student: its accuracy"):
         unlabelled.evaluate(fine.cast_column("fine", datasets.ClassLabel(names=names + ["k10"])))
     with pytest.raises(ValueError, match=r"the evaluation set has no image column 'img' and no datasets.Image column "
