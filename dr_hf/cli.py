@@ -180,7 +180,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--crop-scale", type=float, default=None,
                    help="RandomResizedCrop's smallest area fraction (default 0.08; ~0.35 for 32x32 images)")
     r.add_argument("--num-samples", type=int, default=400, help="augmentations per image (N; paper: 400)")
-    r.add_argument("--topk", type=int, default=10, help="teacher classes kept per sample (K; paper: 10)")
+    r.add_argument("--topk", type=int, default=None,
+                   help="teacher classes kept per sample (K; default and paper: 10, or all of a teacher's fewer classes)")
     r.add_argument("--seed", type=int, default=0, help="the reinforcement is a pure function of (seed, row, sample index)")
     r.add_argument("--batch-size", type=int, default=None,
                    help="images per map batch, rounded up to whole teacher blocks (default: 65,536 samples' worth, "

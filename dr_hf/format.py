@@ -37,6 +37,7 @@ DR_PARAMS = "dr_params"
 DR_TOPK_INDICES = "dr_topk_indices"
 DR_TOPK_LOGPROBS = "dr_topk_logprobs"
 DR_COLUMNS = (DR_INDEX, DR_PARAMS, DR_TOPK_INDICES, DR_TOPK_LOGPROBS)
+PAPER_TOPK = 10  # teacher classes kept per sample by default (fewer teachers' classes: all of them)
 # 2: torchvision RandAugment bins, ml-dr erasing and mixing (mix_sample); 3: parameters drawn per row (augment.Draws:
 # one generator per transform and row, not per sample), so a fresh draw of format-2 data differs (verify skips it)
 FORMAT_VERSION = 3
@@ -127,12 +128,12 @@ class ReinforceConfig:
 
     @classmethod
     def for_teachers(cls, teachers: "TeacherEnsemble", augment: str = "imagenet+rrc", *, num_samples: int = 400,
-                     topk: int = 10, seed: int = 0, crop_scale: Optional[float] = None,
+                     topk: Optional[int] = None, seed: int = 0, crop_scale: Optional[float] = None,
                      group_size: Optional[int] = None, teacher_batch_size: Optional[int] = None,
                      render: Optional[str] = None, **fields) -> "ReinforceConfig":
         """The configuration of a job with ``teachers`` (a :class:`~dr_hf.teacher.TeacherEnsemble`) and the preset
         ``augment`` (``crop_scale``, ``group_size``: as :func:`~dr_hf.pipeline.make_pipeline` takes them), the
-        paper's N=400 and top-10 by default: the preset's transforms with all their constants, the teachers' specs,
+        paper's N=400 and top-10 by default (``topk``: every class of teachers with fewer): the preset's transforms with all their constants, the teachers' specs,
         class count and precision are recorded, and ``teacher_batch_size`` and ``render`` default to what the
         teachers' device wants (as ``dr-hf reinforce``: 64 samples and per-sample rendering on a CPU, 256 and batched
         on a GPU). Other fields (``source``, ``image_column``, ``label_column``, ``rows_per_shard``, ...) as given."""
@@ -141,7 +142,8 @@ class ReinforceConfig:
 
         pipeline = make_pipeline(augment, crop_scale=crop_scale, group_size=group_size)
         return cls(augment=augment, augmentations=pipeline.config(), teachers=teachers.specs, num_samples=num_samples,
-                   topk=topk, seed=seed, num_classes=teachers.num_classes, precision=teachers.precision,
+                   topk=min(PAPER_TOPK, teachers.num_classes) if topk is None else topk, seed=seed,
+                   num_classes=teachers.num_classes, precision=teachers.precision,
                    teacher_batch_size=default_teacher_batch_size(teachers) if teacher_batch_size is None
                    else teacher_batch_size, render=default_render(teachers)[1] if render is None else render, **fields)
 

@@ -53,6 +53,35 @@ def test_imagenet_sample_reinforce_verify_and_batch_size_invariance(tmp_path, ca
     assert a.equals(b)
 
 
+def test_an_image_folder_with_a_teacher_of_few_classes(tmp_path, capsys):
+    """An `imagefolder` (class subfolders of JPEG and PNG files, which `datasets` holds as paths) reinforced by a
+    3-class teacher with the default top-K: every class kept (K = 3), the images' bytes in the shards, not the paths."""
+    import datasets
+    import numpy as np
+    import PIL.Image
+    import timm
+    import torch
+    from timm.models import save_for_hf
+
+    rng = np.random.default_rng(0)
+    for c, name in enumerate(("cat", "dog", "owl")):
+        (tmp_path / "photos" / "train" / name).mkdir(parents=True)
+        for i in range(3):
+            pixels = rng.integers(0, 256, (30 + i, 40, 3), dtype=np.uint8)
+            PIL.Image.fromarray(pixels).save(tmp_path / "photos" / "train" / name / f"{i}.{'png' if i else 'jpg'}")
+    torch.manual_seed(0)
+    save_for_hf(timm.create_model("resnet10t", num_classes=3, pretrained_cfg_overlay=dict(input_size=(3, 32, 32))),
+                str(tmp_path / "teacher"))
+    code, out, _ = here(capsys, "reinforce", tmp_path / "photos", "--output", tmp_path / "plus", "--teacher",
+                        f"timm:local-dir:{tmp_path / 'teacher'}", "--num-samples", 2, "--quiet")
+    assert code == 0 and "9 rows x 2 samples, top-3" in out
+    shards = shard_paths(str(tmp_path / "plus"))
+    images = [v for path in shards for v in pq.read_table(path, columns=["image"]).column("image").to_pylist()]
+    assert len(images) == 9 and all(v["bytes"] and not os.path.isabs(v["path"] or "") for v in images)
+    plus = datasets.load_dataset(str(tmp_path / "plus"), split="train")
+    assert plus.features["label"].names == ["cat", "dog", "owl"] and len(plus[0]["dr_topk_indices"][0]) == 3
+
+
 def test_verify_fails_on_tampered_values(tmp_path, image_dataset_dir, tiny_teacher_spec, capsys):
     assert here(capsys, "reinforce", image_dataset_dir, "--output", tmp_path / "ok", "--teacher", tiny_teacher_spec,
                 "--num-samples", 3, "--topk", 4, "--quiet")[0] == 0
