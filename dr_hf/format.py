@@ -212,6 +212,14 @@ def check_classes(label_column: str, labels: Sequence[str], num_classes: int, na
     check_class_order(label_column, labels, names, whose)
 
 
+def check_class_ids(label_column: str, feature, remedy: str) -> None:
+    """Refuse a label column of strings (class names): labels are class ids, a ``ClassLabel`` or integers."""
+    if getattr(feature, "dtype", None) in ("string", "large_string"):
+        raise ValueError(f"column {label_column!r} holds strings, not class ids: encode them first, "
+                         f"dataset.class_encode_column({label_column!r}) (then dataset.align_labels_with_mapping("
+                         f"label2id, {label_column!r}) for a model's class order), or {remedy}")
+
+
 def reordered_class(a: Optional[Sequence[str]], b: Optional[Sequence[str]]) -> Optional[int]:
     """The first class id at which two lists of class names that name the same classes (compared lowercased, as
     ``datasets``' ``align_labels_with_mapping`` compares them) in another order differ; ``None`` when they are in the

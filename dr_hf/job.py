@@ -25,6 +25,7 @@ from .format import (
     METADATA_KEY,
     NewerFormatError,
     ReinforceConfig,
+    check_class_ids,
     check_classes,
     config_from_parquet,
     reinforcement_features,
@@ -461,6 +462,7 @@ def check_columns(dataset, config: ReinforceConfig, teachers: TeacherEnsemble) -
             raise ValueError(f"`label_column` {config.label_column!r} is not a column of the dataset (columns: {cols}); "
                              "pass `label_column` '' for unlabelled data")
         feature = dataset.features[config.label_column]
+        check_class_ids(config.label_column, feature, "pass `label_column` '' to reinforce without labels")
         if isinstance(feature, ClassLabel):
             check_classes(config.label_column, feature.names, teachers.num_classes, teachers.class_names,
                           "the teachers", f"use teachers trained on these classes, not {teachers.specs} (e.g. "

@@ -21,7 +21,8 @@ from transformers import PreTrainedModel, Trainer, TrainerCallback, TrainingArgu
 from .pipeline import PRESETS, AugmentPipeline, normalise_pixels
 from .collator import AugmentCollator, EvalCollator, ReinforcedCollator
 from .inputs import INTERPOLATION_NAMES, InputSpec, resolve_input_spec
-from .format import DR_COLUMNS, DR_FINGERPRINT, DR_PARAMS, check_classes, reordered_class, require_reinforced
+from .format import (DR_COLUMNS, DR_FINGERPRINT, DR_PARAMS, check_class_ids, check_classes, reordered_class,
+                     require_reinforced)
 from .images import image_column_of
 from .shards import data_files_of, name_bad_files
 from .loss import dense_teacher_log_probs, distillation_loss, one_hot_target
@@ -316,6 +317,7 @@ class ReinforcedTrainer(Trainer):
         from datasets import ClassLabel
 
         label = dataset.features.get(args.label_column) if dataset.features and args.label_column else None
+        check_class_ids(args.label_column, label, "train without labels, label_column=''")
         label = label if isinstance(label, ClassLabel) else None
         if label is not None:
             check_classes(args.label_column, label.names, self.num_classes, student_class_names(model), "the student",

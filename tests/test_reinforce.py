@@ -443,6 +443,10 @@ def test_bad_inputs_give_clear_errors(tmp_path, image_dataset, teachers, tiny_hf
     far = image_dataset.cast_column("label", datasets.Value("int64")).map(lambda x, i: {"label": 12 if i == 7 else x["label"]}, with_indices=True)
     with pytest.raises(ValueError, match=r"row 7, column 'label': label 12 is outside"):
         run(far, tmp_path / "far", teachers)
+    named = image_dataset.cast_column("label", datasets.Value("string"))  # class names where ids belong
+    with pytest.raises(ValueError, match=r"column 'label' holds strings, not class ids: encode them first, "
+                                         r"dataset.class_encode_column\('label'\)"):
+        run(named, tmp_path / "named", teachers)
     with pytest.raises(ValueError, match="`topk` 11 exceeds"):
         make_config(teachers, k=11)
     with pytest.raises(ValueError, match=r"`num_samples` must be in \[1, 65535\], got 0"):

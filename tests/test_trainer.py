@@ -326,6 +326,9 @@ def test_clear_errors(tmp_path, reinforced, caplog, tiny_hf_dir):
     with pytest.raises(ValueError, match="the student's 7 classes"):
         trainer.train()
     plus = datasets.load_dataset(str(folders["rrc+flip"]), split="train")
+    with pytest.raises(ValueError, match=r"column 'label' holds strings, not class ids: .* or train without labels"):
+        ReinforcedTrainer(model=tiny_timm(), args=args(tmp_path),
+                          train_dataset=plus.cast_column("label", datasets.Value("string")))
     for given, said in ((dict(augment="rrc+flip", crop_scale=0.5), "augment, crop_scale"),
                         (dict(augment="rrc+flip", online_teachers=["efficientnet-lite0"]), "augment, online_teachers")):
         # unused with reinforced data (one set of arguments may serve plain and reinforced runs): said, and the online
