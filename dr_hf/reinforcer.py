@@ -13,6 +13,7 @@ rows do).
 from __future__ import annotations
 
 import functools
+import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -58,6 +59,9 @@ class Reinforcer:
     teachers on a GPU): each teacher batch's results are read back once the next forward is queued (see compute).
     ``progress(rows)`` is told of rows as they are done: kept rows when their teacher block is, skipped rows at the
     end of their map batch.
+    It runs in the process that made it: ``Dataset.map(..., num_proc=N)`` is refused (its copies of the teachers would
+    share the cores, torch may hang after the fork, and its parts split teacher blocks); several processes are
+    ``accelerate launch`` or ``torchrun`` with :func:`~dr_hf.job.reinforce`, one Reinforcer each.
     """
 
     def __init__(
@@ -76,6 +80,7 @@ class Reinforcer:
         read_back_late: Optional[bool] = None,
     ):
         check_on_bad_row(on_bad_row)
+        self.made_in = os.getpid()
         self.on_bad_row = on_bad_row
         self.bad_rows: List[Dict[str, Any]] = []  # with on_bad_row="skip": what was skipped, and why
         self.config = config
@@ -285,6 +290,10 @@ class Reinforcer:
         if indices is None or isinstance(indices, int):  # map(..) without with_indices=True, or without batched=True
             raise TypeError("Reinforcer is a batched map function that needs each row's index (its seeds derive from "
                             "it): Dataset.map(reinforcer, batched=True, with_indices=True)")
+        if os.getpid() != self.made_in:  # a copy in another process: Dataset.map(..., num_proc=N)
+            raise RuntimeError("Reinforcer runs in the process that made it, not in Dataset.map's num_proc workers: "
+                               "map without num_proc, and for several processes (one per GPU, or CPU processes) run "
+                               "dr-hf reinforce or dr_hf.reinforce() under accelerate launch or torchrun")
         cfg = self.config
         fingerprints = self._fingerprints(batch[cfg.image_column], [i + self.index_offset for i in indices])
         rows, n, k = len(indices), cfg.num_samples, cfg.topk

@@ -259,6 +259,9 @@ def test_the_map_function_gives_the_typed_reinforcement_columns(tmp_path, image_
     for forgotten in ({"batched": True}, {"with_indices": True}):  # (TypeErrors about a missing argument, an int)
         with pytest.raises(TypeError, match=r"Dataset.map\(reinforcer, batched=True, with_indices=True\)"):
             ds.select(range(2)).map(Reinforcer(config, teachers, num_rows=len(ds)), **forgotten)
+    # in Dataset.map's num_proc workers (copies in forked processes, where torch could hang): refused, naming the way
+    with pytest.raises(RuntimeError, match="not in Dataset.map's num_proc workers: .* under accelerate launch or torchrun"):
+        ds.map(Reinforcer(config, teachers, num_rows=len(ds)), batched=True, with_indices=True, batch_size=8, num_proc=2)
 
 
 def test_job_defaults_follow_the_teachers_device(teachers):
