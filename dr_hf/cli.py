@@ -34,8 +34,9 @@ def cmd_reinforce(args) -> int:
         logging.basicConfig(format="%(asctime)s %(message)s", level=logging.WARNING)  # the job's lines name the process
         logging.getLogger("dr_hf").setLevel(logging.INFO)
     make_pipeline(args.augment, crop_scale=args.crop_scale, group_size=args.group_size)  # its options, before loading
+    shuffle_seed = args.seed if args.shuffle else None
     ds = load_source(args.dataset, args.split, args.name, args.revision, None if args.streaming else args.limit,
-                     streaming=args.streaming)
+                     streaming=args.streaming, shuffle_seed=shuffle_seed)
     args.image_column = args.image_column or image_column_of(ds)
     if args.streaming:
         num_rows = args.num_rows or stream_length(ds, args.split, args.label_column or args.image_column)
@@ -51,7 +52,8 @@ def cmd_reinforce(args) -> int:
         crop_scale=args.crop_scale, group_size=args.group_size, teacher_batch_size=args.teacher_batch_size,
         render=render, image_column=args.image_column, label_column=args.label_column or None,
         source={**public_source(args.dataset, args.revision), "name": args.name, "split": args.split,
-                "limit": args.limit, "num_rows": num_rows},  # a local folder by its name only
+                "limit": args.limit, "num_rows": num_rows,  # a local folder by its name only
+                **({"shuffle_seed": shuffle_seed} if args.shuffle else {})},
         rows_per_shard=args.rows_per_shard, keep_source=not args.no_images,
     )
     command = public_command(sys.argv[1:], {args.dataset: config.source["path"],
@@ -155,7 +157,8 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
 
 # library parameters whose flags have other names (``--output`` is ``reinforce(output_dir=...)``)
 FLAG_OF_PARAMETER = {"output_dir": "--output", "teachers": "--teacher", "preset": "--augment",
-                     "compile_mode": "--compile", "keep_source": "--no-images"}
+                     "compile_mode": "--compile", "keep_source": "--no-images",
+                     "shuffle_seed": "--shuffle"}
 
 
 def flags_of(parser: argparse.ArgumentParser) -> Dict[str, str]:
@@ -198,7 +201,10 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--image-column", default=None,
                    help="the source's image column (default: its one column of type datasets.Image, else image)")
     r.add_argument("--label-column", default="label", help="'' for unlabelled data")
-    r.add_argument("--limit", type=int, default=None, help="only the first M rows (for trials)")
+    r.add_argument("--limit", type=int, default=None, help="only the first M rows (for trials; after --shuffle)")
+    r.add_argument("--shuffle", action="store_true",
+                   help="reinforce the rows in a random order, datasets' shuffle(seed=--seed) (recorded): MixUp/CutMix "
+                        "partners are rows stored together, and a source sorted by label is refused without it")
     r.add_argument("--streaming", action="store_true", help="stream the source (sets that do not fit on disk); dr_index = position in the stream")
     r.add_argument("--num-rows", type=int, default=None, help="the stream's length, when its metadata lacks it (else it is counted)")
     r.add_argument("--no-images", action="store_true",

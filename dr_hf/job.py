@@ -179,6 +179,8 @@ def reinforce(
     if streaming and dataset.features is None:
         dataset = dataset._resolve_features()
     check_columns(dataset, config, teachers)
+    if not streaming:
+        check_mixing_order(dataset, config)
     block = teacher_block_rows(config)  # a multiple of the mixing group size
     batch_size = default_batch_size(config.num_samples) if batch_size is None else batch_size
     batch_size = max(block, int(math.ceil(batch_size / block)) * block)
@@ -256,6 +258,8 @@ def _run_shards(decoded, dataset, config, teachers, output_dir, split, batch_siz
         redirect.__enter__()
         for s, part in pending_shards(decoded, todo, per_shard, n, streaming):
             t_shard = time.time()
+            if streaming:
+                check_mixing_order(part, config, streaming, where=f"shard {s + 1}/{count} of the stream")
             job = Reinforcer(config, teachers, num_rows=n, index_offset=s * per_shard,
                              progress=bar.update if bar else None, render_threads=render_threads, on_bad_row=on_bad_row,
                              render_device=render_device, pool=pool)
@@ -468,6 +472,29 @@ def check_columns(dataset, config: ReinforceConfig, teachers: TeacherEnsemble) -
                           "the teachers", f"use teachers trained on these classes, not {teachers.specs} (e.g. "
                           "timm:NAME@FILE.safetensors with your fine-tuned weights), or pass `label_column` '' to keep "
                           "the teachers' own classes without the labels")
+
+
+def check_mixing_order(rows, config: ReinforceConfig, streaming: bool = False, where: str = "the dataset") -> None:
+    """Refuse MixUp/CutMix over ``rows`` (a ``datasets.Dataset``: the whole source, or a streamed source's shard) that
+    are stored sorted by label: a row mixes with the rows of its group of consecutive rows, which would be mostly its
+    own class (:func:`~dr_hf.augment.sorted_by_label`)."""
+    from .augment import label_agreement_in_groups, sorted_by_label
+
+    g = config.pipeline().group_size
+    if g < 2 or not config.label_column or config.label_column not in rows.column_names:
+        return
+    labels = rows.select_columns([config.label_column]).with_format("arrow")[config.label_column]
+    agreement, chance, groups = label_agreement_in_groups(labels.fill_null(-1).to_numpy(), g)
+    if not sorted_by_label(agreement, chance, groups):
+        return
+    fix = ("a stream is shuffled only within a buffer: store the source in a random order, or reinforce it read "
+           "whole (without `streaming`) and shuffled (`shuffle_seed`)" if streaming else
+           "reinforce them in a random order: `shuffle_seed` (dataset.shuffle(seed=...), recorded as "
+           "source['shuffle_seed'] in the config)")
+    raise ValueError(f"{where}: MixUp/CutMix would mix each image mostly with images of its own class: "
+                     f"{agreement:.0%} of the pairs of rows in a group ({g} consecutive rows, `group_size`) share their "
+                     f"`label_column` {config.label_column!r}, against {chance:.0%} in a random order (the rows are "
+                     f"stored sorted by label; the paper mixes random pairs); {fix}")
 
 
 def check_output_dir(data_dir: str, config: ReinforceConfig, split: str, num_shards: int,

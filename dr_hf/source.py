@@ -23,12 +23,16 @@ def check_revision(path: str, revision: Optional[str]) -> None:
 
 
 def load_source(path: str, split: str, name: Optional[str] = None, revision: Optional[str] = None,
-                limit: Optional[int] = None, streaming: bool = False):
-    """Anything ``datasets.load_dataset`` accepts (Hub id, local folder, a plain image folder), optionally its first
-    ``limit`` rows."""
+                limit: Optional[int] = None, streaming: bool = False, shuffle_seed: Optional[int] = None):
+    """Anything ``datasets.load_dataset`` accepts (Hub id, local folder, a plain image folder), optionally in the
+    random order ``dataset.shuffle(seed=shuffle_seed)`` (read whole, not streamed), then its first ``limit`` rows."""
     import datasets
 
     require_at_least(1, limit=limit)
+    require_at_least(0, shuffle_seed=shuffle_seed)
+    if shuffle_seed is not None and streaming:
+        raise ValueError("`shuffle_seed` needs a source read whole: a stream is shuffled only within a buffer, so rows "
+                         "stored sorted would stay nearly sorted")
     check_revision(path, revision)
     kwargs: Dict[str, Any] = {"split": split, "streaming": streaming}
     if revision:
@@ -39,6 +43,8 @@ def load_source(path: str, split: str, name: Optional[str] = None, revision: Opt
         ds = datasets.load_dataset("imagefolder", data_dir=path, **kwargs)
     else:
         ds = datasets.load_dataset(path, name, **kwargs)
+    if shuffle_seed is not None:
+        ds = ds.shuffle(seed=shuffle_seed)
     if limit is not None:
         ds = ds.take(limit) if streaming else ds.select(range(min(limit, len(ds))))
     return ds
@@ -62,7 +68,8 @@ def base_of(folder: str, config: ReinforceConfig, source: Optional[str], split: 
     if source is None:
         raise ValueError(f"{folder} holds no images (a reinforcement-only dataset): pass the base dataset as "
                          "`source`")
-    return load_source(source, config.source.get("split") or split, config.source.get("name"))
+    return load_source(source, config.source.get("split") or split, config.source.get("name"),
+                       shuffle_seed=config.source.get("shuffle_seed"))
 
 
 def check_hub_dataset(path: str, revision: Optional[str] = None) -> None:
@@ -208,6 +215,11 @@ def load_reinforced(path: str, split: str = "train", source: Optional[str] = Non
     if not src:
         raise ValueError(f"{path} is reinforcement-only and was made from a local copy of "
                          f"{config.source.get('path') or 'its source'}: pass source= (your copy of it)")
+    shuffle_seed = config.source.get("shuffle_seed")
+    if shuffle_seed is not None and streaming:
+        raise ValueError(f"{path} holds its source's rows shuffled (seed {shuffle_seed}), which only a source read "
+                         "whole reproduces: load it with streaming=False to join it")
     base = load_source(src, config.source.get("split") or split, config.source.get("name"),
-                       config.source.get("revision") if source is None else None, streaming=streaming)
+                       config.source.get("revision") if source is None else None, streaming=streaming,
+                       shuffle_seed=shuffle_seed)
     return join_source(ds, base, image_column=config.image_column)

@@ -4,7 +4,8 @@ import torch
 from hypothesis import given, settings, strategies as st
 
 from dr_hf.augment import (Q16, Context, Draws, HorizontalFlip, MixUpCutMix, RandAugment, RandomErasing,
-                           RandomResizedCrop, box_to_pixels, boxes_to_pixels)
+                           RandomResizedCrop, box_to_pixels, boxes_to_pixels, label_agreement_in_groups,
+                           sorted_by_label)
 from dr_hf.inputs import InputSpec
 from dr_hf.pipeline import PRESETS, AugmentPipeline, make_pipeline, params_at
 from dr_hf.randaugment_ops import RANDAUGMENT_OPS, RA_CONSTANTS, randaugment_runs
@@ -227,6 +228,27 @@ def test_mix_partner_never_leaves_a_partial_group():
     drawn = t.sample(Draws(0, 0, 300), Context(8, 8, position=1, group_rows=3, num_samples=4))
     partners = 1 + drawn["mix_partner"].astype(int)
     assert set(partners) == {0, 1, 2}  # both other rows of the partial group, and unmixed samples
+
+
+@pytest.mark.parametrize("classes", [2, 10, 1000])
+def test_rows_sorted_by_label_are_told_from_a_random_order(classes):
+    """MixUp/CutMix partners are rows of one group of 8 consecutive rows: a source stored sorted by label (an image
+    folder, this CIFAR-10 copy) would mix each image with its own class. Sorted labels are told from any random order,
+    and a random order never looks sorted (1000 draws, balanced or 95/5 labels)."""
+    rng = np.random.default_rng(0)
+    n = max(512, 16 * classes)  # ImageNet's classes have about 1300 images each
+    agreement, chance, groups = label_agreement_in_groups(np.sort(rng.integers(0, classes, n)), 8)
+    assert agreement > 0.8 and chance < 0.6 and groups == n // 8 and sorted_by_label(agreement, chance, groups)
+    few = label_agreement_in_groups(np.arange(512) // 4, 8)  # 4 images a class: 3 of a row's 7 partners its own class
+    assert few[0] == pytest.approx(3 / 7) and sorted_by_label(*few)
+    for p in (None, [0.95] + [0.05 / (classes - 1)] * (classes - 1)):
+        for _ in range(1000 if classes == 2 else 50):
+            labels = rng.choice(classes, 256, p=p)
+            assert not sorted_by_label(*label_agreement_in_groups(labels, 8))
+    assert label_agreement_in_groups(np.arange(512) // 256, 8)[:2] == (1.0, 0.5)  # two classes, sorted: every pair
+    assert not sorted_by_label(*label_agreement_in_groups(np.zeros(512), 8))  # one class: nothing to tell
+    assert label_agreement_in_groups(np.full(512, -1), 8) == (0.0, 0.0, 0)  # unlabelled rows are left out
+    assert not sorted_by_label(*label_agreement_in_groups(np.arange(31 * 8) // 8, 8))  # under 32 groups: too few
 
 
 def test_determinism_pure_function_of_seed_index_sample():

@@ -82,6 +82,46 @@ def test_an_image_folder_with_a_teacher_of_few_classes(tmp_path, capsys):
     assert plus.features["label"].names == ["cat", "dog", "owl"] and len(plus[0]["dr_topk_indices"][0]) == 3
 
 
+def test_a_source_sorted_by_label_is_shuffled_for_mixup_cutmix(tmp_path, tiny_teacher_spec, capsys):
+    """MixUp/CutMix mixes a row with the rows stored beside it: a source stored sorted by label (as an image folder
+    is) is refused before any work, naming --shuffle, read whole or streamed. With --shuffle, the rows are reinforced
+    in datasets' shuffle(seed=--seed) order, recorded in the config and the card, and a reinforcement-only copy joins
+    back to its source in that order."""
+    import datasets
+    import numpy as np
+    from conftest import make_image_dataset
+
+    import dr_hf
+    from dr_hf.source import reinforcement_config
+
+    source = tmp_path / "sorted"
+    (source / "data").mkdir(parents=True)
+    rows = make_image_dataset(256, sizes=((8, 8),))
+    rows.select(np.argsort(rows["label"], kind="stable")).to_parquet(str(source / "data" / "train-00000-of-00001.parquet"))
+    common = ["--teacher", tiny_teacher_spec, "--augment", "imagenet+mix", "--num-samples", 2, "--quiet"]
+    code, _, err = here(capsys, "reinforce", source, "--output", tmp_path / "x", *common)
+    assert code == 2 and "mostly with images of its own class" in err and "(8 consecutive rows, --group-size)" in err
+    assert "share their --label-column 'label'" in err and "random order: --shuffle" in err
+    assert not (tmp_path / "x").exists()  # refused before anything is written
+    code, _, err = here(capsys, "reinforce", source, "--output", tmp_path / "x", *common, "--streaming",
+                        "--rows-per-shard", 256)
+    assert code == 2 and "shard 1/1 of the stream: MixUp/CutMix would mix" in err and "(--shuffle)" in err
+    assert not list((tmp_path / "x").rglob("*.parquet"))
+    code, _, err = here(capsys, "reinforce", source, "--output", tmp_path / "x", *common, "--streaming", "--shuffle")
+    assert code == 2 and "--shuffle needs a source read whole" in err
+
+    code, out, _ = here(capsys, "reinforce", source, "--output", tmp_path / "plus", *common, "--shuffle", "--seed", 3,
+                        "--limit", 32, "--no-images")
+    assert code == 0 and "32 rows x 2 samples" in out
+    shuffled = datasets.load_dataset(str(source), split="train").shuffle(seed=3).select(range(32))
+    plus = dr_hf.load_reinforced(str(tmp_path / "plus"), source=str(source))  # every row's fingerprint checked
+    assert plus["note"] == shuffled["note"] and plus["dr_index"] == list(range(32))
+    assert reinforcement_config(str(tmp_path / "plus")).source["shuffle_seed"] == 3
+    assert "random order `shuffle(seed=3)`" in (tmp_path / "plus" / "README.md").read_text()
+    with pytest.raises(ValueError, match="shuffled \\(seed 3\\).*streaming=False"):
+        dr_hf.load_reinforced(str(tmp_path / "plus"), source=str(source), streaming=True)
+
+
 def test_verify_fails_on_tampered_values(tmp_path, image_dataset_dir, tiny_teacher_spec, capsys):
     assert here(capsys, "reinforce", image_dataset_dir, "--output", tmp_path / "ok", "--teacher", tiny_teacher_spec,
                 "--num-samples", 3, "--topk", 4, "--quiet")[0] == 0
