@@ -44,7 +44,7 @@ def load_source(path: str, split: str, name: Optional[str] = None, revision: Opt
     else:
         ds = datasets.load_dataset(path, name, **kwargs)
     if shuffle_seed is not None:
-        ds = ds.shuffle(seed=shuffle_seed)
+        ds = ds.shuffle(seed=shuffle_seed, keep_in_memory=True)  # (8 bytes a row; no file in a shared cache)
     if limit is not None:
         ds = ds.take(limit) if streaming else ds.select(range(min(limit, len(ds))))
     return ds
