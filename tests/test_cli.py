@@ -191,7 +191,7 @@ def test_cli_errors_name_the_option(tmp_path, image_dataset_dir, tiny_teacher_sp
                        (["verify", folder, "--atol", -1], "--atol must be >= 0, got -1.0"),
                        (["preview", folder, "--samples", 0], "--samples must be >= 1, got 0"),
                        (["preview", "org/x"], "preview renders a local folder; 'org/x' is not one"),
-                       (["preview", folder, "--out", "grid.txt"], "--out 'grid.txt': name an image file (.png, .jpg"),
+                       (["preview", folder, "--output", "grid.txt"], "--output 'grid.txt': name an image file (.png, .jpg"),
                        (["push", folder, "org/x", "--files-per-commit", 0], "--files-per-commit must be >= 1, got 0")):
         code, _, err = here(capsys, *argv)
         assert code == 2 and f"dr-hf {argv[0]}: error: {said}" in err, err
