@@ -13,6 +13,7 @@ from huggingface_hub import DatasetCard, DatasetCardData
 
 from .format import ReinforceConfig, index_dtype
 from .shards import CARD, check_shards, data_files_pattern, raise_if, written_whole
+from .stats import agreement_text
 
 
 def md_code(text: Any) -> str:
@@ -25,9 +26,10 @@ def md_code(text: Any) -> str:
 
 
 def md_text(text: Any) -> str:
-    """``text`` as plain Markdown text: HTML and Markdown syntax escaped, one line."""
-    text = html.escape(" ".join(str(text).splitlines()), quote=True)
-    return re.sub(r"([\\`*_\[\]{}#!|<>~])", r"\\\1", text)
+    """``text`` as plain Markdown text: Markdown syntax escaped, then HTML's (so that an entity's ``#`` stays), one
+    line."""
+    text = re.sub(r"([\\`*_\[\]{}#!|~])", r"\\\1", " ".join(str(text).splitlines()))
+    return html.escape(text, quote=False)
 
 
 def md_block(text: Any, lang: str = "") -> str:
@@ -119,7 +121,8 @@ def write_card(output_dir: str, config: ReinforceConfig, stats: Dict[str, Any], 
         source_revision=md_code(config.source["revision"]) if config.source.get("revision") else None,
         shuffle_code=md_code(f"shuffle(seed={config.source['shuffle_seed']})") if config.source.get("shuffle_seed") is not None else None,
         teachers_text=", ".join(md_code(t) for t in config.teachers),
-        agreement_text=f"{agreement:.1%} of {stats['agreement_samples']} samples" if agreement is not None else "n/a (no labels)",
+        agreement_text="n/a (no labels)" if agreement is None else
+        md_text(agreement_text(agreement, config.num_classes, stats["rows"], stats["agreement_samples"])),
         num_samples=config.num_samples,
         topk=config.topk,
         num_classes=config.num_classes,

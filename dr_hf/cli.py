@@ -23,6 +23,7 @@ def cmd_reinforce(args) -> int:
     from .reinforcer import check_preparation
     from .shards import check_split_name, shard_paths
     from .source import load_source
+    from .stats import agreement_text
     from .teacher import TeacherEnsemble
 
     check_split_name(args.split)
@@ -78,7 +79,8 @@ def cmd_reinforce(args) -> int:
     if s.get("skipped_rows"):
         print(f"skipped {s['skipped_rows']} bad row(s) of {s['source_rows']}: listed with the reasons in {args.output}/errors/")
     if "teacher_top1_agreement" in s:
-        print(f"teacher top-1 agreement with labels: {s['teacher_top1_agreement']:.1%} of {s['agreement_samples']} unmixed samples")
+        print("teacher top-1 agreement with labels: "
+              + agreement_text(s["teacher_top1_agreement"], config.num_classes, s["rows"], s["agreement_samples"]))
     if "images_per_second" in s:
         print(f"throughput: {s['images_per_second']} images/s, {s['samples_per_second']} samples/s")
     return 0
@@ -92,6 +94,7 @@ def public_command(argv: List[str], rename: dict) -> Optional[str]:
 
 
 def cmd_verify(args) -> int:
+    from .stats import agreement_text
     from .verify import verify
 
     report = verify(args.path, teachers=args.teacher, rows=args.rows, split=args.split, seed=args.seed,
@@ -104,7 +107,7 @@ def cmd_verify(args) -> int:
             print("parameters not re-drawn: this data was drawn by dr-hf 0.1's per-sample sampler (format 2); "
                   "its stored parameters were replayed")
     if report.agreement is not None:
-        print(f"teacher top-1 agreement with labels: {report.agreement:.1%}")
+        print(f"teacher top-1 agreement with labels: {agreement_text(report.agreement, report.num_classes, report.rows)}")
     for problem in report.problems:
         print(f"FAIL: {problem}")
     print("OK" if report.ok else "FAILED")

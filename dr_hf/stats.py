@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import glob
 import json
+import math
 import os
-from typing import Any, Dict, List, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 import numpy as np
 import pyarrow as pa
@@ -100,3 +101,15 @@ def summarize(output_dir: str, split: str = "train") -> Dict[str, Any]:
     reports = sorted(glob.glob(os.path.join(output_dir, "errors", f"{split}-*.jsonl")))
     stats["skipped_rows"] = sum(_count_lines(p) for p in reports)
     return stats
+
+
+def agreement_text(agreement: float, num_classes: int, rows: int, samples: Optional[int] = None) -> str:
+    """The teachers' top-1 agreement with the labels as the CLI and the card say it, pointing out an agreement within
+    chance (1 / ``num_classes``, plus two standard deviations over ``rows`` rows): a teacher fit for the data is far
+    above it, so its class ids likely mean other classes than the labels' (shifted by one, or in another order)."""
+    text = f"{agreement:.1%}" + (f" of {samples} unmixed samples" if samples is not None else "")
+    chance = 1 / max(num_classes, 1)
+    if num_classes >= 2 and agreement <= chance + 2 * math.sqrt(chance * (1 - chance) / max(rows, 1)):
+        text += (f" (about chance for {num_classes} classes: do the teachers' class ids mean the classes of the "
+                 "labels' ids?)")
+    return text

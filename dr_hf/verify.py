@@ -75,6 +75,7 @@ class VerifyReport:
     params_redrawn: bool = True  # False for data drawn by dr-hf 0.1's per-sample sampler (format < 3), not re-checked
     topk_index_mismatches: int = 0
     agreement: Optional[float] = None
+    num_classes: int = 0  # the teachers' classes (what the agreement compares with chance)
 
     @property
     def ok(self) -> bool:
@@ -151,7 +152,7 @@ def verify(path: str, teachers: Optional[Sequence[str]] = None, rows: int = 8, s
     if consistency:  # a card that lies about its shards, mixed jobs, unreadable files: nothing else is meaningful
         return VerifyReport(rows=0, problems=consistency)
     config = load_config(path, split)
-    report = VerifyReport(rows=0)
+    report = VerifyReport(rows=0, num_classes=config.num_classes)
     seen: Dict[int, int] = {}
     for shard in paths:
         try:  # every page of every column, checksums verified: a damaged file is named, not a traceback

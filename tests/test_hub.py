@@ -334,7 +334,7 @@ def test_reinforcement_only_repo_joins_its_source_and_refuses_a_tampered_row(tmp
     full, only = summarize(str(plus)), summarize(str(reinforcement_only))
     assert only["agreement_samples"] == full["agreement_samples"] > 0
     assert only["teacher_top1_agreement"] == full["teacher_top1_agreement"]
-    assert f"{full['teacher_top1_agreement']:.1%} of {full['agreement_samples']} samples" in card
+    assert f"{full['teacher_top1_agreement']:.1%} of {full['agreement_samples']} unmixed samples" in card
     # a copy of the source whose row 5 differs (re-encoded), in the user's hands
     tampered = tmp_path / "tampered"
     (tampered / "data").mkdir(parents=True)

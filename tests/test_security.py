@@ -148,6 +148,23 @@ def test_the_card_escapes_user_provided_text(tmp_path, tiny_teacher_spec):
     assert block.startswith("````bash") and block.endswith("````") and "```\n# injected" in block
 
 
+@pytest.mark.parametrize("text", ["Bob's photos & more", "<b>#1</b> *set* _a_ ~~s~~ | `x` [l](u) \\ {{ 7*7 }}",
+                                  "&amp; &#x27; &lt;script&gt; written out"])
+def test_card_text_renders_as_written(text):
+    """A name in the card's prose (its title, the agreement line) renders as the text itself, quotes, ampersands and
+    entity-like text included (an apostrophe rendered as `&#x27;` before), with no markup of its own."""
+    import html
+
+    from markdown_it import MarkdownIt
+
+    from dr_hf.card import md_text
+
+    rendered = MarkdownIt().render(md_text(text)).strip()
+    assert rendered.startswith("<p>") and rendered.endswith("</p>")
+    inner = rendered[3:-4]
+    assert "<" not in inner and html.unescape(inner) == text
+
+
 def test_tokens_are_not_written_by_reinforce(tmp_path, tiny_teacher_spec, monkeypatch):
     token = "hf_never_write_me_0123456789abcdef"
     monkeypatch.setenv("HF_TOKEN", token)
