@@ -320,9 +320,11 @@ class ReinforcedTrainer(Trainer):
         check_class_ids(args.label_column, label, "train without labels, label_column=''")
         label = label if isinstance(label, ClassLabel) else None
         if label is not None:
+            alone = ("" if fields is None else
+                     ", train on the teachers' targets alone (label_column='', a student of their classes)")
             check_classes(args.label_column, label.names, self.num_classes, student_class_names(model), "the student",
                           f"load it for these classes (from_pretrained(..., num_labels={label.num_classes}, "
-                          "id2label=..., ignore_mismatched_sizes=True)), or train on data labelled with its own")
+                          f"id2label=..., ignore_mismatched_sizes=True)){alone}, or train on data labelled with its own")
         if self.teachers is not None:  # online KD: the teachers' targets in the student's (and the labels') order
             own = student_class_names(model) or (label.names if label is not None else None)
             k = reordered_class(own, self.teachers.class_names)

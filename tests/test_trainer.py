@@ -320,6 +320,12 @@ def test_clear_errors(tmp_path, reinforced, caplog, tiny_hf_dir):
     with pytest.raises(ValueError, match="column 'label' has 10 classes, against 7 from the student: load it for these classes .*num_labels=10"):
         ReinforcedTrainer(model=timm.create_model("resnet10t", num_classes=7), args=args(tmp_path),
                           train_dataset=datasets.load_dataset(str(folders["rrc+flip"]), split="train"))
+    # labels of other classes than the teachers' (reinforced with --label-column ''): the teachers' targets alone train
+    other = datasets.load_dataset(str(folders["rrc+flip"]), split="train").cast_column(
+        "label", datasets.ClassLabel(names=[f"k{i}" for i in range(11)]))
+    with pytest.raises(ValueError, match=r"has 11 classes, against 10 .*the teachers' targets alone \(label_column=''"):
+        ReinforcedTrainer(model=tiny_timm(), args=args(tmp_path), train_dataset=other)
+    ReinforcedTrainer(model=tiny_timm(), args=args(tmp_path, max_steps=1, label_column=""), train_dataset=other).train()
     unlabelled = datasets.load_dataset(str(folders["rrc+flip"]), split="train").cast_column("label", datasets.Value("int64"))
     trainer = ReinforcedTrainer(model=timm.create_model("resnet10t", num_classes=7), args=args(tmp_path, max_steps=1),
                                 train_dataset=unlabelled)
