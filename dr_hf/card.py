@@ -119,7 +119,8 @@ def write_card(output_dir: str, config: ReinforceConfig, stats: Dict[str, Any], 
         source_split=md_code(config.source["split"]) if config.source.get("split") else None,
         split_py=py_str(split_name),
         source_revision=md_code(config.source["revision"]) if config.source.get("revision") else None,
-        shuffle_code=md_code(f"shuffle(seed={config.source['shuffle_seed']})") if config.source.get("shuffle_seed") is not None else None,
+        shuffle_code=None if config.source.get("shuffle_seed") is None else
+        md_code(f"shuffle(seed={config.source['shuffle_seed']})"),
         teachers_text=", ".join(md_code(t) for t in config.teachers),
         agreement_text="n/a (no labels)" if agreement is None else
         md_text(agreement_text(agreement, config.num_classes, stats["rows"], stats["agreement_samples"])),

@@ -80,12 +80,13 @@ def test_processes_that_do_not_share_the_output_folder_are_refused_at_the_start(
 
 
 def test_two_accelerate_processes_write_what_one_process_writes(tmp_path, source_dir, tiny_teacher_spec):
-    assert main(reinforce_args(source_dir, tmp_path / "one", tiny_teacher_spec)) == 0
+    assert main(reinforce_args(source_dir, tmp_path / "one", tiny_teacher_spec, "--shuffle")) == 0
     # accelerate's `--cpu` flag starts one process; `--multi_gpu` is its torchrun launcher, which on a machine
     # without GPUs starts CPU processes (dr-hf then asks accelerate for MULTI_CPU with the gloo backend).
     launcher = ["-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
                 "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(free_port())]
-    two = run_cli(reinforce_args(source_dir, tmp_path / "two", tiny_teacher_spec, "--device", "cpu", quiet=False), launcher=launcher,
+    two = run_cli(reinforce_args(source_dir, tmp_path / "two", tiny_teacher_spec, "--shuffle", "--device", "cpu",
+                                 quiet=False), launcher=launcher,
                   env={"CUDA_VISIBLE_DEVICES": ""}, timeout=600)
     assert two.returncode == 0, two.stderr[-3000:]
     # both processes took part, each its own contiguous shards, and each logged its throughput
@@ -102,8 +103,12 @@ def test_two_accelerate_processes_write_what_one_process_writes(tmp_path, source
            [os.path.basename(p) for p in shard_paths(str(tmp_path / "two"))]
     a, b = table(tmp_path / "one"), table(tmp_path / "two")
     assert a.num_rows == b.num_rows == 48
-    assert a.equals(b)  # every column, every value, in source order
+    assert a.equals(b)  # every column, every value, in the order of --shuffle (each process shuffles alike)
     assert a.column("dr_index").to_pylist() == list(range(48))
+    import datasets
+
+    shuffled = datasets.load_dataset(str(source_dir), split="train").shuffle(seed=7)
+    assert b.column("note").to_pylist() == shuffled["note"] != [f"row{i}" for i in range(48)]
     assert not list((tmp_path / "two").glob(".dr-hf.lock.process-*"))  # the processes' marks (they share it) are gone
     for folder in ("one", "two"):
         assert (tmp_path / folder / "README.md").is_file()
