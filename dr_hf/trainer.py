@@ -188,6 +188,13 @@ def encoded_images(dataset, column: str):
     return dataset
 
 
+def own_transform(dataset) -> bool:
+    """Whether a map-style ``dataset`` carries a transform of its own (``set_transform`` / ``with_transform``, as
+    transformers' image-classification scripts give their splits)."""
+    fmt = getattr(dataset, "format", None)
+    return isinstance(fmt, dict) and fmt.get("type") == "custom"
+
+
 class ReinforcedTrainer(Trainer):
     """A ``transformers.Trainer`` for reinforced datasets (see the module docstring); a drop-in for ``Trainer``.
 
@@ -232,6 +239,13 @@ class ReinforcedTrainer(Trainer):
         pipeline = None
         if train_dataset is not None:
             self._check_train_dataset(train_dataset, fields, args, model)
+            if own_transform(train_dataset):
+                logger.warning("train_dataset has a transform of its own (set_transform / with_transform), which "
+                               "training does not use: the collator renders each row's view itself (%s) at the "
+                               "student's input (size, mean and std from the arguments, processing_class or the "
+                               "model); dataset.reset_format() silences this",
+                               "its stored sample" if fields is not None else "`augment`'s")
+                train_dataset = train_dataset.with_format(None)
             train_dataset = encoded_images(train_dataset, self.image_column)
             pipeline = AugmentPipeline.from_fields(fields) if fields is not None else None  # refuses other formats
             if pipeline is not None and pipeline.mix is not None:
@@ -462,6 +476,8 @@ class ReinforcedTrainer(Trainer):
             return dataset
         if isinstance(dataset, dict):
             return {name: self._own_eval_rows(part) for name, part in dataset.items()}
+        if own_transform(dataset):  # its transform gives the model's inputs, collated as Trainer would
+            return dataset
         names = getattr(dataset, "column_names", None) or []
         column = self.image_column if self.image_column in names or not names else image_column_of(dataset)
         if names and column not in names:
@@ -480,13 +496,24 @@ class ReinforcedTrainer(Trainer):
                           "its accuracy and loss would compare unrelated classes", where="the evaluation set's column")
         return dataset
 
+    def _eval_collator_of(self, dataset):
+        """The evaluation collator, or for a set with a transform of its own (and no collator given), the one
+        ``Trainer`` would use, ``default_data_collator``: the transform's outputs are the model's inputs."""
+        if isinstance(self.eval_collator, EvalCollator) and own_transform(dataset):
+            from transformers import default_data_collator
+
+            return default_data_collator
+        return self.eval_collator
+
     def get_eval_dataloader(self, eval_dataset=None):
-        with self._collating_with(self.eval_collator):
+        chosen = (self.eval_dataset[eval_dataset] if isinstance(eval_dataset, str) else
+                  self.eval_dataset if eval_dataset is None else eval_dataset)
+        with self._collating_with(self._eval_collator_of(chosen)):
             return super().get_eval_dataloader(eval_dataset if isinstance(eval_dataset, str) or eval_dataset is None
                                                else self._own_eval_rows(eval_dataset))
 
     def get_test_dataloader(self, test_dataset):
-        with self._collating_with(self.eval_collator):
+        with self._collating_with(self._eval_collator_of(test_dataset)):
             return super().get_test_dataloader(self._own_eval_rows(test_dataset))
 
     # -- loss ---------------------------------------------------------------------------------------

@@ -10,7 +10,7 @@ import numpy as np
 import PIL.Image
 import pytest
 import torch
-from transformers import TrainingArguments
+from transformers import TrainingArguments, default_data_collator
 
 from dr_hf import ReinforceConfig, ReinforcedTrainer, ReinforcedTrainingArguments
 from dr_hf.augment import CenterCrop
@@ -198,6 +198,35 @@ def test_user_collator_serves_evaluation_and_training_stays_reinforced(tmp_path,
     assert trainer.state.global_step == 2 and not seen
     trainer.evaluate()
     assert sum(seen) == 8
+
+
+def test_splits_with_their_own_transforms_as_the_transformers_script_sets_them(tmp_path, plus, vit_dir, caplog):
+    """transformers' image-classification script gives both splits a transform (`set_transform`) and a collator;
+    without the collator, `Trainer` batches the transform's outputs with `default_data_collator`, and so does
+    `ReinforcedTrainer` for evaluation. Training replays the stored samples: the train split's transform is set aside
+    with a warning (it crashed, given the encoded images the collator reads)."""
+    ds, folders = plus
+    model, processor = vit(vit_dir)
+    calls = []
+
+    def transform(batch):
+        calls.append(len(batch["image"]))
+        pixels = processor(images=[im.convert("RGB") for im in batch["image"]], return_tensors="pt")["pixel_values"]
+        return {"pixel_values": list(pixels), "labels": batch["label"]}
+
+    train, val = load(folders["imagenet+rrc"]), ds.select(range(8))
+    trainer = ReinforcedTrainer(model=model, args=base_args(tmp_path), processing_class=processor,
+                                train_dataset=train.with_transform(transform), eval_dataset=val.with_transform(transform))
+    assert "train_dataset has a transform of its own" in caplog.text and "its stored sample" in caplog.text
+    trainer.train()
+    assert not calls  # training rendered the stored samples
+    with_transform = trainer.evaluate()
+    assert sum(calls) == 8
+    stacked = ReinforcedTrainer(model=model, args=base_args(tmp_path), processing_class=processor, train_dataset=train,
+                                eval_dataset=val.with_transform(transform), data_collator=default_data_collator)
+    assert with_transform["eval_loss"] == pytest.approx(stacked.evaluate()["eval_loss"])
+    # (the processor's own view is what the default evaluation renders, so the plain split scores alike)
+    assert with_transform["eval_loss"] == pytest.approx(trainer.evaluate(val)["eval_loss"], abs=1e-3)
 
 
 def test_evaluation_on_a_reinforced_split_is_a_deterministic_center_crop(plus):
