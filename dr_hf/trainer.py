@@ -217,6 +217,12 @@ class ReinforcedTrainer(Trainer):
             if not isinstance(args, TrainingArguments):
                 raise TypeError(f"args must be TrainingArguments or ReinforcedTrainingArguments, got {type(args).__name__}")
             args = ReinforcedTrainingArguments.from_training_arguments(args)
+        model_init = kwargs.get("model_init")
+        if model is None and model_init is not None:  # the checks below need a student now; train() makes its own
+            from types import SimpleNamespace
+
+            model = Trainer.call_model_init(SimpleNamespace(model_init=model_init))
+            kwargs.pop("model_init")
         self.image_column = args.image_column or image_column_of(train_dataset if train_dataset is not None
                                                                  else eval_dataset)
         self.student_output = student_output(model, args, processing_class)
@@ -297,6 +303,8 @@ class ReinforcedTrainer(Trainer):
                              eval_dataset=eval_dataset, processing_class=processing_class, **kwargs)
         finally:
             args.label_smoothing_factor = smoothing
+        if model_init is not None:  # as Trainer keeps it: train() and hyperparameter_search() make fresh students
+            self.model_init = model_init
         self.eval_dataset = self._own_eval_rows(self.eval_dataset)
         self._train_batch_size = args.train_batch_size // self.group_size  # groups per batch; counts images
         self.add_callback(_CollatorEpoch(self.train_collator))

@@ -73,6 +73,30 @@ def test_accepts_none_plain_training_arguments_and_its_own(tmp_path, plus, vit_d
         ReinforcedTrainer(model=model, args={"lr": 1})
 
 
+def test_a_student_from_model_init_as_trainer_takes_it(tmp_path, plus, vit_dir):
+    """`model_init` instead of `model` (what `hyperparameter_search` needs): each `train()` starts from a fresh
+    student, which trains as a student passed as `model` does (the input size was unknown before: no model)."""
+    _, folders = plus
+    processor = vit(vit_dir)[1]
+    made = []
+
+    def model_init(trial=None):
+        made.append(trial)
+        return vit(vit_dir)[0]
+
+    train = load(folders["imagenet+rrc"])
+    fresh = ReinforcedTrainer(model_init=model_init, args=base_args(tmp_path, learning_rate=1e-2), train_dataset=train,
+                              processing_class=processor)
+    fresh.train()
+    assert len(made) == 2 and fresh.model_init is model_init  # one to read the student's input, one for train()
+    given = ReinforcedTrainer(model=model_init(), args=base_args(tmp_path, learning_rate=1e-2), train_dataset=train,
+                              processing_class=processor)
+    given.train()
+    for (name, a), b in zip(fresh.model.state_dict().items(), given.model.state_dict().values()):
+        assert torch.equal(a, b), name
+    assert not torch.equal(fresh.model.state_dict()["classifier.weight"], vit(vit_dir)[0].state_dict()["classifier.weight"])
+
+
 @pytest.mark.parametrize("bad, message", [
     (dict(ce_weight=2.0), "ce_weight must be in \\[0, 1\\)"),
     (dict(ce_weight=1.0), "would drop the distillation term"),
