@@ -275,6 +275,14 @@ class ReinforcedCollator(_Collator):
                 raise ValueError(f"a training example's rows (dr_index {list(pos)}) are not one MixUp/CutMix group "
                                  f"(reordered or some dropped before the trainer: shuffle, filter, select); "
                                  f"{whole_groups_advice(pipe.group_size)}")
+            for row in rows:  # before rendering: a group cut short (a stream's take(n), n not a multiple of the size)
+                drawn = params_at(row[DR_PARAMS], j)
+                mate = int(row[DR_INDEX]) + int(drawn["mix_partner"])
+                if pipe.mix.is_mixed(drawn) and mate not in pos:
+                    raise ValueError(f"row {int(row[DR_INDEX])}, sample {j}: its MixUp/CutMix partner row {mate} is "
+                                     f"not among the training example's rows (dr_index {list(pos)}, of a group of "
+                                     f"{pipe.group_size}; a stream cut within a group, by take(n) or skip(n) with n "
+                                     f"not a multiple of {pipe.group_size}?); {whole_groups_advice(pipe.group_size)}")
         if self.on_device:  # the images as stored, for the training process to decode and render
             images = [decode_later(row[self.image_column], int(row[DR_INDEX]), self.image_column) for row in rows]
         else:
@@ -298,10 +306,7 @@ class ReinforcedCollator(_Collator):
             p = params_at(row[DR_PARAMS], j)
             partner, lam = -1, 1.0
             if pipe.mix is not None and pipe.mix.is_mixed(p):
-                target = index + int(p["mix_partner"])
-                if target not in pos:
-                    raise ValueError(f"row {index}, sample {j}: its MixUp/CutMix partner row {target} is not in the same "
-                                     f"example group; {whole_groups_advice(pipe.group_size)}")
+                target = index + int(p["mix_partner"])  # (in the group: checked above)
                 partner = base + pos[target]
                 lam = pipe.mix.weight(p, *self.output.size)
             idx = np.asarray(row[DR_TOPK_INDICES][j], dtype=np.int64)

@@ -395,6 +395,11 @@ def test_mixing_rows_out_of_their_groups_are_refused(tmp_path, reinforced):
     trainer = ReinforcedTrainer(model=tiny_timm(), args=args(tmp_path), train_dataset=stream.shuffle(seed=0, buffer_size=32))
     with pytest.raises(ValueError, match=rf"a training example's rows \(dr_index \[.*\]\) are not one MixUp/CutMix group.*{remedy}"):
         next(iter(trainer.get_train_dataloader()))
+    trainer = ReinforcedTrainer(model=tiny_timm(), args=args(tmp_path), train_dataset=stream.take(13))  # 1 group + 5 rows
+    with pytest.raises(ValueError, match=r"row (8|9|1[0-2]), sample \d: its MixUp/CutMix partner row 1[3-5] is not among the "
+                                         r"training example's rows \(dr_index \[8, 9, 10, 11, 12\], of a group of 8; a "
+                                         rf"stream cut within a group, by take\(n\).*{remedy}"):
+        list(trainer.get_train_dataloader())
 
 
 def test_streaming_ddp_processes_get_distinct_rows(tmp_path, reinforced, monkeypatch, caplog):
