@@ -120,12 +120,14 @@ def reinforcement_config(path: str, split: str = "train", revision: Optional[str
 def _mismatch(position: int, index: int, have: str, want: str) -> FingerprintMismatch:
     return FingerprintMismatch(
         f"row {position} (dr_index {index}), column {DR_FINGERPRINT!r}: the source image's fingerprint {have} differs "
-        f"from the reinforced one {want}; your copy of the source is not the one that was reinforced"
+        f"from the reinforced one {want}; your copy of the source is not the one that was reinforced, or not in its "
+        "order (a source reinforced shuffled, with its config's source['shuffle_seed'], joins shuffled alike)"
     )
 
 
 def join_source(reinforced, source, image_column: str = "image", batch_size: int = 1000):
-    """Put the source's columns next to a reinforcement-only dataset's ``dr_*`` columns, row by ``dr_index``.
+    """Put the source's columns next to a reinforcement-only dataset's ``dr_*`` columns, row by ``dr_index``
+    (``source`` in the order it was reinforced in: shuffled alike, where its config records a ``shuffle_seed``).
 
     Map-style (``Dataset`` + ``Dataset``): every row's fingerprint is checked up front (one read of the image
     bytes). Streaming (``IterableDataset`` + ``IterableDataset``, same order): each row is checked as it is read.
