@@ -435,7 +435,7 @@ def label_agreement_in_groups(labels, group_size: int) -> Tuple[float, float, in
     counted = pairs > 0
     if not counted.any():
         return 0.0, 0.0, 0
-    freq = np.bincount(labels[labels >= 0]) / np.count_nonzero(labels >= 0)
+    freq = np.unique(labels[labels >= 0], return_counts=True)[1] / np.count_nonzero(labels >= 0)  # (any ids)
     return float(same[counted].sum() / pairs[counted].sum()), float((freq ** 2).sum()), int(counted.sum())
 
 

@@ -246,6 +246,7 @@ def test_rows_sorted_by_label_are_told_from_a_random_order(classes):
             labels = rng.choice(classes, 256, p=p)
             assert not sorted_by_label(*label_agreement_in_groups(labels, 8))
     assert label_agreement_in_groups(np.arange(512) // 256, 8)[:2] == (1.0, 0.5)  # two classes, sorted: every pair
+    assert label_agreement_in_groups(np.arange(512) // 256 * 10**12, 8)[:2] == (1.0, 0.5)  # any ids, no table of them
     assert not sorted_by_label(*label_agreement_in_groups(np.zeros(512), 8))  # one class: nothing to tell
     assert label_agreement_in_groups(np.full(512, -1), 8) == (0.0, 0.0, 0)  # unlabelled rows are left out
     assert not sorted_by_label(*label_agreement_in_groups(np.arange(31 * 8) // 8, 8))  # under 32 groups: too few
