@@ -278,7 +278,8 @@ def build_parser() -> argparse.ArgumentParser:
     pv = sub.add_parser("preview", formatter_class=HelpFormatter,
                         help="render a grid of replayed samples with the teacher's top classes (PNG)")
     pv.add_argument("folder", help="a reinforced folder (dr-hf reinforce --output)")
-    pv.add_argument("--output", "--out", dest="out", default=None, help="the image file (default: FOLDER/preview.png)")
+    pv.add_argument("--output", "--out", dest="out", default=None, metavar="FILE",
+                    help="the image file (default: FOLDER/preview.png)")
     pv.add_argument("--rows", type=int, default=4, help="rows shown (grid rows)")
     pv.add_argument("--samples", type=int, default=4, help="stored samples shown per row (grid columns)")
     pv.add_argument("--split", default="train", help="the split to show")
