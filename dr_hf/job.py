@@ -477,13 +477,20 @@ def check_columns(dataset, config: ReinforceConfig, teachers: TeacherEnsemble) -
 def check_mixing_order(rows, config: ReinforceConfig, streaming: bool = False, where: str = "the dataset") -> None:
     """Refuse MixUp/CutMix over ``rows`` (a ``datasets.Dataset``: the whole source, or a streamed source's shard) that
     are stored sorted by label: a row mixes with the rows of its group of consecutive rows, which would be mostly its
-    own class (:func:`~dr_hf.augment.sorted_by_label`)."""
+    own class (:func:`~dr_hf.augment.sorted_by_label`). The labels are the label column's, or, in a job without
+    labels, the source's one ``ClassLabel`` column's."""
+    from datasets import ClassLabel
+
     from .augment import label_agreement_in_groups, sorted_by_label
 
     g = config.pipeline().group_size
-    if g < 2 or not config.label_column or config.label_column not in rows.column_names:
+    column = config.label_column if config.label_column in rows.column_names else None
+    if column is None:  # reinforced without labels (the teachers' classes are others): the source's classes still tell
+        classes = [name for name, f in rows.features.items() if isinstance(f, ClassLabel)]
+        column = classes[0] if len(classes) == 1 else None
+    if g < 2 or column is None:
         return
-    labels = rows.select_columns([config.label_column]).with_format("arrow")[config.label_column]
+    labels = rows.select_columns([column]).with_format("arrow")[column]
     agreement, chance, groups = label_agreement_in_groups(labels.fill_null(-1).to_numpy(), g)
     if not sorted_by_label(agreement, chance, groups):
         return
@@ -493,8 +500,9 @@ def check_mixing_order(rows, config: ReinforceConfig, streaming: bool = False, w
            "source['shuffle_seed'] in the config)")
     raise ValueError(f"{where}: MixUp/CutMix would mix each image mostly with images of its own class: "
                      f"{agreement:.0%} of the pairs of rows in a group ({g} consecutive rows, `group_size`) share their "
-                     f"`label_column` {config.label_column!r}, against {chance:.0%} in a random order (the rows are "
-                     f"stored sorted by label; the paper mixes random pairs); {fix}")
+                     f"{'`label_column`' if column == config.label_column else 'class column'} {column!r}, against "
+                     f"{chance:.0%} in a random order (the rows are stored sorted by label; the paper mixes random "
+                     f"pairs); {fix}")
 
 
 def check_output_dir(data_dir: str, config: ReinforceConfig, split: str, num_shards: int,

@@ -103,6 +103,8 @@ def test_a_source_sorted_by_label_is_shuffled_for_mixup_cutmix(tmp_path, tiny_te
     assert code == 2 and "mostly with images of its own class" in err and "(8 consecutive rows, --group-size)" in err
     assert "share their --label-column 'label'" in err and "random order: --shuffle" in err
     assert not (tmp_path / "x").exists()  # refused before anything is written
+    code, _, err = here(capsys, "reinforce", source, "--output", tmp_path / "x", *common, "--label-column", "")
+    assert code == 2 and "share their class column 'label'" in err  # a job without labels: the source's classes tell
     code, _, err = here(capsys, "reinforce", source, "--output", tmp_path / "x", *common, "--streaming",
                         "--rows-per-shard", 256)
     assert code == 2 and "shard 1/1 of the stream: MixUp/CutMix would mix" in err and "(--shuffle)" in err
