@@ -200,7 +200,8 @@ class ReinforcedCollator(_Collator):
     group example) share the sample index, so MixUp/CutMix partners are in the batch.
 
     With probability ``1 - reinforced_prob`` (ml-dr: 0.01) an example is instead the original image seen through
-    the training augmentation (the dataset's own transforms, freshly sampled, without mixing) with its label.
+    the training augmentation (the dataset's own transforms, freshly sampled, without mixing) with its label; a row
+    without a label (unlabelled data, ``label_column=''``) always replays a stored sample, its only target.
 
     ``pixel_values`` is a channels-last (B, 3, H, W) tensor (the layout crops are rendered in, so each is copied
     into its slot without repacking), allocated in shared memory in a DataLoader worker (so it reaches the training
@@ -294,6 +295,7 @@ class ReinforcedCollator(_Collator):
         for r, row in enumerate(rows):
             index = int(row[DR_INDEX])
             original, fresh_seed = rng.random() >= self.reinforced_prob, int(rng.integers(0, 2**62))
+            original = original and self.label(row) >= 0  # a row without a label has only its stored targets
             if original and self.on_device:
                 p = fresh_params(pipe.without_mixing(), fresh_seed, *image_size(images[r]))
                 if pipe.mix is not None:

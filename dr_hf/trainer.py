@@ -51,7 +51,8 @@ class ReinforcedTrainingArguments(TrainingArguments):
         "help": "Weight in [0, 1) of cross-entropy on the (MixUp/CutMix-mixed) labels; the KD term gets 1 - ce_weight."})
     reinforced_prob: float = field(default=0.99, metadata={
         "help": "Probability in [0, 1] that an example replays a stored sample; otherwise it is the original image "
-                "through the training augmentation with its label (ml-dr: 0.99)."})
+                "through the training augmentation with its label (ml-dr: 0.99); a row without a label always "
+                "replays a stored sample."})
     augment: Optional[str] = field(default=None, metadata={
         "help": "Preset sampled afresh for a dataset WITHOUT reinforcement columns: plain training (ERM), or online KD "
                 "with online_teachers. None: such a dataset is refused."})

@@ -349,6 +349,13 @@ def test_the_other_1_percent_is_the_original_image_through_the_training_augmenta
     assert torch.equal(collator(rows)["pixel_values"], a["pixel_values"])  # same epoch: same views
     collator.epoch = 1
     assert not torch.equal(collator(rows)["pixel_values"], a["pixel_values"])  # next epoch: fresh ones
+    # a row without a label has no target but its stored ones: it replays a stored sample (unlabelled training
+    # crashed at its first original-image draw, 1% of examples, on "an original-image example has no label")
+    rows[1]["label"] = None
+    mixed = collator(rows)
+    assert mixed["teacher_indices"][1, 0] >= 0 and (mixed["teacher_indices"][[0, 2, 3], 0] < 0).all()
+    unlabelled = ReinforcedCollator(InputSpec((16, 16)), reinforced_prob=0.0, label_column=None)(rows)
+    assert (unlabelled["teacher_indices"] >= 0).all() and (unlabelled["labels"] == -1).all()
 
 
 def test_ml_dr_recipe_arguments_train_a_timm_student(tmp_path, plus):
