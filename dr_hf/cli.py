@@ -204,7 +204,9 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--image-column", default=None,
                    help="the source's image column (default: its one column of type datasets.Image, else image)")
     r.add_argument("--label-column", default="label", help="'' for unlabelled data")
-    r.add_argument("--limit", type=int, default=None, help="only the first M rows (for trials; after --shuffle)")
+    r.add_argument("--limit", type=int, default=None,
+                   help="only the first M rows, for trials (with --shuffle, a random M: the first rows of a source "
+                        "sorted by label are one class)")
     r.add_argument("--shuffle", action="store_true",
                    help="reinforce the rows in a random order, datasets' shuffle(seed=--seed) (recorded): MixUp/CutMix "
                         "partners are rows stored together, and a source sorted by label is refused without it")
