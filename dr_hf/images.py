@@ -25,7 +25,8 @@ class BadImageError(ValueError):
 
 
 def to_rgb(image: PIL.Image.Image) -> PIL.Image.Image:
-    """RGB view of a PIL image: CMYK/YCbCr/palette/grayscale converted, alpha composited on white, 16-bit scaled."""
+    """RGB view of a PIL image: CMYK/YCbCr/palette/grayscale converted, alpha composited on white, 16-bit and float
+    pixels scaled to 8 bits."""
     if image.mode == "RGB":
         return image
     if image.mode in ("I;16", "I;16B", "I;16L", "I"):
@@ -33,9 +34,12 @@ def to_rgb(image: PIL.Image.Image) -> PIL.Image.Image:
         peak = 65535 if image.mode.startswith("I;16") or array.max(initial=0) > 255 else 255
         gray = np.clip(array * 255 // peak, 0, 255).astype(np.uint8)
         return PIL.Image.fromarray(gray, mode="L").convert("RGB")
-    if image.mode == "F":
-        array = np.nan_to_num(np.asarray(image, dtype=np.float32))
-        return PIL.Image.fromarray(np.clip(array, 0, 255).astype(np.uint8), mode="L").convert("RGB")
+    if image.mode == "F":  # float pixels in [0, 1] (scientific TIFFs), else on the 8- or 16-bit scale
+        array = np.nan_to_num(np.asarray(image, dtype=np.float64))
+        top = array.max(initial=0.0)
+        peak = 1.0 if top <= 1.0 else 255.0 if top <= 255.0 else 65535.0
+        gray = np.clip(np.round(array * (255.0 / peak)), 0, 255).astype(np.uint8)
+        return PIL.Image.fromarray(gray, mode="L").convert("RGB")
     if image.mode == "P" and "transparency" in image.info:
         image = image.convert("RGBA")
     if image.mode in ("RGBA", "LA", "PA", "RGBa", "La"):

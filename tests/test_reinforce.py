@@ -386,7 +386,7 @@ def test_resume_skips_complete_shards_and_refuses_other_settings(tmp_path, image
 
 
 def test_odd_images_are_handled(tmp_path, teachers):
-    """Grayscale, CMYK, RGBA, palette, 16-bit and 1x1 images all reinforce; the result matches their RGB view."""
+    """Grayscale, CMYK, RGBA, palette, 16-bit, float and 1x1 images all reinforce; the result matches their RGB view."""
     import io
 
     import PIL.Image
@@ -403,6 +403,11 @@ def test_odd_images_are_handled(tmp_path, teachers):
     tiny = io.BytesIO()
     PIL.Image.fromarray(arr[:1, :1]).save(tiny, format="PNG")
     cells.append({"bytes": tiny.getvalue(), "path": None})
+    gray = np.asarray(PIL.Image.fromarray(arr).convert("L"))
+    for scale in (1 / 255, 1.0):  # float pixels (mode F, TIFF) in [0, 1] (rendered black before) and in [0, 255]
+        buf = io.BytesIO()
+        PIL.Image.fromarray(gray.astype(np.float32) * np.float32(scale)).save(buf, format="TIFF")
+        cells.append({"bytes": buf.getvalue(), "path": None})
     ds = datasets.Dataset.from_dict({"image": cells, "label": [0] * len(cells)},
                                     features=datasets.Features({"image": datasets.Image(), "label": datasets.Value("int64")}))
     run(ds, tmp_path, teachers)
@@ -412,6 +417,8 @@ def test_odd_images_are_handled(tmp_path, teachers):
     assert gray16.dtype == torch.uint8 and gray16.shape == (3, 20, 30)
     assert torch.equal(gray16[0], decode(cells[0])[0])  # 16-bit scaled to the same 8-bit gray
     assert decode(cells[6]).shape == (3, 1, 1)
+    for cell in cells[7:]:
+        assert torch.equal(decode(cell), decode(cells[0]))  # the same 8-bit gray as the L image
 
 
 def test_bad_inputs_give_clear_errors(tmp_path, image_dataset, teachers, tiny_hf_dir):
