@@ -213,7 +213,13 @@ def check_classes(label_column: str, labels: Sequence[str], num_classes: int, na
 
 
 def check_class_ids(label_column: str, feature, remedy: str) -> None:
-    """Refuse a label column of strings (class names): labels are class ids, a ``ClassLabel`` or integers."""
+    """Refuse a label column of strings (class names) or of lists (several labels a row): labels are class ids, a
+    ``ClassLabel`` or integers."""
+    import datasets
+
+    if isinstance(feature, (datasets.List, datasets.LargeList, list)):
+        raise ValueError(f"column {label_column!r} holds lists of labels (several a row), not one class id a row: the "
+                         f"teachers' and the student's targets are one class distribution an image, so {remedy}")
     if getattr(feature, "dtype", None) in ("string", "large_string"):
         raise ValueError(f"column {label_column!r} holds strings, not class ids: encode them first, "
                          f"dataset.class_encode_column({label_column!r}) (then dataset.align_labels_with_mapping("

@@ -457,6 +457,10 @@ def test_bad_inputs_give_clear_errors(tmp_path, image_dataset, teachers, tiny_hf
     with pytest.raises(ValueError, match=r"column 'label' holds strings, not class ids: encode them first, "
                                          r"dataset.class_encode_column\('label'\)"):
         run(named, tmp_path / "named", teachers)
+    several = image_dataset.map(lambda x: {"label": [x["label"]]}).cast_column(  # multi-label: once "label [3] is outside"
+        "label", datasets.Sequence(datasets.ClassLabel(num_classes=10)))
+    with pytest.raises(ValueError, match=r"column 'label' holds lists of labels .* pass `label_column` '' to reinforce"):
+        run(several, tmp_path / "several", teachers)
     with pytest.raises(ValueError, match="`topk` 11 exceeds"):
         make_config(teachers, k=11)
     with pytest.raises(ValueError, match=r"`num_samples` must be in \[1, 65535\], got 0"):

@@ -335,6 +335,8 @@ def test_clear_errors(tmp_path, reinforced, caplog, tiny_hf_dir):
     with pytest.raises(ValueError, match=r"column 'label' holds strings, not class ids: .* or train without labels"):
         ReinforcedTrainer(model=tiny_timm(), args=args(tmp_path),
                           train_dataset=plus.cast_column("label", datasets.Value("string")))
+    with pytest.raises(ValueError, match=r"column 'label' holds lists of labels .* so train without labels"):
+        ReinforcedTrainer(model=tiny_timm(), args=args(tmp_path), train_dataset=plus.map(lambda x: {"label": [x["label"]]}))
     for given, said in ((dict(augment="rrc+flip", crop_scale=0.5), "augment, crop_scale"),
                         (dict(augment="rrc+flip", online_teachers=["efficientnet-lite0"]), "augment, online_teachers")):
         # unused with reinforced data (one set of arguments may serve plain and reinforced runs): said, and the online
