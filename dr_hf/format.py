@@ -213,13 +213,17 @@ def check_classes(label_column: str, labels: Sequence[str], num_classes: int, na
 
 
 def check_class_ids(label_column: str, feature, remedy: str) -> None:
-    """Refuse a label column of strings (class names) or of lists (several labels a row): labels are class ids, a
-    ``ClassLabel`` or integers."""
+    """Refuse a label column of strings (class names), floats or lists (several labels a row): labels are class ids,
+    a ``ClassLabel`` or integers."""
     import datasets
 
     if isinstance(feature, (datasets.List, datasets.LargeList, list)):
         raise ValueError(f"column {label_column!r} holds lists of labels (several a row), not one class id a row: the "
                          f"teachers' and the student's targets are one class distribution an image, so {remedy}")
+    if str(getattr(feature, "dtype", "")).startswith("float"):
+        raise ValueError(f"column {label_column!r} holds floats, not class ids: cast whole-number ids first, "
+                         f"dataset.cast_column({label_column!r}, datasets.Value('int64')) (or a ClassLabel), or "
+                         f"{remedy}")
     if getattr(feature, "dtype", None) in ("string", "large_string"):
         raise ValueError(f"column {label_column!r} holds strings, not class ids: encode them first, "
                          f"dataset.class_encode_column({label_column!r}) (then dataset.align_labels_with_mapping("

@@ -461,6 +461,9 @@ def test_bad_inputs_give_clear_errors(tmp_path, image_dataset, teachers, tiny_hf
         "label", datasets.Sequence(datasets.ClassLabel(num_classes=10)))
     with pytest.raises(ValueError, match=r"column 'label' holds lists of labels .* pass `label_column` '' to reinforce"):
         run(several, tmp_path / "several", teachers)
+    floats = image_dataset.cast_column("label", datasets.Value("float32"))  # once "label 0.0 is outside the ... classes"
+    with pytest.raises(ValueError, match=r"column 'label' holds floats, not class ids: cast .*Value\('int64'\)"):
+        run(floats, tmp_path / "floats", teachers)
     with pytest.raises(ValueError, match="`topk` 11 exceeds"):
         make_config(teachers, k=11)
     with pytest.raises(ValueError, match=r"`num_samples` must be in \[1, 65535\], got 0"):
