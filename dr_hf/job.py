@@ -447,6 +447,7 @@ def wait_for_shards(paths: Sequence[str], procs: Processes, poll: float = 2.0) -
 
 def check_columns(dataset, config: ReinforceConfig, teachers: TeacherEnsemble) -> None:
     """Fail early, naming the option, if the dataset lacks a column or its label space differs from the teacher's."""
+    import datasets
     from datasets import ClassLabel
 
     if isinstance(dataset.column_names, dict):  # a DatasetDict: load_dataset without split=
@@ -458,6 +459,10 @@ def check_columns(dataset, config: ReinforceConfig, teachers: TeacherEnsemble) -
     if getattr(dataset.features.get(config.image_column), "dtype", None) in ("string", "large_string"):
         raise ValueError(f"`image_column` {config.image_column!r} holds strings, not images (file paths?): cast it "
                          f"first, dataset.cast_column({config.image_column!r}, datasets.Image())")
+    if isinstance(dataset.features.get(config.image_column), (datasets.List, datasets.LargeList, datasets.Array2D,
+                                                               datasets.Array3D)):
+        raise ValueError(f"`image_column` {config.image_column!r} holds arrays, not images: cast it first, "
+                         f"dataset.cast_column({config.image_column!r}, datasets.Image()) (each array stored as a PNG)")
     clash = [c for c in cols if c.startswith("dr_")]
     if clash:
         raise ValueError(f"the dataset already has reinforcement column(s) {clash}; reinforce the source dataset instead")

@@ -433,6 +433,12 @@ def test_bad_inputs_give_clear_errors(tmp_path, image_dataset, teachers, tiny_hf
         run(image_dataset.remove_columns("label"), tmp_path / "nolabel", teachers)
     with pytest.raises(ValueError, match=r"holds the splits \['train'\] \(a DatasetDict\): reinforce one"):
         run(datasets.DatasetDict(train=image_dataset), tmp_path / "dict", teachers)
+    pixels = datasets.Dataset.from_dict({"image": [np.zeros((4, 4, 3), np.uint8)] * 8, "label": [0] * 8}, features=
+                                        datasets.Features({"image": datasets.Array3D((4, 4, 3), "uint8"),
+                                                           "label": datasets.Value("int64")}))
+    with pytest.raises(ValueError, match=r"`image_column` 'image' holds arrays, not images: cast it first"):
+        run(pixels, tmp_path / "pixels", teachers)  # (row 0 was "expected an image, got list")
+    assert run(pixels.cast_column("image", datasets.Image()), tmp_path / "pixels", teachers).stats["rows"] == 8
     paths = datasets.Dataset.from_dict({"image": ["a.jpg"] * 8, "label": [0] * 8})
     with pytest.raises(ValueError, match=r"`image_column` 'image' holds strings, not images \(file paths\?\): cast"):
         run(paths, tmp_path / "paths", teachers)
