@@ -111,9 +111,17 @@ class _Collator:
         return [self.output] + self.teacher_outputs
 
     def label(self, row: Dict[str, Any]) -> int:
+        """The row's class id; -1 where it has none (``None`` or -1). An id outside the student's classes is refused,
+        naming the row: it would index past the logits, or wrap around to another class in a one-hot target."""
         if not self.label_column or row.get(self.label_column) is None:
             return -1
-        return int(row[self.label_column])
+        label = int(row[self.label_column])
+        if label < -1 or (self.num_classes is not None and label >= self.num_classes):
+            index = row.get(DR_INDEX)
+            where = f"row {int(index)} (dr_index), " if index is not None else ""
+            raise ValueError(f"{where}column {self.label_column!r}: label {label} is outside the student's "
+                             f"{self.num_classes} classes (use -1 for unlabelled rows)")
+        return label
 
     def image(self, row: Dict[str, Any]) -> torch.Tensor:
         index = row.get(DR_INDEX)

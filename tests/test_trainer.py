@@ -9,6 +9,7 @@ import torch
 
 from dr_hf import ReinforceConfig, ReinforcedCollator, ReinforcedTrainer, ReinforcedTrainingArguments, TeacherEnsemble
 from dr_hf.images import decode
+from dr_hf.inputs import InputSpec
 from dr_hf.loss import dense_teacher_log_probs, distillation_loss, one_hot_target
 from dr_hf import reinforce
 from dr_hf.reinforcer import Reinforcer
@@ -337,6 +338,14 @@ def test_clear_errors(tmp_path, reinforced, caplog, tiny_hf_dir):
                           train_dataset=plus.cast_column("label", datasets.Value("string")))
     with pytest.raises(ValueError, match=r"column 'label' holds lists of labels .* so train without labels"):
         ReinforcedTrainer(model=tiny_timm(), args=args(tmp_path), train_dataset=plus.map(lambda x: {"label": [x["label"]]}))
+    # an integer label past the student's classes: named (it raised torch's "index 12 is out of bounds" in evaluation,
+    # and an original-image example's one-hot target wrapped it round to class 2)
+    far = plus.select(range(8)).cast_column("label", datasets.Value("int64")).map(
+        lambda x, i: {"label": 12 if i == 3 else x["label"]}, with_indices=True)
+    with pytest.raises(ValueError, match=r"row 3 \(dr_index\), column 'label': label 12 is outside the student's 10"):
+        ReinforcedTrainer(model=tiny_timm(), args=args(tmp_path), train_dataset=plus).evaluate(far)
+    with pytest.raises(ValueError, match=r"label 12 is outside the student's 10 classes"):
+        ReinforcedCollator(InputSpec((16, 16)), reinforced_prob=0.0, num_classes=10)(list(far))
     for given, said in ((dict(augment="rrc+flip", crop_scale=0.5), "augment, crop_scale"),
                         (dict(augment="rrc+flip", online_teachers=["efficientnet-lite0"]), "augment, online_teachers")):
         # unused with reinforced data (one set of arguments may serve plain and reinforced runs): said, and the online
