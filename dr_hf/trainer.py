@@ -13,6 +13,7 @@ import os
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
@@ -337,10 +338,17 @@ class ReinforcedTrainer(Trainer):
                              "set ReinforcedTrainingArguments(image_column=...)")
         if fields is not None or not args.augment:
             require_reinforced(names, "train_dataset")  # names the missing columns; plain training is opt-in
-        from datasets import ClassLabel
+        from datasets import ClassLabel, Dataset
 
         label = dataset.features.get(args.label_column) if dataset.features and args.label_column else None
         check_class_ids(args.label_column, label, "train without labels, label_column=''")
+        if label is not None and not isinstance(label, ClassLabel) and isinstance(dataset, Dataset):
+            ids = dataset.select_columns([args.label_column]).with_format("arrow")[args.label_column]
+            ids = ids.fill_null(-1).to_numpy()
+            bad = np.flatnonzero((ids < -1) | (ids >= self.num_classes))
+            if bad.size:  # before training, not at the row's first draw
+                raise ValueError(f"train_dataset's row {bad[0]}, column {args.label_column!r}: label {ids[bad[0]]} is "
+                                 f"outside the student's {self.num_classes} classes (use -1 for unlabelled rows)")
         label = label if isinstance(label, ClassLabel) else None
         if label is not None:
             alone = ("" if fields is None else
