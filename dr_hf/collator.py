@@ -278,15 +278,15 @@ class ReinforcedCollator(_Collator):
         k = len(rows[0][DR_TOPK_INDICES][j])
         pos = {int(row[DR_INDEX]): r for r, row in enumerate(rows)}
         pipe = self.pipeline(rows[0][DR_PARAMS])
+        stored = [params_at(row[DR_PARAMS], j) for row in rows]  # each row's replayed sample's parameters
         if pipe.mix is not None:
             r = misplaced_row(list(pos), pipe.group_size)
             if r >= 0 or len(pos) > pipe.group_size:
                 raise ValueError(f"a training example's rows (dr_index {list(pos)}) are not one MixUp/CutMix group "
                                  f"(reordered or some dropped before the trainer: shuffle, filter, select); "
                                  f"{whole_groups_advice(pipe.group_size)}")
-            for row in rows:  # before rendering: a group cut short (a stream's take(n), n not a multiple of the size)
-                drawn = params_at(row[DR_PARAMS], j)
-                mate = int(row[DR_INDEX]) + int(drawn["mix_partner"])
+            for row, drawn in zip(rows, stored):  # before rendering: a group cut short (a stream's take(n), n not a
+                mate = int(row[DR_INDEX]) + int(drawn["mix_partner"])  # multiple of the group size)
                 if pipe.mix.is_mixed(drawn) and mate not in pos:
                     raise ValueError(f"row {int(row[DR_INDEX])}, sample {j}: its MixUp/CutMix partner row {mate} is "
                                      f"not among the training example's rows (dr_index {list(pos)}, of a group of "
@@ -302,18 +302,19 @@ class ReinforcedCollator(_Collator):
         out = []
         for r, row in enumerate(rows):
             index = int(row[DR_INDEX])
+            label = self.label(row)
             original, fresh_seed = rng.random() >= self.reinforced_prob, int(rng.integers(0, 2**62))
-            original = original and self.label(row) >= 0  # a row without a label has only its stored targets
+            original = original and label >= 0  # a row without a label has only its stored targets
             if original and self.on_device:
                 p = fresh_params(pipe.without_mixing(), fresh_seed, *image_size(images[r]))
                 if pipe.mix is not None:
                     p.update(params_at(pipe.mix.empty_params(1), 0))
-                out.append(Example([], self.label(row), source=images[r], view_params=[p]))
+                out.append(Example([], label, source=images[r], view_params=[p]))
                 continue
             if original:
                 out.append(self.fresh(pipe.without_mixing(), row, fresh_seed, images[r], normalise=not self.uint8_pixels))
                 continue
-            p = params_at(row[DR_PARAMS], j)
+            p = stored[r]
             partner, lam = -1, 1.0
             if pipe.mix is not None and pipe.mix.is_mixed(p):
                 target = index + int(p["mix_partner"])  # (in the group: checked above)
@@ -327,9 +328,9 @@ class ReinforcedCollator(_Collator):
                 if partner >= 0:
                     mixed = [params_at(rows[pos[target]][DR_PARAMS], int(p["mix_sample"]))]
                     p = {**p, "mix_partner": np.asarray(pos[target] - r)}
-                out.append(Example([], self.label(row), partner, lam, j, idx, lp, images[r], [p, *mixed]))
+                out.append(Example([], label, partner, lam, j, idx, lp, images[r], [p, *mixed]))
             else:
-                out.append(Example([v[r] for v in views], self.label(row), partner, lam, j, idx, lp))
+                out.append(Example([v[r] for v in views], label, partner, lam, j, idx, lp))
         return out
 
     def __call__(self, examples: List[Dict[str, Any]]) -> Dict[str, Any]:
