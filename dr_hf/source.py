@@ -62,14 +62,20 @@ def needs_source(path: str, config: ReinforceConfig, columns, source: Optional[s
     return False
 
 
-def base_of(folder: str, config: ReinforceConfig, source: Optional[str], split: str = "train"):
+def base_of(folder: str, config: ReinforceConfig, source: Optional[str], split: str = "train",
+            revision: Optional[str] = None, streaming: bool = False):
     """The base dataset that a reinforcement-only ``folder`` (written with ``--no-images``) replays its images from:
-    ``source`` loaded at the recorded split and config name; join rows to it with :func:`join_source`."""
+    ``source`` loaded at the recorded split and config name, in the recorded order (``shuffle_seed``: read whole,
+    not streamed); join rows to it with :func:`join_source`."""
     if source is None:
         raise ValueError(f"{folder} holds no images (a reinforcement-only dataset): pass the base dataset as "
                          "`source`")
-    return load_source(source, config.source.get("split") or split, config.source.get("name"),
-                       shuffle_seed=config.source.get("shuffle_seed"))
+    shuffle_seed = config.source.get("shuffle_seed")
+    if shuffle_seed is not None and streaming:
+        raise ValueError(f"{folder} holds its source's rows shuffled (seed {shuffle_seed}), which only a source read "
+                         "whole reproduces: load it with streaming=False to join it")
+    return load_source(source, config.source.get("split") or split, config.source.get("name"), revision,
+                       streaming=streaming, shuffle_seed=shuffle_seed)
 
 
 def check_hub_dataset(path: str, revision: Optional[str] = None) -> None:
@@ -217,11 +223,5 @@ def load_reinforced(path: str, split: str = "train", source: Optional[str] = Non
     if not src:
         raise ValueError(f"{path} is reinforcement-only and was made from a local copy of "
                          f"{config.source.get('path') or 'its source'}: pass source= (your copy of it)")
-    shuffle_seed = config.source.get("shuffle_seed")
-    if shuffle_seed is not None and streaming:
-        raise ValueError(f"{path} holds its source's rows shuffled (seed {shuffle_seed}), which only a source read "
-                         "whole reproduces: load it with streaming=False to join it")
-    base = load_source(src, config.source.get("split") or split, config.source.get("name"),
-                       config.source.get("revision") if source is None else None, streaming=streaming,
-                       shuffle_seed=shuffle_seed)
+    base = base_of(path, config, src, split, config.source.get("revision") if source is None else None, streaming)
     return join_source(ds, base, image_column=config.image_column)
