@@ -230,6 +230,12 @@ def check_class_ids(label_column: str, feature, remedy: str) -> None:
                          f"label2id, {label_column!r}) for a model's class order), or {remedy}")
 
 
+def class_ids(dataset, column: str):
+    """A map-style ``dataset``'s (or a shard's) ``column`` of class ids as a numpy array, read as Arrow, -1 where a
+    row has none."""
+    return dataset.select_columns([column]).with_format("arrow")[column].fill_null(-1).to_numpy()
+
+
 def reordered_class(a: Optional[Sequence[str]], b: Optional[Sequence[str]]) -> Optional[int]:
     """The first class id at which two lists of class names that name the same classes (compared lowercased, as
     ``datasets``' ``align_labels_with_mapping`` compares them) in another order differ; ``None`` when they are in the

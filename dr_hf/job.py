@@ -27,6 +27,7 @@ from .format import (
     ReinforceConfig,
     check_class_ids,
     check_classes,
+    class_ids,
     config_from_parquet,
     reinforcement_features,
 )
@@ -495,8 +496,7 @@ def check_mixing_order(rows, config: ReinforceConfig, streaming: bool = False, w
         column = classes[0] if len(classes) == 1 else None
     if g < 2 or column is None:
         return
-    labels = rows.select_columns([column]).with_format("arrow")[column]
-    agreement, chance, groups = label_agreement_in_groups(labels.fill_null(-1).to_numpy(), g)
+    agreement, chance, groups = label_agreement_in_groups(class_ids(rows, column), g)
     if not sorted_by_label(agreement, chance, groups):
         return
     fix = ("a stream is shuffled only within a buffer: store the source in a random order, or reinforce it read "

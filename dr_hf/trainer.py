@@ -22,8 +22,8 @@ from transformers import PreTrainedModel, Trainer, TrainerCallback, TrainingArgu
 from .pipeline import PRESETS, AugmentPipeline, normalise_pixels
 from .collator import AugmentCollator, EvalCollator, ReinforcedCollator
 from .inputs import INTERPOLATION_NAMES, InputSpec, resolve_input_spec
-from .format import (DR_COLUMNS, DR_FINGERPRINT, DR_PARAMS, check_class_ids, check_classes, reordered_class,
-                     require_reinforced)
+from .format import (DR_COLUMNS, DR_FINGERPRINT, DR_PARAMS, check_class_ids, check_classes, class_ids,
+                     reordered_class, require_reinforced)
 from .images import image_column_of
 from .shards import data_files_of, name_bad_files
 from .loss import dense_teacher_log_probs, distillation_loss, one_hot_target
@@ -343,8 +343,7 @@ class ReinforcedTrainer(Trainer):
         label = dataset.features.get(args.label_column) if dataset.features and args.label_column else None
         check_class_ids(args.label_column, label, "train without labels, label_column=''")
         if label is not None and not isinstance(label, ClassLabel) and isinstance(dataset, Dataset):
-            ids = dataset.select_columns([args.label_column]).with_format("arrow")[args.label_column]
-            ids = ids.fill_null(-1).to_numpy()
+            ids = class_ids(dataset, args.label_column)
             bad = np.flatnonzero((ids < -1) | (ids >= self.num_classes))
             if bad.size:  # before training, not at the row's first draw
                 raise ValueError(f"train_dataset's row {bad[0]}, column {args.label_column!r}: label {ids[bad[0]]} is "
