@@ -219,7 +219,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="an undecodable image or out-of-range label: stop naming it (fail), or leave the row out and list it "
                         "in OUTPUT/errors/*.jsonl and the card (skip)")
     r.add_argument("--render-threads", type=int, default=None,
-                   help="threads rendering teacher inputs ahead of the teacher (default: 1 on a GPU, 0 on the CPU, where they would compete for cores)")
+                   help="threads rendering teacher inputs ahead of the teacher (default: on a GPU 2 with RandAugment, else 1; "
+                        "0 on the CPU, where they would compete for cores); the output is the same for any number")
     r.add_argument("--prepare-threads", type=int, default=None,
                    help="threads that decode rows and draw their parameters ahead of the teacher (default: 4 with "
                         "teachers on a GPU, which would otherwise wait for them, 0 on the CPU); the output is the "

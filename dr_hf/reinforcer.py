@@ -36,6 +36,17 @@ from .teacher import TeacherEnsemble, usable_device
 from .transfer import pinned, to_device
 
 
+def default_render_threads(teachers: TeacherEnsemble, pipeline: AugmentPipeline) -> int:
+    """Threads rendering teacher batches ahead of the teacher when none are asked for. On the CPU: 0, as they would
+    only compete with the teacher for the same cores. With teachers on a GPU: 2 where the augmentations include
+    RandAugment, whose host work (an op slot's runs, their constants) is as long as the GPU's per batch: 1.13x the
+    job's samples/s (median of 3 interleaved rounds, 1.01-1.22) with ``imagenet+rare`` on the H100
+    (results/bench_gpu_ab_rare.md); else 1, since with crops and flips alone a second thread gave 0.97x there."""
+    if not str(teachers.device).startswith("cuda"):
+        return 0
+    return 2 if pipeline.get("rand_augment") is not None else 1
+
+
 class Reinforcer:
     """``Dataset.map(reinforcer, batched=True, with_indices=True)``: the reinforcement columns, row for row.
 
@@ -44,8 +55,8 @@ class Reinforcer:
     replay a single group); ``index_offset`` is added to the map's indices to give source-split row indices (the
     shard's first row, where blocks start).
     ``render_threads`` threads render the next teacher batches while the teacher runs the current one (0: render
-    inline; default: 1 when the teacher runs on a GPU, else 0, as on the CPU they would only compete for the same
-    cores); rendering is a pure function of the stored parameters, so this changes no output.
+    inline; default: :func:`default_render_threads`); rendering is a pure function of the stored parameters, so this
+    changes no output.
     ``render_device`` (default ``"cpu"``): where teacher inputs are rendered; ``"cuda"`` moves each decoded image to
     the GPU once. ``config.render`` says how: ``"per-sample"`` (torch's crop+resize per sample) or ``"batched"``
     (all of an image's samples by two matrix products, :mod:`dr_hf.resample`: the GPU path, also correct on the CPU,
@@ -89,7 +100,7 @@ class Reinforcer:
         self.num_rows = num_rows
         self.index_offset = index_offset
         self.progress = progress
-        self.render_threads = (1 if str(teachers.device).startswith("cuda") else 0) if render_threads is None else render_threads
+        self.render_threads = default_render_threads(teachers, self.pipeline) if render_threads is None else render_threads
         self.fields = self.pipeline.param_fields()
         skip = {SKIP_COLUMN: Value("bool")} if on_bad_row == "skip" else {}  # which rows to drop, only where some may be
         self.schema = Features({**reinforcement_features(self.pipeline, config.num_samples, config.topk,

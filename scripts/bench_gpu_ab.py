@@ -28,6 +28,7 @@ import os
 import statistics
 import sys
 import tempfile
+import types
 
 import numpy as np
 import torch
@@ -54,6 +55,7 @@ def _crops_in_groups_of_64(*args, **kwargs):
 # reinforce() options; library names replaced for the arm's runs, "module.name": function or value)
 ARMS = {
     "default": ({}, None, {}, {}),
+    "render_threads_1": ({}, None, {"render_threads": 1}, {}),
     "render_threads_2": ({}, None, {"render_threads": 2}, {}),
     "tf32_crops": ({}, True, {}, {}),
     "render_threads_2_tf32_crops": ({}, True, {"render_threads": 2}, {}),
@@ -73,8 +75,9 @@ ARMS = {
     "script_off": ({}, None, {}, {"dr_hf.script.ENABLED": False}),
 }
 LABELS = {
-    "default": "the job as its defaults run it (1 render thread, float32 crops, the render's tensor work as TorchScript "
-               "calls, the teacher's stream)",
+    "default": "the job as its defaults run it ({render_threads}, float32 crops, the render's tensor work as "
+               "TorchScript calls, the teacher's stream)",
+    "render_threads_1": "1 render thread (`--render-threads 1`)",
     "render_threads_2": "2 render threads (`--render-threads 2`)",
     "tf32_crops": "the crops' products on TF32 tensor cores (TF32 flags on, as `--precision tf32` teachers set them)",
     "render_threads_2_tf32_crops": "2 render threads and TF32 crops",
@@ -124,7 +127,7 @@ def main():
 
     from dr_hf import ReinforceConfig, make_pipeline
     from dr_hf.job import default_prepare_threads, reinforce
-    from dr_hf.reinforcer import Reinforcer
+    from dr_hf.reinforcer import Reinforcer, default_render_threads
     from dr_hf.teacher import TeacherEnsemble, float32_precision
 
     datasets.disable_progress_bars()
@@ -134,7 +137,9 @@ def main():
     if args.host_proxy:  # a GPU job's render thread and preparing threads (on a CPU the job has neither by default)
         # a 1-layer ViT at 32 px, 8-px patches, CIFAR-10's classes
         teachers = TeacherEnsemble.from_specs([tiny_vit(tmp, size=32, patch=8, classes=10, resample=3)], device="cpu")
-        threads, classes, precision, base_options = 4, 10, "fp32", {"render_threads": 1}
+        threads, classes, precision = 4, 10, "fp32"
+        base_options = {"render_threads": default_render_threads(types.SimpleNamespace(device=torch.device("cuda")),
+                                                                 make_pipeline(args.augment))}  # a GPU job's
     else:
         teachers = TeacherEnsemble.from_specs([lite0_spec(tmp)], device=args.device, precision="bf16",
                                               compile_mode="default" if dry else "reduce-overhead")
@@ -220,7 +225,9 @@ def main():
     for arm in arms:
         figures = ", ".join(f"{rd['shard_samples_per_s'][arm]:,.0f}" for rd in results["rounds"])
         if arm == "default":
-            lines.append(f"| {LABELS[arm]} | {figures} | 1 | |")
+            count = base_options.get("render_threads", default_render_threads(teachers, make_pipeline(args.augment)))
+            lines.append(f"| {LABELS[arm].format(render_threads=f'{count} render thread' + 's' * (count != 1))} "
+                         f"| {figures} | 1 | |")
             continue
         v = ratios[arm]
         outputs = "the same, bit for bit" if v["same_outputs"] else f"the same top-1 class in {v['same_top1']:.2%}"

@@ -1,24 +1,25 @@
 #!/usr/bin/env bash
 # The GPU checks, as one short script for a lent GPU machine (no internet there), most wanted first: the reinforce
 # job as its defaults run it against the bare bf16 teacher forward (bench_gpu --job-only); the job against options
-# in interleaved rounds (bench_gpu_ab: the render's tensor work op by op from Python, as before it ran as TorchScript
-# calls without the GIL; images pinned by the main thread, as before prepare_pinned; the crops in groups of 64
-# boxes); the same with imagenet+rare (RandAugment, erasing: the render's tensor work from Python, 2 render threads);
-# the batched crops' parts (bench_resample, the previous crops side by side, and beside a thread drawing
-# parameters); where the compiled job's GPU time goes (profile_job --profiler torch: kernels by device time, the
-# render's and the teacher's share); then the training loader with replay_on_device decoding and rendering on the
-# GPU, and its fidelity (bench_loader --device cuda), and last nvJPEG decoding against the host's (bench_decode
-# --device cuda). Figures land in $OUT (default results/gpu), each step's file as it ends.
+# in interleaved rounds (bench_gpu_ab: 2 render threads, now that the render's tensor work runs without the GIL,
+# alone and with TF32 crops; a render stream of its own); the same with imagenet+rare (RandAugment, erasing: 1
+# render thread against its default of 2, the render's tensor work from Python); the batched crops' parts
+# (bench_resample, the previous crops side by side, and beside a thread drawing parameters); where the compiled
+# job's GPU time goes (profile_job --profiler torch: kernels by device time, the render's and the teacher's share);
+# then the training loader with replay_on_device decoding and rendering on the GPU, and its fidelity (bench_loader
+# --device cuda), and last nvJPEG decoding against the host's (bench_decode --device cuda). Figures land in $OUT
+# (default results/gpu), each step's Markdown as it ends; the rest (JSON, the profile's trace) is packed into
+# $OUT/rest.tgz at the end, as the device tool brings back 8 files at most.
 #
 #   bash scripts/device_check.sh DATASET [WHEELS]
 #   DEVICE=cpu OUT=/tmp/dry bash scripts/device_check.sh DATASET   # a dry run on a CPU
 #
 # DATASET: an image dataset folder (e.g. 64 imagenet-sample rows as parquet); WHEELS: a folder of wheels the machine
-# lacks (installed with --no-deps into /tmp/site). scripts/device_prepare.sh builds both here (.gpudata/imagenet64,
-# .whl), to carry to the machine. Each step has its own time limit, so one that hangs leaves time
-# for the others. The first five steps' limits add up to 560 s; the loader and decoding steps (both measured on the
-# H100 on 2026-11-27, results/bench_loader_h100_host.md, bench_decode_h100.md) run in what a 600-s call has left
-# (on the H100 on 2026-11-27 bench_gpu_ab ran 5 arms in 4 rounds in 243 s, the whole of this script 250-323 s).
+# lacks (installed with --no-deps into /tmp/site; one the machine's Python cannot take leaves the machine's own in
+# place). scripts/device_prepare.sh builds both here (.gpudata/imagenet64, .whl), to carry to the machine. Each step
+# has its own time limit, so one that hangs leaves time for the others. The first five steps' limits add up to
+# 560 s; the loader and decoding steps run in what a 600-s call has left (on the H100 the whole of this script took
+# 250-323 s on 2026-11-27 and 452 s on 2026-11-28, wheels installed and every step run).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 dataset=${1:?usage: device_check.sh DATASET [WHEELS]}
@@ -26,12 +27,15 @@ out=${OUT:-results/gpu}
 mkdir -p "$out"
 exec > >(tee "$out/device_check.log") 2>&1  # the whole log comes back with the figures
 if [ -n "${2:-}" ]; then
-  pip install -q --no-index --no-deps --target /tmp/site "$2"/*.whl
+  for wheel in "$2"/*.whl; do  # one by one: a wheel this machine's Python cannot take leaves its own in place
+    pip install -q --no-index --no-deps --target /tmp/site "$wheel" || echo "kept the machine's own for $wheel"
+  done
   export PYTHONPATH=/tmp/site:$PWD
 else
   export PYTHONPATH=$PWD
 fi
 [ -e dr_hf/cards ] || ln -sfn ../cards dr_hf/cards  # the card template, as the installed package holds it
+python -c "import sys, platform; print(sys.version.split()[0], platform.libc_ver())"; pip list 2>/dev/null | grep -i -E "^(torch|pyarrow|datasets|transformers|timm) " || true
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader || true
 python -c "import torch, torchcodec; print('torch', torch.__version__, 'torchcodec', torchcodec.__version__)" \
   || echo "no torchcodec here: replay_on_device hands over decoded pixels instead of JPEG bytes"
@@ -46,9 +50,9 @@ if [ "${DEVICE:-cuda}" = cpu ]; then  # DEVICE=cpu: a dry run of every step (no 
 fi
 status=0
 timeout 110 python scripts/bench_gpu.py --dataset "$dataset" --job-only "${gpu[@]}" --out "$out/bench_gpu.md" || status=$?
-timeout 170 python scripts/bench_gpu_ab.py --dataset "$dataset" --arms script_off,pin_on_main_thread,crop_groups_64 \
+timeout 170 python scripts/bench_gpu_ab.py --dataset "$dataset" --arms render_threads_2,render_threads_2_tf32_crops,render_stream \
   "${ab[@]}" --out "$out/bench_gpu_ab.md" || status=$?
-timeout 140 python scripts/bench_gpu_ab.py --dataset "$dataset" --augment imagenet+rare --arms script_off,render_threads_2 \
+timeout 140 python scripts/bench_gpu_ab.py --dataset "$dataset" --augment imagenet+rare --arms render_threads_1,script_off \
   "${ab_rare[@]}" --out "$out/bench_gpu_ab_rare.md" || status=$?
 timeout $crops_limit python scripts/bench_resample.py --dataset "$dataset" "${crops[@]}" --out "$out/bench_resample.md" \
   || status=$?
@@ -59,4 +63,6 @@ timeout 110 python scripts/bench_loader.py --dataset "$dataset" --rows 63 "${loa
 timeout 25 python scripts/bench_decode.py --dataset "$dataset" --rows 64 "${decode[@]}" --out "$out/bench_decode.md" \
   || status=$?
 cat "$out"/*.md
+(cd "$out" && extra=$(ls | grep -v -E '\.(md|log)$' | grep -v '^rest\.tgz$') \
+  && [ -n "$extra" ] && tar czf rest.tgz $extra && rm -rf $extra)
 exit $status

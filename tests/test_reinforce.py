@@ -16,7 +16,7 @@ from dr_hf.pipeline import params_at
 from dr_hf.format import DR_FINGERPRINT, config_from_parquet, reinforcement_features
 from dr_hf.images import decode
 from dr_hf.job import default_batch_size, default_prepare_threads, default_render, reinforce
-from dr_hf.reinforcer import Reinforcer, RowPreparer, preparation_pool, teacher_block_rows
+from dr_hf.reinforcer import Reinforcer, RowPreparer, default_render_threads, preparation_pool, teacher_block_rows
 from dr_hf.shards import check_folder, shard_paths
 from dr_hf.stats import reinforcement_bytes
 
@@ -271,6 +271,9 @@ def test_job_defaults_follow_the_teachers_device(teachers):
     on_gpu = types.SimpleNamespace(device=torch.device("cuda", 1))
     assert default_render(on_gpu) == ("cuda:1", "batched") and 1 <= default_prepare_threads(on_gpu) <= 4
     assert default_render(teachers) == ("cpu", "per-sample") and default_prepare_threads(teachers) == 0
+    heavy, light = make_pipeline("imagenet+rare"), make_pipeline("imagenet+rrc")
+    assert (default_render_threads(on_gpu, heavy), default_render_threads(on_gpu, light)) == (2, 1)
+    assert default_render_threads(teachers, heavy) == default_render_threads(teachers, light) == 0
     assert default_render(on_gpu, render="per-sample") == ("cpu", "per-sample")
     assert default_render(on_gpu, render_device="cpu") == ("cpu", "per-sample")
     assert default_render(teachers, render="batched") == ("cpu", "batched")
