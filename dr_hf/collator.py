@@ -26,7 +26,8 @@ import torch
 from .augment import Context, misplaced_row, whole_groups_advice
 from .pipeline import AugmentPipeline, empty_batch, make_pipeline, params_at
 from .batch_memory import batch_empty, handed_over, in_worker, worker_pool
-from .format import DR_INDEX, DR_PARAMS, DR_TOPK_INDICES, DR_TOPK_LOGPROBS, missing_columns
+from .format import (DR_INDEX, DR_PARAMS, DR_TOPK_INDICES, DR_TOPK_LOGPROBS, missing_columns, outside_classes,
+                     outside_classes_message)
 from .images import EncodedJpeg, decode, decode_later, image_size
 from .inputs import InputSpec
 from .replay import DeviceReplay
@@ -116,11 +117,10 @@ class _Collator:
         if not self.label_column or row.get(self.label_column) is None:
             return -1
         label = int(row[self.label_column])
-        if label < -1 or (self.num_classes is not None and label >= self.num_classes):
+        if outside_classes(label, self.num_classes if self.num_classes is not None else float("inf")):
             index = row.get(DR_INDEX)
-            where = f"row {int(index)} (dr_index), " if index is not None else ""
-            raise ValueError(f"{where}column {self.label_column!r}: label {label} is outside the student's "
-                             f"{self.num_classes} classes (use -1 for unlabelled rows)")
+            where = f"row {int(index)} (dr_index)" if index is not None else "a row"
+            raise ValueError(outside_classes_message(where, self.label_column, label, self.num_classes, "the student's"))
         return label
 
     def image(self, row: Dict[str, Any]) -> torch.Tensor:

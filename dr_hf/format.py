@@ -230,6 +230,17 @@ def check_class_ids(label_column: str, feature, remedy: str) -> None:
                          f"label2id, {label_column!r}) for a model's class order), or {remedy}")
 
 
+def outside_classes(labels, num_classes: int):
+    """Where class ids (an int or a numpy array) fall outside ``[-1, num_classes)`` (-1: a row without a label)."""
+    return (labels < -1) | (labels >= num_classes)
+
+
+def outside_classes_message(row: str, column: str, label, num_classes: int, whose: str) -> str:
+    """What a label outside ``whose``'s classes is told: ``row`` names the row (e.g. "row 3")."""
+    return (f"{row}, column {column!r}: label {label!r} is outside {whose} {num_classes} classes "
+            "(use -1 for unlabelled rows)")
+
+
 def class_ids(dataset, column: str):
     """A map-style ``dataset``'s (or a shard's) ``column`` of class ids as a numpy array, read as Arrow, -1 where a
     row has none."""

@@ -29,7 +29,7 @@ from .ahead import SideStream, computed_ahead, prefetched
 from .augment import Context
 from .pipeline import AugmentPipeline, empty_batch
 from .format import (DR_FINGERPRINT, DR_INDEX, DR_PARAMS, DR_TOPK_INDICES, DR_TOPK_LOGPROBS, ReinforceConfig, index_dtype,
-                     reinforcement_features)
+                     outside_classes, outside_classes_message, reinforcement_features)
 from .images import BadImageError, decode, fingerprint
 from .errors import require_at_least
 from .teacher import TeacherEnsemble, usable_device
@@ -439,11 +439,9 @@ class RowPreparer:
     def _check_label(self, label: Any, index: int) -> None:
         if label is None:
             return
-        if not isinstance(label, (int, np.integer)) or label < -1 or label >= self.num_classes:
-            raise BadRowError(
-                f"row {index}, column {self.label_column!r}: label {label!r} is outside the teacher's "
-                f"{self.num_classes} classes (use -1 for unlabelled rows)"
-            )
+        if not isinstance(label, (int, np.integer)) or outside_classes(label, self.num_classes):
+            raise BadRowError(outside_classes_message(f"row {index}", self.label_column, label, self.num_classes,
+                                                      "the teacher's"))
 
 
 def prepare_pinned(preparer: RowPreparer, device: torch.device, item) -> Prepared:

@@ -23,7 +23,7 @@ from .pipeline import PRESETS, AugmentPipeline, normalise_pixels
 from .collator import AugmentCollator, EvalCollator, ReinforcedCollator
 from .inputs import INTERPOLATION_NAMES, InputSpec, resolve_input_spec
 from .format import (DR_COLUMNS, DR_FINGERPRINT, DR_PARAMS, check_class_ids, check_classes, class_ids,
-                     reordered_class, require_reinforced)
+                     outside_classes, outside_classes_message, reordered_class, require_reinforced)
 from .images import image_column_of
 from .shards import data_files_of, name_bad_files
 from .loss import dense_teacher_log_probs, distillation_loss, one_hot_target
@@ -344,10 +344,10 @@ class ReinforcedTrainer(Trainer):
         check_class_ids(args.label_column, label, "train without labels, label_column=''")
         if label is not None and not isinstance(label, ClassLabel) and isinstance(dataset, Dataset):
             ids = class_ids(dataset, args.label_column)
-            bad = np.flatnonzero((ids < -1) | (ids >= self.num_classes))
+            bad = np.flatnonzero(outside_classes(ids, self.num_classes))
             if bad.size:  # before training, not at the row's first draw
-                raise ValueError(f"train_dataset's row {bad[0]}, column {args.label_column!r}: label {ids[bad[0]]} is "
-                                 f"outside the student's {self.num_classes} classes (use -1 for unlabelled rows)")
+                raise ValueError(outside_classes_message(f"train_dataset's row {bad[0]}", args.label_column,
+                                                         int(ids[bad[0]]), self.num_classes, "the student's"))
         label = label if isinstance(label, ClassLabel) else None
         if label is not None:
             alone = ("" if fields is None else
