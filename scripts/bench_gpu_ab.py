@@ -1,4 +1,4 @@
-"""On a GPU: the compiled reinforce job's candidate options against its defaults, in interleaved rounds.
+"""On a GPU: the reinforce job's candidate options against its defaults, in interleaved rounds.
 
 ``bench_gpu.py`` runs each variant once, one after another; on the lent H100 a run's figures moved by 5-10% with the
 variants' order and the machine's pace, as much as the candidates could gain. Here each round runs every arm (the
@@ -8,7 +8,9 @@ whether a candidate gains more than the noise. Each candidate's stored top-K mus
 (TF32 crops: the share of samples with the same top-1 class).
 
 The job: EfficientNet-Lite0 (random weights: the architecture's speed) in bf16, compiled (``--compile
-reduce-overhead``), N=64, ``imagenet+rrc`` (``--augment``), 4 preparing threads, the default map batch (1024 rows at N=64).
+reduce-overhead``; ``--eager``: not compiled, as the job runs by default, its forward launched op by op from Python
+beside the render and preparing threads), N=64, ``imagenet+rrc`` (``--augment``), 4 preparing threads, the default
+map batch (1024 rows at N=64).
 
 ``--host-proxy``: the same job's host on a CPU, where the host's work is most of what there is: CIFAR-10's 32-px
 images, a 1-layer ViT with 8-px patches at 32 px (fp32, eager), the GPU job's batched render on CPU tensors, its
@@ -61,6 +63,7 @@ ARMS = {
     "render_threads_2_tf32_crops": ({}, True, {"render_threads": 2}, {}),
     "render_stream": ({"render_stream": True}, None, {}, {}),
     "read_back_at_once": ({"read_back_late": False}, None, {}, {}),
+    "prepare_threads_2": ({}, None, {"prepare_threads": 2}, {}),
     "map_batches_256": ({}, None, {"batch_size": 256}, {}),
     "pin_on_main_thread": ({}, None, {}, {"dr_hf.reinforcer.prepare_pinned": _on_main_thread}),
     # a teacher batch's crops in groups of 64 boxes, not 32: 170 aten ops a batch of 256 instead of 238 (imagenet+rrc,
@@ -84,6 +87,7 @@ LABELS = {
     "render_stream": "rendering on a CUDA stream of its own (`Reinforcer(render_stream=True)`)",
     "read_back_at_once": "each batch's results read back before the next forward is queued "
                          "(`Reinforcer(read_back_late=False)`)",
+    "prepare_threads_2": "2 preparing threads (`--prepare-threads 2`; 4 by default on a GPU)",
     "map_batches_256": "map batches of 256 rows (`--batch-size 256`; the default at N=400)",
     "pin_on_main_thread": "each image copied to pinned memory by the thread that queues the GPU's work, not by the "
                           "preparing thread that decoded it",
@@ -104,6 +108,7 @@ def main():
     ap.add_argument("--num-samples", type=int, default=64)
     ap.add_argument("--augment", default="imagenet+rrc", help="the preset the job draws and renders")
     ap.add_argument("--device", default="cuda", help="cpu: a dry run (no figures worth reading)")
+    ap.add_argument("--eager", action="store_true", help="the teacher not compiled (the job's default)")
     ap.add_argument("--host-proxy", action="store_true",
                     help="the GPU job's host on this CPU with 32-px images and a tiny teacher (see above)")
     ap.add_argument("--out", default=None, help="default: results/bench_gpu_ab.md (bench_gpu_ab_host_proxy.md)")
@@ -142,7 +147,7 @@ def main():
                                                                  make_pipeline(args.augment))}  # a GPU job's
     else:
         teachers = TeacherEnsemble.from_specs([lite0_spec(tmp)], device=args.device, precision="bf16",
-                                              compile_mode="default" if dry else "reduce-overhead")
+                                              compile_mode=None if args.eager else "default" if dry else "reduce-overhead")
         threads, classes, precision = default_prepare_threads(teachers), 1000, "bf16"
     config = ReinforceConfig(augment=args.augment, augmentations=make_pipeline(args.augment).config(),
                              teachers=teachers.specs, num_samples=args.num_samples, topk=min(10, classes), seed=0,
@@ -214,9 +219,10 @@ def main():
         title = "The GPU job's host on a CPU: candidate options, interleaved rounds"
     else:
         job = (f"Real ImageNet images (imagenet-sample, repeated to {args.rows} rows), N={args.num_samples}, "
-               f"`{args.augment}`, timm `tf_efficientnet_lite0` (random weights) in bf16 at 224 px, compiled (`--compile "
-               f"reduce-overhead`), {threads} preparing threads, the default map batch.")
-        title = "The compiled GPU job's candidate options, interleaved rounds"
+               f"`{args.augment}`, timm `tf_efficientnet_lite0` (random weights) in bf16 at 224 px, "
+               + ("eager (not compiled, the job's default)" if args.eager else
+                  "compiled (`--compile reduce-overhead`)") + f", {threads} preparing threads, the default map batch.")
+        title = f"The {'eager' if args.eager else 'compiled'} GPU job's candidate options, interleaved rounds"
     lines = [f"# {title}", "",
              f"{results['device']}, torch {results['torch']}. {job} {args.rounds} rounds; each runs every arm once, "
              "in an order rotated from round to round.", "",
@@ -234,7 +240,7 @@ def main():
         lines.append(f"| {LABELS[arm]} | {figures} | **{v['median']:.2f}x** ({min(v['per_round']):.2f}-"
                      f"{max(v['per_round']):.2f}) | {outputs} |")
     where = "" if args.host_proxy else " (on a machine with a CUDA GPU)"
-    preset = f" --augment {args.augment}" if args.augment != "imagenet+rrc" else ""
+    preset = (f" --augment {args.augment}" if args.augment != "imagenet+rrc" else "") + (" --eager" if args.eager else "")
     lines += ["", f"Command: `python scripts/bench_gpu_ab.py{' --host-proxy' if args.host_proxy else ''}{preset} --arms "
                   f"{','.join(arms[1:])} --rounds {args.rounds}`{where}."]
     write_markdown(args.out, lines)

@@ -1,15 +1,17 @@
 #!/usr/bin/env bash
 # The GPU checks, as one short script for a lent GPU machine (no internet there), most wanted first: the reinforce
-# job as its defaults run it against the bare bf16 teacher forward (bench_gpu --job-only); the job against options
-# in interleaved rounds (bench_gpu_ab: 2 render threads, now that the render's tensor work runs without the GIL,
-# alone and with TF32 crops; a render stream of its own); the same with imagenet+rare (RandAugment, erasing: 1
-# render thread against its default of 2, the render's tensor work from Python); the batched crops' parts
-# (bench_resample, the previous crops side by side, and beside a thread drawing parameters); where the compiled
-# job's GPU time goes (profile_job --profiler torch: kernels by device time, the render's and the teacher's share);
-# then the training loader with replay_on_device decoding and rendering on the GPU, and its fidelity (bench_loader
+# job as its defaults run it against the bare bf16 teacher forward (bench_gpu --job-only); the compiled job against
+# options in interleaved rounds (bench_gpu_ab: TF32 crops, 2 render threads, a render stream of its own, each
+# measured before the render's tensor work ran without the GIL); the eager job, the default, whose teacher's forward
+# is launched op by op from Python beside the render and preparing threads (a render stream of its own, to fill the
+# forward's gaps; 2 preparing threads, fewer to take the GIL from it; TF32 crops); where the eager job's GPU time
+# goes (profile_job --profiler torch: kernels by device time, the render's and the teacher's share, the gaps); then
+# the training loader with replay_on_device decoding and rendering on the GPU, and its fidelity (bench_loader
 # --device cuda), and last nvJPEG decoding against the host's (bench_decode --device cuda). Figures land in $OUT
 # (default results/gpu), each step's Markdown as it ends; the rest (JSON, the profile's trace) is packed into
-# $OUT/rest.tgz at the end, as the device tool brings back 8 files at most.
+# $OUT/rest.tgz at the end, as the device tool brings back 8 files at most. (bench_resample and imagenet+rare's
+# render threads, measured on 2026-11-27 and -28, run on their own: results/bench_resample_h100.md,
+# bench_gpu_ab_rare.md.)
 #
 #   bash scripts/device_check.sh DATASET [WHEELS]
 #   DEVICE=cpu OUT=/tmp/dry bash scripts/device_check.sh DATASET   # a dry run on a CPU
@@ -17,8 +19,8 @@
 # DATASET: an image dataset folder (e.g. 64 imagenet-sample rows as parquet); WHEELS: a folder of wheels the machine
 # lacks (installed with --no-deps into /tmp/site; one the machine's Python cannot take leaves the machine's own in
 # place). scripts/device_prepare.sh builds both here (.gpudata/imagenet64, .whl), to carry to the machine. Each step
-# has its own time limit, so one that hangs leaves time for the others. The first five steps' limits add up to
-# 560 s; the loader and decoding steps run in what a 600-s call has left (on the H100 the whole of this script took
+# has its own time limit, so one that hangs leaves time for the others. The first four steps' limits add up to
+# 510 s; the loader and decoding steps run in what a 600-s call has left (on the H100 the whole of this script took
 # 250-323 s on 2026-11-27 and 452 s on 2026-11-28, wheels installed and every step run).
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -40,22 +42,18 @@ nvidia-smi --query-gpu=name,memory.total --format=csv,noheader || true
 python -c "import torch, torchcodec; print('torch', torch.__version__, 'torchcodec', torchcodec.__version__)" \
   || echo "no torchcodec here: replay_on_device hands over decoded pixels instead of JPEG bytes"
 gpu=(--device cuda) ab=(--device cuda --rounds 3) loader=(--device cuda --epochs 3 --repeat 8) decode=(--device cuda)
-ab_rare=(--device cuda --rounds 3 --rows 512)
-crops=(--device cuda --contention-seconds 0.5)
-profile=(--device cuda --rows 128 --compile reduce-overhead) crops_limit=60
+ab_eager=(--device cuda --rounds 3 --rows 512 --eager)
+profile=(--device cuda --rows 128)
 if [ "${DEVICE:-cuda}" = cpu ]; then  # DEVICE=cpu: a dry run of every step (no figures worth reading)
-  crops_limit=180  # (a CPU computes 224-px crops slowly)
-  gpu=(--device cpu --rows 8 --gpu-repeat 1 --num-samples 4) ab=(--device cpu --rows 8 --rounds 1 --num-samples 4) loader=(--device cpu --epochs 1 --repeat 1) crops=(--device cpu --images 4 --contention-seconds 0.1)
-  profile=(--device cpu --rows 4) decode=(--device cpu) ab_rare=("${ab[@]}")
+  gpu=(--device cpu --rows 8 --gpu-repeat 1 --num-samples 4) ab=(--device cpu --rows 8 --rounds 1 --num-samples 4) loader=(--device cpu --epochs 1 --repeat 1)
+  profile=(--device cpu --rows 4) decode=(--device cpu) ab_eager=("${ab[@]}" --eager)
 fi
 status=0
 timeout 110 python scripts/bench_gpu.py --dataset "$dataset" --job-only "${gpu[@]}" --out "$out/bench_gpu.md" || status=$?
-timeout 170 python scripts/bench_gpu_ab.py --dataset "$dataset" --arms render_threads_2,render_threads_2_tf32_crops,render_stream \
+timeout 170 python scripts/bench_gpu_ab.py --dataset "$dataset" --arms tf32_crops,render_threads_2,render_stream \
   "${ab[@]}" --out "$out/bench_gpu_ab.md" || status=$?
-timeout 140 python scripts/bench_gpu_ab.py --dataset "$dataset" --augment imagenet+rare --arms render_threads_1,script_off \
-  "${ab_rare[@]}" --out "$out/bench_gpu_ab_rare.md" || status=$?
-timeout $crops_limit python scripts/bench_resample.py --dataset "$dataset" "${crops[@]}" --out "$out/bench_resample.md" \
-  || status=$?
+timeout 150 python scripts/bench_gpu_ab.py --dataset "$dataset" --arms render_stream,prepare_threads_2,tf32_crops \
+  "${ab_eager[@]}" --out "$out/bench_gpu_ab_eager.md" || status=$?
 timeout 80 python scripts/profile_job.py --dataset "$dataset" --profiler torch "${profile[@]}" \
   --out-prefix "$out/profile" || status=$?
 timeout 110 python scripts/bench_loader.py --dataset "$dataset" --rows 63 "${loader[@]}" --out "$out/bench_loader.md" \

@@ -181,6 +181,7 @@ def main():
                     help="py-spy: where its two collapsed-stack files go; torch: its trace")
     ap.add_argument("--rate", type=int, default=250, help="py-spy samples per second")
     args = ap.parse_args()
+    os.makedirs(os.path.dirname(os.path.abspath(args.out_prefix)), exist_ok=True)  # (its files go there at the end)
 
     import datasets
 
