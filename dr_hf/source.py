@@ -39,10 +39,15 @@ def load_source(path: str, split: str, name: Optional[str] = None, revision: Opt
         kwargs["revision"] = revision
     if not os.path.exists(path):
         check_hub_dataset(path, revision)
-    if os.path.isdir(path) and not os.path.isfile(os.path.join(path, "README.md")) and not os.path.isdir(os.path.join(path, "data")):
-        ds = datasets.load_dataset("imagefolder", data_dir=path, **kwargs)
-    else:
-        ds = datasets.load_dataset(path, name, **kwargs)
+    try:
+        if os.path.isdir(path) and not os.path.isfile(os.path.join(path, "README.md")) and not os.path.isdir(os.path.join(path, "data")):
+            ds = datasets.load_dataset("imagefolder", data_dir=path, **kwargs)
+        else:
+            ds = datasets.load_dataset(path, name, **kwargs)
+    except ValueError as exc:
+        if str(exc).startswith("Unknown split"):  # datasets' message, which names no option
+            raise ValueError(f"`split` {split!r} of {path}: {exc}") from exc
+        raise
     if shuffle_seed is not None:
         ds = ds.shuffle(seed=shuffle_seed, keep_in_memory=True)  # (8 bytes a row; no file in a shared cache)
     if limit is not None:

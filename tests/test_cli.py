@@ -170,6 +170,9 @@ def test_cli_errors_name_the_option(tmp_path, image_dataset_dir, tiny_teacher_sp
     code, _, err = here(capsys, "reinforce", image_dataset_dir, "--output", tmp_path / "x", "--teacher",
                         tiny_teacher_spec, "--split", "train[:16]")
     assert code == 2 and "--split 'train[:16]' is not a split name" in err and "--limit" in err
+    code, _, err = here(capsys, "reinforce", image_dataset_dir, "--output", tmp_path / "x", "--teacher",
+                        tiny_teacher_spec, "--split", "test")  # datasets' own message named no option
+    assert code == 2 and "--split 'test' of " in err and "Unknown split" in err
     assert not (tmp_path / "x").exists()  # refused before anything is written
     for augment, size, said in (("imagenet+rrc", 4, "--group-size applies to MixUp/CutMix partner groups, which "
                                  "--augment 'imagenet+rrc' does not use"),
