@@ -10,7 +10,7 @@ import sys
 from typing import Dict, List, Optional
 
 from .pipeline import PRESET_HELP, PRESETS
-from .errors import with_flags
+from .errors import network_errors, said, with_flags
 from .teacher import COMPILE_MODES
 
 
@@ -309,6 +309,13 @@ def main(argv: Optional[List[str]] = None) -> int:
         return args.func(args)
     except (ValueError, OSError, ImportError, RuntimeError, ArithmeticError) as exc:  # named by flags, not parameters
         print(f"dr-hf {args.command}: error: {with_flags(str(exc), args.flags)}", file=sys.stderr)
+        return 2
+    except network_errors() as exc:  # (the Hub's HTTP client's, not OSErrors)
+        from huggingface_hub import constants
+
+        print(f"dr-hf {args.command}: error: cannot reach the Hub at {constants.ENDPOINT} ({said(exc)}): rerun once "
+              "it can be reached (a push resumes where it stopped), or set HF_HUB_OFFLINE=1 to read only what is "
+              "cached", file=sys.stderr)
         return 2
 
 

@@ -4,7 +4,8 @@ command line."""
 from __future__ import annotations
 
 import re
-from typing import Mapping
+import sys
+from typing import Mapping, Tuple
 
 
 def said(exc: BaseException, limit: int = 400) -> str:
@@ -31,3 +32,13 @@ def require_at_least(minimum: float, **values) -> None:
     for name, value in values.items():
         if value is not None and value < minimum:
             raise ValueError(f"`{name}` must be >= {minimum}, got {value}")
+
+
+def network_errors() -> Tuple[type, ...]:
+    """The transport errors (no connection, a timeout) of the HTTP client ``huggingface_hub`` uses: httpx2's in
+    huggingface_hub 2, which are not ``OSError``s, as the Hub's own HTTP errors are."""
+    from huggingface_hub.utils import get_session
+
+    client = sys.modules.get(type(get_session()).__module__.split(".")[0])
+    error = getattr(client, "TransportError", None)
+    return (error,) if isinstance(error, type) else ()

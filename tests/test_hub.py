@@ -166,8 +166,12 @@ def test_push_then_load_in_a_fresh_process_map_style_and_streaming(tmp_path, hub
 
 
 def test_interrupted_push_resumes(tmp_path, hub, plus, monkeypatch, capsys):
-    hub.state.fail_lfs_put_after = len(hub.state.lfs_puts)  # the next LFS upload fails
     repo_id = "org/imagenet-plus-resume"
+    hub.point_here(monkeypatch)
+    monkeypatch.setattr("huggingface_hub.constants.ENDPOINT", "http://127.0.0.1:9")  # no Hub there (no network):
+    code, _, err = here(capsys, "push", plus, repo_id, "--quiet")  # named, not httpx2's traceback
+    assert code == 2 and "dr-hf push: error: cannot reach the Hub at http://127.0.0.1:9 (ConnectError" in err, err
+    hub.state.fail_lfs_put_after = len(hub.state.lfs_puts)  # the next LFS upload fails
     code, _, err = cli_here(hub, monkeypatch, capsys, "push", plus, repo_id, "--files-per-commit", 1, "--quiet")
     assert code == 2 and "dr-hf push: error:" in err and "uploading" in err
     hub.state.fail_lfs_put_after = len(hub.state.lfs_puts) + 2  # two more, then fail again
