@@ -235,10 +235,10 @@ def outside_classes(labels, num_classes: int):
     return (labels < -1) | (labels >= num_classes)
 
 
-def outside_classes_message(row: str, column: str, label, num_classes: int, whose: str) -> str:
+def outside_classes_message(row: str, column: str, label, num_classes: Optional[int], whose: str) -> str:
     """What a label outside ``whose``'s classes is told: ``row`` names the row (e.g. "row 3")."""
-    return (f"{row}, column {column!r}: label {label!r} is outside {whose} {num_classes} classes "
-            "(use -1 for unlabelled rows)")
+    outside = "is not a class id" if num_classes is None else f"is outside {whose} {num_classes} classes"
+    return f"{row}, column {column!r}: label {label!r} {outside} (use -1 for unlabelled rows)"
 
 
 def class_ids(dataset, column: str):
