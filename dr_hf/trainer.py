@@ -197,6 +197,18 @@ def own_transform(dataset) -> bool:
     return isinstance(fmt, dict) and fmt.get("type") == "custom"
 
 
+def reinforced_arguments(args: Optional[TrainingArguments]) -> ReinforcedTrainingArguments:
+    """``args`` as :class:`ReinforcedTrainingArguments`: the defaults for ``None``, a plain ``TrainingArguments``
+    upgraded through ``to_dict()`` (as TRL's trainers take them)."""
+    if args is None:
+        return ReinforcedTrainingArguments("reinforced-trainer")
+    if isinstance(args, ReinforcedTrainingArguments):
+        return args
+    if not isinstance(args, TrainingArguments):
+        raise TypeError(f"args must be TrainingArguments or ReinforcedTrainingArguments, got {type(args).__name__}")
+    return ReinforcedTrainingArguments.from_training_arguments(args)
+
+
 class ReinforcedTrainer(Trainer):
     """A ``transformers.Trainer`` for reinforced datasets (see the module docstring); a drop-in for ``Trainer``.
 
@@ -211,14 +223,7 @@ class ReinforcedTrainer(Trainer):
 
     def __init__(self, model=None, args: Optional[TrainingArguments] = None, data_collator=None, train_dataset=None,
                  eval_dataset=None, processing_class=None, **kwargs):
-        import datasets
-
-        if args is None:
-            args = ReinforcedTrainingArguments("reinforced-trainer")
-        elif not isinstance(args, ReinforcedTrainingArguments):
-            if not isinstance(args, TrainingArguments):
-                raise TypeError(f"args must be TrainingArguments or ReinforcedTrainingArguments, got {type(args).__name__}")
-            args = ReinforcedTrainingArguments.from_training_arguments(args)
+        args = reinforced_arguments(args)
         model_init = kwargs.get("model_init")
         if model is None and model_init is not None:  # the checks below need a student now; train() makes its own
             from types import SimpleNamespace
@@ -230,57 +235,9 @@ class ReinforcedTrainer(Trainer):
         self.student_output = student_output(model, args, processing_class)
         self.num_classes = num_classes_of(model)
         fields = _dr_param_fields(train_dataset)
-        plain_only = [name for name in ("augment", "online_teachers", "crop_scale") if getattr(args, name)]
-        if fields is not None and plain_only:  # (one set of arguments may serve plain and reinforced runs alike)
-            dr = [c for c in train_dataset.features if c.startswith("dr_")]
-            logger.warning("train_dataset is reinforced: it replays its stored samples and teacher outputs, so %s, "
-                           "which apply to a plain dataset (fresh augmentations, online teachers), are not used; to "
-                           "train plainly on its images, pass train_dataset.remove_columns(%s)", ", ".join(plain_only), dr)
-        self.teachers = None
-        if args.online_teachers and fields is None:  # (a reinforced dataset's targets are stored: none are loaded)
-            from .teacher import TeacherEnsemble
-
-            self.teachers = TeacherEnsemble.from_specs(args.online_teachers)
-            if self.teachers.num_classes != self.num_classes:
-                raise ValueError(f"the online teachers predict {self.teachers.num_classes} classes, the student {self.num_classes}")
-        self.group_size = 1
-        pipeline = None
-        if train_dataset is not None:
-            self._check_train_dataset(train_dataset, fields, args, model)
-            if own_transform(train_dataset):
-                logger.warning("train_dataset has a transform of its own (set_transform / with_transform), which "
-                               "training does not use: the collator renders each row's view itself (%s) at the "
-                               "student's input (size, mean and std from the arguments, processing_class or the "
-                               "model); dataset.reset_format() silences this",
-                               "its stored sample" if fields is not None else "`augment`'s")
-                train_dataset = train_dataset.with_format(None)
-            train_dataset = encoded_images(train_dataset, self.image_column)
-            pipeline = AugmentPipeline.from_fields(fields) if fields is not None else None  # refuses other formats
-            if pipeline is not None and pipeline.mix is not None:
-                self.group_size = pipeline.group_size
-                if args.per_device_train_batch_size % self.group_size:
-                    raise ValueError(f"per_device_train_batch_size={args.per_device_train_batch_size} must be a multiple of "
-                                     f"the MixUp/CutMix group size {self.group_size} (partners are fed together)")
-            if isinstance(train_dataset, datasets.IterableDataset):
-                train_dataset = self._even_shares(train_dataset, args)
-            if pipeline is not None and isinstance(train_dataset, datasets.Dataset):
-                train_dataset = ReplayRows(train_dataset, self.group_size)  # Arrow rows, one sample converted each
-            elif pipeline is not None and pipeline.mix is not None:
-                train_dataset = self._group(train_dataset, pipeline.group_size, args)
-            elif isinstance(train_dataset, datasets.IterableDataset):
-                if pipeline is not None:  # one-row Arrow tables, the replayed sample converted alone (dr_hf/rows.py)
-                    train_dataset = train_dataset.with_format("arrow")
-                train_dataset = train_dataset.shuffle(seed=args.seed, buffer_size=args.shuffle_buffer_size)
-            for path in data_files_of(train_dataset):  # a truncated local shard is named before training starts
-                try:
-                    pq.read_metadata(path)
-                except Exception as exc:
-                    raise name_bad_files([path], exc) from exc
-            if isinstance(train_dataset, datasets.IterableDataset) and args.world_size > 1:
-                # Each process reads its own part rather than the main process dispatching every batch: accelerate
-                # then shards a datasets.IterableDataset by its files (n_shards >= processes), else keeps every
-                # world_size-th batch of the shared stream.
-                args.accelerator_config.dispatch_batches = False
+        self.teachers = self._online_teachers(args, fields, train_dataset)
+        self.group_size = 1  # rows a training example holds (a MixUp/CutMix group); set by _prepare_train_dataset
+        train_dataset, pipeline = self._prepare_train_dataset(train_dataset, fields, args, model)
         common = dict(output=self.student_output, image_column=self.image_column,
                       label_column=args.label_column or None, num_classes=self.num_classes)
         self.replay_pipeline = pipeline
@@ -289,9 +246,9 @@ class ReinforcedTrainer(Trainer):
             wanted = args.device.type != "cpu" if args.uint8_pixels is None else args.uint8_pixels
             uint8 = bool(wanted and pipeline is not None and pipeline.renders_uint8 and not args.replay_on_device)
             self.train_collator = ReinforcedCollator(reinforced_prob=args.reinforced_prob, uint8_pixels=uint8,
-                                                     on_device=args.replay_on_device,
-                                                     seed=args.data_seed if args.data_seed is not None else args.seed, **common)
-        else:
+                                                     on_device=args.replay_on_device, seed=args.data_seed if
+                                                     args.data_seed is not None else args.seed, **common)
+        else:  # plain training or online KD
             self.train_collator = AugmentCollator(augment=args.augment, crop_scale=args.crop_scale,
                                                   teacher_outputs=self.teachers.outputs() if self.teachers else (), **common)
         # evaluation reads an evaluation set's labels also after unlabelled training (label_column=''): the default
@@ -313,6 +270,69 @@ class ReinforcedTrainer(Trainer):
         self.model_accepts_loss_kwargs = False  # compute_loss returns a batch mean; the Trainer scales for accumulation
 
     # -- data ---------------------------------------------------------------------------------------
+    def _online_teachers(self, args, fields, train_dataset):
+        """The teachers of online KD (``online_teachers``) for a plain dataset; none for a reinforced one, whose
+        targets are stored (the options of plain training it ignores are named in a warning)."""
+        plain_only = [name for name in ("augment", "online_teachers", "crop_scale") if getattr(args, name)]
+        if fields is not None and plain_only:  # (one set of arguments may serve plain and reinforced runs alike)
+            dr = [c for c in train_dataset.features if c.startswith("dr_")]
+            logger.warning("train_dataset is reinforced: it replays its stored samples and teacher outputs, so %s, "
+                           "which apply to a plain dataset (fresh augmentations, online teachers), are not used; to "
+                           "train plainly on its images, pass train_dataset.remove_columns(%s)", ", ".join(plain_only), dr)
+        if not args.online_teachers or fields is not None:
+            return None
+        from .teacher import TeacherEnsemble
+
+        teachers = TeacherEnsemble.from_specs(args.online_teachers)
+        if teachers.num_classes != self.num_classes:
+            raise ValueError(f"the online teachers predict {teachers.num_classes} classes, the student {self.num_classes}")
+        return teachers
+
+    def _prepare_train_dataset(self, train_dataset, fields, args, model):
+        """``train_dataset`` checked and made ready for the training collator (encoded images, Arrow rows, whole
+        MixUp/CutMix groups, a stream's shuffle and shares), and the replay pipeline of its stored parameters (``None``
+        for plain training)."""
+        import datasets
+
+        if train_dataset is None:
+            return None, None
+        self._check_train_dataset(train_dataset, fields, args, model)
+        if own_transform(train_dataset):
+            logger.warning("train_dataset has a transform of its own (set_transform / with_transform), which "
+                           "training does not use: the collator renders each row's view itself (%s) at the "
+                           "student's input (size, mean and std from the arguments, processing_class or the "
+                           "model); dataset.reset_format() silences this",
+                           "its stored sample" if fields is not None else "`augment`'s")
+            train_dataset = train_dataset.with_format(None)
+        train_dataset = encoded_images(train_dataset, self.image_column)
+        pipeline = AugmentPipeline.from_fields(fields) if fields is not None else None  # refuses other formats
+        if pipeline is not None and pipeline.mix is not None:
+            self.group_size = pipeline.group_size
+            if args.per_device_train_batch_size % self.group_size:
+                raise ValueError(f"per_device_train_batch_size={args.per_device_train_batch_size} must be a multiple of "
+                                 f"the MixUp/CutMix group size {self.group_size} (partners are fed together)")
+        if isinstance(train_dataset, datasets.IterableDataset):
+            train_dataset = self._even_shares(train_dataset, args)
+        if pipeline is not None and isinstance(train_dataset, datasets.Dataset):
+            train_dataset = ReplayRows(train_dataset, self.group_size)  # Arrow rows, one sample converted each
+        elif pipeline is not None and pipeline.mix is not None:
+            train_dataset = self._group(train_dataset, pipeline.group_size, args)
+        elif isinstance(train_dataset, datasets.IterableDataset):
+            if pipeline is not None:  # one-row Arrow tables, the replayed sample converted alone (dr_hf/rows.py)
+                train_dataset = train_dataset.with_format("arrow")
+            train_dataset = train_dataset.shuffle(seed=args.seed, buffer_size=args.shuffle_buffer_size)
+        for path in data_files_of(train_dataset):  # a truncated local shard is named before training starts
+            try:
+                pq.read_metadata(path)
+            except Exception as exc:
+                raise name_bad_files([path], exc) from exc
+        if isinstance(train_dataset, datasets.IterableDataset) and args.world_size > 1:
+            # Each process reads its own part rather than the main process dispatching every batch: accelerate
+            # then shards a datasets.IterableDataset by its files (n_shards >= processes), else keeps every
+            # world_size-th batch of the shared stream.
+            args.accelerator_config.dispatch_batches = False
+        return train_dataset, pipeline
+
     def _check_train_dataset(self, dataset, fields, args, model) -> None:
         names = getattr(dataset, "column_names", None)
         if names is None:
