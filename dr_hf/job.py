@@ -220,9 +220,6 @@ def _run_shards(decoded, dataset, config, teachers, output_dir, split, batch_siz
     """The job, under the folder's lock: the shards still to do, then (main process) the card."""
     import datasets
 
-    from .card import write_card
-    from .stats import agreement_counts, summarize
-
     pipeline = config.pipeline()
     data_dir = os.path.join(output_dir, "data")
     mine = procs.shards(count)
@@ -235,74 +232,46 @@ def _run_shards(decoded, dataset, config, teachers, output_dir, split, batch_siz
     added = reinforcement_features(pipeline, config.num_samples, config.topk, config.num_classes)
     features = datasets.Features({**dataset.features, **added}) if config.keep_source else added
 
-    bar = None
-    if show_progress and procs.is_main:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=sum(len(shard_rows(s, per_shard, n)) for s in mine), unit="img", desc="reinforce",
-                   initial=sum(len(shard_rows(s, per_shard, n)) for s in mine if s in existing))
     t0 = time.time()
     done_rows = 0
-    was_enabled = datasets.utils.logging.is_progress_bar_enabled()
-    datasets.disable_progress_bars()
-    redirect = contextlib.nullcontext()
-    if bar:  # log lines above the bar, not at its end
-        from tqdm.contrib.logging import logging_redirect_tqdm
-
-        redirect = logging_redirect_tqdm()  # the root handler, with its format
+    total = sum(len(shard_rows(s, per_shard, n)) for s in mine)
+    initial = sum(len(shard_rows(s, per_shard, n)) for s in mine if s in existing)
     # A finished shard is written (zstd 19, fsync) by a thread while the next one is computed: pyarrow releases the
     # GIL, and on a GPU host the write would otherwise stall the teacher for a third of a shard's time. At most one
     # write is pending, so at most two shards are held in memory.
     writer = ThreadPoolExecutor(1, thread_name_prefix="dr-write")
     written = None
-    try:
-        redirect.__enter__()
-        for s, part in pending_shards(decoded, todo, per_shard, n, streaming):
-            t_shard = time.time()
-            if streaming:
-                check_mixing_order(part, config, streaming, where=f"shard {s + 1}/{count} of the stream")
-            job = Reinforcer(config, teachers, num_rows=n, index_offset=s * per_shard,
-                             progress=bar.update if bar else None, render_threads=render_threads, on_bad_row=on_bad_row,
-                             render_device=render_device, pool=pool)
-            columns = part.map(job, batched=True, batch_size=batch_size, with_indices=True, keep_in_memory=True,
-                               load_from_cache_file=False, new_fingerprint=f"dr-{s}-{time.time_ns()}")
-            # without the source's columns, its labels stay until the teacher's agreement with them is counted
-            labels = [] if config.keep_source or config.label_column not in part.column_names else [config.label_column]
-            kept = part if config.keep_source else part.select_columns(labels)
-            out = datasets.concatenate_datasets([kept, columns], axis=1) if kept.column_names else columns
-            if job.bad_rows:
-                out = out.filter(lambda skip: not skip, input_columns=SKIP_COLUMN, keep_in_memory=True)
-                logger.warning(procs.tag("shard %d/%d: %d row(s) skipped (listed in %s)"), s + 1, count,
-                               len(job.bad_rows), error_report_path(output_dir, paths[s]))
-            if SKIP_COLUMN in out.column_names:
-                out = out.remove_columns(SKIP_COLUMN)
-            agreement = None
-            if labels:
-                agreement = agreement_counts(out.with_format("arrow")[:], config.label_column, config.topk)
-                out = out.remove_columns(labels)
-            write_error_report(output_dir, paths[s], job.bad_rows)
-            if config.keep_source and out.features[config.image_column] != features[config.image_column]:
-                out = out.cast_column(config.image_column, features[config.image_column])
+    with job_progress(show_progress and procs.is_main, total, initial) as bar:
+        try:
+            for s, part in pending_shards(decoded, todo, per_shard, n, streaming):
+                t_shard = time.time()
+                if streaming:
+                    check_mixing_order(part, config, streaming, where=f"shard {s + 1}/{count} of the stream")
+                job = Reinforcer(config, teachers, num_rows=n, index_offset=s * per_shard,
+                                 progress=bar.update if bar else None, render_threads=render_threads,
+                                 on_bad_row=on_bad_row, render_device=render_device, pool=pool)
+                columns = part.map(job, batched=True, batch_size=batch_size, with_indices=True, keep_in_memory=True,
+                                   load_from_cache_file=False, new_fingerprint=f"dr-{s}-{time.time_ns()}")
+                out, agreement = shard_output(part, columns, bool(job.bad_rows), config, features)
+                if job.bad_rows:
+                    logger.warning(procs.tag("shard %d/%d: %d row(s) skipped (listed in %s)"), s + 1, count,
+                                   len(job.bad_rows), error_report_path(output_dir, paths[s]))
+                write_error_report(output_dir, paths[s], job.bad_rows)
+                if written is not None:
+                    written.result()  # the previous shard is on disk (or its error raised here)
+                written = writer.submit(write_parquet, out, paths[s], config, agreement)
+                dt = time.time() - t_shard
+                done_rows += len(out)
+                left = sum(len(shard_rows(t, per_shard, n)) for t in todo[todo.index(s) + 1:])
+                eta = ""
+                if left and done_rows:  # at this process's pace so far
+                    eta = f"; {left} images left here, about {duration(left * (time.time() - t0) / done_rows)}"
+                logger.info(procs.tag("shard %d/%d, %d images in %.1fs: %.2f images/s, %.1f samples/s%s"), s + 1, count,
+                            len(out), dt, len(out) / dt, len(out) * config.num_samples / dt, eta)
             if written is not None:
-                written.result()  # the previous shard is on disk (or its error raised here)
-            written = writer.submit(write_parquet, out, paths[s], config, agreement)
-            dt = time.time() - t_shard
-            done_rows += len(out)
-            left = sum(len(shard_rows(t, per_shard, n)) for t in todo[todo.index(s) + 1:])
-            eta = ""
-            if left and done_rows:  # at this process's pace so far
-                eta = f"; {left} images left here, about {duration(left * (time.time() - t0) / done_rows)}"
-            logger.info(procs.tag("shard %d/%d, %d images in %.1fs: %.2f images/s, %.1f samples/s%s"), s + 1, count,
-                        len(out), dt, len(out) / dt, len(out) * config.num_samples / dt, eta)
-        if written is not None:
-            written.result()
-    finally:
-        writer.shutdown(wait=True)  # a shard already computed is still written (atomically) if the job stops
-        redirect.__exit__(None, None, None)
-        if was_enabled:
-            datasets.enable_progress_bars()
-        if bar:
-            bar.close()
+                written.result()
+        finally:
+            writer.shutdown(wait=True)  # a shard already computed is still written (atomically) if the job stops
     seconds = time.time() - t0
     if todo and procs.world > 1:  # one process's share; the job's total follows from the main process
         logger.info(procs.tag("%d images in %.1fs: %.2f images/s, %.1f samples/s"), done_rows, seconds,
@@ -312,15 +281,80 @@ def _run_shards(decoded, dataset, config, teachers, output_dir, split, batch_siz
 
     wait_for_shards(paths, procs)
     seconds = time.time() - t0
-    stats = summarize(output_dir, split=split)
     new_rows = n - sum(len(shard_rows(s, per_shard, n)) for s in existing)
-    stats["source_rows"] = n
+    stats = card_for_shards(output_dir, config, split, features, command, n, new_rows, seconds, procs.world)
+    return ReinforceResult(output_dir, n, len(todo), len(mine) - len(todo), seconds, stats, procs.rank, procs.world)
+
+
+@contextlib.contextmanager
+def job_progress(show: bool, total: int, initial: int):
+    """A progress bar over the job's images (``None`` unless ``show``), with ``datasets``' own bars off meanwhile and
+    log lines written above the bar."""
+    import datasets
+
+    bar = None
+    if show:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=total, unit="img", desc="reinforce", initial=initial)
+    was_enabled = datasets.utils.logging.is_progress_bar_enabled()
+    datasets.disable_progress_bars()
+    redirect = contextlib.nullcontext()
+    if bar:  # log lines above the bar, not at its end
+        from tqdm.contrib.logging import logging_redirect_tqdm
+
+        redirect = logging_redirect_tqdm()  # the root handler, with its format
+    try:
+        with redirect:
+            yield bar
+    finally:
+        if was_enabled:
+            datasets.enable_progress_bars()
+        if bar:
+            bar.close()
+
+
+def shard_output(part, columns, skipping: bool, config: ReinforceConfig, features):
+    """A shard's rows as written, from its source rows ``part`` and the map's reinforcement ``columns``: beside the
+    source's columns (or alone, ``keep_source=False``), rows marked skipped (``skipping``) left out, the image column
+    in the declared feature; and the teachers' agreement with the labels, counted before a reinforcement-only shard
+    drops them (``None`` without labels)."""
+    import datasets
+
+    from .stats import agreement_counts
+
+    # without the source's columns, its labels stay until the teacher's agreement with them is counted
+    labels = [] if config.keep_source or config.label_column not in part.column_names else [config.label_column]
+    kept = part if config.keep_source else part.select_columns(labels)
+    out = datasets.concatenate_datasets([kept, columns], axis=1) if kept.column_names else columns
+    if skipping:
+        out = out.filter(lambda skip: not skip, input_columns=SKIP_COLUMN, keep_in_memory=True)
+    if SKIP_COLUMN in out.column_names:
+        out = out.remove_columns(SKIP_COLUMN)
+    agreement = None
+    if labels:
+        agreement = agreement_counts(out.with_format("arrow")[:], config.label_column, config.topk)
+        out = out.remove_columns(labels)
+    if config.keep_source and out.features[config.image_column] != features[config.image_column]:
+        out = out.cast_column(config.image_column, features[config.image_column])
+    return out, agreement
+
+
+def card_for_shards(output_dir: str, config: ReinforceConfig, split: str, features, command: Optional[str],
+                    source_rows: int, new_rows: int, seconds: float, processes: int) -> Dict[str, Any]:
+    """Once every shard is on disk (main process): the figures of the whole folder, with this run's pace where it
+    computed rows, a preview of replayed samples (where the images are kept) and the card; returns the figures."""
+    from .card import write_card
+    from .stats import summarize
+
+    stats = summarize(output_dir, split=split)
+    stats["source_rows"] = source_rows
     if new_rows:
         stats["images_per_second"] = round(new_rows / seconds, 2)
         stats["samples_per_second"] = round(new_rows * config.num_samples / seconds, 2)
-        stats["processes"] = procs.world
-        if procs.world > 1:  # (one process's figures are its shard lines' and the result's)
-            logger.info("all %d processes: %d images in %.1fs: %.2f images/s, %.1f samples/s", procs.world, new_rows,
+        stats["processes"] = processes
+        if processes > 1:  # (one process's figures are its shard lines' and the result's)
+            logger.info("all %d processes: %d images in %.1fs: %.2f images/s, %.1f samples/s", processes, new_rows,
                         seconds, stats["images_per_second"], stats["samples_per_second"])
     preview = None
     if config.keep_source:
@@ -331,7 +365,7 @@ def _run_shards(decoded, dataset, config, teachers, output_dir, split, batch_siz
         except Exception as exc:  # the preview decorates the card; say so and go on without it
             logger.warning("no preview image for the card: %s: %s", type(exc).__name__, exc)
     write_card(output_dir, config, stats, features=features, split=split, command=command, preview=preview)
-    return ReinforceResult(output_dir, n, len(todo), len(mine) - len(todo), seconds, stats, procs.rank, procs.world)
+    return stats
 
 
 def write_error_report(output_dir: str, shard_path: str, bad_rows: Sequence[Dict[str, Any]]) -> None:
