@@ -125,15 +125,8 @@ def _push(folder: str, repo_id: str, private: Optional[bool], revision: Optional
     from huggingface_hub import CommitOperationAdd, CommitOperationDelete, HfApi
 
     from .card import published_card
-    from .shards import check_folder, raise_if, shard_paths, splits
 
-    if not shard_paths(folder, "*"):
-        raise FileNotFoundError(f"{folder}/data holds no parquet shards")
-    if any(n.endswith(".tmp") for n in os.listdir(os.path.join(folder, DATA_DIR))):
-        raise ValueError(f"{folder}/data holds half-written shards (*.tmp): rerun `dr-hf reinforce` to finish it first")
-    for split in splits(folder):  # never publish a card that lies about its shards, or a mix of two jobs
-        raise_if(check_folder(folder, split), f"refusing to push {folder}")
-
+    check_pushable(folder)
     api = HfApi(token=token)
     url = str(api.create_repo(repo_id, repo_type="dataset", private=private, exist_ok=True))
     if private and not api.dataset_info(repo_id).private:  # create_repo leaves an existing repo as it is
@@ -153,12 +146,7 @@ def _push(folder: str, repo_id: str, private: Optional[bool], revision: Optional
     title = f"{commit_message} (dr-hf {hashlib.sha256(card).hexdigest()[:12]})"  # names this folder's job
     pull = None
     if branch == "main" and len(plan.batches) > 1:  # several commits: in a pull request, merged in one step
-        pulls = {d.num: d.title for d in api.get_repo_discussions(repo_id, repo_type="dataset",
-                                                                discussion_type="pull_request", discussion_status="open")}
-        pull = next((num for num, t in pulls.items() if t == title), None)
-        for num in sorted(n for n, t in pulls.items() if n != pull and t.startswith(f"{commit_message} (dr-hf ")):
-            logger.warning("pull request #%d of %s holds another dr-hf push, interrupted (another job's): close it "
-                           "if that push is abandoned", num, repo_id)
+        pull = interrupted_pull(api, repo_id, title, commit_message)
         if pull is not None:  # an interrupted push of this job: go on where it stopped
             logger.info("resuming pull request #%d of %s", pull, repo_id)
             plan = _plan(published, remote_files(api, repo_id, f"refs/pr/{pull}"), files_per_commit)
@@ -200,6 +188,30 @@ def _push(folder: str, repo_id: str, private: Optional[bool], revision: Optional
     if removed:
         logger.info("%d file(s) of an earlier push removed from %s@%s", len(removed), repo_id, branch)
     return PushResult(repo_id, branch, plan.todo, plan.skipped, len(batches), url, removed, pull)
+
+
+def check_pushable(folder: str) -> None:
+    """Refuse a folder with no shards, half-written ones, or a card that does not describe its shards."""
+    from .shards import check_folder, raise_if, shard_paths, splits
+
+    if not shard_paths(folder, "*"):
+        raise FileNotFoundError(f"{folder}/data holds no parquet shards")
+    if any(n.endswith(".tmp") for n in os.listdir(os.path.join(folder, DATA_DIR))):
+        raise ValueError(f"{folder}/data holds half-written shards (*.tmp): rerun `dr-hf reinforce` to finish it first")
+    for split in splits(folder):  # never publish a card that lies about its shards, or a mix of two jobs
+        raise_if(check_folder(folder, split), f"refusing to push {folder}")
+
+
+def interrupted_pull(api, repo_id: str, title: str, commit_message: str) -> Optional[int]:
+    """The open pull request of an interrupted push of this folder's job (its ``title`` names the job), to go on
+    with; other dr-hf pushes' open pull requests are pointed out."""
+    pulls = {d.num: d.title for d in api.get_repo_discussions(repo_id, repo_type="dataset",
+                                                            discussion_type="pull_request", discussion_status="open")}
+    pull = next((num for num, t in pulls.items() if t == title), None)
+    for num in sorted(n for n, t in pulls.items() if n != pull and t.startswith(f"{commit_message} (dr-hf ")):
+        logger.warning("pull request #%d of %s holds another dr-hf push, interrupted (another job's): close it "
+                       "if that push is abandoned", num, repo_id)
+    return pull
 
 
 @dataclass
