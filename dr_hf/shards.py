@@ -158,26 +158,10 @@ def check_shards(folder: str, split: str = "train", config: Optional[ReinforceCo
     ``config`` (default: the first shard's) or from the ``card``'s, shards missing from the layout, rows outside a
     shard's range or missing from it (other than rows listed in its error report). Empty when the shards are one
     consistent job."""
-    import pyarrow.parquet as pq
-
     paths = shard_paths(folder, split)
     if not paths:
         return [f"no {split} shards in {os.path.join(folder, DATA_DIR)}"]
-    problems: List[str] = []
-    configs: Dict[str, ReinforceConfig] = {}
-    for path in paths:
-        name = os.path.basename(path)
-        try:
-            found = config_from_parquet(path)
-        except NewerFormatError:
-            raise
-        except Exception as exc:  # truncated, bit-flipped footer, not parquet at all
-            problems.append(f"{name}: not a readable parquet shard ({type(exc).__name__}: {exc})")
-            continue
-        if found is None:
-            problems.append(f"{name}: carries no dr-hf configuration")
-            continue
-        configs[path] = found
+    configs, problems = _shard_configs(paths)
     if not configs:
         return problems
     reference = config or next(iter(configs.values()))
@@ -210,25 +194,52 @@ def check_shards(folder: str, split: str = "train", config: Optional[ReinforceCo
     if missing:
         problems.append(f"{len(missing)} shard(s) missing, first {shard_name(split, missing[0], count)}")
     for s, path in sorted(present.items()):
+        problems += _row_problems(folder, path, s, per_shard, int(total) if total else None)
+    return problems
+
+
+def _shard_configs(paths: Sequence[str]) -> Tuple[Dict[str, ReinforceConfig], List[str]]:
+    """Each readable shard's dr-hf configuration, and the problems of those that have none."""
+    problems: List[str] = []
+    configs: Dict[str, ReinforceConfig] = {}
+    for path in paths:
         name = os.path.basename(path)
         try:
-            index = pq.ParquetFile(path, page_checksum_verification=True).read(columns=[DR_INDEX]).column(0).to_numpy()
-        except Exception as exc:
-            problems.append(f"{name}: column {DR_INDEX!r} is unreadable ({type(exc).__name__}: {exc})")
+            found = config_from_parquet(path)
+        except NewerFormatError:
+            raise
+        except Exception as exc:  # truncated, bit-flipped footer, not parquet at all
+            problems.append(f"{name}: not a readable parquet shard ({type(exc).__name__}: {exc})")
             continue
-        want = set(shard_rows(s, per_shard, int(total))) if total else None
-        have = [int(i) for i in index]
-        outside = [i for i in have if want is not None and i not in want]
-        if outside:
-            problems.append(f"{name}: rows {outside[:3]} lie outside its range "
-                            f"[{s * per_shard}, {s * per_shard + len(want)})")
-        elif want is not None and set(have) | set(skipped := _skipped(folder, path)) != want:
-            lost = sorted(want - set(have) - set(skipped))
-            problems.append(f"{name}: {len(lost)} row(s) of its range neither stored nor listed as skipped, first {lost[0]}"
-                            if lost else f"{name}: duplicated rows")
-        elif len(have) != len(set(have)):
-            problems.append(f"{name}: duplicated rows")
-    return problems
+        if found is None:
+            problems.append(f"{name}: carries no dr-hf configuration")
+            continue
+        configs[path] = found
+    return configs, problems
+
+
+def _row_problems(folder: str, path: str, shard: int, per_shard: int, total: Optional[int]) -> List[str]:
+    """Shard ``shard``'s rows against its range (of a job of ``total`` rows, where known): rows outside it, rows of
+    it neither stored nor in its error report, rows stored twice."""
+    import pyarrow.parquet as pq
+
+    name = os.path.basename(path)
+    try:
+        index = pq.ParquetFile(path, page_checksum_verification=True).read(columns=[DR_INDEX]).column(0).to_numpy()
+    except Exception as exc:
+        return [f"{name}: column {DR_INDEX!r} is unreadable ({type(exc).__name__}: {exc})"]
+    want = set(shard_rows(shard, per_shard, total)) if total else None
+    have = [int(i) for i in index]
+    outside = [i for i in have if want is not None and i not in want]
+    if outside:
+        return [f"{name}: rows {outside[:3]} lie outside its range [{shard * per_shard}, {shard * per_shard + len(want)})"]
+    if want is not None and set(have) | set(skipped := _skipped(folder, path)) != want:
+        lost = sorted(want - set(have) - set(skipped))
+        return [f"{name}: {len(lost)} row(s) of its range neither stored nor listed as skipped, first {lost[0]}"
+                if lost else f"{name}: duplicated rows"]
+    if len(have) != len(set(have)):
+        return [f"{name}: duplicated rows"]
+    return []
 
 
 def check_folder(folder: str, split: str = "train") -> List[str]:

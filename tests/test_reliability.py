@@ -10,6 +10,7 @@ import textwrap
 import time
 
 import datasets
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
@@ -185,6 +186,17 @@ def test_a_shard_missing_or_with_foreign_rows_is_named(finished):
     assert any(os.path.basename(paths[1]) in p and "neither stored nor listed as skipped" in p for p in problems)
     os.remove(paths[2])
     assert any("missing, first" in p and os.path.basename(paths[2]) in p for p in check_folder(str(finished)))
+    table = pq.read_table(paths[3])  # a row of shard 0's range in shard 3, and shard 4's first row stored twice
+    index = table.column("dr_index").to_pylist()
+    pq.write_table(table.set_column(table.schema.get_field_index("dr_index"), "dr_index",
+                                    pa.array([0] + index[1:], type=table.schema.field("dr_index").type)), paths[3])
+    table = pq.read_table(paths[4])
+    pq.write_table(pa.concat_tables([table, table.slice(0, 1)]), paths[4])
+    problems = check_folder(str(finished))
+    assert any(f"{os.path.basename(paths[3])}: rows [0] lie outside its range [{index[0]}," in p for p in problems)
+    assert f"{os.path.basename(paths[4])}: duplicated rows" in problems, problems
+    pq.write_table(pq.read_table(paths[0]).replace_schema_metadata(None), paths[0])  # no configuration
+    assert f"{os.path.basename(paths[0])}: carries no dr-hf configuration" in check_folder(str(finished))
 
 
 # -- damaged shards -------------------------------------------------------------------------------------
