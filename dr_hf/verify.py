@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence
 
 import numpy as np
 import pyarrow as pa
@@ -99,6 +99,69 @@ def _rows(paths: Sequence[str], wanted: Sequence[int]):
     return datasets.Dataset(table.take([order[i] for i in wanted]))
 
 
+def local_folder(path: str, revision: Optional[str] = None) -> str:
+    """A reinforced dataset's local folder: ``path`` itself, or a Hub dataset's card, shards and error reports
+    downloaded to the Hugging Face cache at ``revision`` (as ``huggingface_hub.snapshot_download`` does)."""
+    from .source import check_hub_dataset, check_revision
+
+    if os.path.isdir(path):
+        check_revision(path, revision)
+        return path
+    from huggingface_hub import snapshot_download
+
+    from .shards import CARD, DATA_DIR, ERRORS_DIR
+
+    check_hub_dataset(path, revision)  # neither a folder nor a reachable Hub dataset: said at once
+    return snapshot_download(path, repo_type="dataset", revision=revision,
+                             allow_patterns=[CARD, f"{DATA_DIR}/*", f"{ERRORS_DIR}/*"])
+
+
+def _check_values(paths: Sequence[str], config, report: VerifyReport) -> Dict[int, int]:
+    """Every stored value of the shards ``paths`` checked (:func:`check_columns`), one batch at a time, problems and
+    rows counted into ``report``; returns how often each ``dr_index`` was seen."""
+    from .shards import BadShardError, checked_batches
+
+    seen: Dict[int, int] = {}
+    for shard in paths:
+        try:  # every page of every column, checksums verified: a damaged file is named, not a traceback
+            for batch in checked_batches(shard):
+                table = pa.Table.from_batches([batch]).select(list(DR_COLUMNS))
+                report.rows += table.num_rows
+                report.problems += check_columns(table, config)
+                for i in table.column(DR_INDEX).to_numpy():
+                    seen[int(i)] = seen.get(int(i), 0) + 1
+        except BadShardError as exc:
+            report.problems.append(str(exc))
+    return seen
+
+
+def _compare_row(report: VerifyReport, index: int, params: Dict[str, np.ndarray], logprobs, row: Dict[str, Any],
+                 job, atol: float, rtol: float) -> float:
+    """Row ``index`` replayed: its recomputed ``logprobs`` (N, classes) against its stored top-K, and (format 3 on)
+    its parameters drawn afresh against the stored ``params``; counted into ``report``. Returns the largest difference
+    of a stored log-probability."""
+    import torch
+
+    from .images import decode
+
+    config = job.config
+    report.replayed_rows += 1
+    if report.params_redrawn:
+        image = decode(row[config.image_column], row=index, column=config.image_column)
+        fresh = job.preparer.sample(index, image.shape[-2], image.shape[-1])
+        report.params_mismatches += int(np.logical_or.reduce(
+            [(fresh[name] != v).reshape(config.num_samples, -1).any(axis=1) for name, v in params.items()]).sum())
+    s_idx = torch.tensor(np.asarray(row[DR_TOPK_INDICES], dtype=np.int64))
+    s_lp = torch.tensor(np.asarray(row[DR_TOPK_LOGPROBS], dtype=np.float32))
+    diff = (torch.gather(logprobs, 1, s_idx) - s_lp).abs()
+    report.topk_index_mismatches += int((torch.topk(logprobs, config.topk, dim=-1).indices != s_idx).any(dim=-1).sum())
+    bad = (diff > atol + rtol * s_lp.abs()).any(dim=-1)
+    if bad.any():
+        j = int(bad.nonzero()[0])
+        report.problems.append(f"row {index}, sample {j}: recomputed log-probs differ by up to {float(diff[j].max()):.4g}")
+    return float(diff.max())
+
+
 def verify(path: str, teachers: Optional[Sequence[str]] = None, rows: int = 8, split: str = "train", seed: int = 0,
            atol: float = 1e-3, rtol: float = 2e-3, device: Optional[str] = None,
            source: Optional[str] = None, revision: Optional[str] = None) -> VerifyReport:
@@ -118,27 +181,16 @@ def verify(path: str, teachers: Optional[Sequence[str]] = None, rows: int = 8, s
     """
     import datasets
     import pyarrow.parquet as pq
-    import torch
 
-    from .images import decode
     from .job import default_render
     from .reinforcer import Reinforcer
-    from .shards import BadShardError, check_folder, checked_batches, shard_paths
-    from .source import base_of, check_hub_dataset, check_revision, join_source, needs_source
+    from .shards import check_folder, shard_paths
+    from .source import base_of, join_source, needs_source
     from .stats import summarize
     from .teacher import TeacherEnsemble
 
     require_at_least(0, rows=rows, seed=seed, atol=atol, rtol=rtol)
-    if not os.path.isdir(path):
-        from huggingface_hub import snapshot_download
-
-        from .shards import CARD, DATA_DIR, ERRORS_DIR
-
-        check_hub_dataset(path, revision)  # neither a folder nor a reachable Hub dataset: said at once
-        path = snapshot_download(path, repo_type="dataset", revision=revision,
-                                 allow_patterns=[CARD, f"{DATA_DIR}/*", f"{ERRORS_DIR}/*"])
-    else:
-        check_revision(path, revision)
+    path = local_folder(path, revision)
     paths = shard_paths(path, split)
     if not paths:
         raise FileNotFoundError(f"no {split} shards in {path}/data")
@@ -153,17 +205,7 @@ def verify(path: str, teachers: Optional[Sequence[str]] = None, rows: int = 8, s
         return VerifyReport(rows=0, problems=consistency)
     config = load_config(path, split)
     report = VerifyReport(rows=0, num_classes=config.num_classes)
-    seen: Dict[int, int] = {}
-    for shard in paths:
-        try:  # every page of every column, checksums verified: a damaged file is named, not a traceback
-            for batch in checked_batches(shard):
-                table = pa.Table.from_batches([batch]).select(list(DR_COLUMNS))
-                report.rows += table.num_rows
-                report.problems += check_columns(table, config)
-                for i in table.column(DR_INDEX).to_numpy():
-                    seen[int(i)] = seen.get(int(i), 0) + 1
-        except BadShardError as exc:
-            report.problems.append(str(exc))
+    seen = _check_values(paths, config, report)
     dupes = [i for i, c in seen.items() if c > 1]
     if dupes:
         report.problems.append(f"{DR_INDEX}: {len(dupes)} duplicate row index(es), first {min(dupes)}")
@@ -195,23 +237,8 @@ def verify(path: str, teachers: Optional[Sequence[str]] = None, rows: int = 8, s
         batch = ds[:]
         _, params, logps = job.compute(batch, members, stored=batch[DR_PARAMS])
         for r, (i, p, lp) in enumerate(zip(members, params, logps)):
-            if i not in picked:
-                continue
-            report.replayed_rows += 1
-            if report.params_redrawn:
-                image = decode(batch[config.image_column][r], row=i, column=config.image_column)
-                fresh = job.preparer.sample(i, image.shape[-2], image.shape[-1])
-                report.params_mismatches += int(np.logical_or.reduce(
-                    [(fresh[name] != v).reshape(config.num_samples, -1).any(axis=1) for name, v in p.items()]).sum())
-            s_idx = torch.tensor(np.asarray(batch[DR_TOPK_INDICES][r], dtype=np.int64))
-            s_lp = torch.tensor(np.asarray(batch[DR_TOPK_LOGPROBS][r], dtype=np.float32))
-            diff = (torch.gather(lp, 1, s_idx) - s_lp).abs()
-            worst = max(worst, float(diff.max()))
-            report.topk_index_mismatches += int((torch.topk(lp, config.topk, dim=-1).indices != s_idx).any(dim=-1).sum())
-            bad = (diff > atol + rtol * s_lp.abs()).any(dim=-1)
-            if bad.any():
-                j = int(bad.nonzero()[0])
-                report.problems.append(f"row {i}, sample {j}: recomputed log-probs differ by up to {float(diff[j].max()):.4g}")
+            if i in picked:
+                worst = max(worst, _compare_row(report, i, p, lp, {k: v[r] for k, v in batch.items()}, job, atol, rtol))
     report.max_abs_diff = worst
     if report.params_mismatches:
         report.problems.append(f"{report.params_mismatches} stored sample(s) have parameters that differ from a fresh sampling")
