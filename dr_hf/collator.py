@@ -202,6 +202,24 @@ class AugmentCollator(_Collator):
         return self.collate([self.fresh(self.pipeline, row) for example in examples for row in _rows(example)])
 
 
+def check_whole_group(pipe: AugmentPipeline, indices: List[int], stored: Sequence[Dict[str, Any]], sample: int) -> None:
+    """Refuse a MixUp/CutMix training example whose rows (``dr_index`` ``indices``, each replaying ``sample`` with
+    the ``stored`` parameters) are not one group in stored order, or lack a row one of them is mixed with (a group cut
+    short), before anything is rendered."""
+    g = pipe.group_size
+    if misplaced_row(indices, g) >= 0 or len(indices) > g:
+        raise ValueError(f"a training example's rows (dr_index {indices}) are not one MixUp/CutMix group "
+                         f"(reordered or some dropped before the trainer: shuffle, filter, select); "
+                         f"{whole_groups_advice(g)}")
+    members = set(indices)
+    for index, drawn in zip(indices, stored):  # a stream's take(n) or skip(n), n not a multiple of the group size
+        mate = index + int(drawn["mix_partner"])
+        if pipe.mix.is_mixed(drawn) and mate not in members:
+            raise ValueError(f"row {index}, sample {sample}: its MixUp/CutMix partner row {mate} is not among the "
+                             f"training example's rows (dr_index {indices}, of a group of {g}; a stream cut within a "
+                             f"group, by take(n) or skip(n) with n not a multiple of {g}?); {whole_groups_advice(g)}")
+
+
 class ReinforcedCollator(_Collator):
     """Training on a reinforced dataset: for each row pick one of its N stored samples at random, replay it at the
     student's input spec and return ``teacher_indices`` / ``teacher_logprobs`` (B x K). Rows of one mixing group (a
@@ -280,18 +298,7 @@ class ReinforcedCollator(_Collator):
         pipe = self.pipeline(rows[0][DR_PARAMS])
         stored = [params_at(row[DR_PARAMS], j) for row in rows]  # each row's replayed sample's parameters
         if pipe.mix is not None:
-            r = misplaced_row(list(pos), pipe.group_size)
-            if r >= 0 or len(pos) > pipe.group_size:
-                raise ValueError(f"a training example's rows (dr_index {list(pos)}) are not one MixUp/CutMix group "
-                                 f"(reordered or some dropped before the trainer: shuffle, filter, select); "
-                                 f"{whole_groups_advice(pipe.group_size)}")
-            for row, drawn in zip(rows, stored):  # before rendering: a group cut short (a stream's take(n), n not a
-                mate = int(row[DR_INDEX]) + int(drawn["mix_partner"])  # multiple of the group size)
-                if pipe.mix.is_mixed(drawn) and mate not in pos:
-                    raise ValueError(f"row {int(row[DR_INDEX])}, sample {j}: its MixUp/CutMix partner row {mate} is "
-                                     f"not among the training example's rows (dr_index {list(pos)}, of a group of "
-                                     f"{pipe.group_size}; a stream cut within a group, by take(n) or skip(n) with n "
-                                     f"not a multiple of {pipe.group_size}?); {whole_groups_advice(pipe.group_size)}")
+            check_whole_group(pipe, [int(row[DR_INDEX]) for row in rows], stored, j)
         if self.on_device:  # the images as stored, for the training process to decode and render
             images = [decode_later(row[self.image_column], int(row[DR_INDEX]), self.image_column) for row in rows]
         else:
