@@ -7,7 +7,9 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from dr_hf import ReinforceConfig, ReinforcedCollator, ReinforcedTrainer, ReinforcedTrainingArguments, TeacherEnsemble
+from dr_hf import (ReinforceConfig, ReinforcedCollator, ReinforcedTrainer, ReinforcedTrainingArguments, TeacherEnsemble,
+                   make_pipeline)
+from dr_hf.collator import check_whole_group
 from dr_hf.images import decode
 from dr_hf.inputs import InputSpec
 from dr_hf.loss import dense_teacher_log_probs, distillation_loss, one_hot_target
@@ -413,6 +415,8 @@ def test_mixing_rows_out_of_their_groups_are_refused(tmp_path, reinforced):
                                          r"training example's rows \(dr_index \[8, 9, 10, 11, 12\], of a group of 8; a "
                                          rf"stream cut within a group, by take\(n\).*{remedy}"):
         list(trainer.get_train_dataloader())
+    with pytest.raises(ValueError, match=r"rows \(dr_index \[0, 1, 2, 2\]\) are not one MixUp/CutMix group"):
+        check_whole_group(make_pipeline("imagenet+mix"), [0, 1, 2, 2], [{}] * 4, sample=0)  # a row read twice
 
 
 def test_streaming_ddp_processes_get_distinct_rows(tmp_path, reinforced, monkeypatch, caplog):
