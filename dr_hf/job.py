@@ -205,6 +205,11 @@ def reinforce(
         render_device = default_render(teachers, render=config.render)[0]
     if prepare_threads is None:
         prepare_threads = default_prepare_threads(teachers) if not prepare_workers else 0
+    if str(teachers.device).startswith("cuda") and teachers.precision == "fp32" and procs.is_main:
+        logger.info("the teachers run in strict float32 on %s (--precision fp32, the default): --precision bf16 "
+                    "(precision='bf16') runs them on the GPU's tensor cores, as the README's GPU figures do, and "
+                    "changes the top-1 class of up to about 2%% of samples (results/bench_precision.md); tf32 lies between",
+                    teachers.device)
     with output_lock(output_dir, procs, wait=wait):
         pool = preparation_pool(prepare_workers, prepare_threads)
         try:

@@ -7,7 +7,8 @@ batches, and batched rendering's speed and fidelity on the device, side by side 
   teacher block; MixUp/CutMix groups of 8 rows), per sample on the CPU (1 thread), per sample on the GPU, batched on
   the GPU (``--render batched``);
 * teacher: the bare bf16 forward at N (one row's samples) and at 256 (the job's teacher batches at N=64), and at 256
-  compiled (``--compile reduce-overhead``: each forward one CUDA graph);
+  compiled (``--compile reduce-overhead``: each forward one CUDA graph), and in fp32 (the default ``--precision``:
+  strict float32) and tf32 at 256;
 * job: ``dr_hf.reinforce`` end to end (decode, render, teacher, top-k, parquet) as its defaults run it (map batches
   of 65,536 samples' worth of rows: 1024 at N=64), rendering on the GPU (batched) with rows prepared (decoded,
   parameters drawn) inline on the main thread or by threads ahead of the teacher (the default on a GPU), the latter
@@ -215,6 +216,17 @@ def main():
         steps = 1 if dry else max(4, 4096 // batch)
         teacher[batch] = steps * batch / synced(lambda: [bf16.log_probs({0: x}) for _ in range(steps)], 1 if dry else 3)
     results["teacher_bf16_samples_per_s"] = {str(k): v for k, v in teacher.items()}
+    # what --precision costs: fp32 (the default: strict float32, cuDNN's TF32 off) and tf32, batches of 256
+    x = torch.randn(256, 3, *out.size, device=device)
+    by_precision = {}
+    for precision, ensemble in (("fp32", fp32), ("tf32", TeacherEnsemble.from_specs([spec], device=device,
+                                                                                    precision="tf32"))):
+        for _ in range(1 if dry else 3):
+            ensemble.log_probs({0: x})
+        steps = 1 if dry else 8
+        by_precision[precision] = steps * 256 / synced(lambda: [ensemble.log_probs({0: x}) for _ in range(steps)],
+                                                       1 if dry else 3)
+    results["teacher_samples_per_s_by_precision"] = {**by_precision, "bf16": teacher[256]}
     # compiled (--compile): on a GPU reduce-overhead, each forward replayed as one CUDA graph
     compile_mode = "reduce-overhead" if not dry else "default"
     compiled = TeacherEnsemble.from_specs([spec], device=device, precision="bf16", compile_mode=compile_mode)
@@ -275,6 +287,9 @@ def main():
     log(f"| bare teacher forward, batches of {n} (N samples of one row) | {teacher[n]:,.0f} |")
     log(f"| bare teacher forward, batches of 256 (the job's: all samples of a teacher block of rows) | {teacher[256]:,.0f} |")
     log(f"| bare teacher forward, batches of 256, `torch.compile` mode {compile_mode} (`--compile`) | {teacher_compiled:,.0f} |")
+    log(f"| bare teacher forward, batches of 256, `--precision fp32` (the default: strict float32) | "
+        f"{by_precision['fp32']:,.0f} |")
+    log(f"| bare teacher forward, batches of 256, `--precision tf32` | {by_precision['tf32']:,.0f} |")
     labels = {"gpu_batched_inline": "job, rendering on the GPU (batched), rows prepared inline (`--prepare-threads 0`)",
               "gpu_batched_threads": f"job, rendering on the GPU (batched), rows prepared by {threads} threads (the default)",
               "gpu_batched_threads_compiled": f"the same, teacher compiled (`--compile {compile_mode}`)",
