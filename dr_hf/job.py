@@ -205,11 +205,9 @@ def reinforce(
         render_device = default_render(teachers, render=config.render)[0]
     if prepare_threads is None:
         prepare_threads = default_prepare_threads(teachers) if not prepare_workers else 0
-    if str(teachers.device).startswith("cuda") and teachers.precision == "fp32" and procs.is_main:
-        logger.info("the teachers run in strict float32 on %s (--precision fp32, the default): --precision bf16 "
-                    "(precision='bf16') runs them on the GPU's tensor cores, as the README's GPU figures do, and "
-                    "changes the top-1 class of up to about 2%% of samples (results/bench_precision.md); tf32 lies between",
-                    teachers.device)
+    advice = precision_advice(teachers)
+    if advice and procs.is_main:
+        logger.info(advice)
     with output_lock(output_dir, procs, wait=wait):
         pool = preparation_pool(prepare_workers, prepare_threads)
         try:
@@ -588,6 +586,16 @@ def check_output_dir(data_dir: str, config: ReinforceConfig, split: str, num_sha
                 f"({name}{': ' + describe_differences(existing, config) if differs else ''}); "
                 "rerun with the same settings to resume, or choose another `output_dir`"
             )
+
+
+def precision_advice(teachers: TeacherEnsemble) -> Optional[str]:
+    """What a job with teachers in strict float32 on a GPU is told (the default precision, fp32, leaves its tensor
+    cores idle); ``None`` elsewhere."""
+    if not str(teachers.device).startswith("cuda") or teachers.precision != "fp32":
+        return None
+    return (f"the teachers run in strict float32 on {teachers.device} (--precision fp32, the default): --precision bf16 "
+            "(precision='bf16') runs them on the GPU's tensor cores, as the README's GPU figures do, and changes the "
+            "top-1 class of up to about 2% of samples (results/bench_precision.md); tf32 lies between")
 
 
 def default_prepare_threads(teachers: TeacherEnsemble) -> int:
