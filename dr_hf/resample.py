@@ -8,7 +8,7 @@ antialias=True)`` up to float rounding: the same uint8 pixels, but for a rare ha
 flip is the horizontal matrix with its rows reversed, so it costs nothing. The float32 products follow torch's TF32
 flag and write no flag (a render thread beside a teacher or a training step must not: on torch >= 2.9 a reader
 between the two halves of a legacy flag write raises). The reinforce job sets the flag from its teachers' precision
-(:meth:`dr_hf.teacher.TeacherEnsemble.float32_flags`: on only for tf32 teachers); with TF32, as on an H100, the crops
+(:meth:`dr_hf.teacher.TeacherEnsemble.float32_flags`: on for tf32 and bf16 teachers); with TF32, as on an H100, the crops
 differ from float32's on about 2.4% of pixels by one grey level, and from the per-sample crops training replays on the
 CPU by 0.174 grey levels on average instead of 0.171 (``tests/test_resample.py``).
 

@@ -377,12 +377,15 @@ class TeacherEnsemble:
 
     @contextlib.contextmanager
     def float32_flags(self):
-        """torch's TF32 flags for this ensemble's precision (tf32: on; fp32 and bf16: off, bf16's own products being
-        bf16), set once for a run of forwards and the renders beside them (:meth:`dr_hf.reinforcer.Reinforcer.compute`):
-        the forwards then write no flag, and the batched renderer's float32 products follow the flags. (TF32 crops
-        beside a bf16 teacher ran at a median 1.02x the float32 ones' job pace, 0.88-1.13x, over 4 interleaved rounds
-        on an H100, results/bench_gpu_ab.md: no gain to pay for their pixels with.)"""
-        with float32_precision(tf32=self.precision == "tf32"):
+        """torch's TF32 flags for a run of this ensemble's forwards and the renders beside them, set once
+        (:meth:`dr_hf.reinforcer.Reinforcer.compute`), so that no forward writes a flag: off for fp32 teachers (strict
+        float32, crops included), on for tf32 and bf16 ones. The batched renderer's float32 products follow the flags.
+        A bf16 teacher rounds its input to bf16 (8 significant bits) at its first layer, coarser than TF32 crops (10
+        bits; one grey level on about 2.4% of pixels, :mod:`dr_hf.resample`), and its own products are bf16, which
+        the flags leave alone. Beside a compiled bf16 teacher on an H100, TF32 crops ran the job at a median 1.09x the
+        float32 ones' pace (1.06-1.11 over 3 interleaved rounds, the same top-1 class in every sample), beside the
+        eager one 1.00x (results/bench_gpu_ab.md, bench_gpu_ab_eager.md)."""
+        with float32_precision(tf32=self.precision != "fp32"):
             yield
 
     @contextlib.contextmanager

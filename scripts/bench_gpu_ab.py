@@ -5,7 +5,7 @@ variants' order and the machine's pace, as much as the candidates could gain. He
 job as its defaults run it, and each candidate) once, in an order rotated from round to round, and each candidate's
 figure is its shard rate over the default's *in the same round*: the median and the range of those ratios say
 whether a candidate gains more than the noise. Each candidate's stored top-K must be the default's, bit for bit
-(TF32 crops: the share of samples with the same top-1 class).
+(float32 crops against the default's TF32 ones: the share of samples with the same top-1 class).
 
 The job: EfficientNet-Lite0 (random weights: the architecture's speed) in bf16, compiled (``--compile
 reduce-overhead``; ``--eager``: not compiled, as the job runs by default, its forward launched op by op from Python
@@ -53,17 +53,19 @@ def _crops_in_groups_of_64(*args, **kwargs):
     return resized_crops(*args, **kwargs, group_size=64)
 
 
-# name: (Reinforcer options, TF32 flags: None for the teachers' own (off for bf16), True: on, the crops on TF32 cores;
-# reinforce() options; library names replaced for the arm's runs, "module.name": function or value)
+# name: (Reinforcer options, TF32 flags: None for the teachers' own (on for bf16 and tf32 teachers, off for fp32 ones),
+# False: off, the crops' products in float32; reinforce() options; library names replaced for the arm's runs,
+# "module.name": function or value)
 ARMS = {
     "default": ({}, None, {}, {}),
     "render_threads_1": ({}, None, {"render_threads": 1}, {}),
     "render_threads_2": ({}, None, {"render_threads": 2}, {}),
-    "tf32_crops": ({}, True, {}, {}),
-    "render_threads_2_tf32_crops": ({}, True, {"render_threads": 2}, {}),
+    # the crops' products in float32 beside the bf16 teacher, as before TF32 crops became the default for bf16 teachers
+    "float32_crops": ({}, False, {}, {}),
     "render_stream": ({"render_stream": True}, None, {}, {}),
     "read_back_at_once": ({"read_back_late": False}, None, {}, {}),
     "prepare_threads_2": ({}, None, {"prepare_threads": 2}, {}),
+    "prepare_threads_3": ({}, None, {"prepare_threads": 3}, {}),
     "map_batches_256": ({}, None, {"batch_size": 256}, {}),
     "pin_on_main_thread": ({}, None, {}, {"dr_hf.reinforcer.prepare_pinned": _on_main_thread}),
     # a teacher batch's crops in groups of 64 boxes, not 32: 170 aten ops a batch of 256 instead of 238 (imagenet+rrc,
@@ -78,16 +80,16 @@ ARMS = {
     "script_off": ({}, None, {}, {"dr_hf.script.ENABLED": False}),
 }
 LABELS = {
-    "default": "the job as its defaults run it ({render_threads}, float32 crops, the render's tensor work as "
+    "default": "the job as its defaults run it ({render_threads}, {crops} crops, the render's tensor work as "
                "TorchScript calls, the teacher's stream)",
     "render_threads_1": "1 render thread (`--render-threads 1`)",
     "render_threads_2": "2 render threads (`--render-threads 2`)",
-    "tf32_crops": "the crops' products on TF32 tensor cores (TF32 flags on, as `--precision tf32` teachers set them)",
-    "render_threads_2_tf32_crops": "2 render threads and TF32 crops",
+    "float32_crops": "the crops' products in float32 (TF32 flags off, as `--precision fp32` teachers set them)",
     "render_stream": "rendering on a CUDA stream of its own (`Reinforcer(render_stream=True)`)",
     "read_back_at_once": "each batch's results read back before the next forward is queued "
                          "(`Reinforcer(read_back_late=False)`)",
     "prepare_threads_2": "2 preparing threads (`--prepare-threads 2`; 4 by default on a GPU)",
+    "prepare_threads_3": "3 preparing threads (`--prepare-threads 3`)",
     "map_batches_256": "map batches of 256 rows (`--batch-size 256`; the default at N=400)",
     "pin_on_main_thread": "each image copied to pinned memory by the thread that queues the GPU's work, not by the "
                           "preparing thread that decoded it",
@@ -103,7 +105,7 @@ def main():
     ap.add_argument("--dataset", default=None, help="default: imagenet-sample (CIFAR-10 with --host-proxy)")
     ap.add_argument("--rows", type=int, default=1024, help="rows of each timed job (the dataset repeated)")
     ap.add_argument("--rounds", type=int, default=3)
-    ap.add_argument("--arms", default="render_threads_2,tf32_crops,render_threads_2_tf32_crops,render_stream",
+    ap.add_argument("--arms", default="render_threads_2,float32_crops,render_stream",
                     help=f"candidates, comma-separated, among {', '.join(a for a in ARMS if a != 'default')}")
     ap.add_argument("--num-samples", type=int, default=64)
     ap.add_argument("--augment", default="imagenet+rrc", help="the preset the job draws and renders")
@@ -232,8 +234,9 @@ def main():
         figures = ", ".join(f"{rd['shard_samples_per_s'][arm]:,.0f}" for rd in results["rounds"])
         if arm == "default":
             count = base_options.get("render_threads", default_render_threads(teachers, make_pipeline(args.augment)))
-            lines.append(f"| {LABELS[arm].format(render_threads=f'{count} render thread' + 's' * (count != 1))} "
-                         f"| {figures} | 1 | |")
+            label = LABELS[arm].format(render_threads=f"{count} render thread" + "s" * (count != 1),
+                                       crops="float32" if precision == "fp32" else "TF32")
+            lines.append(f"| {label} | {figures} | 1 | |")
             continue
         v = ratios[arm]
         outputs = "the same, bit for bit" if v["same_outputs"] else f"the same top-1 class in {v['same_top1']:.2%}"

@@ -150,6 +150,18 @@ def test_precision_is_an_option_defaulting_to_fp32(tiny_teacher_spec):
         TeacherEnsemble.from_specs([tiny_teacher_spec], precision="fp16")
 
 
+def test_tf32_flags_follow_the_precision_strict_only_for_fp32_teachers(tiny_teacher_spec):
+    """The flags a job's forwards and batched crops run under: TF32 off for fp32 teachers (strict float32, crops
+    included), on for tf32 and bf16 ones (a bf16 teacher rounds its input to 8 significant bits, coarser than TF32's
+    10), and the process's own flags back afterwards."""
+    before = torch.get_float32_matmul_precision(), torch.backends.cudnn.allow_tf32
+    for precision, tf32 in (("fp32", False), ("tf32", True), ("bf16", True)):
+        with TeacherEnsemble.from_specs([tiny_teacher_spec], precision=precision).float32_flags():
+            assert torch.get_float32_matmul_precision() == ("high" if tf32 else "highest"), precision
+            assert torch.backends.cudnn.allow_tf32 is tf32, precision
+        assert (torch.get_float32_matmul_precision(), torch.backends.cudnn.allow_tf32) == before
+
+
 @needs_cxx
 def test_compiled_teachers_write_what_eager_ones_write_and_compile_once(tmp_path, tiny_hf_dir, image_dataset_dir,
                                                                         capsys):
