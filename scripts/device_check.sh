@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
 # The GPU checks, as one short script for a lent GPU machine (no internet there), most wanted first: the reinforce
-# job as its defaults run it against the bare bf16 teacher forward (bench_gpu --job-only); the compiled job against
-# options in interleaved rounds (bench_gpu_ab: TF32 crops, 2 render threads, a render stream of its own, each
-# measured before the render's tensor work ran without the GIL); the eager job, the default, whose teacher's forward
-# is launched op by op from Python beside the render and preparing threads (a render stream of its own, to fill the
-# forward's gaps; 2 preparing threads, fewer to take the GIL from it; TF32 crops); where the eager job's GPU time
-# goes (profile_job --profiler torch: kernels by device time, the render's and the teacher's share, the gaps); then
+# job as its defaults run it against the bare bf16 teacher forward (bench_gpu --job-only, which times fp32 and tf32
+# forwards too); the compiled job against options in interleaved rounds (bench_gpu_ab: float32 crops, the default
+# before TF32 crops beside bf16 teachers, to confirm it; 2 preparing threads); the eager job, the default, whose
+# teacher's forward is launched op by op from Python beside the render and preparing threads, its host time per batch
+# twice the bare forward's in the job (2 and 3 preparing threads, fewer to take the GIL from it: 2 gave 1.07x,
+# 1.02-1.31, on 2026-11-28); where the eager job's GPU time goes (profile_job --profiler torch: kernels by device
+# time, the render's and the teacher's share, the gaps); then
 # the training loader with replay_on_device decoding and rendering on the GPU, and its fidelity (bench_loader
 # --device cuda), and last nvJPEG decoding against the host's (bench_decode --device cuda). Figures land in $OUT
 # (default results/gpu), each step's Markdown as it ends; the rest (JSON, the profile's trace) is packed into
@@ -20,8 +21,9 @@
 # lacks (installed with --no-deps into /tmp/site; one the machine's Python cannot take leaves the machine's own in
 # place). scripts/device_prepare.sh builds both here (.gpudata/imagenet64, .whl), to carry to the machine. Each step
 # has its own time limit, so one that hangs leaves time for the others. The first four steps' limits add up to
-# 510 s; the loader and decoding steps run in what a 600-s call has left (on the H100 the whole of this script took
-# 250-323 s on 2026-11-27 and 452 s on 2026-11-28, wheels installed and every step run).
+# 480 s; the loader and decoding steps run in what a 600-s call has left (on the H100 the whole of this script took
+# 250-323 s on 2026-11-27 and 452-480 s on 2026-11-28, wheels installed; bench_gpu took 97 s warm on the 28th, the
+# second time, its first run having been stopped at 110 s).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 dataset=${1:?usage: device_check.sh DATASET [WHEELS]}
@@ -49,10 +51,10 @@ if [ "${DEVICE:-cuda}" = cpu ]; then  # DEVICE=cpu: a dry run of every step (no 
   profile=(--device cpu --rows 4) decode=(--device cpu) ab_eager=("${ab[@]}" --eager)
 fi
 status=0
-timeout 110 python scripts/bench_gpu.py --dataset "$dataset" --job-only "${gpu[@]}" --out "$out/bench_gpu.md" || status=$?
-timeout 170 python scripts/bench_gpu_ab.py --dataset "$dataset" --arms tf32_crops,render_threads_2,render_stream \
+timeout 150 python scripts/bench_gpu.py --dataset "$dataset" --job-only "${gpu[@]}" --out "$out/bench_gpu.md" || status=$?
+timeout 150 python scripts/bench_gpu_ab.py --dataset "$dataset" --arms float32_crops,prepare_threads_2 \
   "${ab[@]}" --out "$out/bench_gpu_ab.md" || status=$?
-timeout 150 python scripts/bench_gpu_ab.py --dataset "$dataset" --arms render_stream,prepare_threads_2,tf32_crops \
+timeout 100 python scripts/bench_gpu_ab.py --dataset "$dataset" --arms prepare_threads_2,prepare_threads_3 \
   "${ab_eager[@]}" --out "$out/bench_gpu_ab_eager.md" || status=$?
 timeout 80 python scripts/profile_job.py --dataset "$dataset" --profiler torch "${profile[@]}" \
   --out-prefix "$out/profile" || status=$?
