@@ -242,7 +242,8 @@ class ReinforcedCollator(_Collator):
     device, and ``pixel_values`` is left out.
 
     Every choice is a pure function of (``seed``, ``epoch``, the group's first ``dr_index``), so a run resumed from
-    a checkpoint sees the same samples as an uninterrupted one; ``ReinforcedTrainer`` sets ``epoch`` each epoch."""
+    a checkpoint sees the same samples as an uninterrupted one; ``ReinforcedTrainer`` sets ``epoch`` each epoch, and
+    DataLoader workers see it, persistent ones too."""
 
     def __init__(self, output: InputSpec, reinforced_prob: float = 0.99, seed: int = 0, uint8_pixels: bool = False,
                  on_device: bool = False, **kw):
@@ -253,8 +254,19 @@ class ReinforcedCollator(_Collator):
         self.uint8_pixels = uint8_pixels
         self.on_device = on_device
         self.seed = seed
-        self.epoch = 0
+        # in shared memory, so that DataLoader workers started in an earlier epoch (persistent_workers) see it change
+        self._epoch = torch.zeros((), dtype=torch.int64).share_memory_()
         self._pipelines: Dict[tuple, AugmentPipeline] = {}
+
+    @property
+    def epoch(self) -> int:
+        """The epoch whose samples are replayed; set it before the epoch's DataLoader iterator starts (the same value
+        in this process and in every worker, persistent ones included)."""
+        return int(self._epoch)
+
+    @epoch.setter
+    def epoch(self, value: int) -> None:
+        self._epoch.fill_(int(value))
 
     def pipeline(self, params: Dict[str, Any]) -> AugmentPipeline:
         key = tuple(sorted(params))

@@ -115,9 +115,6 @@ class ReinforcedTrainingArguments(TrainingArguments):
                 problems.append(f"{name} must have 3 values, got {value}")
         if self.interpolation is not None and self.interpolation not in INTERPOLATION_NAMES:
             problems.append(f"interpolation must be one of {INTERPOLATION_NAMES}, got {self.interpolation!r}")
-        if self.dataloader_persistent_workers and self.dataloader_num_workers > 0:
-            problems.append("dataloader_persistent_workers=True would keep the collator's epoch at 0 in the workers, so "
-                            "every epoch would replay the same stored samples; leave it False")
         if self.replay_on_device and self.uint8_pixels:
             problems.append("uint8_pixels=True shapes batches rendered in the DataLoader workers; replay_on_device=True "
                             "renders them on the device instead: choose one")
@@ -145,8 +142,9 @@ def student_output(model, args: ReinforcedTrainingArguments, processing_class=No
 
 
 class _CollatorEpoch(TrainerCallback):
-    """Tell the replaying collator the epoch (before the epoch's DataLoader workers start), so its choices are a pure
-    function of (seed, epoch, row) and a resumed run replays what an uninterrupted one would."""
+    """Tell the replaying collator the epoch before the epoch's DataLoader iterator starts (its workers, persistent ones
+    included, read it from shared memory), so its choices are a pure function of (seed, epoch, row) and a resumed run
+    replays what an uninterrupted one would."""
 
     def __init__(self, collator):
         self.collator = collator

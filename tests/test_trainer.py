@@ -481,13 +481,15 @@ def test_decoding_and_replay_run_in_dataloader_workers(tmp_path, reinforced):
         assert batch.keys() == here.keys() and all(torch.equal(batch[key], here[key]) for key in here)
     # training from the workers' recycled blocks (dr_hf.batch_memory), two batches held at once for each step: the
     # losses of batches rendered in this process, loss for loss
+    # (2 epochs of 4 batches; persistent workers, started once, replay the second epoch's samples too)
     runs = [ReinforcedTrainer(model=tiny_timm(), args=args(tmp_path, max_steps=4, dataloader_num_workers=w,
+                                                           dataloader_persistent_workers=persistent,
                                                            gradient_accumulation_steps=2), train_dataset=train)
-            for w in (2, 0)]
+            for w, persistent in ((2, False), (0, False), (2, True))]
     for run in runs:
         run.train()
     assert len(losses(runs[0])) == 4 and all(np.isfinite(losses(runs[0])))
-    assert losses(runs[0]) == losses(runs[1])
+    assert losses(runs[0]) == losses(runs[1]) == losses(runs[2])
 
 
 class SharedFlag:
