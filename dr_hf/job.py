@@ -591,7 +591,7 @@ def check_output_dir(data_dir: str, config: ReinforceConfig, split: str, num_sha
 def precision_advice(teachers: TeacherEnsemble) -> Optional[str]:
     """What a job with teachers in strict float32 on a GPU is told (the default precision, fp32, leaves its tensor
     cores idle); ``None`` elsewhere."""
-    if not str(teachers.device).startswith("cuda") or teachers.precision != "fp32":
+    if teachers.device.type != "cuda" or teachers.precision != "fp32":
         return None
     return (f"the teachers run in strict float32 on {teachers.device} (--precision fp32, the default): --precision bf16 "
             "(precision='bf16') runs them on the GPU's tensor cores, as the README's GPU figures do, and changes the "
@@ -603,7 +603,7 @@ def default_prepare_threads(teachers: TeacherEnsemble) -> int:
     usable cores but two, at least one), so that decoding and sampling overlap the GPU's forward instead of taking
     turns with it on the main thread (on the H100 host a row took 1.9-4.6 ms to decode, against 3.3 ms of teacher
     forward for its 64 samples). On the CPU: 0, since the teacher's own threads already use every core."""
-    if not str(teachers.device).startswith("cuda"):
+    if teachers.device.type != "cuda":
         return 0
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     return max(1, min(4, cores - 2))

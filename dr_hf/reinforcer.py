@@ -42,7 +42,7 @@ def default_render_threads(teachers: TeacherEnsemble, pipeline: AugmentPipeline)
     RandAugment, whose host work (an op slot's runs, their constants) is as long as the GPU's per batch: 1.13x the
     job's samples/s (median of 3 interleaved rounds, 1.01-1.22) with ``imagenet+rare`` on the H100
     (results/bench_gpu_ab_rare.md); else 1, since with crops and flips alone a second thread gave 0.97x there."""
-    if not str(teachers.device).startswith("cuda"):
+    if teachers.device.type != "cuda":
         return 0
     return 2 if pipeline.get("rand_augment") is not None else 1
 
@@ -107,7 +107,7 @@ class Reinforcer:
                                                          config.num_classes), **skip}).arrow_schema
         self.render_device = usable_device(render_device, "render_device")
         self.side = SideStream(self.render_device, enabled=render_stream)
-        self.read_back_late = str(teachers.device).startswith("cuda") if read_back_late is None else read_back_late
+        self.read_back_late = teachers.device.type == "cuda" if read_back_late is None else read_back_late
         self.pool = pool
         self.buffers = Buffers()
         self.block_rows = teacher_block_rows(config) if block_rows is None else block_rows
