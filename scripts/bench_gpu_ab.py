@@ -55,7 +55,7 @@ def _crops_in_groups_of_64(*args, **kwargs):
 
 # name: (Reinforcer options, TF32 flags: None for the teachers' own (on for bf16 and tf32 teachers, off for fp32 ones),
 # False: off, the crops' products in float32; reinforce() options; library names replaced for the arm's runs,
-# "module.name": function or value)
+# "module.name": function or value; "torch.num_threads": torch's intra-op threads for the arm)
 ARMS = {
     "default": ({}, None, {}, {}),
     "render_threads_1": ({}, None, {"render_threads": 1}, {}),
@@ -66,6 +66,9 @@ ARMS = {
     "read_back_at_once": ({"read_back_late": False}, None, {}, {}),
     "prepare_threads_2": ({}, None, {"prepare_threads": 2}, {}),
     "prepare_threads_3": ({}, None, {"prepare_threads": 3}, {}),
+    # torch's intra-op threads 1 for the job (16 on the H100's host): the preparing threads' CPU tensor work (pinned
+    # copies) in the calling thread, no OpenMP team of each thread's own spinning beside the main thread's launches
+    "intra_op_threads_1": ({}, None, {}, {"torch.num_threads": 1}),
     "map_batches_256": ({}, None, {"batch_size": 256}, {}),
     "pin_on_main_thread": ({}, None, {}, {"dr_hf.reinforcer.prepare_pinned": _on_main_thread}),
     # a teacher batch's crops in groups of 64 boxes, not 32: 170 aten ops a batch of 256 instead of 238 (imagenet+rrc,
@@ -90,6 +93,7 @@ LABELS = {
                          "(`Reinforcer(read_back_late=False)`)",
     "prepare_threads_2": "2 preparing threads (`--prepare-threads 2`; 4 by default on a GPU)",
     "prepare_threads_3": "3 preparing threads (`--prepare-threads 3`)",
+    "intra_op_threads_1": "torch's intra-op threads 1 (`torch.set_num_threads(1)`) for the job",
     "map_batches_256": "map batches of 256 rows (`--batch-size 256`; the default at N=400)",
     "pin_on_main_thread": "each image copied to pinned memory by the thread that queues the GPU's work, not by the "
                           "preparing thread that decoded it",
@@ -167,8 +171,11 @@ def main():
         options, tf32, job_options, patches = ARMS[arm]
         Reinforcer.__init__ = lambda self, *a, **kw: init(self, *a, **{**kw, **options})
         TeacherEnsemble.float32_flags = flags if tf32 is None else lambda self: float32_precision(tf32)
-        replaced = {}
+        replaced, threads_before = {}, torch.get_num_threads()
         for where, value in patches.items():
+            if where == "torch.num_threads":
+                torch.set_num_threads(value)
+                continue
             module, name = where.rsplit(".", 1)
             module = importlib.import_module(module)
             replaced[module, name] = getattr(module, name)
@@ -180,6 +187,7 @@ def main():
             return rates[-1] if rates else float("nan")
         finally:
             Reinforcer.__init__, TeacherEnsemble.float32_flags = init, flags
+            torch.set_num_threads(threads_before)
             for (module, name), original in replaced.items():
                 setattr(module, name, original)
 

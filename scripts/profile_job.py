@@ -61,7 +61,7 @@ def summarise(path: str, top: int = 24) -> None:
     with open(path) as f:
         for line in f:
             stack, _, count = line.rstrip("\n").rpartition(" ")
-            if not stack:
+            if not stack.startswith("thread (") or not count.isdigit():  # a misread frame name (a newline) splits one
                 continue
             count = int(count)
             total += count
