@@ -11,7 +11,7 @@ from typing import Dict, List, Optional
 
 from .pipeline import PRESET_HELP, PRESETS
 from .errors import network_errors, said, with_flags
-from .teacher import COMPILE_MODES
+from .teacher import COMPILE_MODES, TORCH_COMPILE_MODES
 
 
 def cmd_reinforce(args) -> int:
@@ -242,10 +242,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="teacher precision: fp32 (faithful to ml-dr), tf32 or bf16 autocast (faster on GPUs; "
                         "python scripts/bench_precision.py measures what it changes)")
     r.add_argument("--compile", default=None, choices=list(COMPILE_MODES), metavar="MODE",
-                   help="torch.compile the teachers with this mode (" + ", ".join(COMPILE_MODES) + "; reduce-overhead "
-                        "replays each forward as one CUDA graph; use it on GPUs: it made the job 1.4-1.6x as fast on an H100). "
-                        "Changes only float rounding; compiling takes tens of seconds when the job starts "
-                        "(python scripts/bench_compile.py measures both)")
+                   help="torch.compile the teachers with this mode (" + ", ".join(TORCH_COMPILE_MODES) + "; "
+                        "reduce-overhead replays each forward as one CUDA graph; use it on GPUs: it made the job "
+                        "1.5-1.65x as fast on an H100; changes only float rounding; compiling takes tens of seconds when "
+                        "the job starts, python scripts/bench_compile.py measures both), or trace: a TorchScript trace, "
+                        "eager's kernels bit for bit, launched without the GIL beside the job's threads, no compiler")
     r.add_argument("--quiet", action="store_true", help="no progress bar or log lines")
     r.set_defaults(func=cmd_reinforce)
 

@@ -16,7 +16,8 @@ model names (:data:`TEACHER_SETS`).
 Each teacher brings its own input size, mean/std and interpolation (:func:`dr_hf.inputs.resolve_input_spec` on its
 pretrained_cfg or image processor). An ensemble averages the teachers' probabilities; members with identical weights
 are refused. Precision (``fp32``, the faithful default as in ml-dr, ``tf32`` or ``bf16``) is an option, and so is
-``torch.compile`` (``compile_mode``; ``reduce-overhead`` replays each forward as one CUDA graph on a GPU).
+``torch.compile`` (``compile_mode``; ``reduce-overhead`` replays each forward as one CUDA graph on a GPU) or a
+TorchScript trace (``compile_mode="trace"``: eager's kernels, bit for bit, launched from C++ without the GIL).
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ import math
 import os
 import re
 import threading
+import warnings
 from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional, Sequence
 
@@ -40,7 +42,8 @@ from .inputs import InputSpec, resolve_input_spec
 from .transfer import to_device
 
 PRECISIONS = ("fp32", "tf32", "bf16")
-COMPILE_MODES = ("default", "reduce-overhead", "max-autotune")  # torch.compile's modes
+TORCH_COMPILE_MODES = ("default", "reduce-overhead", "max-autotune")  # torch.compile's modes
+COMPILE_MODES = TORCH_COMPILE_MODES + ("trace",)  # and a TorchScript trace of eager's kernels (TracedForward)
 # The paper's ImageNet+ teachers (ml-dr: four IG-1B ResNeXt-101 models, probabilities averaged, fp32). timm 1.0's old
 # names ig_resnext101_32x{8,16,32,48}d all resolve to the 32x8d weights, so the set uses the full names; timm ships
 # no 32x48d weights.
@@ -306,15 +309,60 @@ def _padded(x: torch.Tensor, rows: int) -> torch.Tensor:
     return out
 
 
+class TracedForward:
+    """A teacher's forward as a TorchScript trace (``torch.jit.trace``), made at its first call for each input shape,
+    dtype, device and autocast state: the ops eager runs, recorded once and replayed by TorchScript's interpreter, so
+    the outputs are eager's bit for bit (tested), and the forward is launched from C++ with the GIL let go. An eager
+    forward is hundreds of small ops, each launched from Python: beside threads that want the GIL (a GPU job's render
+    and preparing threads) it waits for it op after op, where a GPU would rather not wait (EfficientNet-Lite0 on 4
+    images at 32 px on a CPU core, mostly per-op work: 9.7 ms eager and 8.7 traced alone, 35.3 and 15.4 beside 2
+    threads preparing rows as the job does, 792 and 14 beside a thread of pure Python; scripts/bench_trace.py). Models whose forward branches on values are traced along one branch: trace only what eager runs the
+    same way each time (timm's and transformers' image classifiers do). torch >= 2.10 marks TorchScript deprecated:
+    its warning is silenced here, as in :mod:`dr_hf.script`."""
+
+    def __init__(self, model: nn.Module, spec: str = "the teacher"):
+        self.model, self.spec = model, spec
+        self._traced: Dict[tuple, Callable] = {}
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        key = (tuple(x.shape), x.dtype, x.device, torch.is_autocast_enabled(x.device.type))
+        traced = self._traced.get(key)
+        if traced is None:
+            traced = self._traced[key] = self._trace(x)
+        return traced(x)
+
+    def _trace(self, x: torch.Tensor) -> Callable:
+        model = self.model
+
+        class Logits(nn.Module):  # the traced module returns a tensor: a transformers model's output is a dict
+            def __init__(self):
+                super().__init__()
+                self.model = model
+
+            def forward(self, x):
+                out = self.model(x)
+                return getattr(out, "logits", out)
+
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", FutureWarning)  # (TorchScript's deprecation)
+                warnings.simplefilter("ignore", torch.jit.TracerWarning)
+                return torch.jit.trace(Logits().eval(), x, check_trace=False)
+        except Exception as exc:
+            raise RuntimeError(f"TorchScript could not trace teacher {self.spec!r} (`compile_mode` 'trace', --compile "
+                               f"trace: {said(exc)}); run it without") from exc
+
+
 class TeacherEnsemble:
     """Teachers whose probabilities are averaged.
 
     ``precision``: ``fp32`` (default; ml-dr runs its teachers in fp32), ``tf32`` (TF32 matmuls and convolutions on
     CUDA; on the CPU, float32 matmul precision "high") or ``bf16`` (autocast). On CUDA, channels_last.
-    ``compile_mode``: a ``torch.compile`` mode (:data:`COMPILE_MODES`) for each teacher's forward, with static shapes: a
-    batch smaller than the largest one seen is padded to it, so the job's last, short batches reuse the compiled
-    forward instead of compiling another (``reduce-overhead``: a CUDA graph, one launch a forward where a GPU's host
-    would otherwise issue hundreds). Only float rounding changes (tested against eager).
+    ``compile_mode``: a ``torch.compile`` mode (:data:`TORCH_COMPILE_MODES`) for each teacher's forward, with static
+    shapes: a batch smaller than the largest one seen is padded to it, so the job's last, short batches reuse the
+    compiled forward instead of compiling another (``reduce-overhead``: a CUDA graph, one launch a forward where a
+    GPU's host would otherwise issue hundreds). Only float rounding changes (tested against eager). Or ``"trace"``:
+    :class:`TracedForward`, eager's kernels bit for bit, from C++ without the GIL, no compiler needed (padded alike).
     Members with identical weights are refused: they would only pretend to be an ensemble."""
 
     def __init__(self, teachers: Sequence[Teacher], device: Optional[torch.device] = None, precision: str = "fp32",
@@ -351,7 +399,8 @@ class TeacherEnsemble:
                 t.model.to(memory_format=torch.channels_last)
         self.class_names = next((t.class_names for t in self.teachers if t.class_names), None)
         self.compile_mode = compile_mode
-        self._forwards = [torch.compile(t.model, mode=compile_mode, dynamic=False) if compile_mode else t.model
+        self._forwards = [TracedForward(t.model, t.spec) if compile_mode == "trace" else
+                          torch.compile(t.model, mode=compile_mode, dynamic=False) if compile_mode else t.model
                           for t in self.teachers]
         self._compiled_batch = 0  # the largest batch the compiled forwards have seen; smaller ones are padded to it
 

@@ -7,12 +7,12 @@ batches, and batched rendering's speed and fidelity on the device, side by side 
   teacher block; MixUp/CutMix groups of 8 rows), per sample on the CPU (1 thread), per sample on the GPU, batched on
   the GPU (``--render batched``);
 * teacher: the bare bf16 forward at N (one row's samples) and at 256 (the job's teacher batches at N=64), and at 256
-  compiled (``--compile reduce-overhead``: each forward one CUDA graph), and in fp32 (the default ``--precision``:
-  strict float32) and tf32 at 256;
+  compiled (``--compile reduce-overhead``: each forward one CUDA graph), traced (``--compile trace``: eager's kernels
+  launched from C++ without the GIL), and in fp32 (the default ``--precision``: strict float32) and tf32 at 256;
 * job: ``dr_hf.reinforce`` end to end (decode, render, teacher, top-k, parquet) as its defaults run it (map batches
   of 65,536 samples' worth of rows: 1024 at N=64), rendering on the GPU (batched) with rows prepared (decoded,
   parameters drawn) inline on the main thread or by threads ahead of the teacher (the default on a GPU), the latter
-  also with the teacher compiled; and on the CPU (per sample, one render thread ahead of the teacher). Whole-job
+  also with the teacher compiled and traced; and on the CPU (per sample, one render thread ahead of the teacher). Whole-job
   rates include writing the card, shard rates (from the job's log) do not. Options that might beat these defaults
   (more render threads, TF32 crops, a render stream, ...) run in ``bench_gpu_ab.py``, interleaved against them.
 
@@ -236,6 +236,12 @@ def main():
     steps = 1 if dry else 16
     teacher_compiled = steps * 256 / synced(lambda: [compiled.log_probs({0: x}) for _ in range(steps)], 1 if dry else 3)
     results["teacher_bf16_compiled_samples_per_s"] = {"256": teacher_compiled, "mode": compile_mode}
+    # traced (--compile trace): eager's kernels, launched from C++ without the GIL
+    traced = TeacherEnsemble.from_specs([spec], device=device, precision="bf16", compile_mode="trace")
+    for _ in range(1 if dry else 3):
+        traced.log_probs({0: x})
+    teacher_traced = steps * 256 / synced(lambda: [traced.log_probs({0: x}) for _ in range(steps)], 1 if dry else 3)
+    results["teacher_bf16_traced_samples_per_s"] = {"256": teacher_traced}
     save()
 
     # -- the job, end to end -----------------------------------------------------------------------------------------
@@ -250,6 +256,7 @@ def main():
     variants = (("gpu_batched_inline", device, "batched", 0, gpu_rows, bf16),
                 ("gpu_batched_threads", device, "batched", threads, gpu_rows, bf16),
                 ("gpu_batched_threads_compiled", device, "batched", threads, gpu_rows, compiled),
+                ("gpu_batched_threads_traced", device, "batched", threads, gpu_rows, traced),
                 ("cpu_per_sample_threads", "cpu", "per-sample", threads, args.rows, bf16))
     for name, render_device, mode, prepare, count, ensemble in variants:
         config = ReinforceConfig(augment="imagenet+rrc", augmentations=make_pipeline("imagenet+rrc").config(),
@@ -272,6 +279,8 @@ def main():
     results["job_over_teacher_variant"] = best
     results["compiled_job_over_teacher"] = shard["gpu_batched_threads_compiled"] / teacher[256]
     results["compiled_job_over_compiled_teacher"] = shard["gpu_batched_threads_compiled"] / teacher_compiled
+    results["traced_job_over_teacher"] = shard["gpu_batched_threads_traced"] / teacher[256]
+    results["traced_job_over_traced_teacher"] = shard["gpu_batched_threads_traced"] / teacher_traced
     save()
 
     f = results["fidelity"]
@@ -287,12 +296,14 @@ def main():
     log(f"| bare teacher forward, batches of {n} (N samples of one row) | {teacher[n]:,.0f} |")
     log(f"| bare teacher forward, batches of 256 (the job's: all samples of a teacher block of rows) | {teacher[256]:,.0f} |")
     log(f"| bare teacher forward, batches of 256, `torch.compile` mode {compile_mode} (`--compile`) | {teacher_compiled:,.0f} |")
+    log(f"| bare teacher forward, batches of 256, traced (`--compile trace`) | {teacher_traced:,.0f} |")
     log(f"| bare teacher forward, batches of 256, `--precision fp32` (the default: strict float32) | "
         f"{by_precision['fp32']:,.0f} |")
     log(f"| bare teacher forward, batches of 256, `--precision tf32` | {by_precision['tf32']:,.0f} |")
     labels = {"gpu_batched_inline": "job, rendering on the GPU (batched), rows prepared inline (`--prepare-threads 0`)",
               "gpu_batched_threads": f"job, rendering on the GPU (batched), rows prepared by {threads} threads (the default)",
               "gpu_batched_threads_compiled": f"the same, teacher compiled (`--compile {compile_mode}`)",
+              "gpu_batched_threads_traced": "the same, teacher traced (`--compile trace`)",
               "cpu_per_sample_threads": f"job, rendering on the CPU (per sample, 1 render thread), {threads} prepare threads"}
     log("")
     log("| job | rows | whole job, samples/s | its shard, samples/s |")
@@ -303,7 +314,9 @@ def main():
     log(f"Job (the faster GPU variant's shard rate) / bare teacher on the same batches of 256: "
         f"**{results['job_over_teacher']:.2f}** (goal >= 0.8). With the teacher compiled: "
         f"**{results['compiled_job_over_teacher']:.2f}** of the bare eager forward, "
-        f"{results['compiled_job_over_compiled_teacher']:.2f} of the bare compiled one. "
+        f"{results['compiled_job_over_compiled_teacher']:.2f} of the bare compiled one. With the teacher traced: "
+        f"**{results['traced_job_over_teacher']:.2f}** of the bare eager forward, "
+        f"{results['traced_job_over_traced_teacher']:.2f} of the bare traced one. "
         f"Decoding (PIL or TorchCodec on the CPU) costs {results['decode_ms_per_image']:.2f} ms an image here. "
         f"Options that might beat the defaults: `scripts/bench_gpu_ab.py`.")
     if render:

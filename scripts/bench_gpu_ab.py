@@ -55,7 +55,8 @@ def _crops_in_groups_of_64(*args, **kwargs):
 
 # name: (Reinforcer options, TF32 flags: None for the teachers' own (on for bf16 and tf32 teachers, off for fp32 ones),
 # False: off, the crops' products in float32; reinforce() options; library names replaced for the arm's runs,
-# "module.name": function or value; "torch.num_threads": torch's intra-op threads for the arm)
+# "module.name": function or value; "torch.num_threads": torch's intra-op threads for the arm;
+# "teachers.compile_mode": the arm's teachers, the same ones compiled or traced so)
 ARMS = {
     "default": ({}, None, {}, {}),
     "render_threads_1": ({}, None, {"render_threads": 1}, {}),
@@ -69,6 +70,9 @@ ARMS = {
     # torch's intra-op threads 1 for the job (16 on the H100's host): the preparing threads' CPU tensor work (pinned
     # copies) in the calling thread, no OpenMP team of each thread's own spinning beside the main thread's launches
     "intra_op_threads_1": ({}, None, {}, {"torch.num_threads": 1}),
+    # the teacher's forward as a TorchScript trace (`--compile trace`): eager's kernels bit for bit, launched from C++
+    # with the GIL let go (on a CPU core beside 2 preparing threads, Lite0's small forward ran 2.30x, bench_trace.md)
+    "trace_teacher": ({}, None, {}, {"teachers.compile_mode": "trace"}),
     "map_batches_256": ({}, None, {"batch_size": 256}, {}),
     "pin_on_main_thread": ({}, None, {}, {"dr_hf.reinforcer.prepare_pinned": _on_main_thread}),
     # a teacher batch's crops in groups of 64 boxes, not 32: 170 aten ops a batch of 256 instead of 238 (imagenet+rrc,
@@ -94,6 +98,7 @@ LABELS = {
     "prepare_threads_2": "2 preparing threads (`--prepare-threads 2`; 4 by default on a GPU)",
     "prepare_threads_3": "3 preparing threads (`--prepare-threads 3`)",
     "intra_op_threads_1": "torch's intra-op threads 1 (`torch.set_num_threads(1)`) for the job",
+    "trace_teacher": "the teacher's forward as a TorchScript trace (`--compile trace`), launched without the GIL",
     "map_batches_256": "map batches of 256 rows (`--batch-size 256`; the default at N=400)",
     "pin_on_main_thread": "each image copied to pinned memory by the thread that queues the GPU's work, not by the "
                           "preparing thread that decoded it",
@@ -147,12 +152,14 @@ def main():
     base_options = {}
     if args.host_proxy:  # a GPU job's render thread and preparing threads (on a CPU the job has neither by default)
         # a 1-layer ViT at 32 px, 8-px patches, CIFAR-10's classes
-        teachers = TeacherEnsemble.from_specs([tiny_vit(tmp, size=32, patch=8, classes=10, resample=3)], device="cpu")
+        spec = tiny_vit(tmp, size=32, patch=8, classes=10, resample=3)
+        teachers = TeacherEnsemble.from_specs([spec], device="cpu")
         threads, classes, precision = 4, 10, "fp32"
         base_options = {"render_threads": default_render_threads(types.SimpleNamespace(device=torch.device("cuda")),
                                                                  make_pipeline(args.augment))}  # a GPU job's
     else:
-        teachers = TeacherEnsemble.from_specs([lite0_spec(tmp)], device=args.device, precision="bf16",
+        spec = lite0_spec(tmp)
+        teachers = TeacherEnsemble.from_specs([spec], device=args.device, precision="bf16",
                                               compile_mode=None if args.eager else "default" if dry else "reduce-overhead")
         threads, classes, precision = default_prepare_threads(teachers), 1000, "bf16"
     config = ReinforceConfig(augment=args.augment, augmentations=make_pipeline(args.augment).config(),
@@ -167,14 +174,22 @@ def main():
                "rows": args.rows, "num_samples": args.num_samples, "prepare_threads": threads, "rounds": []}
     base = os.path.splitext(args.out)[0]
 
+    variants = {}  # compile mode: the teachers compiled or traced so (arms that name one)
+
     def run(arm, rows, folder):
         options, tf32, job_options, patches = ARMS[arm]
         Reinforcer.__init__ = lambda self, *a, **kw: init(self, *a, **{**kw, **options})
         TeacherEnsemble.float32_flags = flags if tf32 is None else lambda self: float32_precision(tf32)
-        replaced, threads_before = {}, torch.get_num_threads()
+        replaced, threads_before, arm_teachers = {}, torch.get_num_threads(), teachers
         for where, value in patches.items():
             if where == "torch.num_threads":
                 torch.set_num_threads(value)
+                continue
+            if where == "teachers.compile_mode":
+                if value not in variants:
+                    variants[value] = TeacherEnsemble.from_specs([spec], device=teachers.device,
+                                                                 precision=teachers.precision, compile_mode=value)
+                arm_teachers = variants[value]
                 continue
             module, name = where.rsplit(".", 1)
             module = importlib.import_module(module)
@@ -182,7 +197,7 @@ def main():
             setattr(module, name, value)
         try:
             rates.clear()
-            synced(lambda: reinforce(rows, config, teachers, folder, show_progress=False,
+            synced(lambda: reinforce(rows, config, arm_teachers, folder, show_progress=False,
                                      render_device=args.device, **{"prepare_threads": threads, **base_options, **job_options}))
             return rates[-1] if rates else float("nan")
         finally:

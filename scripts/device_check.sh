@@ -4,8 +4,9 @@
 # forwards too); the compiled job against float32 crops in interleaved rounds (bench_gpu_ab; TF32 crops became the
 # default beside bf16 teachers on 2026-11-28's 1.09x); the eager job, the default, whose teacher's forward is launched
 # op by op from Python beside the render and preparing threads, its launches taking twice the bare forward's host
-# time in the job (run G): 2 and 3 preparing threads instead of 4 (2 gave 1.07x, 1.02-1.31, on 2026-11-28) and
-# torch's intra-op threads 1 (no OpenMP team spinning beside the launches); which thread holds the GIL in the eager
+# time in the job (run G): its forward traced (--compile trace: launched from C++ without the GIL; 2.30x on a CPU
+# core beside 2 preparing threads, results/bench_trace.md), 2 preparing threads instead of 4 (1.07x, 1.02-1.31, on
+# 2026-11-28) and torch's intra-op threads 1 (no OpenMP team spinning beside the launches); which thread holds the GIL in the eager
 # job (profile_job --profiler py-spy, its wheel carried); then the training loader with replay_on_device decoding and
 # rendering on the GPU, and its fidelity (bench_loader --device cuda). Figures land in $OUT (default results/gpu),
 # each step's Markdown as it ends; the rest (JSON, py-spy's stacks) is packed into $OUT/rest.tgz at the end, as the
@@ -49,14 +50,14 @@ if [ "${DEVICE:-cuda}" = cpu ]; then  # DEVICE=cpu: a dry run of every step (no 
   profile=(--device cpu --rows 4) ab_eager=("${ab[@]}" --eager)
 fi
 status=0
-timeout 150 python scripts/bench_gpu.py --dataset "$dataset" --job-only "${gpu[@]}" --out "$out/bench_gpu.md" || status=$?
-timeout 120 python scripts/bench_gpu_ab.py --dataset "$dataset" --arms float32_crops "${ab[@]}" \
+timeout 170 python scripts/bench_gpu.py --dataset "$dataset" --job-only "${gpu[@]}" --out "$out/bench_gpu.md" || status=$?
+timeout 110 python scripts/bench_gpu_ab.py --dataset "$dataset" --arms float32_crops "${ab[@]}" \
   --out "$out/bench_gpu_ab.md" || status=$?
-timeout 120 python scripts/bench_gpu_ab.py --dataset "$dataset" --arms prepare_threads_2,prepare_threads_3,intra_op_threads_1 \
+timeout 120 python scripts/bench_gpu_ab.py --dataset "$dataset" --arms trace_teacher,prepare_threads_2,intra_op_threads_1 \
   "${ab_eager[@]}" --out "$out/bench_gpu_ab_eager.md" || status=$?
 timeout 80 python scripts/profile_job.py --dataset "$dataset" --profiler py-spy "${profile[@]}" \
   --out-prefix "$out/pyspy" || status=$?
-timeout 110 python scripts/bench_loader.py --dataset "$dataset" --rows 63 "${loader[@]}" --out "$out/bench_loader.md" \
+timeout 100 python scripts/bench_loader.py --dataset "$dataset" --rows 63 "${loader[@]}" --out "$out/bench_loader.md" \
   || status=$?
 cat "$out"/*.md
 (cd "$out" && extra=$(ls | grep -v -E '\.(md|log)$' | grep -v '^rest\.tgz$') \

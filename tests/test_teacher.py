@@ -197,6 +197,40 @@ def test_compiled_teachers_write_what_eager_ones_write_and_compile_once(tmp_path
         TeacherEnsemble.from_specs([spec], compile_mode="fast")
 
 
+def test_traced_teachers_write_what_eager_ones_write_bit_for_bit(tmp_path, tiny_hf_dir, image_dataset_dir,
+                                                                 tiny_teacher_spec, monkeypatch):
+    """--compile trace: TorchScript traces of the teachers (transformers' and timm's) write eager's outputs bit for
+    bit, in fp32 and under bf16 autocast; a short batch is padded to the traced one instead of being traced again; a
+    teacher that cannot be traced stops the job naming the option."""
+    import pyarrow.parquet as pq
+
+    from dr_hf.cli import main
+    from dr_hf.pipeline import empty_batch
+
+    common = ["reinforce", str(image_dataset_dir), "--teacher", f"hf:{tiny_hf_dir}", "--num-samples", "3", "--topk",
+              "4", "--teacher-batch-size", "8", "--limit", "11", "--quiet"]  # 6 samples a forward, the last one 3
+    for name, extra in (("traced", ["--compile", "trace"]), ("eager", [])):
+        assert main(common + ["--output", str(tmp_path / name)] + extra) == 0
+    traced, eager = (pq.read_table(str(tmp_path / name / "data")) for name in ("traced", "eager"))
+    assert traced.num_rows == 11 and traced.equals(eager)
+    x = empty_batch(6, (32, 32)).copy_(torch.randn(6, 3, 32, 32))
+    for precision in ("fp32", "bf16"):
+        ensemble = TeacherEnsemble.from_specs([tiny_teacher_spec], precision=precision, compile_mode="trace")
+        plain = TeacherEnsemble.from_specs([tiny_teacher_spec], precision=precision)
+        assert torch.equal(ensemble.log_probs({0: x}), plain.log_probs({0: x}))
+        assert torch.equal(ensemble.log_probs({0: x[:2]}), plain.log_probs({0: x})[:2])
+        assert len(ensemble._forwards[0]._traced) == 1, precision  # the short batch padded to the traced one
+
+    def untraceable(*args, **kwargs):
+        raise RuntimeError("Tracer cannot infer type of output")
+
+    monkeypatch.setattr(torch.jit, "trace", untraceable)
+    ensemble = TeacherEnsemble.from_specs([tiny_teacher_spec], compile_mode="trace")
+    with pytest.raises(RuntimeError, match=r"TorchScript could not trace teacher 'timm:local-dir:.*--compile trace.*"
+                                           r"Tracer cannot infer"):
+        ensemble.log_probs({0: x})
+
+
 def test_a_teacher_that_cannot_compile_names_the_option(tiny_teacher_spec, monkeypatch):
     """A compiler that fails (no C++ toolchain, an unsupported platform) stops the job naming --compile, the teacher
     and the cause, not with dynamo's internals."""
