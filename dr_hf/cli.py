@@ -135,7 +135,7 @@ def cmd_preview(args) -> int:
     from .preview import render_preview
 
     path = render_preview(args.folder, out=args.out, rows=args.rows, samples=args.samples, split=args.split,
-                          source=args.source, seed=args.seed)
+                          source=args.source, seed=args.seed, revision=args.revision)
     print(f"wrote {path}")
     return 0
 
@@ -281,9 +281,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     pv = sub.add_parser("preview", formatter_class=HelpFormatter,
                         help="render a grid of replayed samples with the teacher's top classes (PNG)")
-    pv.add_argument("folder", help="a reinforced folder (dr-hf reinforce --output)")
+    pv.add_argument("folder", help="a reinforced folder (dr-hf reinforce --output) or a Hub dataset id (its card and "
+                                   "the split's first shard are downloaded)")
     pv.add_argument("--output", "--out", dest="out", default=None, metavar="FILE",
-                    help="the image file (default: FOLDER/preview.png)")
+                    help="the image file (default: FOLDER/preview.png; preview.png here for a Hub dataset)")
+    pv.add_argument("--revision", default=None, help="the Hub dataset's revision (branch, tag or commit)")
     pv.add_argument("--rows", type=int, default=4, help="rows shown (grid rows)")
     pv.add_argument("--samples", type=int, default=4, help="stored samples shown per row (grid columns)")
     pv.add_argument("--split", default="train", help="the split to show")

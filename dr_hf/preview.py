@@ -59,9 +59,11 @@ class _Lazy:
 
 
 def render_preview(folder: str, out: Optional[str] = None, rows: int = 4, samples: int = 4, split: str = "train",
-                   source: Optional[str] = None, seed: int = 0) -> str:
+                   source: Optional[str] = None, seed: int = 0, revision: Optional[str] = None) -> str:
     """Replay ``samples`` stored samples of ``rows`` rows of the first shard (mixed samples first, so MixUp/CutMix
-    show when the preset has them) and write a captioned grid; returns its path."""
+    show when the preset has them) and write a captioned grid; returns its path. ``folder``: a reinforced folder, or
+    a Hub dataset's id (at ``revision``), of which the card and the split's first shard are downloaded to the
+    Hugging Face cache (``out`` then defaults to ``preview.png`` in the working directory)."""
     import PIL.Image
     import PIL.ImageDraw
     import PIL.ImageFont
@@ -69,18 +71,16 @@ def render_preview(folder: str, out: Optional[str] = None, rows: int = 4, sample
     import pyarrow.parquet as pq
     from datasets import Features
 
-    from .source import needs_source, reinforcement_config
+    from .source import local_folder, needs_source, reinforcement_config
     from .shards import shard_paths
 
     require_at_least(1, rows=rows, samples=samples)
     require_at_least(0, seed=seed)
-    out = out or os.path.join(folder, PREVIEW)
+    out = out or (os.path.join(folder, PREVIEW) if os.path.isdir(folder) else PREVIEW)
     image_format = PIL.Image.registered_extensions().get(os.path.splitext(out)[1].lower())
     if image_format is None:
         raise ValueError(f"`out` {out!r}: name an image file (.png, .jpg, ...)")
-    if not os.path.isdir(folder):
-        raise ValueError(f"preview renders a local folder; {folder!r} is not one (a Hub dataset's card embeds its "
-                         "preview; or download it first: huggingface_hub.snapshot_download(..., repo_type='dataset'))")
+    folder = local_folder(folder, revision, first_shard_of=split)
     config = reinforcement_config(folder, split)
     table = pq.read_table(shard_paths(folder, split)[0])
     features = Features.from_arrow_schema(table.schema)

@@ -107,6 +107,23 @@ def check_hub_dataset(path: str, revision: Optional[str] = None) -> None:
                                 ) from None
 
 
+def local_folder(path: str, revision: Optional[str] = None, first_shard_of: Optional[str] = None) -> str:
+    """A reinforced dataset's local folder: ``path`` itself, or a Hub dataset's card, shards and error reports
+    downloaded to the Hugging Face cache at ``revision`` (as ``huggingface_hub.snapshot_download`` does);
+    ``first_shard_of``: a split whose first shard alone is downloaded with the card (what a preview reads)."""
+    if os.path.isdir(path):
+        check_revision(path, revision)
+        return path
+    from huggingface_hub import snapshot_download
+
+    from .shards import CARD, DATA_DIR, ERRORS_DIR, shard_name
+
+    check_hub_dataset(path, revision)  # neither a folder nor a reachable Hub dataset: said at once
+    patterns = ([CARD, f"{DATA_DIR}/*", f"{ERRORS_DIR}/*"] if first_shard_of is None else
+                [CARD, f"{DATA_DIR}/" + shard_name(first_shard_of, 0, 0).replace("-of-00000", "-of-*")])
+    return snapshot_download(path, repo_type="dataset", revision=revision, allow_patterns=patterns)
+
+
 def reinforcement_config(path: str, split: str = "train", revision: Optional[str] = None) -> ReinforceConfig:
     """The configuration of a reinforced dataset: a local folder's parquet metadata, or a Hub repo's card."""
     from .shards import shard_paths

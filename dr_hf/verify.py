@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Sequence
 
@@ -99,23 +98,6 @@ def _rows(paths: Sequence[str], wanted: Sequence[int]):
     return datasets.Dataset(table.take([order[i] for i in wanted]))
 
 
-def local_folder(path: str, revision: Optional[str] = None) -> str:
-    """A reinforced dataset's local folder: ``path`` itself, or a Hub dataset's card, shards and error reports
-    downloaded to the Hugging Face cache at ``revision`` (as ``huggingface_hub.snapshot_download`` does)."""
-    from .source import check_hub_dataset, check_revision
-
-    if os.path.isdir(path):
-        check_revision(path, revision)
-        return path
-    from huggingface_hub import snapshot_download
-
-    from .shards import CARD, DATA_DIR, ERRORS_DIR
-
-    check_hub_dataset(path, revision)  # neither a folder nor a reachable Hub dataset: said at once
-    return snapshot_download(path, repo_type="dataset", revision=revision,
-                             allow_patterns=[CARD, f"{DATA_DIR}/*", f"{ERRORS_DIR}/*"])
-
-
 def _check_values(paths: Sequence[str], config, report: VerifyReport) -> Dict[int, int]:
     """Every stored value of the shards ``paths`` checked (:func:`check_columns`), one batch at a time, problems and
     rows counted into ``report``; returns how often each ``dr_index`` was seen."""
@@ -185,7 +167,7 @@ def verify(path: str, teachers: Optional[Sequence[str]] = None, rows: int = 8, s
     from .job import default_render
     from .reinforcer import Reinforcer
     from .shards import check_folder, shard_paths
-    from .source import base_of, join_source, needs_source
+    from .source import base_of, join_source, local_folder, needs_source
     from .stats import summarize
     from .teacher import TeacherEnsemble
 

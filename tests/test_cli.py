@@ -198,7 +198,7 @@ def test_cli_errors_name_the_option(tmp_path, image_dataset_dir, tiny_teacher_sp
     for argv, said in ((["verify", folder, "--rows", -1], "--rows must be >= 0, got -1"),
                        (["verify", folder, "--atol", -1], "--atol must be >= 0, got -1.0"),
                        (["preview", folder, "--samples", 0], "--samples must be >= 1, got 0"),
-                       (["preview", "org/x"], "preview renders a local folder; 'org/x' is not one"),
+                       (["preview", "./no-such-folder"], "no local folder './no-such-folder' ("),
                        (["preview", folder, "--output", "grid.txt"], "--output 'grid.txt': name an image file (.png, .jpg"),
                        (["push", folder, "org/x", "--files-per-commit", 0], "--files-per-commit must be >= 1, got 0")):
         code, _, err = here(capsys, *argv)

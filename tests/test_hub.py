@@ -163,6 +163,14 @@ def test_push_then_load_in_a_fresh_process_map_style_and_streaming(tmp_path, hub
         "README.md", "data"]  # (not the preview)
     code, _, err = cli_here(hub, monkeypatch, capsys, "verify", plus, "--revision", "v1")
     assert code == 2 and f"--revision 'v1' names a Hub revision (branch, tag or commit), but {plus} is a local" in err
+    # preview takes the Hub id too, downloading the card and the first shard alone, and writes here by default
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "preview-cache"))
+    monkeypatch.chdir(tmp_path)
+    code, out, err = cli_here(hub, monkeypatch, capsys, "preview", "org/imagenet-plus", "--rows", 2, "--samples", 2)
+    assert code == 0 and "wrote preview.png" in out, err
+    assert PIL.Image.open(tmp_path / "preview.png").size == (2 * 176 + 4, 2 * (176 + 4 * 12 + 6))
+    snapshot = next((tmp_path / "preview-cache").glob("datasets--org--imagenet-plus/snapshots/*"))
+    assert sorted(p.name for p in snapshot.rglob("*") if p.is_file()) == ["README.md", "train-00000-of-00003.parquet"]
 
 
 def test_interrupted_push_resumes(tmp_path, hub, plus, monkeypatch, capsys):
