@@ -311,14 +311,15 @@ def _padded(x: torch.Tensor, rows: int) -> torch.Tensor:
 
 class TracedForward:
     """A teacher's forward as a TorchScript trace (``torch.jit.trace``), made at its first call for each input shape,
-    dtype, device and autocast state: the ops eager runs, recorded once and replayed by TorchScript's interpreter, so
-    the outputs are eager's bit for bit (tested), and the forward is launched from C++ with the GIL let go. An eager
-    forward is hundreds of small ops, each launched from Python: beside threads that want the GIL (a GPU job's render
-    and preparing threads) it waits for it op after op, where a GPU would rather not wait (EfficientNet-Lite0 on 4
-    images at 32 px on a CPU core, mostly per-op work: 9.7 ms eager and 8.7 traced alone, 35.3 and 15.4 beside 2
-    threads preparing rows as the job does, 792 and 14 beside a thread of pure Python; scripts/bench_trace.py). Models whose forward branches on values are traced along one branch: trace only what eager runs the
-    same way each time (timm's and transformers' image classifiers do). torch >= 2.10 marks TorchScript deprecated:
-    its warning is silenced here, as in :mod:`dr_hf.script`."""
+    dtype, device and autocast state: the ops eager runs, recorded once and replayed unoptimised by TorchScript's
+    interpreter (no fuser, as :mod:`dr_hf.script` runs), so the outputs are eager's bit for bit (tested), and the
+    forward is launched from C++ with the GIL let go. An eager forward is hundreds of small ops, each launched from
+    Python: beside threads that want the GIL (a GPU job's render and preparing threads) it waits for it op after op,
+    where a GPU would rather not wait (EfficientNet-Lite0 on 4 images at 32 px on a CPU core, mostly per-op work:
+    9.0 ms eager and 8.7 traced alone, 27.4 and 16.0 beside 2 threads preparing rows as the job does, 716 and 14
+    beside a thread of pure Python; scripts/bench_trace.py). Models whose forward branches on values are traced
+    along one branch: trace only what eager runs the same way each time (timm's and transformers' image classifiers
+    do). torch >= 2.10 marks TorchScript deprecated: its warning is silenced here, as in :mod:`dr_hf.script`."""
 
     def __init__(self, model: nn.Module, spec: str = "the teacher"):
         self.model, self.spec = model, spec
@@ -329,7 +330,8 @@ class TracedForward:
         traced = self._traced.get(key)
         if traced is None:
             traced = self._traced[key] = self._trace(x)
-        return traced(x)
+        with torch.jit.optimized_execution(False):  # eager's ops as they are: no fuser (on CUDA it would fuse)
+            return traced(x)
 
     def _trace(self, x: torch.Tensor) -> Callable:
         model = self.model

@@ -71,7 +71,7 @@ ARMS = {
     # copies) in the calling thread, no OpenMP team of each thread's own spinning beside the main thread's launches
     "intra_op_threads_1": ({}, None, {}, {"torch.num_threads": 1}),
     # the teacher's forward as a TorchScript trace (`--compile trace`): eager's kernels bit for bit, launched from C++
-    # with the GIL let go (on a CPU core beside 2 preparing threads, Lite0's small forward ran 2.30x, bench_trace.md)
+    # with the GIL let go (on a CPU core beside 2 preparing threads, Lite0's small forward ran 1.71-2.30x, bench_trace.md)
     "trace_teacher": ({}, None, {}, {"teachers.compile_mode": "trace"}),
     "map_batches_256": ({}, None, {"batch_size": 256}, {}),
     "pin_on_main_thread": ({}, None, {}, {"dr_hf.reinforcer.prepare_pinned": _on_main_thread}),

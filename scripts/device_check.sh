@@ -4,7 +4,7 @@
 # forwards too); the compiled job against float32 crops in interleaved rounds (bench_gpu_ab; TF32 crops became the
 # default beside bf16 teachers on 2026-11-28's 1.09x); the eager job, the default, whose teacher's forward is launched
 # op by op from Python beside the render and preparing threads, its launches taking twice the bare forward's host
-# time in the job (run G): its forward traced (--compile trace: launched from C++ without the GIL; 2.30x on a CPU
+# time in the job (run G): its forward traced (--compile trace: launched from C++ without the GIL; 1.71-2.30x on a CPU
 # core beside 2 preparing threads, results/bench_trace.md), 2 preparing threads instead of 4 (1.07x, 1.02-1.31, on
 # 2026-11-28) and torch's intra-op threads 1 (no OpenMP team spinning beside the launches); which thread holds the GIL in the eager
 # job (profile_job --profiler py-spy, its wheel carried); then the training loader with replay_on_device decoding and
