@@ -59,6 +59,11 @@ def shard_name(split: str, shard: int, num_shards: int) -> str:
     return f"{split}-{shard:05d}-of-{num_shards:05d}.parquet"
 
 
+def first_shard_pattern(split: str) -> str:
+    """The name pattern of a split's first shard, whatever the shard count."""
+    return f"{split}-{0:05d}-of-*.parquet"
+
+
 def parse_shard_name(name: str) -> Optional[Tuple[str, int, int]]:
     """(split, shard, number of shards) of a shard file name, or ``None`` for another name."""
     m = _NAME.match(os.path.basename(name))

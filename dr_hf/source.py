@@ -116,11 +116,11 @@ def local_folder(path: str, revision: Optional[str] = None, first_shard_of: Opti
         return path
     from huggingface_hub import snapshot_download
 
-    from .shards import CARD, DATA_DIR, ERRORS_DIR, shard_name
+    from .shards import CARD, DATA_DIR, ERRORS_DIR, first_shard_pattern
 
     check_hub_dataset(path, revision)  # neither a folder nor a reachable Hub dataset: said at once
     patterns = ([CARD, f"{DATA_DIR}/*", f"{ERRORS_DIR}/*"] if first_shard_of is None else
-                [CARD, f"{DATA_DIR}/" + shard_name(first_shard_of, 0, 0).replace("-of-00000", "-of-*")])
+                [CARD, f"{DATA_DIR}/{first_shard_pattern(first_shard_of)}"])
     return snapshot_download(path, repo_type="dataset", revision=revision, allow_patterns=patterns)
 
 
