@@ -351,8 +351,8 @@ class TracedForward:
                 warnings.simplefilter("ignore", torch.jit.TracerWarning)
                 return torch.jit.trace(Logits().eval(), x, check_trace=False)
         except Exception as exc:
-            raise RuntimeError(f"TorchScript could not trace teacher {self.spec!r} (`compile_mode` 'trace', --compile "
-                               f"trace: {said(exc)}); run it without") from exc
+            raise RuntimeError(f"TorchScript could not trace teacher {self.spec!r} (`compile_mode` 'trace': "
+                               f"{said(exc)}); run without `compile_mode`") from exc
 
 
 class TeacherEnsemble:
