@@ -28,6 +28,8 @@ FRESH = "ReinforcedTrainer, fresh shared memory a batch (no BatchPool)"
 FRESH_ON_DEVICE = "ReinforcedTrainer, replay_on_device=True, fresh shared memory a batch"
 UINT8 = "ReinforcedTrainer, uint8_pixels=True (loader only)"
 ON_DEVICE = "ReinforcedTrainer, replay_on_device=True"
+PLAIN_PERSISTENT = "plain Trainer + torchvision, persistent workers"
+PERSISTENT = "ReinforcedTrainer, persistent workers"
 sys.path.insert(0, ROOT)
 
 
@@ -109,6 +111,7 @@ def main():
             float_batches, uint8_batches = trainer(uint8_pixels=False), trainer(uint8_pixels=True)
             on_device = trainer(replay_on_device=True)
             fresh, fresh_on_device = trainer(uint8_pixels=False), trainer(replay_on_device=True)
+            persistent = trainer(uint8_pixels=False, dataloader_persistent_workers=True) if workers else None
             for t in (fresh, fresh_on_device):
                 t.data_collator = FreshBlocks(t.train_collator)
             loaders = {  # (loader, what a batch's images are counted from)
@@ -122,6 +125,13 @@ def main():
                 ON_DEVICE: (on_device.get_train_dataloader(), on_device.pixel_values if cuda else lambda batch: batch["labels"]),
                 **({FRESH_ON_DEVICE: (fresh_on_device.get_train_dataloader(), fresh_on_device.pixel_values if cuda
                                       else lambda batch: batch["labels"])} if workers else {}),
+                # workers started once for all epochs (dataloader_persistent_workers=True), on both sides
+                **({PLAIN_PERSISTENT: (Trainer(
+                    model=model, args=TrainingArguments(os.path.join(tmp, "p"), **common,
+                                                        dataloader_persistent_workers=True),
+                    train_dataset=plain, data_collator=collate).get_train_dataloader(),
+                    lambda batch: batch["pixel_values"]),
+                    PERSISTENT: (persistent.get_train_dataloader(), persistent.pixel_values)} if workers else {}),
             }
             for name in loaders:
                 rates[(name, workers)] = whole_epoch[(name, workers)] = 0.0
@@ -162,6 +172,12 @@ def main():
               f"and dr-hf did before `dr_hf.batch_memory`; the pooled blocks (the `ReinforcedTrainer` row) deliver "
               f"{rates[('ReinforcedTrainer', 2)] / rates[(FRESH, 2)]:.2f}x its images/s; with `replay_on_device` (the "
               f"JPEG bytes in recycled blocks), {rates[(ON_DEVICE, 2)] / rates[(FRESH_ON_DEVICE, 2)]:.2f}x."]
+    lines += ["", f"Persistent workers (`dataloader_persistent_workers=True`: started once, not every epoch): the whole "
+              f"epoch, start-up included, at {whole_epoch[(PERSISTENT, 2)]:.0f} images/s against "
+              f"{whole_epoch[('ReinforcedTrainer', 2)]:.0f} (ReinforcedTrainer) and {whole_epoch[(PLAIN_PERSISTENT, 2)]:.0f}"
+              f" against {whole_epoch[('plain Trainer + torchvision', 2)]:.0f} (plain); ReinforcedTrainer / plain, "
+              f"both persistent: **{whole_epoch[(PERSISTENT, 2)] / whole_epoch[(PLAIN_PERSISTENT, 2)]:.2f}x** the "
+              "whole epoch's images/s."]
     if cuda:
         lines += ["", f"`{UINT8}`: batches leave the workers as uint8 and the trainer normalises them on "
                   f"{torch.cuda.get_device_name()} (the default on a GPU); the `ReinforcedTrainer` rows are float "
