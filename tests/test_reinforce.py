@@ -15,7 +15,7 @@ from dr_hf.augment import Context
 from dr_hf.pipeline import params_at
 from dr_hf.format import DR_FINGERPRINT, config_from_parquet, reinforcement_features
 from dr_hf.images import decode
-from dr_hf.job import default_batch_size, default_prepare_threads, default_render, precision_advice, reinforce
+from dr_hf.job import default_batch_size, default_prepare_threads, default_render, gpu_advice, reinforce
 from dr_hf.reinforcer import Reinforcer, RowPreparer, default_render_threads, preparation_pool, teacher_block_rows
 from dr_hf.shards import check_folder, shard_paths
 from dr_hf.stats import reinforcement_bytes
@@ -274,9 +274,12 @@ def test_job_defaults_follow_the_teachers_device(teachers):
     heavy, light = make_pipeline("imagenet+rare"), make_pipeline("imagenet+rrc")
     assert (default_render_threads(on_gpu, heavy), default_render_threads(on_gpu, light)) == (2, 1)
     assert default_render_threads(teachers, heavy) == default_render_threads(teachers, light) == 0
-    assert "--precision bf16" in precision_advice(types.SimpleNamespace(device=torch.device("cuda", 0), precision="fp32"))
-    assert precision_advice(types.SimpleNamespace(device=torch.device("cuda", 0), precision="bf16")) is None
-    assert precision_advice(teachers) is None  # (fp32 on the CPU)
+    fp32, eager = (gpu_advice(types.SimpleNamespace(device=torch.device("cuda", 0), precision=p, compile_mode=c))
+                   for p, c in (("fp32", "reduce-overhead"), ("bf16", None)))
+    assert len(fp32) == 1 and "--precision bf16" in fp32[0]
+    assert len(eager) == 1 and "--compile reduce-overhead" in eager[0]
+    assert gpu_advice(types.SimpleNamespace(device=torch.device("cuda", 0), precision="bf16", compile_mode="trace")) == []
+    assert gpu_advice(teachers) == []  # (fp32 and eager, on the CPU)
     assert default_render(on_gpu, render="per-sample") == ("cpu", "per-sample")
     assert default_render(on_gpu, render_device="cpu") == ("cpu", "per-sample")
     assert default_render(teachers, render="batched") == ("cpu", "batched")
