@@ -355,6 +355,13 @@ class TracedForward:
                                f"{said(exc)}); run without `compile_mode`") from exc
 
 
+def _forward(teacher: Teacher, compile_mode: Optional[str]) -> Callable:
+    """What runs a teacher's forward: its model as it is, its TorchScript trace, or the model ``torch.compile``'d."""
+    if compile_mode == "trace":
+        return TracedForward(teacher.model, teacher.spec)
+    return torch.compile(teacher.model, mode=compile_mode, dynamic=False) if compile_mode else teacher.model
+
+
 class TeacherEnsemble:
     """Teachers whose probabilities are averaged.
 
@@ -401,9 +408,7 @@ class TeacherEnsemble:
                 t.model.to(memory_format=torch.channels_last)
         self.class_names = next((t.class_names for t in self.teachers if t.class_names), None)
         self.compile_mode = compile_mode
-        self._forwards = [TracedForward(t.model, t.spec) if compile_mode == "trace" else
-                          torch.compile(t.model, mode=compile_mode, dynamic=False) if compile_mode else t.model
-                          for t in self.teachers]
+        self._forwards = [_forward(t, compile_mode) for t in self.teachers]
         self._compiled_batch = 0  # the largest batch the compiled forwards have seen; smaller ones are padded to it
 
     @classmethod
