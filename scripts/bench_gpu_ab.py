@@ -266,7 +266,9 @@ def main():
         lines.append(f"| {LABELS[arm]} | {figures} | **{v['median']:.2f}x** ({min(v['per_round']):.2f}-"
                      f"{max(v['per_round']):.2f}) | {outputs} |")
     where = "" if args.host_proxy else " (on a machine with a CUDA GPU)"
-    preset = (f" --augment {args.augment}" if args.augment != "imagenet+rrc" else "") + (" --eager" if args.eager else "")
+    preset = ((f" --augment {args.augment}" if args.augment != "imagenet+rrc" else "") + (" --eager" if args.eager else "")
+              + (f" --rows {args.rows}" if args.rows != ap.get_default("rows") else "")
+              + (f" --num-samples {args.num_samples}" if args.num_samples != ap.get_default("num_samples") else ""))
     lines += ["", f"Command: `python scripts/bench_gpu_ab.py{' --host-proxy' if args.host_proxy else ''}{preset} --arms "
                   f"{','.join(arms[1:])} --rounds {args.rounds}`{where}."]
     write_markdown(args.out, lines)
