@@ -243,9 +243,9 @@ class ReinforcedTrainer(Trainer):
         if fields is not None or train_dataset is None:
             wanted = args.device.type != "cpu" if args.uint8_pixels is None else args.uint8_pixels
             uint8 = bool(wanted and pipeline is not None and pipeline.renders_uint8 and not args.replay_on_device)
+            seed = args.data_seed if args.data_seed is not None else args.seed
             self.train_collator = ReinforcedCollator(reinforced_prob=args.reinforced_prob, uint8_pixels=uint8,
-                                                     on_device=args.replay_on_device, seed=args.data_seed if
-                                                     args.data_seed is not None else args.seed, **common)
+                                                     on_device=args.replay_on_device, seed=seed, **common)
         else:  # plain training or online KD
             self.train_collator = AugmentCollator(augment=args.augment, crop_scale=args.crop_scale,
                                                   teacher_outputs=self.teachers.outputs() if self.teachers else (), **common)
