@@ -19,7 +19,8 @@ def cmd_reinforce(args) -> int:
     from .format import ReinforceConfig, public_source
     from .images import image_column_of
     from .processes import current_processes, finish
-    from .job import default_render, reinforce, stream_length
+    from .job import default_render, reinforce
+    from .streams import stream_length
     from .reinforcer import check_preparation
     from .shards import check_split_name, shard_paths
     from .source import load_source
@@ -211,7 +212,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="reinforce the rows in a random order, datasets' shuffle(seed=--seed) (recorded): MixUp/CutMix "
                         "partners are rows stored together, and a source sorted by label is refused without it")
     r.add_argument("--streaming", action="store_true", help="stream the source (sets that do not fit on disk); dr_index = position in the stream")
-    r.add_argument("--num-rows", type=int, default=None, help="the stream's length, when its metadata lacks it (else it is counted)")
+    r.add_argument("--num-rows", type=int, default=None, help="the stream's length, when its metadata lacks it (else from its parquet footers, or counted)")
     r.add_argument("--no-images", action="store_true",
                    help="write only the dr_* columns (with each row's image fingerprint): a reinforcement-only dataset "
                         "for sources that may not be redistributed; join it back with dr_hf.join_source")

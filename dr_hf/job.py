@@ -16,7 +16,7 @@ import os
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 from .format import (
     AGREEMENT_KEY,
@@ -38,6 +38,7 @@ from .reinforcer import (SKIP_COLUMN, Reinforcer, check_on_bad_row, check_prepar
                          teacher_block_rows)
 from .shards import (card_config, check_split_name, describe_differences, error_report_path, num_shards,
                      parse_shard_name, rows_per_shard, shard_name, shard_rows, written_whole)
+from .streams import StreamError, stream_length, stream_rows
 from .teacher import TeacherEnsemble, usable_device
 
 __all__ = ["Reinforcer", "reinforce", "ReinforceResult", "StreamError"]
@@ -147,7 +148,8 @@ def reinforce(
     ``processes``: this process's part of the job (default: the launcher's, :func:`~dr_hf.processes.current_processes`);
     a job can also run as parts one at a time (an array job), each given ``Processes(rank=r, world=W)``, the main part
     (rank 0) last or beside the others: it waits for their shards to write the card.
-    ``num_rows`` gives a stream's length when its metadata lacks it (otherwise the stream is counted first).
+    ``num_rows`` gives a stream's length when its metadata lacks it (otherwise it comes from its parquet files'
+    footers, or the stream is counted first; :mod:`dr_hf.streams`, which also seeks each process's first row).
     ``batch_size``: rows per map batch (default :func:`default_batch_size`), rounded up to whole teacher blocks.
     ``render_threads``, ``render_device``: see :class:`Reinforcer`; by default (:func:`default_render`) inputs are
     rendered on the teachers' device when ``config.render`` is ``"batched"``, else on the CPU. ``prepare_threads``
@@ -427,50 +429,6 @@ def pending_shards(decoded, todo: Sequence[int], per_shard: int, n: int, streami
         raise ValueError(f"the stream ended after {pos} rows, but {n} were expected (pass the right `num_rows`)")
     if pos == n and next(it, None) is not None:
         raise ValueError(f"the stream holds more than the {n} rows expected (pass the right `num_rows`)")
-
-
-class StreamError(RuntimeError):
-    """Reading a streamed source failed, and kept failing after retries; the message names the row."""
-
-
-def stream_rows(stream, start: int, retries: int = 3, backoff: float = 1.0) -> Iterator[Dict[str, Any]]:
-    """The rows of ``stream`` from position ``start``; on a read error the stream is reopened at the row reached
-    (``IterableDataset.skip``), up to ``retries`` times in a row."""
-    pos, failures = start, 0
-    while True:
-        it = iter(stream.skip(pos) if pos else stream)
-        try:
-            for row in it:
-                yield row
-                pos += 1
-                failures = 0
-            return
-        except GeneratorExit:
-            raise
-        except Exception as exc:  # network errors surface as many types (OSError, httpx, fsspec, HfHubHTTPError)
-            failures += 1
-            if failures > retries:
-                raise StreamError(f"reading the streamed source failed at row {pos} after {retries} retries "
-                                  f"({type(exc).__name__}: {exc}); complete shards are kept: rerun the same command "
-                                  "to resume") from exc
-            logger.warning("reading the stream failed at row %d (%s: %s); reopening it there (retry %d/%d)", pos,
-                           type(exc).__name__, exc, failures, retries)
-            time.sleep(backoff * failures)
-
-
-def stream_length(stream, split: str, column: str) -> int:
-    """A stream's row count from its metadata, else by reading one column of it once."""
-    from datasets import Image
-
-    info = getattr(stream, "info", None)
-    splits = getattr(info, "splits", None) or {}
-    if split in splits and splits[split].num_examples:
-        return int(splits[split].num_examples)
-    logger.info("counting the rows of the stream (pass --num-rows to skip this pass)")
-    stream = stream.select_columns([column])
-    if stream.features is not None and isinstance(stream.features.get(column), Image):
-        stream = stream.cast_column(column, Image(decode=False))
-    return sum(1 for _ in stream)
 
 
 def wait_for_shards(paths: Sequence[str], procs: Processes, poll: float = 2.0) -> None:

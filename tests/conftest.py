@@ -94,10 +94,12 @@ def teachers(tiny_teacher_spec):
     return TeacherEnsemble.from_specs([tiny_teacher_spec])
 
 
-def source_folder(path, n, seed):
-    """``make_image_dataset(n, seed)`` saved as a Hub-layout folder that load_dataset reads (one shard)."""
+def source_folder(path, n, seed, files=1):
+    """``make_image_dataset(n, seed)`` saved as a Hub-layout folder that load_dataset reads, in ``files`` parquet files."""
     (path / "data").mkdir(parents=True, exist_ok=True)
-    make_image_dataset(n, seed=seed).to_parquet(str(path / "data" / "train-00000-of-00001.parquet"))
+    rows = make_image_dataset(n, seed=seed)
+    for k in range(files):
+        rows.shard(files, k, contiguous=True).to_parquet(str(path / "data" / f"train-{k:05d}-of-{files:05d}.parquet"))
     return path
 
 

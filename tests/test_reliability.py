@@ -300,6 +300,57 @@ def test_a_stream_that_drops_its_connection_is_reopened_and_a_stopped_job_resume
             assert pq.read_table(a).equals(pq.read_table(b)), (out, a)
 
 
+SEEK_A_STREAM = textwrap.dedent("""
+    # in a fresh process (datasets reads the endpoint at import): position 40 of the stand-in's 3-file stream
+    import hashlib, json, sys
+    import datasets
+    from dr_hf.streams import seek, source_row_counts, stream_length
+    stream = datasets.load_dataset("org/blobs", split="train", streaming=True)
+    rows = seek(stream, 40) if sys.argv[1] == "seek" else stream.skip(40)
+    print(json.dumps({"rows": [(r["i"], hashlib.sha1(r["blob"]).hexdigest()) for r in rows],
+                      "counts": source_row_counts(stream), "length": stream_length(stream, "train", "i")}))
+""")
+
+
+def test_a_stream_is_sought_from_its_footers_not_read_from_its_start(tmp_path, hub, monkeypatch):
+    """A process whose rows start in a stream's third file reads only the footers of the two before it (where
+    ``IterableDataset.skip`` downloads them whole), and gets the same rows; the length comes from the footers too."""
+    from huggingface_hub import HfApi
+
+    source = tmp_path / "src"
+    (source / "data").mkdir(parents=True)
+    rows = datasets.Dataset.from_dict({"i": list(range(48)), "blob": [os.urandom(100_000) for _ in range(48)]})
+    for k in range(3):  # 1.6 MB files, so that a footer read (64 KiB at the end) is not the whole file
+        rows.shard(3, k, contiguous=True).to_parquet(str(source / "data" / f"train-{k:05d}-of-00003.parquet"))
+    sizes = {f"data/{p.name}": p.stat().st_size for p in (source / "data").iterdir()}
+    hub.point_here(monkeypatch)
+    HfApi().create_repo("org/blobs", repo_type="dataset")
+    HfApi().upload_folder(repo_id="org/blobs", repo_type="dataset", folder_path=str(source))
+    env = {**os.environ, **hub.env(str(tmp_path / "home")), "HF_DATASETS_DISABLE_PROGRESS_BARS": "1"}
+
+    def run(how):
+        hub.state.reads.clear()
+        proc = subprocess.run([sys.executable, "-c", SEEK_A_STREAM, how], env=env, capture_output=True, text=True,
+                              timeout=300)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        data_reads = {}  # file -> the lowest byte offset read from it
+        for path, rng in hub.state.reads:
+            start = rng.split("=")[1].split("-")[0]
+            start = int(start) if start else sizes[path]  # ("bytes=-N": the file's last N bytes)
+            data_reads[path] = min(data_reads.get(path, start), start)
+        return json.loads(proc.stdout.strip().splitlines()[-1]), data_reads
+
+    sought, reads = run("seek")
+    skipped, skip_reads = run("skip")
+    assert [i for i, _ in sought["rows"]] == list(range(40, 48)) and sought["rows"] == skipped["rows"]
+    assert sought["counts"] == [16, 16, 16] and sought["length"] == 48
+    for k in (0, 1):  # the files before row 40: their footers only when sought; from their first bytes when skipped
+        name = f"data/train-{k:05d}-of-00003.parquet"
+        assert reads[name] >= sizes[name] - 65536, (name, reads[name], sizes[name])
+        assert skip_reads[name] < sizes[name] - 65536
+    assert reads["data/train-00002-of-00003.parquet"] < sizes["data/train-00002-of-00003.parquet"] - 65536
+
+
 # -- a push interrupted at each of its commits ------------------------------------------------------------
 
 def test_a_push_interrupted_at_each_commit_completes_and_never_advertises_early(hub, finished, monkeypatch, capsys):

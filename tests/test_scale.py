@@ -23,8 +23,9 @@ DR = [DR_COLUMNS[0], DR_FINGERPRINT, *DR_COLUMNS[1:]]
 
 @pytest.fixture(scope="module")
 def source_dir(tmp_path_factory):
-    """48 rows in a Hub-layout folder: 6 shards of 8 rows."""
-    return source_folder(tmp_path_factory.mktemp("source48"), 48, seed=3)
+    """48 rows in a Hub-layout folder of 4 files of 12 rows: 6 job shards of 8 rows, so that a process's share of a
+    stream starts inside a file (sought from the footers, :mod:`dr_hf.streams`)."""
+    return source_folder(tmp_path_factory.mktemp("source48"), 48, seed=3, files=4)
 
 
 def free_port():
@@ -134,6 +135,32 @@ def test_streamed_source_equals_map_style_also_split_across_processes(tmp_path, 
     with pytest.raises(ValueError, match="more than the 40 rows expected"):
         reinforce(datasets.load_dataset(str(source_dir), split="train", streaming=True), config, teachers,
                   str(tmp_path / "long"), show_progress=False, num_rows=40)
+
+
+def test_a_stream_is_sought_where_its_parquet_footers_say_else_skipped(source_dir):
+    from datasets.distributed import split_dataset_by_node
+
+    from dr_hf.streams import seek, source_row_counts, stream_length
+
+    def load():
+        return datasets.load_dataset(str(source_dir), split="train", streaming=True)
+
+    def notes(rows):
+        return [r["note"] for r in rows]
+
+    stream = load()
+    assert source_row_counts(stream) == [12, 12, 12, 12]
+    everything = notes(stream)
+    for start in (0, 11, 12, 13, 47, 48, 60):
+        assert notes(seek(stream, start)) == everything[start:] == notes(stream.skip(start)), start
+    # streams whose positions the footers do not give are skipped as datasets skips them
+    others = {"taken": load().take(40), "filtered": load().filter(lambda r: r["label"] != 1),
+              "shuffled": load().shuffle(seed=0), "node": split_dataset_by_node(load(), 1, 2),
+              "generated": datasets.IterableDataset.from_generator(lambda: ({"note": f"g{i}"} for i in range(20)))}
+    for name, other in others.items():
+        assert source_row_counts(other) is None, name
+        assert notes(seek(other, 13)) == notes(other.skip(13)) != [], name
+    assert stream_length(others["generated"], "train", "note") == 20  # counted, having no metadata nor footers
 
 
 def test_streaming_cli_with_limit(tmp_path, source_dir, tiny_teacher_spec):
