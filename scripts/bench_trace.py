@@ -10,7 +10,10 @@ The proxy on this CPU: EfficientNet-Lite0 (random weights) on 4 images at 32 px,
 ~10 ms that is mostly per-op work, as a GPU's host sees it. Each forward is timed alone, beside the job's preparing
 work (``RowPreparer`` on real imagenet-sample JPEGs: decode and N=64 samples' parameters, in 1 and 2 threads, looping)
 and beside a thread running pure Python (the worst case), eager and traced in interleaved rounds; the preparing
-threads' rows/s are counted too. Both forwards give the same outputs, bit for bit (checked).
+threads' rows/s are counted too. Both forwards give the same outputs, bit for bit (checked). A third arm runs the eager
+forward with a short GIL switch interval (``sys.setswitchinterval``, ``--switch-interval`` ms; Python's default is
+5 ms, the longest a thread running Python keeps the GIL from one that waits for it): the remedy without a trace, if
+the launches waited on threads running Python.
 
     python scripts/bench_trace.py      # -> results/bench_trace.md
 """
@@ -28,6 +31,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 from results_md import host, write_markdown  # noqa: E402  (scripts/)
+
+SWITCHED = "eager, short GIL switch interval"
 
 
 class Busy:
@@ -58,6 +63,8 @@ def main():
     ap.add_argument("--dataset", default=os.path.join(ROOT, "..", "shared", "datasets", "imagenet-sample"))
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--seconds", type=float, default=3.0, help="timed per forward and condition, each round")
+    ap.add_argument("--switch-interval", type=float, default=0.2,
+                    help="ms: the GIL switch interval (sys.setswitchinterval; Python's default 5 ms) of the third arm")
     ap.add_argument("--out", default=os.path.join(ROOT, "results", "bench_trace.md"))
     args = ap.parse_args()
     torch.set_num_threads(1)
@@ -86,7 +93,7 @@ def main():
 
     model = timm.create_model("tf_efficientnet_lite0", pretrained=False).eval()
     x = torch.randn(4, 3, 32, 32)
-    forwards = {"eager": model, "traced": TracedForward(model, "tf_efficientnet_lite0")}
+    forwards = {"eager": model, "traced": TracedForward(model, "tf_efficientnet_lite0"), SWITCHED: model}
     with torch.inference_mode():
         outputs = {name: f(x) for name, f in forwards.items()}
         assert torch.equal(outputs["eager"], outputs["traced"]), "the trace changed the outputs"
@@ -106,16 +113,21 @@ def main():
             for condition, work, threads in conditions:
                 order = list(forwards) if r % 2 == 0 else list(forwards)[::-1]
                 for name in order:
-                    if work is None:
-                        ms[condition, name].append(per_forward_ms(forwards[name]))
-                        continue
-                    with Busy(work, threads) as busy:
-                        start = time.perf_counter()
-                        ms[condition, name].append(per_forward_ms(forwards[name]))
-                        seconds = time.perf_counter() - start
+                    default = sys.getswitchinterval()
+                    sys.setswitchinterval(args.switch_interval / 1e3 if name == SWITCHED else default)
+                    try:
+                        if work is None:
+                            ms[condition, name].append(per_forward_ms(forwards[name]))
+                            continue
+                        with Busy(work, threads) as busy:
+                            start = time.perf_counter()
+                            ms[condition, name].append(per_forward_ms(forwards[name]))
+                            seconds = time.perf_counter() - start
+                    finally:
+                        sys.setswitchinterval(default)
                     if work is prepare:
                         rows_per_s[condition, name].append(busy.count / seconds)
-            print(f"round {r + 1}: " + ", ".join(f"{c} {ms[c, 'eager'][-1]:.1f}/{ms[c, 'traced'][-1]:.1f} ms"
+            print(f"round {r + 1}: " + ", ".join(f"{c} " + "/".join(f"{ms[c, f][-1]:.1f}" for f in forwards) + " ms"
                                                   for c, _, _ in conditions), flush=True)
 
     lines = ["# An eager teacher's forward beside threads that want the GIL, against its trace", "",
@@ -123,13 +135,14 @@ def main():
              f"thread: a forward that is mostly per-op work, as a GPU's host launching it sees it. {host()}, torch "
              f"{torch.__version__}. Each forward timed for {args.seconds:g} s per condition, {args.rounds} rounds, eager "
              "and traced in alternating order; the median of the rounds. The outputs are the same, bit for bit.", "",
-             "| condition | eager, ms a forward | traced (`--compile trace`), ms a forward | eager / traced | rows "
-             "prepared a second beside eager / beside traced |", "|---|---|---|---|---|"]
+             "| condition | eager, ms a forward | traced (`--compile trace`), ms a forward | eager / traced | "
+             f"eager, GIL switch interval {args.switch_interval:g} ms, ms a forward | eager / that | rows prepared a "
+             "second beside eager / traced / eager with that interval |", "|---|---|---|---|---|---|---|"]
     for condition, work, _ in conditions:
-        e, t = statistics.median(ms[condition, "eager"]), statistics.median(ms[condition, "traced"])
-        prepared = (f"{statistics.median(rows_per_s[condition, 'eager']):.0f} / "
-                    f"{statistics.median(rows_per_s[condition, 'traced']):.0f}" if work is prepare else "")
-        lines.append(f"| {condition} | {e:.2f} | {t:.2f} | **{e / t:.2f}x** | {prepared} |")
+        e, t, w = (statistics.median(ms[condition, f]) for f in ("eager", "traced", SWITCHED))
+        prepared = (" / ".join(f"{statistics.median(rows_per_s[condition, f]):.0f}" for f in forwards)
+                    if work is prepare else "")
+        lines.append(f"| {condition} | {e:.2f} | {t:.2f} | **{e / t:.2f}x** | {w:.2f} | **{e / w:.2f}x** | {prepared} |")
     lines += ["", "Preparing a row: decoding its JPEG (the GIL let go inside the decoder) and drawing its 64 samples' "
               "parameters (`imagenet+rrc`), as the GPU job's preparing threads do (4 of them on a GPU).", "",
               "Command: `python scripts/bench_trace.py`."]
