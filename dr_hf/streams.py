@@ -11,7 +11,6 @@ streams (other formats; shuffled, filtered, taken or node-split streams) are ski
 from __future__ import annotations
 
 import bisect
-import functools
 import logging
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -58,10 +57,10 @@ def source_row_counts(stream) -> Optional[List[int]]:
     return counts
 
 
-@functools.lru_cache(maxsize=8)
 def _footer_rows(files: Tuple[str, ...], groups: Tuple[Optional[Tuple[int, ...]], ...]) -> Tuple[int, ...]:
     """Rows of each (file, row groups) from the file's footer: a ranged read at its end (``hf://`` files through
-    ``huggingface_hub``'s file system), many files at once."""
+    ``huggingface_hub``'s file system), many files at once; read again at each call (a local file may have been
+    rewritten since)."""
     import fsspec
     import pyarrow.parquet as pq
 
