@@ -1,6 +1,7 @@
 """Work computed ahead of its consumer on a thread pool, in order, with a bound on what is held: the reinforce job's
-preparing and render threads, and the trainer's rendering on the device (:class:`~dr_hf.replay.RenderedAhead`); and
-GPU work queued on a stream of its own (:class:`SideStream`)."""
+preparing and render threads, and the trainer's rendering on the device (:class:`~dr_hf.replay.RenderedAhead`); a
+streamed source's next shard read while the current one is computed (:func:`read_ahead`); and GPU work queued on a
+stream of its own (:class:`SideStream`)."""
 
 from __future__ import annotations
 
@@ -36,6 +37,50 @@ def computed_ahead(items: Iterable[Any], fn: Callable[[Any], Any], ahead: int, p
     finally:
         for future in pending:
             future.cancel()
+
+
+def read_ahead(items: Iterable[Any], ahead: int = 1, name: str = "dr-read") -> Iterator[Any]:
+    """The items of ``items``, in order, produced by a thread of their own up to ``ahead`` items beyond the one being
+    consumed (``items`` is advanced only there): reading a stream's next shard while the current one is computed.
+    An error in the thread is raised here, at the item it was producing; a consumer that stops early stops the thread
+    once it has produced the item it was reading."""
+    import queue
+    import threading
+
+    slots: "queue.Queue" = queue.Queue(maxsize=ahead)
+    stop = threading.Event()
+    done = object()
+
+    def put(entry) -> bool:
+        while not stop.is_set():
+            try:
+                slots.put(entry, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def produce():
+        try:
+            for item in items:
+                if not put((item, None)):
+                    return
+            put((done, None))
+        except BaseException as exc:  # raised in the consumer
+            put((done, exc))
+
+    thread = threading.Thread(target=produce, name=name, daemon=True)
+    thread.start()
+    try:
+        while True:
+            item, exc = slots.get()
+            if exc is not None:
+                raise exc
+            if item is done:
+                return
+            yield item
+    finally:
+        stop.set()  # (not joined: a consumer that stops on an error should not wait for the item being read)
 
 
 class SideStream:

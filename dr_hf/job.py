@@ -31,6 +31,7 @@ from .format import (
     config_from_parquet,
     reinforcement_features,
 )
+from .ahead import read_ahead
 from .errors import require_at_least
 from .joblock import output_lock
 from .processes import Processes, current_processes
@@ -38,12 +39,16 @@ from .reinforcer import (SKIP_COLUMN, Reinforcer, check_on_bad_row, check_prepar
                          teacher_block_rows)
 from .shards import (card_config, check_split_name, describe_differences, error_report_path, num_shards,
                      parse_shard_name, rows_per_shard, shard_name, shard_rows, written_whole)
-from .streams import StreamError, stream_length, stream_rows
+from .streams import StreamError, stream_length, stream_tables
 from .teacher import TeacherEnsemble, usable_device
 
 __all__ = ["Reinforcer", "reinforce", "ReinforceResult", "StreamError"]
 
 logger = logging.getLogger(__name__)
+
+# A streamed source's shards read ahead of the one being computed, by a thread of their own (each holds one more
+# shard of rows in memory); 0: read each when it is needed (the baseline of scripts/bench_stream.py).
+READ_AHEAD_SHARDS = 1
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -248,7 +253,10 @@ def _run_shards(decoded, dataset, config, teachers, output_dir, split, batch_siz
     written = None
     with job_progress(show_progress and procs.is_main, total, initial) as bar:
         try:
-            for s, part in pending_shards(decoded, todo, per_shard, n, streaming):
+            shards = pending_shards(decoded, todo, per_shard, n, streaming)
+            if streaming and READ_AHEAD_SHARDS:  # the next shard's rows download while this one is computed
+                shards = read_ahead(shards, READ_AHEAD_SHARDS, name="dr-stream")
+            for s, part in shards:
                 t_shard = time.time()
                 if streaming:
                     check_mixing_order(part, config, streaming, where=f"shard {s + 1}/{count} of the stream")
@@ -398,11 +406,12 @@ def duration(seconds: float) -> str:
 
 
 def pending_shards(decoded, todo: Sequence[int], per_shard: int, n: int, streaming: bool, retries: int = 3):
-    """``(shard, Dataset of its rows)`` for the shards in ``todo``; a stream is read once, in order, and only the
-    rows of wanted shards are kept (one shard of rows in memory at a time). A stream that fails mid-way (a dropped
-    connection) is reopened at the row it reached, up to ``retries`` times, before :class:`StreamError` stops the job
-    (complete shards are kept: rerunning the command resumes)."""
+    """``(shard, Dataset of its rows)`` for the shards in ``todo``; a stream is read once, in order, from the first
+    of them (:func:`~dr_hf.streams.seek`), a shard of rows at a time as an Arrow table, keeping only wanted shards.
+    A stream that fails mid-way (a dropped connection) is reopened at the shard it reached, up to ``retries`` times,
+    before :class:`StreamError` stops the job (complete shards are kept: rerunning the command resumes)."""
     import datasets
+    from datasets.table import InMemoryTable
 
     if not streaming:
         for s in todo:
@@ -410,25 +419,20 @@ def pending_shards(decoded, todo: Sequence[int], per_shard: int, n: int, streami
         return
     if not todo:
         return
-    wanted, last = set(todo), max(todo)
-    pos = min(todo) * per_shard
-    rows: List[Dict[str, Any]] = []
-    it = stream_rows(decoded, pos, retries)
-    for row in it:
-        s = pos // per_shard
+    wanted, first, last = set(todo), min(todo), max(todo)
+    tables = stream_tables(decoded, first * per_shard, per_shard, retries)
+    info = datasets.DatasetInfo(features=decoded.features)
+    for s in range(first, last + 1):
+        expected = len(shard_rows(s, per_shard, n))
+        table = next(tables, None)
+        got = 0 if table is None else len(table)
+        if got < expected:
+            raise ValueError(f"the stream ended after {s * per_shard + got} rows, but {n} were expected (pass the "
+                             "right `num_rows`)")
+        if got > expected or ((s + 1) * per_shard >= n and next(tables, None) is not None):
+            raise ValueError(f"the stream holds more than the {n} rows expected (pass the right `num_rows`)")
         if s in wanted:
-            rows.append(row)
-        pos += 1
-        if pos == n or pos % per_shard == 0:
-            if s in wanted:
-                yield s, datasets.Dataset.from_list(rows, features=decoded.features)
-                rows = []
-            if s >= last:
-                break
-    if pos < min(n, (last + 1) * per_shard):
-        raise ValueError(f"the stream ended after {pos} rows, but {n} were expected (pass the right `num_rows`)")
-    if pos == n and next(it, None) is not None:
-        raise ValueError(f"the stream holds more than the {n} rows expected (pass the right `num_rows`)")
+            yield s, datasets.Dataset(InMemoryTable(table), info=info)
 
 
 def wait_for_shards(paths: Sequence[str], procs: Processes, poll: float = 2.0) -> None:

@@ -14,7 +14,7 @@ import bisect
 import logging
 import time
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, Dict, Iterator, List, Optional, Tuple
+from typing import Any, Iterator, List, Optional, Tuple
 
 logger = logging.getLogger(__name__)
 
@@ -98,16 +98,18 @@ def seek(stream, start: int):
     return rest.skip(offset) if offset else rest
 
 
-def stream_rows(stream, start: int, retries: int = 3, backoff: float = 1.0) -> Iterator[Dict[str, Any]]:
-    """The rows of ``stream`` from position ``start`` (:func:`seek`); on a read error the stream is reopened at the
-    row reached, up to ``retries`` times in a row, before :class:`StreamError`."""
+def stream_tables(stream, start: int, rows_per_table: int, retries: int = 3,
+                  backoff: float = 1.0) -> Iterator[Any]:
+    """The rows of ``stream`` from position ``start`` (:func:`seek`) as Arrow tables of ``rows_per_table`` rows (the
+    last may be shorter), read as Arrow throughout: no row becomes Python objects. On a read error the stream is
+    reopened at the first row of the table being read, up to ``retries`` times in a row, before :class:`StreamError`."""
     pos, failures = start, 0
     while True:
-        it = iter(seek(stream, pos))
+        it = iter(seek(stream, pos).with_format("arrow").iter(batch_size=rows_per_table))
         try:
-            for row in it:
-                yield row
-                pos += 1
+            for table in it:
+                yield table
+                pos += len(table)
                 failures = 0
             return
         except GeneratorExit:

@@ -65,6 +65,7 @@ class HubState:
         self.reads: List[Tuple[str, str]] = []  # (path, Range) of every ranged parquet read, in order
         self.fail_reads_of: Optional[str] = None  # ...counting only the reads of files whose path ends so
         self.commits_made = 0
+        self.read_bandwidth: Optional[float] = None  # bytes/s of each ranged read's answer (a network, for benchmarks)
 
     def lfs_path(self, repo_type: str, repo_id: str, oid: str) -> str:
         """LFS objects are stored per repo, as on the Hub."""
@@ -488,7 +489,10 @@ class Handler(BaseHTTPRequestHandler):
             start = int(m.group(1)) if m.group(1) else max(0, len(data) - int(m.group(2)))
             if start >= len(data):
                 return self._send(416, b"", {"Content-Range": f"bytes */{len(data)}"})
-            return self._send(206, *self._range(data, rng, headers))
+            answer = self._range(data, rng, headers)
+            if self.state.read_bandwidth:
+                time.sleep(len(answer[0]) / self.state.read_bandwidth)
+            return self._send(206, *answer)
         if self.command == "HEAD":
             self.send_response(200)
             self.send_header("Content-Type", "application/octet-stream")

@@ -163,6 +163,47 @@ def test_a_stream_is_sought_where_its_parquet_footers_say_else_skipped(source_di
     assert stream_length(others["generated"], "train", "note") == 20  # counted, having no metadata nor footers
 
 
+def test_a_streams_next_shard_is_read_while_the_current_one_is_computed():
+    """``read_ahead`` (the job's reading of a streamed source): item k+1 is produced while item k is in use, in
+    order; an error while reading is raised at the item it was reading, after the items before it; a consumer that
+    stops early stops the reading."""
+    import threading
+
+    from dr_hf.ahead import read_ahead
+
+    second_read, log = threading.Event(), []
+
+    def shards(fail_at=None):
+        for k in range(4):
+            if k == fail_at:
+                raise OSError(f"connection dropped in shard {k}")
+            log.append(k)
+            if k == 1:
+                second_read.set()
+            yield k
+
+    got = []
+    for k in read_ahead(shards()):
+        if k == 0:  # shard 1 is read while shard 0 is in use
+            assert second_read.wait(timeout=60), "the next shard was not read ahead"
+        got.append(k)
+    assert got == [0, 1, 2, 3] == log
+    got = []
+    with pytest.raises(OSError, match="connection dropped in shard 2"):
+        for k in read_ahead(shards(fail_at=2)):
+            got.append(k)
+    assert got == [0, 1]
+    log.clear()
+    reader = read_ahead(shards())
+    assert next(reader) == 0
+    reader.close()
+    for _ in range(600):  # the reading thread ends, having read at most the one item it had begun
+        if not [t for t in threading.enumerate() if t.name == "dr-read"]:
+            break
+        threading.Event().wait(0.1)
+    assert not [t for t in threading.enumerate() if t.name == "dr-read"] and log in ([0, 1], [0, 1, 2])
+
+
 def test_streaming_cli_with_limit(tmp_path, source_dir, tiny_teacher_spec):
     assert main(reinforce_args(source_dir, tmp_path / "a", tiny_teacher_spec, "--limit", "20")) == 0
     assert main(reinforce_args(source_dir, tmp_path / "b", tiny_teacher_spec, "--limit", "20", "--streaming")) == 0

@@ -1,14 +1,21 @@
-"""Where a process of a streamed job starts: bytes downloaded and seconds until its first row, seeking the stream
-from its parquet footers (`dr_hf.streams.seek`, what the job does) against `IterableDataset.skip` (what it did),
-side by side in one run.
+"""A streamed job's reading, from a Hub-like source: where each process starts, and the next shard read while the
+current one is computed, each measured side by side in one run.
 
 The source is `imagenet-sample`'s 1,000 real ImageNet rows (JPEG bytes, about 110 MB) in 8 parquet files, served by
 the local Hub stand-in (`tests/hub_standin.py`) and streamed with `load_dataset("org/name", streaming=True)` in a
-fresh process per measurement (datasets reads its endpoint at import). A job of W processes starts process k at row
-k * 1000 / W (here shifted into a file); the bytes are what the stand-in served (ranged reads), so they hold for the real Hub too, where they
-cost network time; the seconds here are over localhost.
+fresh process per measurement (datasets reads its endpoint at import).
 
-    python scripts/bench_stream_seek.py            # -> results/bench_stream_seek.md
+* Where a process starts: bytes downloaded and seconds until its first row, seeking the stream from its parquet
+  footers (`dr_hf.streams.seek`, what the job does) against `IterableDataset.skip` (what it did). A job of W
+  processes starts process k at row k * 1000 / W (here shifted into a file); the bytes are what the stand-in served
+  (ranged reads), so they hold for the real Hub too, where they cost network time; the seconds are over localhost.
+* Reading ahead: `dr-hf reinforce org/src --streaming` (the tiny ViT teacher of bench_render.py, which runs on a CPU
+  core about as fast as EfficientNet-Lite0 on a GPU) with the stand-in answering at `--bandwidth` MB/s per read, its
+  next shard read by a thread while the current one is computed (`dr_hf.job.READ_AHEAD_SHARDS = 1`, the default)
+  against each shard read when it is needed (0), in alternating rounds; beside them, the reading alone (the stream
+  iterated at that bandwidth) and the compute alone (the same job on a local copy, map-style).
+
+    python scripts/bench_stream.py            # -> results/bench_stream.md
 """
 
 import argparse
@@ -38,13 +45,34 @@ FIRST_ROW = textwrap.dedent("""
     print(json.dumps({"seconds": time.perf_counter() - t0, "label": row["label"]}))
 """)
 
+JOB = textwrap.dedent("""
+    # READ_AHEAD ARGS...: the job (dr-hf reinforce), or with READ_AHEAD "read" the stream alone; its seconds
+    import json, sys, time
+    import dr_hf.job
+    from dr_hf.cli import main
+    t0 = time.perf_counter()
+    if sys.argv[1] == "read":
+        import datasets
+        stream = datasets.load_dataset(sys.argv[2], split="train", streaming=True)
+        rows = sum(1 for _ in stream.cast_column("image", datasets.Image(decode=False)))
+        code = 0 if rows else 1
+    else:
+        dr_hf.job.READ_AHEAD_SHARDS = int(sys.argv[1])
+        code = main(sys.argv[2:])
+    print(json.dumps({"code": code, "seconds": time.perf_counter() - t0}))
+""")
+
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--dataset", default=os.path.join(ROOT, "..", "shared", "datasets", "imagenet-sample"))
     ap.add_argument("--files", type=int, default=8)
     ap.add_argument("--processes", type=int, default=8, help="W: the job's processes")
-    ap.add_argument("--out", default=os.path.join(ROOT, "results", "bench_stream_seek.md"))
+    ap.add_argument("--bandwidth", type=float, default=25.0, help="MB/s of each of the stand-in's answers (reading ahead)")
+    ap.add_argument("--num-samples", type=int, default=16)
+    ap.add_argument("--rows-per-shard", type=int, default=125)
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--out", default=os.path.join(ROOT, "results", "bench_stream.md"))
     args = ap.parse_args()
 
     import datasets
@@ -99,6 +127,32 @@ def main():
             sought, skipped = run("seek", start), run("skip", start)
             assert sought[0]["label"] == skipped[0]["label"] == rows[start]["label"]
             table.append((rank, start, sought, skipped))
+
+        from bench_render import tiny_vit
+
+        teacher = tiny_vit(os.path.join(tmp, "teacher"))
+
+        def job(read_ahead, source, out):
+            args_ = ["reinforce", source, "--output", out, "--teacher", teacher, "--num-samples",
+                     str(args.num_samples), "--topk", "10", "--rows-per-shard", str(args.rows_per_shard), "--device",
+                     "cpu", "--quiet"] + (["--streaming"] if source == "org/src" else [])
+            proc = subprocess.run([sys.executable, "-c", JOB, str(read_ahead), *args_], env=env, capture_output=True,
+                                  text=True, timeout=900)
+            out_ = json.loads(proc.stdout.strip().splitlines()[-1]) if proc.returncode == 0 else {}
+            if out_.get("code") != 0:
+                raise SystemExit(proc.stderr[-3000:])
+            return out_["seconds"]
+
+        hub.state.read_bandwidth = args.bandwidth * 1e6
+        timings = {"ahead": [], "when needed": [], "reading alone": [], "compute alone": []}
+        for r in range(args.rounds):
+            for arm in (("ahead", "when needed") if r % 2 == 0 else ("when needed", "ahead")):
+                timings[arm].append(job(1 if arm == "ahead" else 0, "org/src", os.path.join(tmp, f"{arm}-{r}")))
+            proc = subprocess.run([sys.executable, "-c", JOB, "read", "org/src"], env=env, capture_output=True,
+                                  text=True, timeout=900)
+            timings["reading alone"].append(json.loads(proc.stdout.strip().splitlines()[-1])["seconds"])
+            timings["compute alone"].append(job(0, os.path.join(tmp, "src"), os.path.join(tmp, f"local-{r}")))
+            print({k: [round(v, 2) for v in vs] for k, vs in timings.items()}, flush=True)
     hub.stop()
 
     mb = 1e6
@@ -118,7 +172,23 @@ def main():
               f"file up to its row, which it reads anyway), and {kb / mb:.1f} MB when it is skipped ({ke / mb:.1f} MB "
               f"of them the earlier files'; {kb / total_bytes:.2f}x the source's size). At ImageNet-1k's scale (about 150 GB "
               "streamed) with 8 processes, the last would otherwise download about 130 GB before its first row.", "",
-              "Command: `python scripts/bench_stream_seek.py`."]
+              "", "## Reading the next shard while the current one is computed", "",
+              f"`dr-hf reinforce org/src --streaming` on the {n} rows, N={args.num_samples}, {args.rows_per_shard} rows a "
+              f"shard ({-(-n // args.rows_per_shard)} shards), the tiny ViT teacher on this CPU, the stand-in answering "
+              f"each read at {args.bandwidth:g} MB/s; seconds from the command's start to its end (teacher loading, the "
+              f"stream's length, every shard, the card), a fresh process each, the best of {args.rounds} alternating "
+              "rounds.", "",
+              "| | seconds |", "|---|---|"]
+    best = {k: min(v) for k, v in timings.items()}
+    for label, key in (("the job, the next shard read ahead (the default)", "ahead"),
+                       ("the job, each shard read when it is needed", "when needed"),
+                       ("reading the stream alone", "reading alone"),
+                       ("the same job on a local copy, map-style (the compute alone)", "compute alone")):
+        lines.append(f"| {label} | {best[key]:.2f} |")
+    lines += ["", f"Reading ahead: **{best['when needed'] / best['ahead']:.2f}x** the job that reads each shard when it is "
+              f"needed; the job takes {best['ahead'] / max(best['reading alone'], best['compute alone']):.2f}x the longer "
+              f"of reading alone and computing alone (1.00x: one hides the other entirely).", "",
+              "Command: `python scripts/bench_stream.py`."]
     write_markdown(args.out, lines)
 
 
