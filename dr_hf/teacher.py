@@ -316,8 +316,8 @@ class TracedForward:
     forward is launched from C++ with the GIL let go. An eager forward is hundreds of small ops, each launched from
     Python: beside threads that want the GIL (a GPU job's render and preparing threads) it waits for it op after op,
     where a GPU would rather not wait (EfficientNet-Lite0 on 4 images at 32 px on a CPU core, mostly per-op work:
-    9.0 ms eager and 8.7 traced alone, 27.4 and 16.0 beside 2 threads preparing rows as the job does, 716 and 14
-    beside a thread of pure Python; scripts/bench_trace.py). Models whose forward branches on values are traced
+    traced 1.03-1.05x eager alone, 1.59-1.71x beside 2 threads preparing rows as the job does, about 40-50x beside a
+    thread of pure Python; scripts/bench_trace.py, results/bench_trace.md). Models whose forward branches on values are traced
     along one branch: trace only what eager runs the same way each time (timm's and transformers' image classifiers
     do). torch >= 2.10 marks TorchScript deprecated: its warning is silenced here, as in :mod:`dr_hf.script`."""
 
