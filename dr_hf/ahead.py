@@ -40,44 +40,44 @@ def computed_ahead(items: Iterable[Any], fn: Callable[[Any], Any], ahead: int, p
 
 
 def read_ahead(items: Iterable[Any], ahead: int = 1, name: str = "dr-read") -> Iterator[Any]:
-    """The items of ``items``, in order, produced by a thread of their own up to ``ahead`` items beyond the one being
-    consumed (``items`` is advanced only there): reading a stream's next shard while the current one is computed.
-    An error in the thread is raised here, at the item it was producing; a consumer that stops early stops the thread
-    once it has produced the item it was reading."""
+    """The items of ``items``, in order, read by a thread of their own up to ``ahead`` items beyond the one being
+    consumed (``items`` is advanced only there), so that at most ``ahead + 1`` items are held: a stream's next shard
+    read while the current one is computed. An error in the thread is raised here, at the item it was reading; a
+    consumer that stops early stops the thread once it has read the item it was reading."""
     import queue
     import threading
 
-    slots: "queue.Queue" = queue.Queue(maxsize=ahead)
+    read: "queue.Queue" = queue.Queue()
+    permits = threading.Semaphore(ahead)  # one per item read or being read and not yet taken by the consumer
     stop = threading.Event()
     done = object()
 
-    def put(entry) -> bool:
-        while not stop.is_set():
-            try:
-                slots.put(entry, timeout=0.1)
-                return True
-            except queue.Full:
-                continue
-        return False
-
     def produce():
         try:
-            for item in items:
-                if not put((item, None)):
+            it = iter(items)
+            while True:
+                while not permits.acquire(timeout=0.1):
+                    if stop.is_set():
+                        return
+                if stop.is_set():
                     return
-            put((done, None))
+                item = next(it, done)
+                read.put((item, None))
+                if item is done:
+                    return
         except BaseException as exc:  # raised in the consumer
-            put((done, exc))
+            read.put((done, exc))
 
     thread = threading.Thread(target=produce, name=name, daemon=True)
     thread.start()
     try:
         while True:
-            item, exc = slots.get()
+            item, exc = read.get()
             if exc is not None:
                 raise exc
             if item is done:
                 return
+            permits.release()  # the consumer holds this one now: the thread may read the next
             yield item
     finally:
         stop.set()  # (not joined: a consumer that stops on an error should not wait for the item being read)

@@ -164,9 +164,9 @@ def test_a_stream_is_sought_where_its_parquet_footers_say_else_skipped(source_di
 
 
 def test_a_streams_next_shard_is_read_while_the_current_one_is_computed():
-    """``read_ahead`` (the job's reading of a streamed source): item k+1 is produced while item k is in use, in
-    order; an error while reading is raised at the item it was reading, after the items before it; a consumer that
-    stops early stops the reading."""
+    """``read_ahead`` (the job's reading of a streamed source): item k+1 is read while item k is in use, in order,
+    and no further (two shards of rows held); an error while reading is raised at the item it was reading, after the
+    items before it; a consumer that stops early stops the reading."""
     import threading
 
     from dr_hf.ahead import read_ahead
@@ -184,8 +184,10 @@ def test_a_streams_next_shard_is_read_while_the_current_one_is_computed():
 
     got = []
     for k in read_ahead(shards()):
-        if k == 0:  # shard 1 is read while shard 0 is in use
+        if k == 0:  # shard 1 is read while shard 0 is in use, and shard 2 is not
             assert second_read.wait(timeout=60), "the next shard was not read ahead"
+            threading.Event().wait(0.3)
+            assert log == [0, 1]
         got.append(k)
     assert got == [0, 1, 2, 3] == log
     got = []
@@ -197,11 +199,11 @@ def test_a_streams_next_shard_is_read_while_the_current_one_is_computed():
     reader = read_ahead(shards())
     assert next(reader) == 0
     reader.close()
-    for _ in range(600):  # the reading thread ends, having read at most the one item it had begun
+    for _ in range(600):  # the reading thread ends, having read at most the one item beyond the one taken
         if not [t for t in threading.enumerate() if t.name == "dr-read"]:
             break
         threading.Event().wait(0.1)
-    assert not [t for t in threading.enumerate() if t.name == "dr-read"] and log in ([0, 1], [0, 1, 2])
+    assert not [t for t in threading.enumerate() if t.name == "dr-read"] and log in ([0], [0, 1])
 
 
 def test_streaming_cli_with_limit(tmp_path, source_dir, tiny_teacher_spec):
