@@ -6,7 +6,7 @@ import functools
 import io
 import logging
 import re
-from typing import Any, Dict, List, NamedTuple, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, List, NamedTuple, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import PIL.ExifTags
@@ -50,24 +50,64 @@ def to_rgb(image: PIL.Image.Image) -> PIL.Image.Image:
 
 
 @functools.lru_cache(maxsize=None)
-def _jpeg_decoder():
-    """TorchCodec's libjpeg-turbo JPEG decoder, or ``None`` where it cannot load (then PIL decodes everything, the same
-    pixels, more slowly; said once where TorchCodec is installed but cannot load, e.g. built for another torch)."""
+def _jpeg_decoder() -> Optional[Callable[..., Any]]:
+    """The JPEG decoder, ``decode_jpeg(data, mode="RGB", device=...)``: TorchCodec's (libjpeg-turbo on the CPU, one
+    batched nvJPEG call on CUDA); where TorchCodec is not installed or cannot load (e.g. built for another torch, or
+    no release with image decoding for this one), torchvision.io's (the same libraries and pixels; deprecated there
+    since torchvision 0.29 for TorchCodec, which comes first); ``None`` where neither loads (then PIL decodes
+    everything, the same pixels, more slowly). A TorchCodec that is installed but cannot load is said once."""
     try:
         from torchcodec.decoders import decode_jpeg
     except ImportError:  # not installed
-        return None
+        return _torchvision_jpeg_decoder()
     except (OSError, RuntimeError) as exc:
-        logger.warning("TorchCodec is installed but cannot load with torch %s (%s): JPEGs are decoded by PIL "
-                       "instead (the same pixels, about 1.3x slower). Install the torchcodec release made for your torch "
-                       "(TorchCodec's README has the table).", torch.__version__, said(exc))
-        return None
+        fallback = _torchvision_jpeg_decoder()
+        logger.warning("TorchCodec is installed but cannot load with torch %s (%s): JPEGs are decoded by %s instead "
+                       "(the same pixels). Install the torchcodec release made for your torch (TorchCodec's README has "
+                       "the table).", torch.__version__, said(exc),
+                       "torchvision.io" if fallback is not None else "PIL (about 1.3x slower)")
+        return fallback
     return decode_jpeg
 
 
+def _torchvision_jpeg_decoder() -> Optional[Callable[..., Any]]:
+    """torchvision.io's ``decode_jpeg`` called as TorchCodec's is (bytes or a uint8 tensor, or a list of them; the
+    EXIF orientation applied; ``mode="RGB"``), or ``None`` where torchvision has no image decoding."""
+    import warnings
+
+    try:
+        from torchvision.io import ImageReadMode
+        from torchvision.io import decode_jpeg as torchvision_decode_jpeg
+    except (ImportError, OSError, RuntimeError):
+        return None
+
+    def decode_jpeg(data, mode: str = "RGB", device="cpu"):
+        if mode != "RGB":
+            raise ValueError(f"mode {mode!r}: only 'RGB' is decoded here")
+        as_tensor = [d if isinstance(d, torch.Tensor) else torch.frombuffer(bytearray(d), dtype=torch.uint8)
+                     for d in (data if isinstance(data, list) else [data])]
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)  # (its deprecation for TorchCodec, which is tried first)
+            warnings.simplefilter("ignore", DeprecationWarning)
+            out = torchvision_decode_jpeg(as_tensor, mode=ImageReadMode.RGB, device=device,
+                                          apply_exif_orientation=True)
+        return out if isinstance(data, list) else out[0]
+
+    return decode_jpeg
+
+
+def jpeg_decoder_name() -> Optional[str]:
+    """Which library decodes JPEGs here (:func:`_jpeg_decoder`): ``"TorchCodec"``, ``"torchvision.io"`` or ``None``
+    (PIL)."""
+    decoder = _jpeg_decoder()
+    if decoder is None:
+        return None
+    return "torchvision.io" if decoder.__module__ == __name__ else "TorchCodec"
+
+
 def _jpeg_bytes(image: PIL.Image.Image) -> Optional[bytes]:
-    """The file bytes of an opened RGB or grayscale JPEG, which TorchCodec decodes to PIL's pixels; ``None`` for other
-    formats and modes (CMYK, ...) or without TorchCodec: PIL decodes those."""
+    """The file bytes of an opened RGB or grayscale JPEG, which the JPEG decoder (:func:`_jpeg_decoder`) decodes to
+    PIL's pixels; ``None`` for other formats and modes (CMYK, ...) or without one: PIL decodes those."""
     if _jpeg_decoder() is None or image.format != "JPEG" or image.mode not in ("RGB", "L"):
         return None
     try:
@@ -78,9 +118,10 @@ def _jpeg_bytes(image: PIL.Image.Image) -> Optional[bytes]:
 
 
 def _decode_jpeg(image: PIL.Image.Image) -> Optional[torch.Tensor]:
-    """An RGB or grayscale JPEG that PIL has only opened, decoded by TorchCodec straight into a CHW view of HWC
-    memory: the same pixels as PIL's decoder (tested), about 1.25x faster and one copy fewer. ``None``: PIL decodes
-    (other formats and modes, no TorchCodec, or bytes it refuses, so that PIL names the error)."""
+    """An RGB or grayscale JPEG that PIL has only opened, decoded by TorchCodec (or torchvision.io) straight into a
+    CHW view of HWC memory: the same pixels as PIL's decoder (tested), about 1.25x faster and one copy fewer.
+    ``None``: PIL decodes (other formats and modes, no such decoder, or bytes it refuses, so that PIL names the
+    error)."""
     data = _jpeg_bytes(image)
     if data is None:
         return None
@@ -182,22 +223,22 @@ def decode_later(value: Any, row: Optional[int] = None, column: str = "image") -
     return _decode(value, row, column, keep_jpeg=True)
 
 
-_NO_DEVICE_DECODING: Dict[str, str] = {}  # devices TorchCodec was seen not to decode on: why
+_NO_DEVICE_DECODING: Dict[str, str] = {}  # devices the JPEG decoder was seen not to decode on: why
 
 
 def decode_jpegs(jpegs: Sequence[Union[bytes, torch.Tensor]], device, rows: Sequence[Optional[int]],
                  column: str = "image") -> List[torch.Tensor]:
     """JPEGs (:class:`EncodedJpeg` data, or 1-D uint8 CPU tensors of it) as RGB uint8 CHW tensors on ``device``, in
-    one TorchCodec call (on CUDA, one batched nvJPEG decode). One that TorchCodec refuses there is decoded by
-    :func:`decode` on the host and copied over; :func:`decode` names its row (``rows``) if it is corrupt. Where
-    TorchCodec cannot decode on ``device`` at all (a build without that device's support), which shows as a batch
-    whose every JPEG it refuses there and the host decodes, the JPEGs are decoded on the host from then on, and a
-    warning says so once."""
+    one call of the JPEG decoder (TorchCodec's, else torchvision.io's: on CUDA, one batched nvJPEG decode). One that
+    it refuses there is decoded by :func:`decode` on the host and copied over; :func:`decode` names its row
+    (``rows``) if it is corrupt. Where the decoder cannot decode on ``device`` at all (a build without that device's
+    support), which shows as a batch whose every JPEG it refuses there and the host decodes, the JPEGs are decoded on
+    the host from then on, and a warning says so once."""
     if not jpegs:
         return []
     tensors = [d if isinstance(d, torch.Tensor) else torch.frombuffer(bytearray(d), dtype=torch.uint8) for d in jpegs]
     decoder = _jpeg_decoder()
-    if decoder is None:  # bytes from a process that had TorchCodec
+    if decoder is None:  # bytes from a process that had a JPEG decoder
         return [to_device(decode(data.numpy().tobytes(), row, column), device) for data, row in zip(tensors, rows)]
     device = torch.device(device)
     on = torch.device("cpu") if str(device) in _NO_DEVICE_DECODING else device
@@ -216,8 +257,8 @@ def decode_jpegs(jpegs: Sequence[Union[bytes, torch.Tensor]], device, rows: Sequ
     if on.type != "cpu" and len(refusals) == len(tensors):  # all refused there, all decoded here: the device
         first_line = (str(refusals[0]).strip().splitlines() or [""])[0][:200]
         _NO_DEVICE_DECODING[str(device)] = f"{type(refusals[0]).__name__}: {first_line}"
-        logger.warning("TorchCodec cannot decode JPEGs on %s (%s); decoding them on the host instead", device,
-                       _NO_DEVICE_DECODING[str(device)])
+        logger.warning("%s cannot decode JPEGs on %s (%s); decoding them on the host instead", jpeg_decoder_name(),
+                       device, _NO_DEVICE_DECODING[str(device)])
     return out
 
 

@@ -2,7 +2,7 @@
 
 DataLoader workers then only read rows: they pick each row's sample, check its teacher target and hand over the
 image as stored (a JPEG's bytes; other images decoded) with the parameters of the views to render. The training
-process decodes the batch's JPEGs on its device (TorchCodec: one batched nvJPEG call on CUDA) and renders every view
+process decodes the batch's JPEGs on its device (TorchCodec or torchvision.io: one batched nvJPEG call on CUDA) and renders every view
 at once with the reinforce job's batched renderer (:meth:`~dr_hf.pipeline.AugmentPipeline.render_samples`), so the
 host's cost per image is reading its row, not decoding and cropping it. (On a CPU device the views are rendered one
 at a time, as the workers would: the same pixels.)
@@ -29,7 +29,7 @@ from .transfer import to_device
 @dataclass
 class DeviceReplay:
     """A batch's images and view parameters. The Trainer moves a batch's tensors to the device, but not this
-    object's: they stay on the host, where TorchCodec reads encoded bytes.
+    object's: they stay on the host, where the JPEG decoder reads encoded bytes.
 
     * ``data``: every image back to back, a uint8 tensor (in shared memory in a DataLoader worker, so that it
       reaches the training process without a copy): a JPEG's bytes, or decoded HWC pixels; ``spans`` (B, 4) int64:
@@ -109,7 +109,7 @@ class RenderedAhead:
     """Batches from ``batches`` (an epoch's iterator) with their ``replay`` rendered into ``pixel_values`` by
     ``render`` on a background thread, ``ahead`` batches beyond those the training step takes
     (:func:`~dr_hf.ahead.computed_ahead`), so decoding and rendering overlap the step. On CUDA the thread works on its
-    own stream (TorchCodec's decode then waits for that stream alone), and the step's stream waits for each batch's
+    own stream (the JPEG decoder then waits for that stream alone), and the step's stream waits for each batch's
     event before using it. Batches are fetched on the caller's thread, in order; only rendering moves."""
 
     def __init__(self, batches: Iterator[Dict[str, Any]], render: Callable[[Dict[str, Any]], torch.Tensor], device,

@@ -82,7 +82,7 @@ class ReinforcedTrainingArguments(TrainingArguments):
                 "normalise better than the training process); False: float32 batches."})
     replay_on_device: bool = field(default=False, metadata={
         "help": "Decode and render replayed images in the training process, on the model's device, a batch at once "
-                "(JPEGs decoded by TorchCodec, on CUDA with nvJPEG; the reinforce job's batched renderer): DataLoader "
+                "(JPEGs decoded by TorchCodec or torchvision.io, on CUDA with nvJPEG; the reinforce job's batched renderer): DataLoader "
                 "workers then only read rows and hand over the encoded images. For GPU runs whose host cores cannot "
                 "decode and crop as fast as the student trains. False: the workers render each image on the host."})
     dataset_id: Optional[str] = field(default=None, metadata={
@@ -178,7 +178,7 @@ def _dr_param_fields(dataset) -> Optional[List[str]]:
 def encoded_images(dataset, column: str):
     """``dataset`` with its image column left encoded (``Image(decode=False)``; free: the same Arrow data): the
     collators decode each JPEG themselves, faster than the PIL objects ``datasets`` would build (TorchCodec's
-    decoder, into the layout the resize uses), with the same pixels."""
+    or torchvision.io's decoder, into the layout the resize uses), with the same pixels."""
     import datasets
 
     features = getattr(dataset, "features", None)

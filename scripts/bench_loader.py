@@ -186,10 +186,11 @@ def main():
         lines += ["", f"`{UINT8}`: the loader alone, as a GPU run uses it (the default there): batches leave the workers "
                   "as uint8 and the trainer normalises them on the GPU, which this CPU cannot show; on a CPU the "
                   "default is float batches, normalised in the workers (the `ReinforcedTrainer` rows)."]
-    from dr_hf.images import _jpeg_decoder
+    from dr_hf.images import jpeg_decoder_name
 
-    decoder = ("JPEG bytes, decoded there by nvJPEG (TorchCodec)" if _jpeg_decoder() is not None else
-               "decoded pixels: no TorchCodec there, so the workers decode with PIL")
+    library = jpeg_decoder_name()
+    decoder = (f"JPEG bytes, decoded there by nvJPEG ({library})" if library is not None else
+               "decoded pixels: no TorchCodec nor torchvision.io decoding there, so the workers decode with PIL")
     where = (f"on {torch.cuda.get_device_name()}, {decoder}" if cuda else
              "on this CPU's tensors (the same JPEG decoder; on a CPU the trainer itself renders one view at a time, "
              "the workers' pixels exactly)")

@@ -100,9 +100,13 @@ def test_odd_and_hostile_images(monkeypatch):
         decode(jpeg_bytes(np.zeros((64, 64, 3), dtype=np.uint8)), row=9)
 
 
-def test_a_torchcodec_that_cannot_load_is_said_once_and_pil_decodes(monkeypatch, caplog):
+@pytest.mark.parametrize("torchvision_decodes", [True, False])
+def test_a_torchcodec_that_cannot_load_is_said_once_and_another_decoder_decodes(monkeypatch, caplog,
+                                                                              torchvision_decodes):
     """TorchCodec installed but built for another torch (its import raises OSError, as a CUDA 13 build does beside a
-    CUDA 12 torch): one warning naming torch's version and the fix, then PIL decodes the JPEG to the same pixels."""
+    CUDA 12 torch): one warning naming torch's version and the fix, then torchvision.io decodes the JPEG (the lent
+    H100s' torch 2.11 has no TorchCodec with image decoding, but torchvision's nvJPEG), or, where torchvision cannot
+    either, PIL: the same pixels each time."""
     import sys
     import types
 
@@ -116,27 +120,38 @@ def test_a_torchcodec_that_cannot_load_is_said_once_and_pil_decodes(monkeypatch,
     want = decode(data, row=0)  # this environment's decoder
     images._jpeg_decoder.cache_clear()
     monkeypatch.setitem(sys.modules, "torchcodec.decoders", Broken("torchcodec.decoders"))
+    if not torchvision_decodes:
+        monkeypatch.setattr(images, "_torchvision_jpeg_decoder", lambda: None)
     try:
         with caplog.at_level("WARNING", logger="dr_hf.images"):
             got = [decode(data, row=0) for _ in range(3)]
-            assert images._jpeg_decoder() is None
+            assert images.jpeg_decoder_name() == ("torchvision.io" if torchvision_decodes else None)
+            later = images.decode_later(data)  # left encoded for the device only where a decoder there can decode it
+            assert isinstance(later, images.EncodedJpeg) == torchvision_decodes
     finally:
         images._jpeg_decoder.cache_clear()
     warnings = [r.getMessage() for r in caplog.records if "TorchCodec" in r.getMessage()]
     assert len(warnings) == 1 and torch.__version__ in warnings[0] and "libnvrtc.so.13" in warnings[0]
-    assert "decoded by PIL" in warnings[0] and "made for your torch" in warnings[0]
+    assert ("decoded by torchvision.io" if torchvision_decodes else "decoded by PIL") in warnings[0]
+    assert "made for your torch" in warnings[0]
     assert all(torch.equal(g, want) for g in got)
 
 
 @needs_shared("imagenet-sample")
-def test_jpeg_fast_path_gives_pils_pixels(tmp_path):
-    """JPEGs are decoded by TorchCodec's decoder: on real ImageNet files (RGB and grayscale, baseline and
-    progressive) the pixels equal PIL's, other modes (CMYK) and formats keep PIL's path, and a truncated file is
-    still refused naming the row."""
+@pytest.mark.parametrize("library", ["TorchCodec", "torchvision.io"])
+def test_jpeg_fast_path_gives_pils_pixels(tmp_path, monkeypatch, library):
+    """JPEGs are decoded by TorchCodec's decoder (torchvision.io's where TorchCodec cannot load): on real ImageNet
+    files (RGB and grayscale, baseline and progressive) the pixels equal PIL's, other modes (CMYK) and formats keep
+    PIL's path, and a truncated file is still refused naming the row."""
+    import dr_hf.images as images
+
     ds = datasets.load_dataset(str(SHARED / "imagenet-sample"), split="train").cast_column(
         "image", datasets.Image(decode=False))
     cells = [ds[i]["image"] for i in range(0, 1000, 9)]
     assert _jpeg_decoder() is not None, "torchcodec is a dependency: the release made for this torch must load"
+    if library == "torchvision.io":
+        monkeypatch.setattr(images, "_jpeg_decoder", images._torchvision_jpeg_decoder)
+    assert images.jpeg_decoder_name() == library
     modes = set()
     for cell in cells:
         pil = PIL.Image.open(io.BytesIO(cell["bytes"]))
@@ -160,17 +175,20 @@ def test_jpeg_fast_path_gives_pils_pixels(tmp_path):
         decode(cells[0]["bytes"][: len(cells[0]["bytes"]) // 2], row=7)
 
 
-@pytest.mark.parametrize("torchcodec", [True, False])
-def test_exif_orientation_is_applied_as_datasets_does(monkeypatch, torchcodec):
+@pytest.mark.parametrize("decoder", ["TorchCodec", "torchvision.io", "PIL"])
+def test_exif_orientation_is_applied_as_datasets_does(monkeypatch, decoder):
     """A photo's EXIF orientation is applied on every decoding path, as datasets' Image feature (what load_dataset
     shows) and TorchCodec apply it: all eight orientations of an RGB, a grayscale and a CMYK JPEG and of a PNG
-    decode to datasets' pixels, with TorchCodec and without it (PIL decodes all), and decode_later (replay on the
-    device) reports the oriented size. Before, PIL's path left turned photos as stored, so a job and a training run
-    on machines with and without TorchCodec, or a CMYK photo, saw them differently."""
+    decode to datasets' pixels, with TorchCodec, with torchvision.io and with neither (PIL decodes all), and
+    decode_later (replay on the device) reports the oriented size. Before, PIL's path left turned photos as stored,
+    so a job and a training run on machines with and without TorchCodec, or a CMYK photo, saw them differently."""
     import dr_hf.images as images
 
-    if not torchcodec:
+    library = decoder != "PIL"  # a JPEG library decodes
+    if decoder == "PIL":
         monkeypatch.setattr(images, "_jpeg_decoder", lambda: None)
+    elif decoder == "torchvision.io":
+        monkeypatch.setattr(images, "_jpeg_decoder", images._torchvision_jpeg_decoder)
     stored = np.asarray(PIL.Image.fromarray(np.random.default_rng(0).integers(0, 256, (5, 8, 3), dtype=np.uint8))
                         .resize((64, 40)))
     feature = datasets.Image()
@@ -186,10 +204,10 @@ def test_exif_orientation_is_applied_as_datasets_does(monkeypatch, torchcodec):
             assert np.array_equal(got.permute(1, 2, 0).numpy(), shown), (orientation, mode, fmt)
             later = images.decode_later(buf.getvalue())
             if isinstance(later, images.EncodedJpeg):
-                assert torchcodec and (mode, fmt) in (("RGB", "JPEG"), ("L", "JPEG"))
+                assert library and (mode, fmt) in (("RGB", "JPEG"), ("L", "JPEG"))
                 assert (later.height, later.width) == shown.shape[:2]
                 assert torch.equal(images.decode_jpegs([later.data], "cpu", [orientation])[0], got)
-                with monkeypatch.context() as without:  # bytes handed to a process without TorchCodec
+                with monkeypatch.context() as without:  # bytes handed to a process without a JPEG library
                     without.setattr(images, "_jpeg_decoder", lambda: None)
                     assert torch.equal(images.decode_jpegs([later.data], "cpu", [orientation])[0], got)
             else:
