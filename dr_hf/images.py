@@ -72,7 +72,8 @@ def _jpeg_decoder() -> Optional[Callable[..., Any]]:
 
 def _torchvision_jpeg_decoder() -> Optional[Callable[..., Any]]:
     """torchvision.io's ``decode_jpeg`` called as TorchCodec's is (bytes or a uint8 tensor, or a list of them; the
-    EXIF orientation applied; ``mode="RGB"``), or ``None`` where torchvision has no image decoding."""
+    EXIF orientation applied, on CUDA by :func:`oriented`, as torchvision's CUDA decoder leaves it out;
+    ``mode="RGB"``), or ``None`` where torchvision has no image decoding."""
     import warnings
 
     try:
@@ -86,11 +87,15 @@ def _torchvision_jpeg_decoder() -> Optional[Callable[..., Any]]:
             raise ValueError(f"mode {mode!r}: only 'RGB' is decoded here")
         as_tensor = [d if isinstance(d, torch.Tensor) else torch.frombuffer(bytearray(d), dtype=torch.uint8)
                      for d in (data if isinstance(data, list) else [data])]
+        device = torch.device(device)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", UserWarning)  # (its deprecation for TorchCodec, which is tried first)
             warnings.simplefilter("ignore", DeprecationWarning)
             out = torchvision_decode_jpeg(as_tensor, mode=ImageReadMode.RGB, device=device,
                                           apply_exif_orientation=True)
+        if device.type == "cuda":  # (its CUDA decoder leaves images as stored; other devices decode on the CPU)
+            out = [oriented(image, _orientation(PIL.Image.open(io.BytesIO(t.numpy())))) for image, t in
+                   zip(out, as_tensor)]
         return out if isinstance(data, list) else out[0]
 
     return decode_jpeg
@@ -132,6 +137,18 @@ def _decode_jpeg(image: PIL.Image.Image) -> Optional[torch.Tensor]:
 
 
 _TURNED = (5, 6, 7, 8)  # EXIF orientations that swap height and width
+_ORIENT = {  # a CHW image stored with EXIF orientation k -> as shown (PIL.ImageOps.exif_transpose's transposes)
+    2: lambda x: x.flip(-1), 3: lambda x: x.flip(-2, -1), 4: lambda x: x.flip(-2), 5: lambda x: x.transpose(-2, -1),
+    6: lambda x: torch.rot90(x, -1, (-2, -1)), 7: lambda x: x.flip(-2, -1).transpose(-2, -1),
+    8: lambda x: torch.rot90(x, 1, (-2, -1)),
+}
+
+
+def oriented(image: torch.Tensor, orientation: int) -> torch.Tensor:
+    """A CHW image decoded as stored, turned as its EXIF ``orientation`` says (1: as it is), on its own device:
+    ``PIL.ImageOps.exif_transpose``'s pixels (tested)."""
+    turn = _ORIENT.get(orientation)
+    return image if turn is None else turn(image).contiguous()
 
 
 def _orientation(image: PIL.Image.Image) -> int:
