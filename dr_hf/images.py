@@ -71,9 +71,10 @@ def _jpeg_decoder() -> Optional[Callable[..., Any]]:
 
 
 def _torchvision_jpeg_decoder() -> Optional[Callable[..., Any]]:
-    """torchvision.io's ``decode_jpeg`` called as TorchCodec's is (bytes or a uint8 tensor, or a list of them; the
-    EXIF orientation applied, on CUDA by :func:`oriented`, as torchvision's CUDA decoder leaves it out;
-    ``mode="RGB"``), or ``None`` where torchvision has no image decoding."""
+    """torchvision.io's ``decode_jpeg`` called as TorchCodec's is (bytes or a uint8 tensor, or a list of them;
+    ``mode="RGB"``; on the CPU the EXIF orientation applied, as TorchCodec's CPU decoder does; on CUDA nvJPEG leaves
+    it out, so :func:`decode_later` hands over only JPEGs stored upright), or ``None`` where torchvision has no image
+    decoding."""
     import warnings
 
     try:
@@ -93,9 +94,6 @@ def _torchvision_jpeg_decoder() -> Optional[Callable[..., Any]]:
             warnings.simplefilter("ignore", DeprecationWarning)
             out = torchvision_decode_jpeg(as_tensor, mode=ImageReadMode.RGB, device=device,
                                           apply_exif_orientation=True)
-        if device.type == "cuda":  # (its CUDA decoder leaves images as stored; other devices decode on the CPU)
-            out = [oriented(image, _orientation(PIL.Image.open(io.BytesIO(t.numpy())))) for image, t in
-                   zip(out, as_tensor)]
         return out if isinstance(data, list) else out[0]
 
     return decode_jpeg
@@ -136,21 +134,6 @@ def _decode_jpeg(image: PIL.Image.Image) -> Optional[torch.Tensor]:
         return None
 
 
-_TURNED = (5, 6, 7, 8)  # EXIF orientations that swap height and width
-_ORIENT = {  # a CHW image stored with EXIF orientation k -> as shown (PIL.ImageOps.exif_transpose's transposes)
-    2: lambda x: x.flip(-1), 3: lambda x: x.flip(-2, -1), 4: lambda x: x.flip(-2), 5: lambda x: x.transpose(-2, -1),
-    6: lambda x: torch.rot90(x, -1, (-2, -1)), 7: lambda x: x.flip(-2, -1).transpose(-2, -1),
-    8: lambda x: torch.rot90(x, 1, (-2, -1)),
-}
-
-
-def oriented(image: torch.Tensor, orientation: int) -> torch.Tensor:
-    """A CHW image decoded as stored, turned as its EXIF ``orientation`` says (1: as it is), on its own device:
-    ``PIL.ImageOps.exif_transpose``'s pixels (tested)."""
-    turn = _ORIENT.get(orientation)
-    return image if turn is None else turn(image).contiguous()
-
-
 def _orientation(image: PIL.Image.Image) -> int:
     """An image's EXIF orientation (1: as stored), which ``datasets`` and TorchCodec apply when they decode."""
     try:
@@ -184,12 +167,11 @@ def _decode(value: Any, row: Optional[int], column: str, keep_jpeg: bool) -> Uni
             raise BadImageError(f"{where}: the image is missing (None)")
         else:
             raise BadImageError(f"{where}: expected an image, got {type(value).__name__}")
-        if keep_jpeg and opened:
+        if keep_jpeg and opened and _orientation(image) == 1:  # (on CUDA a turned photo would stay as stored)
             data = _jpeg_bytes(image)
             if data is not None:
-                turned = _orientation(image) in _TURNED  # as the decoder will orient it
                 image.close()
-                return EncodedJpeg(data, *((image.width, image.height) if turned else (image.height, image.width)))
+                return EncodedJpeg(data, image.height, image.width)
         fast = _decode_jpeg(image) if opened else None  # TorchCodec applies the EXIF orientation itself
         if fast is not None:
             image.close()
@@ -236,7 +218,9 @@ def image_size(image: Union[torch.Tensor, EncodedJpeg]) -> Tuple[int, int]:
 def decode_later(value: Any, row: Optional[int] = None, column: str = "image") -> Union[torch.Tensor, EncodedJpeg]:
     """An image cell for decoding elsewhere (on the training process's device): an RGB or grayscale JPEG's bytes
     (:func:`decode_jpegs` gives :func:`decode`'s pixels from them on a CPU), anything else decoded now by
-    :func:`decode`. Only the header is read, so bytes that are corrupt past it are named when decoded."""
+    :func:`decode`, as is a photo turned by its EXIF orientation: torchvision's nvJPEG path leaves that as stored,
+    and TorchCodec's CUDA path takes no orientation either.
+    Only the header is read, so bytes that are corrupt past it are named when decoded."""
     return _decode(value, row, column, keep_jpeg=True)
 
 
