@@ -82,6 +82,7 @@ def seek(stream, start: int):
         return stream
     counts = source_row_counts(stream)
     if counts is None:
+        logger.info("reaching row %d of the stream by reading the rows before it (not a plain parquet stream)", start)
         return stream.skip(start)
     import datasets
 
@@ -92,6 +93,8 @@ def seek(stream, start: int):
         return stream.take(0)
     first = bisect.bisect_right(starts, start) - 1  # the file holding row `start`
     n = len(counts)
+    logger.info("row %d of the stream sought from the parquet footers: file %d of %d, its row %d", start, first + 1, n,
+                start - starts[first])
     parts = [stream.shard(num_shards=n, index=i, contiguous=True) for i in range(first, n)]
     rest = parts[0] if len(parts) == 1 else datasets.concatenate_datasets(parts)
     offset = start - starts[first]
