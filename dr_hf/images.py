@@ -96,6 +96,7 @@ def _torchvision_jpeg_decoder() -> Optional[Callable[..., Any]]:
                                           apply_exif_orientation=True)
         return out if isinstance(data, list) else out[0]
 
+    decode_jpeg.library = "torchvision.io"  # type: ignore[attr-defined]
     return decode_jpeg
 
 
@@ -105,7 +106,7 @@ def jpeg_decoder_name() -> Optional[str]:
     decoder = _jpeg_decoder()
     if decoder is None:
         return None
-    return "torchvision.io" if decoder.__module__ == __name__ else "TorchCodec"
+    return getattr(decoder, "library", "TorchCodec")
 
 
 def _jpeg_bytes(image: PIL.Image.Image) -> Optional[bytes]:
