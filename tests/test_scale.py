@@ -6,6 +6,7 @@ import subprocess
 import sys
 
 import datasets
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
@@ -137,7 +138,7 @@ def test_streamed_source_equals_map_style_also_split_across_processes(tmp_path, 
                   str(tmp_path / "long"), show_progress=False, num_rows=40)
 
 
-def test_a_stream_is_sought_where_its_parquet_footers_say_else_skipped(source_dir):
+def test_a_stream_is_sought_where_its_parquet_footers_say_else_skipped(tmp_path, source_dir):
     from datasets.distributed import split_dataset_by_node
 
     from dr_hf.streams import seek, source_row_counts, stream_length
@@ -161,6 +162,15 @@ def test_a_stream_is_sought_where_its_parquet_footers_say_else_skipped(source_di
         assert source_row_counts(other) is None, name
         assert notes(seek(other, 13)) == notes(other.skip(13)) != [], name
     assert stream_length(others["generated"], "train", "note") == 20  # counted, having no metadata nor footers
+    # a stream split by row group (IterableDataset.reshard): sought to the row group that holds the row
+    (tmp_path / "groups" / "data").mkdir(parents=True)
+    for k in range(2):
+        pq.write_table(pa.table({"i": list(range(50 * k, 50 * k + 50))}),
+                       str(tmp_path / "groups" / "data" / f"train-{k:05d}-of-00002.parquet"), row_group_size=7)
+    groups = datasets.load_dataset(str(tmp_path / "groups"), split="train", streaming=True).reshard()
+    assert groups.num_shards == 16 and source_row_counts(groups) == ([7] * 7 + [1]) * 2
+    for start in (6, 7, 50, 55, 99):
+        assert [r["i"] for r in seek(groups, start)] == list(range(start, 100)), start
 
 
 def test_a_streams_next_shard_is_read_while_the_current_one_is_computed():
