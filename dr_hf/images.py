@@ -88,7 +88,6 @@ def _torchvision_jpeg_decoder() -> Optional[Callable[..., Any]]:
             raise ValueError(f"mode {mode!r}: only 'RGB' is decoded here")
         as_tensor = [d if isinstance(d, torch.Tensor) else torch.frombuffer(bytearray(d), dtype=torch.uint8)
                      for d in (data if isinstance(data, list) else [data])]
-        device = torch.device(device)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", UserWarning)  # (its deprecation for TorchCodec, which is tried first)
             warnings.simplefilter("ignore", DeprecationWarning)
@@ -168,9 +167,9 @@ def _decode(value: Any, row: Optional[int], column: str, keep_jpeg: bool) -> Uni
             raise BadImageError(f"{where}: the image is missing (None)")
         else:
             raise BadImageError(f"{where}: expected an image, got {type(value).__name__}")
-        if keep_jpeg and opened and _orientation(image) == 1:  # (on CUDA a turned photo would stay as stored)
+        if keep_jpeg and opened:
             data = _jpeg_bytes(image)
-            if data is not None:
+            if data is not None and _orientation(image) == 1:  # (on CUDA a turned photo would stay as stored)
                 image.close()
                 return EncodedJpeg(data, image.height, image.width)
         fast = _decode_jpeg(image) if opened else None  # TorchCodec applies the EXIF orientation itself
