@@ -18,6 +18,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 from transformers import PreTrainedModel, Trainer, TrainerCallback, TrainingArguments
+from transformers.trainer_utils import has_length
 
 from .pipeline import PRESETS, AugmentPipeline, normalise_pixels
 from .collator import AugmentCollator, EvalCollator, ReinforcedCollator
@@ -144,14 +145,25 @@ def student_output(model, args: ReinforcedTrainingArguments, processing_class=No
 class _CollatorEpoch(TrainerCallback):
     """Tell the replaying collator the epoch before the epoch's DataLoader iterator starts (its workers, persistent ones
     included, read it from shared memory), so its choices are a pure function of (seed, epoch, row) and a resumed run
-    replays what an uninterrupted one would."""
+    replays what an uninterrupted one would.
+
+    The epoch is the Trainer's own count, the one it hands the DataLoader (``set_epoch``): it starts where the
+    checkpoint's ``state.epoch`` says for a map-style dataset, and from 0 for a stream, which the Trainer resumes from
+    its first pass, skipping the batches already trained; then one more each epoch. (A stream's ``state.epoch`` is a
+    fraction of ``max_steps``, not its passes: read as the epoch, it gave the first two passes the same samples.)"""
 
     def __init__(self, collator):
         self.collator = collator
+        self.next_epoch = 0
+
+    def on_train_begin(self, args, state, control, train_dataloader=None, **kwargs):
+        sized = train_dataloader is not None and has_length(train_dataloader)
+        self.next_epoch = int(math.floor((state.epoch or 0.0) + 1e-9)) if sized else 0
 
     def on_epoch_begin(self, args, state, control, **kwargs):
         if hasattr(self.collator, "epoch"):
-            self.collator.epoch = int(math.floor((state.epoch or 0.0) + 1e-9))
+            self.collator.epoch = self.next_epoch
+        self.next_epoch += 1
 
 
 def num_classes_of(model) -> int:

@@ -464,6 +464,45 @@ def test_streaming_ddp_processes_get_distinct_rows(tmp_path, reinforced, monkeyp
            "100% more often" in caplog.text
 
 
+def record_replays(trainer, batch_size=8):
+    """Make the trainer's collator record the rows it replays; the returned function gives their (epoch, dr_index)
+    batch by batch, each batch in its own order (no DataLoader workers; a batch's rows are rendered on several threads
+    in any order, so each is recorded with its position)."""
+    seen, group = [], trainer.train_collator.group
+
+    def recording(rows, base, into=None):
+        seen.extend((trainer.train_collator.epoch, base + r, int(row["dr_index"])) for r, row in enumerate(rows))
+        return group(rows, base, into)
+
+    trainer.train_collator.group = recording
+    return lambda: [(epoch, index) for k in range(0, len(seen), batch_size)
+                    for epoch, _, index in sorted(seen[k:k + batch_size])]
+
+
+def test_every_epoch_of_a_stream_or_a_resumed_run_replays_its_own_samples(tmp_path, reinforced):
+    """The replayed samples are chosen by (seed, epoch, row) with the Trainer's own epoch: each pass over a stream picks
+    afresh (a stream's state.epoch, a fraction of max_steps, gave its first two passes the same samples), as over a
+    map-style set, and a run resumed mid-epoch replays what the uninterrupted run did."""
+    _, _, folders = reinforced
+    stream = datasets.load_dataset(str(folders["rrc+flip"]), split="train", streaming=True)  # 32 rows: 4 steps a pass
+    mapped = datasets.load_dataset(str(folders["rrc+flip"]), split="train")
+    for train in (stream, mapped):
+        trainer = ReinforcedTrainer(model=tiny_timm(), args=args(tmp_path), train_dataset=train)
+        replayed = record_replays(trainer)
+        trainer.train()
+        seen = replayed()
+        assert [epoch for epoch, _ in seen] == [0] * 32 + [1] * 32 + [2] * 32
+        assert [sorted(i for _, i in seen[32 * p:32 * (p + 1)]) for p in range(3)] == [list(range(32))] * 3
+    full = ReinforcedTrainer(model=tiny_timm(), args=args(tmp_path, save_strategy="steps", save_steps=6),
+                             train_dataset=mapped)
+    replayed = record_replays(full)
+    full.train()
+    resumed = ReinforcedTrainer(model=tiny_timm(), args=args(tmp_path), train_dataset=mapped)
+    replayed_again = record_replays(resumed)
+    resumed.train(resume_from_checkpoint=str(tmp_path / "run" / "checkpoint-6"))  # mid-epoch 1
+    assert replayed_again() == replayed()[6 * 8:] and replayed_again()[0][0] == 1
+
+
 def test_decoding_and_replay_run_in_dataloader_workers(tmp_path, reinforced):
     _, _, folders = reinforced
     train = datasets.load_dataset(str(folders["rrc+flip"]), split="train")
