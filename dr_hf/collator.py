@@ -33,6 +33,8 @@ from .inputs import InputSpec
 from .replay import DeviceReplay
 from .rows import rows_of
 
+SKIPPED_BATCH = "skipped_batch"  # the key of a batch collated unrendered, for the Trainer to drop (True a row)
+
 
 def _map(fn, items: Sequence) -> list:
     """``fn`` over ``items``, on torch's intra-op threads when it has several (JPEG decoding and the torch ops, the
@@ -256,6 +258,8 @@ class ReinforcedCollator(_Collator):
         self.seed = seed
         # in shared memory, so that DataLoader workers started in an earlier epoch (persistent_workers) see it change
         self._epoch = torch.zeros((), dtype=torch.int64).share_memory_()
+        self._skip = torch.zeros((), dtype=torch.int64).share_memory_()
+        self._collated = [0, 0]  # (epoch, batches this process collated in it)
         self._pipelines: Dict[tuple, AugmentPipeline] = {}
 
     @property
@@ -267,6 +271,35 @@ class ReinforcedCollator(_Collator):
     @epoch.setter
     def epoch(self, value: int) -> None:
         self._epoch.fill_(int(value))
+        self._collated = [int(value), 0]
+
+    @property
+    def skip_batches(self) -> int:
+        """How many of the epoch's first batches the Trainer drops unseen (a resumed stream's batches already trained):
+        they are not rendered. Set it with :attr:`epoch`, before the epoch's DataLoader iterator starts."""
+        return int(self._skip)
+
+    @skip_batches.setter
+    def skip_batches(self, value: int) -> None:
+        self._skip.fill_(int(value))
+
+    def _skipped(self) -> bool:
+        """Whether the batch being collated is one of the epoch's first :attr:`skip_batches`. DataLoader workers take
+        batches in turn (those with a part of the stream: ``n_shards`` of them at most), so this process's c-th batch
+        of the epoch is the loader's (c * workers + worker)-th, or an earlier one once another worker's part has
+        ended: a batch counted as skipped always is one (one skipped may still be rendered)."""
+        skip = int(self._skip)
+        if not skip:
+            return False
+        epoch = self.epoch
+        if self._collated[0] != epoch:
+            self._collated = [epoch, 0]
+        info, worker, workers = torch.utils.data.get_worker_info(), 0, 1
+        if info is not None:
+            worker, workers = info.id, min(info.num_workers, getattr(info.dataset, "n_shards", info.num_workers))
+        position = self._collated[1] * workers + worker
+        self._collated[1] += 1
+        return position < skip
 
     def pipeline(self, params: Dict[str, Any]) -> AugmentPipeline:
         key = tuple(sorted(params))
@@ -353,6 +386,8 @@ class ReinforcedCollator(_Collator):
         return out
 
     def __call__(self, examples: List[Dict[str, Any]]) -> Dict[str, Any]:
+        if self._skipped():  # the Trainer drops it: nothing to decode or render
+            return {SKIPPED_BATCH: torch.ones(len(examples), dtype=torch.bool)}
         groups = [_rows(example) for example in examples]
         starts = np.cumsum([0] + [len(rows) for rows in groups]).tolist()
         if self.on_device:

@@ -21,7 +21,7 @@ from transformers import PreTrainedModel, Trainer, TrainerCallback, TrainingArgu
 from transformers.trainer_utils import has_length
 
 from .pipeline import PRESETS, AugmentPipeline, normalise_pixels
-from .collator import AugmentCollator, EvalCollator, ReinforcedCollator
+from .collator import SKIPPED_BATCH, AugmentCollator, EvalCollator, ReinforcedCollator
 from .inputs import INTERPOLATION_NAMES, InputSpec, resolve_input_spec
 from .format import (DR_COLUMNS, DR_FINGERPRINT, DR_PARAMS, check_class_ids, check_classes, class_ids,
                      outside_classes, outside_classes_message, reordered_class, require_reinforced)
@@ -149,21 +149,36 @@ class _CollatorEpoch(TrainerCallback):
 
     The epoch is the Trainer's own count, the one it hands the DataLoader (``set_epoch``): it starts where the
     checkpoint's ``state.epoch`` says for a map-style dataset, and from 0 for a stream, which the Trainer resumes from
-    its first pass, skipping the batches already trained; then one more each epoch. (A stream's ``state.epoch`` is a
-    fraction of ``max_steps``, not its passes: read as the epoch, it gave the first two passes the same samples.)"""
+    its first pass, dropping the batches already trained; then one more each epoch. (A stream's ``state.epoch`` is a
+    fraction of ``max_steps``, not its passes: read as the epoch, it gave the first two passes the same samples.)
+    Those dropped batches are counted out to the collator (``skip_batches``), which leaves them unrendered; a map-style
+    set's are skipped by the sampler, never collated."""
 
     def __init__(self, collator):
         self.collator = collator
-        self.next_epoch = 0
+        self.next_epoch = self.skip = 0
 
     def on_train_begin(self, args, state, control, train_dataloader=None, **kwargs):
         sized = train_dataloader is not None and has_length(train_dataloader)
         self.next_epoch = int(math.floor((state.epoch or 0.0) + 1e-9)) if sized else 0
+        resumed = state.global_step % state.max_steps if state.max_steps else 0  # as the Trainer counts them
+        self.skip = 0 if sized or args.ignore_data_skip else resumed * args.gradient_accumulation_steps
 
     def on_epoch_begin(self, args, state, control, **kwargs):
+        if hasattr(self.collator, "skip_batches"):
+            self.collator.skip_batches, self.skip = self.skip, 0
         if hasattr(self.collator, "epoch"):
             self.collator.epoch = self.next_epoch
         self.next_epoch += 1
+
+
+def trained(batch: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+    """``batch``, refused if the collator left it unrendered for the Trainer to drop (a resumed stream's batch
+    already trained, :attr:`ReinforcedCollator.skip_batches`), which never reached training until now."""
+    if SKIPPED_BATCH in batch:
+        raise RuntimeError("a batch the collator counted among a resumed run's skipped batches reached training; "
+                           "resume with ignore_data_skip=True, or report this")
+    return batch
 
 
 def num_classes_of(model) -> int:
@@ -400,7 +415,10 @@ class ReinforcedTrainer(Trainer):
         of the step (:class:`~dr_hf.replay.RenderedAhead`)."""
         try:
             if not self.args.replay_on_device:
-                return super().get_batch_samples(epoch_iterator, num_batches, device, *args, **kwargs)
+                batches, items = super().get_batch_samples(epoch_iterator, num_batches, device, *args, **kwargs)
+                for batch in batches:
+                    trained(batch)
+                return batches, items
             if self._rendered_ahead is None or self._rendered_ahead.source is not epoch_iterator:
                 self._stop_rendering_ahead()
                 self._rendered_ahead = RenderedAhead(epoch_iterator, self._render_replay, device or self.args.device)
@@ -413,7 +431,7 @@ class ReinforcedTrainer(Trainer):
             raise name_bad_files(files, exc) from exc
 
     def _render_replay(self, batch: Dict[str, torch.Tensor]) -> torch.Tensor:
-        return batch["replay"].render(self.replay_pipeline, self.student_output, batch["labels"].device)
+        return trained(batch)["replay"].render(self.replay_pipeline, self.student_output, batch["labels"].device)
 
     def _stop_rendering_ahead(self) -> None:
         if self._rendered_ahead is not None:

@@ -1,3 +1,4 @@
+import itertools
 import math
 import threading
 
@@ -16,6 +17,7 @@ from dr_hf.loss import dense_teacher_log_probs, distillation_loss, one_hot_targe
 from dr_hf import reinforce
 from dr_hf.reinforcer import Reinforcer
 from dr_hf.shards import shard_paths
+from dr_hf.trainer import trained
 
 from conftest import make_image_dataset, needs_cxx
 
@@ -501,6 +503,45 @@ def test_every_epoch_of_a_stream_or_a_resumed_run_replays_its_own_samples(tmp_pa
     replayed_again = record_replays(resumed)
     resumed.train(resume_from_checkpoint=str(tmp_path / "run" / "checkpoint-6"))  # mid-epoch 1
     assert replayed_again() == replayed()[6 * 8:] and replayed_again()[0][0] == 1
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_a_resumed_stream_drops_its_trained_batches_unrendered(tmp_path, reinforced, workers):
+    """The Trainer resumes a stream from its first pass and drops the batches already trained: the collator counts
+    them out unrendered (DataLoader workers too), and the run goes on with the uninterrupted run's batches, loss for
+    loss."""
+    _, _, folders = reinforced
+    stream = datasets.load_dataset(str(folders["rrc+flip"]), split="train", streaming=True)  # 32 rows: 4 steps a pass
+    rendered = torch.zeros((), dtype=torch.int64).share_memory_()  # rows rendered, in this process and its workers
+
+    def trainer(**kw):
+        made = ReinforcedTrainer(model=tiny_timm(), args=args(tmp_path, max_steps=8, dataloader_num_workers=workers,
+                                                              **kw), train_dataset=stream)
+        group = made.train_collator.group
+
+        def counted(rows, base, into=None):
+            rendered.add_(len(rows))
+            return group(rows, base, into)
+
+        made.train_collator.group = counted
+        return made
+
+    full = trainer(save_strategy="steps", save_steps=3)
+    full.train()
+    assert int(rendered) == 8 * 8
+    rendered.zero_()
+    resumed = trainer()
+    resumed.train(resume_from_checkpoint=str(tmp_path / "run" / "checkpoint-3"))
+    assert int(rendered) == 5 * 8  # steps 4 to 8 alone
+    assert losses(resumed) == losses(full)  # (its first 3 read from the checkpoint)
+    collator = resumed.train_collator  # a skipped batch is a mark, refused should one ever reach training
+    collator.epoch, collator.skip_batches = 0, 1
+    examples = list(itertools.islice(resumed.train_dataset, 8))
+    skipped = collator(examples)
+    assert list(skipped) == ["skipped_batch"] and skipped["skipped_batch"].shape == (8,)
+    assert collator(examples)["pixel_values"].shape == (8, 3, 32, 32)  # the next is rendered
+    with pytest.raises(RuntimeError, match="counted among a resumed run's skipped batches reached training"):
+        trained(skipped)
 
 
 def test_decoding_and_replay_run_in_dataloader_workers(tmp_path, reinforced):
