@@ -212,6 +212,14 @@ def check_classes(label_column: str, labels: Sequence[str], num_classes: int, na
     check_class_order(label_column, labels, names, whose)
 
 
+def class_label_names(features, label_column: Optional[str], num_classes: int) -> Optional[List[str]]:
+    """The names of the label column's ``ClassLabel`` where it names ``num_classes`` classes, else ``None``."""
+    from datasets import ClassLabel
+
+    feature = features.get(label_column) if label_column and features is not None else None
+    return list(feature.names) if isinstance(feature, ClassLabel) and feature.num_classes == num_classes else None
+
+
 def check_class_ids(label_column: str, feature, remedy: str) -> None:
     """Refuse a label column of strings (class names), floats or lists (several labels a row): labels are class ids,
     a ``ClassLabel`` or integers."""

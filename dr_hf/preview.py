@@ -10,7 +10,7 @@ import torch
 
 from .pipeline import params_at
 from .errors import require_at_least
-from .format import DR_INDEX, DR_PARAMS, DR_TOPK_INDICES, DR_TOPK_LOGPROBS
+from .format import DR_INDEX, DR_PARAMS, DR_TOPK_INDICES, DR_TOPK_LOGPROBS, class_label_names
 from .images import decode
 from .inputs import InputSpec
 from .shards import PREVIEW, written_whole
@@ -23,11 +23,9 @@ LINE = 12
 def class_names(features, label_column: Optional[str], num_classes: int) -> List[str]:
     """Names from the label column's ``ClassLabel``; for 1000 classes without one, ImageNet-1k's (timm's table);
     else ``class N``."""
-    from datasets import ClassLabel
-
-    feature = features.get(label_column) if label_column and features is not None else None
-    if isinstance(feature, ClassLabel) and feature.num_classes == num_classes:
-        return list(feature.names)
+    names = class_label_names(features, label_column, num_classes)
+    if names is not None:
+        return names
     if num_classes == 1000:
         try:
             from timm.data import ImageNetInfo

@@ -11,6 +11,7 @@ import logging
 import math
 import os
 from dataclasses import dataclass, field
+from types import SimpleNamespace
 from typing import Dict, List, Optional
 
 import numpy as np
@@ -24,7 +25,7 @@ from .pipeline import PRESETS, AugmentPipeline, normalise_pixels
 from .collator import SKIPPED_BATCH, AugmentCollator, EvalCollator, ReinforcedCollator
 from .inputs import INTERPOLATION_NAMES, InputSpec, resolve_input_spec
 from .format import (DR_COLUMNS, DR_FINGERPRINT, DR_PARAMS, check_class_ids, check_classes, class_ids,
-                     outside_classes, outside_classes_message, reordered_class, require_reinforced)
+                     class_label_names, outside_classes, outside_classes_message, reordered_class, require_reinforced)
 from .images import image_column_of
 from .shards import data_files_of, name_bad_files
 from .loss import dense_teacher_log_probs, distillation_loss, one_hot_target
@@ -127,6 +128,11 @@ class ReinforcedTrainingArguments(TrainingArguments):
         if problems:
             raise ValueError("ReinforcedTrainingArguments: " + "; ".join(problems))
 
+    def __getstate__(self):
+        """The pickled arguments (``training_args.bin``, which ``Trainer`` writes into every checkpoint and pushes with
+        the model) leave ``hub_token`` out: a token is never written."""
+        return {**self.__dict__, "hub_token": None}
+
     @classmethod
     def from_training_arguments(cls, args: TrainingArguments, **overrides) -> "ReinforcedTrainingArguments":
         """Upgrade a plain ``TrainingArguments`` (as TRL's trainers do: through ``to_dict()``)."""
@@ -195,6 +201,11 @@ def student_class_names(model) -> Optional[List[str]]:
     return [id2label.get(i, "") for i in range(len(id2label))] if id2label else None
 
 
+def is_timm_model(model) -> bool:
+    """Whether ``model`` is a timm model (built by ``timm.create_model``: it carries its ``pretrained_cfg``)."""
+    return type(model).__module__.startswith("timm.") and hasattr(model, "pretrained_cfg")
+
+
 def _dr_param_fields(dataset) -> Optional[List[str]]:
     features = getattr(dataset, "features", None)
     if not features or DR_PARAMS not in features:
@@ -251,14 +262,14 @@ class ReinforcedTrainer(Trainer):
         args = reinforced_arguments(args)
         model_init = kwargs.get("model_init")
         if model is None and model_init is not None:  # the checks below need a student now; train() makes its own
-            from types import SimpleNamespace
-
             model = Trainer.call_model_init(SimpleNamespace(model_init=model_init))
             kwargs.pop("model_init")
         self.image_column = args.image_column or image_column_of(train_dataset if train_dataset is not None
                                                                  else eval_dataset)
         self.student_output = student_output(model, args, processing_class)
         self.num_classes = num_classes_of(model)
+        # the data's class names, which a timm student's saved config.json carries
+        self.class_names = class_label_names(getattr(train_dataset, "features", None), args.label_column, self.num_classes)
         fields = _dr_param_fields(train_dataset)
         self.teachers = self._online_teachers(args, fields, train_dataset)
         self.group_size = 1  # rows a training example holds (a MixUp/CutMix group); set by _prepare_train_dataset
@@ -461,8 +472,27 @@ class ReinforcedTrainer(Trainer):
             loaded = type(target).from_pretrained(resume_from_checkpoint, dtype=next(target.parameters()).dtype)
             target.load_state_dict(loaded.state_dict())
 
+    def save_model(self, output_dir: Optional[str] = None, _internal_call: bool = False) -> None:
+        """``Trainer.save_model`` (checkpoints too); a timm student's folder also gets timm's ``config.json`` beside
+        the weights, as ``timm.models.save_for_hf`` writes it: its architecture, the input it was trained at (size,
+        mean/std, interpolation, evaluation crop) and the training data's class names, so that
+        ``timm.create_model("local-dir:FOLDER", pretrained=True)``, or ``"hf-hub:org/name"`` once pushed, loads it."""
+        super().save_model(output_dir, _internal_call)
+        student = self.accelerator.unwrap_model(self.model, keep_torch_compile=False)
+        if self.args.should_save and is_timm_model(student):
+            from timm.models._hub import save_config_for_hf
+
+            spec = self.student_output
+            save_config_for_hf(student, os.path.join(output_dir or self.args.output_dir, "config.json"),
+                               model_config={"label_names": self.class_names} if self.class_names else None,
+                               data_config={"input_size": (3, *spec.size), "mean": spec.mean, "std": spec.std,
+                                            "interpolation": spec.interpolation, "crop_pct": spec.crop_pct,
+                                            "crop_mode": spec.crop_mode})
+
     def create_model_card(self, *args, **kwargs):
-        """The Trainer's model card, naming the reinforced dataset it was trained on."""
+        """The Trainer's model card, naming the reinforced dataset it was trained on. A student without a transformers
+        config (timm) is trained from scratch unless ``finetuned_from`` names its base model, and a timm student's card
+        says ``library_name: timm``, the library that loads it."""
         dataset = self.args.dataset_id or getattr(getattr(self.train_dataset, "info", None), "dataset_name", None) \
             or getattr(getattr(getattr(self.train_dataset, "dataset", None), "info", None), "dataset_name", None)
         if dataset:
@@ -470,7 +500,23 @@ class ReinforcedTrainer(Trainer):
             kwargs.setdefault("dataset", dataset)
         tags = kwargs.get("tags") or []
         kwargs["tags"] = ([tags] if isinstance(tags, str) else list(tags)) + ["dataset-reinforcement", "dr-hf"]
-        return super().create_model_card(*args, **kwargs)
+        shim = not hasattr(self.model, "config")  # Trainer's card reads the base model's name from model.config
+        if shim:
+            self.model.config = SimpleNamespace()
+        try:
+            card = super().create_model_card(*args, **kwargs)
+        finally:
+            if shim:
+                del self.model.config
+        path = os.path.join(self.args.output_dir, "README.md")
+        if is_timm_model(self.model) and self.is_world_process_zero() and os.path.isfile(path):
+            from huggingface_hub import ModelCard
+
+            written = ModelCard.load(path)
+            written.data.library_name = "timm"
+            written.data.tags = list(dict.fromkeys([*(written.data.tags or []), "timm", "image-classification"]))
+            written.save(path)
+        return card
 
     def _even_shares(self, dataset, args):
         """A stream whose readers get equal shares. Processes and their DataLoader workers get whole shards (accelerate

@@ -436,3 +436,42 @@ def test_a_reinforcement_only_folder_verifies_and_previews_from_its_source(tmp_p
     src.select(list(range(1, 24)) + [0]).to_parquet(str(shuffled / "data" / "train-00000-of-00001.parquet"))
     with pytest.raises(FingerprintMismatch, match=r"dr_index"):
         verify(str(reinforcement_only), rows=24, source=str(shuffled))
+
+
+def test_a_timm_student_pushes_to_the_hub_as_timm_loads_it(tmp_path, hub, plus, monkeypatch):
+    """``trainer.push_to_hub()`` with a timm student (Trainer's model card read ``model.config``, which a timm model
+    has not: it crashed) pushes timm's config.json beside the weights: ``timm.create_model("hf-hub:...")`` gives the
+    trained student's outputs, with the input it was trained at and the data's class names; the card says timm,
+    names the reinforced dataset and says the student was trained from scratch. The hub token is in no file pushed or
+    written (Trainer pickles its arguments, hub_token included, into training_args.bin and pushes it)."""
+    import timm
+    import torch
+    from huggingface_hub import ModelCard
+
+    from dr_hf import ReinforcedTrainer, ReinforcedTrainingArguments
+
+    hub.point_here(monkeypatch)
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "home"))
+    args = ReinforcedTrainingArguments(str(tmp_path / "student"), max_steps=1, per_device_train_batch_size=8,
+                                       report_to=[], use_cpu=True, image_size=40, image_mean=(0.5, 0.5, 0.5),
+                                       image_std=(0.25, 0.25, 0.25), interpolation="bilinear", save_strategy="no",
+                                       hub_model_id="org/student", hub_token=TOKEN, disable_tqdm=True)
+    trainer = ReinforcedTrainer(model=timm.create_model("resnet10t", num_classes=10), args=args,
+                                train_dataset=datasets.load_dataset(str(plus), split="train"))
+    trainer.train()
+    trainer.push_to_hub()
+    repo = hub.state.repos[("model", "org/student")]
+    assert {"config.json", "model.safetensors", "README.md"} <= set(repo.commits[repo.branches["main"]])
+    pushed = timm.create_model("hf-hub:org/student", pretrained=True).eval()
+    x = torch.randn(2, 3, 40, 40)
+    assert torch.equal(pushed(x), trainer.model.eval()(x))
+    assert timm.data.resolve_data_config({}, model=pushed) == {
+        "input_size": (3, 40, 40), "interpolation": "bilinear", "mean": [0.5] * 3, "std": [0.25] * 3,
+        "crop_pct": 0.875, "crop_mode": "center"}
+    assert pushed.pretrained_cfg["label_names"] == [f"c{i}" for i in range(10)]
+    card = ModelCard.load("org/student")
+    assert card.data.library_name == "timm" and {"timm", "dataset-reinforcement"} <= set(card.data.tags)
+    assert card.data.datasets == [plus.name] and f"trained from scratch on the {plus.name} dataset" in card.text
+    # the token reached the stand-in, and no file: Trainer pickles its arguments into training_args.bin and pushes it
+    assert TOKEN in hub.state.tokens_seen and "training_args.bin" in repo.commits[repo.branches["main"]]
+    assert all(TOKEN.encode() not in path.read_bytes() for path in (tmp_path / "student").rglob("*") if path.is_file())
