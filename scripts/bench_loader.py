@@ -20,7 +20,7 @@ import time
 
 import torch
 
-from bench_render import tiny_vit  # noqa: E402  (scripts/)
+from bench_render import reinforced_sample  # noqa: E402  (scripts/)
 from results_md import host, write_markdown  # noqa: E402  (scripts/)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -66,12 +66,8 @@ def main():
     from torchvision.transforms import v2
     from transformers import Trainer, TrainingArguments
 
-    from dr_hf import ReinforceConfig, ReinforcedTrainer, ReinforcedTrainingArguments, TeacherEnsemble, make_pipeline
-    from dr_hf import reinforce
+    from dr_hf import ReinforcedTrainer, ReinforcedTrainingArguments
 
-    datasets.disable_progress_bars()
-    source = datasets.load_dataset(args.dataset, split="train").select(range(args.rows))
-    source = source.cast_column("label", datasets.ClassLabel(num_classes=1000)).select_columns(["image", "label"])
     mean, std = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
     mode = getattr(v2.InterpolationMode, args.interpolation.upper())
     tv = v2.Compose([v2.RandomResizedCrop(224, interpolation=mode, antialias=True), v2.RandomHorizontalFlip(),
@@ -92,12 +88,9 @@ def main():
 
     rates, whole_epoch = {}, {}
     with tempfile.TemporaryDirectory() as tmp:
-        teachers = TeacherEnsemble.from_specs([tiny_vit(os.path.join(tmp, "vit"))])  # only fills the columns here
-        config = ReinforceConfig(augment="imagenet+rrc", augmentations=make_pipeline("imagenet+rrc").config(),
-                                 teachers=teachers.specs, num_samples=args.num_samples, topk=10, seed=0, num_classes=1000)
-        reinforce(source, config, teachers, os.path.join(tmp, "plus"), show_progress=False)
+        source, folder = reinforced_sample(args.dataset, args.rows, args.num_samples, tmp)
         epoch = [i % args.rows for i in range(args.rows * args.repeat)]  # each image `repeat` times an epoch
-        plus = datasets.load_dataset(os.path.join(tmp, "plus"), split="train").select(epoch)
+        plus = datasets.load_dataset(folder, split="train").select(epoch)
         plain = source.select(epoch).with_transform(transform)
         for workers in (0, 2):
             common = dict(per_device_train_batch_size=args.batch, dataloader_num_workers=workers, report_to=[],

@@ -59,6 +59,24 @@ def tiny_vit(folder, size=224, patch=32, classes=1000, resample=2):
     return f"hf:{folder}"
 
 
+def reinforced_sample(dataset: str, rows: int, num_samples: int, folder: str, rows_per_shard=None):
+    """The first ``rows`` images of ``dataset`` (imagenet-sample: image and a 1000-class label) and their reinforced
+    copy, written to ``folder`` with N=``num_samples`` samples each (K=10, `imagenet+rrc`) by the tiny ViT, which only
+    fills the columns: at the paper's N=400 each row is as large as an ImageNet+ row."""
+    import datasets
+
+    from dr_hf import ReinforceConfig, TeacherEnsemble, reinforce
+
+    datasets.disable_progress_bars()
+    source = datasets.load_dataset(dataset, split="train").select(range(rows))
+    source = source.cast_column("label", datasets.ClassLabel(num_classes=1000)).select_columns(["image", "label"])
+    teachers = TeacherEnsemble.from_specs([tiny_vit(os.path.join(folder, "vit"))])
+    config = ReinforceConfig.for_teachers(teachers, "imagenet+rrc", num_samples=num_samples, topk=10, seed=0,
+                                          **({"rows_per_shard": rows_per_shard} if rows_per_shard else {}))
+    reinforce(source, config, teachers, os.path.join(folder, "plus"), show_progress=False)
+    return source, os.path.join(folder, "plus")
+
+
 def host_cost(preset: str, mode: str, repeats: int):
     """(aten ops, ms, blocking copies) per 64 samples of rendering a teacher batch of 256 samples (4 rows x 64, or 8
     rows x 32 in MixUp/CutMix groups of 8) with 8x8 crops of small images, where the host's work is all there is.

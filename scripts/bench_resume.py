@@ -14,7 +14,7 @@ import sys
 import tempfile
 import time
 
-from bench_render import tiny_vit  # noqa: E402  (scripts/)
+from bench_render import reinforced_sample  # noqa: E402  (scripts/)
 from results_md import host, write_markdown  # noqa: E402  (scripts/)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -37,24 +37,16 @@ def main():
     import timm
     from accelerate import skip_first_batches
 
-    from dr_hf import ReinforceConfig, ReinforcedTrainer, ReinforcedTrainingArguments, TeacherEnsemble, make_pipeline
-    from dr_hf import reinforce
+    from dr_hf import ReinforcedTrainer, ReinforcedTrainingArguments
 
-    datasets.disable_progress_bars()
-    source = datasets.load_dataset(args.dataset, split="train").select(range(args.rows))
-    source = source.cast_column("label", datasets.ClassLabel(num_classes=1000)).select_columns(["image", "label"])
     # what a resumed run drops: all but the last batches of the pass that the shuffle buffer and the loader's fetching
     # ahead leave unread (at the end of a stream datasets waits 5 s for Arrow's threads, which is not what is timed)
     skip = (args.rows - args.shuffle_buffer) // args.batch - 3
     rest = args.rows // args.batch - skip - 1
     times = {}
-    with tempfile.TemporaryDirectory() as tmp:
-        teachers = TeacherEnsemble.from_specs([tiny_vit(os.path.join(tmp, "vit"))])  # only fills the columns here
-        config = ReinforceConfig(augment="imagenet+rrc", augmentations=make_pipeline("imagenet+rrc").config(),
-                                 teachers=teachers.specs, num_samples=args.num_samples, topk=10, seed=0, num_classes=1000,
-                                 rows_per_shard=args.rows // 4)  # 4 files: each worker streams its own
-        reinforce(source, config, teachers, os.path.join(tmp, "plus"), show_progress=False)
-        stream = datasets.load_dataset(os.path.join(tmp, "plus"), split="train", streaming=True)
+    with tempfile.TemporaryDirectory() as tmp:  # 4 files: each DataLoader worker streams its own
+        _, folder = reinforced_sample(args.dataset, args.rows, args.num_samples, tmp, rows_per_shard=args.rows // 4)
+        stream = datasets.load_dataset(folder, split="train", streaming=True)
         model = timm.create_model("resnet10t", num_classes=1000)
         for workers in (0, 2):
             trainer = ReinforcedTrainer(model=model, train_dataset=stream, args=ReinforcedTrainingArguments(
