@@ -245,7 +245,8 @@ class ReinforcedCollator(_Collator):
 
     Every choice is a pure function of (``seed``, ``epoch``, the group's first ``dr_index``), so a run resumed from
     a checkpoint sees the same samples as an uninterrupted one; ``ReinforcedTrainer`` sets ``epoch`` each epoch, and
-    DataLoader workers see it, persistent ones too."""
+    DataLoader workers see it, persistent ones too. It also sets ``skip_batches`` when it resumes a stream: the
+    batches the Trainer drops, which are then collated unrendered (``{"skipped_batch": ...}``)."""
 
     def __init__(self, output: InputSpec, reinforced_prob: float = 0.99, seed: int = 0, uint8_pixels: bool = False,
                  on_device: bool = False, **kw):
