@@ -466,17 +466,25 @@ def test_streaming_ddp_processes_get_distinct_rows(tmp_path, reinforced, monkeyp
            "100% more often" in caplog.text
 
 
-def record_replays(trainer, batch_size=8):
-    """Make the trainer's collator record the rows it replays; the returned function gives their (epoch, dr_index)
-    batch by batch, each batch in its own order (no DataLoader workers; a batch's rows are rendered on several threads
-    in any order, so each is recorded with its position)."""
-    seen, group = [], trainer.train_collator.group
+def on_replay(trainer, record):
+    """Call ``record(epoch, position in the batch, row)`` for each row the trainer's collator replays (in DataLoader
+    workers too, where ``record`` runs in the worker)."""
+    group = trainer.train_collator.group
 
     def recording(rows, base, into=None):
-        seen.extend((trainer.train_collator.epoch, base + r, int(row["dr_index"])) for r, row in enumerate(rows))
+        for r, row in enumerate(rows):
+            record(trainer.train_collator.epoch, base + r, row)
         return group(rows, base, into)
 
     trainer.train_collator.group = recording
+
+
+def record_replays(trainer, batch_size=8):
+    """Record the rows the trainer's collator replays (no DataLoader workers); the returned function gives their
+    (epoch, dr_index) batch by batch, each batch in its own order (a batch's rows are rendered on several threads, in
+    any order)."""
+    seen = []
+    on_replay(trainer, lambda epoch, position, row: seen.append((epoch, position, int(row["dr_index"]))))
     return lambda: [(epoch, index) for k in range(0, len(seen), batch_size)
                     for epoch, _, index in sorted(seen[k:k + batch_size])]
 
@@ -517,13 +525,7 @@ def test_a_resumed_stream_drops_its_trained_batches_unrendered(tmp_path, reinfor
     def trainer(**kw):
         made = ReinforcedTrainer(model=tiny_timm(), args=args(tmp_path, max_steps=8, dataloader_num_workers=workers,
                                                               **kw), train_dataset=stream)
-        group = made.train_collator.group
-
-        def counted(rows, base, into=None):
-            rendered.add_(len(rows))
-            return group(rows, base, into)
-
-        made.train_collator.group = counted
+        on_replay(made, lambda *_: rendered.add_(1))
         return made
 
     full = trainer(save_strategy="steps", save_steps=3)
