@@ -178,7 +178,7 @@ class _CollatorEpoch(TrainerCallback):
         self.next_epoch += 1
 
 
-def trained(batch: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+def refuse_skipped(batch: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
     """``batch``, refused if the collator left it unrendered for the Trainer to drop (a resumed stream's batch
     already trained, :attr:`ReinforcedCollator.skip_batches`), which never reached training until now."""
     if SKIPPED_BATCH in batch:
@@ -428,7 +428,7 @@ class ReinforcedTrainer(Trainer):
             if not self.args.replay_on_device:
                 batches, items = super().get_batch_samples(epoch_iterator, num_batches, device, *args, **kwargs)
                 for batch in batches:
-                    trained(batch)
+                    refuse_skipped(batch)
                 return batches, items
             if self._rendered_ahead is None or self._rendered_ahead.source is not epoch_iterator:
                 self._stop_rendering_ahead()
@@ -442,7 +442,7 @@ class ReinforcedTrainer(Trainer):
             raise name_bad_files(files, exc) from exc
 
     def _render_replay(self, batch: Dict[str, torch.Tensor]) -> torch.Tensor:
-        return trained(batch)["replay"].render(self.replay_pipeline, self.student_output, batch["labels"].device)
+        return refuse_skipped(batch)["replay"].render(self.replay_pipeline, self.student_output, batch["labels"].device)
 
     def _stop_rendering_ahead(self) -> None:
         if self._rendered_ahead is not None:

@@ -17,7 +17,7 @@ from dr_hf.loss import dense_teacher_log_probs, distillation_loss, one_hot_targe
 from dr_hf import reinforce
 from dr_hf.reinforcer import Reinforcer
 from dr_hf.shards import shard_paths
-from dr_hf.trainer import trained
+from dr_hf.trainer import refuse_skipped
 
 from conftest import make_image_dataset, needs_cxx
 
@@ -543,7 +543,7 @@ def test_a_resumed_stream_drops_its_trained_batches_unrendered(tmp_path, reinfor
     assert list(skipped) == ["skipped_batch"] and skipped["skipped_batch"].shape == (8,)
     assert collator(examples)["pixel_values"].shape == (8, 3, 32, 32)  # the next is rendered
     with pytest.raises(RuntimeError, match="counted among a resumed run's skipped batches reached training"):
-        trained(skipped)
+        refuse_skipped(skipped)
 
 
 def test_decoding_and_replay_run_in_dataloader_workers(tmp_path, reinforced):
