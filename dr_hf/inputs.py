@@ -63,12 +63,28 @@ def _pair(size: Any) -> Optional[Tuple[int, int]]:
     return size[-2:] if len(size) >= 2 else (size[0], size[0]) if size else None
 
 
+def from_timm_data_config(cfg: dict) -> dict:
+    """What timm's data config says (``timm.data.resolve_model_data_config``: input size, mean/std, interpolation,
+    evaluation crop)."""
+    found = dict(size=tuple(cfg["input_size"][1:]), mean=tuple(cfg["mean"]), std=tuple(cfg["std"]))
+    if cfg.get("interpolation") in INTERPOLATION_NAMES:
+        found["interpolation"] = cfg["interpolation"]
+    if cfg.get("crop_pct"):
+        found["crop_pct"] = float(cfg["crop_pct"])
+    if cfg.get("crop_mode") in CROP_MODES:  # timm's third, "border", pads: its central crop is the nearest here
+        found["crop_mode"] = cfg["crop_mode"]
+    return found
+
+
 def from_processor(processor: Any) -> dict:
     """What a ``transformers`` image processor says (the keys it sets, nothing else)."""
     found: dict = {}
     if processor is None:
         return found
     processor = getattr(processor, "image_processor", processor)  # a multimodal processor wraps one
+    data_config = getattr(processor, "data_config", None)  # a timm model's processor (TimmWrapperImageProcessor)
+    if isinstance(data_config, dict) and data_config.get("input_size"):
+        return from_timm_data_config(data_config)
     size = _pair(getattr(processor, "crop_size", None)) if getattr(processor, "do_center_crop", False) else None
     size = size or _pair(getattr(processor, "size", None))
     if size:
@@ -106,22 +122,19 @@ def _evaluation_view(processor: Any) -> Tuple[float, str]:
 
 
 def from_model(model: Any) -> dict:
-    """What a timm model (``pretrained_cfg``) or a ``transformers`` model (its config) says."""
+    """What a timm model (``pretrained_cfg``), a ``transformers`` ``TimmWrapper`` model (the timm ``pretrained_cfg``
+    in its config) or another ``transformers`` model (its config) says."""
     found: dict = {}
     if model is None:
         return found
     if hasattr(model, "pretrained_cfg") and not hasattr(model, "config"):
         import timm.data
 
-        cfg = timm.data.resolve_model_data_config(model)
-        found.update(size=tuple(cfg["input_size"][1:]), mean=tuple(cfg["mean"]), std=tuple(cfg["std"]))
-        if cfg.get("interpolation") in INTERPOLATION_NAMES:
-            found["interpolation"] = cfg["interpolation"]
-        if cfg.get("crop_pct"):
-            found["crop_pct"] = float(cfg["crop_pct"])
-        if cfg.get("crop_mode") in CROP_MODES:  # timm's third, "border", pads: its central crop is the nearest here
-            found["crop_mode"] = cfg["crop_mode"]
-        return found
+        return from_timm_data_config(timm.data.resolve_model_data_config(model))
+    if isinstance(getattr(getattr(model, "config", None), "pretrained_cfg", None), dict):  # a TimmWrapper model
+        import timm.data
+
+        return from_timm_data_config(timm.data.resolve_data_config(pretrained_cfg=model.config.pretrained_cfg))
     config = getattr(model, "config", None)
     size = _pair(getattr(config, "image_size", None)) if config is not None else None
     if size:

@@ -12,7 +12,7 @@ import pytest
 import torch
 from transformers import TrainingArguments, default_data_collator
 
-from dr_hf import ReinforceConfig, ReinforcedTrainer, ReinforcedTrainingArguments
+from dr_hf import ReinforceConfig, ReinforcedTrainer, ReinforcedTrainingArguments, TeacherEnsemble
 from dr_hf.augment import CenterCrop
 from dr_hf.collator import EvalCollator, ReinforcedCollator
 from dr_hf.inputs import InputSpec, resolve_input_spec
@@ -154,7 +154,7 @@ def assert_same_view(processor, spec):
     assert right < 0.1 and right < wrong / 4, (type(processor).__name__, right, wrong)
 
 
-def test_one_resolver_for_models_processors_and_arguments():
+def test_one_resolver_for_models_processors_and_arguments(tmp_path):
     import timm
     from transformers import ConvNextImageProcessor, ResNetConfig, ResNetForImageClassification
 
@@ -187,9 +187,30 @@ def test_one_resolver_for_models_processors_and_arguments():
     assert resolve_input_spec(cfg) == InputSpec((40, 40), (0.2,) * 3, (0.3,) * 3, "bilinear", 0.95)
     squash = timm.create_model("resnet10t", num_classes=10, pretrained_cfg_overlay=dict(crop_mode="squash"))
     assert resolve_input_spec(squash).crop_mode == "squash"  # timm's own crop mode, as 137 of its pretrained models
+    # a timm model as transformers loads it (AutoModelForImageClassification.from_pretrained("timm/...")): its
+    # TimmWrapper model and processor say the same as the timm model, and the processor's view is held against it too
+    wrapper, processor = timm_wrapper()
+    spec = resolve_input_spec(wrapper)
+    assert spec == resolve_input_spec(wrapper, processor) == InputSpec((42, 42), (0.2,) * 3, (0.3,) * 3, "bilinear", 0.875)
+    assert_same_view(processor, spec)
+    wrapper.save_pretrained(tmp_path / "wrapper")  # as a teacher (hf:FOLDER), which the same resolver reads
+    assert TeacherEnsemble.from_specs([f"hf:{tmp_path / 'wrapper'}"]).outputs() == [spec]
 
 
-def test_a_resnet_without_image_size_trains_with_its_processor(tmp_path, plus):
+def timm_wrapper():
+    """A transformers TimmWrapper resnet10t (10 classes, 42 px: timm resizes to 48, then crops, mean 0.2, std 0.3) and
+    its image processor."""
+    from transformers import TimmWrapperConfig, TimmWrapperForImageClassification, TimmWrapperImageProcessor
+
+    cfg = dict(input_size=[3, 42, 42], mean=[0.2] * 3, std=[0.3] * 3, interpolation="bilinear", crop_pct=0.875,
+               crop_mode="center")
+    torch.manual_seed(0)
+    model = TimmWrapperForImageClassification(TimmWrapperConfig(architecture="resnet10t", num_labels=10,
+                                                                pretrained_cfg=cfg))
+    return model, TimmWrapperImageProcessor(pretrained_cfg=cfg)
+
+
+def test_students_train_at_their_processors_input(tmp_path, plus):
     from transformers import ConvNextImageProcessor, ResNetConfig, ResNetForImageClassification
 
     _, folders = plus
@@ -200,6 +221,18 @@ def test_a_resnet_without_image_size_trains_with_its_processor(tmp_path, plus):
                                 processing_class=processor)
     trainer.train()
     assert trainer.student_output.size == (32, 32) and trainer.state.global_step == 2
+    # a transformers TimmWrapper student trains at its own input and saves a model that reloads
+    from transformers import AutoModelForImageClassification
+
+    model, processor = timm_wrapper()
+    trainer = ReinforcedTrainer(model=model, args=base_args(tmp_path), train_dataset=load(folders["imagenet+rrc"]),
+                                processing_class=processor)
+    trainer.train()
+    assert trainer.student_output.size == (42, 42) and trainer.state.global_step == 2
+    trainer.save_model()
+    x = torch.randn(2, 3, 42, 42)
+    again = AutoModelForImageClassification.from_pretrained(tmp_path / "run").eval()
+    assert torch.equal(again(x).logits, trainer.model.eval()(x).logits)
 
 
 # -- collators and columns ----------------------------------------------------------------------------
