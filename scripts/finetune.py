@@ -2,7 +2,8 @@
 ``examples/pytorch/image-classification/run_image_classification.py``, ported by swapping ``Trainer`` for
 ``ReinforcedTrainer``. Everything else is the example's shape: ``HfArgumentParser``, the checkpoint's image processor
 (its size and normalisation reach the reinforced replay through ``processing_class``), eval data prepared with
-``set_transform`` and the script's own ``collate_fn`` (used for evaluation), checkpoints and ``resume_from_checkpoint``.
+``set_transform`` (by the image processor itself, which also serves timm checkpoints) and the script's own
+``collate_fn`` (used for evaluation), checkpoints and ``resume_from_checkpoint``.
 
     python scripts/finetune.py --model_name_or_path google/vit-base-patch16-224-in21k \
         --dataset_name org/imagenet-plus --eval_dataset_name imagenet-1k --eval_split validation \
@@ -19,7 +20,6 @@ from typing import List, Optional
 import numpy as np
 import torch
 from datasets import ClassLabel, load_dataset
-from torchvision.transforms import CenterCrop, Compose, Normalize, Resize, ToTensor
 from transformers import AutoImageProcessor, AutoModelForImageClassification, HfArgumentParser
 
 from dr_hf import ReinforcedTrainer, ReinforcedTrainingArguments
@@ -69,14 +69,11 @@ def main(argv: Optional[List[str]] = None) -> ReinforcedTrainer:
         model_args.model_name_or_path, num_labels=len(labels), id2label=dict(enumerate(labels)),
         label2id={name: i for i, name in enumerate(labels)}, ignore_mismatched_sizes=model_args.ignore_mismatched_sizes)
 
-    # Evaluation transforms, as the example builds them from the image processor.
-    size = image_processor.size
-    size = size["shortest_edge"] if "shortest_edge" in size else (size["height"], size["width"])
-    val_transforms = Compose([Resize(size), CenterCrop(size), ToTensor(),
-                              Normalize(mean=image_processor.image_mean, std=image_processor.image_std)])
-
+    # Evaluation views by the image processor itself (the example rebuilds them from its `size` with torchvision,
+    # which not every processor has: a timm model's, TimmWrapperImageProcessor, keeps timm's data config)
     def preprocess_val(batch):
-        batch["pixel_values"] = [val_transforms(image.convert("RGB")) for image in batch[data_args.image_column_name]]
+        images = [image.convert("RGB") for image in batch[data_args.image_column_name]]
+        batch["pixel_values"] = list(image_processor(images=images, return_tensors="pt")["pixel_values"])
         return batch
 
     evaluation.set_transform(preprocess_val)

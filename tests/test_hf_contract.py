@@ -365,6 +365,12 @@ def test_finetune_script_trains_evaluates_saves_resumes_and_names_the_dataset(tm
     again = AutoModelForImageClassification.from_pretrained(resumed)
     for (name, a), (_, b) in zip(model.state_dict().items(), again.state_dict().items()):
         assert torch.allclose(a, b, atol=1e-6), name
+    # a timm checkpoint as transformers loads it (TimmWrapper): trained at, and evaluated by, its own processor
+    wrapper, _ = timm_wrapper()
+    wrapper.save_pretrained(tmp_path / "timm")
+    common[common.index("--model_name_or_path") + 1] = str(tmp_path / "timm")
+    trainer = finetune.main(common + ["--output_dir", str(tmp_path / "timm-run"), "--max_steps", "2"])
+    assert trainer.student_output.size == (42, 42) and any("eval_accuracy" in h for h in trainer.state.log_history)
 
 
 def test_the_other_1_percent_is_the_original_image_through_the_training_augmentation(plus):
