@@ -127,15 +127,13 @@ def from_model(model: Any) -> dict:
     found: dict = {}
     if model is None:
         return found
-    if hasattr(model, "pretrained_cfg") and not hasattr(model, "config"):
-        import timm.data
-
-        return from_timm_data_config(timm.data.resolve_model_data_config(model))
-    if isinstance(getattr(getattr(model, "config", None), "pretrained_cfg", None), dict):  # a TimmWrapper model
-        import timm.data
-
-        return from_timm_data_config(timm.data.resolve_data_config(pretrained_cfg=model.config.pretrained_cfg))
     config = getattr(model, "config", None)
+    wrapped = isinstance(getattr(config, "pretrained_cfg", None), dict)  # a TimmWrapper model
+    if wrapped or (config is None and hasattr(model, "pretrained_cfg")):
+        import timm.data
+
+        return from_timm_data_config(timm.data.resolve_data_config(pretrained_cfg=config.pretrained_cfg) if wrapped
+                                     else timm.data.resolve_model_data_config(model))
     size = _pair(getattr(config, "image_size", None)) if config is not None else None
     if size:
         found["size"] = size
