@@ -483,11 +483,16 @@ class ReinforcedTrainer(Trainer):
             from timm.models._hub import save_config_for_hf
 
             spec = self.student_output
-            save_config_for_hf(student, os.path.join(output_dir or self.args.output_dir, "config.json"),
-                               model_config={"label_names": self.class_names} if self.class_names else None,
-                               data_config={"input_size": (3, *spec.size), "mean": spec.mean, "std": spec.std,
-                                            "interpolation": spec.interpolation, "crop_pct": spec.crop_pct,
-                                            "crop_mode": spec.crop_mode})
+            try:
+                save_config_for_hf(student, os.path.join(output_dir or self.args.output_dir, "config.json"),
+                                   model_config={"label_names": self.class_names} if self.class_names else None,
+                                   data_config={"input_size": (3, *spec.size), "mean": spec.mean, "std": spec.std,
+                                                "interpolation": spec.interpolation, "crop_pct": spec.crop_pct,
+                                                "crop_mode": spec.crop_mode})
+            except (TypeError, ValueError) as exc:  # e.g. a model argument that JSON cannot hold (act_layer=nn.SiLU)
+                logger.warning("the timm student's config.json was not written (%s): its weights are saved "
+                               "(model.safetensors), which timm.create_model(<its architecture and arguments>, "
+                               "pretrained=True, pretrained_cfg_overlay=dict(file=...)) loads", exc)
 
     def create_model_card(self, *args, **kwargs):
         """The Trainer's model card, naming the reinforced dataset it was trained on. A student without a transformers

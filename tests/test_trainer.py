@@ -546,6 +546,22 @@ def test_a_resumed_stream_drops_its_trained_batches_unrendered(tmp_path, reinfor
         refuse_skipped(skipped)
 
 
+def test_a_timm_student_whose_arguments_json_cannot_hold_still_saves(tmp_path, reinforced, caplog):
+    """timm's config.json needs the student's arguments as JSON; one that is not (act_layer=nn.SiLU) leaves it out
+    with a warning naming the argument, and the weights are saved: a checkpoint never fails on it."""
+    import timm
+
+    _, _, folders = reinforced
+    student = timm.create_model("resnet10t", num_classes=10, act_layer=torch.nn.SiLU)
+    trainer = ReinforcedTrainer(model=student, args=args(tmp_path, max_steps=1),
+                                train_dataset=datasets.load_dataset(str(folders["rrc+flip"]), split="train"))
+    trainer.train()
+    with caplog.at_level("WARNING", logger="dr_hf.trainer"):
+        trainer.save_model()
+    assert "config.json was not written (Model argument 'act_layer' is not serializable" in caplog.text
+    assert (tmp_path / "run" / "model.safetensors").is_file() and not (tmp_path / "run" / "config.json").exists()
+
+
 def test_decoding_and_replay_run_in_dataloader_workers(tmp_path, reinforced):
     _, _, folders = reinforced
     train = datasets.load_dataset(str(folders["rrc+flip"]), split="train")
