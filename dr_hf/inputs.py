@@ -121,6 +121,12 @@ def _evaluation_view(processor: Any) -> Tuple[float, str]:
     return (min(1.0, cropped[0] / resized[0]) if cropped and resized else 1.0), mode
 
 
+def is_timm_model(model: Any) -> bool:
+    """Whether ``model`` is a timm model: it carries timm's ``pretrained_cfg`` (``timm.create_model`` sets it) and no
+    ``transformers`` config."""
+    return hasattr(model, "pretrained_cfg") and getattr(model, "config", None) is None
+
+
 def from_model(model: Any) -> dict:
     """What a timm model (``pretrained_cfg``), a ``transformers`` ``TimmWrapper`` model (the timm ``pretrained_cfg``
     in its config) or another ``transformers`` model (its config) says."""
@@ -129,7 +135,7 @@ def from_model(model: Any) -> dict:
         return found
     config = getattr(model, "config", None)
     wrapped = isinstance(getattr(config, "pretrained_cfg", None), dict)  # a TimmWrapper model
-    if wrapped or (config is None and hasattr(model, "pretrained_cfg")):
+    if wrapped or is_timm_model(model):
         import timm.data
 
         return from_timm_data_config(timm.data.resolve_data_config(pretrained_cfg=config.pretrained_cfg) if wrapped

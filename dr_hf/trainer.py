@@ -23,7 +23,7 @@ from transformers.trainer_utils import has_length
 
 from .pipeline import PRESETS, AugmentPipeline, normalise_pixels
 from .collator import SKIPPED_BATCH, AugmentCollator, EvalCollator, ReinforcedCollator
-from .inputs import INTERPOLATION_NAMES, InputSpec, resolve_input_spec
+from .inputs import INTERPOLATION_NAMES, InputSpec, is_timm_model, resolve_input_spec
 from .format import (DR_COLUMNS, DR_FINGERPRINT, DR_PARAMS, check_class_ids, check_classes, class_ids,
                      class_label_names, outside_classes, outside_classes_message, reordered_class, require_reinforced)
 from .images import image_column_of
@@ -199,11 +199,6 @@ def student_class_names(model) -> Optional[List[str]]:
     """A transformers classifier's class names (its ``id2label``), else ``None``."""
     id2label = model.config.id2label if isinstance(model, PreTrainedModel) else None
     return [id2label.get(i, "") for i in range(len(id2label))] if id2label else None
-
-
-def is_timm_model(model) -> bool:
-    """Whether ``model`` is a timm model (built by ``timm.create_model``: it carries its ``pretrained_cfg``)."""
-    return type(model).__module__.startswith("timm.") and hasattr(model, "pretrained_cfg")
 
 
 def _dr_param_fields(dataset) -> Optional[List[str]]:
@@ -489,7 +484,7 @@ class ReinforcedTrainer(Trainer):
                                    data_config={"input_size": (3, *spec.size), "mean": spec.mean, "std": spec.std,
                                                 "interpolation": spec.interpolation, "crop_pct": spec.crop_pct,
                                                 "crop_mode": spec.crop_mode})
-            except (TypeError, ValueError) as exc:  # e.g. a model argument that JSON cannot hold (act_layer=nn.SiLU)
+            except (TypeError, ValueError, KeyError) as exc:  # e.g. an argument JSON cannot hold (act_layer=nn.SiLU)
                 logger.warning("the timm student's config.json was not written (%s): its weights are saved "
                                "(model.safetensors), which timm.create_model(<its architecture and arguments>, "
                                "pretrained=True, pretrained_cfg_overlay=dict(file=...)) loads", exc)
