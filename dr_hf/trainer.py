@@ -163,14 +163,22 @@ class _CollatorEpoch(TrainerCallback):
     def __init__(self, collator):
         self.collator = collator
         self.next_epoch = self.skip = 0
+        self.resumed_stream_at: Optional[int] = None
 
     def on_train_begin(self, args, state, control, train_dataloader=None, **kwargs):
         sized = train_dataloader is not None and has_length(train_dataloader)
         self.next_epoch = int(math.floor((state.epoch or 0.0) + 1e-9)) if sized else 0
         resumed = state.global_step % state.max_steps if state.max_steps else 0  # as the Trainer counts them
         self.skip = 0 if sized or args.ignore_data_skip else resumed * args.gradient_accumulation_steps
+        self.resumed_stream_at = state.global_step if self.skip else None
 
     def on_epoch_begin(self, args, state, control, **kwargs):
+        if self.next_epoch == 1 and state.global_step == self.resumed_stream_at:  # the first pass dropped whole
+            logger.warning("train_dataset is a stream resumed at or past the end of its first pass (at step %d): "
+                           "Trainer resumes a stream from its first pass, dropping the batches already trained, so it "
+                           "goes on from the start of the second pass; where the checkpoint came after that, the rows "
+                           "trained on since are seen again (Trainer does so with any stream; ignore_data_skip=True "
+                           "starts at once, from the first pass)", state.global_step)
         if hasattr(self.collator, "skip_batches"):
             self.collator.skip_batches, self.skip = self.skip, 0
         if hasattr(self.collator, "epoch"):

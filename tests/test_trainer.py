@@ -514,10 +514,10 @@ def test_every_epoch_of_a_stream_or_a_resumed_run_replays_its_own_samples(tmp_pa
 
 
 @pytest.mark.parametrize("workers", [0, 2])
-def test_a_resumed_stream_drops_its_trained_batches_unrendered(tmp_path, reinforced, workers):
+def test_a_resumed_stream_drops_its_trained_batches_unrendered(tmp_path, reinforced, workers, caplog):
     """The Trainer resumes a stream from its first pass and drops the batches already trained: the collator counts
     them out unrendered (DataLoader workers too), and the run goes on with the uninterrupted run's batches, loss for
-    loss."""
+    loss. Resumed past the first pass, where Trainer restarts at the second, a warning says so."""
     _, _, folders = reinforced
     stream = datasets.load_dataset(str(folders["rrc+flip"]), split="train", streaming=True)  # 32 rows: 4 steps a pass
     rendered = torch.zeros((), dtype=torch.int64).share_memory_()  # rows rendered, in this process and its workers
@@ -533,9 +533,15 @@ def test_a_resumed_stream_drops_its_trained_batches_unrendered(tmp_path, reinfor
     assert int(rendered) == 8 * 8
     rendered.zero_()
     resumed = trainer()
-    resumed.train(resume_from_checkpoint=str(tmp_path / "run" / "checkpoint-3"))
+    with caplog.at_level("WARNING", logger="dr_hf.trainer"):
+        resumed.train(resume_from_checkpoint=str(tmp_path / "run" / "checkpoint-3"))
     assert int(rendered) == 5 * 8  # steps 4 to 8 alone
     assert losses(resumed) == losses(full)  # (its first 3 read from the checkpoint)
+    assert "past the end of its first pass" not in caplog.text
+    # from step 6, in the second pass: Trainer drops the first pass whole and restarts the second, which is said
+    with caplog.at_level("WARNING", logger="dr_hf.trainer"):
+        trainer().train(resume_from_checkpoint=str(tmp_path / "run" / "checkpoint-6"))
+    assert "a stream resumed at or past the end of its first pass (at step 6)" in caplog.text
     collator = resumed.train_collator  # a skipped batch is a mark, refused should one ever reach training
     collator.epoch, collator.skip_batches = 0, 1
     examples = list(itertools.islice(resumed.train_dataset, 8))
