@@ -70,6 +70,11 @@ def _jpeg_decoder() -> Optional[Callable[..., Any]]:
     return decode_jpeg
 
 
+def _byte_tensor(data: Union[bytes, torch.Tensor]) -> torch.Tensor:
+    """Encoded bytes as the 1-D uint8 tensor the JPEG decoders take (a tensor as it is)."""
+    return data if isinstance(data, torch.Tensor) else torch.frombuffer(bytearray(data), dtype=torch.uint8)
+
+
 def _torchvision_jpeg_decoder() -> Optional[Callable[..., Any]]:
     """torchvision.io's ``decode_jpeg`` called as TorchCodec's is (bytes or a uint8 tensor, or a list of them;
     ``mode="RGB"``; on the CPU the EXIF orientation applied, as TorchCodec's CPU decoder does; on CUDA nvJPEG leaves
@@ -86,8 +91,7 @@ def _torchvision_jpeg_decoder() -> Optional[Callable[..., Any]]:
     def decode_jpeg(data, mode: str = "RGB", device="cpu"):
         if mode != "RGB":
             raise ValueError(f"mode {mode!r}: only 'RGB' is decoded here")
-        as_tensor = [d if isinstance(d, torch.Tensor) else torch.frombuffer(bytearray(d), dtype=torch.uint8)
-                     for d in (data if isinstance(data, list) else [data])]
+        as_tensor = [_byte_tensor(d) for d in (data if isinstance(data, list) else [data])]
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", UserWarning)  # (its deprecation for TorchCodec, which is tried first)
             warnings.simplefilter("ignore", DeprecationWarning)
@@ -237,7 +241,7 @@ def decode_jpegs(jpegs: Sequence[Union[bytes, torch.Tensor]], device, rows: Sequ
     the host from then on, and a warning says so once."""
     if not jpegs:
         return []
-    tensors = [d if isinstance(d, torch.Tensor) else torch.frombuffer(bytearray(d), dtype=torch.uint8) for d in jpegs]
+    tensors = [_byte_tensor(d) for d in jpegs]
     decoder = _jpeg_decoder()
     if decoder is None:  # bytes from a process that had a JPEG decoder
         return [to_device(decode(data.numpy().tobytes(), row, column), device) for data, row in zip(tensors, rows)]
