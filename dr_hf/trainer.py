@@ -12,13 +12,14 @@ import math
 import os
 from dataclasses import dataclass, field
 from types import SimpleNamespace
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
-from transformers import PreTrainedModel, Trainer, TrainerCallback, TrainingArguments
+from transformers import PreTrainedModel, Trainer, TrainerCallback, TrainerState, TrainingArguments
+from transformers.trainer import TRAINER_STATE_NAME
 from transformers.trainer_utils import has_length
 
 from .pipeline import PRESETS, AugmentPipeline, normalise_pixels
@@ -153,37 +154,33 @@ class _CollatorEpoch(TrainerCallback):
     included, read it from shared memory), so its choices are a pure function of (seed, epoch, row) and a resumed run
     replays what an uninterrupted one would.
 
-    The epoch is the Trainer's own count, the one it hands the DataLoader (``set_epoch``): it starts where the
-    checkpoint's ``state.epoch`` says for a map-style dataset, and from 0 for a stream, which the Trainer resumes from
-    its first pass, dropping the batches already trained; then one more each epoch. (A stream's ``state.epoch`` is a
-    fraction of ``max_steps``, not its passes: read as the epoch, it gave the first two passes the same samples.)
-    Those dropped batches are counted out to the collator (``skip_batches``), which leaves them unrendered; a map-style
-    set's are skipped by the sampler, never collated."""
+    The epoch is the Trainer's own count, the one it hands the DataLoader (``set_epoch``): :meth:`start` gives the
+    epoch training starts in (:meth:`ReinforcedTrainer._init_training_state`), then one more each epoch. Where a
+    resumed stream's first epoch drops the batches already trained, they are counted out to the collator
+    (``skip_batches``), which leaves them unrendered; a map-style set's are skipped by the sampler, never collated."""
 
     def __init__(self, collator):
         self.collator = collator
         self.next_epoch = self.skip = 0
-        self.resumed_stream_at: Optional[int] = None
 
-    def on_train_begin(self, args, state, control, train_dataloader=None, **kwargs):
-        sized = train_dataloader is not None and has_length(train_dataloader)
-        self.next_epoch = int(math.floor((state.epoch or 0.0) + 1e-9)) if sized else 0
-        resumed = state.global_step % state.max_steps if state.max_steps else 0  # as the Trainer counts them
-        self.skip = 0 if sized or args.ignore_data_skip else resumed * args.gradient_accumulation_steps
-        self.resumed_stream_at = state.global_step if self.skip else None
+    def start(self, epoch: int, skip_batches: int) -> None:
+        self.next_epoch, self.skip = epoch, skip_batches
 
     def on_epoch_begin(self, args, state, control, **kwargs):
-        if self.next_epoch == 1 and state.global_step == self.resumed_stream_at:  # the first pass dropped whole
-            logger.warning("train_dataset is a stream resumed at or past the end of its first pass (at step %d): "
-                           "Trainer resumes a stream from its first pass, dropping the batches already trained, so it "
-                           "goes on from the start of the second pass; where the checkpoint came after that, the rows "
-                           "trained on since are seen again (Trainer does so with any stream; ignore_data_skip=True "
-                           "starts at once, from the first pass)", state.global_step)
         if hasattr(self.collator, "skip_batches"):
             self.collator.skip_batches, self.skip = self.skip, 0
         if hasattr(self.collator, "epoch"):
             self.collator.epoch = self.next_epoch
         self.next_epoch += 1
+
+
+def stream_position(checkpoint: str, gradient_accumulation_steps: int) -> Tuple[int, int]:
+    """(pass, batches of it trained) of a stream at ``checkpoint``. ``Trainer`` counts a stream's passes as epochs and
+    records ``state.epoch`` = pass + batches / (``max_steps`` x accumulation steps), the checkpoint's ``max_steps``."""
+    saved = TrainerState.load_from_json(os.path.join(checkpoint, TRAINER_STATE_NAME))
+    passes = int(math.floor(saved.epoch + 1e-9))
+    batches = int(round((saved.epoch - passes) * saved.max_steps * gradient_accumulation_steps))
+    return passes, max(batches, 0)
 
 
 def refuse_skipped(batch: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
@@ -305,7 +302,8 @@ class ReinforcedTrainer(Trainer):
             self.model_init = model_init
         self.eval_dataset = self._own_eval_rows(self.eval_dataset)
         self._train_batch_size = args.train_batch_size // self.group_size  # groups per batch; counts images
-        self.add_callback(_CollatorEpoch(self.train_collator))
+        self._collator_epoch = _CollatorEpoch(self.train_collator)
+        self.add_callback(self._collator_epoch)
         self.model_accepts_loss_kwargs = False  # compute_loss returns a batch mean; the Trainer scales for accumulation
 
     # -- data ---------------------------------------------------------------------------------------
@@ -458,6 +456,21 @@ class ReinforcedTrainer(Trainer):
             return super().train(*args, **kwargs)
         finally:
             self._stop_rendering_ahead()
+
+    def _init_training_state(self, max_steps, num_update_steps_per_epoch, num_train_epochs, resume_from_checkpoint,
+                             trial):
+        """``Trainer``'s (epochs trained, batches of the next one trained), for a resumed stream the pass and the batches
+        of it that the checkpoint holds: ``Trainer`` takes a stream's epoch as ``max_steps`` long and so resumed every
+        stream in its first pass, dropping all the batches trained (after the first pass, it restarted at the start of
+        the second). ``ignore_data_skip=True`` starts the checkpoint's pass from its beginning."""
+        epochs, batches = super()._init_training_state(max_steps, num_update_steps_per_epoch, num_train_epochs,
+                                                       resume_from_checkpoint, trial)
+        stream = not has_length(self.train_dataset)
+        if stream and resume_from_checkpoint is not None and self.state.global_step:
+            epochs, batches = stream_position(resume_from_checkpoint, self.args.gradient_accumulation_steps)
+            batches = 0 if self.args.ignore_data_skip else batches
+        self._collator_epoch.start(epochs, batches if stream else 0)
+        return epochs, batches
 
     def _set_signature_columns_if_needed(self):
         """Keep what the collators read (image, label, reinforcement columns) with ``remove_unused_columns=True``."""

@@ -1,5 +1,5 @@
-"""Resuming a streamed training run: the Trainer restarts a stream from its first pass and drops the batches already
-trained (`accelerate.skip_first_batches`, as `Trainer` calls it). The time until the first batch after them, with
+"""Resuming a streamed training run: the stream restarts at the start of the checkpoint's pass, whose batches already
+trained are dropped (`accelerate.skip_first_batches`, as `Trainer` calls it). The time until the first batch after them, with
 the replaying collator counting the dropped batches out unrendered (`ReinforcedCollator.skip_batches`, what
 `ReinforcedTrainer` sets on a resume) against rendering each (`skip_batches=0`, as before), side by side, with
 `dataloader_num_workers` 0 and 2. The reinforced copy of real ImageNet images stores the paper's N=400 samples per

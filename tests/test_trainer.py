@@ -514,34 +514,34 @@ def test_every_epoch_of_a_stream_or_a_resumed_run_replays_its_own_samples(tmp_pa
 
 
 @pytest.mark.parametrize("workers", [0, 2])
-def test_a_resumed_stream_drops_its_trained_batches_unrendered(tmp_path, reinforced, workers, caplog):
-    """The Trainer resumes a stream from its first pass and drops the batches already trained: the collator counts
-    them out unrendered (DataLoader workers too), and the run goes on with the uninterrupted run's batches, loss for
-    loss. Resumed past the first pass, where Trainer restarts at the second, a warning says so."""
+def test_a_resumed_stream_drops_its_trained_batches_unrendered(tmp_path, reinforced, workers):
+    """A stream is resumed in the pass its checkpoint was made in (Trainer took a stream's epoch as max_steps long:
+    it resumed every stream in its first pass, and past it restarted at the second), and the batches of that pass
+    already trained are dropped: the collator counts them out unrendered (DataLoader workers too), and the run goes on
+    with the uninterrupted run's batches, loss for loss."""
     _, _, folders = reinforced
     stream = datasets.load_dataset(str(folders["rrc+flip"]), split="train", streaming=True)  # 32 rows: 4 steps a pass
-    rendered = torch.zeros((), dtype=torch.int64).share_memory_()  # rows rendered, in this process and its workers
+    rendered = torch.zeros(3, dtype=torch.int64).share_memory_()  # rows rendered by pass, here and in the workers
 
     def trainer(**kw):
-        made = ReinforcedTrainer(model=tiny_timm(), args=args(tmp_path, max_steps=8, dataloader_num_workers=workers,
+        made = ReinforcedTrainer(model=tiny_timm(), args=args(tmp_path, max_steps=12, dataloader_num_workers=workers,
                                                               **kw), train_dataset=stream)
-        on_replay(made, lambda *_: rendered.add_(1))
+        on_replay(made, lambda epoch, *_: rendered[epoch].add_(1))
         return made
 
     full = trainer(save_strategy="steps", save_steps=3)
     full.train()
-    assert int(rendered) == 8 * 8
-    rendered.zero_()
-    resumed = trainer()
-    with caplog.at_level("WARNING", logger="dr_hf.trainer"):
-        resumed.train(resume_from_checkpoint=str(tmp_path / "run" / "checkpoint-3"))
-    assert int(rendered) == 5 * 8  # steps 4 to 8 alone
-    assert losses(resumed) == losses(full)  # (its first 3 read from the checkpoint)
-    assert "past the end of its first pass" not in caplog.text
-    # from step 6, in the second pass: Trainer drops the first pass whole and restarts the second, which is said
-    with caplog.at_level("WARNING", logger="dr_hf.trainer"):
-        trainer().train(resume_from_checkpoint=str(tmp_path / "run" / "checkpoint-6"))
-    assert "a stream resumed at or past the end of its first pass (at step 6)" in caplog.text
+    assert rendered.tolist() == [32, 32, 32]
+    for step, (passes, batches) in ((3, (0, 3)), (6, (1, 2)), (9, (2, 1))):  # in the first, second and third pass
+        rendered.zero_()
+        resumed = trainer()
+        resumed.train(resume_from_checkpoint=str(tmp_path / "run" / f"checkpoint-{step}"))
+        assert rendered.tolist() == [0] * passes + [32 - 8 * batches] + [32] * (2 - passes), step
+        assert losses(resumed) == losses(full)  # (the first ones read from the checkpoint)
+        assert resumed.state.epoch == full.state.epoch
+    rendered.zero_()  # ignore_data_skip: the checkpoint's pass from its start
+    trainer(ignore_data_skip=True).train(resume_from_checkpoint=str(tmp_path / "run" / "checkpoint-6"))
+    assert rendered[:2].tolist() == [0, 32] and rendered[2] >= 16
     collator = resumed.train_collator  # a skipped batch is a mark, refused should one ever reach training
     collator.epoch, collator.skip_batches = 0, 1
     examples = list(itertools.islice(resumed.train_dataset, 8))
