@@ -180,8 +180,9 @@ class Reinforcer:
             bad: Dict[int, Dict[str, Any]] = {}
             for pos, row in zip(range(a, b), rows):
                 if row.error is not None:
-                    if self.on_bad_row == "fail":
-                        raise row.error
+                    if self.on_bad_row == "fail":  # (the remedy said; both kinds of error take one message)
+                        raise type(row.error)(f"{row.error}; `on_bad_row` skip leaves such rows out, each listed "
+                                              "with its reason in the output's errors/") from row.error
                     column = self.config.label_column if isinstance(row.error, BadRowError) else self.config.image_column
                     bad[pos] = {DR_INDEX: indices[pos], "column": column, "error": str(row.error)}
             if bad and g > 1:
