@@ -260,6 +260,11 @@ class ReinforcedTrainer(Trainer):
     def __init__(self, model=None, args: Optional[TrainingArguments] = None, data_collator=None, train_dataset=None,
                  eval_dataset=None, processing_class=None, **kwargs):
         args = reinforced_arguments(args)
+        if kwargs.get("compute_loss_func") is not None:  # Trainer's compute_loss calls it; this one would not
+            raise ValueError("`compute_loss_func`: ReinforcedTrainer's loss is distillation from the stored teacher "
+                             "outputs, set by its arguments (temperature, outside_topk, ce_weight, "
+                             "label_smoothing_factor); for another loss, subclass it and override compute_loss (the "
+                             "targets: self.target_log_probs(inputs), the pixels: self.pixel_values(inputs))")
         model_init = kwargs.get("model_init")
         if model is None and model_init is not None:  # the checks below need a student now; train() makes its own
             model = Trainer.call_model_init(SimpleNamespace(model_init=model_init))

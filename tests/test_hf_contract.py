@@ -71,6 +71,8 @@ def test_accepts_none_plain_training_arguments_and_its_own(tmp_path, plus, vit_d
     assert ReinforcedTrainer(model=model, args=None, processing_class=processor).args.output_dir.endswith("reinforced-trainer")
     with pytest.raises(TypeError, match="TrainingArguments"):
         ReinforcedTrainer(model=model, args={"lr": 1})
+    with pytest.raises(ValueError, match="`compute_loss_func`: ReinforcedTrainer's loss is distillation"):
+        ReinforcedTrainer(model=model, args=plain, processing_class=processor, compute_loss_func=lambda *a, **k: 0.0)
 
 
 def test_a_student_from_model_init_as_trainer_takes_it(tmp_path, plus, vit_dir):
