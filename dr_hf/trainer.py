@@ -183,6 +183,15 @@ def stream_position(checkpoint: str, gradient_accumulation_steps: int) -> Tuple[
     return passes, max(batches, 0)
 
 
+def with_main_input(model):
+    """``model``, whose batches' input ``Trainer`` finds by ``main_input_name``: a timm student has none, and
+    ``Trainer`` then looks for ``input_ids`` (``include_for_metrics=["inputs"]`` failed on it, tokens seen went
+    uncounted); the batches hold ``pixel_values``, as for a transformers vision model."""
+    if model is not None and not hasattr(model, "main_input_name"):
+        model.main_input_name = "pixel_values"
+    return model
+
+
 def refuse_skipped(batch: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
     """``batch``, refused if the collator left it unrendered for the Trainer to drop (a resumed stream's batch
     already trained, :attr:`ReinforcedCollator.skip_batches`), which never reached training until now."""
@@ -269,6 +278,7 @@ class ReinforcedTrainer(Trainer):
         if model is None and model_init is not None:  # the checks below need a student now; train() makes its own
             model = Trainer.call_model_init(SimpleNamespace(model_init=model_init))
             kwargs.pop("model_init")
+        model = with_main_input(model)
         self.image_column = args.image_column or image_column_of(train_dataset if train_dataset is not None
                                                                  else eval_dataset)
         self.student_output = student_output(model, args, processing_class)
@@ -461,6 +471,10 @@ class ReinforcedTrainer(Trainer):
             return super().train(*args, **kwargs)
         finally:
             self._stop_rendering_ahead()
+
+    def call_model_init(self, trial=None):
+        """``Trainer``'s fresh student from ``model_init`` (:func:`with_main_input`)."""
+        return with_main_input(super().call_model_init(trial))
 
     def _init_training_state(self, max_steps, num_update_steps_per_epoch, num_train_epochs, resume_from_checkpoint,
                              trial):

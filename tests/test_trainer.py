@@ -10,7 +10,7 @@ import torch
 
 from dr_hf import (ReinforceConfig, ReinforcedCollator, ReinforcedTrainer, ReinforcedTrainingArguments, TeacherEnsemble,
                    make_pipeline)
-from dr_hf.collator import check_whole_group
+from dr_hf.collator import EvalCollator, check_whole_group
 from dr_hf.images import decode
 from dr_hf.inputs import InputSpec
 from dr_hf.loss import dense_teacher_log_probs, distillation_loss, one_hot_target
@@ -274,6 +274,11 @@ def test_evaluation_with_compute_metrics_on_a_plain_dataset(tmp_path, reinforced
     predicted = trainer.predict(test)
     assert predicted.label_ids is None and np.allclose(predicted.predictions, trainer.predict(val).predictions)
     assert not {"eval_loss", "eval_accuracy"} & set(trainer.evaluate(test))
+    # metrics that ask for the inputs get the pixels (Trainer looked for a timm student's input_ids: KeyError)
+    inputs = ReinforcedTrainer(model=trainer.model, args=args(tmp_path, include_for_metrics=["inputs"]),
+                               compute_metrics=lambda p: {"pixels": float(np.abs(p.inputs).sum())}, train_dataset=renamed)
+    assert inputs.evaluate(val)["eval_pixels"] == pytest.approx(
+        float(EvalCollator(trainer.student_output)(list(val))["pixel_values"].abs().sum()), rel=1e-5)
     with pytest.raises(ValueError, match="the evaluation set's column 'label' has 11 classes, against 10 from the student: its accuracy"):
         unlabelled.evaluate(fine.cast_column("fine", datasets.ClassLabel(names=names + ["k10"])))
     with pytest.raises(ValueError, match=r"the evaluation set has no image column 'img' and no datasets.Image column "
