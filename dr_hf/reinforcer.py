@@ -17,7 +17,7 @@ import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, Iterator, List, NamedTuple, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Iterator, List, NamedTuple, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import pyarrow as pa
@@ -103,8 +103,10 @@ class Reinforcer:
         self.render_threads = default_render_threads(teachers, self.pipeline) if render_threads is None else render_threads
         self.fields = self.pipeline.param_fields()
         skip = {SKIP_COLUMN: Value("bool")} if on_bad_row == "skip" else {}  # which rows to drop, only where some may be
-        self.schema = Features({**reinforcement_features(self.pipeline, config.num_samples, config.topk,
-                                                         config.num_classes), **skip}).arrow_schema
+        #: the typed ``Features`` of the columns it returns (``IterableDataset.map(..., features=...)`` takes them)
+        self.features = Features({**reinforcement_features(self.pipeline, config.num_samples, config.topk,
+                                                           config.num_classes), **skip})
+        self.schema = self.features.arrow_schema
         self.render_device = usable_device(render_device, "render_device")
         self.side = SideStream(self.render_device, enabled=render_stream)
         self.read_back_late = teachers.device.type == "cuda" if read_back_late is None else read_back_late
@@ -292,10 +294,12 @@ class Reinforcer:
             logps[pos] = joined if topk else joined[0]
         return indices, params, logps
 
-    def __call__(self, batch: Dict[str, List[Any]], indices: Optional[List[int]] = None) -> pa.Table:
+    def __call__(self, batch: Dict[str, List[Any]], indices: Optional[List[int]] = None) -> Union[pa.Table, Dict[str, list]]:
         """The batch's reinforcement columns, as an Arrow table with one row per input row (``Dataset.map`` then
         gives a dataset of them alone; :func:`~dr_hf.job.reinforce` joins it to the source with
-        ``concatenate_datasets(..., axis=1)``). With ``on_bad_row="skip"``, a column ``_dr_skip`` says which rows were
+        ``concatenate_datasets(..., axis=1)``), or as Python lists where the batch is a ``dict`` of them, as
+        ``IterableDataset.map`` gives and takes (a stream reinforced lazily, row for row as ``Dataset.map``'s;
+        ``features=`` :attr:`features` with the stream's own keeps its columns typed). With ``on_bad_row="skip"``, a column ``_dr_skip`` says which rows were
         skipped (placeholders; the driver drops them). The top-K is taken where the teachers run, and the columns are
         built for the whole batch at once (Arrow arrays from stacked NumPy arrays): between map batches a GPU waits
         for this work, and for ``datasets`` to write what the map returns."""
@@ -334,7 +338,9 @@ class Reinforcer:
             columns[SKIP_COLUMN] = pa.array(skipped, pa.bool_())
         if self.progress and len(kept) < rows:  # skipped rows count as done at the end of their map batch
             self.progress(rows - len(kept))
-        return pa.table(columns).cast(self.schema)  # the typed Features, e.g. List(..., length=K) per sample
+        table = pa.table(columns).cast(self.schema)  # the typed Features, e.g. List(..., length=K) per sample
+        # IterableDataset.map hands its rows over as a dict of Python lists and takes them back as such, not as a table
+        return table.to_pydict() if isinstance(batch, dict) else table
 
     def _fingerprints(self, values: Sequence[Any], indices: Sequence[int]) -> Callable[[int], str]:
         """Each row's image fingerprint, by position: hashed by the preparing threads while the teacher runs when

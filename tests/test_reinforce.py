@@ -256,6 +256,14 @@ def test_the_map_function_gives_the_typed_reinforcement_columns(tmp_path, image_
     assert skipping.column_names == [*expected, "_dr_skip"] and not any(skipping["_dr_skip"])
     reinforce(image_dataset, config, teachers, str(tmp_path), show_progress=False)
     assert out.select_columns(list(expected)).data.table.equals(dr_table(tmp_path).select(list(expected)))
+    # a stream reinforced lazily by IterableDataset.map (Python lists in and out, once a pyarrow TypeError): the same
+    # columns row for row beside the stream's own, typed with the map function's features
+    job = Reinforcer(config, teachers, num_rows=len(ds))
+    stream = ds.to_iterable_dataset(num_shards=2)
+    lazy = stream.map(job, batched=True, with_indices=True, batch_size=job.block_rows,
+                      features=datasets.Features({**stream.features, **job.features}))
+    assert job.features == expected and lazy.features == datasets.Features({**ds.features, **expected})
+    assert [{k: row[k] for k in expected} for row in lazy] == list(out)
     for forgotten in ({"batched": True}, {"with_indices": True}):  # (TypeErrors about a missing argument, an int)
         with pytest.raises(TypeError, match=r"Dataset.map\(reinforcer, batched=True, with_indices=True\)"):
             ds.select(range(2)).map(Reinforcer(config, teachers, num_rows=len(ds)), **forgotten)
