@@ -291,6 +291,24 @@ def require_reinforced(column_names, what: str = "the dataset") -> None:
         )
 
 
+def without_configuration(what: str, column_names) -> str:
+    """The error for ``what`` (a card, a shard) without dr-hf's configuration: not a reinforced dataset, or, where its
+    data holds the reinforcement columns, one that ``datasets`` wrote again (``Dataset.push_to_hub``, ``to_parquet``),
+    which keeps the columns and drops the configuration."""
+    if missing_columns(column_names):
+        return f"{what}: not a reinforced dataset"
+    return (f"{what}, though its data holds the reinforcement columns: written again by `datasets` "
+            "(Dataset.push_to_hub or to_parquet keep the columns, not dr-hf's configuration and card)? ReinforcedTrainer "
+            "trains on it as it is; verify and preview need the folder `dr-hf reinforce` wrote, pushed with `dr-hf push`")
+
+
+def card_columns(card_data: Dict[str, Any]) -> List[str]:
+    """The column names a dataset card's ``dataset_info`` declares (of each config, where it lists several)."""
+    info = card_data.get("dataset_info") or []
+    return [f.get("name") for i in (info if isinstance(info, list) else [info]) for f in i.get("features") or []
+            if isinstance(f, dict)]
+
+
 def config_from_parquet(path_or_file) -> Optional[ReinforceConfig]:
     """The configuration stored in a reinforced parquet file's schema metadata (``None`` if absent)."""
     import pyarrow.parquet as pq

@@ -22,7 +22,7 @@ import os
 import re
 from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 
-from .format import DR_INDEX, NewerFormatError, ReinforceConfig, config_from_parquet
+from .format import DR_INDEX, NewerFormatError, ReinforceConfig, card_columns, config_from_parquet, without_configuration
 
 DATA_DIR = "data"
 ERRORS_DIR = "errors"
@@ -119,10 +119,10 @@ def card_config(folder: str) -> Optional[ReinforceConfig]:
         return None
     from huggingface_hub import DatasetCard
 
-    data = DatasetCard.load(path).data.to_dict().get("reinforcement")
-    if not data:
-        raise ValueError(f"{path} has no `reinforcement:` block: not the card of a reinforced dataset")
-    return ReinforceConfig.from_dict(data)
+    card = DatasetCard.load(path).data.to_dict()
+    if not card.get("reinforcement"):
+        raise ValueError(without_configuration(f"{path} has no `reinforcement:` block", card_columns(card)))
+    return ReinforceConfig.from_dict(card["reinforcement"])
 
 
 def _settings(config: ReinforceConfig) -> Dict[str, object]:
@@ -205,6 +205,8 @@ def check_shards(folder: str, split: str = "train", config: Optional[ReinforceCo
 
 def _shard_configs(paths: Sequence[str]) -> Tuple[Dict[str, ReinforceConfig], List[str]]:
     """Each readable shard's dr-hf configuration, and the problems of those that have none."""
+    import pyarrow.parquet as pq
+
     problems: List[str] = []
     configs: Dict[str, ReinforceConfig] = {}
     for path in paths:
@@ -217,7 +219,7 @@ def _shard_configs(paths: Sequence[str]) -> Tuple[Dict[str, ReinforceConfig], Li
             problems.append(f"{name}: not a readable parquet shard ({type(exc).__name__}: {exc})")
             continue
         if found is None:
-            problems.append(f"{name}: carries no dr-hf configuration")
+            problems.append(without_configuration(f"{name}: carries no dr-hf configuration", pq.read_schema(path).names))
             continue
         configs[path] = found
     return configs, problems

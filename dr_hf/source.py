@@ -7,7 +7,8 @@ import os
 from typing import Any, Dict, Iterator, Optional
 
 from .errors import require_at_least, said
-from .format import DR_FINGERPRINT, DR_INDEX, ReinforceConfig, config_from_parquet, require_reinforced
+from .format import (DR_FINGERPRINT, DR_INDEX, ReinforceConfig, card_columns, config_from_parquet, require_reinforced,
+                     without_configuration)
 from .images import fingerprint
 
 
@@ -126,6 +127,8 @@ def local_folder(path: str, revision: Optional[str] = None, first_shard_of: Opti
 
 def reinforcement_config(path: str, split: str = "train", revision: Optional[str] = None) -> ReinforceConfig:
     """The configuration of a reinforced dataset: a local folder's parquet metadata, or a Hub repo's card."""
+    import pyarrow.parquet as pq
+
     from .shards import shard_paths
 
     if os.path.isdir(path):
@@ -134,15 +137,16 @@ def reinforcement_config(path: str, split: str = "train", revision: Optional[str
             raise FileNotFoundError(f"no {split} shards in {path}/data")
         config = config_from_parquet(shards[0])
         if config is None:
-            raise ValueError(f"{shards[0]} carries no dr-hf configuration: not a reinforced dataset")
+            raise ValueError(without_configuration(f"{shards[0]} carries no dr-hf configuration",
+                                                   pq.read_schema(shards[0]).names))
         return config
     from huggingface_hub import DatasetCard
 
     card = DatasetCard.load(path, repo_type="dataset", revision=revision) if revision else DatasetCard.load(path, repo_type="dataset")
-    data = card.data.to_dict().get("reinforcement")
-    if not data:
-        raise ValueError(f"the card of {path} has no `reinforcement:` block: not a dr-hf dataset")
-    return ReinforceConfig.from_dict(data)
+    data = card.data.to_dict()
+    if not data.get("reinforcement"):
+        raise ValueError(without_configuration(f"the card of {path} has no `reinforcement:` block", card_columns(data)))
+    return ReinforceConfig.from_dict(data["reinforcement"])
 
 
 def _mismatch(position: int, index: int, have: str, want: str) -> FingerprintMismatch:

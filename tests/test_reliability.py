@@ -196,7 +196,40 @@ def test_a_shard_missing_or_with_foreign_rows_is_named(finished):
     assert any(f"{os.path.basename(paths[3])}: rows [0] lie outside its range [{index[0]}," in p for p in problems)
     assert f"{os.path.basename(paths[4])}: duplicated rows" in problems, problems
     pq.write_table(pq.read_table(paths[0]).replace_schema_metadata(None), paths[0])  # no configuration
-    assert f"{os.path.basename(paths[0])}: carries no dr-hf configuration" in check_folder(str(finished))
+    assert any(p.startswith(f"{os.path.basename(paths[0])}: carries no dr-hf configuration, though its data holds the "
+                            "reinforcement columns") for p in check_folder(str(finished)))
+
+
+def test_a_set_datasets_wrote_again_is_said_to_be_and_trains(finished, tmp_path):
+    """The folder as `datasets` writes it again (Dataset.push_to_hub, to_parquet): the columns kept, dr-hf's
+    configuration and card block gone. verify and the configuration's readers say so and what to do; the trainer,
+    which needs only the columns, trains on it."""
+    import timm
+    from huggingface_hub import DatasetCard, DatasetCardData
+
+    from dr_hf import ReinforcedTrainer, ReinforcedTrainingArguments
+    from dr_hf.source import reinforcement_config
+
+    again = tmp_path / "again"
+    datasets.load_dataset(str(finished), split="train").to_parquet(str(again / "data" / "train-00000-of-00001.parquet"))
+    said = "though its data holds the reinforcement columns: written again by `datasets`"
+    with pytest.raises(ValueError, match=f"train-00000-of-00001.parquet carries no dr-hf configuration, {said}"):
+        reinforcement_config(str(again))
+    card = DatasetCard.load(str(finished / "README.md")).data.to_dict()
+    del card["reinforcement"]
+    DatasetCard(f"---\n{DatasetCardData(**card).to_yaml()}\n---\n").save(str(again / "README.md"))
+    with pytest.raises(ValueError, match=f"README.md has no `reinforcement:` block, {said}"):
+        verify(str(again), rows=2)
+    args = ReinforcedTrainingArguments(str(tmp_path / "run"), max_steps=2, per_device_train_batch_size=8, report_to=[],
+                                       use_cpu=True, save_strategy="no", image_size=32, dataloader_num_workers=0)
+    trainer = ReinforcedTrainer(model=timm.create_model("resnet10t", num_classes=10), args=args,
+                                train_dataset=datasets.load_dataset(str(again), split="train"))
+    assert trainer.train().global_step == 2
+    plain = tmp_path / "plain"  # a set without the columns is still just not a reinforced dataset
+    datasets.load_dataset(str(finished), split="train").select_columns(["image", "label"]).to_parquet(
+        str(plain / "data" / "train-00000-of-00001.parquet"))
+    with pytest.raises(ValueError, match="carries no dr-hf configuration: not a reinforced dataset$"):
+        reinforcement_config(str(plain))
 
 
 # -- damaged shards -------------------------------------------------------------------------------------
