@@ -201,7 +201,16 @@ def refuse_skipped(batch: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
     return batch
 
 
+def classifier_of(model):
+    """The student's classifier itself: a PEFT model's base model (LoRA and other adapters wrap it and forward its
+    outputs as they are; ``Trainer`` saves the adapters' weights alone), else ``model``."""
+    if hasattr(model, "peft_config") and callable(getattr(model, "get_base_model", None)):
+        return model.get_base_model()
+    return model
+
+
 def num_classes_of(model) -> int:
+    model = classifier_of(model)
     if isinstance(model, PreTrainedModel):
         return int(model.config.num_labels)
     if hasattr(model, "num_classes"):
@@ -211,6 +220,7 @@ def num_classes_of(model) -> int:
 
 def student_class_names(model) -> Optional[List[str]]:
     """A transformers classifier's class names (its ``id2label``), else ``None``."""
+    model = classifier_of(model)
     id2label = model.config.id2label if isinstance(model, PreTrainedModel) else None
     return [id2label.get(i, "") for i in range(len(id2label))] if id2label else None
 
@@ -511,10 +521,11 @@ class ReinforcedTrainer(Trainer):
         """``Trainer.save_model`` (checkpoints too); a timm student's folder also gets timm's ``config.json`` beside
         the weights, as ``timm.models.save_for_hf`` writes it: its architecture, the input it was trained at (size,
         mean/std, interpolation, evaluation crop) and the training data's class names, so that
-        ``timm.create_model("local-dir:FOLDER", pretrained=True)``, or ``"hf-hub:org/name"`` once pushed, loads it."""
+        ``timm.create_model("local-dir:FOLDER", pretrained=True)``, or ``"hf-hub:org/name"`` once pushed, loads it.
+        A PEFT student (LoRA, ...) is saved as PEFT saves it: its adapters and their config."""
         super().save_model(output_dir, _internal_call)
         student = self.accelerator.unwrap_model(self.model, keep_torch_compile=False)
-        if self.args.should_save and is_timm_model(student):
+        if self.args.should_save and is_timm_model(student) and classifier_of(student) is student:  # (PEFT: adapters)
             from timm.models._hub import save_config_for_hf
 
             spec = self.student_output
@@ -549,7 +560,8 @@ class ReinforcedTrainer(Trainer):
             if shim:
                 del self.model.config
         path = os.path.join(self.args.output_dir, "README.md")
-        if is_timm_model(self.model) and self.is_world_process_zero() and os.path.isfile(path):
+        timm_student = is_timm_model(self.model) and classifier_of(self.model) is self.model  # (PEFT: its own card)
+        if timm_student and self.is_world_process_zero() and os.path.isfile(path):
             from huggingface_hub import ModelCard
 
             written = ModelCard.load(path)
@@ -668,7 +680,7 @@ class ReinforcedTrainer(Trainer):
 
     # -- loss ---------------------------------------------------------------------------------------
     def _forward(self, model, pixel_values):
-        if isinstance(self.accelerator.unwrap_model(model), PreTrainedModel):
+        if isinstance(classifier_of(self.accelerator.unwrap_model(model)), PreTrainedModel):
             out = model(pixel_values=pixel_values)
             return out.logits
         return model(pixel_values)

@@ -3,6 +3,7 @@ normalisation, the user's collator for evaluation, remove_unused_columns, and sc
 
 import dataclasses
 import importlib.util
+import os
 import sys
 
 import datasets
@@ -415,3 +416,43 @@ def test_ml_dr_recipe_arguments_train_a_timm_student(tmp_path, plus):
     assert isinstance(optimizer, torch.optim.SGD) and optimizer.defaults["nesterov"]
     values = [h["loss"] for h in trainer.state.log_history if "loss" in h]
     assert len(values) == 2 and all(np.isfinite(values))
+
+
+def test_a_peft_student_trains_its_adapters_and_saves_them_as_peft_does(tmp_path, plus, vit_dir):
+    """LoRA on a transformers ViT and on a timm CNN (peft.get_peft_model): the student's classes and outputs are its
+    base model's (its number of classes was unknown to the trainer before, and the wrapped ViT's output was taken for
+    logits); only the adapters and the saved head train, and the folder holds what PEFT saves, which
+    PeftModel.from_pretrained loads back to the same outputs."""
+    import timm
+    from peft import LoraConfig, PeftModel, get_peft_model
+
+    _, folders = plus
+    train = load(folders["imagenet+rrc"])
+    batch = EvalCollator(InputSpec((32, 32)))(list(train.select(range(4))))["pixel_values"]
+    students = {"vit": (lambda: vit(vit_dir)[0], ["q_proj", "v_proj"], "classifier"),
+                "timm": (lambda: timm.create_model("resnet10t", num_classes=10), ["conv1.0", "conv1.3"], "fc")}
+    for name, (make, targets, head) in students.items():
+        torch.manual_seed(0)
+        base = make()
+        frozen = {k: v.detach().clone() for k, v in base.named_parameters()}
+        model = get_peft_model(base, LoraConfig(r=4, target_modules=targets, modules_to_save=[head]))
+        trainer = ReinforcedTrainer(model=model, args=base_args(tmp_path / name, learning_rate=1e-2, image_size=32),
+                                    train_dataset=train, eval_dataset=train.select(range(8)))
+        assert trainer.num_classes == 10
+        trainer.train()
+        assert np.isfinite(trainer.evaluate()["eval_loss"])
+        changed = {k for k, v in model.get_base_model().named_parameters() if k in frozen and not torch.equal(v, frozen[k])}
+        assert not changed, (name, sorted(changed)[:3])  # the base weights, as they were
+        assert all(v.abs().sum() > 0 for k, v in model.state_dict().items() if "lora_B" in k)  # (zero at first)
+        trainer.save_model()
+        saved = sorted(os.listdir(tmp_path / name / "run"))
+        assert {"adapter_config.json", "adapter_model.safetensors"} <= set(saved) and "config.json" not in saved, saved
+        torch.manual_seed(0)
+        loaded = PeftModel.from_pretrained(make(), str(tmp_path / name / "run")).eval()
+        trained = model.state_dict()
+        adapters = {k: v for k, v in loaded.state_dict().items() if "lora_" in k or "modules_to_save" in k}
+        assert adapters and all(torch.equal(v, trained[k]) for k, v in adapters.items()), name
+        if name == "vit":  # (a CNN's batch-norm statistics, updated in training, are no adapter's: PEFT saves none)
+            model.eval()
+            with torch.no_grad():
+                assert torch.allclose(trainer._forward(loaded, batch), trainer._forward(model, batch), atol=1e-5)
