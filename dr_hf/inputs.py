@@ -94,12 +94,46 @@ def from_processor(processor: Any) -> dict:
         found["std"] = tuple(float(v) for v in processor.image_std)
     elif getattr(processor, "do_normalize", True) is False:
         found["mean"], found["std"] = (0.0, 0.0, 0.0), (1.0, 1.0, 1.0)
+    applied = _applied_normalisation(processor)
+    if applied is not None and not _close(applied, (found.get("mean"), found.get("std"))):
+        found["mean"], found["std"] = applied  # what it does differs from what its attributes say
     resample = getattr(processor, "resample", None)
     if resample is not None:
         found["interpolation"] = _PIL_RESAMPLE.get(int(getattr(resample, "value", resample)), "bilinear")
     if size:
         found["crop_pct"], found["crop_mode"] = _evaluation_view(processor)
     return found
+
+
+def _applied_normalisation(processor: Any) -> Optional[Tuple[Tuple[float, ...], Tuple[float, ...]]]:
+    """(mean, std) such that ``(x / 255 - mean) / std`` is what ``processor`` makes of pixel value ``x``, read off
+    its own output for a black and a white image (each channel's value at the center): every rescale, offset and
+    normalisation it applies, as it applies them (EfficientNet's processor, with ``include_top``, divides by its std
+    a second time; ``rescale_offset``, ``do_rescale=False``, another ``rescale_factor``). ``None`` where it cannot
+    process such an image or its output does not grow with the pixel value. (Float32 noise is rounded off: 6
+    significant digits.)"""
+    import numpy as np
+    import PIL.Image
+
+    try:
+        centers = []
+        for value in (0, 255):
+            pixels = processor(images=PIL.Image.new("RGB", (64, 64), (value,) * 3), return_tensors="pt")["pixel_values"]
+            pixels = np.asarray(pixels[0], dtype=np.float64)
+            centers.append(pixels[:, pixels.shape[1] // 2, pixels.shape[2] // 2])
+    except Exception:  # (a processor for other inputs: its attributes say what there is to say)
+        return None
+    scale = (centers[1] - centers[0]) / 255.0  # each channel: out = scale * x + offset
+    if centers[0].shape != (3,) or not (scale > 0).all():
+        return None
+    std = 1.0 / (255.0 * scale)
+    return tuple(float(f"{v:.6g}") for v in -centers[0] * std), tuple(float(f"{v:.6g}") for v in std)
+
+
+def _close(a, b, rel: float = 1e-4) -> bool:
+    """Whether (mean, std) pairs ``a`` and ``b`` are the same normalisation (``b``'s parts may be ``None``)."""
+    return all(y is not None and all(abs(u - v) <= rel * max(abs(u), abs(v), 1e-3) for u, v in zip(x, y))
+               for x, y in zip(a, b))
 
 
 def _evaluation_view(processor: Any) -> Tuple[float, str]:

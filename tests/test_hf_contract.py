@@ -172,8 +172,10 @@ def test_one_resolver_for_models_processors_and_arguments(tmp_path):
     # the evaluation view is the processor's own: resized to `size`, center-cropped to `crop_size` when it crops;
     # a height and width squash the image, a shortest edge keeps its aspect; LeViT's processor resizes to 256/224
     # of its `shortest_edge`, ConvNeXt's squashes without cropping from 384 px on: each spec is held against the
-    # processor's own output
-    from transformers import CLIPImageProcessor, DeiTImageProcessor, LevitImageProcessor, ViTImageProcessor
+    # processor's own output, and so are its pixel values: EfficientNet's divides by its std twice (include_top), or
+    # rescales to [-1, 1] (rescale_offset), whatever its mean and std attributes say
+    from transformers import (CLIPImageProcessor, DeiTImageProcessor, EfficientNetImageProcessor, LevitImageProcessor,
+                              ViTImageProcessor)
 
     for processor, crop_pct, crop_mode in (
             (DeiTImageProcessor(size={"height": 256, "width": 256}), 224 / 256, "squash"),
@@ -181,10 +183,14 @@ def test_one_resolver_for_models_processors_and_arguments(tmp_path):
             (ViTImageProcessor(size={"height": 48, "width": 48}), 1.0, "squash"),
             (LevitImageProcessor(), 224 / 256, "center"),
             (ConvNextImageProcessor(size={"shortest_edge": 224}), 0.875, "center"),
-            (ConvNextImageProcessor(size={"shortest_edge": 384}), 1.0, "squash")):
+            (ConvNextImageProcessor(size={"shortest_edge": 384}), 1.0, "squash"),
+            (EfficientNetImageProcessor(size={"height": 48, "width": 48}), 1.0, "squash"),
+            (EfficientNetImageProcessor(size={"height": 48, "width": 48}, rescale_factor=1 / 127.5, rescale_offset=True,
+                                        do_normalize=False, include_top=False), 1.0, "squash")):
         spec = resolve_input_spec(resnet, processor)
         assert (spec.crop_pct, spec.crop_mode) == (pytest.approx(crop_pct), crop_mode), type(processor).__name__
         assert_same_view(processor, spec)
+    assert resolve_input_spec(resnet, EfficientNetImageProcessor()).std == (0.25,) * 3  # (its std 0.5, twice)
     cfg = timm.create_model("resnet10t", num_classes=10, pretrained_cfg_overlay=dict(
         input_size=(3, 40, 40), mean=(0.2, 0.2, 0.2), std=(0.3, 0.3, 0.3), interpolation="bilinear", crop_pct=0.95))
     assert resolve_input_spec(cfg) == InputSpec((40, 40), (0.2,) * 3, (0.3,) * 3, "bilinear", 0.95)
