@@ -274,11 +274,14 @@ class ReinforcedTrainer(Trainer):
     * Training always uses the reinforced collator (or the plain/online-KD one when asked for); a ``data_collator``
       you pass is used for evaluation and prediction, as existing scripts need (default: the center-crop view).
     * MixUp/CutMix data is fed in whole groups of rows; ``per_device_train_batch_size`` still counts images.
+    * ``peft_config`` (as TRL's trainers take it: a ``peft`` config, LoRA's or another's): the student is wrapped
+      by ``peft.get_peft_model``, so that its adapters are what trains; a student wrapped already is taken as it is.
     """
 
     def __init__(self, model=None, args: Optional[TrainingArguments] = None, data_collator=None, train_dataset=None,
-                 eval_dataset=None, processing_class=None, **kwargs):
+                 eval_dataset=None, processing_class=None, peft_config=None, **kwargs):
         args = reinforced_arguments(args)
+        self.peft_config = peft_config
         if kwargs.get("compute_loss_func") is not None:  # Trainer's compute_loss calls it; this one would not
             raise ValueError("`compute_loss_func`: ReinforcedTrainer's loss is distillation from the stored teacher "
                              "outputs, set by its arguments (temperature, outside_topk, ce_weight, "
@@ -288,7 +291,7 @@ class ReinforcedTrainer(Trainer):
         if model is None and model_init is not None:  # the checks below need a student now; train() makes its own
             model = Trainer.call_model_init(SimpleNamespace(model_init=model_init))
             kwargs.pop("model_init")
-        model = with_main_input(model)
+        model = self._student(model)
         self.image_column = args.image_column or image_column_of(train_dataset if train_dataset is not None
                                                                  else eval_dataset)
         self.student_output = student_output(model, args, processing_class)
@@ -483,8 +486,19 @@ class ReinforcedTrainer(Trainer):
             self._stop_rendering_ahead()
 
     def call_model_init(self, trial=None):
-        """``Trainer``'s fresh student from ``model_init`` (:func:`with_main_input`)."""
-        return with_main_input(super().call_model_init(trial))
+        """``Trainer``'s fresh student from ``model_init``, made as a student passed as ``model`` is."""
+        return self._student(super().call_model_init(trial))
+
+    def _student(self, model):
+        """The student as it trains: wrapped by ``peft.get_peft_model`` with :attr:`peft_config` where one is given
+        and it is not wrapped yet, its input named (:func:`with_main_input`)."""
+        if model is not None and self.peft_config is not None and classifier_of(model) is model:
+            try:
+                from peft import get_peft_model
+            except ImportError as exc:
+                raise ImportError("`peft_config` needs the peft library: pip install peft") from exc
+            model = get_peft_model(model, self.peft_config)
+        return with_main_input(model)
 
     def _init_training_state(self, max_steps, num_update_steps_per_epoch, num_train_epochs, resume_from_checkpoint,
                              trial):

@@ -425,10 +425,10 @@ def test_ml_dr_recipe_arguments_train_a_timm_student(tmp_path, plus):
 
 
 def test_a_peft_student_trains_its_adapters_and_saves_them_as_peft_does(tmp_path, plus, vit_dir):
-    """LoRA on a transformers ViT and on a timm CNN (peft.get_peft_model): the student's classes and outputs are its
-    base model's (its number of classes was unknown to the trainer before, and the wrapped ViT's output was taken for
-    logits); only the adapters and the saved head train, and the folder holds what PEFT saves, which
-    PeftModel.from_pretrained loads back to the same outputs."""
+    """LoRA on a transformers ViT (given as TRL's trainers take it, `peft_config`) and on a timm CNN (wrapped by
+    peft.get_peft_model): the student's classes and outputs are its base model's (its number of classes was unknown
+    to the trainer before, and the wrapped ViT's output was taken for logits); only the adapters and the saved head
+    train, and the folder holds what PEFT saves, which PeftModel.from_pretrained loads back to the same outputs."""
     import timm
     from peft import LoraConfig, PeftModel, get_peft_model
 
@@ -441,10 +441,12 @@ def test_a_peft_student_trains_its_adapters_and_saves_them_as_peft_does(tmp_path
         torch.manual_seed(0)
         base = make()
         frozen = {k: v.detach().clone() for k, v in base.named_parameters()}
-        model = get_peft_model(base, LoraConfig(r=4, target_modules=targets, modules_to_save=[head]))
-        trainer = ReinforcedTrainer(model=model, args=base_args(tmp_path / name, learning_rate=1e-2, image_size=32),
+        lora = LoraConfig(r=4, target_modules=targets, modules_to_save=[head])
+        given = dict(model=base, peft_config=lora) if name == "vit" else dict(model=get_peft_model(base, lora))
+        trainer = ReinforcedTrainer(**given, args=base_args(tmp_path / name, learning_rate=1e-2, image_size=32),
                                     train_dataset=train, eval_dataset=train.select(range(8)))
-        assert trainer.num_classes == 10
+        model = trainer.model
+        assert isinstance(model, PeftModel) and trainer.num_classes == 10
         trainer.train()
         assert np.isfinite(trainer.evaluate()["eval_loss"])
         changed = {k for k, v in model.get_base_model().named_parameters() if k in frozen and not torch.equal(v, frozen[k])}
@@ -462,3 +464,8 @@ def test_a_peft_student_trains_its_adapters_and_saves_them_as_peft_does(tmp_path
             model.eval()
             with torch.no_grad():
                 assert torch.allclose(trainer._forward(loaded, batch), trainer._forward(model, batch), atol=1e-5)
+    # a fresh student from model_init is wrapped as a given one is
+    fresh = ReinforcedTrainer(model_init=lambda trial=None: vit(vit_dir)[0], args=base_args(tmp_path / "init"),
+                              peft_config=LoraConfig(r=4, target_modules=["q_proj"]), train_dataset=train)
+    fresh.train()
+    assert isinstance(fresh.model, PeftModel) and fresh.state.global_step == 2
