@@ -209,6 +209,12 @@ def classifier_of(model):
     return model
 
 
+def saved_by_timm(model) -> bool:
+    """Whether the student is saved as timm saves a model (its config.json, a card for timm): a timm model itself,
+    not one wrapped by PEFT, which saves its adapters and card its own way."""
+    return is_timm_model(model) and classifier_of(model) is model
+
+
 def num_classes_of(model) -> int:
     model = classifier_of(model)
     if isinstance(model, PreTrainedModel):
@@ -539,7 +545,7 @@ class ReinforcedTrainer(Trainer):
         A PEFT student (LoRA, ...) is saved as PEFT saves it: its adapters and their config."""
         super().save_model(output_dir, _internal_call)
         student = self.accelerator.unwrap_model(self.model, keep_torch_compile=False)
-        if self.args.should_save and is_timm_model(student) and classifier_of(student) is student:  # (PEFT: adapters)
+        if self.args.should_save and saved_by_timm(student):
             from timm.models._hub import save_config_for_hf
 
             spec = self.student_output
@@ -574,8 +580,7 @@ class ReinforcedTrainer(Trainer):
             if shim:
                 del self.model.config
         path = os.path.join(self.args.output_dir, "README.md")
-        timm_student = is_timm_model(self.model) and classifier_of(self.model) is self.model  # (PEFT: its own card)
-        if timm_student and self.is_world_process_zero() and os.path.isfile(path):
+        if saved_by_timm(self.model) and self.is_world_process_zero() and os.path.isfile(path):
             from huggingface_hub import ModelCard
 
             written = ModelCard.load(path)
