@@ -21,6 +21,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 from .format import (
     AGREEMENT_KEY,
     DR_PARAMS,
+    DR_TOPK_INDICES,
     DR_TOPK_LOGPROBS,
     METADATA_KEY,
     NewerFormatError,
@@ -330,8 +331,8 @@ def job_progress(show: bool, total: int, initial: int):
 def shard_output(part, columns, skipping: bool, config: ReinforceConfig, features):
     """A shard's rows as written, from its source rows ``part`` and the map's reinforcement ``columns``: beside the
     source's columns (or alone, ``keep_source=False``), rows marked skipped (``skipping``) left out, the image column
-    in the declared feature; and the teachers' agreement with the labels, counted before a reinforcement-only shard
-    drops them (``None`` without labels)."""
+    in the declared feature; and the teachers' agreement with the labels (``None`` without labels), counted here,
+    before a reinforcement-only shard drops them, for the shard's footer."""
     import datasets
 
     from .stats import agreement_counts
@@ -344,9 +345,11 @@ def shard_output(part, columns, skipping: bool, config: ReinforceConfig, feature
         out = out.filter(lambda skip: not skip, input_columns=SKIP_COLUMN, keep_in_memory=True)
     if SKIP_COLUMN in out.column_names:
         out = out.remove_columns(SKIP_COLUMN)
-    agreement = None
+    agreement = None  # kept in the shard's footer: the card's figures then read no column (stats.summarize)
+    if config.label_column and config.label_column in out.column_names:
+        counted = out.select_columns([DR_TOPK_INDICES, DR_PARAMS, config.label_column]).with_format("arrow")[:]
+        agreement = agreement_counts(counted, config.label_column, config.topk)
     if labels:
-        agreement = agreement_counts(out.with_format("arrow")[:], config.label_column, config.topk)
         out = out.remove_columns(labels)
     if config.keep_source and out.features[config.image_column] != features[config.image_column]:
         out = out.cast_column(config.image_column, features[config.image_column])

@@ -87,11 +87,11 @@ def summarize(output_dir: str, split: str = "train") -> Dict[str, Any]:
     hits = total = 0
     for path in paths:
         schema = pq.read_schema(path)
-        if label and label in schema.names:
-            h, t = agreement_counts(pq.read_table(path, columns=[DR_TOPK_INDICES, DR_PARAMS, label]), label, config.topk)
-        elif AGREEMENT_KEY in (schema.metadata or {}):  # written without its labels: counted when it was written
+        if AGREEMENT_KEY in (schema.metadata or {}):  # counted as the shard was written: its footer alone is read
             counted = json.loads(schema.metadata[AGREEMENT_KEY])
             h, t = int(counted["hits"]), int(counted["samples"])
+        elif label and label in schema.names:  # (written with their labels by an earlier dr-hf: counted here)
+            h, t = agreement_counts(pq.read_table(path, columns=[DR_TOPK_INDICES, DR_PARAMS, label]), label, config.topk)
         else:
             continue
         hits, total = hits + h, total + t

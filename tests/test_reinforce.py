@@ -1,5 +1,6 @@
 import dataclasses
 import glob
+import json
 import os
 import threading
 import types
@@ -13,7 +14,7 @@ import torch
 from dr_hf import DR_INDEX, DR_PARAMS, DR_TOPK_INDICES, DR_TOPK_LOGPROBS, ReinforceConfig, TeacherEnsemble, make_pipeline
 from dr_hf.augment import Context
 from dr_hf.pipeline import params_at
-from dr_hf.format import DR_FINGERPRINT, config_from_parquet, reinforcement_features
+from dr_hf.format import AGREEMENT_KEY, DR_FINGERPRINT, config_from_parquet, reinforcement_features
 from dr_hf.images import decode
 from dr_hf.job import default_batch_size, default_prepare_threads, default_render, gpu_advice, reinforce
 from dr_hf.reinforcer import Reinforcer, RowPreparer, default_render_threads, preparation_pool, teacher_block_rows
@@ -52,7 +53,8 @@ def test_a_config_for_teachers_records_them_the_preset_and_the_devices_defaults(
         ReinforceConfig.for_teachers(teachers, teacher_batch_size=0)
 
 
-def test_output_schema_keeps_columns_and_loads_map_style_and_streaming(tmp_path, image_dataset, teachers):
+def test_output_schema_keeps_columns_and_loads_map_style_and_streaming(tmp_path, image_dataset, teachers,
+                                                                       monkeypatch):
     result = run(image_dataset, tmp_path, teachers, augment="imagenet+rare+mix", n=4, k=3)
     ds = datasets.load_dataset(str(tmp_path), split="train")
     assert ds.column_names == ["image", "label", "note"] + DR
@@ -86,6 +88,21 @@ def test_output_schema_keeps_columns_and_loads_map_style_and_streaming(tmp_path,
     assert card.data.reinforcement["augmentations"] == config.augmentations
     assert "dataset-reinforcement" in card.data.tags
     assert result.stats["rows"] == len(image_dataset)
+    # each shard's footer holds the teachers' agreement with its labels (its unmixed samples), counted as it was
+    # written, so the card's figures read footers alone: the same as counted from the columns
+    from dr_hf import stats
+
+    counted = [stats.agreement_counts(pq.read_table(p), "label", 3) for p in shard_paths(str(tmp_path))]
+    footers = [json.loads(pq.read_schema(p).metadata[AGREEMENT_KEY]) for p in shard_paths(str(tmp_path))]
+    assert [(f["hits"], f["samples"]) for f in footers] == counted and sum(t for _, t in counted) > 0
+
+    def no_columns(*args, **kwargs):
+        raise AssertionError("the card's figures read a shard's columns")
+
+    monkeypatch.setattr(pq, "read_table", no_columns)
+    figures = stats.summarize(str(tmp_path))
+    assert figures["agreement_samples"] == sum(t for _, t in counted) == result.stats["agreement_samples"]
+    assert figures["teacher_top1_agreement"] == round(sum(h for h, _ in counted) / figures["agreement_samples"], 4)
 
 
 def test_row_groups_are_datasets_size_in_whole_mixing_groups(tmp_path, image_dataset, teachers, monkeypatch):
