@@ -183,7 +183,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--teacher", action="append", required=True,
                    help="teacher spec; repeat for an ensemble (efficientnet-lite0, timm:NAME[@FILE], hf:REPO_OR_DIR)")
     source = r.add_argument_group("the source")
-    recorded = r.add_argument_group("the reinforcement", "recorded in the data: a rerun into the folder must give the same")
+    recorded = r.add_argument_group("the reinforcement",
+                                    "recorded in the data: a rerun into the folder must give the same")
     running = r.add_argument_group("running the job")
     recorded.add_argument("--augment", default="imagenet+rrc", choices=sorted(PRESETS), metavar="PRESET",
                           help="augmentation preset: " + "; ".join(f"{k}: {v}" for k, v in PRESET_HELP.items()))
@@ -191,17 +192,22 @@ def build_parser() -> argparse.ArgumentParser:
                           help="RandomResizedCrop's smallest area fraction (default 0.08; ~0.35 for 32x32 images)")
     recorded.add_argument("--num-samples", type=int, default=400, help="augmentations per image (N; paper: 400)")
     recorded.add_argument("--topk", type=int, default=None,
-                          help="teacher classes kept per sample (K; default and paper: 10, or all of a teacher's fewer classes)")
-    recorded.add_argument("--seed", type=int, default=0, help="the reinforcement is a pure function of (seed, row, sample index)")
+                          help="teacher classes kept per sample (K; default and paper: 10, or all of a teacher's fewer "
+                               "classes)")
+    recorded.add_argument("--seed", type=int, default=0,
+                          help="the reinforcement is a pure function of (seed, row, sample index)")
     running.add_argument("--batch-size", type=int, default=None,
-                         help="images per map batch, rounded up to whole teacher blocks (default: 65,536 samples' worth, "
-                              "256 to 1024 rows; does not change the output; the teacher's work drains between map batches, "
-                              "so larger ones keep a GPU busier)")
+                         help="images per map batch, rounded up to whole teacher blocks (default: 65,536 samples' "
+                              "worth, 256 to 1024 rows; does not change the output; the teacher's work drains between "
+                              "map batches, so larger ones keep a GPU busier)")
     recorded.add_argument("--teacher-batch-size", type=int, default=None,
-                          help="samples per teacher forward (default 256 on a GPU, 64 on a CPU): all N samples of as many rows "
-                               "as fit (a power of two), or chunks of one row's (or MixUp/CutMix group's) samples")
-    recorded.add_argument("--rows-per-shard", type=int, default=2048, help="rows per parquet shard (the unit of resume)")
-    recorded.add_argument("--group-size", type=int, default=None, help="rows per MixUp/CutMix partner group (default 8)")
+                          help="samples per teacher forward (default 256 on a GPU, 64 on a CPU): all N samples of as "
+                               "many rows as fit (a power of two), or chunks of one row's (or MixUp/CutMix group's) "
+                               "samples")
+    recorded.add_argument("--rows-per-shard", type=int, default=2048,
+                          help="rows per parquet shard (the unit of resume)")
+    recorded.add_argument("--group-size", type=int, default=None,
+                          help="rows per MixUp/CutMix partner group (default 8)")
     source.add_argument("--split", default="train", help="the source split (also the output split's name)")
     source.add_argument("--name", default=None, help="dataset config name")
     source.add_argument("--revision", default=None, help="the source's Hub revision (branch, tag or commit)")
@@ -209,36 +215,41 @@ def build_parser() -> argparse.ArgumentParser:
                         help="the source's image column (default: its one column of type datasets.Image, else image)")
     source.add_argument("--label-column", default="label", help="'' for unlabelled data")
     source.add_argument("--limit", type=int, default=None,
-                        help="only the first M rows, for trials (with --shuffle, a random M: the first rows of a source "
-                             "sorted by label are one class)")
+                        help="only the first M rows, for trials (with --shuffle, a random M: the first rows of a "
+                             "source sorted by label are one class)")
     source.add_argument("--shuffle", action="store_true",
-                        help="reinforce the rows in a random order, datasets' shuffle(seed=--seed) (recorded): MixUp/CutMix "
-                             "partners are rows stored together, and a source sorted by label is refused without it")
-    source.add_argument("--streaming", action="store_true", help="stream the source (sets that do not fit on disk); dr_index = position in the stream")
-    source.add_argument("--num-rows", type=int, default=None, help="the stream's length, when its metadata lacks it (else from its parquet footers, or counted)")
+                        help="reinforce the rows in a random order, datasets' shuffle(seed=--seed) (recorded): "
+                             "MixUp/CutMix partners are rows stored together, and a source sorted by label is refused "
+                             "without it")
+    source.add_argument("--streaming", action="store_true",
+                        help="stream the source (sets that do not fit on disk); dr_index = position in the stream")
+    source.add_argument("--num-rows", type=int, default=None,
+                        help="the stream's length, when its metadata lacks it (else from its parquet footers, or "
+                             "counted)")
     recorded.add_argument("--no-images", action="store_true",
-                          help="write only the dr_* columns (with each row's image fingerprint): a reinforcement-only dataset "
-                               "for sources that may not be redistributed; join it back with dr_hf.join_source")
+                          help="write only the dr_* columns (with each row's image fingerprint): a reinforcement-only "
+                               "dataset for sources that may not be redistributed; join it back with dr_hf.join_source")
     running.add_argument("--on-bad-row", default="fail", choices=["fail", "skip"],
-                         help="an undecodable image or out-of-range label: stop naming it (fail), or leave the row out and list it "
-                              "in OUTPUT/errors/*.jsonl and the card (skip)")
+                         help="an undecodable image or out-of-range label: stop naming it (fail), or leave the row out "
+                              "and list it in OUTPUT/errors/*.jsonl and the card (skip)")
     running.add_argument("--render-threads", type=int, default=None,
-                         help="threads rendering teacher inputs ahead of the teacher (default: on a GPU 2 with RandAugment, else 1; "
-                              "0 on the CPU, where they would compete for cores); the output is the same for any number")
+                         help="threads rendering teacher inputs ahead of the teacher (default: on a GPU 2 with "
+                              "RandAugment, else 1; 0 on the CPU, where they would compete for cores); the output is "
+                              "the same for any number")
     running.add_argument("--prepare-threads", type=int, default=None,
-                         help="threads that decode rows and draw their parameters ahead of the teacher (default: 4 with "
-                              "teachers on a GPU, which would otherwise wait for them, 0 on the CPU); the output is the "
-                              "same for any number")
+                         help="threads that decode rows and draw their parameters ahead of the teacher (default: 4 "
+                              "with teachers on a GPU, which would otherwise wait for them, 0 on the CPU); the output "
+                              "is the same for any number")
     running.add_argument("--prepare-workers", type=int, default=0,
                          help="processes instead of threads for that (default 0); for decoders that hold the GIL")
     running.add_argument("--render-device", default=None,
-                         help="where teacher inputs are rendered (default: the teachers' device): cpu, or cuda (each image "
-                              "moved to the GPU once)")
+                         help="where teacher inputs are rendered (default: the teachers' device): cpu, or cuda (each "
+                              "image moved to the GPU once)")
     recorded.add_argument("--render", default=None, choices=["per-sample", "batched"],
-                          help="how: per-sample crops (torch's kernel per sample), or batched (each image's samples at once by "
-                               "two matrix products; within 1 grey level of per-sample for bilinear RandomResizedCrop+flip, "
-                               "about 0.2 on average for every preset). Default: batched when rendering on a GPU, else "
-                               "per-sample. Recorded; verify renders the same way")
+                          help="how: per-sample crops (torch's kernel per sample), or batched (each image's samples at "
+                               "once by two matrix products; within 1 grey level of per-sample for bilinear "
+                               "RandomResizedCrop+flip, about 0.2 on average for every preset). Default: batched when "
+                               "rendering on a GPU, else per-sample. Recorded; verify renders the same way")
     running.add_argument("--wait", action="store_true",
                          help="if another job holds --output, wait for it instead of stopping (one job per folder)")
     running.add_argument("--device", default=None, help="default: cuda if available, else cpu")
@@ -247,10 +258,11 @@ def build_parser() -> argparse.ArgumentParser:
                                "python scripts/bench_precision.py measures what it changes)")
     running.add_argument("--compile", default=None, choices=list(COMPILE_MODES), metavar="MODE",
                          help="torch.compile the teachers with this mode (" + ", ".join(TORCH_COMPILE_MODES) + "; "
-                              "reduce-overhead replays each forward as one CUDA graph; use it on GPUs: it made the job "
-                              "1.5-1.65x as fast on an H100; changes only float rounding; compiling takes tens of seconds when "
-                              "the job starts, python scripts/bench_compile.py measures both), or trace: a TorchScript trace, "
-                              "eager's kernels bit for bit, launched without the GIL beside the job's threads, no compiler")
+                              "reduce-overhead replays each forward as one CUDA graph; use it on GPUs: it made the "
+                              "job 1.5-1.65x as fast on an H100; changes only float rounding; compiling takes tens of "
+                              "seconds when the job starts, python scripts/bench_compile.py measures both), or trace: "
+                              "a TorchScript trace, eager's kernels bit for bit, launched without the GIL beside the "
+                              "job's threads, no compiler")
     running.add_argument("--quiet", action="store_true", help="no progress bar or log lines")
     r.set_defaults(func=cmd_reinforce)
 
