@@ -178,8 +178,9 @@ def stream_position(checkpoint: str, gradient_accumulation_steps: int) -> Tuple[
     """(pass, batches of it trained) of a stream at ``checkpoint``. ``Trainer`` counts a stream's passes as epochs and
     records ``state.epoch`` = pass + batches / (``max_steps`` x accumulation steps), the checkpoint's ``max_steps``."""
     saved = TrainerState.load_from_json(os.path.join(checkpoint, TRAINER_STATE_NAME))
-    passes = int(math.floor(saved.epoch + 1e-9))
-    batches = int(round((saved.epoch - passes) * saved.max_steps * gradient_accumulation_steps))
+    epoch = saved.epoch or 0.0
+    passes = int(math.floor(epoch + 1e-9))
+    batches = int(round((epoch - passes) * saved.max_steps * gradient_accumulation_steps))
     return passes, max(batches, 0)
 
 
