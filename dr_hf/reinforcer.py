@@ -294,13 +294,15 @@ class Reinforcer:
             logps[pos] = joined if topk else joined[0]
         return indices, params, logps
 
-    def __call__(self, batch: Dict[str, List[Any]], indices: Optional[List[int]] = None) -> Union[pa.Table, Dict[str, list]]:
+    def __call__(self, batch: Dict[str, List[Any]],
+                 indices: Optional[List[int]] = None) -> Union[pa.Table, Dict[str, list]]:
         """The batch's reinforcement columns, as an Arrow table with one row per input row (``Dataset.map`` then
         gives a dataset of them alone; :func:`~dr_hf.job.reinforce` joins it to the source with
         ``concatenate_datasets(..., axis=1)``), or as Python lists where the batch is a ``dict`` of them, as
         ``IterableDataset.map`` gives and takes (a stream reinforced lazily, row for row as ``Dataset.map``'s;
-        ``features=`` :attr:`features` with the stream's own keeps its columns typed). With ``on_bad_row="skip"``, a column ``_dr_skip`` says which rows were
-        skipped (placeholders; the driver drops them). The top-K is taken where the teachers run, and the columns are
+        ``features=`` :attr:`features` with the stream's own keeps its columns typed); a formatted batch (numpy
+        arrays, tensors) is refused. With ``on_bad_row="skip"``, a column ``_dr_skip`` says which rows were skipped
+        (placeholders; the driver drops them). The top-K is taken where the teachers run, and the columns are
         built for the whole batch at once (Arrow arrays from stacked NumPy arrays): between map batches a GPU waits
         for this work, and for ``datasets`` to write what the map returns."""
         if indices is None or isinstance(indices, int):  # map(..) without with_indices=True, or without batched=True
@@ -311,6 +313,12 @@ class Reinforcer:
                                "map without num_proc, and for several processes (one per GPU, or CPU processes) run "
                                "dr-hf reinforce or dr_hf.reinforce() under accelerate launch or torchrun")
         cfg = self.config
+        for column in (cfg.image_column, cfg.label_column):
+            kind = array_kind(batch, column)
+            if kind:  # with_format("numpy" / "torch"): images decoded to arrays, labels as tensors
+                raise TypeError(f"Reinforcer takes a dataset's rows unformatted, but column {column!r} holds {kind} "
+                                "values, as with_format('numpy') or ('torch') gives them: map over "
+                                "dataset.with_format(None)")
         fingerprints = self._fingerprints(batch[cfg.image_column], [i + self.index_offset for i in indices])
         rows, n, k = len(indices), cfg.num_samples, cfg.topk
         indices, params, tops = self.compute(batch, indices, topk=k)
@@ -350,6 +358,16 @@ class Reinforcer:
             futures = [self.pool.submit(fingerprint, value, row=i, column=column) for value, i in zip(values, indices)]
             return lambda pos: futures[pos].result()
         return lambda pos: fingerprint(values[pos], row=indices[pos], column=column)
+
+
+def array_kind(batch, column: Optional[str]) -> Optional[str]:
+    """The type name of a map batch's ``column`` where it holds numpy arrays or tensors (a formatted dataset's
+    batch), else ``None``."""
+    if not column or not isinstance(batch, dict) or column not in batch or not len(batch[column]):
+        return None
+    values = batch[column]
+    first = values if isinstance(values, (np.ndarray, torch.Tensor)) else values[0]
+    return type(first).__name__ if isinstance(first, (np.ndarray, torch.Tensor)) else None
 
 
 def teacher_block_rows(config: ReinforceConfig) -> int:

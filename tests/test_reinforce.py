@@ -281,6 +281,10 @@ def test_the_map_function_gives_the_typed_reinforcement_columns(tmp_path, image_
                       features=datasets.Features({**stream.features, **job.features}))
     assert job.features == expected and lazy.features == datasets.Features({**ds.features, **expected})
     assert [{k: row[k] for k in expected} for row in lazy] == list(out)
+    for fmt in ("numpy", "torch"):  # formatted rows (images as arrays, labels as tensors): refused, saying why
+        with pytest.raises(TypeError, match=r"takes a dataset's rows unformatted, but column 'image' holds (ndarray|Tensor) "
+                                            r"values, .* map over dataset.with_format\(None\)"):
+            image_dataset.with_format(fmt).map(job, batched=True, with_indices=True, batch_size=job.block_rows)
     for forgotten in ({"batched": True}, {"with_indices": True}):  # (TypeErrors about a missing argument, an int)
         with pytest.raises(TypeError, match=r"Dataset.map\(reinforcer, batched=True, with_indices=True\)"):
             ds.select(range(2)).map(Reinforcer(config, teachers, num_rows=len(ds)), **forgotten)
