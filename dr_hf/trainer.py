@@ -10,6 +10,7 @@ import dataclasses
 import logging
 import math
 import os
+import types
 from dataclasses import dataclass, field
 from types import SimpleNamespace
 from typing import Dict, List, Optional, Tuple
@@ -191,6 +192,28 @@ def with_main_input(model):
     if model is not None and not hasattr(model, "main_input_name"):
         model.main_input_name = "pixel_values"
     return model
+
+
+def with_timm_checkpointing(model):
+    """``model``, which ``Trainer`` switches to activation checkpointing (``activation_checkpointing=True``, or its
+    older name ``gradient_checkpointing``) by calling its ``activation_checkpointing_enable``: a timm student (PEFT's
+    too) has timm's ``set_grad_checkpointing`` instead, and training stopped with an ``AttributeError``."""
+    base = classifier_of(model) if model is not None else None
+    if (is_timm_model(base) and hasattr(base, "set_grad_checkpointing")
+            and not hasattr(base, "activation_checkpointing_enable")):
+        base.activation_checkpointing_enable = types.MethodType(_timm_checkpointing_enable, base)
+    return model
+
+
+def _timm_checkpointing_enable(model, activation_checkpointing_kwargs=None, every_n_layers=1, offload=False):
+    """A timm model's ``activation_checkpointing_enable``, as ``Trainer`` calls it: timm checkpoints its own blocks
+    (``set_grad_checkpointing``; non-reentrant unless ``timm.layers.set_reentrant_ckpt``), which takes no options."""
+    given = {**(activation_checkpointing_kwargs or {}), **({"every_n_layers": every_n_layers} if every_n_layers != 1
+                                                          else {}), **({"offload": offload} if offload else {})}
+    if given:
+        raise ValueError(f"activation_checkpointing_kwargs {given}: a timm student checkpoints its blocks as timm "
+                         "does (set_grad_checkpointing), which takes no options; leave them unset")
+    model.set_grad_checkpointing(True)
 
 
 def refuse_skipped(batch: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
@@ -505,7 +528,7 @@ class ReinforcedTrainer(Trainer):
             except ImportError as exc:
                 raise ImportError("`peft_config` needs the peft library: pip install peft") from exc
             model = get_peft_model(model, self.peft_config)
-        return with_main_input(model)
+        return with_timm_checkpointing(with_main_input(model))
 
     def _init_training_state(self, max_steps, num_update_steps_per_epoch, num_train_epochs, resume_from_checkpoint,
                              trial):

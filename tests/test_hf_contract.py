@@ -469,3 +469,36 @@ def test_a_peft_student_trains_its_adapters_and_saves_them_as_peft_does(tmp_path
                               peft_config=LoraConfig(r=4, target_modules=["q_proj"]), train_dataset=train)
     fresh.train()
     assert isinstance(fresh.model, PeftModel) and fresh.state.global_step == 2
+
+
+def test_activation_checkpointing_checkpoints_a_timm_student(tmp_path, plus, monkeypatch):
+    """`activation_checkpointing=True` (and its older name `gradient_checkpointing`): Trainer calls the model's
+    `activation_checkpointing_enable`, which a timm student has not (training stopped with an AttributeError); timm's
+    own checkpointing (set_grad_checkpointing) now runs, recomputing blocks in the backward pass to the same losses.
+    Options timm cannot apply are refused, naming them."""
+    import timm
+    import torch.utils.checkpoint
+
+    _, folders = plus
+    train = load(folders["imagenet+rrc"])
+    calls = []
+    original = torch.utils.checkpoint.checkpoint
+    monkeypatch.setattr(torch.utils.checkpoint, "checkpoint", lambda *a, **k: calls.append(1) or original(*a, **k))
+    runs = {}
+    for name, kw in (("plain", {}), ("activation", dict(activation_checkpointing=True)),
+                     ("gradient", dict(gradient_checkpointing=True))):
+        torch.manual_seed(0)
+        student = timm.create_model("resnet10t", num_classes=10)
+        calls.clear()
+        trainer = ReinforcedTrainer(model=student, args=base_args(tmp_path / name, image_size=32, logging_steps=1,
+                                                                  seed=0, **kw), train_dataset=train)
+        trainer.train()
+        assert student.grad_checkpointing == bool(kw) and bool(calls) == bool(kw), name
+        runs[name] = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    assert len(runs["plain"]) == 2
+    assert np.allclose(runs["activation"], runs["plain"], rtol=1e-4) and runs["gradient"] == runs["activation"]
+    refused = ReinforcedTrainer(model=timm.create_model("resnet10t", num_classes=10), train_dataset=train,
+                                args=base_args(tmp_path / "offload", image_size=32, activation_checkpointing=True,
+                                               activation_checkpointing_kwargs={"offload": True}))
+    with pytest.raises(ValueError, match=r"activation_checkpointing_kwargs \{'offload': True\}.*timm"):
+        refused.train()
