@@ -726,6 +726,9 @@ class ReinforcedTrainer(Trainer):
         if isinstance(classifier_of(self.accelerator.unwrap_model(model)), PreTrainedModel):
             out = model(pixel_values=pixel_values)
             return out.logits
+        weight = next(model.parameters(), None)  # a timm student cast as a whole (bf16_full_eval: Trainer casts it
+        if weight is not None and weight.is_floating_point() and weight.dtype != pixel_values.dtype:  # for evaluation)
+            pixel_values = pixel_values.to(weight.dtype)  # takes its input in its own dtype, as a transformers one does
         return model(pixel_values)
 
     def pixel_values(self, inputs: Dict[str, torch.Tensor]) -> torch.Tensor:

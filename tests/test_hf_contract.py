@@ -502,3 +502,22 @@ def test_activation_checkpointing_checkpoints_a_timm_student(tmp_path, plus, mon
                                                activation_checkpointing_kwargs={"offload": True}))
     with pytest.raises(ValueError, match=r"activation_checkpointing_kwargs \{'offload': True\}.*timm"):
         refused.train()
+
+
+def test_bf16_full_eval_evaluates_a_timm_student_in_bf16(tmp_path, plus):
+    """`bf16_full_eval=True`: Trainer casts the student to bf16 for evaluation; a timm student was handed float32 pixels
+    and stopped ("Input type (torch.FloatTensor) and weight type (CPUBFloat16Type) should be the same"), where a
+    transformers model casts its input itself. It now evaluates in bf16, to the float32 loss within bf16's rounding."""
+    import timm
+
+    ds, _ = plus
+    results = {}
+    for name, kw in (("fp32", {}), ("bf16", dict(bf16_full_eval=True))):
+        torch.manual_seed(0)
+        trainer = ReinforcedTrainer(model=timm.create_model("resnet10t", num_classes=10), eval_dataset=ds,
+                                    args=base_args(tmp_path / name, image_size=32, **kw))
+        results[name] = trainer.evaluate()["eval_loss"], trainer.predict(ds).predictions
+        assert next(trainer.model.parameters()).dtype == (torch.bfloat16 if kw else torch.float32)
+    (loss, logits), (bf16_loss, bf16_logits) = results["fp32"], results["bf16"]
+    assert abs(bf16_loss - loss) < 0.02 and np.abs(bf16_logits - logits).max() < 0.1, (loss, bf16_loss)
+    assert not np.array_equal(bf16_logits, logits)  # (evaluated in bf16 indeed)
