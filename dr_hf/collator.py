@@ -31,7 +31,7 @@ from .format import (DR_INDEX, DR_PARAMS, DR_TOPK_INDICES, DR_TOPK_LOGPROBS, mis
 from .images import EncodedJpeg, decode, decode_later, image_size
 from .inputs import InputSpec
 from .replay import DeviceReplay
-from .rows import rows_of
+from .rows import combined_advice, rows_of
 
 SKIPPED_BATCH = "skipped_batch"  # the key of a batch collated unrendered, for the Trainer to drop (True a row)
 
@@ -308,16 +308,25 @@ class ReinforcedCollator(_Collator):
             self._pipelines[key] = AugmentPipeline.from_fields(key)
         return self._pipelines[key]
 
+    @staticmethod
+    def check_samples(row, n: int) -> None:
+        """Refuse a row whose stored parameters are not ``n`` samples a field (the samples of its teacher targets),
+        naming the row, column and field, before one is replayed."""
+        for name, values in row[DR_PARAMS].items():
+            held = 0 if values is None else len(values)
+            if held == 0 and n:  # a null field: the row's reinforcement had no such transform
+                raise ValueError(f"row {int(row[DR_INDEX])}, column {DR_PARAMS!r}: no field {name!r}, which other rows "
+                                 f"hold: {combined_advice()}")
+            if held != n:
+                raise ValueError(f"row {int(row[DR_INDEX])}, column {DR_PARAMS!r}: field {name!r} holds {held} samples, "
+                                 f"{DR_TOPK_INDICES!r} {n}")
+
     def check_target(self, index: int, j: int, n: int, row, idx: np.ndarray, lp: np.ndarray, k: int) -> None:
         """Refuse tampered or corrupt teacher targets, naming the row and column, before they reach the loss."""
         where = f"row {index}, sample {j}"
         if len(row[DR_TOPK_LOGPROBS]) != n:
             raise ValueError(f"{where}, column {DR_TOPK_LOGPROBS!r}: {len(row[DR_TOPK_LOGPROBS])} samples, "
                              f"but {DR_TOPK_INDICES!r} has {n}")
-        for name, values in row[DR_PARAMS].items():
-            if len(values) != n:
-                raise ValueError(f"{where}, column {DR_PARAMS!r}: field {name!r} holds {len(values)} samples, "
-                                 f"{DR_TOPK_INDICES!r} {n}")
         if idx.ndim != 1 or lp.shape != idx.shape or len(idx) != k:
             raise ValueError(f"{where}, columns {DR_TOPK_INDICES!r}/{DR_TOPK_LOGPROBS!r}: shapes {idx.shape}/{lp.shape}, "
                              f"expected ({k},) each")
@@ -342,6 +351,8 @@ class ReinforcedCollator(_Collator):
         k = len(rows[0][DR_TOPK_INDICES][j])
         pos = {int(row[DR_INDEX]): r for r, row in enumerate(rows)}
         pipe = self.pipeline(rows[0][DR_PARAMS])
+        for row in rows:
+            self.check_samples(row, n)
         stored = [params_at(row[DR_PARAMS], j) for row in rows]  # each row's replayed sample's parameters
         if pipe.mix is not None:
             check_whole_group(pipe, [int(row[DR_INDEX]) for row in rows], stored, j)

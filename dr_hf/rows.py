@@ -91,6 +91,32 @@ def check_whole_groups(dataset, group_size: int, what: str = "train_dataset") ->
                                  f"{indices[row] + offset}); {whole_groups_advice(group_size)}")
 
 
+def combined_advice() -> str:
+    """Why a row lacks ``dr_params`` fields that the dataset's other rows hold (the end of the errors that find it)."""
+    return ("rows of reinforcements with other transforms were combined (concatenate_datasets and "
+            "interleave_datasets give a row nulls for the fields its own reinforcement did not record), which one "
+            "replay cannot serve; train on one reinforcement's rows")
+
+
+def check_params_recorded(dataset, what: str = "train_dataset") -> None:
+    """Refuse a map-style reinforced ``dataset`` one of whose rows lacks a ``dr_params`` field that others hold,
+    naming the first such row, before training (the replay stopped at its first draw: "sample 1 of 0"). Counts the
+    fields' nulls in the Arrow data, and reads rows only where there are some."""
+    column = dataset.data.column(DR_PARAMS)
+    fields = [f.name for f in column.type]
+    if not any(pc.struct_field(column, name).null_count for name in fields):
+        return
+    arrow = dataset.with_format("arrow").select_columns([DR_INDEX, DR_PARAMS])  # (the rows selected, in order)
+    for start in range(0, len(dataset), 4096):
+        part = arrow[start:start + 4096]
+        for name in fields:
+            empty = pc.is_null(pc.struct_field(part.column(DR_PARAMS), name)).to_numpy(zero_copy_only=False)
+            if empty.any():
+                r = int(empty.argmax())
+                raise ValueError(f"{what}'s row {start + r} (dr_index {part.column(DR_INDEX)[r].as_py()}), column "
+                                 f"{DR_PARAMS!r}: no field {name!r}, which other rows hold: {combined_advice()}")
+
+
 class ReplayRows(torch.utils.data.Dataset):
     """A map-style view of a reinforced ``datasets.Dataset`` for the reinforced collator: item ``g`` is the list of
     rows of group ``g`` (``group_size`` consecutive rows: one row, or a whole MixUp/CutMix group, which must be in
@@ -98,6 +124,7 @@ class ReplayRows(torch.utils.data.Dataset):
     batch in one take."""
 
     def __init__(self, dataset, group_size: int = 1):
+        check_params_recorded(dataset)
         if group_size > 1:
             check_whole_groups(dataset, group_size)
         self.dataset, self.group_size = dataset, group_size

@@ -32,7 +32,7 @@ from .images import image_column_of
 from .shards import data_files_of, name_bad_files
 from .loss import dense_teacher_log_probs, distillation_loss, one_hot_target
 from .replay import RenderedAhead
-from .rows import ReplayRows
+from .rows import ReplayRows, combined_advice
 
 logger = logging.getLogger(__name__)
 
@@ -495,6 +495,9 @@ class ReinforcedTrainer(Trainer):
             batches = self._rendered_ahead.take(num_batches)
             return batches, self._get_num_items_in_batch(batches, device)
         except (OSError, pa.ArrowException) as exc:
+            if isinstance(exc, pa.ArrowInvalid) and "Schema at index" in str(exc):  # (pyarrow's concat_tables)
+                raise ValueError(f"train_dataset streams rows whose columns differ (pyarrow: "
+                                 f"{str(exc).splitlines()[0].rstrip(': ')}): {combined_advice()}") from exc
             files = data_files_of(self.train_dataset)
             if not files:
                 raise

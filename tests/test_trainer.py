@@ -426,6 +426,34 @@ def test_mixing_rows_out_of_their_groups_are_refused(tmp_path, reinforced):
         check_whole_group(make_pipeline("imagenet+mix"), [0, 1, 2, 2], [{}] * 4, sample=0)  # a row read twice
 
 
+def test_rows_of_reinforcements_with_other_transforms_combined_are_refused(tmp_path, reinforced):
+    """concatenate_datasets of an rrc+flip and an imagenet+rare+mix reinforcement gives the rrc rows nulls for the
+    fields they never recorded (RandAugment's, erasing's, mixing's): map-style it is refused when the trainer is made,
+    naming the first such row and field (it stopped at the first draw with "IndexError: sample 1 of 0"); rows of one
+    reinforcement selected out of the combination train. Streamed (the combined set, or streams combined), at the first
+    such row, or where rows of both reinforcements are read as one Arrow table (a MixUp/CutMix group), there."""
+    _, _, folders = reinforced
+    plain, mix = (datasets.load_dataset(str(folders[p]), split="train") for p in ("rrc+flip", "imagenet+rare+mix"))
+    both = datasets.concatenate_datasets([mix, plain])  # 64 rows: the mixed groups first, then the rrc rows
+    said = r"no field '(ra_ops|ra_bins|erase_box|mix_\w+)', which other rows hold: rows of reinforcements with other transforms"
+    with pytest.raises(ValueError, match=rf"train_dataset's row 32 \(dr_index 0\), column 'dr_params': {said}"):
+        ReinforcedTrainer(model=tiny_timm(), args=args(tmp_path), train_dataset=both)
+    trainer = ReinforcedTrainer(model=tiny_timm(), args=args(tmp_path, max_steps=2), train_dataset=both.select(range(32)))
+    trainer.train()
+    assert trainer.state.global_step == 2
+    streamed = {p: datasets.load_dataset(str(folders[p]), split="train", streaming=True) for p in folders}
+    combined_streams = datasets.concatenate_datasets([streamed["imagenet+rare+mix"], streamed["rrc+flip"]])
+    differ = r"train_dataset streams rows whose columns differ \(pyarrow: Schema at index \d+ was different\): rows of"
+    for stream, buffer, message in ((both.to_iterable_dataset(), 1000, "column 'dr_params': " + said),
+                                    (combined_streams, 1, "column 'dr_params': " + said),
+                                    (datasets.concatenate_datasets([streamed["rrc+flip"].take(4),  # a group of 8
+                                                                    streamed["imagenet+rare+mix"]]), 1, differ)):
+        trainer = ReinforcedTrainer(model=tiny_timm(), args=args(tmp_path, max_steps=8, shuffle_buffer_size=buffer),
+                                    train_dataset=stream)
+        with pytest.raises(ValueError, match=message):
+            trainer.train()
+
+
 def test_streaming_ddp_processes_get_distinct_rows(tmp_path, reinforced, monkeypatch, caplog):
     """Two CPU processes (torchrun, gloo): each streams its own rows, as many as the other, none repeated within
     the epoch, though the stream's 3 files do not split in two (accelerate would give one process 2 of them, the
