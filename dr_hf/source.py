@@ -40,11 +40,8 @@ def load_source(path: str, split: str, name: Optional[str] = None, revision: Opt
         kwargs["revision"] = revision
     if not os.path.exists(path):
         check_hub_dataset(path, revision)
-    try:
-        if os.path.isdir(path) and not os.path.isfile(os.path.join(path, "README.md")) and not os.path.isdir(os.path.join(path, "data")):
-            ds = datasets.load_dataset("imagefolder", data_dir=path, **kwargs)
-        else:
-            ds = datasets.load_dataset(path, name, **kwargs)
+    try:  # (datasets picks the builder from the files: parquet, an image folder, ...)
+        ds = datasets.load_dataset(path, name, **kwargs)
     except ValueError as exc:
         if str(exc).startswith("Unknown split"):  # datasets' message, which names no option
             raise ValueError(f"`split` {split!r} of {path}: {exc}") from exc

@@ -82,6 +82,20 @@ def test_an_image_folder_with_a_teacher_of_few_classes(tmp_path, capsys):
     assert plus.features["label"].names == ["cat", "dog", "owl"] and len(plus[0]["dr_topk_indices"][0]) == 3
 
 
+def test_a_folder_of_parquet_files_without_a_card_is_read_as_datasets_reads_it(tmp_path, tiny_teacher_spec, capsys):
+    """A folder holding what `Dataset.to_parquet` wrote (`train.parquet`, no card, no data/ folder) is the dataset
+    `load_dataset(folder)` reads: it was taken for an image folder ("Instruction "train" corresponds to no data!")."""
+    from conftest import make_image_dataset
+
+    (tmp_path / "rows").mkdir()
+    make_image_dataset(6).to_parquet(str(tmp_path / "rows" / "train.parquet"))
+    code, out, err = here(capsys, "reinforce", tmp_path / "rows", "--output", tmp_path / "plus", "--teacher",
+                          tiny_teacher_spec, "--num-samples", 2, "--quiet")
+    assert code == 0 and "6 rows x 2 samples" in out, err
+    rows = pq.read_table(shard_paths(str(tmp_path / "plus"))[0], columns=["note", "dr_index"])
+    assert rows.column("note").to_pylist() == [f"row{i}" for i in range(6)]
+
+
 def test_a_source_sorted_by_label_is_shuffled_for_mixup_cutmix(tmp_path, tiny_teacher_spec, capsys):
     """MixUp/CutMix mixes a row with the rows stored beside it: a source stored sorted by label (as an image folder
     is) is refused before any work, naming --shuffle, read whole or streamed. With --shuffle, the rows are reinforced
