@@ -41,7 +41,10 @@ def load_source(path: str, split: str, name: Optional[str] = None, revision: Opt
     if not os.path.exists(path):
         check_hub_dataset(path, revision)
     try:  # (datasets picks the builder from the files: parquet, an image folder, ...)
-        ds = datasets.load_dataset(path, name, **kwargs)
+        if os.path.isfile(os.path.join(path, datasets.config.DATASET_STATE_JSON_FILENAME)):
+            ds = saved_split(path, split, streaming)  # which load_dataset refuses ("use load_from_disk")
+        else:
+            ds = datasets.load_dataset(path, name, **kwargs)
     except ValueError as exc:
         if str(exc).startswith("Unknown split"):  # datasets' message, which names no option
             raise ValueError(f"`split` {split!r} of {path}: {exc}") from exc
@@ -51,6 +54,18 @@ def load_source(path: str, split: str, name: Optional[str] = None, revision: Opt
     if limit is not None:
         ds = ds.take(limit) if streaming else ds.select(range(min(limit, len(ds))))
     return ds
+
+
+def saved_split(path: str, split: str, streaming: bool = False):
+    """The one split a ``Dataset.save_to_disk`` folder holds (``datasets.load_from_disk``), streamed as
+    ``to_iterable_dataset()`` with ``streaming``; another ``split`` is refused, naming the one it holds."""
+    import datasets
+
+    ds = datasets.load_from_disk(path)
+    held = str(ds.split) if ds.split is not None else None
+    if held is not None and split != held:
+        raise ValueError(f"`split` {split!r} of {path}: the folder holds one split, {held!r} (Dataset.save_to_disk)")
+    return ds.to_iterable_dataset() if streaming else ds
 
 
 def needs_source(path: str, config: ReinforceConfig, columns, source: Optional[str]) -> bool:

@@ -82,18 +82,33 @@ def test_an_image_folder_with_a_teacher_of_few_classes(tmp_path, capsys):
     assert plus.features["label"].names == ["cat", "dog", "owl"] and len(plus[0]["dr_topk_indices"][0]) == 3
 
 
-def test_a_folder_of_parquet_files_without_a_card_is_read_as_datasets_reads_it(tmp_path, tiny_teacher_spec, capsys):
+@pytest.mark.parametrize("written_by", ["to_parquet", "save_to_disk", "save_to_disk, streamed"])
+def test_folders_datasets_writes_without_a_card_are_sources(tmp_path, tiny_teacher_spec, capsys, written_by):
     """A folder holding what `Dataset.to_parquet` wrote (`train.parquet`, no card, no data/ folder) is the dataset
-    `load_dataset(folder)` reads: it was taken for an image folder ("Instruction "train" corresponds to no data!")."""
+    `load_dataset(folder)` reads: it was taken for an image folder ("Instruction "train" corresponds to no data!"). A
+    `Dataset.save_to_disk` folder, which `load_dataset` refuses ("use `load_from_disk`", which the command's user
+    cannot), is read by `load_from_disk`, also streamed; a split it does not hold is refused, naming the one it does."""
     from conftest import make_image_dataset
 
-    (tmp_path / "rows").mkdir()
-    make_image_dataset(6).to_parquet(str(tmp_path / "rows" / "train.parquet"))
+    rows = make_image_dataset(6)
+    if written_by == "to_parquet":
+        (tmp_path / "rows").mkdir()
+        rows.to_parquet(str(tmp_path / "rows" / "train.parquet"))
+    else:
+        rows.save_to_disk(str(tmp_path / "rows"))
+    extra = ["--streaming"] if "streamed" in written_by else []
     code, out, err = here(capsys, "reinforce", tmp_path / "rows", "--output", tmp_path / "plus", "--teacher",
-                          tiny_teacher_spec, "--num-samples", 2, "--quiet")
+                          tiny_teacher_spec, "--num-samples", 2, "--quiet", *extra)
     assert code == 0 and "6 rows x 2 samples" in out, err
-    rows = pq.read_table(shard_paths(str(tmp_path / "plus"))[0], columns=["note", "dr_index"])
-    assert rows.column("note").to_pylist() == [f"row{i}" for i in range(6)]
+    written = pq.read_table(shard_paths(str(tmp_path / "plus"))[0], columns=["note", "dr_index"])
+    assert written.column("note").to_pylist() == [f"row{i}" for i in range(6)]
+    if written_by == "save_to_disk":
+        import datasets
+
+        datasets.Dataset.from_dict(rows[:2], features=rows.features, split="validation").save_to_disk(str(tmp_path / "val"))
+        code, _, err = here(capsys, "reinforce", tmp_path / "val", "--output", tmp_path / "v", "--teacher",
+                            tiny_teacher_spec)
+        assert code == 2 and "--split 'train' of" in err and "holds one split, 'validation'" in err, err
 
 
 def test_a_source_sorted_by_label_is_shuffled_for_mixup_cutmix(tmp_path, tiny_teacher_spec, capsys):
