@@ -161,19 +161,33 @@ def is_timm_model(model: Any) -> bool:
     return hasattr(model, "pretrained_cfg") and getattr(model, "config", None) is None
 
 
+def fixed_input_size(model: Any) -> Optional[Tuple[int, int]]:
+    """The one input size a timm model built for another than its ``pretrained_cfg``'s takes: a ViT's (and the other
+    patch-embedding models') ``create_model(..., img_size=384)``, whose ``pretrained_cfg`` (and so timm's own data
+    config) still says 224; ``None`` for a model that takes any size."""
+    embed = getattr(model, "patch_embed", None)
+    size = getattr(embed, "img_size", None)
+    if size is None or not getattr(embed, "strict_img_size", False) or getattr(embed, "dynamic_img_size", False):
+        return None
+    return _pair(size)
+
+
 def from_model(model: Any) -> dict:
     """What a timm model (``pretrained_cfg``), a ``transformers`` ``TimmWrapper`` model (the timm ``pretrained_cfg``
     in its config) or another ``transformers`` model (its config) says."""
     found: dict = {}
     if model is None:
         return found
+    model = getattr(model, "_orig_mod", model)  # a model torch.compile'd already
     config = getattr(model, "config", None)
     wrapped = isinstance(getattr(config, "pretrained_cfg", None), dict)  # a TimmWrapper model
     if wrapped or is_timm_model(model):
         import timm.data
 
-        return from_timm_data_config(timm.data.resolve_data_config(pretrained_cfg=config.pretrained_cfg) if wrapped
-                                     else timm.data.resolve_model_data_config(model))
+        found = from_timm_data_config(timm.data.resolve_data_config(pretrained_cfg=config.pretrained_cfg) if wrapped
+                                      else timm.data.resolve_model_data_config(model))
+        fixed = fixed_input_size(getattr(model, "timm_model", model))
+        return {**found, "size": fixed} if fixed else found
     size = _pair(getattr(config, "image_size", None)) if config is not None else None
     if size:
         found["size"] = size

@@ -196,6 +196,15 @@ def test_one_resolver_for_models_processors_and_arguments(tmp_path):
     assert resolve_input_spec(cfg) == InputSpec((40, 40), (0.2,) * 3, (0.3,) * 3, "bilinear", 0.95)
     squash = timm.create_model("resnet10t", num_classes=10, pretrained_cfg_overlay=dict(crop_mode="squash"))
     assert resolve_input_spec(squash).crop_mode == "squash"  # timm's own crop mode, as 137 of its pretrained models
+    # a model torch.compile'd already says what the model does (timm's resolver stopped on it: "does not support
+    # len()"); a ViT built for another size (create_model(..., img_size=32), which its pretrained_cfg and timm's own
+    # data config do not follow: 224) takes that size alone; with dynamic_img_size, any: its pretrained_cfg's
+    assert resolve_input_spec(torch.compile(cfg)) == resolve_input_spec(cfg)
+    vit = timm.create_model("vit_tiny_patch16_224", num_classes=10, img_size=32)
+    assert resolve_input_spec(vit).size == (32, 32) and timm.data.resolve_model_data_config(vit)["input_size"][1] == 224
+    assert resolve_input_spec(timm.create_model("vit_tiny_patch16_224", img_size=32, dynamic_img_size=True)).size == (224, 224)
+    trainer = ReinforcedTrainer(model=torch.compile(vit), args=base_args(tmp_path))
+    assert trainer.student_output.size == (32, 32) and trainer.num_classes == 10
     # a timm model as transformers loads it (AutoModelForImageClassification.from_pretrained("timm/...")): its
     # TimmWrapper model and processor say the same as the timm model, and the processor's view is held against it too
     wrapper, processor = timm_wrapper()
