@@ -359,7 +359,6 @@ class ReinforcedTrainer(Trainer):
         if model_init is not None:  # as Trainer keeps it: train() and hyperparameter_search() make fresh students
             self.model_init = model_init
         self.eval_dataset = self._own_eval_rows(self.eval_dataset)
-        self._train_batch_size = args.train_batch_size // self.group_size  # groups per batch; counts images
         self._collator_epoch = _CollatorEpoch(self.train_collator)
         self.add_callback(self._collator_epoch)
         self.model_accepts_loss_kwargs = False  # compute_loss returns a batch mean; the Trainer scales for accumulation
@@ -649,10 +648,19 @@ class ReinforcedTrainer(Trainer):
                            dataset.n_shards, world, k, k + 1, k, 100 * skew, world)
         return dataset
 
-    def get_total_train_batch_size(self, args: TrainingArguments) -> int:
-        """Images per optimiser step, as ``Trainer`` reports them (its DataLoader's examples are MixUp/CutMix groups of
-        ``group_size`` rows: ``train_samples_per_second`` counts images)."""
-        return super().get_total_train_batch_size(args) * self.group_size
+    def get_train_dataloader(self):
+        """``Trainer``'s, whose examples are MixUp/CutMix groups of ``group_size`` rows: its batch size, which
+        ``Trainer`` keeps in images (``per_device_train_batch_size``, a hyperparameter search trial's,
+        ``auto_find_batch_size``'s; its throughput and ``state.train_batch_size`` count images), is taken in groups."""
+        images = self._train_batch_size
+        if images % self.group_size:
+            raise ValueError(f"per_device_train_batch_size={images} must be a multiple of the MixUp/CutMix group size "
+                             f"{self.group_size} (partners are fed together)")
+        self._train_batch_size = images // self.group_size
+        try:
+            return super().get_train_dataloader()
+        finally:
+            self._train_batch_size = images
 
     def num_examples(self, dataloader) -> int:
         """Images in ``dataloader``'s dataset (the training set's examples are groups of rows)."""

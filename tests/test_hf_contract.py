@@ -11,7 +11,7 @@ import numpy as np
 import PIL.Image
 import pytest
 import torch
-from transformers import TrainingArguments, default_data_collator
+from transformers import TrainerCallback, TrainingArguments, default_data_collator
 
 from dr_hf import ReinforceConfig, ReinforcedTrainer, ReinforcedTrainingArguments, TeacherEnsemble
 from dr_hf.augment import CenterCrop
@@ -98,6 +98,41 @@ def test_a_student_from_model_init_as_trainer_takes_it(tmp_path, plus, vit_dir):
     for (name, a), b in zip(fresh.model.state_dict().items(), given.model.state_dict().values()):
         assert torch.equal(a, b), name
     assert not torch.equal(fresh.model.state_dict()["classifier.weight"], vit(vit_dir)[0].state_dict()["classifier.weight"])
+
+
+def test_a_hyperparameter_search_trains_each_trial_at_its_batch_size(tmp_path, plus, vit_dir):
+    """`hyperparameter_search` (optuna) over the batch size on MixUp/CutMix data, whose DataLoader takes groups of 8
+    rows: each trial trains at its own `per_device_train_batch_size` images, as `state.train_batch_size` records them
+    (Trainer sets its batch size in images at each trial, read as groups: the set's 24 rows in both trials); a
+    trial's size that is no multiple of the group is refused, naming it."""
+    ds, folders = plus
+    processor = vit(vit_dir)[1]
+    seen = []
+
+    class Batches(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            seen.append((args.per_device_train_batch_size, state.train_batch_size))
+
+    trainer = ReinforcedTrainer(model_init=lambda trial=None: vit(vit_dir)[0], args=base_args(tmp_path, max_steps=1),
+                                train_dataset=load(folders["imagenet+mix"]), eval_dataset=ds.select(range(8)),
+                                processing_class=processor, callbacks=[Batches()])
+    images = []
+    original = trainer.compute_loss
+
+    def compute_loss(model, inputs, *args, **kwargs):
+        if model.training:
+            images.append(len(inputs["labels"]))
+        return original(model, inputs, *args, **kwargs)
+
+    trainer.compute_loss = compute_loss
+    sizes = iter([16, 8])
+    trainer.hyperparameter_search(hp_space=lambda trial: {"per_device_train_batch_size": next(sizes)},
+                                  backend="optuna", n_trials=2, direction="minimize",
+                                  compute_objective=lambda metrics: 0.0)
+    assert images == [16, 8] and seen == [(16, 16), (8, 8)]
+    with pytest.raises(ValueError, match="per_device_train_batch_size=12 must be a multiple of the MixUp/CutMix group"):
+        trainer.hyperparameter_search(hp_space=lambda trial: {"per_device_train_batch_size": 12}, backend="optuna",
+                                      n_trials=1, direction="minimize", compute_objective=lambda metrics: 0.0)
 
 
 @pytest.mark.parametrize("bad, message", [
