@@ -9,6 +9,9 @@
         --dataset_name org/imagenet-plus --eval_dataset_name imagenet-1k --eval_split validation \
         --output_dir out/vit-plus --do_train --do_eval --num_train_epochs 3 --learning_rate 2e-5 \
         --per_device_train_batch_size 64 --eval_strategy epoch --save_strategy epoch
+
+A set that does not fit on disk streams (``--streaming``, with ``--max_steps`` in place of epochs, as ``Trainer`` needs
+for a stream, and ``--eval_dataset_name`` to evaluate on: a stream holds no rows out).
 """
 
 from __future__ import annotations
@@ -32,6 +35,9 @@ class DataTrainingArguments:
         "help": "A plain image dataset to evaluate on; default: hold out train_val_split of the reinforced rows."})
     eval_split: str = field(default="train", metadata={"help": "The split of eval_dataset_name."})
     train_val_split: float = field(default=0.15, metadata={"help": "Held-out fraction when there is no eval dataset."})
+    streaming: bool = field(default=False, metadata={
+        "help": "Stream the reinforced dataset (sets that do not fit on disk): needs --max_steps, and to evaluate, "
+                "--eval_dataset_name."})
     max_train_samples: Optional[int] = field(default=None, metadata={"help": "Truncate the training set (debugging)."})
     max_eval_samples: Optional[int] = field(default=None, metadata={"help": "Truncate the evaluation set (debugging)."})
     image_column_name: str = field(default="image", metadata={"help": "The image column."})
@@ -48,16 +54,20 @@ def main(argv: Optional[List[str]] = None) -> ReinforcedTrainer:
     parser = HfArgumentParser((ModelArguments, DataTrainingArguments, ReinforcedTrainingArguments))
     model_args, data_args, training_args = parser.parse_args_into_dataclasses(args=argv)
 
-    train = load_dataset(data_args.dataset_name, split="train")
+    if data_args.streaming and training_args.do_eval and not data_args.eval_dataset_name:
+        parser.error("--streaming --do_eval needs --eval_dataset_name: a stream holds no rows out")
+    train = load_dataset(data_args.dataset_name, split="train", streaming=data_args.streaming)
     if data_args.eval_dataset_name:
         evaluation = load_dataset(data_args.eval_dataset_name, split=data_args.eval_split)
+    elif data_args.streaming:
+        evaluation = None
     else:
         # contiguous, at a multiple of 8 rows: MixUp/CutMix partners stay in whole groups
         cut = int(len(train) * (1 - data_args.train_val_split)) // 8 * 8
         train, evaluation = train.select(range(cut)), train.select(range(cut, len(train)))
     if data_args.max_train_samples:
-        train = train.select(range(data_args.max_train_samples))
-    if data_args.max_eval_samples:
+        train = (train.take if data_args.streaming else lambda n: train.select(range(n)))(data_args.max_train_samples)
+    if data_args.max_eval_samples and evaluation is not None:
         evaluation = evaluation.select(range(data_args.max_eval_samples))
     label_feature = train.features[data_args.label_column_name]
     if not isinstance(label_feature, ClassLabel):
@@ -76,7 +86,8 @@ def main(argv: Optional[List[str]] = None) -> ReinforcedTrainer:
         batch["pixel_values"] = list(image_processor(images=images, return_tensors="pt")["pixel_values"])
         return batch
 
-    evaluation.set_transform(preprocess_val)
+    if evaluation is not None:
+        evaluation.set_transform(preprocess_val)
 
     def collate_fn(examples):  # the example's collator: used for evaluation; training replays the reinforcement
         return {"pixel_values": torch.stack([e["pixel_values"] for e in examples]),

@@ -418,6 +418,13 @@ def test_finetune_script_trains_evaluates_saves_resumes_and_names_the_dataset(tm
     again = AutoModelForImageClassification.from_pretrained(resumed)
     for (name, a), (_, b) in zip(model.state_dict().items(), again.state_dict().items()):
         assert torch.allclose(a, b, atol=1e-6), name
+    # streamed (a set that does not fit on disk), evaluated on a set given by name; a stream holds no rows out
+    streamed = finetune.main(common + ["--output_dir", str(tmp_path / "streamed"), "--streaming", "--eval_dataset_name",
+                                       folders["imagenet+rrc"], "--max_train_samples", "16"])
+    assert isinstance(streamed.train_dataset, datasets.IterableDataset) and streamed.state.global_step == 4
+    assert len(streamed.eval_dataset) == 24 and any("eval_accuracy" in h for h in streamed.state.log_history)
+    with pytest.raises(SystemExit):
+        finetune.main(common + ["--output_dir", str(tmp_path / "streamed"), "--streaming"])
     # a timm checkpoint as transformers loads it (TimmWrapper): trained at, and evaluated by, its own processor
     wrapper, _ = timm_wrapper()
     wrapper.save_pretrained(tmp_path / "timm")
