@@ -208,8 +208,11 @@ def with_timm_checkpointing(model):
 def _timm_checkpointing_enable(model, activation_checkpointing_kwargs=None, every_n_layers=1, offload=False):
     """A timm model's ``activation_checkpointing_enable``, as ``Trainer`` calls it: timm checkpoints its own blocks
     (``set_grad_checkpointing``; non-reentrant unless ``timm.layers.set_reentrant_ckpt``), which takes no options."""
-    given = {**(activation_checkpointing_kwargs or {}), **({"every_n_layers": every_n_layers} if every_n_layers != 1
-                                                          else {}), **({"offload": offload} if offload else {})}
+    given = dict(activation_checkpointing_kwargs or {})
+    if every_n_layers != 1:
+        given["every_n_layers"] = every_n_layers
+    if offload:
+        given["offload"] = offload
     if given:
         raise ValueError(f"activation_checkpointing_kwargs {given}: a timm student checkpoints its blocks as timm "
                          "does (set_grad_checkpointing), which takes no options; leave them unset")
@@ -402,9 +405,7 @@ class ReinforcedTrainer(Trainer):
         pipeline = AugmentPipeline.from_fields(fields) if fields is not None else None  # refuses other formats
         if pipeline is not None and pipeline.mix is not None:
             self.group_size = pipeline.group_size
-            if args.per_device_train_batch_size % self.group_size:
-                raise ValueError(f"per_device_train_batch_size={args.per_device_train_batch_size} must be a multiple of "
-                                 f"the MixUp/CutMix group size {self.group_size} (partners are fed together)")
+            self._groups_per_batch(args.per_device_train_batch_size)
         if isinstance(train_dataset, datasets.IterableDataset):
             train_dataset = self._even_shares(train_dataset, args)
         if pipeline is not None and isinstance(train_dataset, datasets.Dataset):
@@ -653,14 +654,18 @@ class ReinforcedTrainer(Trainer):
         ``Trainer`` keeps in images (``per_device_train_batch_size``, a hyperparameter search trial's,
         ``auto_find_batch_size``'s; its throughput and ``state.train_batch_size`` count images), is taken in groups."""
         images = self._train_batch_size
-        if images % self.group_size:
-            raise ValueError(f"per_device_train_batch_size={images} must be a multiple of the MixUp/CutMix group size "
-                             f"{self.group_size} (partners are fed together)")
-        self._train_batch_size = images // self.group_size
+        self._train_batch_size = self._groups_per_batch(images)
         try:
             return super().get_train_dataloader()
         finally:
             self._train_batch_size = images
+
+    def _groups_per_batch(self, images: int) -> int:
+        """The MixUp/CutMix groups (of ``group_size`` rows) a batch of ``images`` holds; refused unless whole."""
+        if images % self.group_size:
+            raise ValueError(f"per_device_train_batch_size={images} must be a multiple of the MixUp/CutMix group size "
+                             f"{self.group_size} (partners are fed together)")
+        return images // self.group_size
 
     def num_examples(self, dataloader) -> int:
         """Images in ``dataloader``'s dataset (the training set's examples are groups of rows)."""
