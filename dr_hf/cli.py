@@ -320,10 +320,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    from .memory import reuse_freed_memory
-
     args = build_parser().parse_args(argv)
-    reuse_freed_memory()  # CPU teachers: activations reused between forwards, not page-faulted in again (dr_hf.memory)
     try:
         return args.func(args)
     except (ValueError, OSError, ImportError, RuntimeError, ArithmeticError) as exc:  # named by flags, not parameters

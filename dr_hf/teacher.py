@@ -39,6 +39,7 @@ from torch import nn
 from .errors import said
 from .format import reordered_class
 from .inputs import InputSpec, resolve_input_spec
+from .memory import reuse_freed_memory
 from .transfer import to_device
 
 PRECISIONS = ("fp32", "tf32", "bf16")
@@ -401,6 +402,8 @@ class TeacherEnsemble:
         self.teachers = list(teachers)
         self.num_classes = classes.pop()
         self.device = device or default_device()
+        if self.device.type == "cpu":  # activations reused between forwards, not page-faulted in again
+            reuse_freed_memory()       # (dr_hf.memory; process-wide, as the command always did)
         self.precision = precision
         for t in self.teachers:
             t.model.to(self.device)

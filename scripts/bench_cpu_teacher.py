@@ -15,6 +15,8 @@ import sys
 from results_md import host, write_markdown  # noqa: E402  (scripts/)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+from dr_hf.memory import ENV_SWITCH  # noqa: E402
 
 WORKER = r"""
 import json, resource, sys, tempfile, time
@@ -72,14 +74,15 @@ def main():
     for _ in range(args.repeats):  # alternating fresh processes
         for mode in ("default", "reused"):
             proc = subprocess.run([sys.executable, "-c", WORKER, mode, args.dataset, str(args.rows), str(args.seconds)],
-                                  capture_output=True, text=True, env=env, check=True)
+                                  capture_output=True, text=True, check=True,  # (a CPU ensemble sets it unless told)
+                                  env={**env, ENV_SWITCH: "1" if mode == "reused" else "0"})
             for name, m in json.loads(proc.stdout.strip().splitlines()[-1]).items():
                 if (mode, name) not in best or m["samples_per_s"] > best[(mode, name)]["samples_per_s"]:
                     best[(mode, name)] = m
     names = list(dict.fromkeys(name for _, name in best))
     lines = ["# A CPU teacher and the C allocator", "",
              f"EfficientNet-Lite0 (real weights) on this CPU ({host()}, torch's default threads), glibc's "
-             "default handling of large freed blocks against `dr_hf.memory.reuse_freed_memory()` (what `dr-hf` sets), "
+             "default handling of large freed blocks against `dr_hf.memory.reuse_freed_memory()` (what a CPU teacher ensemble sets; the default by `DR_HF_REUSE_FREED_MEMORY=0`), "
              f"fresh processes alternating, best of {args.repeats}; `reinforce()` on real ImageNet rows "
              "(imagenet-sample, `imagenet+rrc`, N=32, teacher batches of 256).", "",
              "| what | default: samples/s | page faults a sample | kernel time | reused: samples/s | page faults a sample "
