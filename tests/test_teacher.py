@@ -250,8 +250,8 @@ def test_a_teacher_that_cannot_compile_names_the_option(tiny_teacher_spec, monke
 def test_freed_memory_is_reused_between_forwards(tiny_teacher_spec):
     """A CPU teacher frees and reallocates activations of hundreds of MB every forward. By default glibc unmaps such
     blocks and page-faults every page back in; once a teacher ensemble is made on the CPU (``reuse_freed_memory()``,
-    which the command called, and a Python job, as the README's, did not: 3.3x slower there) a freed 128 MB block comes
-    back without page faults. In a fresh process, so that the default is seen too."""
+    which the command called and a Python job, as the README's, did not) a freed 128 MB block comes back without page
+    faults; ``DR_HF_REUSE_FREED_MEMORY=0`` leaves the default. In fresh processes, so that the default is seen too."""
     script = (
         "import json, resource, sys, torch\n"
         "from dr_hf import TeacherEnsemble\n"
