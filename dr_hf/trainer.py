@@ -699,6 +699,8 @@ class ReinforcedTrainer(Trainer):
             return {name: self._own_eval_rows(part) for name, part in dataset.items()}
         if own_transform(dataset):  # its transform gives the model's inputs, collated as Trainer would
             return dataset
+        if isinstance(dataset, datasets.Dataset) and dataset.format.get("type") is not None:
+            dataset = dataset.with_format(None)  # (numpy, torch, arrow...: the collator reads rows and renders them)
         names = getattr(dataset, "column_names", None) or []
         column = self.image_column if self.image_column in names or not names else image_column_of(dataset)
         if names and column not in names:

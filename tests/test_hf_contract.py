@@ -572,3 +572,20 @@ def test_bf16_full_eval_evaluates_a_timm_student_in_bf16(tmp_path, plus):
     (loss, logits), (bf16_loss, bf16_logits) = results["fp32"], results["bf16"]
     assert abs(bf16_loss - loss) < 0.02 and np.abs(bf16_logits - logits).max() < 0.1, (loss, bf16_loss)
     assert not np.array_equal(bf16_logits, logits)  # (evaluated in bf16 indeed)
+
+
+def test_an_evaluation_set_in_any_format_evaluates_as_its_rows(tmp_path, plus):
+    """An evaluation set given `with_format("arrow")` stopped inside datasets ("Index must either be string or
+    integer"); numpy, torch and pandas formats worked by chance. The default collator renders each row itself, so the
+    set's format is set aside: the same predictions in every format, map-style or streamed."""
+    import timm
+
+    ds, _ = plus
+    torch.manual_seed(0)
+    trainer = ReinforcedTrainer(model=timm.create_model("resnet10t", num_classes=10), eval_dataset=ds,
+                                args=base_args(tmp_path, image_size=32))
+    rows = trainer.predict(ds).predictions
+    for kind in ("arrow", "numpy", "torch", "pandas"):
+        for evaluation in (ds.with_format(kind), ds.to_iterable_dataset().with_format(kind if kind != "pandas" else None)):
+            assert np.array_equal(trainer.predict(evaluation).predictions, rows), kind
+    assert trainer.evaluate(ds.with_format("arrow"))["eval_loss"] == pytest.approx(trainer.evaluate()["eval_loss"])
