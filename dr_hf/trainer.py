@@ -285,6 +285,17 @@ def own_transform(dataset) -> bool:
     return isinstance(fmt, dict) and fmt.get("type") == "custom"
 
 
+def as_rows(dataset):
+    """``dataset``, a map-style one read as rows of Python values: a format of ``datasets``' (numpy, torch, arrow,
+    pandas, a transform) is set aside, as the collators render each row themselves (an Arrow-formatted set stopped
+    inside ``datasets``' ``__getitems__``)."""
+    import datasets
+
+    if isinstance(dataset, datasets.Dataset) and dataset.format.get("type") is not None:
+        return dataset.with_format(None)
+    return dataset
+
+
 def reinforced_arguments(args: Optional[TrainingArguments]) -> ReinforcedTrainingArguments:
     """``args`` as :class:`ReinforcedTrainingArguments`: the defaults for ``None``, a plain ``TrainingArguments``
     upgraded through ``to_dict()`` (as TRL's trainers take them)."""
@@ -400,8 +411,7 @@ class ReinforcedTrainer(Trainer):
                            "student's input (size, mean and std from the arguments, processing_class or the "
                            "model); dataset.reset_format() silences this",
                            "its stored sample" if fields is not None else "`augment`'s")
-            train_dataset = train_dataset.with_format(None)
-        train_dataset = encoded_images(train_dataset, self.image_column)
+        train_dataset = encoded_images(as_rows(train_dataset), self.image_column)
         pipeline = AugmentPipeline.from_fields(fields) if fields is not None else None  # refuses other formats
         if pipeline is not None and pipeline.mix is not None:
             self.group_size = pipeline.group_size
@@ -699,8 +709,7 @@ class ReinforcedTrainer(Trainer):
             return {name: self._own_eval_rows(part) for name, part in dataset.items()}
         if own_transform(dataset):  # its transform gives the model's inputs, collated as Trainer would
             return dataset
-        if isinstance(dataset, datasets.Dataset) and dataset.format.get("type") is not None:
-            dataset = dataset.with_format(None)  # (numpy, torch, arrow...: the collator reads rows and renders them)
+        dataset = as_rows(dataset)
         names = getattr(dataset, "column_names", None) or []
         column = self.image_column if self.image_column in names or not names else image_column_of(dataset)
         if names and column not in names:

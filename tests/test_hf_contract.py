@@ -574,10 +574,11 @@ def test_bf16_full_eval_evaluates_a_timm_student_in_bf16(tmp_path, plus):
     assert not np.array_equal(bf16_logits, logits)  # (evaluated in bf16 indeed)
 
 
-def test_an_evaluation_set_in_any_format_evaluates_as_its_rows(tmp_path, plus):
-    """An evaluation set given `with_format("arrow")` stopped inside datasets ("Index must either be string or
-    integer"); numpy, torch and pandas formats worked by chance. The default collator renders each row itself, so the
-    set's format is set aside: the same predictions in every format, map-style or streamed."""
+def test_sets_in_any_format_of_datasets_are_read_as_their_rows(tmp_path, plus):
+    """An evaluation set, or a plain training set, given `with_format("arrow")` stopped inside datasets ("Index must
+    either be string or integer"); numpy, torch and pandas formats worked by chance. The collators render each row
+    themselves, so the set's format is set aside: the same predictions in every format, map-style or streamed, and
+    the same training losses."""
     import timm
 
     ds, _ = plus
@@ -589,3 +590,11 @@ def test_an_evaluation_set_in_any_format_evaluates_as_its_rows(tmp_path, plus):
         for evaluation in (ds.with_format(kind), ds.to_iterable_dataset().with_format(kind if kind != "pandas" else None)):
             assert np.array_equal(trainer.predict(evaluation).predictions, rows), kind
     assert trainer.evaluate(ds.with_format("arrow"))["eval_loss"] == pytest.approx(trainer.evaluate()["eval_loss"])
+    losses = []
+    for train in (ds, ds.with_format("arrow")):
+        torch.manual_seed(0)
+        plain = ReinforcedTrainer(model=timm.create_model("resnet10t", num_classes=10), train_dataset=train,
+                                  args=base_args(tmp_path, image_size=32, augment="rrc+flip", logging_steps=1, seed=0))
+        plain.train()
+        losses.append([h["loss"] for h in plain.state.log_history if "loss" in h])
+    assert len(losses[0]) == 2 and losses[1] == losses[0]
