@@ -38,6 +38,7 @@ from .joblock import output_lock
 from .processes import Processes, current_processes
 from .reinforcer import (SKIP_COLUMN, Reinforcer, check_on_bad_row, check_preparation, preparation_pool,
                          teacher_block_rows)
+from .rows import as_rows
 from .shards import (card_config, check_split_name, describe_differences, error_report_path, num_shards,
                      parse_shard_name, rows_per_shard, shard_name, shard_rows, written_whole)
 from .streams import StreamError, stream_length, stream_tables
@@ -185,6 +186,11 @@ def reinforce(
     check_split_name(split)
     procs = processes or current_processes()
     streaming = isinstance(dataset, datasets.IterableDataset)
+    if isinstance(dataset, datasets.Dataset):
+        if dataset.format.get("type") == "custom":
+            logger.warning("the dataset's transform (set_transform / with_transform) is set aside: the job reinforces "
+                           "its stored images (%r); dataset.reset_format() silences this", config.image_column)
+        dataset = as_rows(dataset)  # (with_format numpy, torch, arrow: the job decodes its rows itself)
     if streaming and dataset.features is None:
         dataset = dataset._resolve_features()
     check_columns(dataset, config, teachers)

@@ -17,7 +17,7 @@ import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, Iterator, List, NamedTuple, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, Iterator, List, Mapping, NamedTuple, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import pyarrow as pa
@@ -301,7 +301,7 @@ class Reinforcer:
         ``concatenate_datasets(..., axis=1)``), or as Python lists where the batch is a ``dict`` of them, as
         ``IterableDataset.map`` gives and takes (a stream reinforced lazily, row for row as ``Dataset.map``'s;
         ``features=`` :attr:`features` with the stream's own keeps its columns typed); a formatted batch (numpy
-        arrays, tensors) is refused. With ``on_bad_row="skip"``, a column ``_dr_skip`` says which rows were skipped
+        arrays, tensors, an Arrow table, a DataFrame) is refused: map over ``dataset.with_format(None)``. With ``on_bad_row="skip"``, a column ``_dr_skip`` says which rows were skipped
         (placeholders; the driver drops them). The top-K is taken where the teachers run, and the columns are
         built for the whole batch at once (Arrow arrays from stacked NumPy arrays): between map batches a GPU waits
         for this work, and for ``datasets`` to write what the map returns."""
@@ -313,6 +313,9 @@ class Reinforcer:
                                "map without num_proc, and for several processes (one per GPU, or CPU processes) run "
                                "dr-hf reinforce or dr_hf.reinforce() under accelerate launch or torchrun")
         cfg = self.config
+        if not isinstance(batch, Mapping):  # with_format("arrow" / "pandas"): a table, not columns of values
+            raise TypeError(f"Reinforcer takes a dataset's rows unformatted, but the batch is a {type(batch).__name__}, "
+                            "as with_format('arrow') or ('pandas') gives it: map over dataset.with_format(None)")
         for column in (cfg.image_column, cfg.label_column):
             kind = array_kind(batch, column)
             if kind:  # with_format("numpy" / "torch"): images decoded to arrays, labels as tensors
@@ -363,7 +366,7 @@ class Reinforcer:
 def array_kind(batch, column: Optional[str]) -> Optional[str]:
     """The type name of a map batch's ``column`` where it holds numpy arrays or tensors (a formatted dataset's
     batch), else ``None``."""
-    if not column or not isinstance(batch, dict) or column not in batch or not len(batch[column]):
+    if not column or not isinstance(batch, Mapping) or column not in batch or not len(batch[column]):
         return None
     values = batch[column]
     first = values if isinstance(values, (np.ndarray, torch.Tensor)) else values[0]

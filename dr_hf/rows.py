@@ -38,6 +38,17 @@ class Samples(Sequence):
         return self._values[s].as_py()
 
 
+def as_rows(dataset):
+    """``dataset``, a map-style one read as rows of Python values: a format of ``datasets``' (numpy, torch, arrow,
+    pandas, a transform) is set aside, as the collators and the reinforce job decode and render each row themselves
+    (an Arrow-formatted set stopped inside ``datasets``' ``__getitems__``)."""
+    import datasets
+
+    if isinstance(dataset, datasets.Dataset) and dataset.format.get("type") is not None:
+        return dataset.with_format(None)
+    return dataset
+
+
 def is_group(table: pa.Table) -> bool:
     """Whether an Arrow table is a group of rows that ``IterableDataset.batch`` made one row of lists."""
     return table.num_rows == 1 and DR_INDEX in table.column_names and pa.types.is_list(table.schema.field(DR_INDEX).type)

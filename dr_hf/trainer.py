@@ -32,7 +32,7 @@ from .images import image_column_of
 from .shards import data_files_of, name_bad_files
 from .loss import dense_teacher_log_probs, distillation_loss, one_hot_target
 from .replay import RenderedAhead
-from .rows import ReplayRows, combined_advice
+from .rows import ReplayRows, as_rows, combined_advice
 
 logger = logging.getLogger(__name__)
 
@@ -283,17 +283,6 @@ def own_transform(dataset) -> bool:
     transformers' image-classification scripts give their splits)."""
     fmt = getattr(dataset, "format", None)
     return isinstance(fmt, dict) and fmt.get("type") == "custom"
-
-
-def as_rows(dataset):
-    """``dataset``, a map-style one read as rows of Python values: a format of ``datasets``' (numpy, torch, arrow,
-    pandas, a transform) is set aside, as the collators render each row themselves (an Arrow-formatted set stopped
-    inside ``datasets``' ``__getitems__``)."""
-    import datasets
-
-    if isinstance(dataset, datasets.Dataset) and dataset.format.get("type") is not None:
-        return dataset.with_format(None)
-    return dataset
 
 
 def reinforced_arguments(args: Optional[TrainingArguments]) -> ReinforcedTrainingArguments:

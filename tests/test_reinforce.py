@@ -260,7 +260,7 @@ def test_preparation_threads_and_workers_change_nothing(tmp_path, image_dataset,
                   prepare_workers=2, prepare_threads=3)
 
 
-def test_the_map_function_gives_the_typed_reinforcement_columns(tmp_path, image_dataset, teachers):
+def test_the_map_function_gives_the_typed_reinforcement_columns(tmp_path, image_dataset, teachers, caplog):
     """``Dataset.map(Reinforcer(...))`` on its own: the reinforcement columns row for row, with their declared
     Features (no ``features=`` needed), holding what the job writes."""
     config = make_config(teachers)
@@ -285,6 +285,19 @@ def test_the_map_function_gives_the_typed_reinforcement_columns(tmp_path, image_
         with pytest.raises(TypeError, match=r"takes a dataset's rows unformatted, but column 'image' holds (ndarray|Tensor) "
                                             r"values, .* map over dataset.with_format\(None\)"):
             image_dataset.with_format(fmt).map(job, batched=True, with_indices=True, batch_size=job.block_rows)
+    for fmt, kind in (("arrow", "Table"), ("pandas", "DataFrame")):  # (it failed with an AttributeError on .get)
+        with pytest.raises(TypeError, match=rf"takes a dataset's rows unformatted, but the batch is a {kind}, .* map "
+                                            r"over dataset.with_format\(None\)"):
+            image_dataset.with_format(fmt).map(job, batched=True, with_indices=True, batch_size=job.block_rows)
+    # the job, whose map it runs itself, reads a formatted set's rows as stored (it refused them, or failed on them):
+    # the same shards; a transform of the set's own is set aside with a warning
+    transformed = image_dataset.with_transform(lambda batch: {"pixel_values": [[0.0]] * len(batch["image"])})
+    for name, formatted in (("numpy", image_dataset.with_format("numpy")), ("arrow", image_dataset.with_format("arrow")),
+                            ("transform", transformed)):
+        caplog.clear()
+        reinforce(formatted, config, teachers, str(tmp_path / name), show_progress=False)
+        assert dr_table(tmp_path / name).equals(dr_table(tmp_path)), name
+        assert ("transform (set_transform / with_transform) is set aside" in caplog.text) == (name == "transform")
     for forgotten in ({"batched": True}, {"with_indices": True}):  # (TypeErrors about a missing argument, an int)
         with pytest.raises(TypeError, match=r"Dataset.map\(reinforcer, batched=True, with_indices=True\)"):
             ds.select(range(2)).map(Reinforcer(config, teachers, num_rows=len(ds)), **forgotten)
