@@ -23,7 +23,7 @@ def cmd_reinforce(args) -> int:
     from .streams import stream_length
     from .reinforcer import check_preparation
     from .shards import check_split_name, shard_paths
-    from .source import load_source
+    from .source import check_outside_source, load_source
     from .stats import agreement_text
     from .teacher import TeacherEnsemble
 
@@ -37,6 +37,7 @@ def cmd_reinforce(args) -> int:
         logging.getLogger("dr_hf").setLevel(logging.INFO)
     make_pipeline(args.augment, crop_scale=args.crop_scale, group_size=args.group_size)  # its options, before loading
     shuffle_seed = args.seed if args.shuffle else None
+    check_outside_source(args.output, args.dataset)  # (before loading: load_dataset would read the output's shards)
     ds = load_source(args.dataset, args.split, args.name, args.revision, None if args.streaming else args.limit,
                      streaming=args.streaming, shuffle_seed=shuffle_seed)
     args.image_column = args.image_column or image_column_of(ds)

@@ -56,6 +56,18 @@ def load_source(path: str, split: str, name: Optional[str] = None, revision: Opt
     return ds
 
 
+def check_outside_source(output_dir: str, source: str) -> None:
+    """Refuse an ``output_dir`` inside the local folder ``source`` was loaded from: ``load_dataset(source)`` reads
+    every data file under it, so the rerun that resumes the job would take its shards for source rows."""
+    if not os.path.isdir(source):
+        return
+    inside, folder = os.path.realpath(output_dir), os.path.realpath(source)
+    if os.path.commonpath([inside, folder]) == folder:
+        raise ValueError(f"`output_dir` {output_dir} is inside the source folder {source}, whose data files "
+                         "load_dataset reads, shards and all: a rerun (resuming the job) would take the reinforced "
+                         "shards for source rows; write the output outside it")
+
+
 def saved_split(path: str, split: str, streaming: bool = False):
     """The one split a ``Dataset.save_to_disk`` folder holds (``datasets.load_from_disk``), streamed as
     ``to_iterable_dataset()`` with ``streaming``; another ``split`` is refused, naming the one it holds."""

@@ -87,7 +87,8 @@ def test_folders_datasets_writes_without_a_card_are_sources(tmp_path, tiny_teach
     """A folder holding what `Dataset.to_parquet` wrote (`train.parquet`, no card, no data/ folder) is the dataset
     `load_dataset(folder)` reads: it was taken for an image folder ("Instruction "train" corresponds to no data!"). A
     `Dataset.save_to_disk` folder, which `load_dataset` refuses ("use `load_from_disk`", which the command's user
-    cannot), is read by `load_from_disk`, also streamed; a split it does not hold is refused, naming the one it does."""
+    cannot), is read by `load_from_disk`, also streamed; a split it does not hold is refused, naming the one it does.
+    An output inside the source folder is refused."""
     from conftest import make_image_dataset
 
     rows = make_image_dataset(6)
@@ -102,6 +103,13 @@ def test_folders_datasets_writes_without_a_card_are_sources(tmp_path, tiny_teach
     assert code == 0 and "6 rows x 2 samples" in out, err
     written = pq.read_table(shard_paths(str(tmp_path / "plus"))[0], columns=["note", "dr_index"])
     assert written.column("note").to_pylist() == [f"row{i}" for i in range(6)]
+    # an output inside the source folder: load_dataset(folder) reads every data file under it, so the rerun that
+    # resumes the job would read the shards as source rows ("already has reinforcement columns"); refused at once
+    before = sorted(os.listdir(tmp_path / "rows"))
+    code, _, err = here(capsys, "reinforce", tmp_path / "rows", "--output", tmp_path / "rows" / "plus", "--teacher",
+                        tiny_teacher_spec, "--num-samples", 2, "--quiet", *extra)
+    assert code == 2 and "--output" in err and "is inside the source folder" in err, err
+    assert sorted(os.listdir(tmp_path / "rows")) == before
     if written_by == "save_to_disk":
         import datasets
 
