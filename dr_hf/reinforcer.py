@@ -301,8 +301,9 @@ class Reinforcer:
         ``concatenate_datasets(..., axis=1)``), or as Python lists where the batch is a ``dict`` of them, as
         ``IterableDataset.map`` gives and takes (a stream reinforced lazily, row for row as ``Dataset.map``'s;
         ``features=`` :attr:`features` with the stream's own keeps its columns typed); a formatted batch (numpy
-        arrays, tensors, an Arrow table, a DataFrame) is refused: map over ``dataset.with_format(None)``. With ``on_bad_row="skip"``, a column ``_dr_skip`` says which rows were skipped
-        (placeholders; the driver drops them). The top-K is taken where the teachers run, and the columns are
+        arrays, tensors, an Arrow table, a DataFrame) is refused: map over ``dataset.with_format(None)``. With
+        ``on_bad_row="skip"``, a column ``_dr_skip`` says which rows were skipped (placeholders; the driver drops
+        them). The top-K is taken where the teachers run, and the columns are
         built for the whole batch at once (Arrow arrays from stacked NumPy arrays): between map batches a GPU waits
         for this work, and for ``datasets`` to write what the map returns."""
         if indices is None or isinstance(indices, int):  # map(..) without with_indices=True, or without batched=True
