@@ -94,9 +94,13 @@ class ReinforcedTrainingArguments(TrainingArguments):
 
     def __post_init__(self):
         super().__post_init__()
+        problems = []
         if self.label_names is None:
             self.label_names = ["labels"]
-        problems = []
+        elif list(self.label_names) != ["labels"]:  # Trainer would take the batches for unlabelled ones
+            problems.append(f"label_names must be ['labels'] (or unset): the collators hand the model its labels as "
+                            f"'labels', got {self.label_names}; the dataset's label column is label_column "
+                            f"({self.label_column!r})")
         if not self.temperature > 0:
             problems.append(f"temperature must be > 0, got {self.temperature}")
         if self.outside_topk not in OUTSIDE_TOPK:

@@ -145,6 +145,8 @@ def test_a_hyperparameter_search_trains_each_trial_at_its_batch_size(tmp_path, p
     (dict(online_teachers=["efficientnet-lite0"]), "online_teachers needs augment"),
     (dict(interpolation="lanczos"), "interpolation must be one of"),
     (dict(image_mean=[0.5, 0.5]), "image_mean must have 3 values"),
+    # (Trainer then took every batch for an unlabelled one: "forward() got an unexpected keyword argument")
+    (dict(label_names=["label"]), r"label_names must be \['labels'\] \(or unset\).*label_column \('label'\)"),
 ])
 def test_fields_are_validated_in_post_init(tmp_path, bad, message):
     with pytest.raises(ValueError, match=message):
